@@ -1,0 +1,168 @@
+// The validated, immutable molt configuration.
+//
+// This header is the single source of truth for every config key: the loader
+// (config.cpp) fills it from YAML or from the command line, the master reads it, and the
+// worker shim receives the part it needs as JSON (worker_config_json). A Config is never
+// changed after loading; a rollover loads a new one and the generation keeps a
+// shared_ptr to the snapshot it started with.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace molt::config {
+
+using Duration = std::chrono::milliseconds;
+
+enum class Interface { wsgi, asgi };
+enum class LogLevel { debug, info, warning, error };
+enum class LogFormat { text, json };
+
+// One `listen:` entry. A plain string ("tcp://0.0.0.0:8000", "unix:/run/app.sock") or a
+// mapping {address: ..., backlog: N, mode: "0660", name: web}.
+struct ListenAddress {
+    enum class Kind { tcp, unix_path };
+    Kind kind = Kind::tcp;
+    std::string host;        // tcp: "0.0.0.0", "::1", "localhost"; brackets removed
+    std::uint16_t port = 0;  // tcp: 0 lets the kernel pick (tests use it)
+    std::string path;        // unix: filesystem path
+    int backlog = 2048;
+    std::uint32_t mode = 0660;  // unix socket file mode
+    std::string name;           // matched against LISTEN_FDNAMES; defaults to the address text
+    std::string text;           // canonical form, e.g. "tcp://127.0.0.1:8000", "unix:/run/a.sock"
+};
+
+struct Timeouts {
+    Duration boot{std::chrono::seconds(60)};       // spawn -> READY=1
+    Duration graceful{std::chrono::seconds(30)};   // DRAIN -> SIGKILL
+    Duration heartbeat{std::chrono::seconds(30)};  // silence -> SIGABRT, then SIGKILL
+    Duration request{0};                           // oldest request age; 0 = off
+    Duration keepalive{std::chrono::seconds(5)};   // idle keep-alive connection lifetime
+};
+
+struct Health {
+    std::string path;  // warm-up request path; empty = no warm-up request
+};
+
+struct Rollover {
+    int batch = 0;  // 0: the whole generation at once
+};
+
+struct Recycle {
+    std::uint64_t max_requests = 0;  // 0 = off
+    std::uint64_t max_requests_jitter = 0;
+    std::uint64_t max_rss = 0;  // bytes; 0 = off
+    Duration max_lifetime{0};   // 0 = off
+};
+
+struct Control {
+    std::string socket;  // empty = no control socket
+    std::uint32_t mode = 0600;
+};
+
+struct Metrics {
+    std::optional<ListenAddress> listen;
+};
+
+struct Logging {
+    LogLevel level = LogLevel::info;
+    LogFormat format = LogFormat::text;
+    bool access_log = false;
+    // Placeholders: {method} {path} {query} {status} {bytes} {duration_ms} {remote}
+    // {generation} {worker} {version} {protocol} {user_agent} {referer}
+    std::string access_log_format =
+        "{remote} \"{method} {path} {protocol}\" {status} {bytes} {duration_ms}ms gen={generation} "
+        "worker={worker}";
+    std::string file;  // master log file; empty = stderr (journald)
+};
+
+// HTTP limits enforced by the worker shim.
+struct Http {
+    std::uint64_t max_request_line = 8 * 1024;
+    std::uint64_t max_header_size = 64 * 1024;  // all header lines together
+    std::uint32_t max_headers = 100;
+    std::uint64_t max_body_size = 0;                   // 0 = unlimited; above it: 413
+    std::uint64_t body_buffer_size = 1024 * 1024;      // above it the body spools to disk
+    Duration header_timeout{std::chrono::seconds(10)};  // slowloris guard: whole head must arrive
+    std::string version_header;  // e.g. "X-Molt-Version"; empty = no header
+};
+
+struct Config {
+    std::string source;  // the file it came from, or "<command line>"
+
+    std::string app;  // module:callable
+    Interface interface = Interface::wsgi;
+    std::string chdir;   // as written; the master resolves it with realpath per generation
+    std::string python = "/usr/bin/python3";
+    std::map<std::string, std::string> env;
+    std::vector<ListenAddress> listen;
+    int workers = 1;
+    int threads = 1;
+    Timeouts timeouts;
+    Health health;
+    Rollover rollover;
+    Recycle recycle;
+    Control control;
+    Metrics metrics;
+    Logging logging;
+    Http http;
+    std::vector<std::string> watch;
+    std::string version_file;  // relative to the release directory
+    std::string user;
+    std::string group;
+    std::string pidfile;
+};
+
+struct ConfigError {
+    std::string file;
+    int line = 0;  // 1-based; 0 when unknown
+    int column = 0;
+    std::string key;  // dotted path, e.g. "timeouts.boot"
+    std::string message;
+
+    // "file:line:col: key: message"
+    std::string to_string() const;
+};
+
+struct LoadResult {
+    std::shared_ptr<const Config> config;  // null when errors is not empty
+    std::vector<ConfigError> errors;
+};
+
+// Reads and validates a YAML file. Never throws.
+LoadResult load_config_file(const std::string& path);
+
+// Validates YAML text; `label` is used as the file name in errors. Never throws.
+// Filesystem checks (chdir readable, python executable) run unless check_filesystem is false.
+LoadResult load_config_text(const std::string& text, const std::string& label,
+                            bool check_filesystem = true);
+
+// The config-free form: `molt run app:callable --listen URL --workers N ...`.
+struct CommandLineConfig {
+    std::string app;
+    std::vector<std::string> listen;
+    std::optional<int> workers;
+    std::optional<int> threads;
+    std::optional<std::string> interface;
+    std::optional<std::string> chdir;
+    std::optional<std::string> python;
+    std::optional<std::string> control_socket;
+};
+LoadResult config_from_command_line(const CommandLineConfig& cli);
+
+// Parses "tcp://host:port", "tcp://[::1]:port", "unix:/path", "unix:///path". Never throws.
+std::optional<ListenAddress> parse_listen_address(const std::string& text, std::string* error);
+
+// The JSON document given to each worker as MOLT_WORKER_CONFIG. See docs/protocol.md.
+std::string worker_config_json(const Config& config, const std::string& release_dir,
+                               const std::string& version);
+
+// A short stable digest of the config's meaning (used in history and logs).
+std::string config_digest(const Config& config);
+
+}  // namespace molt::config
