@@ -1,1 +1,1572 @@
-// placeholder
+// The config loader: YAML -> validated Config, with every error collected.
+//
+// One table (key_table) lists every key: its dotted path, its type and default for the
+// reference, and the function that reads it. Validation, "did you mean" and
+// docs/config.md all come from that table, so they cannot disagree. yaml-cpp throws; every
+// public function here catches at its boundary.
+#include "config/config.hpp"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <cerrno>
+#include <charconv>
+#include <climits>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <tuple>
+
+#include "config/units.hpp"
+
+namespace molt::config {
+namespace fs = std::filesystem;
+using YAML::Node;
+
+namespace {
+
+constexpr std::size_t kMaxUnixPath = 107;  // sun_path holds 108 bytes with the NUL
+
+// ---------------------------------------------------------------------------------------
+// Text helpers
+
+std::string describe(const Node& node) {
+    switch (node.Type()) {
+        case YAML::NodeType::Null:
+            return "nothing (null)";
+        case YAML::NodeType::Sequence:
+            return "a sequence";
+        case YAML::NodeType::Map:
+            return "a mapping";
+        case YAML::NodeType::Scalar:
+            return fmt::format("\"{}\"", node.Scalar());
+        default:
+            return "an undefined value";
+    }
+}
+
+// Optimal string alignment distance: Levenshtein plus adjacent transpositions, so that
+// "wrokers" is one edit from "workers".
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+    std::vector<std::vector<std::size_t>> d(a.size() + 1, std::vector<std::size_t>(b.size() + 1));
+    for (std::size_t i = 0; i <= a.size(); ++i) d[i][0] = i;
+    for (std::size_t j = 0; j <= b.size(); ++j) d[0][j] = j;
+    for (std::size_t i = 1; i <= a.size(); ++i) {
+        for (std::size_t j = 1; j <= b.size(); ++j) {
+            const std::size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
+            d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
+            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) {
+                d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    return d[a.size()][b.size()];
+}
+
+// The closest candidate, if it is close enough to be a plausible typo.
+std::optional<std::string> closest(std::string_view word, const std::vector<std::string>& options) {
+    // A prefix of three or more letters is a plain abbreviation: "warn" for "warning".
+    if (word.size() >= 3) {
+        for (const auto& option : options) {
+            if (option.starts_with(word)) return option;
+        }
+    }
+    const std::size_t limit = word.size() <= 4 ? 1 : 2;
+    std::optional<std::string> best;
+    std::size_t best_distance = limit + 1;
+    for (const auto& option : options) {
+        const std::size_t distance = edit_distance(word, option);
+        if (distance < best_distance) {
+            best = option;
+            best_distance = distance;
+        }
+    }
+    return best;
+}
+
+std::string join(const std::vector<std::string>& items, std::string_view separator) {
+    std::string text;
+    for (const auto& item : items) {
+        if (!text.empty()) text += separator;
+        text += item;
+    }
+    return text;
+}
+
+bool is_identifier(std::string_view text) {
+    if (text.empty() || std::isdigit(static_cast<unsigned char>(text[0]))) return false;
+    return std::all_of(text.begin(), text.end(), [](char c) {
+        return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
+    });
+}
+
+bool is_dotted_identifier(std::string_view text) {
+    while (true) {
+        const auto dot = text.find('.');
+        if (!is_identifier(text.substr(0, dot))) return false;
+        if (dot == std::string_view::npos) return true;
+        text.remove_prefix(dot + 1);
+    }
+}
+
+// "" when `app` is a valid module:callable, else why not. A trailing "()" means a factory
+// the shim calls without arguments (gunicorn's `module:create_app()`).
+std::string check_app(std::string_view app) {
+    const auto colon = app.find(':');
+    if (colon == std::string_view::npos) {
+        return fmt::format(
+            "expected module:callable, e.g. myproject.wsgi:application; \"{}\" has "
+            "no `:callable`",
+            app);
+    }
+    const auto module = app.substr(0, colon);
+    auto callable = app.substr(colon + 1);
+    if (!is_dotted_identifier(module)) {
+        return fmt::format("\"{}\" is not a Python module path (expected names separated by dots)",
+                           module);
+    }
+    if (callable.ends_with("()")) callable.remove_suffix(2);
+    if (!is_dotted_identifier(callable)) {
+        return fmt::format(
+            "\"{}\" is not a Python callable name (expected `name`, `obj.name` or "
+            "a factory `name()` without arguments)",
+            app.substr(colon + 1));
+    }
+    return {};
+}
+
+std::string os_error(int error_number) {
+    return std::strerror(error_number);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Listen addresses
+
+namespace {
+
+bool parse_port(std::string_view text, std::uint16_t& port) {
+    if (text.empty() || text.size() > 5) return false;
+    unsigned value = 0;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (ec != std::errc{} || end != text.data() + text.size() || value > 65535) return false;
+    port = static_cast<std::uint16_t>(value);
+    return true;
+}
+
+bool is_host_char(char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '_';
+}
+
+bool is_ipv6_char(char c) {
+    return std::isxdigit(static_cast<unsigned char>(c)) || c == ':' || c == '.' || c == '%';
+}
+
+std::string tcp_text(const std::string& host, std::uint16_t port) {
+    if (host.find(':') != std::string::npos) return fmt::format("tcp://[{}]:{}", host, port);
+    return fmt::format("tcp://{}:{}", host, port);
+}
+
+// `rest` is what follows "tcp://" (or a whole gunicorn-style "host:port").
+std::optional<ListenAddress> parse_tcp(std::string_view rest, std::string& why) {
+    ListenAddress address;
+    address.kind = ListenAddress::Kind::tcp;
+    std::string_view host;
+    std::string_view port;
+    if (rest.starts_with('[')) {
+        const auto close = rest.find(']');
+        if (close == std::string_view::npos) {
+            why = "missing `]` after the IPv6 address";
+            return std::nullopt;
+        }
+        host = rest.substr(1, close - 1);
+        if (host.empty() || !std::all_of(host.begin(), host.end(), is_ipv6_char)) {
+            why = fmt::format("\"{}\" is not an IPv6 address", host);
+            return std::nullopt;
+        }
+        if (rest.substr(close + 1, 1) != ":") {
+            why = "missing port: expected [address]:port, e.g. tcp://[::1]:8000";
+            return std::nullopt;
+        }
+        port = rest.substr(close + 2);
+    } else {
+        const auto colon = rest.rfind(':');
+        if (colon == std::string_view::npos) {
+            why = "missing port: expected host:port, e.g. tcp://127.0.0.1:8000";
+            return std::nullopt;
+        }
+        host = rest.substr(0, colon);
+        port = rest.substr(colon + 1);
+        if (host.find(':') != std::string_view::npos) {
+            why = "IPv6 addresses need brackets, e.g. tcp://[::1]:8000";
+            return std::nullopt;
+        }
+        if (host.empty() || host == "*") host = "0.0.0.0";
+        if (!std::all_of(host.begin(), host.end(), is_host_char)) {
+            why = fmt::format("\"{}\" is not a host name or IP address", host);
+            return std::nullopt;
+        }
+    }
+    if (!parse_port(port, address.port)) {
+        why = fmt::format("invalid port \"{}\": expected a number from 0 to 65535", port);
+        return std::nullopt;
+    }
+    address.host = std::string(host);
+    address.text = tcp_text(address.host, address.port);
+    return address;
+}
+
+std::optional<ListenAddress> parse_unix(std::string_view path, std::string& why) {
+    if (path.empty()) {
+        why = "missing path: expected unix:/path/to/app.sock";
+        return std::nullopt;
+    }
+    if (path.size() > kMaxUnixPath) {
+        why = fmt::format("unix socket path is {} bytes long; the limit is {}", path.size(),
+                          kMaxUnixPath);
+        return std::nullopt;
+    }
+    ListenAddress address;
+    address.kind = ListenAddress::Kind::unix_path;
+    address.path = std::string(path);
+    address.text = "unix:" + address.path;
+    return address;
+}
+
+std::optional<ListenAddress> parse_address_text(std::string_view text, std::string& why) {
+    if (text.starts_with("tcp://")) return parse_tcp(text.substr(6), why);
+    if (text.starts_with("unix://")) return parse_unix(text.substr(7), why);
+    if (text.starts_with("unix:")) return parse_unix(text.substr(5), why);
+    if (const auto scheme = text.find("://"); scheme != std::string_view::npos) {
+        why = fmt::format("unknown scheme \"{}\": expected tcp://host:port or unix:/path",
+                          text.substr(0, scheme));
+        return std::nullopt;
+    }
+    if (text.starts_with('/')) return parse_unix(text, why);
+    if (text.empty()) {
+        why = "empty address: expected tcp://host:port or unix:/path";
+        return std::nullopt;
+    }
+    return parse_tcp(text, why);
+}
+
+}  // namespace
+
+std::optional<ListenAddress> parse_listen_address(const std::string& text, std::string* error) {
+    std::string why;
+    auto address = parse_address_text(text, why);
+    if (!address) {
+        if (error != nullptr) *error = why;
+        return std::nullopt;
+    }
+    address->name = address->text;
+    return address;
+}
+
+// ---------------------------------------------------------------------------------------
+// The loading context: where errors go, and the typed readers every key uses.
+
+namespace {
+
+struct ListenDraft {
+    ListenAddress address;
+    bool explicit_backlog = false;
+    bool explicit_name = false;
+    YAML::Mark mark;
+    std::string key;
+};
+
+class Context {
+  public:
+    std::string file;
+    fs::path base_dir;  // relative paths are resolved against it
+    bool check_filesystem = true;
+    bool has_marks = true;  // false for nodes built from the command line
+    std::string key;        // dotted key being read, e.g. "timeouts.boot"
+    std::vector<ConfigError> errors;
+    std::map<std::string, YAML::Mark> marks;  // where each key's value was, for late checks
+    std::vector<ListenDraft> listen;
+    bool listen_given = false;
+    std::optional<int> global_backlog;
+
+    void error_at(const YAML::Mark& mark, std::string error_key, std::string message) {
+        ConfigError error;
+        error.file = file;
+        if (has_marks && !mark.is_null()) {
+            error.line = mark.line + 1;
+            error.column = mark.column + 1;
+        }
+        error.key = std::move(error_key);
+        error.message = std::move(message);
+        errors.push_back(std::move(error));
+    }
+    // An empty value's mark is wherever the next token starts; the key is where to look.
+    YAML::Mark key_mark = YAML::Mark::null_mark();
+
+    void error(const Node& node, std::string message) {
+        error_at(node.IsNull() ? key_mark : node.Mark(), key, std::move(message));
+    }
+    // For checks made after reading, at the place the key's value was written.
+    void late_error(const std::string& at_key, std::string message) {
+        const auto found = marks.find(at_key);
+        error_at(found == marks.end() ? YAML::Mark::null_mark() : found->second, at_key,
+                 std::move(message));
+    }
+
+    std::optional<std::string> scalar(const Node& node, std::string_view expected) {
+        if (node.IsScalar()) return node.Scalar();
+        error(node, fmt::format("expected {}, got {}", expected, describe(node)));
+        return std::nullopt;
+    }
+
+    std::optional<std::int64_t> integer(const Node& node, std::int64_t min, std::int64_t max) {
+        const auto text = scalar(node, "an integer");
+        if (!text) return std::nullopt;
+        std::int64_t value = 0;
+        const auto* end = text->data() + text->size();
+        const auto [ptr, ec] = std::from_chars(text->data(), end, value);
+        if (text->empty() || ptr != end || ec == std::errc::invalid_argument) {
+            error(node, fmt::format("expected an integer, got {}", describe(node)));
+            return std::nullopt;
+        }
+        if (ec == std::errc::result_out_of_range || value > max) {
+            error(node, fmt::format("must be at most {}, got {}", max, *text));
+            return std::nullopt;
+        }
+        if (value < min) {
+            error(node, fmt::format("must be at least {}, got {}", min, value));
+            return std::nullopt;
+        }
+        return value;
+    }
+
+    template <typename T>
+    void set_integer(const Node& node, T& out, std::int64_t min,
+                     std::int64_t max = std::numeric_limits<T>::max()) {
+        const auto limit = std::min<std::uint64_t>(static_cast<std::uint64_t>(max), INT64_MAX);
+        if (auto value = integer(node, min, static_cast<std::int64_t>(limit))) {
+            out = static_cast<T>(*value);
+        }
+    }
+
+    void set_duration(const Node& node, Duration& out, Duration min = Duration{0}) {
+        const auto text = scalar(node, kDurationForms);
+        if (!text) return;
+        const auto value = parse_duration(*text);
+        if (!value) {
+            error(node, fmt::format("invalid duration \"{}\": expected {}", *text, kDurationForms));
+        } else if (*value < min) {
+            error(node, min == Duration{1} ? fmt::format("must be greater than 0, got {}", *text)
+                                           : fmt::format("must be at least {}, got {}",
+                                                         format_duration(min), *text));
+        } else {
+            out = *value;
+        }
+    }
+
+    void set_size(const Node& node, std::uint64_t& out, std::uint64_t min = 0) {
+        const auto text = scalar(node, kSizeForms);
+        if (!text) return;
+        const auto value = parse_size(*text);
+        if (!value) {
+            error(node, fmt::format("invalid size \"{}\": expected {}{}", *text, kSizeForms,
+                                    ambiguity_hint(*text)));
+        } else if (*value < min) {
+            error(node, fmt::format("must be at least {}, got {}", format_size(min), *text));
+        } else {
+            out = *value;
+        }
+    }
+
+    void set_bool(const Node& node, bool& out) {
+        const auto text = scalar(node, "true or false");
+        if (!text) return;
+        bool value = false;
+        if (YAML::convert<bool>::decode(node, value)) {
+            out = value;
+        } else {
+            error(node, fmt::format("expected true or false, got {}", describe(node)));
+        }
+    }
+
+    void set_string(const Node& node, std::string& out) {
+        if (auto text = scalar(node, "a string")) out = std::move(*text);
+    }
+
+    // A non-empty path; relative ones are made absolute against the config's directory
+    // (lexically: a `current` symlink must stay a symlink, to be resolved per generation).
+    std::optional<std::string> path(const Node& node) {
+        auto text = scalar(node, "a path");
+        if (!text) return std::nullopt;
+        if (text->empty()) {
+            error(node, "expected a path, got an empty string");
+            return std::nullopt;
+        }
+        return resolve(*text);
+    }
+    void set_path(const Node& node, std::string& out) {
+        if (auto text = path(node)) out = std::move(*text);
+    }
+
+    std::string resolve(const std::string& text) const {
+        const fs::path path(text);
+        auto resolved = (path.is_absolute() ? path : base_dir / path).lexically_normal().string();
+        // "dir/." normalises to "dir/"; keep one spelling per directory.
+        if (resolved.size() > 1 && resolved.ends_with('/')) resolved.pop_back();
+        return resolved;
+    }
+
+    // Index of `text` in `options`, with a "did you mean" on a near miss.
+    std::optional<std::size_t> choice(const Node& node, const std::vector<std::string>& options) {
+        const std::string expected = "one of " + join(options, ", ");
+        const auto text = scalar(node, expected);
+        if (!text) return std::nullopt;
+        const auto found = std::find(options.begin(), options.end(), *text);
+        if (found != options.end()) return static_cast<std::size_t>(found - options.begin());
+        std::string message = fmt::format("expected {}, got {}", expected, describe(node));
+        if (auto near = closest(*text, options))
+            message += fmt::format("; did you mean `{}`?", *near);
+        error(node, message);
+        return std::nullopt;
+    }
+
+    // A file mode written as octal digits: "0660", 0660 or 660 (YAML ints are read as
+    // their digits, so `mode: 660` means 0660, not decimal 660).
+    void set_mode(const Node& node, std::uint32_t& out) {
+        const auto text = scalar(node, "an octal file mode like \"0660\"");
+        if (!text) return;
+        std::string_view digits = *text;
+        if (digits.starts_with("0o")) digits.remove_prefix(2);
+        std::uint32_t value = 0;
+        const auto* end = digits.data() + digits.size();
+        const auto [ptr, ec] = std::from_chars(digits.data(), end, value, 8);
+        if (digits.empty() || ptr != end || ec != std::errc{} || value > 0777) {
+            error(node, fmt::format("expected an octal file mode from 0000 to 0777 like \"0660\", "
+                                    "got {}",
+                                    describe(node)));
+            return;
+        }
+        out = value;
+    }
+
+  private:
+    static std::string ambiguity_hint(std::string_view text) {
+        const auto unit = text.find_first_not_of("0123456789 ");
+        if (unit == std::string_view::npos || text.size() != unit + 1) return {};
+        const char letter = static_cast<char>(std::tolower(static_cast<unsigned char>(text[unit])));
+        if (std::string_view("kmgt").find(letter) == std::string_view::npos) return {};
+        return fmt::format(
+            " (\"{}\" is ambiguous: write {}{}iB for 1024-based or {}{}B for "
+            "1000-based)",
+            text[unit], text.substr(0, unit), static_cast<char>(std::toupper(letter)),
+            text.substr(0, unit), static_cast<char>(std::toupper(letter)));
+    }
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Readers for the keys that need more than one typed reader.
+
+namespace {
+
+const std::vector<std::string> kAccessLogPlaceholders = {
+    "method",     "path",   "query",   "status",   "bytes",      "duration_ms", "remote",
+    "generation", "worker", "version", "protocol", "user_agent", "referer"};
+
+// "" when the access log format only uses known {placeholders}; Python str.format rules:
+// "{{" and "}}" are literal braces.
+std::string check_access_log_format(std::string_view format) {
+    for (std::size_t i = 0; i < format.size(); ++i) {
+        if (format.substr(i, 2) == "{{" || format.substr(i, 2) == "}}") {
+            ++i;
+        } else if (format[i] == '}') {
+            return "unmatched `}` (write `}}` for a literal brace)";
+        } else if (format[i] == '{') {
+            const auto close = format.find('}', i);
+            if (close == std::string_view::npos)
+                return "unclosed `{` (write `{{` for a literal brace)";
+            const std::string name(format.substr(i + 1, close - i - 1));
+            if (std::find(kAccessLogPlaceholders.begin(), kAccessLogPlaceholders.end(), name) ==
+                kAccessLogPlaceholders.end()) {
+                if (auto near = closest(name, kAccessLogPlaceholders)) {
+                    return fmt::format("unknown placeholder `{{{}}}`; did you mean `{{{}}}`?", name,
+                                       *near);
+                }
+                return fmt::format("unknown placeholder `{{{}}}`; known: {{{}}}", name,
+                                   join(kAccessLogPlaceholders, "} {"));
+            }
+            i = close;
+        }
+    }
+    return {};
+}
+
+bool is_header_token(std::string_view text) {
+    return !text.empty() && std::all_of(text.begin(), text.end(), [](char c) {
+        return std::isalnum(static_cast<unsigned char>(c)) ||
+               std::string_view("!#$%&'*+-.^_`|~").find(c) != std::string_view::npos;
+    });
+}
+
+bool is_env_name(std::string_view name) {
+    return !name.empty() && name.find('=') == std::string_view::npos &&
+           name.find('\0') == std::string_view::npos;
+}
+
+// Variables molt sets itself for every worker; a user value would be overwritten or break
+// the worker's view of its sockets.
+bool is_reserved_env(std::string_view name) {
+    return name.starts_with("MOLT_") || name == "NOTIFY_SOCKET" || name == "LISTEN_FDS" ||
+           name == "LISTEN_PID" || name == "LISTEN_FDNAMES";
+}
+
+void read_env(Context& ctx, const Node& node, Config& config) {
+    if (node.IsNull()) return;
+    if (!node.IsMap()) {
+        ctx.error(node, fmt::format("expected a mapping of NAME: value, got {}", describe(node)));
+        return;
+    }
+    for (const auto& item : node) {
+        const std::string name = item.first.IsScalar() ? item.first.Scalar() : "";
+        const std::string key = "env." + name;
+        if (!is_env_name(name)) {
+            ctx.error_at(item.first.Mark(), "env",
+                         fmt::format("invalid variable name {}", describe(item.first)));
+        } else if (is_reserved_env(name)) {
+            ctx.error_at(item.first.Mark(), key,
+                         "is set by molt for each worker; choose another name");
+        } else if (config.env.count(name) != 0) {
+            ctx.error_at(item.first.Mark(), key, "duplicate variable");
+        } else if (!item.second.IsScalar()) {
+            ctx.error_at(
+                item.second.IsNull() ? item.first.Mark() : item.second.Mark(), key,
+                fmt::format("expected a string or number (quote it; \"\" for empty), got {}",
+                            describe(item.second)));
+        } else {
+            config.env[name] = item.second.Scalar();
+        }
+    }
+}
+
+// Reads one address string; relative unix paths are resolved like every other path.
+std::optional<ListenAddress> read_address(Context& ctx, const Node& node) {
+    const auto text = ctx.scalar(node, "an address like tcp://127.0.0.1:8000 or unix:/path");
+    if (!text) return std::nullopt;
+    std::string why;
+    auto address = parse_address_text(*text, why);
+    if (address && address->kind == ListenAddress::Kind::unix_path) {
+        address = parse_unix(ctx.resolve(address->path), why);
+    }
+    if (!address) ctx.error(node, fmt::format("invalid address \"{}\": {}", *text, why));
+    return address;
+}
+
+template <typename Visit>
+void for_each_key(Context& ctx, const Node& map, const std::string& spec_prefix,
+                  const std::string& display_prefix, Visit visit);
+
+void read_listen_entry(Context& ctx, const Node& node, const std::string& key) {
+    ListenDraft draft;
+    draft.key = key;
+    draft.mark = node.Mark();
+    ctx.key = key;
+    ctx.marks[key] = node.Mark();
+    if (node.IsScalar()) {
+        auto address = read_address(ctx, node);
+        if (!address) return;
+        draft.address = std::move(*address);
+        ctx.listen.push_back(std::move(draft));
+        return;
+    }
+    if (!node.IsMap()) {
+        ctx.error(node, fmt::format("expected an address or a mapping with `address`, got {}",
+                                    describe(node)));
+        return;
+    }
+    const std::size_t errors_before = ctx.errors.size();
+    std::optional<ListenAddress> address;
+    bool address_given = false;
+    ListenAddress options;
+    for_each_key(ctx, node, "listen[]", key, [&](const auto& spec, const Node& value) {
+        if (spec.path == "listen[].address") {
+            address_given = true;
+            address = read_address(ctx, value);
+        } else if (spec.path == "listen[].backlog") {
+            draft.explicit_backlog = true;
+            ctx.set_integer(value, options.backlog, 1);
+        } else if (spec.path == "listen[].mode") {
+            ctx.set_mode(value, options.mode);
+        } else if (spec.path == "listen[].name") {
+            draft.explicit_name = true;
+            ctx.set_string(value, options.name);
+            if (options.name.empty()) ctx.error(value, "must not be empty");
+        }
+    });
+    if (!address_given) ctx.error_at(node.Mark(), key, "missing `address`");
+    if (!address || ctx.errors.size() != errors_before) return;
+    draft.address = std::move(*address);
+    draft.address.backlog = options.backlog;
+    draft.address.mode = options.mode;
+    draft.address.name = options.name;
+    ctx.listen.push_back(std::move(draft));
+}
+
+void read_listen(Context& ctx, const Node& node, Config&) {
+    ctx.listen_given = true;
+    if (node.IsSequence()) {
+        if (node.size() == 0) {
+            ctx.error(node, fmt::format("needs at least one address; leave `listen` out for the "
+                                        "default {}",
+                                        kDefaultListen));
+        }
+        const std::string list_key = ctx.key;
+        for (std::size_t i = 0; i < node.size(); ++i) {
+            read_listen_entry(ctx, node[i], fmt::format("{}[{}]", list_key, i));
+        }
+    } else {
+        read_listen_entry(ctx, node, ctx.key);
+    }
+}
+
+void read_watch(Context& ctx, const Node& node, Config& config) {
+    if (node.IsScalar()) {
+        if (auto path = ctx.path(node)) config.watch.push_back(std::move(*path));
+        return;
+    }
+    if (!node.IsSequence()) {
+        ctx.error(node, fmt::format("expected a path or a list of paths, got {}", describe(node)));
+        return;
+    }
+    const std::string list_key = ctx.key;
+    for (std::size_t i = 0; i < node.size(); ++i) {
+        ctx.key = fmt::format("{}[{}]", list_key, i);
+        if (auto path = ctx.path(node[i])) config.watch.push_back(std::move(*path));
+    }
+}
+
+void read_app(Context& ctx, const Node& node, Config& config) {
+    const auto text = ctx.scalar(node, "module:callable");
+    if (!text) return;
+    if (const auto why = check_app(*text); !why.empty()) {
+        ctx.error(node, why);
+    } else {
+        config.app = *text;
+    }
+}
+
+// A python with a slash is a path (resolved like other paths); a bare name such as
+// "python3" is kept as written and looked up in PATH.
+void read_python(Context& ctx, const Node& node, Config& config) {
+    const auto text = ctx.scalar(node, "a path or a command name");
+    if (!text) return;
+    if (text->empty()) {
+        ctx.error(node, "expected a path or a command name, got an empty string");
+    } else {
+        config.python = text->find('/') == std::string::npos ? *text : ctx.resolve(*text);
+    }
+}
+
+void read_control_socket(Context& ctx, const Node& node, Config& config) {
+    auto path = ctx.path(node);
+    if (!path) return;
+    if (path->size() > kMaxUnixPath) {
+        ctx.error(node, fmt::format("unix socket path is {} bytes long; the limit is {}",
+                                    path->size(), kMaxUnixPath));
+        return;
+    }
+    config.control.socket = std::move(*path);
+}
+
+void read_metrics_listen(Context& ctx, const Node& node, Config& config) {
+    if (auto address = read_address(ctx, node)) {
+        address->name = address->text;
+        config.metrics.listen = std::move(*address);
+    }
+}
+
+void read_health_path(Context& ctx, const Node& node, Config& config) {
+    const auto text = ctx.scalar(node, "a URL path like /healthz");
+    if (!text) return;
+    if (!text->empty() &&
+        (!text->starts_with('/') || text->find_first_of(" \t\r\n") != std::string::npos)) {
+        ctx.error(node, fmt::format("must be a URL path starting with `/`, like /healthz, got {}",
+                                    describe(node)));
+        return;
+    }
+    config.health.path = *text;
+}
+
+void read_version_file(Context& ctx, const Node& node, Config& config) {
+    const auto text = ctx.scalar(node, "a path relative to the release directory");
+    if (!text) return;
+    if (text->empty() || fs::path(*text).is_absolute()) {
+        ctx.error(node, fmt::format("must be a path relative to the release directory (`chdir`), "
+                                    "like REVISION, got {}",
+                                    describe(node)));
+        return;
+    }
+    config.version_file = *text;
+}
+
+void read_name(Context& ctx, const Node& node, std::string& out) {
+    const auto text = ctx.scalar(node, "a name");
+    if (!text) return;
+    if (text->empty()) {
+        ctx.error(node, "must not be empty");
+        return;
+    }
+    out = *text;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// The key table: the one list of keys for validation, "did you mean" and the reference.
+
+namespace {
+
+using Apply = void (*)(Context&, const Node&, Config&);
+using ShowDefault = std::string (*)(const Config&);
+
+struct KeySpec {
+    std::string_view path;  // dotted; "listen[].x" are keys of a listen mapping entry
+    std::string_view type;  // "section" for mappings of further keys
+    ShowDefault show_default;
+    std::string_view meaning;
+    Apply apply;  // null for sections and listen entry keys (read by read_listen_entry)
+};
+
+std::string none(const Config&) {
+    return "(none)";
+}
+std::string quoted(const std::string& text) {
+    return "`" + text + "`";
+}
+std::string octal(std::uint32_t mode) {
+    return fmt::format("`{:04o}`", mode);
+}
+
+const std::vector<KeySpec>& key_table() {
+    static const std::vector<KeySpec> table = {
+        {"app", "module:callable", [](const Config&) -> std::string { return "(required)"; },
+         "The application: a dotted module path, `:`, and a callable in it, e.g. "
+         "`myproject.wsgi:application`. `module:create_app()` calls a factory without arguments.",
+         read_app},
+        {"interface", "`wsgi` or `asgi`", [](const Config&) -> std::string { return "`wsgi`"; },
+         "How the worker calls the application.",
+         [](Context& ctx, const Node& n, Config& c) {
+             if (auto i = ctx.choice(n, {"wsgi", "asgi"})) c.interface = static_cast<Interface>(*i);
+         }},
+        {"chdir", "path",
+         [](const Config&) -> std::string { return "the config file's directory"; },
+         "The release directory the workers run in. Resolved with realpath when each generation "
+         "starts, so pointing it at a `current` symlink picks up each new release.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_path(n, c.chdir); }},
+        {"python", "path or command", [](const Config& c) { return quoted(c.python); },
+         "The Python interpreter that runs the workers, e.g. a virtualenv's `bin/python`. A bare "
+         "name is looked up in `PATH`.",
+         read_python},
+        {"env", "mapping of strings", [](const Config&) -> std::string { return "`{}`"; },
+         "Extra environment variables for the workers. Values must be scalars; `MOLT_*`, "
+         "`NOTIFY_SOCKET` and `LISTEN_*` are reserved.",
+         read_env},
+        {"listen", "address, or list of addresses or mappings",
+         [](const Config&) -> std::string { return quoted(kDefaultListen); },
+         "Where to accept connections. Each entry is an address string or a mapping with the "
+         "`listen[].*` keys below. Ignored for sockets passed by systemd (`LISTEN_FDS`).",
+         read_listen},
+        {"listen[].address", "address", [](const Config&) -> std::string { return "(required)"; },
+         "`tcp://host:port`, `tcp://[::1]:port` or `unix:/path`.", nullptr},
+        {"listen[].backlog", "integer >= 1",
+         [](const Config&) -> std::string { return "top-level `backlog`"; },
+         "The listen queue length for this address.", nullptr},
+        {"listen[].mode", "octal mode", [](const Config&) { return octal(ListenAddress{}.mode); },
+         "File mode of a unix socket.", nullptr},
+        {"listen[].name", "string", [](const Config&) -> std::string { return "the address text"; },
+         "Name matched against systemd's `LISTEN_FDNAMES`, and passed to workers.", nullptr},
+        {"backlog", "integer >= 1",
+         [](const Config&) { return std::to_string(ListenAddress{}.backlog); },
+         "Default listen queue length for every `listen` entry (the kernel caps it at "
+         "`net.core.somaxconn`).",
+         [](Context& ctx, const Node& n, Config&) {
+             int backlog = 0;
+             ctx.set_integer(n, backlog, 1);
+             if (backlog > 0) ctx.global_backlog = backlog;
+         }},
+        {"workers", "integer >= 1", [](const Config& c) { return std::to_string(c.workers); },
+         "Worker processes per generation.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_integer(n, c.workers, 1); }},
+        {"threads", "integer >= 1", [](const Config& c) { return std::to_string(c.threads); },
+         "Request threads per WSGI worker.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_integer(n, c.threads, 1); }},
+        {"timeouts", "section", nullptr, "Time limits.", nullptr},
+        {"timeouts.boot", "duration > 0",
+         [](const Config& c) { return format_duration(c.timeouts.boot); },
+         "From spawning a worker to its `READY=1`. A new generation whose workers miss it fails "
+         "and the old one keeps serving.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_duration(n, c.timeouts.boot, Duration{1});
+         }},
+        {"timeouts.graceful", "duration > 0",
+         [](const Config& c) { return format_duration(c.timeouts.graceful); },
+         "From `DRAIN` to SIGKILL: how long in-flight requests get to finish.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_duration(n, c.timeouts.graceful, Duration{1});
+         }},
+        {"timeouts.heartbeat", "duration >= 1s",
+         [](const Config& c) { return format_duration(c.timeouts.heartbeat); },
+         "A worker silent this long gets SIGABRT (the shim dumps every thread's traceback), then "
+         "SIGKILL. Workers beat every heartbeat/6, between 100ms and 5s.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_duration(n, c.timeouts.heartbeat, std::chrono::seconds(1));
+         }},
+        {"timeouts.request", "duration",
+         [](const Config& c) { return format_duration(c.timeouts.request); },
+         "A worker whose oldest request runs longer is aborted like a silent one. 0 turns it off.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_duration(n, c.timeouts.request); }},
+        {"timeouts.keepalive", "duration",
+         [](const Config& c) { return format_duration(c.timeouts.keepalive); },
+         "How long an idle keep-alive connection stays open. 0 closes after each response.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_duration(n, c.timeouts.keepalive); }},
+        {"health", "section", nullptr, "The warm-up request.", nullptr},
+        {"health.path", "URL path",
+         [](const Config& c) {
+             return c.health.path.empty() ? std::string("(none)") : quoted(c.health.path);
+         },
+         "A GET request each worker runs against its own app before `READY=1`; if it fails, "
+         "the worker's boot fails. Empty: no warm-up request.",
+         read_health_path},
+        {"rollover", "section", nullptr, "How a reload replaces workers.", nullptr},
+        {"rollover.batch", "integer >= 0",
+         [](const Config& c) { return std::to_string(c.rollover.batch); },
+         "Replace workers this many at a time, for hosts that cannot hold two generations in "
+         "memory. 0 starts the whole new generation at once.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_integer(n, c.rollover.batch, 0); }},
+        {"recycle", "section", nullptr,
+         "When a worker is replaced by a fresh one (the new one "
+         "is ready before the old one drains).",
+         nullptr},
+        {"recycle.max_requests", "integer >= 0",
+         [](const Config& c) { return std::to_string(c.recycle.max_requests); },
+         "Requests a worker serves before it is replaced. 0 turns it off.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_integer(n, c.recycle.max_requests, 0);
+         }},
+        {"recycle.max_requests_jitter", "integer >= 0",
+         [](const Config& c) { return std::to_string(c.recycle.max_requests_jitter); },
+         "A random 0..N added to `max_requests` per worker, so workers do not all restart at once.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_integer(n, c.recycle.max_requests_jitter, 0);
+         }},
+        {"recycle.max_rss", "size", [](const Config& c) { return format_size(c.recycle.max_rss); },
+         "Resident memory above which a worker is replaced. 0 turns it off.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_size(n, c.recycle.max_rss); }},
+        {"recycle.max_lifetime", "duration",
+         [](const Config& c) { return format_duration(c.recycle.max_lifetime); },
+         "Age after which a worker is replaced. 0 turns it off.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_duration(n, c.recycle.max_lifetime);
+         }},
+        {"control", "section", nullptr, "The control socket used by `molt ctl`.", nullptr},
+        {"control.socket", "path", none,
+         "Unix socket path for `molt ctl`. Empty: no control socket.", read_control_socket},
+        {"control.mode", "octal mode", [](const Config& c) { return octal(c.control.mode); },
+         "File mode of the control socket.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_mode(n, c.control.mode); }},
+        {"metrics", "section", nullptr, "The Prometheus endpoint.", nullptr},
+        {"metrics.listen", "address", none,
+         "Address serving metrics in Prometheus text format. Empty: no metrics endpoint.",
+         read_metrics_listen},
+        {"logging", "section", nullptr, "Logs.", nullptr},
+        {"logging.level", "`debug`, `info`, `warning` or `error`",
+         [](const Config&) -> std::string { return "`info`"; },
+         "The least severe level written, for the master and the workers.",
+         [](Context& ctx, const Node& n, Config& c) {
+             if (auto i = ctx.choice(n, {"debug", "info", "warning", "error"})) {
+                 c.logging.level = static_cast<LogLevel>(*i);
+             }
+         }},
+        {"logging.format", "`text` or `json`",
+         [](const Config&) -> std::string { return "`text`"; }, "Format of the master's log lines.",
+         [](Context& ctx, const Node& n, Config& c) {
+             if (auto i = ctx.choice(n, {"text", "json"}))
+                 c.logging.format = static_cast<LogFormat>(*i);
+         }},
+        {"logging.access_log", "boolean",
+         [](const Config& c) { return fmt::format("`{}`", c.logging.access_log); },
+         "Whether workers log one line per request.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_bool(n, c.logging.access_log); }},
+        {"logging.access_log_format", "string",
+         [](const Config& c) { return quoted(c.logging.access_log_format); },
+         "The access log line. Placeholders: `{method}` `{path}` `{query}` `{status}` `{bytes}` "
+         "`{duration_ms}` `{remote}` `{generation}` `{worker}` `{version}` `{protocol}` "
+         "`{user_agent}` `{referer}`; `{{` and `}}` are literal braces.",
+         [](Context& ctx, const Node& n, Config& c) {
+             auto text = ctx.scalar(n, "a string");
+             if (!text) return;
+             if (auto why = check_access_log_format(*text); !why.empty()) {
+                 ctx.error(n, why);
+             } else {
+                 c.logging.access_log_format = std::move(*text);
+             }
+         }},
+        {"logging.file", "path", [](const Config&) -> std::string { return "(stderr)"; },
+         "The master's log file, reopened on SIGUSR1. Empty: stderr, which systemd sends to the "
+         "journal.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_path(n, c.logging.file); }},
+        {"http", "section", nullptr, "HTTP limits enforced by the workers.", nullptr},
+        {"http.max_request_line", "size >= 1",
+         [](const Config& c) { return format_size(c.http.max_request_line); },
+         "Longest request line; longer ones are refused.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_size(n, c.http.max_request_line, 1);
+         }},
+        {"http.max_header_size", "size >= 1",
+         [](const Config& c) { return format_size(c.http.max_header_size); },
+         "All header lines of a request together; more is refused.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_size(n, c.http.max_header_size, 1);
+         }},
+        {"http.max_headers", "integer >= 1",
+         [](const Config& c) { return std::to_string(c.http.max_headers); },
+         "Most header fields in a request; more are refused.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_integer(n, c.http.max_headers, 1); }},
+        {"http.max_body_size", "size",
+         [](const Config& c) { return format_size(c.http.max_body_size); },
+         "Largest request body; larger gets 413. 0: unlimited.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_size(n, c.http.max_body_size); }},
+        {"http.body_buffer_size", "size",
+         [](const Config& c) { return format_size(c.http.body_buffer_size); },
+         "Request bodies larger than this are spooled to a temporary file.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_size(n, c.http.body_buffer_size); }},
+        {"http.header_timeout", "duration > 0",
+         [](const Config& c) { return format_duration(c.http.header_timeout); },
+         "The whole request head must arrive within this time (a slowloris guard).",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_duration(n, c.http.header_timeout, Duration{1});
+         }},
+        {"http.version_header", "header name", none,
+         "If set, every response carries this header with the generation's version label, e.g. "
+         "`X-Molt-Version`.",
+         [](Context& ctx, const Node& n, Config& c) {
+             auto text = ctx.scalar(n, "a header name");
+             if (!text) return;
+             if (!text->empty() && !is_header_token(*text)) {
+                 ctx.error(n, fmt::format("\"{}\" is not a valid HTTP header name", *text));
+             } else {
+                 c.http.version_header = std::move(*text);
+             }
+         }},
+        {"watch", "path, or list of paths", [](const Config&) -> std::string { return "`[]`"; },
+         "File changes under these paths start a rollover (debounced).", read_watch},
+        {"version_file", "relative path", none,
+         "A file in the release directory whose first line is the generation's version label, "
+         "e.g. `REVISION`.",
+         read_version_file},
+        {"user", "string", none, "User the workers run as (the master must start as root).",
+         [](Context& ctx, const Node& n, Config& c) { read_name(ctx, n, c.user); }},
+        {"group", "string", none, "Group the workers run as.",
+         [](Context& ctx, const Node& n, Config& c) { read_name(ctx, n, c.group); }},
+        {"pidfile", "path", none, "File the master writes its PID to.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_path(n, c.pidfile); }},
+    };
+    return table;
+}
+
+const KeySpec* find_spec(std::string_view path) {
+    for (const auto& spec : key_table()) {
+        if (spec.path == path) return &spec;
+    }
+    return nullptr;
+}
+
+std::string_view parent_of(std::string_view path) {
+    const auto dot = path.rfind('.');
+    return dot == std::string_view::npos ? std::string_view{} : path.substr(0, dot);
+}
+
+std::string_view last_part(std::string_view path) {
+    const auto dot = path.rfind('.');
+    return dot == std::string_view::npos ? path : path.substr(dot + 1);
+}
+
+std::vector<std::string> child_names(std::string_view prefix) {
+    std::vector<std::string> names;
+    for (const auto& spec : key_table()) {
+        if (parent_of(spec.path) == prefix) names.emplace_back(last_part(spec.path));
+    }
+    return names;
+}
+
+// gunicorn settings people carry over, and where molt keeps them.
+const std::map<std::string, std::string>& gunicorn_names() {
+    static const std::map<std::string, std::string> names = {
+        {"bind", "listen"},
+        {"timeout", "timeouts.heartbeat"},
+        {"graceful_timeout", "timeouts.graceful"},
+        {"keepalive", "timeouts.keepalive"},
+        {"loglevel", "logging.level"},
+        {"accesslog", "logging.access_log"},
+        {"access_log_format", "logging.access_log_format"},
+        {"errorlog", "logging.file"},
+        {"raw_env", "env"},
+        {"wsgi_app", "app"},
+        {"worker_class", "interface"},
+        {"limit_request_line", "http.max_request_line"},
+        {"limit_request_fields", "http.max_headers"},
+        {"limit_request_field_size", "http.max_header_size"},
+        {"reload", "watch"},
+    };
+    return names;
+}
+
+std::string unknown_key_message(const std::string& name, const std::string& prefix) {
+    if (prefix.empty()) {
+        const auto& aliases = gunicorn_names();
+        if (auto found = aliases.find(name); found != aliases.end()) {
+            return fmt::format("unknown key; did you mean `{}`? (gunicorn's `{}`)", found->second,
+                               name);
+        }
+    }
+    if (const KeySpec* dotted = find_spec(prefix.empty() ? name : prefix + "." + name)) {
+        return fmt::format("unknown key; dotted keys are not expanded: nest `{}` under `{}`",
+                           last_part(dotted->path), parent_of(dotted->path));
+    }
+    const auto siblings = child_names(prefix);
+    if (auto near = closest(name, siblings)) {
+        return fmt::format("unknown key; did you mean `{}`?", *near);
+    }
+    // A key written at the wrong level, e.g. `boot: 60s` at the top instead of under
+    // `timeouts`.
+    for (const auto& spec : key_table()) {
+        if (last_part(spec.path) == name && spec.path.find("[]") == std::string_view::npos) {
+            return fmt::format("unknown key; did you mean `{}`?", spec.path);
+        }
+    }
+    if (siblings.size() <= 8) {
+        return fmt::format("unknown key; expected one of: {}", join(siblings, ", "));
+    }
+    return "unknown key; see docs/config.md for every key";
+}
+
+// Reports unknown and repeated keys of `map`, and calls visit(spec, value) for the others.
+// `spec_prefix` finds the keys in the table ("listen[]"), `display_prefix` names them in
+// errors ("listen[2]").
+template <typename Visit>
+void for_each_key(Context& ctx, const Node& map, const std::string& spec_prefix,
+                  const std::string& display_prefix, Visit visit) {
+    std::map<std::string, YAML::Mark> seen;
+    for (const auto& item : map) {
+        const Node& key_node = item.first;
+        if (!key_node.IsScalar()) {
+            ctx.error_at(key_node.Mark(), display_prefix,
+                         fmt::format("keys must be names, got {}", describe(key_node)));
+            continue;
+        }
+        const std::string& name = key_node.Scalar();
+        const std::string display = display_prefix.empty() ? name : display_prefix + "." + name;
+        const KeySpec* spec = find_spec(spec_prefix.empty() ? name : spec_prefix + "." + name);
+        // Only direct children count: "timeouts.boot" written as one key is not `boot`.
+        if (spec != nullptr && parent_of(spec->path) != spec_prefix) spec = nullptr;
+        if (spec == nullptr) {
+            ctx.error_at(key_node.Mark(), display, unknown_key_message(name, spec_prefix));
+            continue;
+        }
+        const auto [first, inserted] = seen.emplace(name, key_node.Mark());
+        if (!inserted) {
+            ctx.error_at(
+                key_node.Mark(), display,
+                first->second.is_null() || !ctx.has_marks
+                    ? std::string("duplicate key")
+                    : fmt::format("duplicate key; first set at line {}", first->second.line + 1));
+            continue;
+        }
+        ctx.key = display;
+        ctx.key_mark = key_node.Mark();
+        ctx.marks[display] = item.second.IsNull() ? key_node.Mark() : item.second.Mark();
+        visit(*spec, item.second);
+    }
+}
+
+void read_section(Context& ctx, const Node& map, const std::string& prefix, Config& config) {
+    for_each_key(ctx, map, prefix, prefix, [&](const KeySpec& spec, const Node& value) {
+        if (spec.type != "section") {
+            if (spec.apply != nullptr) spec.apply(ctx, value, config);
+        } else if (value.IsMap()) {
+            read_section(ctx, value, std::string(spec.path), config);
+        } else if (!value.IsNull()) {
+            ctx.error(value, fmt::format("expected a mapping, got {}", describe(value)));
+        }
+    });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Checks that need the whole document, then the filesystem checks.
+
+namespace {
+
+void finish_listen(Context& ctx, Config& config) {
+    if (!ctx.listen_given) {
+        ListenDraft draft;
+        draft.address = *parse_listen_address(kDefaultListen, nullptr);
+        draft.key = "listen";
+        draft.mark = YAML::Mark::null_mark();
+        ctx.listen.push_back(std::move(draft));
+    }
+    std::map<std::string, std::string> key_by_text;
+    std::map<std::string, std::string> key_by_name;
+    for (auto& draft : ctx.listen) {
+        auto& address = draft.address;
+        if (!draft.explicit_backlog && ctx.global_backlog) address.backlog = *ctx.global_backlog;
+        if (!draft.explicit_name) address.name = address.text;
+        if (auto [first, fresh] = key_by_text.emplace(address.text, draft.key); !fresh) {
+            ctx.error_at(
+                draft.mark, draft.key,
+                fmt::format("duplicate address {} (also in {})", address.text, first->second));
+        } else if (auto [named, unique] = key_by_name.emplace(address.name, draft.key); !unique) {
+            ctx.error_at(
+                draft.mark, draft.key,
+                fmt::format("duplicate name \"{}\" (also in {})", address.name, named->second));
+        }
+        config.listen.push_back(address);
+    }
+    if (config.metrics.listen) {
+        if (auto found = key_by_text.find(config.metrics.listen->text);
+            found != key_by_text.end()) {
+            ctx.late_error("metrics.listen",
+                           fmt::format("{} is already used by {}", config.metrics.listen->text,
+                                       found->second));
+        }
+    }
+}
+
+void check_chdir(Context& ctx, const Config& config) {
+    struct stat info {};
+    if (::stat(config.chdir.c_str(), &info) != 0) {
+        ctx.late_error(
+            "chdir", fmt::format("cannot use directory \"{}\": {}", config.chdir, os_error(errno)));
+    } else if (!S_ISDIR(info.st_mode)) {
+        ctx.late_error("chdir", fmt::format("\"{}\" is not a directory", config.chdir));
+    } else if (::access(config.chdir.c_str(), R_OK | X_OK) != 0) {
+        ctx.late_error("chdir", fmt::format("cannot read directory \"{}\": {}", config.chdir,
+                                            os_error(errno)));
+    }
+}
+
+std::optional<std::string> find_in_path(const std::string& name) {
+    const char* path_env = std::getenv("PATH");
+    std::string_view dirs = path_env != nullptr ? path_env : "/usr/local/bin:/usr/bin:/bin";
+    while (true) {
+        const auto colon = dirs.find(':');
+        const std::string dir(dirs.substr(0, colon));
+        const std::string candidate = (dir.empty() ? std::string(".") : dir) + "/" + name;
+        if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+        if (colon == std::string_view::npos) return std::nullopt;
+        dirs.remove_prefix(colon + 1);
+    }
+}
+
+void check_python(Context& ctx, const Config& config) {
+    const std::string& python = config.python;
+    if (python.find('/') == std::string::npos) {
+        if (!find_in_path(python)) {
+            ctx.late_error("python", fmt::format("\"{}\" was not found in PATH", python));
+        }
+        return;
+    }
+    struct stat info {};
+    if (::stat(python.c_str(), &info) != 0) {
+        ctx.late_error("python", fmt::format("cannot use \"{}\": {}", python, os_error(errno)));
+    } else if (!S_ISREG(info.st_mode)) {
+        ctx.late_error("python", fmt::format("\"{}\" is not a file", python));
+    } else if (::access(python.c_str(), X_OK) != 0) {
+        ctx.late_error("python",
+                       fmt::format("\"{}\" is not executable: {}", python, os_error(errno)));
+    }
+}
+
+void finish(Context& ctx, Config& config) {
+    if (config.app.empty() && ctx.marks.count("app") == 0) {
+        ctx.error_at(YAML::Mark::null_mark(), "app",
+                     "app is required: the module:callable to serve, e.g. "
+                     "myproject.wsgi:application");
+    }
+    finish_listen(ctx, config);
+    if (config.chdir.empty() && ctx.marks.count("chdir") == 0) config.chdir = ctx.base_dir.string();
+    if (ctx.check_filesystem) {
+        if (!config.chdir.empty()) check_chdir(ctx, config);
+        if (!config.python.empty()) check_python(ctx, config);
+    }
+}
+
+LoadResult load_root(const Node& root, Context& ctx) {
+    auto config = std::make_shared<Config>();
+    config->source = ctx.file;
+    if (root.IsMap()) {
+        read_section(ctx, root, "", *config);
+        finish(ctx, *config);
+    } else if (root.IsNull()) {
+        finish(ctx, *config);
+    } else {
+        ctx.error_at(root.Mark(), "",
+                     fmt::format("the config must be a mapping of keys, got {}", describe(root)));
+    }
+    LoadResult result;
+    if (ctx.errors.empty()) {
+        result.config = std::move(config);
+        return result;
+    }
+    std::stable_sort(ctx.errors.begin(), ctx.errors.end(), [](const auto& a, const auto& b) {
+        return std::tie(a.line, a.column) < std::tie(b.line, b.column);
+    });
+    result.errors = std::move(ctx.errors);
+    return result;
+}
+
+// Relative paths in a config resolve against its file's directory; labels like "<stdin>"
+// name no file, so they resolve against the current directory.
+fs::path base_dir_for(const std::string& label) {
+    std::error_code ec;
+    if (label.empty() || label.starts_with('<')) {
+        auto cwd = fs::current_path(ec);
+        return ec ? fs::path("/") : cwd;
+    }
+    auto absolute = fs::absolute(label, ec);
+    if (ec) return fs::path("/");
+    return absolute.lexically_normal().parent_path();
+}
+
+LoadResult single_error(const std::string& file, const YAML::Mark& mark, std::string message) {
+    Context ctx;
+    ctx.file = file;
+    ctx.error_at(mark, "", std::move(message));
+    LoadResult result;
+    result.errors = std::move(ctx.errors);
+    return result;
+}
+
+}  // namespace
+
+LoadResult load_config_text(const std::string& text, const std::string& label,
+                            bool check_filesystem) {
+    try {
+        std::vector<Node> documents;
+        try {
+            documents = YAML::LoadAll(text);
+        } catch (const YAML::ParserException& e) {
+            return single_error(label, e.mark, e.msg);
+        }
+        if (documents.size() > 1) {
+            return single_error(
+                label, documents[1].Mark(),
+                fmt::format("expected one YAML document, found {}", documents.size()));
+        }
+        Context ctx;
+        ctx.file = label;
+        ctx.base_dir = base_dir_for(label);
+        ctx.check_filesystem = check_filesystem;
+        return load_root(documents.empty() ? Node() : documents.front(), ctx);
+    } catch (const std::exception& e) {
+        return single_error(label, YAML::Mark::null_mark(),
+                            fmt::format("internal error while loading: {}", e.what()));
+    }
+}
+
+LoadResult load_config_file(const std::string& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return single_error(path, YAML::Mark::null_mark(),
+                            fmt::format("cannot read config file: {}", os_error(errno)));
+    }
+    std::string text;
+    char buffer[16384];
+    while (true) {
+        const ssize_t n = ::read(fd, buffer, sizeof buffer);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+            const int saved = errno;
+            ::close(fd);
+            return single_error(path, YAML::Mark::null_mark(),
+                                fmt::format("cannot read config file: {}", os_error(saved)));
+        }
+        if (n == 0) break;
+        text.append(buffer, static_cast<std::size_t>(n));
+    }
+    ::close(fd);
+    return load_config_text(text, path, true);
+}
+
+LoadResult config_from_command_line(const CommandLineConfig& cli) {
+    try {
+        // The flags become a YAML document so that they go through exactly the same
+        // validation as a file.
+        Node root(YAML::NodeType::Map);
+        if (!cli.app.empty()) root["app"] = cli.app;
+        for (const auto& address : cli.listen) root["listen"].push_back(address);
+        if (cli.workers) root["workers"] = *cli.workers;
+        if (cli.threads) root["threads"] = *cli.threads;
+        if (cli.interface) root["interface"] = *cli.interface;
+        if (cli.chdir) root["chdir"] = *cli.chdir;
+        if (cli.python) root["python"] = *cli.python;
+        if (cli.control_socket) root["control"]["socket"] = *cli.control_socket;
+        Context ctx;
+        ctx.file = "<command line>";
+        ctx.base_dir = base_dir_for(ctx.file);
+        ctx.has_marks = false;
+        return load_root(root, ctx);
+    } catch (const std::exception& e) {
+        return single_error("<command line>", YAML::Mark::null_mark(),
+                            fmt::format("internal error while loading: {}", e.what()));
+    }
+}
+
+std::string ConfigError::to_string() const {
+    std::string text = file;
+    if (line > 0) text += fmt::format(":{}:{}", line, column);
+    text += ": ";
+    if (!key.empty()) text += key + ": ";
+    return text + message;
+}
+
+// ---------------------------------------------------------------------------------------
+// JSON for the worker, the canonical dump and its digest.
+
+namespace {
+
+using nlohmann::json;
+
+constexpr std::array<const char*, 2> kInterfaceNames{"wsgi", "asgi"};
+constexpr std::array<const char*, 4> kLevelNames{"debug", "info", "warning", "error"};
+constexpr std::array<const char*, 2> kFormatNames{"text", "json"};
+
+std::int64_t ms(Duration duration) {
+    return duration.count();
+}
+
+json listen_json(const ListenAddress& address) {
+    return {{"kind", address.kind == ListenAddress::Kind::tcp ? "tcp" : "unix"},
+            {"host", address.host},
+            {"port", address.port},
+            {"path", address.path},
+            {"backlog", address.backlog},
+            {"mode", address.mode},
+            {"name", address.name},
+            {"text", address.text}};
+}
+
+json full_json(const Config& c) {
+    json listen = json::array();
+    for (const auto& address : c.listen) listen.push_back(listen_json(address));
+    const auto& t = c.timeouts;
+    const auto& h = c.http;
+    return {
+        {"app", c.app},
+        {"interface", kInterfaceNames[static_cast<std::size_t>(c.interface)]},
+        {"chdir", c.chdir},
+        {"python", c.python},
+        {"env", c.env},
+        {"listen", listen},
+        {"workers", c.workers},
+        {"threads", c.threads},
+        {"timeouts",
+         {{"boot_ms", ms(t.boot)},
+          {"graceful_ms", ms(t.graceful)},
+          {"heartbeat_ms", ms(t.heartbeat)},
+          {"request_ms", ms(t.request)},
+          {"keepalive_ms", ms(t.keepalive)}}},
+        {"health", {{"path", c.health.path}}},
+        {"rollover", {{"batch", c.rollover.batch}}},
+        {"recycle",
+         {{"max_requests", c.recycle.max_requests},
+          {"max_requests_jitter", c.recycle.max_requests_jitter},
+          {"max_rss", c.recycle.max_rss},
+          {"max_lifetime_ms", ms(c.recycle.max_lifetime)}}},
+        {"control", {{"socket", c.control.socket}, {"mode", c.control.mode}}},
+        {"metrics", {{"listen", c.metrics.listen ? listen_json(*c.metrics.listen) : json()}}},
+        {"logging",
+         {{"level", kLevelNames[static_cast<std::size_t>(c.logging.level)]},
+          {"format", kFormatNames[static_cast<std::size_t>(c.logging.format)]},
+          {"access_log", c.logging.access_log},
+          {"access_log_format", c.logging.access_log_format},
+          {"file", c.logging.file}}},
+        {"http",
+         {{"max_request_line", h.max_request_line},
+          {"max_header_size", h.max_header_size},
+          {"max_headers", h.max_headers},
+          {"max_body_size", h.max_body_size},
+          {"body_buffer_size", h.body_buffer_size},
+          {"header_timeout_ms", ms(h.header_timeout)},
+          {"version_header", h.version_header}}},
+        {"watch", c.watch},
+        {"version_file", c.version_file},
+        {"user", c.user},
+        {"group", c.group},
+        {"pidfile", c.pidfile},
+    };
+}
+
+std::uint64_t fnv1a64(std::string_view data) {
+    std::uint64_t hash = 0xcbf29ce484222325ULL;
+    for (const char c : data) {
+        hash ^= static_cast<unsigned char>(c);
+        hash *= 0x100000001b3ULL;
+    }
+    return hash;
+}
+
+}  // namespace
+
+Duration heartbeat_interval(const Config& config) {
+    return std::clamp<Duration>(config.timeouts.heartbeat / 6, Duration{100}, Duration{5000});
+}
+
+std::string worker_config_json(const Config& config, const std::string& release_dir,
+                               const std::string& version, std::uint64_t generation, int worker) {
+    const auto& t = config.timeouts;
+    const auto& h = config.http;
+    const json document = {
+        {"app", config.app},
+        {"interface", kInterfaceNames[static_cast<std::size_t>(config.interface)]},
+        {"chdir", release_dir},
+        {"threads", config.threads},
+        {"generation", generation},
+        {"worker", worker},
+        {"version", version},
+        {"health_path", config.health.path},
+        {"timeouts",
+         {{"boot_ms", ms(t.boot)},
+          {"graceful_ms", ms(t.graceful)},
+          {"heartbeat_ms", ms(t.heartbeat)},
+          {"keepalive_ms", ms(t.keepalive)},
+          {"request_ms", ms(t.request)}}},
+        {"heartbeat_interval_ms", ms(heartbeat_interval(config))},
+        {"recycle",
+         {{"max_requests", config.recycle.max_requests},
+          {"max_requests_jitter", config.recycle.max_requests_jitter}}},
+        {"http",
+         {{"max_request_line", h.max_request_line},
+          {"max_header_size", h.max_header_size},
+          {"max_headers", h.max_headers},
+          {"max_body_size", h.max_body_size},
+          {"body_buffer_size", h.body_buffer_size},
+          {"header_timeout_ms", ms(h.header_timeout)},
+          {"version_header", h.version_header}}},
+        {"logging",
+         {{"level", kLevelNames[static_cast<std::size_t>(config.logging.level)]},
+          {"access_log", config.logging.access_log},
+          {"access_log_format", config.logging.access_log_format}}},
+    };
+    // Replace, not throw, on invalid UTF-8: a worker must always get a parseable document.
+    return document.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string worker_config_json(const Config& config, const std::string& release_dir,
+                               const std::string& version) {
+    return worker_config_json(config, release_dir, version, 0, 0);
+}
+
+std::string config_json(const Config& config) {
+    return full_json(config).dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string config_digest(const Config& config) {
+    return fmt::format("{:016x}", fnv1a64(config_json(config))).substr(0, 12);
+}
+
+// ---------------------------------------------------------------------------------------
+// The reference page.
+
+namespace {
+
+constexpr std::string_view kReferenceIntro = R"(# Configuration reference
+
+molt reads one YAML file, given with `-c` to `molt run`, `molt check` and `molt ctl`. Every key
+is optional except `app`. Unknown keys are errors (with a "did you mean"), and `molt check -c
+molt.yaml` prints every error at once as `file:line:col: key: message` and exits 78. A reload
+(`SIGHUP`) re-reads the file; if it is invalid, nothing changes and the reload is reported as
+failed. Examples: `config/examples/minimal.yaml`, `full.yaml` (every key) and `django.yaml`.
+
+<!-- Generated by `molt config-reference` from the key table in config/config.cpp, the same
+     table the loader validates against. Do not edit by hand; regenerate with
+     `build/bin/molt config-reference > docs/config.md`. -->
+
+## Value forms
+
+- **duration**: one or more `<integer><unit>` parts, largest unit first, units `h`, `m`, `s`,
+  `ms`: `30s`, `500ms`, `2m`, `1h`, `1m30s`. A bare integer means seconds (`boot: 60` is one
+  minute, as in gunicorn); `0` is zero.
+- **size**: an integer with an optional unit: `B`, `KB` `MB` `GB` `TB` (powers of 1000) or
+  `KiB` `MiB` `GiB` `TiB` (powers of 1024), any letter case, an optional space before the
+  unit: `512MiB`, `1GiB`, `100KB`, `64 KiB`. A bare integer means bytes. Single letters
+  (`100k`, `512m`) are rejected, because tools disagree on whether they mean 1000 or 1024.
+- **address**: `tcp://host:port`, `tcp://[::1]:port`, `unix:/path` or `unix:///path`.
+  gunicorn's `--bind` forms also work: `host:port`, `[::1]:port`, `:port`, `/path`. An empty
+  host or `*` (`tcp://:8000`, `tcp://*:8000`) means `0.0.0.0`; write `tcp://[::]:8000` for
+  every IPv6 address. Port 0 lets the kernel pick.
+- **path**: a relative path is resolved against the directory of the config file (for
+  `molt run app:callable ...` without a file: the current directory). This applies to
+  `chdir`, `python` (when it contains a `/`), `listen` unix paths, `control.socket`,
+  `metrics.listen`, `logging.file`, `watch` and `pidfile`; `version_file` is relative to the
+  release directory instead. Symlinks are not resolved at load time: `chdir` is resolved with
+  realpath when each generation starts.
+- **octal mode**: octal digits, quoted or not: `"0660"`, `0660` and `660` all mean `rw-rw----`.
+- **boolean**: `true` or `false` (YAML's `yes`/`no`/`on`/`off` are accepted too).
+
+`molt check` also checks that `chdir` is a readable directory and that `python` is an
+executable file (or, for a bare name, is found in `PATH`).
+
+## Keys
+)";
+
+std::string cell(std::string text) {
+    std::string escaped;
+    for (const char c : text) {
+        if (c == '|') escaped += '\\';
+        escaped += c;
+    }
+    return escaped;
+}
+
+void append_rows(std::string& page, const std::vector<const KeySpec*>& specs) {
+    page += "| Key | Type | Default | Meaning |\n|---|---|---|---|\n";
+    const Config defaults;
+    for (const KeySpec* spec : specs) {
+        page += fmt::format("| `{}` | {} | {} | {} |\n", spec->path, cell(std::string(spec->type)),
+                            cell(spec->show_default(defaults)), cell(std::string(spec->meaning)));
+    }
+}
+
+}  // namespace
+
+std::string config_reference_markdown() {
+    std::string page(kReferenceIntro);
+    std::vector<const KeySpec*> top_level;
+    for (const auto& spec : key_table()) {
+        const bool nested = !parent_of(spec.path).empty() && !spec.path.starts_with("listen[]");
+        if (spec.type != "section" && !nested) top_level.push_back(&spec);
+    }
+    page += "\n### Top level\n\n";
+    append_rows(page, top_level);
+    for (const auto& section : key_table()) {
+        if (section.type != "section") continue;
+        std::vector<const KeySpec*> children;
+        for (const auto& spec : key_table()) {
+            if (parent_of(spec.path) == section.path) children.push_back(&spec);
+        }
+        page += fmt::format("\n### `{}`\n\n{}\n\n", section.path, section.meaning);
+        append_rows(page, children);
+    }
+    return page;
+}
+
+}  // namespace molt::config

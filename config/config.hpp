@@ -86,10 +86,10 @@ struct Http {
     std::uint64_t max_request_line = 8 * 1024;
     std::uint64_t max_header_size = 64 * 1024;  // all header lines together
     std::uint32_t max_headers = 100;
-    std::uint64_t max_body_size = 0;                   // 0 = unlimited; above it: 413
-    std::uint64_t body_buffer_size = 1024 * 1024;      // above it the body spools to disk
+    std::uint64_t max_body_size = 0;                    // 0 = unlimited; above it: 413
+    std::uint64_t body_buffer_size = 1024 * 1024;       // above it the body spools to disk
     Duration header_timeout{std::chrono::seconds(10)};  // slowloris guard: whole head must arrive
-    std::string version_header;  // e.g. "X-Molt-Version"; empty = no header
+    std::string version_header;                         // e.g. "X-Molt-Version"; empty = no header
 };
 
 struct Config {
@@ -97,7 +97,9 @@ struct Config {
 
     std::string app;  // module:callable
     Interface interface = Interface::wsgi;
-    std::string chdir;   // as written; the master resolves it with realpath per generation
+    // Absolute (a relative one is joined to the config's directory, lexically: symlinks kept);
+    // the master resolves it with realpath per generation.
+    std::string chdir;
     std::string python = "/usr/bin/python3";
     std::map<std::string, std::string> env;
     std::vector<ListenAddress> listen;
@@ -156,13 +158,38 @@ struct CommandLineConfig {
 LoadResult config_from_command_line(const CommandLineConfig& cli);
 
 // Parses "tcp://host:port", "tcp://[::1]:port", "unix:/path", "unix:///path". Never throws.
+// Also accepts gunicorn's --bind forms: "host:port", "[::1]:port", ":port" and "/path".
+// An empty host or "*" means 0.0.0.0. A relative unix path is kept as written (the loader
+// resolves it against the config file's directory). On failure `error` (if not null) says
+// why.
 std::optional<ListenAddress> parse_listen_address(const std::string& text, std::string* error);
 
 // The JSON document given to each worker as MOLT_WORKER_CONFIG. See docs/protocol.md.
 std::string worker_config_json(const Config& config, const std::string& release_dir,
                                const std::string& version);
 
-// A short stable digest of the config's meaning (used in history and logs).
+// Same document with the per-worker fields filled in; the master calls this one. The
+// three-argument form above emits generation 0 and worker 0.
+std::string worker_config_json(const Config& config, const std::string& release_dir,
+                               const std::string& version, std::uint64_t generation, int worker);
+
+// A short stable digest of the config's meaning (used in history and logs): 12 hex digits of
+// FNV-1a 64 over config_json(). `source` is not part of it.
 std::string config_digest(const Config& config);
+
+// The whole config as canonical JSON (sorted keys, durations in ms, sizes in bytes), without
+// `source`. For `molt check --print` and the digest.
+std::string config_json(const Config& config);
+
+// How often the shim heartbeats: timeouts.heartbeat / 6, clamped to [100ms, 5s], so that a
+// few lost beats never look like a hang.
+Duration heartbeat_interval(const Config& config);
+
+// The listen address used when `listen:` is absent.
+inline constexpr const char* kDefaultListen = "tcp://127.0.0.1:8000";
+
+// The complete docs/config.md page, generated from the same key table the loader validates
+// against, so the reference cannot drift from the code. `molt config-reference` prints it.
+std::string config_reference_markdown();
 
 }  // namespace molt::config

@@ -14,22 +14,36 @@ constexpr int kSigKill = 9;  // Linux signal numbers, for describing exits witho
 
 const char* signal_name(int signal) {
     switch (signal) {
-        case 1: return "SIGHUP";
-        case 2: return "SIGINT";
-        case 3: return "SIGQUIT";
-        case 4: return "SIGILL";
-        case 6: return "SIGABRT";
-        case 7: return "SIGBUS";
-        case 8: return "SIGFPE";
-        case 9: return "SIGKILL";
-        case 11: return "SIGSEGV";
-        case 13: return "SIGPIPE";
-        case 15: return "SIGTERM";
-        default: return nullptr;
+        case 1:
+            return "SIGHUP";
+        case 2:
+            return "SIGINT";
+        case 3:
+            return "SIGQUIT";
+        case 4:
+            return "SIGILL";
+        case 6:
+            return "SIGABRT";
+        case 7:
+            return "SIGBUS";
+        case 8:
+            return "SIGFPE";
+        case 9:
+            return "SIGKILL";
+        case 11:
+            return "SIGSEGV";
+        case 13:
+            return "SIGPIPE";
+        case 15:
+            return "SIGTERM";
+        default:
+            return nullptr;
     }
 }
 
-std::string ms(Duration d) { return fmt::format("{}ms", d.count()); }
+std::string ms(Duration d) {
+    return fmt::format("{}ms", d.count());
+}
 
 // sd_notify-style "KEY=VALUE" lines.
 std::map<std::string, std::string, std::less<>> parse_message(std::string_view text) {
@@ -71,73 +85,104 @@ std::string last_line(const std::string& text) {
 
 const char* to_string(WorkerState state) {
     switch (state) {
-        case WorkerState::spawned: return "spawned";
-        case WorkerState::booting: return "booting";
-        case WorkerState::ready: return "ready";
-        case WorkerState::draining: return "draining";
-        case WorkerState::exited: return "exited";
+        case WorkerState::spawned:
+            return "spawned";
+        case WorkerState::booting:
+            return "booting";
+        case WorkerState::ready:
+            return "ready";
+        case WorkerState::draining:
+            return "draining";
+        case WorkerState::exited:
+            return "exited";
     }
     return "?";
 }
 
 const char* to_string(GenerationState state) {
     switch (state) {
-        case GenerationState::starting: return "starting";
-        case GenerationState::live: return "live";
-        case GenerationState::draining: return "draining";
-        case GenerationState::gone: return "gone";
-        case GenerationState::failed: return "failed";
+        case GenerationState::starting:
+            return "starting";
+        case GenerationState::live:
+            return "live";
+        case GenerationState::draining:
+            return "draining";
+        case GenerationState::gone:
+            return "gone";
+        case GenerationState::failed:
+            return "failed";
     }
     return "?";
 }
 
 const char* to_string(MasterState state) {
     switch (state) {
-        case MasterState::starting: return "starting";
-        case MasterState::running: return "running";
-        case MasterState::stopping: return "stopping";
-        case MasterState::stopping_fast: return "stopping_fast";
-        case MasterState::stopped: return "stopped";
+        case MasterState::starting:
+            return "starting";
+        case MasterState::running:
+            return "running";
+        case MasterState::stopping:
+            return "stopping";
+        case MasterState::stopping_fast:
+            return "stopping_fast";
+        case MasterState::stopped:
+            return "stopped";
     }
     return "?";
 }
 
 const char* to_string(Signal signal) {
     switch (signal) {
-        case Signal::abort: return "SIGABRT";
-        case Signal::kill: return "SIGKILL";
-        case Signal::interrupt: return "SIGINT";
-        case Signal::terminate: return "SIGTERM";
+        case Signal::abort:
+            return "SIGABRT";
+        case Signal::kill:
+            return "SIGKILL";
+        case Signal::interrupt:
+            return "SIGINT";
+        case Signal::terminate:
+            return "SIGTERM";
     }
     return "?";
 }
 
 const char* to_string(Trigger trigger) {
     switch (trigger) {
-        case Trigger::startup: return "startup";
-        case Trigger::reload: return "reload";
-        case Trigger::rollback: return "rollback";
+        case Trigger::startup:
+            return "startup";
+        case Trigger::reload:
+            return "reload";
+        case Trigger::rollback:
+            return "rollback";
     }
     return "?";
 }
 
 const char* to_string(RetireReason reason) {
     switch (reason) {
-        case RetireReason::max_requests: return "max_requests";
-        case RetireReason::max_rss: return "max_rss";
-        case RetireReason::max_lifetime: return "max_lifetime";
+        case RetireReason::max_requests:
+            return "max_requests";
+        case RetireReason::max_rss:
+            return "max_rss";
+        case RetireReason::max_lifetime:
+            return "max_lifetime";
     }
     return "?";
 }
 
 const char* to_string(RestartReason reason) {
     switch (reason) {
-        case RestartReason::crash: return "crash";
-        case RestartReason::heartbeat: return "heartbeat";
-        case RestartReason::request_timeout: return "request_timeout";
-        case RestartReason::recycle: return "recycle";
-        case RestartReason::boot_timeout: return "boot_timeout";
-        case RestartReason::killed: return "killed";
+        case RestartReason::crash:
+            return "crash";
+        case RestartReason::heartbeat:
+            return "heartbeat";
+        case RestartReason::request_timeout:
+            return "request_timeout";
+        case RestartReason::recycle:
+            return "recycle";
+        case RestartReason::boot_timeout:
+            return "boot_timeout";
+        case RestartReason::killed:
+            return "killed";
     }
     return "?";
 }
@@ -146,7 +191,8 @@ std::string ExitStatus::describe() const {
     std::string text;
     if (signal != 0) {
         const char* name = signal_name(signal);
-        text = name ? fmt::format("killed by {}", name) : fmt::format("killed by signal {}", signal);
+        text =
+            name ? fmt::format("killed by {}", name) : fmt::format("killed by signal {}", signal);
         if (core_dumped) text += " (core dumped)";
         if (signal == kSigKill && oom_suspected) {
             text +=
@@ -215,7 +261,8 @@ Actions Supervisor::release_prepared(Time now, Release release) {
 Actions Supervisor::release_rejected(Time now, const std::string& reason) {
     if (rollover_phase_ != RolloverPhase::preparing) return take();
     std::string keeps = live_ ? fmt::format("; generation {} keeps serving", *live_) : "";
-    log(LogLevel::error, fmt::format("{} rejected: {}{}", to_string(current_trigger_), reason, keeps));
+    log(LogLevel::error,
+        fmt::format("{} rejected: {}{}", to_string(current_trigger_), reason, keeps));
     finish_rollover(now, 0, false, reason);
     reconcile(now);
     return take();
@@ -319,9 +366,9 @@ Actions Supervisor::exited(Time now, Pid pid, const ExitStatus& status,
     if (gen->state == GenerationState::starting) {
         // Any death in a generation that is not live yet fails it: the release is broken.
         std::string detail = !worker->error.empty() ? worker->error : last_line(stderr_tail);
-        std::string reason = fmt::format("worker slot={} pid={} {} {}", worker->slot, pid,
-                                         status.describe(),
-                                         was == WorkerState::ready ? "after READY" : "before READY");
+        std::string reason =
+            fmt::format("worker slot={} pid={} {} {}", worker->slot, pid, status.describe(),
+                        was == WorkerState::ready ? "after READY" : "before READY");
         if (!detail.empty()) reason += ": " + detail;
         fail_generation(now, *gen, reason);
     } else if (gen->state == GenerationState::live && is_alive(was)) {
@@ -363,8 +410,8 @@ Actions Supervisor::stop(Time now, bool fast) {
         return take();
     }
     master_state_ = fast ? MasterState::stopping_fast : MasterState::stopping;
-    log(LogLevel::info, fast ? "fast stop: interrupting every worker"
-                             : "graceful stop: draining every worker");
+    log(LogLevel::info,
+        fast ? "fast stop: interrupting every worker" : "graceful stop: draining every worker");
     if (!already) emit(NotifySystemd{"STOPPING=1"});
 
     std::vector<Ticket> abandoned = std::move(queued_tickets_);
@@ -437,7 +484,8 @@ void Supervisor::reconcile(Time now) {
 
     // A draining or failed generation whose last worker is gone is gone.
     for (auto& [id, gen] : generations_) {
-        bool ending = gen.state == GenerationState::draining || gen.state == GenerationState::failed;
+        bool ending =
+            gen.state == GenerationState::draining || gen.state == GenerationState::failed;
         if (ending && workers_of(id).empty()) {
             if (gen.state == GenerationState::draining) {
                 set_state(now, gen, GenerationState::gone, "its last worker exited");
@@ -461,14 +509,16 @@ void Supervisor::reconcile(Time now) {
 void Supervisor::reconcile_starting(Time now, Generation& gen) {
     const auto& config = *gen.release.config;
     for (Worker* worker : workers_of(gen.id)) {
-        bool booting = worker->state == WorkerState::spawned || worker->state == WorkerState::booting;
+        bool booting =
+            worker->state == WorkerState::spawned || worker->state == WorkerState::booting;
         if (booting && now >= worker->boot_deadline) {
             worker->stop_reason = RestartReason::boot_timeout;
             std::string detail = worker->error.empty() ? "" : ": " + worker->error;
-            fail_generation(now, gen,
-                            fmt::format("worker slot={} pid={} did not send READY within "
-                                        "timeouts.boot ({}){}",
-                                        worker->slot, worker->pid, ms(config.timeouts.boot), detail));
+            fail_generation(
+                now, gen,
+                fmt::format("worker slot={} pid={} did not send READY within "
+                            "timeouts.boot ({}){}",
+                            worker->slot, worker->pid, ms(config.timeouts.boot), detail));
             return;
         }
         if (worker->slot >= gen.target && worker->state != WorkerState::draining) {
@@ -515,8 +565,8 @@ void Supervisor::reconcile_starting(Time now, Generation& gen) {
         }
     }
     gen.admitted = std::min(gen.target, gen.admitted + std::max(1, config.rollover.batch));
-    log(LogLevel::info, fmt::format("rollover batch: {} of {} slots handed over", gen.admitted,
-                                    gen.target),
+    log(LogLevel::info,
+        fmt::format("rollover batch: {} of {} slots handed over", gen.admitted, gen.target),
         gen.id);
     reconcile_starting(now, gen);
 }
@@ -549,8 +599,9 @@ void Supervisor::reconcile_live(Time now, Generation& gen) {
             if (w->retiring && w->state == WorkerState::ready) {
                 restarts_[RestartReason::recycle]++;
                 gen.slot_restarts[slot]++;
-                drain(now, *w, fmt::format("recycled ({}), its replacement is ready",
-                                           to_string(*w->retiring)));
+                drain(now, *w,
+                      fmt::format("recycled ({}), its replacement is ready",
+                                  to_string(*w->retiring)));
             }
         }
     }
@@ -586,8 +637,9 @@ void Supervisor::reconcile_workers(Time now) {
         if (worker.state == WorkerState::booting && gen.state == GenerationState::live &&
             !worker.stop_reason && now >= worker.boot_deadline) {
             worker.stop_reason = RestartReason::boot_timeout;
-            send_signal(worker, Signal::kill,
-                        fmt::format("no READY within timeouts.boot ({})", ms(config.timeouts.boot)));
+            send_signal(
+                worker, Signal::kill,
+                fmt::format("no READY within timeouts.boot ({})", ms(config.timeouts.boot)));
             continue;
         }
         if (worker.state != WorkerState::ready || worker.kill_at || worker.stop_reason) continue;
@@ -714,8 +766,8 @@ void Supervisor::fail_generation(Time now, Generation& gen, const std::string& r
         target_workers_ = serving.target;
         configured_workers_ = serving.release.config->workers;
         log(LogLevel::error,
-            fmt::format("rollover to generation {} failed; generation {} keeps serving: {}",
-                        gen.id, *live_, reason),
+            fmt::format("rollover to generation {} failed; generation {} keeps serving: {}", gen.id,
+                        *live_, reason),
             gen.id);
     } else {
         log(LogLevel::error,
@@ -745,7 +797,8 @@ void Supervisor::retire_generation(Time now, Generation& gen) {
 
 void Supervisor::finish_rollover(Time now, GenerationId gen, bool ok, const std::string& reason) {
     Trigger trigger = current_trigger_;
-    RolloverFinished result{std::move(current_tickets_), gen, ok, reason, now - rollover_started_at_};
+    RolloverFinished result{std::move(current_tickets_), gen, ok, reason,
+                            now - rollover_started_at_};
     current_tickets_.clear();
     rollover_phase_ = RolloverPhase::idle;
     if (trigger != Trigger::startup) {
@@ -787,9 +840,10 @@ void Supervisor::drain(Time now, Worker& worker, const std::string& why) {
 
 void Supervisor::send_signal(Worker& worker, Signal signal, const std::string& reason) {
     if (worker.pid <= 0) return;
-    LogLevel level = signal == Signal::kill || signal == Signal::abort ? LogLevel::error
-                                                                       : LogLevel::info;
-    log(level, fmt::format("sending {} to worker slot={}: {}", to_string(signal), worker.slot, reason),
+    LogLevel level =
+        signal == Signal::kill || signal == Signal::abort ? LogLevel::error : LogLevel::info;
+    log(level,
+        fmt::format("sending {} to worker slot={}: {}", to_string(signal), worker.slot, reason),
         worker.generation, worker.pid);
     emit(SignalWorker{worker.id, worker.pid, signal, reason});
 }
@@ -806,7 +860,8 @@ void Supervisor::on_crash(Time now, Worker& worker, Generation& gen, const ExitS
     Duration delay{0};
     if (health.consecutive_failures > 1) {
         int doublings = std::min(health.consecutive_failures - 2, 30);
-        delay = std::min(policy_.backoff_cap, policy_.backoff_base * (std::int64_t{1} << doublings));
+        delay =
+            std::min(policy_.backoff_cap, policy_.backoff_base * (std::int64_t{1} << doublings));
     }
     health.not_before = now + delay;
     std::string detail = !worker.error.empty() ? worker.error : last_line(stderr_tail);
@@ -838,9 +893,10 @@ void Supervisor::set_state(Time now, Generation& gen, GenerationState next,
 }
 
 void Supervisor::record_history(const Generation& gen) {
-    HistoryEntry entry{gen.id,         gen.release.release_dir, gen.release.version,
-                       gen.release.digest, gen.trigger,         gen.started_at,
-                       gen.live_at,    gen.state,               gen.failure};
+    HistoryEntry entry{
+        gen.id,      gen.release.release_dir, gen.release.version, gen.release.digest,
+        gen.trigger, gen.started_at,          gen.live_at,         gen.state,
+        gen.failure};
     for (auto& existing : history_) {
         if (existing.id == gen.id) {
             existing = entry;
@@ -870,10 +926,9 @@ std::string Supervisor::status_line() const {
             ready += w.state == WorkerState::ready ? 1 : 0;
         }
         if (!text.empty()) text += "; ";
-        text += fmt::format("gen {} {} ({}): {}/{} ready", id, to_string(gen.state),
-                            gen.release.version, ready, gen.state == GenerationState::draining
-                                                            ? total
-                                                            : std::max(total, gen.target));
+        text += fmt::format(
+            "gen {} {} ({}): {}/{} ready", id, to_string(gen.state), gen.release.version, ready,
+            gen.state == GenerationState::draining ? total : std::max(total, gen.target));
     }
     return text.empty() ? std::string(to_string(master_state_)) : text;
 }

@@ -111,7 +111,7 @@ struct Generation {
     Time started_at{0};
     std::optional<Time> live_at;
     std::optional<Time> ended_at;
-    std::string failure;             // why it failed, with the worker's own error text
+    std::string failure;               // why it failed, with the worker's own error text
     std::map<int, int> slot_restarts;  // slot -> replacements so far
 };
 
@@ -170,22 +170,22 @@ struct WriteLog {
 struct ExitMaster {
     int code;
 };
-using Action = std::variant<SpawnWorker, SendToWorker, SignalWorker, PrepareRelease,
-                            NotifySystemd, RolloverFinished, WriteLog, ExitMaster>;
+using Action = std::variant<SpawnWorker, SendToWorker, SignalWorker, PrepareRelease, NotifySystemd,
+                            RolloverFinished, WriteLog, ExitMaster>;
 using Actions = std::vector<Action>;
 
 // Tunables that are not user config: how the master paces retries and escalations.
 struct Policy {
-    Duration backoff_base{250};    // second consecutive crash of a slot waits this long
-    Duration backoff_cap{16000};   // ... doubling up to this
-    Duration backoff_reset{10000}; // a worker ready this long clears its slot's crash count
-    Duration abort_grace{5000};    // SIGABRT -> SIGKILL
-    Duration fast_stop_grace{3000};// SIGINT -> SIGKILL on a fast stop
+    Duration backoff_base{250};      // second consecutive crash of a slot waits this long
+    Duration backoff_cap{16000};     // ... doubling up to this
+    Duration backoff_reset{10000};   // a worker ready this long clears its slot's crash count
+    Duration abort_grace{5000};      // SIGABRT -> SIGKILL
+    Duration fast_stop_grace{3000};  // SIGINT -> SIGKILL on a fast stop
     std::size_t history_size = 32;
 };
 
 class Supervisor {
-public:
+  public:
     explicit Supervisor(Policy policy = {});
 
     // ----- events --------------------------------------------------------------------------
@@ -231,7 +231,7 @@ public:
     std::optional<RolloverFinished> last_rollover() const { return last_rollover_; }
     std::string status_line() const;
 
-private:
+  private:
     struct SlotHealth {
         int consecutive_failures = 0;
         Time not_before{0};

@@ -1,1 +1,705 @@
-// placeholder
+#include "supervisor/loop/master.hpp"
+
+#include <fmt/format.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <systemd/sd-daemon.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+
+#include "supervisor/loop/servers.hpp"
+
+extern char** environ;
+
+namespace molt::loop {
+
+namespace {
+
+constexpr std::size_t kStderrTail = 4096;    // kept per worker for failure reports
+constexpr std::size_t kMaxLine = 16 * 1024;  // a longer line is split
+
+std::uint64_t wall_ms() {
+    timespec ts{};
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return static_cast<std::uint64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+std::uint64_t monotonic_usec() {
+    timespec ts{};
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<std::uint64_t>(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;
+}
+
+int to_signum(core::Signal signal) {
+    switch (signal) {
+        case core::Signal::abort:
+            return SIGABRT;
+        case core::Signal::kill:
+            return SIGKILL;
+        case core::Signal::interrupt:
+            return SIGINT;
+        case core::Signal::terminate:
+            return SIGTERM;
+    }
+    return SIGTERM;
+}
+
+bool starts_with(const std::string& text, std::string_view prefix) {
+    return text.compare(0, prefix.size(), prefix) == 0;
+}
+
+}  // namespace
+
+// One worker process as the loop sees it: its channel and its output pipes.
+struct WorkerProcess {
+    Master* master = nullptr;
+    core::WorkerId id = 0;
+    core::GenerationId generation = 0;
+    int slot = 0;
+    pid_t pid = 0;
+    int channel_fd = -1;
+    uv_poll_t channel{};
+    uv_pipe_t out{};
+    uv_pipe_t err{};
+    std::string out_partial;
+    std::string err_partial;
+    std::string stderr_tail;
+    int open_handles = 0;
+
+    void line(bool is_err, std::string_view text) {
+        master->log().worker_line(generation, slot, pid, is_err ? "stderr" : "stdout", text);
+    }
+
+    void consume(bool is_err, const char* data, std::size_t size) {
+        std::string& partial = is_err ? err_partial : out_partial;
+        if (is_err) {
+            stderr_tail.append(data, size);
+            if (stderr_tail.size() > kStderrTail) {
+                stderr_tail.erase(0, stderr_tail.size() - kStderrTail);
+            }
+        }
+        partial.append(data, size);
+        std::size_t start = 0;
+        for (;;) {
+            auto newline = partial.find('\n', start);
+            if (newline == std::string::npos) break;
+            line(is_err, std::string_view(partial).substr(start, newline - start));
+            start = newline + 1;
+        }
+        partial.erase(0, start);
+        if (partial.size() > kMaxLine) {
+            line(is_err, partial);
+            partial.clear();
+        }
+    }
+
+    // After the process exited, whatever is still in the pipes is read at once, so that the
+    // failure report has the worker's last words.
+    void drain_output() {
+        for (uv_pipe_t* pipe : {&out, &err}) {
+            uv_os_fd_t fd = -1;
+            if (uv_fileno(reinterpret_cast<uv_handle_t*>(pipe), &fd) != 0) continue;
+            char buffer[8192];
+            for (int rounds = 0; rounds < 64; ++rounds) {
+                ssize_t n = ::read(fd, buffer, sizeof buffer);
+                if (n <= 0) break;
+                consume(pipe == &err, buffer, static_cast<std::size_t>(n));
+            }
+        }
+        if (!out_partial.empty()) line(false, out_partial);
+        if (!err_partial.empty()) line(true, err_partial);
+        out_partial.clear();
+        err_partial.clear();
+    }
+};
+
+namespace {
+
+void on_handle_closed(uv_handle_t* handle) {
+    auto* worker = static_cast<WorkerProcess*>(handle->data);
+    if (--worker->open_handles == 0) delete worker;
+}
+
+void close_worker_handles(WorkerProcess* worker) {
+    for (uv_handle_t* handle : {reinterpret_cast<uv_handle_t*>(&worker->channel),
+                                reinterpret_cast<uv_handle_t*>(&worker->out),
+                                reinterpret_cast<uv_handle_t*>(&worker->err)}) {
+        if (!uv_is_closing(handle)) uv_close(handle, on_handle_closed);
+    }
+    os::close_fd(worker->channel_fd);
+}
+
+void alloc_buffer(uv_handle_t* /*handle*/, size_t suggested, uv_buf_t* buf) {
+    buf->base = new char[suggested];
+    buf->len = suggested;
+}
+
+void on_output(uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf) {
+    auto* worker = static_cast<WorkerProcess*>(stream->data);
+    if (nread > 0) {
+        worker->consume(stream == reinterpret_cast<uv_stream_t*>(&worker->err), buf->base,
+                        static_cast<std::size_t>(nread));
+    } else if (nread < 0) {
+        uv_read_stop(stream);
+    }
+    delete[] buf->base;
+}
+
+}  // namespace
+
+Master::Master(std::shared_ptr<const config::Config> config, MasterOptions options)
+    : config_(std::move(config)), options_(std::move(options)) {
+    uv_loop_init(&loop_);
+}
+
+Master::~Master() {
+    uv_loop_close(&loop_);
+}
+
+core::Time Master::now() {
+    uv_update_time(&loop_);
+    return core::Time(static_cast<std::int64_t>(uv_now(&loop_)));
+}
+
+// ----- startup -----------------------------------------------------------------------------
+
+int Master::run() {
+    ::signal(SIGPIPE, SIG_IGN);
+    log_.configure(config_->logging);
+    wall_started_at_ = wall_ms();
+    started_at_ = now();
+
+    auto adopted = os::adopt_systemd_listeners(config_->listen);
+    auto opened = adopted ? std::move(*adopted) : os::open_listeners(config_->listen);
+    if (!os::ok(opened)) {
+        log_.error("cannot listen: " + os::error_of(opened));
+        return 1;
+    }
+    listeners_ = std::move(std::get<0>(opened));
+    for (const auto& listener : listeners_) {
+        log_.info(fmt::format("listening on {}{}", listener.bound,
+                              listener.from_systemd ? " (socket from systemd)" : ""));
+    }
+
+    core::Release release;
+    if (auto error = resolve_release(*config_, std::nullopt, release)) {
+        log_.error(*error);
+        os::close_listeners(listeners_);
+        return 1;
+    }
+    if (!config_->pidfile.empty()) {
+        std::ofstream(config_->pidfile) << getpid() << "\n";
+    }
+
+    for (int signum :
+         {SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD}) {
+        uv_signal_t& handle = signals_[signum];
+        uv_signal_init(&loop_, &handle);
+        handle.data = this;
+        uv_signal_start(
+            &handle, [](uv_signal_t* h, int sig) { static_cast<Master*>(h->data)->on_signal(sig); },
+            signum);
+    }
+    uv_timer_init(&loop_, &deadline_timer_);
+    deadline_timer_.data = this;
+
+    std::uint64_t watchdog_usec = 0;
+    uv_timer_init(&loop_, &watchdog_timer_);
+    watchdog_timer_.data = this;
+    if (sd_watchdog_enabled(1, &watchdog_usec) > 0 && watchdog_usec > 0) {
+        // Pinged from the loop itself: if the loop stalls, systemd notices.
+        std::uint64_t every = std::max<std::uint64_t>(watchdog_usec / 2000, 1);
+        uv_timer_start(
+            &watchdog_timer_,
+            [](uv_timer_t* t) { static_cast<Master*>(t->data)->notify("WATCHDOG=1"); }, every,
+            every);
+    }
+
+    if (!config_->control.socket.empty()) {
+        control_ = std::make_unique<ControlServer>(*this);
+        if (auto error = control_->listen(config_->control.socket, config_->control.mode);
+            !error.empty()) {
+            log_.error("control socket disabled: " + error);
+            control_.reset();
+        }
+    }
+    if (config_->metrics.listen) {
+        metrics_ = std::make_unique<MetricsServer>(*this);
+        if (auto error = metrics_->listen(*config_->metrics.listen); !error.empty()) {
+            log_.error("metrics endpoint disabled: " + error);
+            metrics_.reset();
+        }
+    }
+
+    oom_kills_seen_ = os::oom_kill_count();
+    os::set_process_title("molt: master starting");
+    log_.info(fmt::format("molt {} master pid={} starting {} worker(s) of {}", options_.version,
+                          getpid(), config_->workers, config_->app));
+    feed(core_.start(now(), release));
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    return exit_code_.value_or(1);
+}
+
+// ----- the action executor -----------------------------------------------------------------
+
+void Master::feed(core::Actions actions) {
+    pending_.push_back(std::move(actions));
+    if (feeding_) return;  // the outer feed() picks it up
+    feeding_ = true;
+    while (!pending_.empty()) {
+        core::Actions batch = std::move(pending_.front());
+        pending_.erase(pending_.begin());
+        for (const auto& action : batch) {
+            std::vector<core::Actions> more;
+            execute(action, more);
+            for (auto& m : more) pending_.push_back(std::move(m));
+        }
+    }
+    feeding_ = false;
+    arm_deadline_timer();
+}
+
+void Master::execute(const core::Action& action, std::vector<core::Actions>& more) {
+    std::visit(
+        [&](const auto& a) {
+            using T = std::decay_t<decltype(a)>;
+            if constexpr (std::is_same_v<T, core::SpawnWorker>) {
+                more.push_back(spawn(a));
+            } else if constexpr (std::is_same_v<T, core::SendToWorker>) {
+                send_to_worker(a);
+            } else if constexpr (std::is_same_v<T, core::SignalWorker>) {
+                core::Actions failed;
+                signal_worker(a, failed);
+                more.push_back(std::move(failed));
+            } else if constexpr (std::is_same_v<T, core::PrepareRelease>) {
+                more.push_back(prepare_release(a));
+            } else if constexpr (std::is_same_v<T, core::NotifySystemd>) {
+                notify(a.message);
+            } else if constexpr (std::is_same_v<T, core::RolloverFinished>) {
+                finish_rollover(a);
+            } else if constexpr (std::is_same_v<T, core::WriteLog>) {
+                log_.write(a.level, a.text, a.generation, a.pid);
+            } else if constexpr (std::is_same_v<T, core::ExitMaster>) {
+                begin_shutdown(a.code);
+            }
+        },
+        action);
+}
+
+void Master::arm_deadline_timer() {
+    if (exit_code_) return;
+    auto deadline = core_.next_deadline();
+    if (!deadline) {
+        uv_timer_stop(&deadline_timer_);
+        return;
+    }
+    auto wait = std::max<std::int64_t>((*deadline - now()).count(), 0);
+    uv_timer_start(
+        &deadline_timer_,
+        [](uv_timer_t* t) {
+            auto* master = static_cast<Master*>(t->data);
+            master->feed(master->core_.tick(master->now()));
+        },
+        static_cast<std::uint64_t>(wait), 0);
+}
+
+// ----- events ------------------------------------------------------------------------------
+
+void Master::on_signal(int signum) {
+    if (signum == SIGCHLD) {
+        reap_children();
+        return;
+    }
+    log_.info(fmt::format("received {}", os::signal_name(signum)));
+    switch (signum) {
+        case SIGHUP:
+            request_reload(core::Trigger::reload, std::nullopt);
+            break;
+        case SIGTERM:
+            stop(false);
+            break;
+        case SIGINT:
+        case SIGQUIT:
+            stop(true);
+            break;
+        case SIGTTIN:
+            scale(core_.target_workers() + 1);
+            break;
+        case SIGTTOU:
+            scale(core_.target_workers() - 1);
+            break;
+        case SIGUSR1: {
+            std::string error = log_.reopen();
+            if (!error.empty()) log_.error(error);
+            feed(core_.reopen_logs(now()));
+            break;
+        }
+        case SIGUSR2:
+            log_.warning("binary upgrade (SIGUSR2) is not supported by this build; ignored");
+            break;
+        default:
+            break;
+    }
+}
+
+void Master::reap_children() {
+    // The only waitpid() in molt: every child is reaped here, on the loop.
+    for (;;) {
+        int status = 0;
+        pid_t pid = ::waitpid(-1, &status, WNOHANG);
+        if (pid <= 0) break;
+        on_worker_exit(pid, status);
+    }
+}
+
+void Master::on_worker_exit(pid_t pid, int status) {
+    core::ExitStatus exit;
+    if (WIFSIGNALED(status)) {
+        exit.signal = WTERMSIG(status);
+        exit.core_dumped = WCOREDUMP(status);
+    } else {
+        exit.code = WEXITSTATUS(status);
+    }
+    if (exit.signal == SIGKILL) {
+        auto count = os::oom_kill_count();
+        exit.oom_suspected = count > oom_kills_seen_;
+        oom_kills_seen_ = count;
+    }
+    std::string tail;
+    if (auto it = processes_.find(pid); it != processes_.end()) {
+        WorkerProcess* worker = it->second.release();
+        processes_.erase(it);
+        worker->drain_output();
+        tail = worker->stderr_tail;
+        close_worker_handles(worker);
+    }
+    for (const auto& [id, w] : core_.workers()) {
+        if (w.pid == pid) retired_requests_ += w.counters.requests;
+    }
+    feed(core_.exited(now(), pid, exit, tail));
+}
+
+void Master::on_worker_packet(WorkerProcess& worker) {
+    char buffer[65536];
+    for (;;) {
+        ssize_t n = ::recv(worker.channel_fd, buffer, sizeof buffer, MSG_DONTWAIT);
+        if (n > 0) {
+            feed(core_.message(now(), worker.pid, std::string(buffer, static_cast<size_t>(n))));
+            continue;
+        }
+        if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+            // The worker closed its end; its exit arrives through SIGCHLD.
+            uv_poll_stop(&worker.channel);
+        }
+        if (n < 0 && errno == EINTR) continue;
+        break;
+    }
+}
+
+// ----- actions -----------------------------------------------------------------------------
+
+core::Actions Master::spawn(const core::SpawnWorker& spawn) {
+    const config::Config& config = *spawn.release.config;
+    auto fail = [&](const std::string& error) {
+        return core_.spawn_failed(now(), spawn.worker, error);
+    };
+    auto channel = os::make_channel();
+    if (!os::ok(channel)) return fail(os::error_of(channel));
+    auto out = os::make_pipe();
+    auto err = os::make_pipe();
+    auto [master_end, worker_end] = std::get<os::SocketPair>(channel);
+    if (!os::ok(out) || !os::ok(err)) {
+        os::close_fd(master_end);
+        os::close_fd(worker_end);
+        return fail(!os::ok(out) ? os::error_of(out) : os::error_of(err));
+    }
+    auto out_pipe = std::get<os::Pipe>(out);
+    auto err_pipe = std::get<os::Pipe>(err);
+
+    os::SpawnRequest request;
+    request.program = config.python;
+    request.argv = {config.python, "-m", "molt_shim"};
+    for (const auto& listener : listeners_) request.fds.push_back(listener.fd);
+    request.fds.push_back(worker_end);
+    std::string json = config::worker_config_json(
+        config, spawn.release.release_dir, spawn.release.version, spawn.generation, spawn.slot);
+    request.env = worker_environment(spawn, json);
+    request.stdout_fd = out_pipe.write_end;
+    request.stderr_fd = err_pipe.write_end;
+    request.cwd = spawn.release.release_dir;
+    std::string identity_error;
+    if (!config.user.empty()) {
+        gid_t primary = 0;
+        auto uid = os::lookup_user(config.user, &primary);
+        if (os::ok(uid)) {
+            request.uid = std::get<uid_t>(uid);
+            request.user = config.user;
+            request.gid = primary;
+        } else {
+            identity_error = os::error_of(uid);
+        }
+    }
+    if (!config.group.empty()) {
+        auto gid = os::lookup_group(config.group);
+        if (os::ok(gid)) {
+            request.gid = std::get<gid_t>(gid);
+        } else {
+            identity_error = os::error_of(gid);
+        }
+    }
+    auto pid = identity_error.empty() ? os::spawn_process(request)
+                                      : os::Result<pid_t>(os::Error{identity_error});
+    os::close_fd(worker_end);
+    os::close_fd(out_pipe.write_end);
+    os::close_fd(err_pipe.write_end);
+    if (!os::ok(pid)) {
+        os::close_fd(master_end);
+        os::close_fd(out_pipe.read_end);
+        os::close_fd(err_pipe.read_end);
+        return fail(os::error_of(pid));
+    }
+
+    auto worker = std::make_unique<WorkerProcess>();
+    worker->master = this;
+    worker->id = spawn.worker;
+    worker->generation = spawn.generation;
+    worker->slot = spawn.slot;
+    worker->pid = std::get<pid_t>(pid);
+    worker->channel_fd = master_end;
+    uv_poll_init(&loop_, &worker->channel, master_end);
+    uv_pipe_init(&loop_, &worker->out, 0);
+    uv_pipe_init(&loop_, &worker->err, 0);
+    uv_pipe_open(&worker->out, out_pipe.read_end);
+    uv_pipe_open(&worker->err, err_pipe.read_end);
+    worker->open_handles = 3;
+    for (uv_handle_t* handle : {reinterpret_cast<uv_handle_t*>(&worker->channel),
+                                reinterpret_cast<uv_handle_t*>(&worker->out),
+                                reinterpret_cast<uv_handle_t*>(&worker->err)}) {
+        handle->data = worker.get();
+    }
+    uv_poll_start(&worker->channel, UV_READABLE, [](uv_poll_t* handle, int, int) {
+        auto* w = static_cast<WorkerProcess*>(handle->data);
+        w->master->on_worker_packet(*w);
+    });
+    uv_read_start(reinterpret_cast<uv_stream_t*>(&worker->out), alloc_buffer, on_output);
+    uv_read_start(reinterpret_cast<uv_stream_t*>(&worker->err), alloc_buffer, on_output);
+    pid_t child = worker->pid;
+    processes_.emplace(child, std::move(worker));
+    return core_.spawned(now(), spawn.worker, child);
+}
+
+std::vector<std::string> Master::worker_environment(const core::SpawnWorker& spawn,
+                                                    const std::string& config_json) const {
+    const config::Config& config = *spawn.release.config;
+    std::vector<std::string> env;
+    std::string pythonpath = options_.shim_dir;
+    for (char** entry = environ; *entry; ++entry) {
+        std::string item(*entry);
+        // systemd's variables are the master's alone: a worker must never notify systemd or
+        // take the listening sockets as its own.
+        if (starts_with(item, "NOTIFY_SOCKET=") || starts_with(item, "LISTEN_") ||
+            starts_with(item, "WATCHDOG_") || starts_with(item, "MOLT_")) {
+            continue;
+        }
+        if (starts_with(item, "PYTHONPATH=")) {
+            std::string old = item.substr(11);
+            if (!old.empty()) pythonpath += ":" + old;
+            continue;
+        }
+        std::string key = item.substr(0, item.find('='));
+        if (config.env.count(key)) continue;
+        env.push_back(std::move(item));
+    }
+    for (const auto& [key, value] : config.env) env.push_back(key + "=" + value);
+    std::string fds, names;
+    for (std::size_t i = 0; i < listeners_.size(); ++i) {
+        fds += (i ? "," : "") + std::to_string(3 + i);
+        names += (i ? "," : "") + listeners_[i].address.name;
+    }
+    env.push_back("PYTHONPATH=" + pythonpath);
+    env.push_back("PYTHONUNBUFFERED=1");
+    env.push_back("MOLT_CHANNEL_FD=" + std::to_string(3 + listeners_.size()));
+    env.push_back("MOLT_LISTEN_FDS=" + fds);
+    env.push_back("MOLT_LISTEN_NAMES=" + names);
+    env.push_back("MOLT_GENERATION=" + std::to_string(spawn.generation));
+    env.push_back("MOLT_WORKER=" + std::to_string(spawn.slot));
+    env.push_back("MOLT_WORKER_CONFIG=" + config_json);
+    return env;
+}
+
+core::Actions Master::prepare_release(const core::PrepareRelease& prepare) {
+    std::shared_ptr<const config::Config> next = config_;
+    if (!options_.config_path.empty()) {
+        auto loaded = config::load_config_file(options_.config_path);
+        if (!loaded.errors.empty()) {
+            std::string text = "config invalid: ";
+            for (std::size_t i = 0; i < loaded.errors.size(); ++i) {
+                text += (i ? "; " : "") + loaded.errors[i].to_string();
+            }
+            return core_.release_rejected(now(), text);
+        }
+        next = loaded.config;
+    }
+    std::vector<std::string> have, want;
+    for (const auto& a : config_->listen) have.push_back(a.text);
+    for (const auto& a : next->listen) want.push_back(a.text);
+    if (have != want) {
+        return core_.release_rejected(
+            now(), fmt::format("listen: changing listen addresses needs a restart (serving {}, "
+                               "the config now says {})",
+                               fmt::join(have, ", "), fmt::join(want, ", ")));
+    }
+    core::Release release;
+    if (auto error = resolve_release(*next, prepare.release_dir, release)) {
+        return core_.release_rejected(now(), *error);
+    }
+    config_ = next;
+    log_.configure(next->logging);
+    return core_.release_prepared(now(), release);
+}
+
+std::optional<std::string> Master::resolve_release(const config::Config& config,
+                                                   const std::optional<std::string>& override_dir,
+                                                   core::Release& release) {
+    std::string dir = override_dir.value_or(config.chdir);
+    auto real = os::real_path(dir);
+    if (!os::ok(real)) {
+        return fmt::format("{}: {}", override_dir ? "rollback target" : "chdir",
+                           os::error_of(real));
+    }
+    release.release_dir = std::get<0>(real);
+    release.version = release.release_dir.substr(release.release_dir.rfind('/') + 1);
+    if (!config.version_file.empty()) {
+        std::ifstream file(release.release_dir + "/" + config.version_file);
+        std::string first;
+        if (file && std::getline(file, first)) {
+            auto end = first.find_last_not_of(" \t\r");
+            first = end == std::string::npos ? "" : first.substr(0, std::min<size_t>(end + 1, 100));
+            if (!first.empty()) release.version = first;
+        }
+    }
+    release.config =
+        std::shared_ptr<const config::Config>(std::make_shared<config::Config>(config));
+    release.digest = config::config_digest(config);
+    return std::nullopt;
+}
+
+void Master::send_to_worker(const core::SendToWorker& send) {
+    auto it = processes_.find(send.pid);
+    if (it == processes_.end()) return;
+    WorkerProcess& worker = *it->second;
+    ssize_t n = -1;
+    if (worker.channel_fd >= 0) {
+        n = ::send(worker.channel_fd, send.message.data(), send.message.size(),
+                   MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+    if (n >= 0) return;
+    std::string error =
+        os::failed(fmt::format("send({} to pid {})", send.message, send.pid), errno);
+    if (send.message == "DRAIN=1") {
+        // The channel is gone but the process is not: SIGTERM means the same to the shim.
+        log_.write(core::LogLevel::warning, error + "; sending SIGTERM instead", worker.generation,
+                   send.pid);
+        std::string kill_error = os::send_signal(send.pid, SIGTERM);
+        if (!kill_error.empty()) log_.write(core::LogLevel::warning, kill_error);
+    } else {
+        log_.write(core::LogLevel::warning, error, worker.generation, send.pid);
+    }
+}
+
+void Master::signal_worker(const core::SignalWorker& signal, core::Actions& more) {
+    bool no_such_process = false;
+    std::string error = os::send_signal(signal.pid, to_signum(signal.signal), &no_such_process);
+    if (!error.empty()) more = core_.signal_failed(now(), signal.pid, no_such_process, error);
+}
+
+void Master::notify(const std::string& message) {
+    std::string text = message;
+    if (starts_with(message, "RELOADING=1")) {
+        text += fmt::format("\nMONOTONIC_USEC={}", monotonic_usec());
+    }
+    if (starts_with(message, "READY=1") || starts_with(message, "STATUS=")) {
+        if (auto live = core_.live_generation()) {
+            os::set_process_title(fmt::format("molt: master gen={}", *live));
+        }
+    }
+    sd_notify(0, text.c_str());
+}
+
+void Master::finish_rollover(const core::RolloverFinished& finished) {
+    for (core::Ticket ticket : finished.tickets) {
+        auto [begin, end] = waiters_.equal_range(ticket);
+        std::vector<std::function<void(const core::RolloverFinished&)>> callbacks;
+        for (auto it = begin; it != end; ++it) callbacks.push_back(std::move(it->second));
+        waiters_.erase(begin, end);
+        if (callbacks.empty()) {
+            finished_[ticket] = finished;
+            while (finished_.size() > 256) finished_.erase(finished_.begin());
+        }
+        for (auto& callback : callbacks) callback(finished);
+    }
+    if (finished.generation != 0 || !finished.ok) {
+        log_.write(finished.ok ? core::LogLevel::info : core::LogLevel::error,
+                   finished.ok ? fmt::format("rollover to generation {} done in {}ms",
+                                             finished.generation, finished.took.count())
+                               : fmt::format("rollover failed after {}ms: {}",
+                                             finished.took.count(), finished.reason),
+                   finished.generation);
+    }
+}
+
+void Master::begin_shutdown(int code) {
+    if (exit_code_) return;
+    exit_code_ = code;
+    uv_timer_stop(&deadline_timer_);
+    uv_close(reinterpret_cast<uv_handle_t*>(&deadline_timer_), nullptr);
+    uv_close(reinterpret_cast<uv_handle_t*>(&watchdog_timer_), nullptr);
+    for (auto& [signum, handle] : signals_) {
+        uv_close(reinterpret_cast<uv_handle_t*>(&handle), nullptr);
+    }
+    if (control_) control_->close();
+    if (metrics_) metrics_->close();
+    os::close_listeners(listeners_);
+    if (!config_->pidfile.empty()) ::unlink(config_->pidfile.c_str());
+    for (auto& [pid, worker] : processes_) close_worker_handles(worker.release());
+    processes_.clear();
+    // Waiters still pending learn that no answer is coming.
+    core::RolloverFinished stopped{{}, 0, false, "the master stopped", core::Duration{0}};
+    auto waiters = std::move(waiters_);
+    for (auto& [ticket, callback] : waiters) callback(stopped);
+}
+
+// ----- used by the control socket ----------------------------------------------------------
+
+core::Ticket Master::request_reload(core::Trigger trigger, std::optional<std::string> release_dir) {
+    core::Ticket ticket = next_ticket_++;
+    feed(core_.request_reload(now(), ticket, trigger, std::move(release_dir)));
+    return ticket;
+}
+
+void Master::on_rollover_finished(core::Ticket ticket,
+                                  std::function<void(const core::RolloverFinished&)> done) {
+    if (auto it = finished_.find(ticket); it != finished_.end()) {
+        auto result = it->second;
+        finished_.erase(it);
+        done(result);
+        return;
+    }
+    waiters_.emplace(ticket, std::move(done));
+}
+
+void Master::scale(int workers) {
+    feed(core_.scale(now(), workers));
+}
+
+void Master::stop(bool fast) {
+    feed(core_.stop(now(), fast));
+}
+
+}  // namespace molt::loop

@@ -1,1 +1,218 @@
-// placeholder
+// Listening sockets: bound once by the master and shared, at fixed fds, by every worker of
+// every generation. No SO_REUSEPORT: with it, closing one socket would drop the connections
+// queued on it, and a second molt could silently share the address.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "supervisor/os/os.hpp"
+
+namespace molt::os {
+
+namespace {
+
+void set_nonblocking(int fd) {
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+Result<int> open_tcp(const config::ListenAddress& address) {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    addrinfo* found = nullptr;
+    std::string port = std::to_string(address.port);
+    const char* host = address.host.empty() ? nullptr : address.host.c_str();
+    if (int rc = getaddrinfo(host, port.c_str(), &hints, &found); rc != 0) {
+        return Error{address.text + ": cannot resolve " + address.host + ": " + gai_strerror(rc)};
+    }
+    std::string error;
+    int fd = -1;
+    for (addrinfo* ai = found; ai != nullptr && fd < 0; ai = ai->ai_next) {
+        fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) {
+            error = failed("socket()", errno);
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (ai->ai_family == AF_INET6) {
+            // An IPv6 listener listens on IPv6 only, so [::]:8000 and 0.0.0.0:8000 can be
+            // listed side by side and each means what it says.
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+        }
+        if (::bind(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+            int err = errno;
+            error = failed("bind(" + address.text + ")", err);
+            if (err == EADDRINUSE) error += " (is another molt or server already listening there?)";
+            ::close(fd);
+            fd = -1;
+            continue;
+        }
+        if (::listen(fd, address.backlog) < 0) {
+            error = failed("listen(" + address.text + ")", errno);
+            ::close(fd);
+            fd = -1;
+        }
+    }
+    freeaddrinfo(found);
+    if (fd < 0) return Error{error};
+    set_nonblocking(fd);
+    return fd;
+}
+
+Result<int> open_unix(const config::ListenAddress& address) {
+    sockaddr_un sun{};
+    sun.sun_family = AF_UNIX;
+    if (address.path.size() >= sizeof sun.sun_path) {
+        return Error{address.text + ": path longer than " +
+                     std::to_string(sizeof sun.sun_path - 1) + " bytes"};
+    }
+    std::memcpy(sun.sun_path, address.path.c_str(), address.path.size() + 1);
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return Error{failed("socket(AF_UNIX)", errno)};
+
+    struct stat st {};
+    if (::lstat(address.path.c_str(), &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            ::close(fd);
+            return Error{address.text + ": " + address.path + " exists and is not a socket"};
+        }
+        // A live server answers; a stale file from a crashed process refuses.
+        if (::connect(fd, reinterpret_cast<sockaddr*>(&sun), sizeof sun) == 0) {
+            ::close(fd);
+            return Error{address.text + ": another process is already listening on " +
+                         address.path};
+        }
+        ::close(fd);
+        ::unlink(address.path.c_str());
+        fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) return Error{failed("socket(AF_UNIX)", errno)};
+    }
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&sun), sizeof sun) < 0) {
+        int err = errno;
+        ::close(fd);
+        return Error{failed("bind(" + address.text + ")", err)};
+    }
+    if (::chmod(address.path.c_str(), address.mode) < 0) {
+        int err = errno;
+        ::close(fd);
+        ::unlink(address.path.c_str());
+        return Error{failed("chmod(" + address.path + ")", err)};
+    }
+    if (::listen(fd, address.backlog) < 0) {
+        int err = errno;
+        ::close(fd);
+        ::unlink(address.path.c_str());
+        return Error{failed("listen(" + address.text + ")", err)};
+    }
+    set_nonblocking(fd);
+    return fd;
+}
+
+}  // namespace
+
+std::string socket_address(int fd) {
+    sockaddr_storage storage{};
+    socklen_t length = sizeof storage;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&storage), &length) < 0) return "?";
+    char host[INET6_ADDRSTRLEN] = {};
+    if (storage.ss_family == AF_INET) {
+        auto* in = reinterpret_cast<sockaddr_in*>(&storage);
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+        return "tcp://" + std::string(host) + ":" + std::to_string(ntohs(in->sin_port));
+    }
+    if (storage.ss_family == AF_INET6) {
+        auto* in6 = reinterpret_cast<sockaddr_in6*>(&storage);
+        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+        return "tcp://[" + std::string(host) + "]:" + std::to_string(ntohs(in6->sin6_port));
+    }
+    if (storage.ss_family == AF_UNIX) {
+        auto* sun = reinterpret_cast<sockaddr_un*>(&storage);
+        return "unix:" + std::string(sun->sun_path);
+    }
+    return "?";
+}
+
+Result<std::vector<Listener>> open_listeners(const std::vector<config::ListenAddress>& addresses) {
+    std::vector<Listener> listeners;
+    std::string errors;
+    for (const auto& address : addresses) {
+        auto fd = address.kind == config::ListenAddress::Kind::tcp ? open_tcp(address)
+                                                                   : open_unix(address);
+        if (!ok(fd)) {
+            errors += (errors.empty() ? "" : "; ") + error_of(fd);
+            continue;
+        }
+        Listener listener;
+        listener.address = address;
+        listener.fd = std::get<int>(fd);
+        listener.bound = socket_address(listener.fd);
+        listener.remove_on_exit = address.kind == config::ListenAddress::Kind::unix_path;
+        listeners.push_back(std::move(listener));
+    }
+    if (!errors.empty()) {
+        close_listeners(listeners);
+        return Error{errors};
+    }
+    return listeners;
+}
+
+std::optional<Result<std::vector<Listener>>> adopt_systemd_listeners(
+    const std::vector<config::ListenAddress>& addresses) {
+    char** names = nullptr;
+    int count = sd_listen_fds_with_names(1, &names);  // 1: unset LISTEN_* in our environment
+    if (count <= 0) {
+        if (count < 0)
+            return Result<std::vector<Listener>>(Error{failed("sd_listen_fds()", -count)});
+        return std::nullopt;
+    }
+    std::vector<Listener> listeners;
+    for (int i = 0; i < count; ++i) {
+        int fd = SD_LISTEN_FDS_START + i;
+        std::string name = names && names[i] ? names[i] : "";
+        std::string bound = socket_address(fd);
+        Listener listener;
+        listener.fd = fd;
+        listener.bound = bound;
+        listener.from_systemd = true;
+        // Match a `listen:` entry by LISTEN_FDNAMES, else by address; an unmatched socket is
+        // still served, under its own address.
+        listener.address.text = bound;
+        listener.address.name = name.empty() || name == "unknown" ? bound : name;
+        for (const auto& address : addresses) {
+            if (address.name == name || address.text == bound) {
+                listener.address = address;
+                break;
+            }
+        }
+        fcntl(fd, F_SETFD, FD_CLOEXEC);
+        set_nonblocking(fd);
+        listeners.push_back(std::move(listener));
+    }
+    if (names) {
+        for (int i = 0; i < count; ++i) free(names[i]);
+        free(names);
+    }
+    return Result<std::vector<Listener>>(std::move(listeners));
+}
+
+void close_listeners(std::vector<Listener>& listeners) {
+    for (auto& listener : listeners) {
+        if (listener.remove_on_exit && !listener.from_systemd) {
+            ::unlink(listener.address.path.c_str());
+        }
+        close_fd(listener.fd);
+    }
+}
+
+}  // namespace molt::os

@@ -45,8 +45,8 @@ struct Harness {
     Supervisor sup;
     Time now{0};
     Pid next_pid = 1000;
-    std::vector<Action> all;       // every action, in order
-    std::vector<Action> last;      // the actions of the last event
+    std::vector<Action> all;                      // every action, in order
+    std::vector<Action> last;                     // the actions of the last event
     std::deque<std::optional<Release>> releases;  // answers to PrepareRelease (nullopt: reject)
     Ticket next_ticket = 1;
     std::optional<int> exit_code;

@@ -115,7 +115,8 @@ TEST_CASE("a worker that fails to import fails the new generation; the old keeps
 TEST_CASE("without ERROR= the failure reason is the last line of the worker's stderr") {
     Live h(1);
     h.hup(make_release("/srv/app/v2", make_config(1)));
-    h.exit(h.pids(2)[0], 1, "Traceback (most recent call last):\n  ...\nKeyError: 'DATABASE_URL'\n");
+    h.exit(h.pids(2)[0], 1,
+           "Traceback (most recent call last):\n  ...\nKeyError: 'DATABASE_URL'\n");
     auto finished = h.of<RolloverFinished>(h.all);
     REQUIRE(finished.size() == 1);
     CHECK(finished[0].reason.find("KeyError: 'DATABASE_URL'") != std::string::npos);

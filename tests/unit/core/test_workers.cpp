@@ -6,8 +6,7 @@ using namespace molt::test;
 namespace {
 
 struct Live : Harness {
-    explicit Live(std::shared_ptr<const config::Config> config = make_config(2),
-                  Policy policy = {})
+    explicit Live(std::shared_ptr<const config::Config> config = make_config(2), Policy policy = {})
         : Harness(policy) {
         start(make_release("/srv/app/v1", std::move(config)));
         make_all_ready(1);

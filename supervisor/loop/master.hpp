@@ -1,0 +1,108 @@
+// The loop layer: one thread, one libuv loop. It turns libuv callbacks (signals, SIGCHLD,
+// channel packets, worker output, timers, control requests) into supervisor-core events,
+// and carries out the actions the core returns. It makes no decisions of its own.
+#pragma once
+
+#include <uv.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "config/config.hpp"
+#include "supervisor/core/supervisor.hpp"
+#include "supervisor/loop/log.hpp"
+#include "supervisor/os/os.hpp"
+
+namespace molt::loop {
+
+struct WorkerProcess;
+class ControlServer;
+class MetricsServer;
+
+struct MasterOptions {
+    std::string config_path;  // empty: the config came from the command line
+    std::optional<config::CommandLineConfig> command_line;
+    std::string shim_dir;  // the directory holding molt_shim/
+    std::string version;
+};
+
+class Master {
+  public:
+    Master(std::shared_ptr<const config::Config> config, MasterOptions options);
+    ~Master();
+    Master(const Master&) = delete;
+    Master& operator=(const Master&) = delete;
+
+    // Binds, starts the first generation and runs the loop. Returns the process exit code.
+    int run();
+
+    // ----- used by the control socket and metrics endpoint --------------------------------
+    core::Ticket request_reload(core::Trigger trigger, std::optional<std::string> release_dir);
+    // Calls `done` once the rollover that serves `ticket` has finished.
+    void on_rollover_finished(core::Ticket ticket,
+                              std::function<void(const core::RolloverFinished&)> done);
+    void scale(int workers);
+    void stop(bool fast);
+    nlohmann::json status_json() const;
+    nlohmann::json history_json() const;
+    std::string metrics_text() const;
+    const core::Supervisor& core() const { return core_; }
+    Log& log() { return log_; }
+    uv_loop_t* loop() { return &loop_; }
+
+  private:
+    friend struct WorkerProcess;
+
+    core::Time now();
+    void feed(core::Actions actions);
+    void execute(const core::Action& action, std::vector<core::Actions>& more);
+    void arm_deadline_timer();
+
+    void on_signal(int signum);
+    void reap_children();
+    void on_worker_packet(WorkerProcess& worker);
+    void on_worker_exit(pid_t pid, int status);
+
+    core::Actions spawn(const core::SpawnWorker& spawn);
+    core::Actions prepare_release(const core::PrepareRelease& prepare);
+    std::optional<std::string> resolve_release(const config::Config& config,
+                                               const std::optional<std::string>& override_dir,
+                                               core::Release& release);
+    std::vector<std::string> worker_environment(const core::SpawnWorker& spawn,
+                                                const std::string& config_json) const;
+    void send_to_worker(const core::SendToWorker& send);
+    void signal_worker(const core::SignalWorker& signal, core::Actions& more);
+    void notify(const std::string& message);
+    void finish_rollover(const core::RolloverFinished& finished);
+    void begin_shutdown(int code);
+
+    uv_loop_t loop_{};
+    std::shared_ptr<const config::Config> config_;  // the newest valid config
+    MasterOptions options_;
+    core::Supervisor core_;
+    Log log_;
+    std::vector<os::Listener> listeners_;
+    std::map<pid_t, std::unique_ptr<WorkerProcess>> processes_;
+    std::map<int, uv_signal_t> signals_;
+    uv_timer_t deadline_timer_{};
+    uv_timer_t watchdog_timer_{};
+    std::unique_ptr<ControlServer> control_;
+    std::unique_ptr<MetricsServer> metrics_;
+    core::Ticket next_ticket_ = 1;
+    std::multimap<core::Ticket, std::function<void(const core::RolloverFinished&)>> waiters_;
+    std::map<core::Ticket, core::RolloverFinished> finished_;  // results not yet collected
+    unsigned long long oom_kills_seen_ = 0;
+    std::uint64_t retired_requests_ = 0;  // requests served by workers that have exited
+    std::optional<int> exit_code_;
+    core::Time started_at_{0};
+    std::uint64_t wall_started_at_ = 0;
+    bool feeding_ = false;
+    std::vector<core::Actions> pending_;
+};
+
+}  // namespace molt::loop

@@ -1,0 +1,335 @@
+#include "supervisor/loop/servers.hpp"
+
+#include <fmt/format.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include "supervisor/loop/master.hpp"
+
+namespace molt::loop {
+
+namespace {
+
+constexpr std::size_t kMaxRequest = 64 * 1024;
+constexpr std::size_t kMaxClients = 256;
+constexpr std::uint64_t kRequestDeadlineMs = 5000;
+
+using json = nlohmann::json;
+
+void on_connection_handle_closed(uv_handle_t* handle) {
+    auto* connection = static_cast<Connection*>(handle->data);
+    if (--connection->open_handles == 0) connection->server->forget(connection);
+}
+
+}  // namespace
+
+// ----- connections -------------------------------------------------------------------------
+
+void Connection::close() {
+    if (closed) return;
+    closed = true;
+    open_handles = 2;
+    uv_close(reinterpret_cast<uv_handle_t*>(&timer), on_connection_handle_closed);
+    uv_close(reinterpret_cast<uv_handle_t*>(stream()), on_connection_handle_closed);
+}
+
+void Connection::answer(const std::string& text) {
+    if (answered || closed) return;
+    answered = true;
+    uv_read_stop(stream());
+    struct Write {
+        uv_write_t req{};
+        std::string data;
+        std::shared_ptr<Connection> connection;
+    };
+    auto* write = new Write{{}, text, shared_from_this()};
+    uv_buf_t buf = uv_buf_init(write->data.data(), static_cast<unsigned>(write->data.size()));
+    write->req.data = write;
+    int rc = uv_write(&write->req, stream(), &buf, 1, [](uv_write_t* req, int) {
+        auto* w = static_cast<Write*>(req->data);
+        w->connection->close();
+        delete w;
+    });
+    if (rc != 0) {
+        write->connection->close();
+        delete write;
+    }
+}
+
+// ----- the shared server part --------------------------------------------------------------
+
+OneShotServer::~OneShotServer() = default;
+
+std::string OneShotServer::start(uv_stream_t* server) {
+    server_ = server;
+    server_->data = this;
+    int rc = uv_listen(server_, 128, [](uv_stream_t* s, int status) {
+        if (status == 0) static_cast<OneShotServer*>(s->data)->on_connection();
+    });
+    if (rc != 0) return fmt::format("listen() failed: {}", uv_strerror(rc));
+    return {};
+}
+
+void OneShotServer::on_connection() {
+    auto connection = std::make_shared<Connection>();
+    Connection* c = connection.get();
+    c->server = this;
+    if (server_->type == UV_TCP) {
+        uv_tcp_init(master_.loop(), &c->handle.tcp);
+    } else {
+        uv_pipe_init(master_.loop(), &c->handle.pipe, 0);
+    }
+    uv_timer_init(master_.loop(), &c->timer);
+    c->stream()->data = c;
+    c->timer.data = c;
+    connections_.insert(connection);
+    if (uv_accept(server_, c->stream()) != 0) {
+        c->close();
+        return;
+    }
+    if (connections_.size() > kMaxClients) {
+        c->answer(busy());
+        return;
+    }
+    uv_timer_start(
+        &c->timer,
+        // No complete request in time: hang up without an answer.
+        [](uv_timer_t* t) { static_cast<Connection*>(t->data)->close(); }, kRequestDeadlineMs, 0);
+    uv_read_start(
+        c->stream(),
+        [](uv_handle_t*, size_t suggested, uv_buf_t* buf) {
+            buf->base = new char[suggested];
+            buf->len = suggested;
+        },
+        [](uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf) {
+            auto* c = static_cast<Connection*>(stream->data);
+            std::unique_ptr<char[]> owned(buf->base);
+            if (c->answered || c->closed) return;
+            if (nread > 0) {
+                c->request.append(buf->base, static_cast<size_t>(nread));
+                if (c->request.size() > kMaxRequest) {
+                    c->answer(c->server->too_large());
+                    return;
+                }
+                if (!c->server->complete(c->request)) return;
+            } else if (nread == 0 || c->request.empty()) {
+                if (nread < 0) c->close();
+                return;
+            }
+            // A whole request, or EOF after a request without its final newline.
+            uv_timer_stop(&c->timer);
+            uv_read_stop(stream);
+            c->server->handle(c->shared_from_this(), c->request);
+        });
+}
+
+void OneShotServer::forget(Connection* connection) {
+    for (auto it = connections_.begin(); it != connections_.end(); ++it) {
+        if (it->get() == connection) {
+            connections_.erase(it);
+            return;
+        }
+    }
+}
+
+void OneShotServer::close() {
+    if (closed_) return;
+    closed_ = true;
+    for (const auto& connection : connections_) connection->close();
+    if (server_) uv_close(reinterpret_cast<uv_handle_t*>(server_), nullptr);
+}
+
+// ----- control -----------------------------------------------------------------------------
+
+std::string ControlServer::listen(const std::string& path, std::uint32_t mode) {
+    path_ = path;
+    uv_pipe_init(master_.loop(), &pipe_, 0);
+    // A stale socket file from a master that died is replaced; a live one is not (bind fails
+    // only if the file exists, so check whether anyone answers first).
+    uv_fs_t req;
+    if (uv_fs_lstat(nullptr, &req, path.c_str(), nullptr) == 0) {
+        uv_fs_req_cleanup(&req);
+        int probe = ::socket(AF_UNIX, SOCK_STREAM, 0);
+        sockaddr_un sun{};
+        sun.sun_family = AF_UNIX;
+        std::snprintf(sun.sun_path, sizeof sun.sun_path, "%s", path.c_str());
+        bool live = ::connect(probe, reinterpret_cast<sockaddr*>(&sun), sizeof sun) == 0;
+        ::close(probe);
+        if (live) {
+            uv_close(reinterpret_cast<uv_handle_t*>(&pipe_), nullptr);
+            return path + ": another master is answering on this control socket";
+        }
+        ::unlink(path.c_str());
+    } else {
+        uv_fs_req_cleanup(&req);
+    }
+    mode_t old = ::umask(0177);
+    int rc = uv_pipe_bind(&pipe_, path.c_str());
+    ::umask(old);
+    if (rc != 0) {
+        uv_close(reinterpret_cast<uv_handle_t*>(&pipe_), nullptr);
+        return fmt::format("bind({}) failed: {}", path, uv_strerror(rc));
+    }
+    ::chmod(path.c_str(), mode);
+    return start(reinterpret_cast<uv_stream_t*>(&pipe_));
+}
+
+ControlServer::~ControlServer() {
+    if (!path_.empty()) ::unlink(path_.c_str());
+}
+
+bool ControlServer::complete(const std::string& request) const {
+    return request.find('\n') != std::string::npos;
+}
+
+std::string ControlServer::too_large() const {
+    return json{{"ok", false}, {"error", "request too large"}}.dump() + "\n";
+}
+
+std::string ControlServer::busy() const {
+    return json{{"ok", false}, {"error", "too many control clients at once"}}.dump() + "\n";
+}
+
+void ControlServer::handle(const std::shared_ptr<Connection>& connection,
+                           const std::string& request) {
+    auto reply = [&](const json& body) { connection->answer(body.dump() + "\n"); };
+    auto error = [&](const std::string& text) { reply(json{{"ok", false}, {"error", text}}); };
+    json parsed = json::parse(request.substr(0, request.find('\n')), nullptr, false);
+    if (parsed.is_discarded() || !parsed.is_object() || !parsed.contains("command") ||
+        !parsed["command"].is_string()) {
+        error("malformed request: send one JSON object with a \"command\" string, then a newline");
+        return;
+    }
+    std::string command = parsed["command"];
+    bool wait = parsed.value("wait", false);
+    if (command == "status") {
+        json body = master_.status_json();
+        body["ok"] = true;
+        reply(body);
+    } else if (command == "history") {
+        reply(json{{"ok", true}, {"history", master_.history_json()}});
+    } else if (command == "reload" || command == "rollback") {
+        std::optional<std::string> target;
+        core::Trigger trigger = core::Trigger::reload;
+        if (command == "rollback") {
+            target = master_.core().rollback_target();
+            if (!target) {
+                error(
+                    "nothing to roll back to: no earlier generation went live with another "
+                    "release directory");
+                return;
+            }
+            trigger = core::Trigger::rollback;
+        }
+        core::Ticket ticket = master_.request_reload(trigger, target);
+        if (!wait) {
+            reply(json{{"ok", true},
+                       {"started", true},
+                       {"ticket", ticket},
+                       {"target", target ? json(*target) : json(nullptr)}});
+            return;
+        }
+        std::weak_ptr<Connection> weak = connection;
+        master_.on_rollover_finished(ticket, [weak](const core::RolloverFinished& done) {
+            auto c = weak.lock();
+            if (!c) return;  // the client gave up
+            json body{
+                {"ok", done.ok}, {"generation", done.generation}, {"took_ms", done.took.count()}};
+            if (!done.ok) body["error"] = done.reason;
+            c->answer(body.dump() + "\n");
+        });
+    } else if (command == "scale") {
+        if (!parsed.contains("workers") || !parsed["workers"].is_number_integer() ||
+            parsed["workers"].get<int>() < 1) {
+            error("scale needs \"workers\": a whole number of at least 1");
+            return;
+        }
+        master_.scale(parsed["workers"].get<int>());
+        reply(json{{"ok", true}, {"workers", master_.core().target_workers()}});
+    } else if (command == "stop") {
+        reply(json{{"ok", true}, {"stopping", parsed.value("fast", false) ? "fast" : "graceful"}});
+        master_.stop(parsed.value("fast", false));
+    } else {
+        error("unknown command \"" + command +
+              "\"; known: status, reload, rollback, scale, stop, history");
+    }
+}
+
+// ----- metrics -----------------------------------------------------------------------------
+
+std::string MetricsServer::listen(const config::ListenAddress& address) {
+    int rc = 0;
+    if (address.kind == config::ListenAddress::Kind::unix_path) {
+        uv_pipe_init(master_.loop(), &pipe_, 0);
+        ::unlink(address.path.c_str());
+        rc = uv_pipe_bind(&pipe_, address.path.c_str());
+        if (rc != 0) return fmt::format("bind({}) failed: {}", address.text, uv_strerror(rc));
+        return start(reinterpret_cast<uv_stream_t*>(&pipe_));
+    }
+    uv_tcp_init(master_.loop(), &tcp_);
+    sockaddr_storage storage{};
+    std::string host = address.host.empty() ? "0.0.0.0" : address.host;
+    if (uv_ip4_addr(host.c_str(), address.port, reinterpret_cast<sockaddr_in*>(&storage)) != 0 &&
+        uv_ip6_addr(host.c_str(), address.port, reinterpret_cast<sockaddr_in6*>(&storage)) != 0) {
+        return "metrics.listen: " + host + " is not a numeric IP address";
+    }
+    rc = uv_tcp_bind(&tcp_, reinterpret_cast<sockaddr*>(&storage), 0);
+    if (rc != 0) return fmt::format("bind({}) failed: {}", address.text, uv_strerror(rc));
+    auto error = start(reinterpret_cast<uv_stream_t*>(&tcp_));
+    if (error.empty()) {
+        sockaddr_storage bound{};
+        int length = sizeof bound;
+        uv_tcp_getsockname(&tcp_, reinterpret_cast<sockaddr*>(&bound), &length);
+        char ip[64] = {};
+        int port = 0;
+        if (bound.ss_family == AF_INET) {
+            auto* in = reinterpret_cast<sockaddr_in*>(&bound);
+            uv_ip4_name(in, ip, sizeof ip);
+            port = ntohs(in->sin_port);
+        } else {
+            auto* in6 = reinterpret_cast<sockaddr_in6*>(&bound);
+            uv_ip6_name(in6, ip, sizeof ip);
+            port = ntohs(in6->sin6_port);
+        }
+        master_.log().info(fmt::format("metrics on http://{}:{}/metrics", ip, port));
+    }
+    return error;
+}
+
+bool MetricsServer::complete(const std::string& request) const {
+    return request.find("\r\n\r\n") != std::string::npos ||
+           request.find("\n\n") != std::string::npos;
+}
+
+std::string MetricsServer::too_large() const {
+    return "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: "
+           "close\r\n\r\n";
+}
+
+std::string MetricsServer::busy() const {
+    return "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+}
+
+void MetricsServer::handle(const std::shared_ptr<Connection>& connection,
+                           const std::string& request) {
+    bool metrics = request.rfind("GET /metrics ", 0) == 0 || request.rfind("GET /metrics?", 0) == 0;
+    if (!metrics) {
+        std::string body = "molt serves /metrics only\n";
+        connection->answer(fmt::format(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n"
+            "Connection: close\r\n\r\n{}",
+            body.size(), body));
+        return;
+    }
+    std::string body = master_.metrics_text();
+    connection->answer(
+        fmt::format("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                    "Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+                    body.size(), body));
+}
+
+}  // namespace molt::loop

@@ -1,0 +1,99 @@
+// The master's two small servers, both on the one loop:
+//
+// * ControlServer: a Unix socket, one JSON request per connection, one JSON answer
+//   (docs/control.md). Bounded request size, a deadline to send the request, a cap on
+//   concurrent clients: a slow or hostile client can neither block nor crash the master.
+// * MetricsServer: GET /metrics in Prometheus text format.
+#pragma once
+
+#include <uv.h>
+
+#include <memory>
+#include <set>
+#include <string>
+
+#include "config/config.hpp"
+
+namespace molt::loop {
+
+class Master;
+struct Connection;
+
+// What the two servers share: accepting with a cap, reading a bounded request with a
+// deadline, writing one answer and closing.
+class OneShotServer {
+  public:
+    explicit OneShotServer(Master& master) : master_(master) {}
+    virtual ~OneShotServer();
+    void close();
+    void forget(Connection* connection);  // after its handles are closed
+
+  protected:
+    friend struct Connection;
+    // Called with the bytes received so far; returns true once a whole request is there.
+    virtual bool complete(const std::string& request) const = 0;
+    virtual void handle(const std::shared_ptr<Connection>& connection,
+                        const std::string& request) = 0;
+    virtual std::string too_large() const = 0;
+    virtual std::string busy() const = 0;
+
+    std::string start(uv_stream_t* server);
+    void on_connection();
+
+    Master& master_;
+    uv_stream_t* server_ = nullptr;
+    std::set<std::shared_ptr<Connection>> connections_;
+    bool closed_ = false;
+};
+
+// A client connection; answer() writes once and closes. The server's set owns it until
+// libuv has closed both of its handles; callbacks that may outlive it hold a weak_ptr.
+struct Connection : std::enable_shared_from_this<Connection> {
+    OneShotServer* server = nullptr;
+    union {
+        uv_tcp_t tcp;
+        uv_pipe_t pipe;
+    } handle{};
+    uv_timer_t timer{};
+    std::string request;
+    bool answered = false;
+    bool closed = false;
+    int open_handles = 0;
+
+    uv_stream_t* stream() { return reinterpret_cast<uv_stream_t*>(&handle); }
+    void answer(const std::string& text);
+    void close();
+};
+
+class ControlServer : public OneShotServer {
+  public:
+    using OneShotServer::OneShotServer;
+    std::string listen(const std::string& path, std::uint32_t mode);
+    ~ControlServer() override;
+
+  private:
+    bool complete(const std::string& request) const override;
+    void handle(const std::shared_ptr<Connection>& connection, const std::string& request) override;
+    std::string too_large() const override;
+    std::string busy() const override;
+
+    uv_pipe_t pipe_{};
+    std::string path_;
+};
+
+class MetricsServer : public OneShotServer {
+  public:
+    using OneShotServer::OneShotServer;
+    std::string listen(const config::ListenAddress& address);
+
+  private:
+    bool complete(const std::string& request) const override;
+    void handle(const std::shared_ptr<Connection>& connection, const std::string& request) override;
+    std::string too_large() const override;
+    std::string busy() const override;
+
+    uv_tcp_t tcp_{};
+    uv_pipe_t pipe_{};
+};
+
+}  // namespace molt::loop

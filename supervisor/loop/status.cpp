@@ -1,0 +1,207 @@
+// Views of the master's state for people and tools: `molt ctl status`/`history` (JSON) and
+// the Prometheus text exposition at /metrics. Read-only; computed on demand.
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include "supervisor/loop/master.hpp"
+
+namespace molt::loop {
+
+namespace {
+
+using json = nlohmann::json;
+
+std::string label(std::string_view value) {
+    // Prometheus label values escape backslash, double quote and newline.
+    std::string out;
+    for (char c : value) {
+        if (c == '\\' || c == '"') out += '\\';
+        if (c == '\n') {
+            out += "\\n";
+            continue;
+        }
+        out += c;
+    }
+    return out;
+}
+
+}  // namespace
+
+json Master::status_json() const {
+    auto* self = const_cast<Master*>(this);
+    core::Time now = self->now();
+    std::uint64_t wall_now =
+        wall_started_at_ + static_cast<std::uint64_t>((now - started_at_).count());
+    auto wall = [&](core::Time t) {
+        return static_cast<double>(wall_now - static_cast<std::uint64_t>((now - t).count())) /
+               1000.0;
+    };
+    json listen = json::array();
+    for (const auto& l : listeners_) listen.push_back(l.bound);
+
+    json generations = json::array();
+    for (const auto& [id, gen] : core_.generations()) {
+        json workers = json::array();
+        for (const auto& [wid, w] : core_.workers()) {
+            if (w.generation != id) continue;
+            auto restarts = gen.slot_restarts.find(w.slot);
+            workers.push_back(json{
+                {"slot", w.slot},
+                {"pid", w.pid},
+                {"state", core::to_string(w.state)},
+                {"uptime_s", static_cast<double>((now - w.spawned_at).count()) / 1000.0},
+                {"requests", w.counters.requests},
+                {"inflight", w.counters.inflight},
+                {"oldest_ms", w.counters.oldest_ms},
+                {"rss_bytes", w.pid > 0 ? os::resident_bytes(w.pid) : 0},
+                {"restarts", restarts == gen.slot_restarts.end() ? 0 : restarts->second},
+                {"retiring", w.retiring ? json(core::to_string(*w.retiring)) : json(nullptr)},
+            });
+        }
+        json g{{"id", id},
+               {"state", core::to_string(gen.state)},
+               {"release_dir", gen.release.release_dir},
+               {"version", gen.release.version},
+               {"config_digest", gen.release.digest},
+               {"trigger", core::to_string(gen.trigger)},
+               {"target_workers", gen.target},
+               {"started_at", wall(gen.started_at)},
+               {"workers", workers}};
+        if (gen.live_at) {
+            g["live_at"] = wall(*gen.live_at);
+            g["rollover_ms"] = (*gen.live_at - gen.started_at).count();
+        }
+        if (!gen.failure.empty()) g["failure"] = gen.failure;
+        generations.push_back(g);
+    }
+    json last = nullptr;
+    if (auto r = core_.last_rollover()) {
+        last = json{{"ok", r->ok},
+                    {"generation", r->generation},
+                    {"took_ms", r->took.count()},
+                    {"reason", r->reason}};
+    }
+    auto target = core_.rollback_target();
+    return json{
+        {"master",
+         {{"pid", getpid()},
+          {"version", options_.version},
+          {"state", core::to_string(core_.state())},
+          {"uptime_s", static_cast<double>((now - started_at_).count()) / 1000.0},
+          {"config", options_.config_path},
+          {"app", config_->app},
+          {"listen", listen},
+          {"target_workers", core_.target_workers()}}},
+        {"live_generation",
+         core_.live_generation() ? json(*core_.live_generation()) : json(nullptr)},
+        {"rollover_in_progress", core_.rollover_phase() != core::RolloverPhase::idle},
+        {"generations", generations},
+        {"last_rollover", last},
+        {"rollovers", {{"ok", core_.rollovers(true)}, {"failed", core_.rollovers(false)}}},
+        {"rollback_target", target ? json(*target) : json(nullptr)},
+    };
+}
+
+json Master::history_json() const {
+    auto* self = const_cast<Master*>(this);
+    core::Time now = self->now();
+    std::uint64_t wall_now =
+        wall_started_at_ + static_cast<std::uint64_t>((now - started_at_).count());
+    json entries = json::array();
+    for (const auto& entry : core_.history()) {
+        json e{{"id", entry.id},
+               {"release_dir", entry.release_dir},
+               {"version", entry.version},
+               {"config_digest", entry.digest},
+               {"trigger", core::to_string(entry.trigger)},
+               {"state", core::to_string(entry.state)},
+               {"started_at",
+                static_cast<double>(wall_now -
+                                    static_cast<std::uint64_t>((now - entry.started_at).count())) /
+                    1000.0}};
+        if (entry.live_at) e["rollover_ms"] = (*entry.live_at - entry.started_at).count();
+        if (!entry.failure.empty()) e["failure"] = entry.failure;
+        entries.push_back(e);
+    }
+    return entries;
+}
+
+std::string Master::metrics_text() const {
+    auto* self = const_cast<Master*>(this);
+    core::Time now = self->now();
+    std::string out;
+    auto family = [&](const char* name, const char* type, const char* help) {
+        out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+    };
+
+    family("molt_build_info", "gauge", "The molt version that runs the master.");
+    out += fmt::format("molt_build_info{{version=\"{}\"}} 1\n", label(options_.version));
+    family("molt_master_uptime_seconds", "gauge", "Seconds since the master started.");
+    out += fmt::format("molt_master_uptime_seconds {:.3f}\n",
+                       static_cast<double>((now - started_at_).count()) / 1000.0);
+    family("molt_generation", "gauge", "The live generation's id (0 before the first is live).");
+    out += fmt::format("molt_generation {}\n", core_.live_generation().value_or(0));
+    family("molt_generation_info", "gauge", "Every generation the master holds, with its version.");
+    for (const auto& [id, gen] : core_.generations()) {
+        out +=
+            fmt::format("molt_generation_info{{generation=\"{}\",state=\"{}\",version=\"{}\"}} 1\n",
+                        id, core::to_string(gen.state), label(gen.release.version));
+    }
+
+    family("molt_workers", "gauge", "Worker processes by generation and state.");
+    std::map<std::pair<core::GenerationId, std::string>, int> counts;
+    for (const auto& [id, gen] : core_.generations()) {
+        for (auto state :
+             {core::WorkerState::booting, core::WorkerState::ready, core::WorkerState::draining}) {
+            counts[{id, core::to_string(state)}] = 0;
+        }
+    }
+    std::uint64_t requests = retired_requests_;
+    std::uint64_t inflight = 0;
+    for (const auto& [id, w] : core_.workers()) {
+        counts[{w.generation, core::to_string(w.state)}]++;
+        requests += w.counters.requests;
+        inflight += w.counters.inflight;
+    }
+    for (const auto& [key, n] : counts) {
+        out += fmt::format("molt_workers{{generation=\"{}\",state=\"{}\"}} {}\n", key.first,
+                           key.second, n);
+    }
+
+    family("molt_rollovers_total", "counter", "Rollovers (reload, rollback) by result.");
+    out += fmt::format("molt_rollovers_total{{result=\"ok\"}} {}\n", core_.rollovers(true));
+    out += fmt::format("molt_rollovers_total{{result=\"failed\"}} {}\n", core_.rollovers(false));
+    family("molt_last_rollover_duration_seconds", "gauge",
+           "How long the last rollover took, from its start to live or failed.");
+    auto last = core_.last_rollover();
+    out += fmt::format("molt_last_rollover_duration_seconds {:.3f}\n",
+                       last ? static_cast<double>(last->took.count()) / 1000.0 : 0.0);
+
+    family("molt_worker_restarts_total", "counter", "Workers replaced, by reason.");
+    for (auto reason : {core::RestartReason::crash, core::RestartReason::heartbeat,
+                        core::RestartReason::request_timeout, core::RestartReason::recycle,
+                        core::RestartReason::boot_timeout, core::RestartReason::killed}) {
+        auto it = core_.restarts().find(reason);
+        out += fmt::format("molt_worker_restarts_total{{reason=\"{}\"}} {}\n",
+                           core::to_string(reason), it == core_.restarts().end() ? 0 : it->second);
+    }
+
+    family("molt_requests_total", "counter",
+           "Requests served by all workers, from their heartbeats.");
+    out += fmt::format("molt_requests_total {}\n", requests);
+    family("molt_requests_in_flight", "gauge", "Requests in flight, from the last heartbeats.");
+    out += fmt::format("molt_requests_in_flight {}\n", inflight);
+
+    family("molt_worker_resident_memory_bytes", "gauge", "Resident memory of each worker.");
+    for (const auto& [id, w] : core_.workers()) {
+        if (w.pid <= 0) continue;
+        out +=
+            fmt::format("molt_worker_resident_memory_bytes{{generation=\"{}\",slot=\"{}\"}} {}\n",
+                        w.generation, w.slot, os::resident_bytes(w.pid));
+    }
+    family("molt_master_resident_memory_bytes", "gauge", "Resident memory of the master.");
+    out += fmt::format("molt_master_resident_memory_bytes {}\n", os::resident_bytes(getpid()));
+    return out;
+}
+
+}  // namespace molt::loop
