@@ -1,0 +1,322 @@
+"""The real master with real Python workers: config errors, CLI forms, listeners, signals,
+the control socket (including abuse) and the metrics endpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from molt_testlib import APPS, PYTHON, Molt, http_get, molt_bin, wait_until
+
+HELLO = {"app": "hello_app:application", "chdir": str(APPS), "workers": 2}
+EDGE = {"app": "edge_app:application", "chdir": str(APPS), "workers": 2, "threads": 4}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----- config and CLI ------------------------------------------------------------------------
+
+def test_check_accepts_a_good_config_and_run_rejects_a_bad_one_with_78(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(f"app: hello_app:application\nchdir: {APPS}\npython: {PYTHON}\n")
+    ok = subprocess.run([molt_bin(), "check", "-c", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok: hello_app:application" in ok.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"app: hello_app:application\nchdir: {APPS}\nwrokers: 4\n"
+                   "timeouts:\n  boot: soon\n")
+    for command in (["check", "-c", str(bad)], ["run", "-c", str(bad)]):
+        result = subprocess.run([molt_bin(), *command], capture_output=True, text=True, timeout=10)
+        assert result.returncode == 78, result
+        assert f"{bad}:3:1: wrokers: unknown key; did you mean `workers`?" in result.stderr
+        assert f"{bad}:5:9: timeouts.boot:" in result.stderr
+
+
+def test_the_config_free_form_serves(tmp_path):
+    port = free_port()
+    control = tmp_path / "ctl.sock"
+    proc = subprocess.Popen([molt_bin(), "run", "hello_app:application", "--listen",
+                             f"tcp://127.0.0.1:{port}", "--workers", "2", "--chdir", str(APPS),
+                             "--python", PYTHON, "--control", str(control)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: control.exists(), 15, "the control socket")
+        wait_until(lambda: json.loads(subprocess.run(
+            [molt_bin(), "ctl", "--socket", str(control), "status", "--json"],
+            capture_output=True, text=True).stdout or "{}").get("live_generation"), 20, "live")
+        assert http_get(port, "/")[2] == b"Hello, world!"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+
+
+def test_a_bad_config_at_hup_keeps_the_old_one_running(molt):
+    m = molt(HELLO)
+    generation = m.live_generation()
+    m.write_config("app: hello_app:application\nworkers: [oops]\n")
+    answer = m.reload()
+    assert answer["ok"] is False
+    assert "config invalid" in answer["error"]
+    assert "molt.yaml:2:10: workers:" in answer["error"]
+    assert m.live_generation() == generation
+    assert http_get(m.port, "/")[0] == 200
+    assert m.alive()
+
+
+def test_changing_listen_addresses_is_refused_with_a_reason(molt):
+    m = molt(HELLO)
+    m.config["listen"] = ["tcp://127.0.0.1:0", "tcp://127.0.0.1:1"]
+    m.write_config()
+    answer = m.reload()
+    assert answer["ok"] is False
+    assert "changing listen addresses needs a restart" in answer["error"]
+
+
+# ----- listeners -----------------------------------------------------------------------------
+
+def test_a_second_molt_on_the_same_address_fails_at_start(molt, tmp_path):
+    port = free_port()
+    first = molt(dict(HELLO, listen=[f"tcp://127.0.0.1:{port}"]), subdir="first")
+    second = molt(dict(HELLO, listen=[f"tcp://127.0.0.1:{port}"]), subdir="second", start=False)
+    second.start(wait_live=False)
+    assert second.proc.wait(15) == 1
+    assert "Address already in use" in second.log()
+    assert "another molt or server already listening" in second.log()
+    assert http_get(first.port, "/")[0] == 200
+
+
+def test_unix_and_ipv6_listeners_with_mode_and_cleanup(molt, tmp_path):
+    path = tmp_path / "web.sock"
+    m = molt(dict(HELLO, listen=[{"address": f"unix:{path}", "mode": "0660"},
+                                 "tcp://[::1]:0", "tcp://127.0.0.1:0"]))
+    assert oct(path.stat().st_mode & 0o777) == "0o660"
+    assert http_get(0, "/", unix=str(path))[2] == b"Hello, world!"
+    v6 = [a for a in m.status()["master"]["listen"] if a.startswith("tcp://[::1]")][0]
+    port6 = int(v6.rsplit(":", 1)[1])
+    assert http_get(port6, "/", host="::1")[2] == b"Hello, world!"
+    assert m.stop() == 0
+    assert not path.exists(), "the socket file is removed on a clean exit"
+
+
+def test_a_stale_unix_socket_file_is_replaced(molt, tmp_path):
+    path = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # the file stays, nobody listens: what a crashed server leaves behind
+    molt(dict(HELLO, listen=[f"unix:{path}"]))
+    assert http_get(0, "/", unix=str(path))[0] == 200
+
+
+# ----- signals -------------------------------------------------------------------------------
+
+def test_ttin_and_ttou_add_and_remove_a_worker(molt):
+    m = molt(HELLO)
+    m.signal(signal.SIGTTIN)
+    wait_until(lambda: len(m.workers("ready")) == 3, 15, "a third worker")
+    m.signal(signal.SIGTTOU)
+    m.signal(signal.SIGTTOU)
+    wait_until(lambda: len(m.workers()) == 1, 15, "scale down to one worker", on_timeout=m.log)
+    assert m.status()["master"]["target_workers"] == 1
+    m.signal(signal.SIGTTOU)  # never below one
+    time_limit = time.monotonic() + 1
+    while time.monotonic() < time_limit:
+        assert len(m.workers("ready")) == 1
+    assert "cannot scale to 0 workers" in m.log()
+
+
+def test_usr1_reopens_the_master_log_for_logrotate(molt, tmp_path):
+    log_file = tmp_path / "master.log"
+    m = molt(dict(HELLO, logging={"file": str(log_file)}))
+    os.rename(log_file, tmp_path / "master.log.1")  # what logrotate does
+    m.signal(signal.SIGUSR1)
+    wait_until(log_file.exists, 10, "the master to reopen its log file")
+    m.signal(signal.SIGHUP)
+    wait_until(lambda: "generation 2: starting -> live" in log_file.read_text(), 20,
+               "lines in the new file")
+    assert "generation 2" not in (tmp_path / "master.log.1").read_text()
+
+
+def test_term_drains_in_flight_requests_then_exits_zero(molt, tmp_path):
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    marker = tmp_path / "started"
+    (app_dir / "slow.py").write_text(
+        "import pathlib, time\n"
+        "def application(environ, start_response):\n"
+        f"    pathlib.Path({str(marker)!r}).touch()\n"
+        "    time.sleep(1.5)\n"
+        "    start_response('200 OK', [('Content-Length', '4')])\n"
+        "    return [b'done']\n")
+    m = molt({"app": "slow:application", "chdir": str(app_dir), "workers": 1})
+    results = {}
+    t = threading.Thread(target=lambda: results.update(slow=http_get(m.port, "/", timeout=10)))
+    t.start()
+    wait_until(marker.exists, 10, "the slow request to be in flight")
+    m.signal(signal.SIGTERM)
+    t.join(15)
+    assert results["slow"][0] == 200
+    assert results["slow"][2] == b"done"
+    assert m.proc.wait(20) == 0
+    assert "graceful stop: draining every worker" in m.log()
+
+
+def test_int_stops_fast(molt):
+    m = molt(HELLO)
+    pids = m.worker_pids()
+    m.signal(signal.SIGINT)
+    assert m.proc.wait(10) == 0
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+# ----- molt ctl ------------------------------------------------------------------------------
+
+def test_ctl_status_table_and_json(molt):
+    m = molt(HELLO)
+    table = m.ctl("status")
+    assert table.returncode == 0, table.stderr
+    assert "generation 1 live" in table.stdout
+    assert "SLOT" in table.stdout and "RESTARTS" in table.stdout
+    data = json.loads(m.ctl("status", "--json").stdout)
+    assert data["live_generation"] == 1
+    assert len(data["generations"][0]["workers"]) == 2
+    assert all(w["rss_bytes"] > 1_000_000 for w in data["generations"][0]["workers"])
+
+
+def test_ctl_reload_wait_reports_success_and_failure(molt, tmp_path):
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "app.py").write_text(
+        "def application(e, s):\n    s('200 OK', [])\n    return [b'one']\n")
+    m = molt({"app": "app:application", "chdir": str(app_dir), "workers": 2})
+    good = m.ctl("reload", "--wait", "--timeout", "60s")
+    assert good.returncode == 0, good.stderr
+    assert "generation 2 is live" in good.stdout
+    assert json.loads(m.ctl("status", "--json").stdout)["live_generation"] == 2
+
+    (app_dir / "app.py").write_text("import no_such_module_anywhere\n")
+    bad = m.ctl("reload", "--wait")
+    assert bad.returncode == 1
+    assert "ModuleNotFoundError: No module named 'no_such_module_anywhere'" in bad.stderr
+    assert http_get(m.port, "/")[2] == b"one"
+
+
+def test_two_concurrent_reload_waits_both_get_the_answer(molt):
+    m = molt(HELLO)
+    results = []
+
+    def reload():
+        results.append(m.ctl("reload", "--wait"))
+
+    threads = [threading.Thread(target=reload) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+
+
+def test_ctl_scale_history_and_unreachable_master(molt, tmp_path):
+    m = molt(HELLO)
+    assert m.ctl("scale", "3").returncode == 0
+    wait_until(lambda: len(m.workers("ready")) == 3, 15, "three workers")
+    m.reload()
+    history = m.ctl("history")
+    assert history.returncode == 0 and "reload" in history.stdout and "startup" in history.stdout
+    gone = subprocess.run([molt_bin(), "ctl", "--socket", str(tmp_path / "nope.sock"), "status"],
+                          capture_output=True, text=True)
+    assert gone.returncode == 69
+    assert "cannot reach the master" in gone.stderr
+
+
+def test_control_socket_survives_abuse(molt):
+    m = molt(HELLO)
+    path = m.config["control"]["socket"]
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+    def raw(payload: bytes) -> bytes:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(path)
+        try:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+        s.close()
+        return data
+
+    assert b"malformed request" in raw(b"\x00\xff garbage\n")
+    assert b"malformed request" in raw(b"[1,2,3]\n")
+    assert b"unknown command" in raw(b'{"command": "explode"}\n')
+    assert b"request too large" in raw(b"x" * 200_000)
+    silent = [socket.socket(socket.AF_UNIX) for _ in range(5)]
+    for s in silent:
+        s.connect(path)  # connect and never write
+    crowd = []
+    for _ in range(200):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        crowd.append(s)
+    for s in crowd:
+        s.close()
+    for s in silent:
+        s.close()
+    assert m.status()["live_generation"] == 1
+    assert http_get(m.port, "/")[0] == 200
+
+
+# ----- metrics -------------------------------------------------------------------------------
+
+def scrape(port: int) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, headers, body = http_get(port, "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            key = sample.name + json.dumps(sample.labels, sort_keys=True)
+            samples[key] = sample.value
+    return samples
+
+
+def test_metrics_parse_and_move_with_rollovers_and_crashes(molt):
+    metrics_port = free_port()
+    m = molt(dict(HELLO, metrics={"listen": f"tcp://127.0.0.1:{metrics_port}"}))
+    before = scrape(metrics_port)
+    assert before['molt_generation{}'] == 1
+    assert before['molt_workers{"generation": "1", "state": "ready"}'] == 2
+    assert before['molt_rollovers_total{"result": "ok"}'] == 0
+
+    m.reload()
+    victim = m.workers("ready")[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(m.workers("ready")) == 2 and victim not in m.worker_pids(), 15,
+               "the crashed worker's replacement")
+    after = scrape(metrics_port)
+    assert after['molt_generation{}'] == 2
+    assert after['molt_rollovers_total{"result": "ok"}'] == 1
+    assert after['molt_worker_restarts_total{"reason": "crash"}'] == 1
+    assert after['molt_master_resident_memory_bytes{}'] > 0
+    status, _, _ = http_get(metrics_port, "/nope")
+    assert status == 404
