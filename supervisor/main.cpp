@@ -113,10 +113,20 @@ std::string shim_dir() {
 
 // ----- run -----------------------------------------------------------------------------------
 
+std::vector<std::string> original_argv;
+
+std::string build_id() {
+    static const std::string id = molt::os::file_digest(molt::os::executable_path());
+    return id;
+}
+
 int cmd_run(const Args& args) {
     molt::loop::MasterOptions options;
     options.version = MOLT_VERSION;
     options.shim_dir = shim_dir();
+    options.executable = molt::os::executable_path();
+    options.build = build_id();
+    options.argv = original_argv;
     molt::config::LoadResult loaded;
     if (auto path = option(args, {"-c", "--config"})) {
         if (!args.positional.empty())
@@ -401,14 +411,29 @@ int cmd_ctl(const Args& args) {
     return 0;
 }
 
+// Run by a master, in a child, before it re-executes itself as this binary: proves that the
+// binary starts and that its own loader accepts the config the master runs.
+int cmd_upgrade_check(const Args& args) {
+    if (auto path = option(args, {"-c", "--config"})) {
+        auto loaded = molt::config::load_config_file(*path);
+        if (!loaded.errors.empty()) {
+            print_errors(loaded.errors);
+            return kConfigError;
+        }
+    }
+    std::cout << "molt " << MOLT_VERSION << " build " << build_id() << "\n";
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+    original_argv.assign(argv, argv + argc);
     molt::os::init_process_title(argc, argv);
     if (argc < 2) return usage("");
     std::string command = argv[1];
     if (command == "version" || command == "--version" || command == "-V") {
-        std::cout << "molt " << MOLT_VERSION << "\n";
+        std::cout << "molt " << MOLT_VERSION << " build " << build_id() << "\n";
         return 0;
     }
     if (command == "help" || command == "--help" || command == "-h") {
@@ -425,5 +450,6 @@ int main(int argc, char** argv) {
     if (command == "run") return cmd_run(*args);
     if (command == "check") return cmd_check(*args);
     if (command == "ctl") return cmd_ctl(*args);
+    if (command == "upgrade-check") return cmd_upgrade_check(*args);
     return usage("unknown command: " + command);
 }

@@ -73,7 +73,7 @@ class Molt:
     """A molt master under test, started from a config dict written as YAML (JSON is YAML)."""
 
     def __init__(self, workdir: Path, config: dict, args: Optional[list[str]] = None,
-                 env: Optional[dict] = None):
+                 env: Optional[dict] = None, binary: Optional[str] = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
@@ -84,6 +84,7 @@ class Molt:
         self.write_config()
         self.log_path = self.workdir / "molt.log"
         self.args = args
+        self.binary = binary or molt_bin()
         self.env = dict(os.environ if env is None else env)
         self.proc: Optional[subprocess.Popen] = None
         self.port: Optional[int] = None
@@ -95,7 +96,7 @@ class Molt:
     def start(self, wait_live: bool = True, timeout: float = 30.0) -> "Molt":
         args = self.args or ["run", "-c", str(self.config_path)]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([molt_bin(), *args], stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([self.binary, *args], stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=self.env, cwd=self.workdir)
         if wait_live:
             self.wait_live(timeout)

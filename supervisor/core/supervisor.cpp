@@ -232,6 +232,58 @@ Actions Supervisor::start(Time now, Release release) {
     return take();
 }
 
+Actions Supervisor::adopt(Time now, AdoptedState state) {
+    Generation gen;
+    gen.id = state.generation;
+    gen.state = GenerationState::live;
+    gen.trigger = state.trigger;
+    gen.target = state.target;
+    gen.admitted = state.target;
+    gen.started_at = now;
+    gen.live_at = now;
+    gen.release = std::move(state.release);
+    configured_workers_ = gen.release.config->workers;
+    target_workers_ = state.target;
+    next_generation_ = gen.id + 1;
+    for (const auto& adopted : state.workers) {
+        Worker worker;
+        worker.id = next_worker_++;
+        worker.generation = gen.id;
+        worker.slot = adopted.slot;
+        worker.pid = adopted.pid;
+        worker.state = WorkerState::ready;
+        worker.spawned_at = now;
+        worker.ready_at = now;
+        worker.last_heartbeat = now;
+        worker.counters = adopted.counters;
+        workers_.emplace(worker.id, worker);
+    }
+    history_ = std::move(state.history);
+    restarts_ = std::move(state.restarts);
+    rollovers_ok_ = state.rollovers_ok;
+    rollovers_failed_ = state.rollovers_failed;
+    log(LogLevel::info,
+        fmt::format("adopted generation {} with {} worker(s) from the previous master image",
+                    gen.id, state.workers.size()),
+        gen.id);
+    live_ = gen.id;
+    generations_.emplace(gen.id, std::move(gen));
+    master_state_ = MasterState::running;
+    reconcile(now);  // a slot whose worker did not survive the exec is refilled
+    return take();
+}
+
+bool Supervisor::steady() const {
+    if (master_state_ != MasterState::running || rollover_phase_ != RolloverPhase::idle || !live_ ||
+        generations_.size() != 1) {
+        return false;
+    }
+    return std::all_of(workers_.begin(), workers_.end(), [](const auto& entry) {
+        return entry.second.state == WorkerState::ready && !entry.second.stop_reason &&
+               !entry.second.retiring;
+    });
+}
+
 Actions Supervisor::request_reload(Time now, Ticket ticket, Trigger trigger,
                                    std::optional<std::string> release_dir) {
     if (master_state_ == MasterState::stopping || master_state_ == MasterState::stopping_fast ||

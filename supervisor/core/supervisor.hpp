@@ -128,6 +128,26 @@ struct HistoryEntry {
     std::string failure;
 };
 
+// A worker handed over by the previous master image across a binary upgrade.
+struct AdoptedWorker {
+    Pid pid = 0;
+    int slot = 0;
+    Heartbeat counters;
+};
+
+// What the previous master image knew and the new one keeps (besides the workers).
+struct AdoptedState {
+    GenerationId generation = 0;
+    Release release;
+    Trigger trigger = Trigger::startup;
+    int target = 1;
+    std::vector<AdoptedWorker> workers;
+    std::deque<HistoryEntry> history;
+    std::map<RestartReason, std::uint64_t> restarts;
+    std::uint64_t rollovers_ok = 0;
+    std::uint64_t rollovers_failed = 0;
+};
+
 // ----- actions: what the loop layer must do ------------------------------------------------
 struct SpawnWorker {
     WorkerId worker;
@@ -191,6 +211,11 @@ class Supervisor {
     // ----- events --------------------------------------------------------------------------
     // Start the first generation. The master exits 1 if it fails.
     Actions start(Time now, Release release);
+    // After a binary upgrade: the live generation and its ready workers, as they were.
+    Actions adopt(Time now, AdoptedState state);
+    // Whether nothing is in motion (one live generation, every worker ready): the only state
+    // in which the master hands itself over to a new binary.
+    bool steady() const;
     // HUP, `molt ctl reload`, a watched file. Queued while a rollover runs; several queued
     // requests become one rollover (on the config as it is when that rollover starts).
     Actions request_reload(Time now, Ticket ticket, Trigger trigger = Trigger::reload,

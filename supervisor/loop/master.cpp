@@ -14,6 +14,7 @@
 #include <fstream>
 
 #include "supervisor/loop/servers.hpp"
+#include "supervisor/loop/worker_process.hpp"
 
 extern char** environ;
 
@@ -56,68 +57,49 @@ bool starts_with(const std::string& text, std::string_view prefix) {
 
 }  // namespace
 
-// One worker process as the loop sees it: its channel and its output pipes.
-struct WorkerProcess {
-    Master* master = nullptr;
-    core::WorkerId id = 0;
-    core::GenerationId generation = 0;
-    int slot = 0;
-    pid_t pid = 0;
-    int channel_fd = -1;
-    uv_poll_t channel{};
-    uv_pipe_t out{};
-    uv_pipe_t err{};
-    std::string out_partial;
-    std::string err_partial;
-    std::string stderr_tail;
-    int open_handles = 0;
+void WorkerProcess::line(bool is_err, std::string_view text) {
+    master->log().worker_line(generation, slot, pid, is_err ? "stderr" : "stdout", text);
+}
 
-    void line(bool is_err, std::string_view text) {
-        master->log().worker_line(generation, slot, pid, is_err ? "stderr" : "stdout", text);
-    }
-
-    void consume(bool is_err, const char* data, std::size_t size) {
-        std::string& partial = is_err ? err_partial : out_partial;
-        if (is_err) {
-            stderr_tail.append(data, size);
-            if (stderr_tail.size() > kStderrTail) {
-                stderr_tail.erase(0, stderr_tail.size() - kStderrTail);
-            }
-        }
-        partial.append(data, size);
-        std::size_t start = 0;
-        for (;;) {
-            auto newline = partial.find('\n', start);
-            if (newline == std::string::npos) break;
-            line(is_err, std::string_view(partial).substr(start, newline - start));
-            start = newline + 1;
-        }
-        partial.erase(0, start);
-        if (partial.size() > kMaxLine) {
-            line(is_err, partial);
-            partial.clear();
+void WorkerProcess::consume(bool is_err, const char* data, std::size_t size) {
+    std::string& partial = is_err ? err_partial : out_partial;
+    if (is_err) {
+        stderr_tail.append(data, size);
+        if (stderr_tail.size() > kStderrTail) {
+            stderr_tail.erase(0, stderr_tail.size() - kStderrTail);
         }
     }
-
-    // After the process exited, whatever is still in the pipes is read at once, so that the
-    // failure report has the worker's last words.
-    void drain_output() {
-        for (uv_pipe_t* pipe : {&out, &err}) {
-            uv_os_fd_t fd = -1;
-            if (uv_fileno(reinterpret_cast<uv_handle_t*>(pipe), &fd) != 0) continue;
-            char buffer[8192];
-            for (int rounds = 0; rounds < 64; ++rounds) {
-                ssize_t n = ::read(fd, buffer, sizeof buffer);
-                if (n <= 0) break;
-                consume(pipe == &err, buffer, static_cast<std::size_t>(n));
-            }
-        }
-        if (!out_partial.empty()) line(false, out_partial);
-        if (!err_partial.empty()) line(true, err_partial);
-        out_partial.clear();
-        err_partial.clear();
+    partial.append(data, size);
+    std::size_t start = 0;
+    for (;;) {
+        auto newline = partial.find('\n', start);
+        if (newline == std::string::npos) break;
+        line(is_err, std::string_view(partial).substr(start, newline - start));
+        start = newline + 1;
     }
-};
+    partial.erase(0, start);
+    if (partial.size() > kMaxLine) {
+        line(is_err, partial);
+        partial.clear();
+    }
+}
+
+void WorkerProcess::drain_output() {
+    for (uv_pipe_t* pipe : {&out, &err}) {
+        int fd = fd_of(pipe);
+        if (fd < 0) continue;
+        char buffer[8192];
+        for (int rounds = 0; rounds < 64; ++rounds) {
+            ssize_t n = ::read(fd, buffer, sizeof buffer);
+            if (n <= 0) break;
+            consume(pipe == &err, buffer, static_cast<std::size_t>(n));
+        }
+    }
+    if (!out_partial.empty()) line(false, out_partial);
+    if (!err_partial.empty()) line(true, err_partial);
+    out_partial.clear();
+    err_partial.clear();
+}
 
 namespace {
 
@@ -172,6 +154,11 @@ core::Time Master::now() {
 int Master::run() {
     ::signal(SIGPIPE, SIG_IGN);
     log_.configure(config_->logging);
+    if (const char* state = std::getenv("MOLT_UPGRADE_STATE")) {
+        std::string text = state;
+        ::unsetenv("MOLT_UPGRADE_STATE");  // never passed on to workers
+        return run_adopted(text);
+    }
     wall_started_at_ = wall_ms();
     started_at_ = now();
 
@@ -196,7 +183,17 @@ int Master::run() {
     if (!config_->pidfile.empty()) {
         std::ofstream(config_->pidfile) << getpid() << "\n";
     }
+    start_services();
+    log_.info(fmt::format("molt {} master pid={} starting {} worker(s) of {}", options_.version,
+                          getpid(), config_->workers, config_->app));
+    feed(core_.start(now(), release));
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    return exit_code_.value_or(1);
+}
 
+// Signals, timers, the control socket and the metrics endpoint: the same for a fresh start and
+// for an image that adopted its predecessor's workers.
+void Master::start_services() {
     for (int signum :
          {SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD}) {
         uv_signal_t& handle = signals_[signum];
@@ -238,12 +235,7 @@ int Master::run() {
     }
 
     oom_kills_seen_ = os::oom_kill_count();
-    os::set_process_title("molt: master starting");
-    log_.info(fmt::format("molt {} master pid={} starting {} worker(s) of {}", options_.version,
-                          getpid(), config_->workers, config_->app));
-    feed(core_.start(now(), release));
-    uv_run(&loop_, UV_RUN_DEFAULT);
-    return exit_code_.value_or(1);
+    os::set_process_title("molt: master");
 }
 
 // ----- the action executor -----------------------------------------------------------------
@@ -341,7 +333,7 @@ void Master::on_signal(int signum) {
             break;
         }
         case SIGUSR2:
-            log_.warning("binary upgrade (SIGUSR2) is not supported by this build; ignored");
+            begin_upgrade();
             break;
         default:
             break;
@@ -354,6 +346,10 @@ void Master::reap_children() {
         int status = 0;
         pid_t pid = ::waitpid(-1, &status, WNOHANG);
         if (pid <= 0) break;
+        if (pid == upgrade_check_pid_) {
+            finish_upgrade_check(status);
+            continue;
+        }
         on_worker_exit(pid, status);
     }
 }
@@ -465,18 +461,27 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
         return fail(os::error_of(pid));
     }
 
+    pid_t child = std::get<pid_t>(pid);
+    track_process(spawn.generation, spawn.worker, spawn.slot, child, master_end, out_pipe.read_end,
+                  err_pipe.read_end);
+    return core_.spawned(now(), spawn.worker, child);
+}
+
+// Watches a worker's channel and output pipes (a fresh spawn, or one adopted after exec).
+void Master::track_process(core::GenerationId generation, core::WorkerId id, int slot, pid_t pid,
+                           int channel_fd, int out_fd, int err_fd) {
     auto worker = std::make_unique<WorkerProcess>();
     worker->master = this;
-    worker->id = spawn.worker;
-    worker->generation = spawn.generation;
-    worker->slot = spawn.slot;
-    worker->pid = std::get<pid_t>(pid);
-    worker->channel_fd = master_end;
-    uv_poll_init(&loop_, &worker->channel, master_end);
+    worker->id = id;
+    worker->generation = generation;
+    worker->slot = slot;
+    worker->pid = pid;
+    worker->channel_fd = channel_fd;
+    uv_poll_init(&loop_, &worker->channel, channel_fd);
     uv_pipe_init(&loop_, &worker->out, 0);
     uv_pipe_init(&loop_, &worker->err, 0);
-    uv_pipe_open(&worker->out, out_pipe.read_end);
-    uv_pipe_open(&worker->err, err_pipe.read_end);
+    uv_pipe_open(&worker->out, out_fd);
+    uv_pipe_open(&worker->err, err_fd);
     worker->open_handles = 3;
     for (uv_handle_t* handle : {reinterpret_cast<uv_handle_t*>(&worker->channel),
                                 reinterpret_cast<uv_handle_t*>(&worker->out),
@@ -489,9 +494,7 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
     });
     uv_read_start(reinterpret_cast<uv_stream_t*>(&worker->out), alloc_buffer, on_output);
     uv_read_start(reinterpret_cast<uv_stream_t*>(&worker->err), alloc_buffer, on_output);
-    pid_t child = worker->pid;
-    processes_.emplace(child, std::move(worker));
-    return core_.spawned(now(), spawn.worker, child);
+    processes_.emplace(pid, std::move(worker));
 }
 
 std::vector<std::string> Master::worker_environment(const core::SpawnWorker& spawn,

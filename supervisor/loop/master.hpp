@@ -29,6 +29,9 @@ struct MasterOptions {
     std::optional<config::CommandLineConfig> command_line;
     std::string shim_dir;  // the directory holding molt_shim/
     std::string version;
+    std::string build;              // a digest of the executable, to tell two builds apart
+    std::string executable;         // absolute path, for the binary upgrade's re-exec
+    std::vector<std::string> argv;  // the original command line, for the same
 };
 
 class Master {
@@ -59,6 +62,9 @@ class Master {
     friend struct WorkerProcess;
 
     core::Time now();
+    void start_services();
+    void track_process(core::GenerationId generation, core::WorkerId id, int slot, pid_t pid,
+                       int channel_fd, int out_fd, int err_fd);
     void feed(core::Actions actions);
     void execute(const core::Action& action, std::vector<core::Actions>& more);
     void arm_deadline_timer();
@@ -81,6 +87,14 @@ class Master {
     void finish_rollover(const core::RolloverFinished& finished);
     void begin_shutdown(int code);
 
+    // Binary upgrade (upgrade.cpp).
+    void begin_upgrade();
+    void finish_upgrade_check(int status);
+    nlohmann::json upgrade_state() const;
+    std::vector<int> handed_over_fds() const;
+    void exec_new_image(const std::string& new_version);
+    int run_adopted(const std::string& state);
+
     uv_loop_t loop_{};
     std::shared_ptr<const config::Config> config_;  // the newest valid config
     MasterOptions options_;
@@ -101,6 +115,8 @@ class Master {
     std::optional<int> exit_code_;
     core::Time started_at_{0};
     std::uint64_t wall_started_at_ = 0;
+    pid_t upgrade_check_pid_ = 0;
+    int upgrade_check_fd_ = -1;
     bool feeding_ = false;
     std::vector<core::Actions> pending_;
 };

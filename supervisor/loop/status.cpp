@@ -86,6 +86,8 @@ json Master::status_json() const {
         {"master",
          {{"pid", getpid()},
           {"version", options_.version},
+          {"build", options_.build},
+          {"executable", options_.executable},
           {"state", core::to_string(core_.state())},
           {"uptime_s", static_cast<double>((now - started_at_).count()) / 1000.0},
           {"config", options_.config_path},

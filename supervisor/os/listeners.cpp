@@ -185,16 +185,23 @@ std::optional<Result<std::vector<Listener>>> adopt_systemd_listeners(
         listener.fd = fd;
         listener.bound = bound;
         listener.from_systemd = true;
-        // Match a `listen:` entry by LISTEN_FDNAMES, else by address; an unmatched socket is
-        // still served, under its own address.
+        // Match a `listen:` entry by address first, else by LISTEN_FDNAMES: one socket unit
+        // with several ListenStream= lines gives all of them the same name, so only the
+        // address tells them apart. An unmatched socket is still served, under its own address.
         listener.address.text = bound;
         listener.address.name = name.empty() || name == "unknown" ? bound : name;
+        const config::ListenAddress* match = nullptr;
         for (const auto& address : addresses) {
-            if (address.name == name || address.text == bound) {
-                listener.address = address;
+            if (address.text == bound) {
+                match = &address;
                 break;
             }
         }
+        for (const auto& address : addresses) {
+            if (match != nullptr) break;
+            if (address.name == name) match = &address;
+        }
+        if (match != nullptr) listener.address = *match;
         fcntl(fd, F_SETFD, FD_CLOEXEC);
         set_nonblocking(fd);
         listeners.push_back(std::move(listener));

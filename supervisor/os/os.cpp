@@ -201,12 +201,32 @@ void set_process_title(const std::string& title) {
     std::memset(title_area + n, 0, title_capacity - n + 1);
 }
 
-std::string executable_dir() {
+std::string executable_path() {
     char buffer[PATH_MAX];
     ssize_t n = readlink("/proc/self/exe", buffer, sizeof buffer - 1);
-    if (n <= 0) return ".";
-    std::string path(buffer, static_cast<size_t>(n));
+    if (n <= 0) return "";
+    return std::string(buffer, static_cast<size_t>(n));
+}
+
+std::string executable_dir() {
+    std::string path = executable_path();
+    if (path.empty()) return ".";
     return path.substr(0, path.rfind('/'));
+}
+
+std::string file_digest(const std::string& path) {
+    std::ifstream file(path, std::ios::binary);
+    if (!file) return "unknown";
+    std::uint64_t hash = 1469598103934665603ULL;
+    char buffer[65536];
+    while (file.read(buffer, sizeof buffer) || file.gcount() > 0) {
+        for (std::streamsize i = 0; i < file.gcount(); ++i) {
+            hash = (hash ^ static_cast<unsigned char>(buffer[i])) * 1099511628211ULL;
+        }
+    }
+    char text[17];
+    std::snprintf(text, sizeof text, "%08llx", static_cast<unsigned long long>(hash >> 32));
+    return text;
 }
 
 Result<uid_t> lookup_user(const std::string& name, gid_t* primary_group) {

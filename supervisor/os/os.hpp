@@ -85,8 +85,12 @@ Result<std::string> real_path(const std::string& path);
 void init_process_title(int argc, char** argv);
 void set_process_title(const std::string& title);
 
-// The directory holding the running executable (/proc/self/exe).
+// The running executable (/proc/self/exe) and the directory holding it.
+std::string executable_path();
 std::string executable_dir();
+
+// 8 hex digits of FNV-1a over a file's bytes; "unknown" when it cannot be read.
+std::string file_digest(const std::string& path);
 
 // Resolve user/group names to ids; errors name the missing user.
 Result<uid_t> lookup_user(const std::string& name, gid_t* primary_group);

@@ -279,3 +279,29 @@ TEST_CASE("an idle master asks to wake only for real deadlines") {
     REQUIRE(deadline.has_value());
     CHECK(*deadline == h.now + 30s);  // the heartbeat check, nothing sooner
 }
+
+TEST_CASE("after a binary upgrade the new image adopts the live generation as it was") {
+    Harness h;
+    AdoptedState state;
+    state.generation = 7;
+    state.release = make_release("/srv/app/v7", make_config(3));
+    state.target = 3;
+    state.workers = {{4001, 0, {10, 0, 0, 0}}, {4002, 1, {20, 0, 0, 0}}};  // slot 2 died meanwhile
+    state.rollovers_ok = 6;
+    h.run(h.sup.adopt(h.now, state));
+    CHECK(h.sup.live_generation() == 7);
+    CHECK(h.sup.state() == MasterState::running);
+    CHECK(h.worker(4001).state == WorkerState::ready);
+    CHECK(h.worker(4002).counters.requests == 20);
+    auto spawns = h.of<SpawnWorker>(h.all);
+    REQUIRE(spawns.size() == 1);
+    CHECK(spawns[0].slot == 2);
+    CHECK(h.sup.rollovers(true) == 6);
+    CHECK_FALSE(h.sup.steady());  // slot 2 is still booting
+    h.make_all_ready(7);
+    CHECK(h.sup.steady());
+    // The next rollover continues the generation numbering.
+    h.hup(make_release("/srv/app/v8", make_config(3)));
+    CHECK(h.sup.starting_generation() == 8);
+    CHECK_FALSE(h.sup.steady());
+}

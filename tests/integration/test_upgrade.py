@@ -1,0 +1,89 @@
+"""Binary upgrade on SIGUSR2: same master PID, same workers, new build, no failed request;
+a broken new binary leaves the old master in charge."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pytest
+
+from molt_testlib import APPS, REPO, Molt, Wrk, molt_bin, wait_until
+
+
+@pytest.fixture
+def upgradable(tmp_path):
+    """molt started from a copy of the binary that the test can replace, like a package upgrade."""
+    binary = tmp_path / "bin" / "molt"
+    binary.parent.mkdir()
+    shutil.copy2(molt_bin(), binary)
+    env = dict(os.environ, MOLT_SHIM_DIR=str(REPO / "worker_shim"))
+    m = Molt(tmp_path / "run", {"app": "hello_app:application", "chdir": str(APPS), "workers": 2},
+             env=env, binary=str(binary))
+    m.start()
+    yield m, binary
+    m.kill_everything()
+
+
+def replace_binary(path, content: bytes, mode=0o755):
+    """Atomic replacement, as dpkg does it: the running image keeps the old inode."""
+    new = path.with_suffix(".new")
+    new.write_bytes(content)
+    os.chmod(new, mode)
+    os.replace(new, path)
+
+
+@pytest.mark.timeout(90)
+def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
+    m, binary = upgradable
+    before = m.status()
+    workers_before = sorted(m.worker_pids())
+    load = Wrk(m.url("/"), duration=6, connections=16)
+    try:
+        # A new build: the same program with different bytes, so its build digest differs.
+        replace_binary(binary, binary.read_bytes() + b"\0new build\0")
+        m.signal(signal.SIGUSR2)
+        wait_until(lambda: (m.try_status() or before)["master"]["build"] != before["master"]["build"],
+                   15, "the new image to answer", on_timeout=m.log)
+    finally:
+        result = load.result()
+    after = m.status()
+    assert after["master"]["pid"] == before["master"]["pid"] == m.pid
+    assert sorted(m.worker_pids()) == workers_before
+    assert after["live_generation"] == before["live_generation"]
+    assert result["requests"] > 100 and result["failed"] == 0, result["output"]
+    assert "binary upgrade complete" in m.log()
+    # The adopted generation still rolls over normally afterwards.
+    assert m.reload()["ok"] is True
+    assert m.live_generation() == before["live_generation"] + 1
+
+
+@pytest.mark.timeout(60)
+def test_a_broken_new_binary_leaves_the_old_master_in_charge(upgradable):
+    m, binary = upgradable
+    before = m.status()
+    good = binary.read_bytes()
+    replace_binary(binary, b"#!/bin/sh\necho 'cannot start: missing libfoo.so' >&2\nexit 1\n")
+    m.signal(signal.SIGUSR2)
+    wait_until(lambda: "binary upgrade aborted" in m.log(), 10, "the check to fail")
+    assert "cannot start: missing libfoo.so" in m.log()
+    replace_binary(binary, good)
+    after = m.status()
+    assert after["master"]["build"] == before["master"]["build"]
+    assert sorted(m.worker_pids()) == sorted(w["pid"] for g in before["generations"]
+                                             for w in g["workers"])
+    assert m.alive()
+
+
+@pytest.mark.timeout(60)
+def test_usr2_during_a_rollover_is_refused(upgradable, tmp_path):
+    m, binary = upgradable
+    m.config["timeouts"] = {"boot": "30s"}
+    m.config["app"] = "hang_app:application"  # the next generation never becomes ready
+    m.write_config()
+    m.signal(signal.SIGHUP)
+    wait_until(lambda: m.status()["rollover_in_progress"], 10, "the rollover to start")
+    m.signal(signal.SIGUSR2)
+    wait_until(lambda: "binary upgrade refused: the master is not steady" in m.log(), 10,
+               "the refusal")
+    assert m.alive()

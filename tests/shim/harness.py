@@ -1,0 +1,339 @@
+"""A small Python stand-in for the master's side of the worker protocol.
+
+It is a protocol peer, not a mock of the shim: it owns real listening sockets, hands them to a
+real `python -m molt_shim` at fds 3.., speaks the SEQPACKET channel and reads the worker's
+stdout/stderr, exactly like the C++ master does.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHIM_DIR = os.path.join(REPO, "worker_shim")
+APPS_DIR = os.path.join(REPO, "tests", "apps")
+PYTHON = "/usr/bin/python3"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str = "condition",
+               interval: float = 0.01) -> Any:
+    """Poll observable state with a bound; no fixed sleeps in tests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+class Listeners:
+    """The sockets the master would hold: TCP on 127.0.0.1:0 and a Unix socket."""
+
+    def __init__(self, tmpdir: str, unix: bool = True) -> None:
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind(("127.0.0.1", 0))
+        self.tcp.listen(1024)
+        self.port = self.tcp.getsockname()[1]
+        self.socks = [self.tcp]
+        self.names = ["tcp://127.0.0.1:%d" % self.port]
+        self.unix_path = ""
+        if unix:
+            self.unix_path = os.path.join(tmpdir, "molt-test.sock")
+            u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            u.bind(self.unix_path)
+            u.listen(1024)
+            self.socks.append(u)
+            self.names.append("unix:" + self.unix_path)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+class Worker:
+    def __init__(self, listeners: Listeners, app: str, chdir: str = APPS_DIR,
+                 interface: str = "wsgi", threads: int = 4, health_path: str = "",
+                 generation: int = 1, slot: int = 0, overrides: Optional[Dict[str, Any]] = None,
+                 env: Optional[Dict[str, str]] = None, pythonpath: Optional[List[str]] = None,
+                 python_args: Optional[List[str]] = None, python: str = PYTHON) -> None:
+        self.listeners = listeners
+        cfg: Dict[str, Any] = {
+            "app": app, "interface": interface, "chdir": chdir, "threads": threads,
+            "generation": generation, "worker": slot, "version": "v%d" % generation,
+            "health_path": health_path,
+            "timeouts": {"boot_ms": 20000, "graceful_ms": 15000, "heartbeat_ms": 30000,
+                         "keepalive_ms": 5000, "request_ms": 0},
+            "heartbeat_interval_ms": 200,
+            "http": {"header_timeout_ms": 2000},
+        }
+        for key, value in (overrides or {}).items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = dict(cfg[key], **value)
+            else:
+                cfg[key] = value
+        self.config = cfg
+        self.master_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        nlisten = len(listeners.socks)
+        chan_target = 3 + nlisten
+        sources = [s.fileno() for s in listeners.socks] + [child_end.fileno()]
+        targets = list(range(3, 3 + nlisten)) + [chan_target]
+
+        def place_fds() -> None:
+            # Move every source out of the way first, so no dup2 overwrites a later source.
+            high = [os.dup(fd) for fd in sources]
+            for i, fd in enumerate(high):
+                os.dup2(fd, 200 + i)
+            for i, target in enumerate(targets):
+                os.dup2(200 + i, target)
+
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("MOLT_")}
+        child_env.update({
+            "PYTHONPATH": os.pathsep.join((pythonpath or []) + [SHIM_DIR]),
+            "MOLT_CHANNEL_FD": str(chan_target),
+            "MOLT_LISTEN_FDS": ",".join(str(t) for t in targets[:-1]),
+            "MOLT_LISTEN_NAMES": ",".join(listeners.names),
+            "MOLT_GENERATION": str(generation),
+            "MOLT_WORKER": str(slot),
+            "MOLT_WORKER_CONFIG": json.dumps(cfg),
+            "PYTHONUNBUFFERED": "1",
+        })
+        child_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [python] + (python_args or ["-m", "molt_shim"]), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env,
+            pass_fds=targets, preexec_fn=place_fds, cwd="/")
+        child_end.close()
+        self.pid = self.proc.pid
+        self.messages: List[Dict[str, str]] = []
+        self.stdout: List[str] = []
+        self.stderr: List[str] = []
+        self.channel_eof = False
+        self._cv = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._read_channel, daemon=True),
+            threading.Thread(target=self._read_lines, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._read_lines, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- reading the worker -----------------------------------------------------------------
+    def _read_channel(self) -> None:
+        while True:
+            try:
+                packet = self.master_end.recv(65536)
+            except OSError:
+                packet = b""
+            if not packet:
+                with self._cv:
+                    self.channel_eof = True
+                    self._cv.notify_all()
+                return
+            msg: Dict[str, str] = {}
+            for line in packet.decode("utf-8", "replace").split("\n"):
+                key, _, value = line.partition("=")
+                msg[key] = value
+            with self._cv:
+                self.messages.append(msg)
+                self._cv.notify_all()
+
+    def _read_lines(self, stream: Any, sink: List[str]) -> None:
+        for raw in iter(stream.readline, b""):
+            sink.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def find(self, key: str) -> List[Dict[str, str]]:
+        with self._cv:
+            return [m for m in self.messages if key in m]
+
+    def wait_message(self, key: str, timeout: float = 20.0) -> Dict[str, str]:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for m in self.messages:
+                    if key in m:
+                        return m
+                if self.channel_eof or time.monotonic() >= deadline:
+                    raise AssertionError("no %s message from worker (exit=%s); stderr:\n%s"
+                                         % (key, self.proc.poll(), self.stderr_text()))
+                self._cv.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def wait_ready(self, timeout: float = 30.0) -> "Worker":
+        self.wait_message("READY", timeout)
+        return self
+
+    # -- talking to the worker --------------------------------------------------------------
+    def send(self, text: str) -> None:
+        self.master_end.send(text.encode())
+
+    def drain(self) -> None:
+        self.send("DRAIN=1")
+
+    def close_channel(self) -> None:
+        self.master_end.shutdown(socket.SHUT_RDWR)
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("worker %d did not exit within %.1fs; stderr:\n%s"
+                                 % (self.pid, timeout, self.stderr_text()))
+        for t in self._threads[1:]:
+            t.join(5)  # collect the last output lines
+        return code
+
+    def stderr_text(self) -> str:
+        return "\n".join(self.stderr)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Cleanup: SIGKILL our own child by pid if it is still there."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.master_end.close()
+
+
+# -- HTTP client helpers ---------------------------------------------------------------------
+class _NoClose:
+    """A shared buffered reader that http.client cannot close between responses."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+
+    def makefile(self, *args: Any, **kwargs: Any) -> "_NoClose":
+        return self
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+class Client:
+    """One raw connection; reads responses with http.client's parser from a shared buffer."""
+
+    def __init__(self, port: int = 0, unix_path: str = "", timeout: float = 10.0) -> None:
+        if unix_path:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(unix_path)
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.reader = _NoClose(self.sock.makefile("rb"))
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self, method: str = "GET") -> Tuple[int, http.client.HTTPMessage, bytes]:
+        r = http.client.HTTPResponse(self.reader, method=method)  # type: ignore[arg-type]
+        r.begin()
+        body = r.read()
+        return r.status, r.msg, body
+
+    def request(self, path: str = "/", method: str = "GET", headers: str = "",
+                body: bytes = b"") -> Tuple[int, http.client.HTTPMessage, bytes]:
+        extra = "Content-Length: %d\r\n" % len(body) if body else ""
+        self.send(("%s %s HTTP/1.1\r\nHost: test\r\n%s%s\r\n" % (method, path, headers, extra))
+                  .encode() + body)
+        return self.response(method)
+
+    def read_all(self, timeout: float = 10.0) -> bytes:
+        """Everything until EOF (bounded)."""
+        self.sock.settimeout(timeout)
+        chunks = []
+        while True:
+            try:
+                data = self.reader.read1(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self.reader._f.close()  # the makefile() holds the fd open until it is closed too
+        self.sock.close()
+
+
+def get(port: int, path: str = "/", timeout: float = 10.0) -> Tuple[int, bytes]:
+    c = Client(port, timeout=timeout)
+    try:
+        status, _, body = c.request(path, headers="Connection: close\r\n")
+        return status, body
+    finally:
+        c.close()
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes and read until the server closes (bounded)."""
+    c = Client(port, timeout=timeout)
+    try:
+        c.send(data)
+        return c.read_all(timeout)
+    finally:
+        c.close()
+
+
+class LoadPool:
+    """Keep-alive clients hammering the shared listener for a bounded time."""
+
+    def __init__(self, port, clients=16, seconds=30.0, expect=b"hello"):
+        self.port = port
+        self.expect = expect
+        self.stop_at = time.monotonic() + seconds
+        self.stopped = threading.Event()
+        self.ok = 0
+        self.errors = []
+        self.closes_seen = 0
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def run(self):
+        c = None
+        while not self.stopped.is_set() and time.monotonic() < self.stop_at:
+            try:
+                if c is None:
+                    c = Client(self.port, timeout=10)
+                status, headers, body = c.request("/")
+                if status != 200 or body != self.expect:
+                    raise AssertionError("bad response %s %r" % (status, body[:50]))
+                with self.lock:
+                    self.ok += 1
+                if (headers["Connection"] or "").lower() == "close":
+                    with self.lock:
+                        self.closes_seen += 1
+                    c.close()
+                    c = None
+            except Exception as exc:  # every client-visible failure counts
+                with self.lock:
+                    self.errors.append(repr(exc))
+                if c is not None:
+                    c.close()
+                c = None
+        if c is not None:
+            c.close()
+
+    def finish(self):
+        self.stopped.set()
+        for t in self.threads:
+            t.join(15)

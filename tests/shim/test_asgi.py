@@ -1,0 +1,125 @@
+"""ASGI through uvicorn's protocols under the shim's control: lifespan, HTTP, WebSocket, drain."""
+import asyncio
+import json
+import os
+
+import pytest
+import websockets
+
+import time
+
+from harness import APPS_DIR, Client, LoadPool, get, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def spawn_asgi(spawn, **kw):
+    return spawn("asgi_app:app", interface="asgi", health_path="/healthz", **kw)
+
+
+def test_lifespan_http_and_websocket(listeners, spawn, tmp_path):
+    marker = tmp_path / "shutdown"
+    w = spawn_asgi(spawn, env={"ASGI_SHUTDOWN_MARKER": str(marker),
+                               "NOTIFY_SOCKET": "/run/x"}).wait_ready()
+    assert get(listeners.port, "/") == (200, b"asgi hello")
+    state = json.loads(get(listeners.port, "/state")[1])
+    assert state == {"started": True, "stopped": False, "notify": None}
+
+    c = Client(listeners.port)
+    status, _, body = c.request("/echo", method="POST", body=b"ping")
+    assert (status, body) == (200, b"ping")
+    c.close()
+
+    async def ws_roundtrip():
+        async with websockets.connect("ws://127.0.0.1:%d/ws" % listeners.port) as ws:
+            await ws.send("hi")
+            return await asyncio.wait_for(ws.recv(), 5)
+
+    assert asyncio.run(ws_roundtrip()) == "echo:hi"
+    beat = wait_until(lambda: [m for m in w.find("WATCHDOG") if int(m["REQUESTS"]) >= 3], 10,
+                      "ASGI heartbeat counting requests")[0]
+    assert beat["INFLIGHT"] == "0"
+    w.drain()
+    assert w.wait_exit() == 0
+    assert marker.read_text() == "stopped"  # lifespan shutdown ran
+
+
+def test_asgi_unix_socket(listeners, spawn):
+    spawn_asgi(spawn).wait_ready()
+    c = Client(unix_path=listeners.unix_path)
+    assert c.request("/")[2] == b"asgi hello"
+    c.close()
+
+
+def test_asgi_version_header(listeners, spawn):
+    spawn_asgi(spawn, overrides={"http": {"version_header": "X-Molt-Version"}}).wait_ready()
+    c = Client(listeners.port)
+    _, headers, _ = c.request("/")
+    assert headers["X-Molt-Version"] == "v1"
+    c.close()
+
+
+def test_asgi_drain_under_load_zero_errors(listeners, spawn):
+    a = spawn_asgi(spawn, slot=0).wait_ready()
+    b = spawn_asgi(spawn, slot=1).wait_ready()
+    slow = Client(listeners.port)
+    slow.send(b"GET /slow?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+    load = LoadPool(listeners.port, clients=12, expect=b"asgi hello")
+    wait_until(lambda: load.ok > 300, 20, "load to ramp up")
+    wait_until(lambda: [m for m in a.find("WATCHDOG") if int(m["REQUESTS"]) > 20], 20,
+               "load on worker A")
+    a.drain()
+    assert a.wait_exit(20) == 0
+    before = load.ok
+    wait_until(lambda: load.ok > before + 300, 20, "load continuing on B")
+    load.finish()
+    status, _, body = slow.response()  # whichever worker had it, it completes
+    assert (status, body) == (200, b"slow done")
+    slow.close()
+    assert load.errors == []
+    assert load.closes_seen >= 1
+    assert b.alive()
+
+
+def test_asgi_inflight_request_finishes_with_connection_close(listeners, spawn):
+    a = spawn_asgi(spawn).wait_ready()
+    c = Client(listeners.port)
+    c.send(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+    wait_until(lambda: [m for m in a.find("WATCHDOG") if m["INFLIGHT"] == "1"], 10, "in flight")
+    a.drain()
+    status, headers, body = c.response()
+    assert (status, body) == (200, b"slow done")
+    assert headers["connection"] == "close"
+    assert c.read_all(5) == b""  # then a clean close
+    assert a.wait_exit() == 0
+    c.close()
+
+
+def test_uvicorn_missing_exit_3(listeners, spawn):
+    w = spawn("asgi_app:app", interface="asgi",
+              pythonpath=[os.path.join(APPS_DIR, "uvicorn_missing")])
+    assert w.wait_exit() == 3
+    error = w.wait_message("ERROR")["ERROR"]
+    assert "python3-uvicorn" in error and "pip install uvicorn" in error
+
+
+def test_asgi_warmup_failure_exit_4(listeners, spawn):
+    w = spawn("asgi_app:app", interface="asgi", health_path="/missing")
+    assert w.wait_exit() == 4
+    assert w.wait_message("ERROR")["ERROR"].startswith("warm-up GET /missing answered 404")
+
+
+def test_asgi_slowloris_gets_408_and_silent_idle_is_closed(listeners, spawn):
+    w = spawn_asgi(spawn, overrides={"http": {"header_timeout_ms": 1000},
+                                     "timeouts": {"keepalive_ms": 1000}}).wait_ready()
+    c = Client(listeners.port)
+    t0 = time.monotonic()
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n")
+    raw = c.read_all(10)
+    assert raw.startswith(b"HTTP/1.1 408 Request Timeout") and time.monotonic() - t0 < 5
+    c.close()
+    idle = Client(listeners.port)  # never sends a byte
+    assert idle.read_all(10) == b""
+    idle.close()
+    assert get(listeners.port, "/") == (200, b"asgi hello")
+    assert w.alive()

@@ -1,0 +1,98 @@
+"""Seeded fuzzing: random and mutated requests for a bounded time; the worker must survive."""
+import random
+import socket
+import threading
+import time
+
+import pytest
+
+from harness import get
+
+SEED = 20261121
+DURATION_S = 10.0
+
+CORPUS = [
+    b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /env?a=1&b=2 HTTP/1.1\r\nHost: t\r\nX-A: 1\r\nX-A: 2\r\n\r\n",
+    b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"HEAD / HTTP/1.0\r\n\r\n",
+    b"GET /stream HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    b"POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET http://t/env HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+]
+TOKENS = [b"\r\n", b"\n", b"\r", b":", b" ", b"\x00", b"\xff", b"%", b"%zz", b"chunked",
+          b"Content-Length: ", b"Transfer-Encoding: ", b"-1", b"99999999999999999999",
+          b"ffffffffffffffff", b"\t", b"HTTP/1.1", b"HTTP/9.9", b"0\r\n\r\n"]
+
+
+def mutate(rng: random.Random) -> bytes:
+    kind = rng.random()
+    if kind < 0.1:
+        return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 2000)))
+    data = bytearray(rng.choice(CORPUS) * rng.randint(1, 3))  # sometimes pipelined
+    for _ in range(rng.randint(1, 6)):
+        op = rng.random()
+        pos = rng.randint(0, len(data))
+        if op < 0.3 and data:
+            data[min(pos, len(data) - 1)] = rng.getrandbits(8)
+        elif op < 0.55:
+            data[pos:pos] = rng.choice(TOKENS)
+        elif op < 0.75:
+            del data[pos:pos + rng.randint(1, 20)]
+        elif op < 0.85:
+            data[pos:pos] = bytes([rng.choice(b"aZ9-_/")]) * rng.randint(100, 20000)
+        else:
+            data = data[:pos]
+    return bytes(data)
+
+
+def one_exchange(port: int, rng: random.Random, bad: list) -> None:
+    payload = mutate(rng)
+    s = socket.create_connection(("127.0.0.1", port), timeout=2)
+    try:
+        pos = 0
+        while pos < len(payload):  # random fragmentation exercises incremental parsing
+            step = rng.randint(1, max(1, len(payload)))
+            s.sendall(payload[pos:pos + step])
+            pos += step
+        if rng.random() < 0.5:
+            s.shutdown(socket.SHUT_WR)
+        s.settimeout(1.0)
+        first = s.recv(16)
+        if first and not first.startswith(b"HTTP/1.1 "):
+            bad.append((payload[:200], first))
+    except (OSError, socket.timeout):
+        pass
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(60)
+def test_fuzz_worker_survives(listeners, spawn):
+    w = spawn(overrides={"http": {"header_timeout_ms": 500}}).wait_ready()
+    bad: list = []
+    counts = [0] * 4
+    stop_at = time.monotonic() + DURATION_S
+
+    def runner(i: int) -> None:
+        rng = random.Random(SEED + i)
+        while time.monotonic() < stop_at:
+            one_exchange(listeners.port, rng, bad)
+            counts[i] += 1
+
+    threads = [threading.Thread(target=runner, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DURATION_S + 15)
+    assert sum(counts) > 200
+    assert bad == []
+    assert w.alive()
+    assert get(listeners.port, "/") == (200, b"hello")
+    text = w.stderr_text()
+    assert "internal error" not in text, text[text.find("internal error"):][:3000]
+    w.drain()
+    assert w.wait_exit() == 0
