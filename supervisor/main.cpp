@@ -35,8 +35,8 @@ constexpr int kTimedOut = 75;
 constexpr int kConfigError = 78;
 
 const char* kUsageText = R"(usage:
-  molt run -c molt.yaml
-  molt run MODULE:CALLABLE [--listen URL]... [--workers N] [--threads N]
+  molt run -c molt.yaml [--reload]
+  molt run MODULE:CALLABLE [--reload] [--listen URL]... [--workers N] [--threads N]
            [--interface wsgi|asgi] [--chdir DIR] [--python PATH] [--control SOCKET]
   molt check -c molt.yaml
   molt ctl (-c molt.yaml | --socket PATH) status [--json]
@@ -127,6 +127,7 @@ int cmd_run(const Args& args) {
     options.executable = molt::os::executable_path();
     options.build = build_id();
     options.argv = original_argv;
+    options.dev_reload = args.flags.count("--reload") > 0;
     molt::config::LoadResult loaded;
     if (auto path = option(args, {"-c", "--config"})) {
         if (!args.positional.empty())

@@ -153,6 +153,8 @@ const char* to_string(Trigger trigger) {
             return "reload";
         case Trigger::rollback:
             return "rollback";
+        case Trigger::watch:
+            return "watch";
     }
     return "?";
 }

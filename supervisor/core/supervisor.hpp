@@ -41,7 +41,7 @@ enum class MasterState { starting, running, stopping, stopping_fast, stopped };
 enum class RolloverPhase { idle, preparing, running };
 enum class Signal { abort, kill, interrupt, terminate };
 enum class LogLevel { debug, info, warning, error };
-enum class Trigger { startup, reload, rollback };
+enum class Trigger { startup, reload, rollback, watch };
 // Why a ready worker asks to be replaced. The replacement boots first: capacity never dips.
 enum class RetireReason { max_requests, max_rss, max_lifetime };
 // Why a worker is being stopped or replaced, as counted by metrics.

@@ -14,6 +14,7 @@
 #include <fstream>
 
 #include "supervisor/loop/servers.hpp"
+#include "supervisor/loop/watch.hpp"
 #include "supervisor/loop/worker_process.hpp"
 
 extern char** environ;
@@ -236,6 +237,32 @@ void Master::start_services() {
 
     oom_kills_seen_ = os::oom_kill_count();
     os::set_process_title("molt: master");
+    start_watching();
+}
+
+// `watch:` paths, plus the app's source tree in development mode. Restarted when a reload
+// brings a different list.
+void Master::start_watching() {
+    std::vector<std::string> paths = config_->watch;
+    if (options_.dev_reload) {
+        auto real = os::real_path(config_->chdir);
+        if (os::ok(real)) paths.push_back(std::get<0>(real));
+    }
+    if (paths == watched_ && (watcher_ || paths.empty())) return;
+    if (watcher_) watcher_->close();
+    watcher_.reset();
+    watched_ = paths;
+    if (paths.empty()) return;
+    watcher_ = std::make_unique<Watcher>(&loop_, paths, [this](const std::string& what) {
+        if (what.empty()) {
+            log_.info("watch: files were written but their content is unchanged; no rollover");
+            return;
+        }
+        log_.info(fmt::format("watch: {} changed; starting a rollover", what));
+        request_reload(core::Trigger::watch, std::nullopt);
+    });
+    for (const auto& problem : watcher_->start()) log_.warning(problem);
+    log_.info(fmt::format("watching {} for changes", fmt::join(paths, ", ")));
 }
 
 // ----- the action executor -----------------------------------------------------------------
@@ -564,6 +591,7 @@ core::Actions Master::prepare_release(const core::PrepareRelease& prepare) {
     }
     config_ = next;
     log_.configure(next->logging);
+    start_watching();
     return core_.release_prepared(now(), release);
 }
 
@@ -668,6 +696,7 @@ void Master::begin_shutdown(int code) {
     }
     if (control_) control_->close();
     if (metrics_) metrics_->close();
+    if (watcher_) watcher_->close();
     os::close_listeners(listeners_);
     if (!config_->pidfile.empty()) ::unlink(config_->pidfile.c_str());
     for (auto& [pid, worker] : processes_) close_worker_handles(worker.release());

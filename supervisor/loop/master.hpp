@@ -23,6 +23,7 @@ namespace molt::loop {
 struct WorkerProcess;
 class ControlServer;
 class MetricsServer;
+class Watcher;
 
 struct MasterOptions {
     std::string config_path;  // empty: the config came from the command line
@@ -32,6 +33,7 @@ struct MasterOptions {
     std::string build;              // a digest of the executable, to tell two builds apart
     std::string executable;         // absolute path, for the binary upgrade's re-exec
     std::vector<std::string> argv;  // the original command line, for the same
+    bool dev_reload = false;  // `molt run --reload`: watch the app's source tree
 };
 
 class Master {
@@ -63,6 +65,7 @@ class Master {
 
     core::Time now();
     void start_services();
+    void start_watching();
     void track_process(core::GenerationId generation, core::WorkerId id, int slot, pid_t pid,
                        int channel_fd, int out_fd, int err_fd);
     void feed(core::Actions actions);
@@ -107,6 +110,8 @@ class Master {
     uv_timer_t watchdog_timer_{};
     std::unique_ptr<ControlServer> control_;
     std::unique_ptr<MetricsServer> metrics_;
+    std::unique_ptr<Watcher> watcher_;
+    std::vector<std::string> watched_;
     core::Ticket next_ticket_ = 1;
     std::multimap<core::Ticket, std::function<void(const core::RolloverFinished&)>> waiters_;
     std::map<core::Ticket, core::RolloverFinished> finished_;  // results not yet collected

@@ -207,3 +207,17 @@ def test_unix_listener_closed_on_drain_but_still_bound(listeners, spawn):
     s.settimeout(5)
     s.connect(listeners.unix_path)  # queued in the backlog for the next generation
     s.close()
+
+
+def test_connection_queued_during_drain_is_served_by_the_next_worker(listeners, spawn):
+    # A draining worker closes only its own descriptor: a connection waiting in the shared
+    # backlog is still there for the next generation.
+    old = spawn(generation=1).wait_ready()
+    old.drain()
+    assert old.wait_exit() == 0
+    queued = Client(listeners.port)  # accepted by the kernel, no worker alive right now
+    queued.send(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+    new = spawn(generation=2).wait_ready()
+    status, _, body = queued.response()
+    assert (status, body) == (200, str(new.pid).encode())
+    queued.close()

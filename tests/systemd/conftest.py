@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from conftest_common import molt  # noqa: E402,F401
 from sdtestlib import NotifyListener, SocketActivatedMolt, short_tmpdir  # noqa: E402
 
 

@@ -8,7 +8,6 @@ process, so LISTEN_PID is molt's pid), and a NOTIFY_SOCKET datagram socket.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import struct
@@ -22,7 +21,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from molt_testlib import Molt, Releases, flask_release, molt_bin, wait_until  # noqa: E402
+from molt_testlib import Molt, molt_bin, wait_until  # noqa: E402
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
 
