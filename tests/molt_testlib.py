@@ -66,7 +66,22 @@ def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float
     for line in lines[1:]:
         key, _, value = line.partition(":")
         headers[key.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = dechunk(body)
     return status, headers, body
+
+
+def dechunk(data: bytes) -> bytes:
+    """Decodes a complete chunked body (strictly: a malformed one raises)."""
+    out = b""
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return out
+        out += data[:size]
+        assert data[size:size + 2] == b"\r\n", "chunk not followed by CRLF"
+        data = data[size + 2:]
 
 
 class Molt:

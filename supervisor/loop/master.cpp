@@ -445,8 +445,18 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
     auto out_pipe = std::get<os::Pipe>(out);
     auto err_pipe = std::get<os::Pipe>(err);
 
+    auto program = os::find_program(config.python);
+    if (!os::ok(program)) {
+        os::close_fd(master_end);
+        os::close_fd(worker_end);
+        for (int fd :
+             {out_pipe.read_end, out_pipe.write_end, err_pipe.read_end, err_pipe.write_end}) {
+            os::close_fd(fd);
+        }
+        return fail(os::error_of(program));
+    }
     os::SpawnRequest request;
-    request.program = config.python;
+    request.program = std::get<0>(program);
     request.argv = {config.python, "-m", "molt_shim"};
     for (const auto& listener : listeners_) request.fds.push_back(listener.fd);
     request.fds.push_back(worker_end);
@@ -455,7 +465,9 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
     request.env = worker_environment(spawn, json);
     request.stdout_fd = out_pipe.write_end;
     request.stderr_fd = err_pipe.write_end;
-    request.cwd = spawn.release.release_dir;
+    // A release shipped as one archive (zip, .pyz) runs from the directory that holds it.
+    const std::string& dir = spawn.release.release_dir;
+    request.cwd = os::is_regular_file(dir) ? dir.substr(0, dir.rfind('/')) : dir;
     std::string identity_error;
     if (!config.user.empty()) {
         gid_t primary = 0;

@@ -173,6 +173,27 @@ unsigned long long resident_bytes(pid_t pid) {
     return resident * static_cast<unsigned long long>(sysconf(_SC_PAGESIZE));
 }
 
+Result<std::string> find_program(const std::string& name) {
+    if (name.find('/') != std::string::npos) return name;
+    const char* path = std::getenv("PATH");
+    std::string dirs = path ? path : "/usr/local/bin:/usr/bin:/bin";
+    std::size_t start = 0;
+    while (start <= dirs.size()) {
+        std::size_t end = dirs.find(':', start);
+        if (end == std::string::npos) end = dirs.size();
+        std::string dir = dirs.substr(start, end - start);
+        std::string candidate = (dir.empty() ? "." : dir) + "/" + name;
+        if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+        start = end + 1;
+    }
+    return Error{name + ": not found in PATH (" + dirs + ")"};
+}
+
+bool is_regular_file(const std::string& path) {
+    struct stat st {};
+    return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
 Result<std::string> real_path(const std::string& path) {
     char buffer[PATH_MAX];
     if (::realpath(path.c_str(), buffer) == nullptr)

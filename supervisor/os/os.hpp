@@ -78,6 +78,13 @@ unsigned long long oom_kill_count();
 // Resident set size of a process in bytes (/proc/PID/statm); 0 when unknown.
 unsigned long long resident_bytes(pid_t pid);
 
+// A program named without a slash is looked up in PATH, as execvp would; with a slash it is
+// returned as is. An error names what was searched.
+Result<std::string> find_program(const std::string& name);
+
+// Whether a path is a regular file (a zip or .pyz release rather than a directory).
+bool is_regular_file(const std::string& path);
+
 // realpath(3) as a Result.
 Result<std::string> real_path(const std::string& path);
 
