@@ -249,7 +249,10 @@ class Wrk:
                  extra: Optional[list[str]] = None):
         self.duration = duration
         self.proc = subprocess.Popen(
+            # A request answered late is latency, measured by bench/; a request not answered
+            # within 10 s counts as failed.
             ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
+             "--timeout", "10s",
              *(extra or []), url],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
