@@ -338,9 +338,8 @@ Actions Supervisor::spawn_failed(Time now, WorkerId id, const std::string& error
     status.code = 127;
     it->second.error = "could not start the worker process: " + error;
     // A worker that never ran is treated exactly like one that died at once.
-    it->second.pid = -static_cast<Pid>(id);  // a pid no real process has
-    auto actions = exited(now, it->second.pid, status, "");
-    return actions;
+    worker_ended(now, it->second, status, "");
+    return take();
 }
 
 Actions Supervisor::message(Time now, Pid pid, const std::string& text) {
@@ -413,6 +412,14 @@ Actions Supervisor::exited(Time now, Pid pid, const ExitStatus& status,
                            const std::string& stderr_tail) {
     Worker* worker = find_by_pid(pid);
     if (worker == nullptr) return take();
+    worker_ended(now, *worker, status, stderr_tail);
+    return take();
+}
+
+void Supervisor::worker_ended(Time now, Worker& ended, const ExitStatus& status,
+                              const std::string& stderr_tail) {
+    Worker* worker = &ended;
+    Pid pid = worker->pid;
     Generation* gen = find_generation(worker->generation);
     WorkerState was = worker->state;
     set_state(now, *worker, WorkerState::exited, status.describe());
@@ -420,8 +427,10 @@ Actions Supervisor::exited(Time now, Pid pid, const ExitStatus& status,
     if (gen->state == GenerationState::starting) {
         // Any death in a generation that is not live yet fails it: the release is broken.
         std::string detail = !worker->error.empty() ? worker->error : last_line(stderr_tail);
+        std::string who = pid > 0 ? fmt::format("worker slot={} pid={}", worker->slot, pid)
+                                  : fmt::format("worker slot={}", worker->slot);
         std::string reason =
-            fmt::format("worker slot={} pid={} {} {}", worker->slot, pid, status.describe(),
+            fmt::format("{} {} {}", who, status.describe(),
                         was == WorkerState::ready ? "after READY" : "before READY");
         if (!detail.empty()) reason += ": " + detail;
         fail_generation(now, *gen, reason);
@@ -436,7 +445,6 @@ Actions Supervisor::exited(Time now, Pid pid, const ExitStatus& status,
     }
     workers_.erase(worker->id);
     reconcile(now);
-    return take();
 }
 
 Actions Supervisor::signal_failed(Time now, Pid pid, bool no_such_process,
@@ -545,6 +553,7 @@ void Supervisor::reconcile(Time now) {
                 set_state(now, gen, GenerationState::gone, "its last worker exited");
             }
             gen.ended_at = now;
+            record_history(gen);
         }
     }
     std::erase_if(generations_, [&](const auto& entry) {
@@ -918,7 +927,11 @@ void Supervisor::on_crash(Time now, Worker& worker, Generation& gen, const ExitS
             std::min(policy_.backoff_cap, policy_.backoff_base * (std::int64_t{1} << doublings));
     }
     health.not_before = now + delay;
-    std::string detail = !worker.error.empty() ? worker.error : last_line(stderr_tail);
+    // The last stderr line explains a worker that never became ready; after READY it is
+    // usually an unrelated access or info line, so only the worker's own ERROR= is quoted.
+    std::string detail = !worker.error.empty() ? worker.error
+                         : worker.ready_at     ? std::string()
+                                               : last_line(stderr_tail);
     log(LogLevel::error,
         fmt::format("worker slot={} {} ({}); replacing it in {}{}", worker.slot, status.describe(),
                     to_string(reason), ms(delay), detail.empty() ? "" : ": " + detail),

@@ -281,6 +281,8 @@ class Supervisor {
     void set_state(Time now, Generation& gen, GenerationState next, const std::string& why);
     void drain(Time now, Worker& worker, const std::string& why);
     void send_signal(Worker& worker, Signal signal, const std::string& reason);
+    void worker_ended(Time now, Worker& worker, const ExitStatus& status,
+                      const std::string& stderr_tail);
     void on_crash(Time now, Worker& worker, Generation& gen, const ExitStatus& status,
                   const std::string& stderr_tail);
     void record_history(const Generation& gen);

@@ -184,7 +184,13 @@ int Master::run() {
     if (!config_->pidfile.empty()) {
         std::ofstream(config_->pidfile) << getpid() << "\n";
     }
-    start_services();
+    if (auto error = start_services(); !error.empty()) {
+        // Like a busy listen address: stop before any worker starts, and say why.
+        log_.error("cannot start: " + error);
+        begin_shutdown(1);
+        uv_run(&loop_, UV_RUN_DEFAULT);  // lets libuv finish closing what was opened
+        return 1;
+    }
     log_.info(fmt::format("molt {} master pid={} starting {} worker(s) of {}", options_.version,
                           getpid(), config_->workers, config_->app));
     feed(core_.start(now(), release));
@@ -194,7 +200,7 @@ int Master::run() {
 
 // Signals, timers, the control socket and the metrics endpoint: the same for a fresh start and
 // for an image that adopted its predecessor's workers.
-void Master::start_services() {
+std::string Master::start_services() {
     for (int signum :
          {SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD}) {
         uv_signal_t& handle = signals_[signum];
@@ -210,7 +216,9 @@ void Master::start_services() {
     std::uint64_t watchdog_usec = 0;
     uv_timer_init(&loop_, &watchdog_timer_);
     watchdog_timer_.data = this;
-    if (sd_watchdog_enabled(1, &watchdog_usec) > 0 && watchdog_usec > 0) {
+    // 0: keep WATCHDOG_USEC in our environment, so an image re-executed by a binary upgrade
+    // keeps pinging. Workers never see it (worker_environment strips WATCHDOG_*).
+    if (sd_watchdog_enabled(0, &watchdog_usec) > 0 && watchdog_usec > 0) {
         // Pinged from the loop itself: if the loop stalls, systemd notices.
         std::uint64_t every = std::max<std::uint64_t>(watchdog_usec / 2000, 1);
         uv_timer_start(
@@ -223,21 +231,18 @@ void Master::start_services() {
         control_ = std::make_unique<ControlServer>(*this);
         if (auto error = control_->listen(config_->control.socket, config_->control.mode);
             !error.empty()) {
-            log_.error("control socket disabled: " + error);
-            control_.reset();
+            return error;
         }
     }
     if (config_->metrics.listen) {
         metrics_ = std::make_unique<MetricsServer>(*this);
-        if (auto error = metrics_->listen(*config_->metrics.listen); !error.empty()) {
-            log_.error("metrics endpoint disabled: " + error);
-            metrics_.reset();
-        }
+        if (auto error = metrics_->listen(*config_->metrics.listen); !error.empty()) return error;
     }
 
     oom_kills_seen_ = os::oom_kill_count();
     os::set_process_title("molt: master");
     start_watching();
+    return {};
 }
 
 // `watch:` paths, plus the app's source tree in development mode. Restarted when a reload
@@ -540,7 +545,15 @@ std::vector<std::string> Master::worker_environment(const core::SpawnWorker& spa
                                                     const std::string& config_json) const {
     const config::Config& config = *spawn.release.config;
     std::vector<std::string> env;
+    // The shim's directory first, then the config's `env: {PYTHONPATH: ...}`, which wins over
+    // the master's own PYTHONPATH as any configured variable does.
     std::string pythonpath = options_.shim_dir;
+    auto configured = config.env.find("PYTHONPATH");
+    const char* inherited = std::getenv("PYTHONPATH");
+    std::string extra = configured != config.env.end() ? configured->second
+                        : inherited                    ? inherited
+                                                       : "";
+    if (!extra.empty()) pythonpath += ":" + extra;
     for (char** entry = environ; *entry; ++entry) {
         std::string item(*entry);
         // systemd's variables are the master's alone: a worker must never notify systemd or
@@ -549,16 +562,14 @@ std::vector<std::string> Master::worker_environment(const core::SpawnWorker& spa
             starts_with(item, "WATCHDOG_") || starts_with(item, "MOLT_")) {
             continue;
         }
-        if (starts_with(item, "PYTHONPATH=")) {
-            std::string old = item.substr(11);
-            if (!old.empty()) pythonpath += ":" + old;
-            continue;
-        }
+        if (starts_with(item, "PYTHONPATH=")) continue;  // composed below
         std::string key = item.substr(0, item.find('='));
         if (config.env.count(key)) continue;
         env.push_back(std::move(item));
     }
-    for (const auto& [key, value] : config.env) env.push_back(key + "=" + value);
+    for (const auto& [key, value] : config.env) {
+        if (key != "PYTHONPATH") env.push_back(key + "=" + value);
+    }
     std::string fds, names;
     for (std::size_t i = 0; i < listeners_.size(); ++i) {
         fds += (i ? "," : "") + std::to_string(3 + i);

@@ -33,7 +33,7 @@ struct MasterOptions {
     std::string build;              // a digest of the executable, to tell two builds apart
     std::string executable;         // absolute path, for the binary upgrade's re-exec
     std::vector<std::string> argv;  // the original command line, for the same
-    bool dev_reload = false;  // `molt run --reload`: watch the app's source tree
+    bool dev_reload = false;        // `molt run --reload`: watch the app's source tree
 };
 
 class Master {
@@ -64,7 +64,7 @@ class Master {
     friend struct WorkerProcess;
 
     core::Time now();
-    void start_services();
+    std::string start_services();  // the error that prevents starting, if any
     void start_watching();
     void track_process(core::GenerationId generation, core::WorkerId id, int slot, pid_t pid,
                        int channel_fd, int out_fd, int err_fd);

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "supervisor/loop/master.hpp"
+#include "supervisor/os/os.hpp"
 
 namespace molt::loop {
 
@@ -146,35 +147,19 @@ void OneShotServer::close() {
 // ----- control -----------------------------------------------------------------------------
 
 std::string ControlServer::listen(const std::string& path, std::uint32_t mode) {
-    path_ = path;
+    // Bound like any listener: a live socket at the path is an error, a stale file is replaced.
+    config::ListenAddress address;
+    address.kind = config::ListenAddress::Kind::unix_path;
+    address.path = path;
+    address.text = "unix:" + path;
+    address.mode = mode;
+    address.backlog = 128;
+    auto opened = os::open_listeners({address});
+    if (!os::ok(opened)) return "control.socket: " + os::error_of(opened);
+    int fd = std::get<0>(opened).front().fd;
     uv_pipe_init(master_.loop(), &pipe_, 0);
-    // A stale socket file from a master that died is replaced; a live one is not (bind fails
-    // only if the file exists, so check whether anyone answers first).
-    uv_fs_t req;
-    if (uv_fs_lstat(nullptr, &req, path.c_str(), nullptr) == 0) {
-        uv_fs_req_cleanup(&req);
-        int probe = ::socket(AF_UNIX, SOCK_STREAM, 0);
-        sockaddr_un sun{};
-        sun.sun_family = AF_UNIX;
-        std::snprintf(sun.sun_path, sizeof sun.sun_path, "%s", path.c_str());
-        bool live = ::connect(probe, reinterpret_cast<sockaddr*>(&sun), sizeof sun) == 0;
-        ::close(probe);
-        if (live) {
-            uv_close(reinterpret_cast<uv_handle_t*>(&pipe_), nullptr);
-            return path + ": another master is answering on this control socket";
-        }
-        ::unlink(path.c_str());
-    } else {
-        uv_fs_req_cleanup(&req);
-    }
-    mode_t old = ::umask(0177);
-    int rc = uv_pipe_bind(&pipe_, path.c_str());
-    ::umask(old);
-    if (rc != 0) {
-        uv_close(reinterpret_cast<uv_handle_t*>(&pipe_), nullptr);
-        return fmt::format("bind({}) failed: {}", path, uv_strerror(rc));
-    }
-    ::chmod(path.c_str(), mode);
+    uv_pipe_open(&pipe_, fd);
+    path_ = path;  // ours from now on: removed when the master exits
     return start(reinterpret_cast<uv_stream_t*>(&pipe_));
 }
 
@@ -225,6 +210,11 @@ void ControlServer::handle(const std::shared_ptr<Connection>& connection,
             }
             trigger = core::Trigger::rollback;
         }
+        auto state = master_.core().state();
+        if (state != core::MasterState::running && state != core::MasterState::starting) {
+            error("the master is stopping; no rollover will start");
+            return;
+        }
         core::Ticket ticket = master_.request_reload(trigger, target);
         if (!wait) {
             reply(json{{"ok", true},
@@ -262,42 +252,31 @@ void ControlServer::handle(const std::shared_ptr<Connection>& connection,
 // ----- metrics -----------------------------------------------------------------------------
 
 std::string MetricsServer::listen(const config::ListenAddress& address) {
-    int rc = 0;
+    auto opened = os::open_listeners({address});
+    if (!os::ok(opened)) return "metrics.listen: " + os::error_of(opened);
+    const os::Listener& listener = std::get<0>(opened).front();
     if (address.kind == config::ListenAddress::Kind::unix_path) {
         uv_pipe_init(master_.loop(), &pipe_, 0);
-        ::unlink(address.path.c_str());
-        rc = uv_pipe_bind(&pipe_, address.path.c_str());
-        if (rc != 0) return fmt::format("bind({}) failed: {}", address.text, uv_strerror(rc));
-        return start(reinterpret_cast<uv_stream_t*>(&pipe_));
+        uv_pipe_open(&pipe_, listener.fd);
+        path_ = address.path;
+    } else {
+        uv_tcp_init(master_.loop(), &tcp_);
+        uv_tcp_open(&tcp_, listener.fd);
     }
-    uv_tcp_init(master_.loop(), &tcp_);
-    sockaddr_storage storage{};
-    std::string host = address.host.empty() ? "0.0.0.0" : address.host;
-    if (uv_ip4_addr(host.c_str(), address.port, reinterpret_cast<sockaddr_in*>(&storage)) != 0 &&
-        uv_ip6_addr(host.c_str(), address.port, reinterpret_cast<sockaddr_in6*>(&storage)) != 0) {
-        return "metrics.listen: " + host + " is not a numeric IP address";
-    }
-    rc = uv_tcp_bind(&tcp_, reinterpret_cast<sockaddr*>(&storage), 0);
-    if (rc != 0) return fmt::format("bind({}) failed: {}", address.text, uv_strerror(rc));
-    auto error = start(reinterpret_cast<uv_stream_t*>(&tcp_));
+    std::string error = start(address.kind == config::ListenAddress::Kind::unix_path
+                                  ? reinterpret_cast<uv_stream_t*>(&pipe_)
+                                  : reinterpret_cast<uv_stream_t*>(&tcp_));
     if (error.empty()) {
-        sockaddr_storage bound{};
-        int length = sizeof bound;
-        uv_tcp_getsockname(&tcp_, reinterpret_cast<sockaddr*>(&bound), &length);
-        char ip[64] = {};
-        int port = 0;
-        if (bound.ss_family == AF_INET) {
-            auto* in = reinterpret_cast<sockaddr_in*>(&bound);
-            uv_ip4_name(in, ip, sizeof ip);
-            port = ntohs(in->sin_port);
-        } else {
-            auto* in6 = reinterpret_cast<sockaddr_in6*>(&bound);
-            uv_ip6_name(in6, ip, sizeof ip);
-            port = ntohs(in6->sin6_port);
-        }
-        master_.log().info(fmt::format("metrics on http://{}:{}/metrics", ip, port));
+        std::string where = listener.bound.rfind("tcp://", 0) == 0
+                                ? "http://" + listener.bound.substr(6)
+                                : listener.bound;
+        master_.log().info(fmt::format("metrics on {}/metrics", where));
     }
     return error;
+}
+
+MetricsServer::~MetricsServer() {
+    if (!path_.empty()) ::unlink(path_.c_str());
 }
 
 bool MetricsServer::complete(const std::string& request) const {

@@ -85,6 +85,7 @@ class MetricsServer : public OneShotServer {
   public:
     using OneShotServer::OneShotServer;
     std::string listen(const config::ListenAddress& address);
+    ~MetricsServer() override;
 
   private:
     bool complete(const std::string& request) const override;
@@ -94,6 +95,7 @@ class MetricsServer : public OneShotServer {
 
     uv_tcp_t tcp_{};
     uv_pipe_t pipe_{};
+    std::string path_;
 };
 
 }  // namespace molt::loop

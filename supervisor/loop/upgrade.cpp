@@ -62,7 +62,15 @@ void Master::begin_upgrade() {
         request.argv.push_back("-c");
         request.argv.push_back(options_.config_path);
     }
-    for (char** entry = environ; *entry; ++entry) request.env.emplace_back(*entry);
+    // The check child is not the service: it must not talk to systemd or take its sockets.
+    for (char** entry = environ; *entry; ++entry) {
+        std::string item = *entry;
+        if (item.rfind("NOTIFY_SOCKET=", 0) == 0 || item.rfind("LISTEN_", 0) == 0 ||
+            item.rfind("WATCHDOG_", 0) == 0) {
+            continue;
+        }
+        request.env.push_back(std::move(item));
+    }
     request.stdout_fd = write_end;
     request.stderr_fd = write_end;
     auto pid = os::spawn_process(request);
@@ -282,7 +290,10 @@ int Master::run_adopted(const std::string& text) {
     adopted.rollovers_ok = state.value("rollovers_ok", std::uint64_t{0});
     adopted.rollovers_failed = state.value("rollovers_failed", std::uint64_t{0});
 
-    start_services();
+    if (auto error = start_services(); !error.empty()) {
+        // The workers are serving; losing the control socket must not take them down.
+        log_.error("after the binary upgrade: " + error);
+    }
     log_.info(fmt::format("binary upgrade complete: now molt {} build {} (was build {}), pid {}",
                           options_.version, options_.build, state.value("from_build", "?"),
                           getpid()));

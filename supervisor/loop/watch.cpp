@@ -61,7 +61,7 @@ std::uint64_t hash_tree(std::uint64_t hash, const std::string& dir, const std::s
     std::sort(names.begin(), names.end());
     for (const auto& name : names) {
         std::string path = dir + "/" + name;
-        struct stat st{};
+        struct stat st {};
         if (::lstat(path.c_str(), &st) != 0) continue;
         hash = fnv(hash, rel + "/" + name + "\n");
         if (S_ISDIR(st.st_mode)) {
@@ -84,7 +84,9 @@ std::string parent_of(const std::string& path) {
     return path.substr(0, slash);
 }
 
-std::string name_of(const std::string& path) { return path.substr(path.rfind('/') + 1); }
+std::string name_of(const std::string& path) {
+    return path.substr(path.rfind('/') + 1);
+}
 
 }  // namespace
 
@@ -97,13 +99,17 @@ struct Watcher::Handle {
 
 Watcher::Watcher(uv_loop_t* loop, std::vector<std::string> paths, OnChange on_change,
                  std::uint64_t debounce_ms)
-    : loop_(loop), paths_(std::move(paths)), on_change_(std::move(on_change)),
+    : loop_(loop),
+      paths_(std::move(paths)),
+      on_change_(std::move(on_change)),
       debounce_ms_(debounce_ms) {}
 
-Watcher::~Watcher() { close(); }
+Watcher::~Watcher() {
+    close();
+}
 
 std::string Watcher::fingerprint(const std::string& path) {
-    struct stat st{};
+    struct stat st {};
     if (::lstat(path.c_str(), &st) != 0) return "missing";
     if (S_ISLNK(st.st_mode)) {
         char target[PATH_MAX];
@@ -122,7 +128,7 @@ std::vector<std::string> Watcher::start() {
     timer_.data = this;
     for (const auto& path : paths_) {
         fingerprints_[path] = fingerprint(path);
-        struct stat st{};
+        struct stat st {};
         bool is_dir = ::lstat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
         if (is_dir) {
             watch_tree(path);
@@ -130,8 +136,8 @@ std::vector<std::string> Watcher::start() {
             // A symlink or file is replaced by rename: only its directory sees that.
             std::string parent = parent_of(path);
             if (::access(parent.c_str(), F_OK) != 0) {
-                problems.push_back(fmt::format("watch: {}: its directory {} does not exist", path,
-                                               parent));
+                problems.push_back(
+                    fmt::format("watch: {}: its directory {} does not exist", path, parent));
                 continue;
             }
             watch_directory(parent, name_of(path));
@@ -175,7 +181,7 @@ void Watcher::watch_tree(const std::string& root) {
         std::string name = entry->d_name;
         if (name == "." || name == ".." || ignored(name)) continue;
         std::string path = root + "/" + name;
-        struct stat st{};
+        struct stat st {};
         if (::lstat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) subdirs.push_back(path);
     }
     ::closedir(d);
@@ -193,7 +199,7 @@ void Watcher::on_event(const std::string& dir, const char* name) {
     }
     // A new subdirectory of a watched tree needs its own watch.
     std::string path = dir + "/" + entry;
-    struct stat st{};
+    struct stat st {};
     if (handle.names.empty() && ::lstat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
         watch_tree(path);
     }

@@ -20,7 +20,7 @@
 namespace molt::loop {
 
 class Watcher {
-public:
+  public:
     // Called once per settled burst of events: with the changed paths, or with "" when files
     // were written but every fingerprint is as it was.
     using OnChange = std::function<void(const std::string& what)>;
@@ -35,7 +35,7 @@ public:
     // The fingerprint of one watched path as defined above. Public for tests and logs.
     static std::string fingerprint(const std::string& path);
 
-private:
+  private:
     struct Handle;
     void watch_directory(const std::string& dir, const std::string& only_name);
     void watch_tree(const std::string& root);
@@ -47,7 +47,7 @@ private:
     OnChange on_change_;
     std::uint64_t debounce_ms_;
     std::map<std::string, std::unique_ptr<Handle>> handles_;  // by watched directory
-    std::map<std::string, std::string> fingerprints_;        // by watched path
+    std::map<std::string, std::string> fingerprints_;         // by watched path
     uv_timer_t timer_{};
     bool closed_ = false;
 };

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import os
 import struct
 import subprocess
 import sys
@@ -55,13 +56,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_is_bound(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def listening_tcp_ports(pid: int) -> set[int]:
+    """TCP ports that process `pid` itself has listening sockets on (from /proc), so that
+    "molt bound nothing" is not confused with someone else using a port."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            s.bind(("127.0.0.1", port))
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
-            return True
-    return False
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for row in f:
+                fields = row.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and inode in inodes:  # 0A: LISTEN
+                    ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
 
 
 def short_tmpdir() -> Path:

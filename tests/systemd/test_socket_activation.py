@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from molt_testlib import Releases, Wrk, flask_release, http_get, molt_bin, wait_until
-from sdtestlib import NotifyListener, env_release, free_port, port_is_bound
+from sdtestlib import NotifyListener, env_release, free_port, listening_tcp_ports
 
 ENV_ROUTE = (
     "import os\n"
@@ -101,7 +101,10 @@ def test_tcp_socket_from_systemd_serves_across_hup_and_ctl_rollovers(activated, 
     assert f"listening on tcp://127.0.0.1:{port} (socket from systemd)" in log
     assert all(line.endswith("(socket from systemd)") for line in listening_lines(log)), log
     assert m.status()["master"]["listen"] == [f"tcp://127.0.0.1:{port}"]
-    assert not port_is_bound(unused), "molt bound its configured address despite LISTEN_FDS"
+    # The only listening socket the master holds is systemd's.
+    assert listening_tcp_ports(m.pid) == {port}, "molt bound an address despite LISTEN_FDS"
+    for worker in m.worker_pids():  # workers accept on the inherited socket, never bind
+        assert listening_tcp_ports(worker) == {port}
     # The adopted socket was matched to the `listen:` entry named `web`.
     assert re.search(r"ready: app:app .* on web$", log, re.M), log
 
@@ -127,7 +130,7 @@ def test_tcp_socket_from_systemd_serves_across_hup_and_ctl_rollovers(activated, 
 
     # Still only the one socket from systemd, still nothing bound by molt itself.
     assert len(listening_lines(m.log())) == 1, m.log()
-    assert not port_is_bound(unused)
+    assert listening_tcp_ports(m.pid) == {port}
     assert m.stop() == 0
 
 
@@ -250,3 +253,28 @@ def test_listen_fds_for_another_pid_are_ignored_and_molt_binds_itself(molt, tmp_
     assert m.get("/env")[2].decode().strip().startswith(
         "NOTIFY_SOCKET=None;LISTEN_FDS=None;LISTEN_PID=None;LISTEN_FDNAMES=None")
     assert m.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_sockets_from_systemd_survive_a_binary_upgrade(activated, tmp_path, short_dir):
+    """SIGUSR2 re-executes the master in place (LISTEN_PID stays right); the adopted socket
+    is carried over, still marked as systemd's, so stop still leaves its file alone."""
+    releases = env_layout(tmp_path, versions=("a", "b"))
+    path = str(short_dir / "web.sock")
+    config = {"app": "app:application", "chdir": str(releases.current),
+              "version_file": "REVISION", "timeouts": {"boot": "20s"},
+              "listen": [{"address": f"unix:{path}", "name": "web"}]}
+    m = activated(config, [path], fdnames=["web"]).start()
+    inode = os.stat(path).st_ino
+    assert http_get(0, "/", unix=path, timeout=60)[2] == b"version a\n"
+    m.wait_exec()
+    m.wait_live()
+    os.kill(m.pid, signal.SIGUSR2)
+    wait_until(lambda: "binary upgrade complete" in m.log(), 30, "the binary upgrade",
+               on_timeout=m.log)
+    assert http_get(0, "/", unix=path)[2] == b"version a\n"
+    releases.activate("b")
+    hup_and_wait(m, "a rollover after the upgrade")
+    wait_serving("b", unix=path)
+    assert m.stop() == 0
+    assert os.lstat(path).st_ino == inode
