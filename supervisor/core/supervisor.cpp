@@ -354,6 +354,10 @@ Actions Supervisor::message(Time now, Pid pid, const std::string& text) {
         log(LogLevel::error, fmt::format("worker slot={} reports: {}", worker->slot, worker->error),
             gen->id, pid);
     }
+    if (fields.count("STOPPING") && worker->state == WorkerState::draining &&
+        !worker->stopped_accepting_at) {
+        worker->stopped_accepting_at = now;
+    }
     if (fields.count("READY") && worker->state == WorkerState::booting) {
         if (now >= worker->boot_deadline) {
             // Too late: the deadline already decided. reconcile() fails or kills it.
@@ -485,6 +489,9 @@ Actions Supervisor::stop(Time now, bool fast) {
     if (rollover_phase_ == RolloverPhase::preparing) {
         finish_rollover(now, 0, false, "the master is stopping");
     }
+    if (rollover_phase_ == RolloverPhase::finishing) {
+        finish_rollover(now, finishing_generation_, true, "");  // it did go live
+    }
     if (live_) retire_generation(now, generations_.at(*live_));
 
     for (auto& [id, worker] : workers_) {
@@ -564,6 +571,7 @@ void Supervisor::reconcile(Time now) {
     if (stopping) {
         finish_stop_if_done(now);
     } else {
+        maybe_finish_rollover(now);
         maybe_start_queued_rollover(now);
     }
     update_status();
@@ -802,7 +810,27 @@ void Supervisor::go_live(Time now, Generation& gen) {
     if (previous) retire_generation(now, generations_.at(*previous));
     record_history(gen);
     if (master_state_ == MasterState::starting) master_state_ = MasterState::running;
-    finish_rollover(now, gen.id, true, "");
+    rollover_phase_ = RolloverPhase::finishing;
+    finishing_generation_ = gen.id;
+    finishing_deadline_ = now + policy_.drain_ack_grace;
+    maybe_finish_rollover(now);
+}
+
+void Supervisor::maybe_finish_rollover(Time now) {
+    if (rollover_phase_ != RolloverPhase::finishing) return;
+    bool confirmed = std::all_of(workers_.begin(), workers_.end(), [](const auto& entry) {
+        const Worker& w = entry.second;
+        return w.state != WorkerState::draining || w.stopped_accepting_at.has_value();
+    });
+    if (!confirmed && now < finishing_deadline_) return;
+    if (!confirmed) {
+        log(LogLevel::warning,
+            fmt::format("some draining workers did not confirm within {} that they stopped "
+                        "accepting (STOPPING=1); reporting the rollover done anyway",
+                        ms(policy_.drain_ack_grace)),
+            finishing_generation_);
+    }
+    finish_rollover(now, finishing_generation_, true, "");
 }
 
 void Supervisor::fail_generation(Time now, Generation& gen, const std::string& reason) {
@@ -1033,6 +1061,7 @@ std::optional<Time> Supervisor::next_deadline() const {
             consider(*worker.ready_at + config.recycle.max_lifetime);
         }
     }
+    if (rollover_phase_ == RolloverPhase::finishing) consider(finishing_deadline_);
     if (live_ && master_state_ == MasterState::running) {
         // A slot waiting out its crash backoff: due when its not_before passes. A slot that
         // already has a worker again is not waiting for anything.

@@ -37,8 +37,11 @@ using Ticket = std::uint64_t;  // identifies one reload request, for `molt ctl r
 enum class WorkerState { spawned, booting, ready, draining, exited };
 enum class GenerationState { starting, live, draining, gone, failed };
 enum class MasterState { starting, running, stopping, stopping_fast, stopped };
-// Where the one rollover at a time stands. `running` means a starting generation exists.
-enum class RolloverPhase { idle, preparing, running };
+// Where the one rollover at a time stands. `running` means a starting generation exists;
+// `finishing` means the new generation is live and the old workers are confirming that they
+// stopped accepting (STOPPING=1), so that `reload --wait` returns only when no old worker can
+// take a new connection.
+enum class RolloverPhase { idle, preparing, running, finishing };
 enum class Signal { abort, kill, interrupt, terminate };
 enum class LogLevel { debug, info, warning, error };
 enum class Trigger { startup, reload, rollback, watch };
@@ -97,6 +100,7 @@ struct Worker {
     // Set once the master has decided to stop this worker (and why): it no longer covers its
     // slot, and no further liveness checks apply to it.
     std::optional<RestartReason> stop_reason;
+    std::optional<Time> stopped_accepting_at;  // when it confirmed a drain with STOPPING=1
     Heartbeat counters;
     std::string error;  // the worker's own ERROR= text
 };
@@ -201,6 +205,7 @@ struct Policy {
     Duration backoff_reset{10000};   // a worker ready this long clears its slot's crash count
     Duration abort_grace{5000};      // SIGABRT -> SIGKILL
     Duration fast_stop_grace{3000};  // SIGINT -> SIGKILL on a fast stop
+    Duration drain_ack_grace{1000};  // how long a rollover waits for old workers' STOPPING=1
     std::size_t history_size = 32;
 };
 
@@ -269,6 +274,7 @@ class Supervisor {
     void reconcile_workers(Time now);
     void finish_stop_if_done(Time now);
     void maybe_start_queued_rollover(Time now);
+    void maybe_finish_rollover(Time now);
 
     void begin_generation(Time now, Release release, Trigger trigger);
     void go_live(Time now, Generation& gen);
@@ -320,6 +326,8 @@ class Supervisor {
     Trigger current_trigger_ = Trigger::startup;
     RolloverPhase rollover_phase_ = RolloverPhase::idle;
     Time rollover_started_at_{0};
+    Time finishing_deadline_{0};
+    GenerationId finishing_generation_ = 0;
     int exit_code_ = 0;
     std::deque<HistoryEntry> history_;
     std::map<RestartReason, std::uint64_t> restarts_;

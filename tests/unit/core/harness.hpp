@@ -50,6 +50,8 @@ struct Harness {
     std::deque<std::optional<Release>> releases;  // answers to PrepareRelease (nullopt: reject)
     Ticket next_ticket = 1;
     std::optional<int> exit_code;
+    // Like the real shim, a worker confirms DRAIN=1 with STOPPING=1 once it stopped accepting.
+    bool workers_confirm_drain = true;
 
     explicit Harness(Policy policy = {}) : sup(policy) {}
 
@@ -70,6 +72,10 @@ struct Harness {
                 releases.pop_front();
                 more = release ? sup.release_prepared(now, *release)
                                : sup.release_rejected(now, "config invalid: bad key");
+            } else if (auto* send = std::get_if<SendToWorker>(&action)) {
+                if (send->message == "DRAIN=1" && workers_confirm_drain) {
+                    more = sup.message(now, send->pid, "STOPPING=1");
+                }
             } else if (auto* exit = std::get_if<ExitMaster>(&action)) {
                 exit_code = exit->code;
             }

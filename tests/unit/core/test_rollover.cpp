@@ -287,3 +287,47 @@ TEST_CASE("a rollback request asks for its directory explicitly") {
     CHECK(prepare[0].release_dir == "/srv/app/releases/v0");
     CHECK(h.sup.generations().at(2).trigger == Trigger::rollback);
 }
+
+TEST_CASE("a rollover is reported done only when the old workers stopped accepting") {
+    Live h(2);
+    h.workers_confirm_drain = false;
+    auto old_pids = h.pids(1);
+    h.hup(make_release("/srv/app/v2", make_config(2)));
+    h.make_all_ready(2);
+    CHECK(h.sup.live_generation() == 2);  // live at once: new connections may go to it
+    CHECK(h.of<RolloverFinished>(h.all).empty());
+    CHECK(h.sup.rollover_phase() == RolloverPhase::finishing);
+
+    h.say(old_pids[0], "STOPPING=1");
+    CHECK(h.of<RolloverFinished>(h.all).empty());
+    h.exit(old_pids[1], 0);  // an exit confirms it too
+    auto finished = h.of<RolloverFinished>(h.all);
+    REQUIRE(finished.size() == 1);
+    CHECK(finished[0].ok);
+    CHECK(h.sup.rollover_phase() == RolloverPhase::idle);
+}
+
+TEST_CASE("a worker that never confirms its drain delays the report by one second at most") {
+    Live h(1);
+    h.workers_confirm_drain = false;
+    h.hup(make_release("/srv/app/v2", make_config(1)));
+    h.make_all_ready(2);
+    Time live_at = h.now;
+    CHECK(h.of<RolloverFinished>(h.all).empty());
+    h.advance_to_deadline();
+    CHECK(h.now - live_at == 1000ms);
+    REQUIRE(h.of<RolloverFinished>(h.all).size() == 1);
+    // A HUP queued meanwhile starts right after.
+}
+
+TEST_CASE("a HUP during the confirmation window waits for it") {
+    Live h(1);
+    h.workers_confirm_drain = false;
+    Pid old = h.pids(1)[0];
+    h.hup(make_release("/srv/app/v2", make_config(1)));
+    h.make_all_ready(2);
+    h.hup(make_release("/srv/app/v3", make_config(1)));
+    CHECK(h.sup.generations().count(3) == 0);
+    h.say(old, "STOPPING=1");
+    CHECK(h.sup.starting_generation() == 3);
+}
