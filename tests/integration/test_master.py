@@ -320,3 +320,18 @@ def test_metrics_parse_and_move_with_rollovers_and_crashes(molt):
     assert after['molt_master_resident_memory_bytes{}'] > 0
     status, _, _ = http_get(metrics_port, "/nope")
     assert status == 404
+
+
+def test_json_logs_are_one_object_per_line_with_generation_and_pid(molt):
+    m = molt(dict(EDGE, logging={"format": "json", "access_log": True}))
+    http_get(m.port, "/")
+    m.reload()
+    wait_until(lambda: '"source":"worker"' in m.log(), 10, "a worker line")
+    assert m.stop() == 0
+    records = [json.loads(line) for line in m.log().splitlines() if line.strip()]
+    master = [r for r in records if r["source"] == "master"]
+    workers = [r for r in records if r["source"] == "worker"]
+    assert master and workers
+    assert all({"ts", "level", "msg"} <= set(r) for r in records)
+    assert any(r.get("gen") == 2 and r.get("pid") for r in master)
+    assert all({"gen", "worker", "pid", "stream"} <= set(r) for r in workers)
