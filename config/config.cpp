@@ -768,7 +768,9 @@ const std::vector<KeySpec>& key_table() {
         {"chdir", "path",
          [](const Config&) -> std::string { return "the config file's directory"; },
          "The release directory the workers run in. Resolved with realpath when each generation "
-         "starts, so pointing it at a `current` symlink picks up each new release.",
+         "starts, so pointing it at a `current` symlink picks up each new release. It may also "
+         "be a single `.pyz` or `.zip` archive (imported through zipimport; the workers run in "
+         "the directory that holds it).",
          [](Context& ctx, const Node& n, Config& c) { ctx.set_path(n, c.chdir); }},
         {"python", "path or command", [](const Config& c) { return quoted(c.python); },
          "The Python interpreter that runs the workers, e.g. a virtualenv's `bin/python`. A bare "
@@ -1155,6 +1157,21 @@ void check_chdir(Context& ctx, const Config& config) {
     if (::stat(config.chdir.c_str(), &info) != 0) {
         ctx.late_error(
             "chdir", fmt::format("cannot use directory \"{}\": {}", config.chdir, os_error(errno)));
+    } else if (S_ISREG(info.st_mode)) {
+        // A release shipped as one archive (zipapp .pyz, or .zip): workers import from it.
+        // Judged by what `current` points at, as the master resolves it per generation.
+        char resolved[PATH_MAX];
+        std::string_view path =
+            ::realpath(config.chdir.c_str(), resolved) ? resolved : config.chdir.c_str();
+        bool archive = path.ends_with(".pyz") || path.ends_with(".zip");
+        if (!archive) {
+            ctx.late_error("chdir", fmt::format("\"{}\" is a file, not a directory or a .pyz/.zip "
+                                                "release",
+                                                config.chdir));
+        } else if (::access(config.chdir.c_str(), R_OK) != 0) {
+            ctx.late_error("chdir", fmt::format("cannot read release archive \"{}\": {}",
+                                                config.chdir, os_error(errno)));
+        }
     } else if (!S_ISDIR(info.st_mode)) {
         ctx.late_error("chdir", fmt::format("\"{}\" is not a directory", config.chdir));
     } else if (::access(config.chdir.c_str(), R_OK | X_OK) != 0) {

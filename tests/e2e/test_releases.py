@@ -165,3 +165,70 @@ def test_the_version_label_comes_from_the_release(molt, tmp_path):
     m.reload()
     assert m.get("/")[1].get("x-release") == "b"
     assert "version=b" in m.log()
+
+
+def build_pyz(tmp_path, name: str, files: dict) -> "Path":
+    import zipapp
+    from pathlib import Path
+
+    source = tmp_path / f"src-{name}"
+    source.mkdir()
+    for rel, text in files.items():
+        (source / rel).write_text(text)
+    target = tmp_path / "site" / "releases" / f"{name}.pyz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    zipapp.create_archive(source, target)
+    return target
+
+
+def activate_file(root, target):
+    link = root / "current"
+    tmp = root / ".current.new"
+    if tmp.is_symlink():
+        tmp.unlink()
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+@pytest.mark.timeout(120)
+def test_rollover_between_two_pyz_releases_under_load_and_a_corrupt_one(molt, tmp_path):
+    site = tmp_path / "site"
+    entry = "# molt imports app:app; this only makes the archive a valid zipapp\n"
+    a = build_pyz(tmp_path, "app-a", {"app.py": flask_release("a")["app.py"], "__main__.py": entry})
+    b = build_pyz(tmp_path, "app-b", {"app.py": flask_release("b")["app.py"], "__main__.py": entry})
+    corrupt = site / "releases" / "app-c.pyz"
+    corrupt.write_bytes(a.read_bytes()[: len(a.read_bytes()) // 2])  # a truncated upload
+    activate_file(site, a)
+    m = molt({"app": "app:app", "chdir": str(site / "current"), "workers": 2,
+              "health": {"path": "/healthz"}})
+    assert m.get("/")[2] == b"version a\n"
+    assert live(m)["version"] == "app-a.pyz"
+
+    load = Wrk(m.url("/"), duration=10, connections=16)
+    try:
+        for target, expected in ((b, b"version b\n"), (a, b"version a\n"), (b, b"version b\n")):
+            activate_file(site, target)
+            assert m.reload()["ok"] is True
+            assert m.get("/")[2] == expected
+        activate_file(site, corrupt)
+        answer = m.reload()
+    finally:
+        result = load.result()
+    assert answer["ok"] is False
+    assert "exited with status 3" in answer["error"]
+    assert m.get("/")[2] == b"version b\n"
+    assert result["failed"] == 0, result["output"]
+
+
+@pytest.mark.timeout(60)
+def test_an_app_factory_is_called_once_per_worker(molt, tmp_path):
+    app_dir = tmp_path / "factory"
+    app_dir.mkdir()
+    (app_dir / "site_app.py").write_text(
+        "from flask import Flask\n"
+        "def create_app():\n"
+        "    app = Flask('made')\n"
+        "    app.add_url_rule('/', 'i', lambda: 'made by a factory\\n')\n"
+        "    return app\n")
+    m = molt({"app": "site_app:create_app()", "chdir": str(app_dir), "workers": 1})
+    assert m.get("/")[2] == b"made by a factory\n"

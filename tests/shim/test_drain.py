@@ -11,19 +11,14 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def test_drain_under_keepalive_load_has_zero_client_errors(listeners, spawn):
-    a = spawn(slot=0).wait_ready()
-    b = spawn(slot=1).wait_ready()
-    # Find a connection served by worker A and start a slow request on it.
-    slow = None
-    for _ in range(200):
-        c = Client(listeners.port)
-        if c.request("/pid")[2] == str(a.pid).encode():
-            slow = c
-            break
-        c.close()
-    assert slow is not None, "never reached worker A"
+    # The rollover order: the old worker A carries the load, the new worker B becomes ready,
+    # then A drains while clients keep hammering the shared socket.
+    a = spawn(slot=0, generation=1).wait_ready()
+    slow = Client(listeners.port)
+    assert slow.request("/pid")[2] == str(a.pid).encode()
     load = LoadPool(listeners.port)
     wait_until(lambda: load.ok > 500, 20, "load to ramp up")
+    b = spawn(slot=1, generation=2).wait_ready()
     slow.send(b"GET /slow?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")
     wait_until(lambda: [m for m in a.find("WATCHDOG") if m["INFLIGHT"] != "0"], 10,
                "slow request in flight on A")
@@ -44,13 +39,17 @@ def test_drain_under_keepalive_load_has_zero_client_errors(listeners, spawn):
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed")
 def test_drain_under_wrk_load(listeners, spawn):
-    a = spawn(slot=0).wait_ready()
-    b = spawn(slot=1).wait_ready()
-    wrk = subprocess.Popen(["wrk", "-t2", "-c32", "-d6s", "http://127.0.0.1:%d/" % listeners.port],
+    a = spawn(slot=0, generation=1).wait_ready()
+    # --timeout 5s: on a loaded CI host wrk itself can be descheduled for 2 s (its default
+    # timeout) and then counts every connection as timed out; a request the drain loses
+    # would show up as a read error (EOF before the response) anyway.
+    wrk = subprocess.Popen(["wrk", "-t2", "-c32", "-d10s", "--timeout", "5s",
+                            "http://127.0.0.1:%d/" % listeners.port],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: [m for m in a.find("WATCHDOG") if int(m["REQUESTS"]) > 2000], 20,
                    "wrk load on worker A")
+        b = spawn(slot=1, generation=2).wait_ready()
         a.drain()
         assert a.wait_exit(20) == 0
         out = wrk.communicate(timeout=30)[0].decode()

@@ -221,3 +221,12 @@ def test_connection_queued_during_drain_is_served_by_the_next_worker(listeners, 
     status, _, body = queued.response()
     assert (status, body) == (200, str(new.pid).encode())
     queued.close()
+
+
+def test_keepalive_zero_closes_after_each_response(listeners, spawn):
+    spawn(overrides={"timeouts": {"keepalive_ms": 0}}).wait_ready()
+    c = Client(listeners.port)
+    status, headers, body = c.request("/")
+    assert (status, body) == (200, b"hello") and headers["Connection"] == "close"
+    assert c.read_all(5) == b""
+    c.close()

@@ -1,0 +1,210 @@
+"""Entry point: `python -m molt_shim`, started by the molt master (see README.md)."""
+from __future__ import annotations
+
+import atexit
+import faulthandler
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any, List, Tuple
+
+from . import accesslog, config, loader, proctitle
+from .protocol import Channel
+from .stats import Stats
+
+EXIT_OK = 0
+EXIT_IMPORT = 3
+EXIT_WARMUP = 4
+
+log = logging.getLogger("molt_shim")
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # The master prefixes every line with gen/worker, so the line itself stays short.
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(getattr(logging, level, logging.INFO))
+    log.propagate = False
+
+
+def one_line(exc: BaseException, limit: int = 1000) -> str:
+    text = "%s: %s" % (type(exc).__name__, exc)
+    text = " ".join(text.splitlines())
+    return text[:limit]
+
+
+def fail(channel: Channel, code: int, reason: str) -> int:
+    """Boot failure: ERROR= to the master, the reason on stderr, the documented exit code."""
+    reason = " ".join(reason.splitlines())[:1000]
+    log.error("boot failed: %s", reason)
+    channel.send(ERROR=reason)
+    return code
+
+
+def scrub_environment() -> None:
+    # Those belong to the master's own supervisor (systemd); an app that saw them could
+    # notify systemd or adopt sockets in our name.
+    for key in list(os.environ):
+        if key == "NOTIFY_SOCKET" or key.startswith("LISTEN_"):
+            del os.environ[key]
+
+
+def wrap_listeners(cfg: config.WorkerConfig) -> List[Tuple[socket.socket, str]]:
+    out = []
+    for fd, name in zip(cfg.listen_fds, cfg.listen_names):
+        os.set_inheritable(fd, False)  # a subprocess of the app must not hold our listeners
+        sock = socket.socket(fileno=fd)
+        out.append((sock, bound_address(sock) or name or str(fd)))
+    return out
+
+
+def bound_address(sock: socket.socket) -> str:
+    """Where a listener really is (a configured port 0 shows the kernel's choice)."""
+    try:
+        address = sock.getsockname()
+    except OSError:
+        return ""
+    if sock.family == socket.AF_UNIX:
+        return "unix:%s" % (address.decode() if isinstance(address, bytes) else address)
+    if sock.family == socket.AF_INET6:
+        return "tcp://[%s]:%d" % (address[0], address[1])
+    return "tcp://%s:%d" % (address[0], address[1])
+
+
+def finish_process(code: int) -> None:
+    """Exit without waiting for non-daemon threads an app may have started, but still run
+    the app's atexit hooks and flush our streams."""
+    try:
+        atexit._run_exitfuncs()
+    except Exception:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def fast_exit(signum: int, frame: Any) -> None:
+    # SIGINT/SIGQUIT: the master wants us gone now. The kernel closes every socket.
+    try:
+        sys.stderr.write("molt_shim: fast exit on signal %d\n" % signum)
+        sys.stderr.flush()
+    except Exception:
+        pass
+    os._exit(EXIT_OK)
+
+
+def main() -> int:
+    faulthandler.enable(all_threads=True)  # SIGABRT (heartbeat timeout): dump every thread
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, fast_exit)
+    signal.signal(signal.SIGQUIT, fast_exit)
+    try:
+        cfg = config.load(os.environ)
+    except (ValueError, TypeError) as exc:
+        setup_logging("INFO")
+        return fail(Channel(int(os.environ.get("MOLT_CHANNEL_FD", "-1") or -1)), EXIT_IMPORT,
+                    "bad MOLT_WORKER_CONFIG: %s" % one_line(exc))
+    setup_logging(cfg.log_level)
+    channel = Channel(cfg.channel_fd)
+    scrub_environment()
+    listeners = wrap_listeners(cfg)
+    title = "molt: worker gen=%d slot=%d" % (cfg.generation, cfg.worker)
+    proctitle.set_title(title, "molt g%d s%d" % (cfg.generation, cfg.worker))
+
+    if cfg.interface == "asgi":
+        try:
+            importlib.import_module("uvicorn")  # only checking that it is there
+        except ImportError as exc:
+            return fail(channel, EXIT_IMPORT,
+                        "interface asgi needs uvicorn, which is not importable by %s (%s): "
+                        "install python3-uvicorn (Debian) or pip install uvicorn"
+                        % (sys.executable, one_line(exc, 200)))
+    try:
+        loader.prepare_path(cfg.chdir)
+        app = loader.import_app(cfg.app)
+    except BaseException as exc:  # SystemExit from an app module counts as a failed import too
+        traceback.print_exc(file=sys.stderr)
+        return fail(channel, EXIT_IMPORT, "%s (importing %s)" % (one_line(exc), cfg.app))
+
+    stats = Stats(channel, cfg.max_requests, cfg.max_requests_jitter)
+    access = accesslog.make(cfg)
+    if cfg.interface == "asgi":
+        from .asgi_server import serve_asgi
+
+        code = serve_asgi(app, cfg, channel, stats, listeners, access, title)
+    else:
+        code = serve_wsgi(app, cfg, channel, stats, listeners, access, title)
+    if access is not None:
+        access.close()
+    return code
+
+
+def serve_wsgi(app: Any, cfg: config.WorkerConfig, channel: Channel, stats: Stats,
+               listeners: List[Tuple[socket.socket, str]], access: Any, title: str) -> int:
+    from . import warmup
+    from .wsgi_server import WSGIServer
+
+    server = WSGIServer(app, cfg, channel, stats, listeners, access)
+    drain_requests: List[str] = []
+
+    def request_drain(why: str) -> None:
+        drain_requests.append(why)
+        server.wake()
+
+    signal.signal(signal.SIGTERM, lambda s, f: request_drain("SIGTERM"))
+    signal.signal(signal.SIGUSR1, lambda s, f: access.reopen() if access else None)
+    server.on_drain = lambda: proctitle.set_title(
+        title + " draining", "molt g%d s%d drn" % (cfg.generation, cfg.worker))
+    server.start_pool()
+    if cfg.health_path:
+        error = warmup.wsgi_warmup(server, cfg.health_path, cfg.health_host, cfg.timeout_s("boot"))
+        if error is not None:
+            return fail(channel, EXIT_WARMUP, error)
+    channel.send(READY=1)
+    log.info("ready: %s (wsgi, %d threads, parser %s) on %s", cfg.app, cfg.threads,
+             __import__("molt_shim.httpparse").httpparse.parser_name(),
+             ", ".join(name for _, name in listeners) or "no listeners")
+
+    interval = cfg.heartbeat_interval_s
+    next_beat = [time.monotonic()]
+
+    def on_tick(now: float) -> None:
+        if drain_requests:
+            server.begin_drain(drain_requests.pop(0))
+        if now >= next_beat[0]:
+            next_beat[0] = now + interval
+            channel.send(**stats.heartbeat())
+
+    def on_channel() -> None:
+        messages = channel.receive()
+        if messages is None:
+            try:
+                server.ep.unregister(channel.fileno())
+            except (OSError, ValueError):
+                pass
+            request_drain("master channel closed")
+            return
+        for msg in messages:
+            if msg.get("DRAIN") == "1":
+                request_drain("DRAIN from master")
+            if msg.get("REOPEN_LOGS") == "1" and access is not None:
+                access.reopen()
+
+    server.run(on_tick, on_channel)
+    channel.send(**stats.heartbeat())  # the last counts, so the master's totals are exact
+    log.info("drained; exiting (%d requests served)", stats.requests)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    code = main()
+    finish_process(code)

@@ -1,0 +1,169 @@
+"""Worker configuration: MOLT_* environment plus the MOLT_WORKER_CONFIG JSON.
+
+The master owns validation; the shim is lenient: every missing key takes its default, so an
+older master (or a hand-written test harness) can start a newer shim.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping
+
+DEFAULT_ACCESS_LOG_FORMAT = (
+    '{remote} "{method} {path} {protocol}" {status} {bytes} {duration_ms}ms '
+    "gen={generation} worker={worker}"
+)
+
+DEFAULTS: Dict[str, Any] = {
+    "app": "",
+    "interface": "wsgi",
+    "chdir": "",
+    "threads": 8,
+    "generation": 0,
+    "worker": 0,
+    "version": "",
+    "health_path": "",
+    "health_host": "localhost",
+    "timeouts": {
+        "boot_ms": 60000,
+        "graceful_ms": 30000,
+        "heartbeat_ms": 30000,
+        "keepalive_ms": 5000,
+        "request_ms": 0,
+    },
+    "heartbeat_interval_ms": 5000,
+    "recycle": {"max_requests": 0, "max_requests_jitter": 0},
+    "http": {
+        "max_request_line": 8192,
+        "max_header_size": 65536,
+        "max_headers": 100,
+        "max_body_size": 0,
+        "body_buffer_size": 1048576,
+        "header_timeout_ms": 10000,
+        "version_header": "",
+    },
+    "logging": {"level": "info", "access_log": False, "access_log_format": DEFAULT_ACCESS_LOG_FORMAT},
+}
+
+
+def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> Dict[str, Any]:
+    """Recursively overlay `given` on `defaults`; unknown keys are kept (forward compatible)."""
+    out: Dict[str, Any] = dict(defaults)
+    for key, value in given.items():
+        if isinstance(value, Mapping) and isinstance(defaults.get(key), Mapping):
+            out[key] = _merge(defaults[key], value)
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+@dataclass
+class WorkerConfig:
+    raw: Dict[str, Any]
+    channel_fd: int = -1
+    listen_fds: List[int] = field(default_factory=list)
+    listen_names: List[str] = field(default_factory=list)
+
+    # Typed accessors for the values used on hot paths or in several modules.
+    @property
+    def app(self) -> str:
+        return str(self.raw["app"])
+
+    @property
+    def interface(self) -> str:
+        return str(self.raw["interface"]).lower()
+
+    @property
+    def chdir(self) -> str:
+        return str(self.raw["chdir"] or "")
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.raw["threads"]))
+
+    @property
+    def generation(self) -> int:
+        return int(self.raw["generation"])
+
+    @property
+    def worker(self) -> int:
+        return int(self.raw["worker"])
+
+    @property
+    def version(self) -> str:
+        return str(self.raw["version"] or "")
+
+    @property
+    def health_path(self) -> str:
+        return str(self.raw["health_path"] or "")
+
+    @property
+    def health_host(self) -> str:
+        return str(self.raw["health_host"] or "localhost")
+
+    def timeout_s(self, name: str) -> float:
+        return float(self.raw["timeouts"][name + "_ms"]) / 1000.0
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return max(0.05, float(self.raw["heartbeat_interval_ms"]) / 1000.0)
+
+    @property
+    def http(self) -> Dict[str, Any]:
+        return self.raw["http"]
+
+    @property
+    def header_timeout_s(self) -> float:
+        return max(0.05, float(self.http["header_timeout_ms"]) / 1000.0)
+
+    @property
+    def max_requests(self) -> int:
+        return int(self.raw["recycle"]["max_requests"] or 0)
+
+    @property
+    def max_requests_jitter(self) -> int:
+        return int(self.raw["recycle"]["max_requests_jitter"] or 0)
+
+    @property
+    def log_level(self) -> str:
+        return str(self.raw["logging"]["level"] or "info").upper()
+
+    @property
+    def access_log(self) -> bool:
+        return bool(self.raw["logging"]["access_log"])
+
+    @property
+    def access_log_format(self) -> str:
+        return str(self.raw["logging"]["access_log_format"] or DEFAULT_ACCESS_LOG_FORMAT)
+
+    @property
+    def version_header(self) -> str:
+        return str(self.http.get("version_header") or "")
+
+    @property
+    def drain_idle_s(self) -> float:
+        """Idle window after which a draining worker closes a keep-alive connection."""
+        return max(0.05, min(self.timeout_s("keepalive"), 1.0))
+
+
+def _int_list(text: str) -> List[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def load(environ: Mapping[str, str]) -> WorkerConfig:
+    raw_json = environ.get("MOLT_WORKER_CONFIG", "") or "{}"
+    given = json.loads(raw_json)
+    if not isinstance(given, dict):
+        raise ValueError("MOLT_WORKER_CONFIG is not a JSON object")
+    raw = _merge(DEFAULTS, given)
+    # The separate env variables win for identity: they are what the master logs.
+    if environ.get("MOLT_GENERATION"):
+        raw["generation"] = int(environ["MOLT_GENERATION"])
+    if environ.get("MOLT_WORKER"):
+        raw["worker"] = int(environ["MOLT_WORKER"])
+    fds = _int_list(environ.get("MOLT_LISTEN_FDS", ""))
+    names = [n for n in environ.get("MOLT_LISTEN_NAMES", "").split(",")]
+    names = (names + [""] * len(fds))[: len(fds)]
+    channel = environ.get("MOLT_CHANNEL_FD", "")
+    return WorkerConfig(raw=raw, channel_fd=int(channel) if channel else -1,
+                        listen_fds=fds, listen_names=names)
