@@ -204,7 +204,10 @@ TEST_CASE("filesystem checks: chdir") {
                                                        "\": No such file or directory"});
     CHECK(check("file.txt") ==
           std::vector<std::string>{(dir.path() / "molt.yaml").string() + ":2:8: chdir: \"" + file +
-                                   "\" is not a directory"});
+                                   "\" is a file, not a directory or a .pyz/.zip release"});
+    // A release shipped as one archive is a file on purpose.
+    dir.write("release.pyz", "PK");
+    CHECK(check("release.pyz").empty());
     CHECK(check("file.txt/sub").at(0).ends_with(": Not a directory"));
     // Without check_filesystem none of this is looked at.
     CHECK(load_config_text("app: a:b\nchdir: /does/not/exist\n", kLabel, false).config != nullptr);
