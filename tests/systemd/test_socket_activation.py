@@ -106,7 +106,7 @@ def test_tcp_socket_from_systemd_serves_across_hup_and_ctl_rollovers(activated, 
     for worker in m.worker_pids():  # workers accept on the inherited socket, never bind
         assert listening_tcp_ports(worker) == {port}
     # The adopted socket was matched to the `listen:` entry named `web`.
-    assert re.search(r"ready: app:app .* on web$", log, re.M), log
+    assert re.search(r"ready: app:app .* on web \(tcp://127\.0\.0\.1:\d+\)$", log, re.M), log
 
     status, _, data = http_get(port, "/env")
     assert data.decode().strip() == NO_SYSTEMD_ENV
@@ -213,7 +213,7 @@ def test_sockets_are_matched_by_address_first_then_by_fdname(activated, tmp_path
     assert http_get(0, "/", unix=path)[2] == b"version a\n"
     log = m.log()
     # fd 3 is the TCP socket (named "web" by systemd, but its address is the `api` entry).
-    assert re.search(r"ready: app:application .* on api, web$", log, re.M), log
+    assert re.search(r"ready: app:application .* on api \(tcp://[^)]+\), web \(unix:[^)]+\)$", log, re.M), log
     assert m.status()["master"]["listen"] == [f"tcp://127.0.0.1:{port}", f"unix:{path}"]
     assert m.stop() == 0
 
@@ -236,7 +236,7 @@ def test_sockets_are_matched_by_fdname_when_addresses_differ(activated, tmp_path
     m.wait_exec()
     m.wait_live()
     assert http_get(port_internal, "/")[2] == b"version a\n"
-    assert re.search(r"ready: app:application .* on internal, public$", m.log(), re.M), m.log()
+    assert re.search(r"ready: app:application .* on internal \([^)]+\), public \([^)]+\)$", m.log(), re.M), m.log()
     assert m.stop() == 0
 
 

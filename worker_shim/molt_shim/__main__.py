@@ -60,7 +60,14 @@ def wrap_listeners(cfg: config.WorkerConfig) -> List[Tuple[socket.socket, str]]:
     for fd, name in zip(cfg.listen_fds, cfg.listen_names):
         os.set_inheritable(fd, False)  # a subprocess of the app must not hold our listeners
         sock = socket.socket(fileno=fd)
-        out.append((sock, bound_address(sock) or name or str(fd)))
+        bound = bound_address(sock)
+        # A listener named by its address shows where it really is (port 0 resolved); one
+        # with a name of its own (systemd's FileDescriptorName=, `name:`) shows both.
+        if not name or name.startswith(("tcp://", "unix:")):
+            label = bound or name or str(fd)
+        else:
+            label = "%s (%s)" % (name, bound) if bound else name
+        out.append((sock, label))
     return out
 
 

@@ -971,6 +971,17 @@ class WSGIServer:
                 break
         self.close_now(conn)
 
+    @staticmethod
+    def _request_waiting(conn: Connection) -> bool:
+        """Whether the client already sent its next request. Closing such an "idle" connection
+        would lose that request (the keep-alive race every HTTP/1.1 server has); with this
+        check the window shrinks to bytes still on the wire. The pending epoll event then
+        delivers the request as usual."""
+        try:
+            return bool(conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing there (EAGAIN), or the connection is broken: close it
+            return False
+
     def _sweep(self, now: float) -> None:
         idle_limit = self.cfg.drain_idle_s if self.draining else self.keepalive
         for conn in list(self.conns.values()):
@@ -986,7 +997,7 @@ class WSGIServer:
                     limit = idle_limit
                     if not conn.served and not self.draining:
                         limit = max(idle_limit, self.header_timeout)
-                    if now - conn.idle_since >= limit:
+                    if now - conn.idle_since >= limit and not self._request_waiting(conn):
                         conn.state = BUSY
                         self.close_graceful(conn)
             elif state == LINGER and now >= conn.linger_until:
