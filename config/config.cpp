@@ -1381,6 +1381,17 @@ json listen_json(const ListenAddress& address) {
             {"text", address.text}};
 }
 
+// The HTTP limits, the same in the full config and in what each worker is given.
+json http_json(const Http& h) {
+    return {{"max_request_line", h.max_request_line},
+            {"max_header_size", h.max_header_size},
+            {"max_headers", h.max_headers},
+            {"max_body_size", h.max_body_size},
+            {"body_buffer_size", h.body_buffer_size},
+            {"header_timeout_ms", ms(h.header_timeout)},
+            {"version_header", h.version_header}};
+}
+
 json full_json(const Config& c) {
     json listen = json::array();
     for (const auto& address : c.listen) listen.push_back(listen_json(address));
@@ -1416,14 +1427,7 @@ json full_json(const Config& c) {
           {"access_log", c.logging.access_log},
           {"access_log_format", c.logging.access_log_format},
           {"file", c.logging.file}}},
-        {"http",
-         {{"max_request_line", h.max_request_line},
-          {"max_header_size", h.max_header_size},
-          {"max_headers", h.max_headers},
-          {"max_body_size", h.max_body_size},
-          {"body_buffer_size", h.body_buffer_size},
-          {"header_timeout_ms", ms(h.header_timeout)},
-          {"version_header", h.version_header}}},
+        {"http", http_json(h)},
         {"watch", c.watch},
         {"version_file", c.version_file},
         {"user", c.user},
@@ -1470,14 +1474,7 @@ std::string worker_config_json(const Config& config, const std::string& release_
         {"recycle",
          {{"max_requests", config.recycle.max_requests},
           {"max_requests_jitter", config.recycle.max_requests_jitter}}},
-        {"http",
-         {{"max_request_line", h.max_request_line},
-          {"max_header_size", h.max_header_size},
-          {"max_headers", h.max_headers},
-          {"max_body_size", h.max_body_size},
-          {"body_buffer_size", h.body_buffer_size},
-          {"header_timeout_ms", ms(h.header_timeout)},
-          {"version_header", h.version_header}}},
+        {"http", http_json(h)},
         {"logging",
          {{"level", kLevelNames[static_cast<std::size_t>(config.logging.level)]},
           {"access_log", config.logging.access_log},

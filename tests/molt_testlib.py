@@ -42,6 +42,15 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
         time.sleep(interval)
 
 
+def read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
 def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float = 5.0,
              unix: Optional[str] = None) -> tuple[int, dict, bytes]:
     """One HTTP/1.1 request on a fresh connection; returns (status, headers, body)."""
@@ -53,12 +62,7 @@ def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float
         sock = socket.create_connection((host, port), timeout=timeout)
     with sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_to_eof(sock)
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
@@ -232,12 +236,7 @@ def control_request(path: str, request: dict, timeout: float = 10.0) -> dict:
     with sock:
         sock.connect(path)
         sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_to_eof(sock)
     return json.loads(data)
 
 

@@ -14,7 +14,7 @@ import traceback
 from typing import Any, List, Tuple
 
 from . import accesslog, config, loader, proctitle
-from .protocol import Channel
+from .protocol import Channel, dispatch
 from .stats import Stats
 
 EXIT_OK = 0
@@ -200,11 +200,7 @@ def serve_wsgi(app: Any, cfg: config.WorkerConfig, channel: Channel, stats: Stat
                 pass
             request_drain("master channel closed")
             return
-        for msg in messages:
-            if msg.get("DRAIN") == "1":
-                request_drain("DRAIN from master")
-            if msg.get("REOPEN_LOGS") == "1" and access is not None:
-                access.reopen()
+        dispatch(messages, request_drain, access.reopen if access is not None else None)
 
     server.run(on_tick, on_channel)
     channel.send(**stats.heartbeat())  # the last counts, so the master's totals are exact

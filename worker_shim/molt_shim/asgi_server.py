@@ -23,7 +23,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import warmup
-from .protocol import Channel
+from .protocol import Channel, dispatch
 from .stats import Stats
 
 log = logging.getLogger("molt_shim")
@@ -296,11 +296,7 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
             loop.remove_reader(channel.fileno())
             request_drain("master channel closed")
             return
-        for msg in messages:
-            if msg.get("DRAIN") == "1":
-                request_drain("DRAIN from master")
-            if msg.get("REOPEN_LOGS") == "1" and access is not None:
-                access.reopen()
+        dispatch(messages, request_drain, access.reopen if access is not None else None)
 
     if channel.fileno() >= 0:
         loop.add_reader(channel.fileno(), on_channel)

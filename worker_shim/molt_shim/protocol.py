@@ -5,7 +5,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 log = logging.getLogger("molt_shim")
 
@@ -95,3 +95,14 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def dispatch(messages: List[Dict[str, str]], drain: Callable[[str], None],
+             reopen_logs: Optional[Callable[[], None]]) -> None:
+    """Act on what the master sent: DRAIN=1 and REOPEN_LOGS=1. Unknown keys are ignored, so the
+    master can add fields without breaking older workers."""
+    for msg in messages:
+        if msg.get("DRAIN") == "1":
+            drain("DRAIN from master")
+        if msg.get("REOPEN_LOGS") == "1" and reopen_logs is not None:
+            reopen_logs()
