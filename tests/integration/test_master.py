@@ -125,8 +125,11 @@ def test_ttin_and_ttou_add_and_remove_a_worker(molt):
     m = molt(HELLO)
     m.signal(signal.SIGTTIN)
     wait_until(lambda: len(m.workers("ready")) == 3, 15, "a third worker")
-    m.signal(signal.SIGTTOU)
-    m.signal(signal.SIGTTOU)
+    # Standard signals do not queue: a second TTOU sent before the first is handled would be
+    # merged into it, so each waits for the master's answer.
+    for target in (2, 1):
+        m.signal(signal.SIGTTOU)
+        wait_until(lambda: m.status()["master"]["target_workers"] == target, 10, f"target {target}")
     wait_until(lambda: len(m.workers()) == 1, 15, "scale down to one worker", on_timeout=m.log)
     assert m.status()["master"]["target_workers"] == 1
     m.signal(signal.SIGTTOU)  # never below one

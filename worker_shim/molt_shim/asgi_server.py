@@ -362,7 +362,8 @@ async def _tick(cfg: Any, channel: Channel, stats: Stats, update_date: Any,
         if int(time.time()) != last_date:
             last_date = int(time.time())
             update_date()
-        await asyncio.sleep(min(TICK_S, interval))
+        # Once a second is the Date header's resolution; heartbeats may need it sooner.
+        await asyncio.sleep(min(1.0, interval))
 
 
 async def _warmup(loop: asyncio.AbstractEventLoop, factory: Any, cfg: Any) -> Optional[str]:

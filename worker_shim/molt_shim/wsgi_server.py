@@ -906,7 +906,10 @@ class WSGIServer:
         next_sweep = time.monotonic() + SWEEP_S
         while True:
             try:
-                events = ep.poll(SWEEP_S)
+                # With no connection and no drain there is nothing to sweep: an idle worker
+                # wakes only to heartbeat, not ten times a second.
+                idle = not conns and not self.draining
+                events = ep.poll(self.cfg.heartbeat_interval_s if idle else SWEEP_S)
             except InterruptedError:
                 events = []
             for fd, _ in events:
