@@ -13,7 +13,6 @@ Instead we reuse uvicorn's protocol classes and lifespan, and own:
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import warmup
 from .protocol import Channel, dispatch
+from .httpdate import http_date
 from .stats import Stats
 
 log = logging.getLogger("molt_shim")
@@ -243,7 +243,7 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
     protocol_class = make_protocol_class(config.http_protocol_class, ctl)
 
     def update_date() -> None:
-        date = email.utils.formatdate(usegmt=True).encode()
+        date = http_date(time.time()).encode()
         state.default_headers = [(b"date", date)] + list(config.encoded_headers)
 
     def factory() -> asyncio.Protocol:

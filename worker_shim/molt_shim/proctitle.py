@@ -1,14 +1,12 @@
-"""Best-effort process title: setproctitle when installed, else /proc/self/comm via prctl."""
+"""Best-effort process title: setproctitle when installed, else the kernel's comm name."""
 from __future__ import annotations
-
-import ctypes
-import ctypes.util
-
-PR_SET_NAME = 15
 
 
 def set_title(full: str, short: str) -> None:
-    """`full` goes to setproctitle; `short` (<= 15 bytes, the kernel's comm limit) to prctl."""
+    """`full` goes to setproctitle; `short` (<= 15 bytes, the kernel's comm limit) to comm.
+
+    Writing /proc/self/comm is what prctl(PR_SET_NAME) does, without loading ctypes (a
+    noticeable part of a worker's start-up, which every rollover waits for)."""
     try:
         import setproctitle  # type: ignore
 
@@ -17,7 +15,7 @@ def set_title(full: str, short: str) -> None:
     except Exception:
         pass
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_NAME, ctypes.c_char_p(short.encode()[:15]), 0, 0, 0)
-    except Exception:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(short[:15])
+    except OSError:
         pass

@@ -17,7 +17,6 @@ Architecture (like gunicorn's gthread or waitress, but leaner):
 """
 from __future__ import annotations
 
-import email.utils
 import io
 import logging
 import os
@@ -34,6 +33,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 from . import httpparse
+from .httpdate import http_date
 from .stats import Stats
 
 log = logging.getLogger("molt_shim")
@@ -72,7 +72,7 @@ _date = [0, ""]
 def date_header() -> str:
     now = int(time.time())
     if now != _date[0]:
-        _date[1] = "Date: %s\r\n" % email.utils.formatdate(now, usegmt=True)
+        _date[1] = "Date: %s\r\n" % http_date(now)
         _date[0] = now
     return _date[1]
 
