@@ -415,6 +415,13 @@ int cmd_ctl(const Args& args) {
 // Run by a master, in a child, before it re-executes itself as this binary: proves that the
 // binary starts and that its own loader accepts the config the master runs.
 int cmd_upgrade_check(const Args& args) {
+    if (const char* state = std::getenv("MOLT_UPGRADE_STATE_CHECK")) {
+        std::string problem = molt::loop::validate_upgrade_state(state);
+        if (!problem.empty()) {
+            std::cerr << "molt: cannot adopt the running master's state: it " << problem << "\n";
+            return 1;
+        }
+    }
     if (auto path = option(args, {"-c", "--config"})) {
         auto loaded = molt::config::load_config_file(*path);
         if (!loaded.errors.empty()) {

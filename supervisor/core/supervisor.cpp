@@ -61,6 +61,14 @@ std::map<std::string, std::string, std::less<>> parse_message(std::string_view t
     return fields;
 }
 
+// Cuts at most `max` bytes without splitting a UTF-8 sequence (the text goes into JSON).
+std::string truncate_utf8(const std::string& text, std::size_t max) {
+    if (text.size() <= max) return text;
+    std::size_t end = max;
+    while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
+    return text.substr(0, end);
+}
+
 std::uint64_t to_u64(const std::string& text) {
     std::uint64_t value = 0;
     std::from_chars(text.data(), text.data() + text.size(), value);
@@ -325,8 +333,17 @@ Actions Supervisor::release_rejected(Time now, const std::string& reason) {
 Actions Supervisor::spawned(Time now, WorkerId id, Pid pid) {
     auto it = workers_.find(id);
     if (it == workers_.end()) return take();
-    it->second.pid = pid;
-    set_state(now, it->second, WorkerState::booting, "process started");
+    Worker& worker = it->second;
+    worker.pid = pid;
+    set_state(now, worker, WorkerState::booting, "process started");
+    // Its generation may have failed (or been scaled down) between the SpawnWorker action and
+    // this answer, e.g. when an earlier spawn of the same batch failed: it must not live on.
+    GenerationState gen_state = generations_.at(worker.generation).state;
+    bool wanted = gen_state == GenerationState::starting || gen_state == GenerationState::live;
+    if (!wanted || worker.stop_reason) {
+        if (!worker.stop_reason) worker.stop_reason = RestartReason::killed;
+        send_signal(worker, Signal::kill, "no longer needed when its process started");
+    }
     reconcile(now);
     return take();
 }
@@ -350,7 +367,7 @@ Actions Supervisor::message(Time now, Pid pid, const std::string& text) {
     auto fields = parse_message(text);
 
     if (auto it = fields.find("ERROR"); it != fields.end()) {
-        worker->error = it->second.substr(0, 2000);
+        worker->error = truncate_utf8(it->second, 2000);
         log(LogLevel::error, fmt::format("worker slot={} reports: {}", worker->slot, worker->error),
             gen->id, pid);
     }
@@ -358,7 +375,13 @@ Actions Supervisor::message(Time now, Pid pid, const std::string& text) {
         !worker->stopped_accepting_at) {
         worker->stopped_accepting_at = now;
     }
-    if (fields.count("READY") && worker->state == WorkerState::booting) {
+    bool gated = gen->state == GenerationState::starting || gen->state == GenerationState::live;
+    if (fields.count("READY") && worker->state == WorkerState::booting &&
+        (!gated || worker->stop_reason)) {
+        log(LogLevel::debug,
+            fmt::format("worker slot={} sent READY but is being stopped; ignored", worker->slot),
+            gen->id, pid);
+    } else if (fields.count("READY") && worker->state == WorkerState::booting) {
         if (now >= worker->boot_deadline) {
             // Too late: the deadline already decided. reconcile() fails or kills it.
             log(LogLevel::warning,
@@ -428,7 +451,10 @@ void Supervisor::worker_ended(Time now, Worker& ended, const ExitStatus& status,
     WorkerState was = worker->state;
     set_state(now, *worker, WorkerState::exited, status.describe());
 
-    if (gen->state == GenerationState::starting) {
+    bool deliberate = worker->stop_reason == RestartReason::killed;
+    if (gen->state == GenerationState::starting && deliberate) {
+        // Scaled down while booting: expected, not a broken release.
+    } else if (gen->state == GenerationState::starting) {
         // Any death in a generation that is not live yet fails it: the release is broken.
         std::string detail = !worker->error.empty() ? worker->error : last_line(stderr_tail);
         std::string who = pid > 0 ? fmt::format("worker slot={} pid={}", worker->slot, pid)
@@ -438,7 +464,7 @@ void Supervisor::worker_ended(Time now, Worker& ended, const ExitStatus& status,
                         was == WorkerState::ready ? "after READY" : "before READY");
         if (!detail.empty()) reason += ": " + detail;
         fail_generation(now, *gen, reason);
-    } else if (gen->state == GenerationState::live && is_alive(was)) {
+    } else if (gen->state == GenerationState::live && is_alive(was) && !deliberate) {
         on_crash(now, *worker, *gen, status, stderr_tail);
     } else if (status.signal != 0 || status.code != 0) {
         log(was == WorkerState::draining && status.signal == kSigKill ? LogLevel::error
@@ -519,6 +545,7 @@ Actions Supervisor::scale(Time now, int workers) {
     }
     log(LogLevel::info, fmt::format("scaling from {} to {} workers", target_workers_, workers));
     target_workers_ = workers;
+    std::erase_if(slot_health_, [&](const auto& entry) { return entry.first >= workers; });
     if (live_) generations_.at(*live_).target = workers;
     if (starting_) {
         Generation& gen = generations_.at(*starting_);
@@ -592,10 +619,12 @@ void Supervisor::reconcile_starting(Time now, Generation& gen) {
                             worker->slot, worker->pid, ms(config.timeouts.boot), detail));
             return;
         }
-        if (worker->slot >= gen.target && worker->state != WorkerState::draining) {
+        if (worker->slot >= gen.target && worker->state != WorkerState::draining &&
+            !worker->stop_reason) {
             if (worker->state == WorkerState::ready) {
                 drain(now, *worker, "scaled down");
             } else {
+                worker->stop_reason = RestartReason::killed;
                 send_signal(*worker, Signal::kill, "scaled down while booting");
             }
         }
@@ -925,7 +954,9 @@ void Supervisor::drain(Time now, Worker& worker, const std::string& why) {
     if (worker.state == WorkerState::draining || worker.state == WorkerState::exited) return;
     const auto& config = *generations_.at(worker.generation).release.config;
     set_state(now, worker, WorkerState::draining, why);
-    worker.kill_at = now + config.timeouts.graceful;
+    Time graceful_end = now + config.timeouts.graceful;
+    // A shorter deadline already set (SIGKILL after SIGABRT) stays.
+    worker.kill_at = worker.kill_at ? std::min(*worker.kill_at, graceful_end) : graceful_end;
     emit(SendToWorker{worker.id, worker.pid, "DRAIN=1"});
 }
 
@@ -1065,12 +1096,20 @@ std::optional<Time> Supervisor::next_deadline() const {
     if (live_ && master_state_ == MasterState::running) {
         // A slot waiting out its crash backoff: due when its not_before passes. A slot that
         // already has a worker again is not waiting for anything.
+        // Exactly the slots reconcile_live() would refill: below the target, not handed over
+        // to a starting generation, and without a worker that covers it.
+        const Generation& live = generations_.at(*live_);
         for (const auto& [slot, health] : slot_health_) {
+            if (health.consecutive_failures == 0 || slot >= live.target ||
+                slot_handed_over(live, slot)) {
+                continue;
+            }
             bool covered = std::any_of(workers_.begin(), workers_.end(), [&](const auto& entry) {
                 const Worker& w = entry.second;
-                return w.generation == *live_ && w.slot == slot && is_alive(w.state);
+                return w.generation == live.id && w.slot == slot && is_alive(w.state) &&
+                       !w.retiring && !w.stop_reason;
             });
-            if (!covered && health.consecutive_failures > 0) consider(health.not_before);
+            if (!covered) consider(health.not_before);
         }
     }
     return next;

@@ -68,7 +68,7 @@ std::string Log::reopen() {
         file_ = nullptr;
         return {};
     }
-    std::FILE* next = std::fopen(path_.c_str(), "a");
+    std::FILE* next = std::fopen(path_.c_str(), "ae");  // e: not inherited by an exec
     if (next == nullptr) {
         return fmt::format("fopen({}) failed: {}; logging continues to the old file", path_,
                            std::strerror(errno));

@@ -212,6 +212,8 @@ std::string Master::start_services() {
     }
     uv_timer_init(&loop_, &deadline_timer_);
     deadline_timer_.data = this;
+    uv_timer_init(&loop_, &upgrade_timer_);
+    upgrade_timer_.data = this;
 
     std::uint64_t watchdog_usec = 0;
     uv_timer_init(&loop_, &watchdog_timer_);
@@ -254,8 +256,10 @@ void Master::start_watching() {
         if (os::ok(real)) paths.push_back(std::get<0>(real));
     }
     if (paths == watched_ && (watcher_ || paths.empty())) return;
-    if (watcher_) watcher_->close();
-    watcher_.reset();
+    if (watcher_) {
+        watcher_->close();
+        retired_watchers_.push_back(std::move(watcher_));
+    }
     watched_ = paths;
     if (paths.empty()) return;
     watcher_ = std::make_unique<Watcher>(&loop_, paths, [this](const std::string& what) {
@@ -401,6 +405,11 @@ void Master::on_worker_exit(pid_t pid, int status) {
     }
     std::string tail;
     if (auto it = processes_.find(pid); it != processes_.end()) {
+        // Its last words first: an ERROR= or a final heartbeat may still sit in the channel.
+        on_worker_packet(*it->second);
+        it = processes_.find(pid);
+    }
+    if (auto it = processes_.find(pid); it != processes_.end()) {
         WorkerProcess* worker = it->second.release();
         processes_.erase(it);
         worker->drain_output();
@@ -445,6 +454,13 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
     if (!os::ok(out) || !os::ok(err)) {
         os::close_fd(master_end);
         os::close_fd(worker_end);
+        for (auto* pipe : {&out, &err}) {
+            if (os::ok(*pipe)) {
+                auto p = std::get<os::Pipe>(*pipe);
+                os::close_fd(p.read_end);
+                os::close_fd(p.write_end);
+            }
+        }
         return fail(!os::ok(out) ? os::error_of(out) : os::error_of(err));
     }
     auto out_pipe = std::get<os::Pipe>(out);
@@ -634,7 +650,14 @@ std::optional<std::string> Master::resolve_release(const config::Config& config,
         std::string first;
         if (file && std::getline(file, first)) {
             auto end = first.find_last_not_of(" \t\r");
-            first = end == std::string::npos ? "" : first.substr(0, std::min<size_t>(end + 1, 100));
+            first = end == std::string::npos ? "" : first.substr(0, end + 1);
+            // At most 100 bytes, never splitting a UTF-8 sequence.
+            std::size_t cut = std::min<std::size_t>(first.size(), 100);
+            while (cut < first.size() && cut > 0 &&
+                   (static_cast<unsigned char>(first[cut]) & 0xC0) == 0x80) {
+                --cut;
+            }
+            first.resize(cut);
             if (!first.empty()) release.version = first;
         }
     }
@@ -714,6 +737,7 @@ void Master::begin_shutdown(int code) {
     uv_timer_stop(&deadline_timer_);
     uv_close(reinterpret_cast<uv_handle_t*>(&deadline_timer_), nullptr);
     uv_close(reinterpret_cast<uv_handle_t*>(&watchdog_timer_), nullptr);
+    uv_close(reinterpret_cast<uv_handle_t*>(&upgrade_timer_), nullptr);
     for (auto& [signum, handle] : signals_) {
         uv_close(reinterpret_cast<uv_handle_t*>(&handle), nullptr);
     }

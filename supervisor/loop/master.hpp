@@ -36,6 +36,11 @@ struct MasterOptions {
     bool dev_reload = false;        // `molt run --reload`: watch the app's source tree
 };
 
+// Checks that a binary-upgrade state (MOLT_UPGRADE_STATE) has every field run_adopted()
+// reads, with the right types. Empty when it is usable. `molt upgrade-check` runs it with the
+// new binary's own code before the old master execs into it.
+std::string validate_upgrade_state(const std::string& text);
+
 class Master {
   public:
     Master(std::shared_ptr<const config::Config> config, MasterOptions options);
@@ -97,6 +102,7 @@ class Master {
     std::vector<int> handed_over_fds() const;
     void exec_new_image(const std::string& new_version);
     int run_adopted(const std::string& state);
+    int adopt(const nlohmann::json& state);
 
     uv_loop_t loop_{};
     std::shared_ptr<const config::Config> config_;  // the newest valid config
@@ -111,6 +117,9 @@ class Master {
     std::unique_ptr<ControlServer> control_;
     std::unique_ptr<MetricsServer> metrics_;
     std::unique_ptr<Watcher> watcher_;
+    // Closed watchers live until the loop ends: one may be replaced from inside its own
+    // callback, and libuv finishes closing its handles later.
+    std::vector<std::unique_ptr<Watcher>> retired_watchers_;
     std::vector<std::string> watched_;
     core::Ticket next_ticket_ = 1;
     std::multimap<core::Ticket, std::function<void(const core::RolloverFinished&)>> waiters_;
@@ -121,6 +130,7 @@ class Master {
     core::Time started_at_{0};
     std::uint64_t wall_started_at_ = 0;
     pid_t upgrade_check_pid_ = 0;
+    uv_timer_t upgrade_timer_{};  // bounds the check run
     int upgrade_check_fd_ = -1;
     bool feeding_ = false;
     std::vector<core::Actions> pending_;

@@ -21,6 +21,11 @@ constexpr std::uint64_t kRequestDeadlineMs = 5000;
 
 using json = nlohmann::json;
 
+// Text from workers (error messages, stderr lines) may not be valid UTF-8: replace, never throw.
+std::string dump(const json& body) {
+    return body.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+}
+
 void on_connection_handle_closed(uv_handle_t* handle) {
     auto* connection = static_cast<Connection*>(handle->data);
     if (--connection->open_handles == 0) connection->server->forget(connection);
@@ -124,7 +129,12 @@ void OneShotServer::on_connection() {
             // A whole request, or EOF after a request without its final newline.
             uv_timer_stop(&c->timer);
             uv_read_stop(stream);
-            c->server->handle(c->shared_from_this(), c->request);
+            try {
+                c->server->handle(c->shared_from_this(), c->request);
+            } catch (const std::exception& e) {
+                // Exceptions stop here: a bad request must never take the master down.
+                c->answer(c->server->internal_error(e.what()));
+            }
         });
 }
 
@@ -172,16 +182,20 @@ bool ControlServer::complete(const std::string& request) const {
 }
 
 std::string ControlServer::too_large() const {
-    return json{{"ok", false}, {"error", "request too large"}}.dump() + "\n";
+    return dump(json{{"ok", false}, {"error", "request too large"}});
+}
+
+std::string ControlServer::internal_error(const std::string& what) const {
+    return dump(json{{"ok", false}, {"error", "internal error: " + what}});
 }
 
 std::string ControlServer::busy() const {
-    return json{{"ok", false}, {"error", "too many control clients at once"}}.dump() + "\n";
+    return dump(json{{"ok", false}, {"error", "too many control clients at once"}});
 }
 
 void ControlServer::handle(const std::shared_ptr<Connection>& connection,
                            const std::string& request) {
-    auto reply = [&](const json& body) { connection->answer(body.dump() + "\n"); };
+    auto reply = [&](const json& body) { connection->answer(dump(body)); };
     auto error = [&](const std::string& text) { reply(json{{"ok", false}, {"error", text}}); };
     json parsed = json::parse(request.substr(0, request.find('\n')), nullptr, false);
     if (parsed.is_discarded() || !parsed.is_object() || !parsed.contains("command") ||
@@ -190,6 +204,12 @@ void ControlServer::handle(const std::shared_ptr<Connection>& connection,
         return;
     }
     std::string command = parsed["command"];
+    for (const char* flag : {"wait", "fast"}) {
+        if (parsed.contains(flag) && !parsed[flag].is_boolean()) {
+            error(fmt::format("\"{}\" must be true or false", flag));
+            return;
+        }
+    }
     bool wait = parsed.value("wait", false);
     if (command == "status") {
         json body = master_.status_json();
@@ -230,7 +250,7 @@ void ControlServer::handle(const std::shared_ptr<Connection>& connection,
             json body{
                 {"ok", done.ok}, {"generation", done.generation}, {"took_ms", done.took.count()}};
             if (!done.ok) body["error"] = done.reason;
-            c->answer(body.dump() + "\n");
+            c->answer(dump(body));
         });
     } else if (command == "scale") {
         if (!parsed.contains("workers") || !parsed["workers"].is_number_integer() ||
@@ -287,6 +307,10 @@ bool MetricsServer::complete(const std::string& request) const {
 std::string MetricsServer::too_large() const {
     return "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: "
            "close\r\n\r\n";
+}
+
+std::string MetricsServer::internal_error(const std::string&) const {
+    return "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 }
 
 std::string MetricsServer::busy() const {

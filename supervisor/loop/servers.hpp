@@ -36,6 +36,7 @@ class OneShotServer {
                         const std::string& request) = 0;
     virtual std::string too_large() const = 0;
     virtual std::string busy() const = 0;
+    virtual std::string internal_error(const std::string& what) const = 0;
 
     std::string start(uv_stream_t* server);
     void on_connection();
@@ -76,6 +77,7 @@ class ControlServer : public OneShotServer {
     void handle(const std::shared_ptr<Connection>& connection, const std::string& request) override;
     std::string too_large() const override;
     std::string busy() const override;
+    std::string internal_error(const std::string& what) const override;
 
     uv_pipe_t pipe_{};
     std::string path_;
@@ -92,6 +94,7 @@ class MetricsServer : public OneShotServer {
     void handle(const std::shared_ptr<Connection>& connection, const std::string& request) override;
     std::string too_large() const override;
     std::string busy() const override;
+    std::string internal_error(const std::string& what) const override;
 
     uv_tcp_t tcp_{};
     uv_pipe_t pipe_{};

@@ -49,6 +49,20 @@ void Master::begin_upgrade() {
             "in progress); send SIGUSR2 again when `molt ctl status` shows only ready workers");
         return;
     }
+    if (!options_.config_path.empty()) {
+        // The adopted generation keeps running under the config the new image loads from the
+        // file; if the file changed since that generation started, the two would disagree.
+        auto loaded = config::load_config_file(options_.config_path);
+        const auto& live = core_.generations().at(*core_.live_generation());
+        if (!loaded.errors.empty() ||
+            config::config_digest(*loaded.config) != live.release.digest) {
+            log_.warning(fmt::format(
+                "binary upgrade refused: {} changed since generation {} started; run a reload "
+                "(kill -HUP or `molt ctl reload --wait`) first, then SIGUSR2",
+                options_.config_path, live.id));
+            return;
+        }
+    }
     auto pipe = os::make_pipe();
     if (!os::ok(pipe)) {
         log_.error("binary upgrade aborted: " + os::error_of(pipe));
@@ -71,6 +85,9 @@ void Master::begin_upgrade() {
         }
         request.env.push_back(std::move(item));
     }
+    // The new binary parses the very state it would adopt, with its own code, before any exec.
+    request.env.push_back("MOLT_UPGRADE_STATE_CHECK=" +
+                          upgrade_state().dump(-1, ' ', false, json::error_handler_t::replace));
     request.stdout_fd = write_end;
     request.stderr_fd = write_end;
     auto pid = os::spawn_process(request);
@@ -83,11 +100,21 @@ void Master::begin_upgrade() {
     fcntl(read_end, F_SETFL, fcntl(read_end, F_GETFL) | O_NONBLOCK);
     upgrade_check_pid_ = std::get<pid_t>(pid);
     upgrade_check_fd_ = read_end;
+    uv_timer_start(
+        &upgrade_timer_,
+        [](uv_timer_t* t) {
+            auto* master = static_cast<Master*>(t->data);
+            if (master->upgrade_check_pid_ <= 0) return;
+            master->log_.error("binary upgrade: the check did not finish within 30s; killing it");
+            os::send_signal(master->upgrade_check_pid_, SIGKILL);  // its exit aborts the upgrade
+        },
+        30000, 0);
     log_.info(fmt::format("binary upgrade: checking {} (pid {})", options_.executable,
                           upgrade_check_pid_));
 }
 
 void Master::finish_upgrade_check(int status) {
+    uv_timer_stop(&upgrade_timer_);
     std::string output;
     char buffer[4096];
     for (int rounds = 0; rounds < 16; ++rounds) {
@@ -192,7 +219,7 @@ std::vector<int> Master::handed_over_fds() const {
 }
 
 void Master::exec_new_image(const std::string& new_version) {
-    std::string state = upgrade_state().dump();
+    std::string state = upgrade_state().dump(-1, ' ', false, json::error_handler_t::replace);
     std::vector<std::string> env;
     for (char** entry = environ; *entry; ++entry) {
         if (std::strncmp(*entry, "MOLT_UPGRADE_STATE=", 19) != 0) env.emplace_back(*entry);
@@ -223,12 +250,79 @@ void Master::exec_new_image(const std::string& new_version) {
 }
 
 int Master::run_adopted(const std::string& text) {
-    json state = json::parse(text, nullptr, false);
-    if (state.is_discarded() || !state.contains("generation")) {
+    if (std::string problem = validate_upgrade_state(text); !problem.empty()) {
         // Nothing sane to adopt: the workers see EOF on their channels and drain by themselves.
-        log_.error("binary upgrade failed: MOLT_UPGRADE_STATE is not valid; exiting");
+        log_.error("binary upgrade failed: MOLT_UPGRADE_STATE " + problem + "; exiting");
         return 1;
     }
+    try {
+        return adopt(json::parse(text));
+    } catch (const std::exception& e) {
+        log_.error(std::string("binary upgrade failed while adopting: ") + e.what() + "; exiting");
+        return 1;
+    }
+}
+
+std::string validate_upgrade_state(const std::string& text) {
+    json state = json::parse(text, nullptr, false);
+    if (state.is_discarded() || !state.is_object()) return "is not a JSON object";
+    using T = json::value_t;
+    auto need = [](const json& object,
+                   std::initializer_list<std::pair<const char*, T>> fields) -> std::string {
+        if (!object.is_object()) return "has an entry that is not an object";
+        for (const auto& [name, type] : fields) {
+            if (!object.contains(name)) return std::string("lacks \"") + name + "\"";
+            bool fits = type == T::number_integer ? object[name].is_number_integer()
+                                                  : object[name].type() == type;
+            if (!fits) return std::string("has a wrong type for \"") + name + "\"";
+        }
+        return {};
+    };
+    std::string problem = need(state, {{"generation", T::object},
+                                       {"listeners", T::array},
+                                       {"workers", T::array},
+                                       {"history", T::array},
+                                       {"restarts", T::object}});
+    if (!problem.empty()) return problem;
+    problem = need(state["generation"], {{"id", T::number_integer},
+                                         {"release_dir", T::string},
+                                         {"version", T::string},
+                                         {"digest", T::string},
+                                         {"trigger", T::number_integer},
+                                         {"target", T::number_integer}});
+    for (const auto& l : state["listeners"]) {
+        if (!problem.empty()) break;
+        problem = need(l, {{"fd", T::number_integer},
+                           {"text", T::string},
+                           {"name", T::string},
+                           {"path", T::string},
+                           {"bound", T::string},
+                           {"from_systemd", T::boolean},
+                           {"remove_on_exit", T::boolean}});
+    }
+    for (const auto& w : state["workers"]) {
+        if (!problem.empty()) break;
+        problem = need(w, {{"pid", T::number_integer},
+                           {"slot", T::number_integer},
+                           {"channel_fd", T::number_integer},
+                           {"out_fd", T::number_integer},
+                           {"err_fd", T::number_integer}});
+    }
+    for (const auto& h : state["history"]) {
+        if (!problem.empty()) break;
+        problem = need(h, {{"id", T::number_integer},
+                           {"release_dir", T::string},
+                           {"version", T::string},
+                           {"digest", T::string},
+                           {"trigger", T::number_integer},
+                           {"started_at", T::number_integer},
+                           {"state", T::number_integer},
+                           {"failure", T::string}});
+    }
+    return problem;
+}
+
+int Master::adopt(const json& state) {
     started_at_ = core::Time(state.value("started_at", std::int64_t{0}));
     wall_started_at_ = state.value("wall_started_at", std::uint64_t{0});
     retired_requests_ = state.value("retired_requests", std::uint64_t{0});

@@ -271,6 +271,9 @@ def test_control_socket_survives_abuse(molt):
     assert b"malformed request" in raw(b"[1,2,3]\n")
     assert b"unknown command" in raw(b'{"command": "explode"}\n')
     assert b"request too large" in raw(b"x" * 200_000)
+    assert b'"wait\\" must be true or false' in raw(b'{"command": "reload", "wait": 1}\n')
+    assert b'"fast\\" must be true or false' in raw(b'{"command": "stop", "fast": "yes"}\n')
+    assert b"scale needs" in raw(b'{"command": "scale", "workers": "many"}\n')
     silent = [socket.socket(socket.AF_UNIX) for _ in range(5)]
     for s in silent:
         s.connect(path)  # connect and never write
@@ -338,3 +341,37 @@ def test_json_logs_are_one_object_per_line_with_generation_and_pid(molt):
     assert all({"ts", "level", "msg"} <= set(r) for r in records)
     assert any(r.get("gen") == 2 and r.get("pid") for r in master)
     assert all({"gen", "worker", "pid", "stream"} <= set(r) for r in workers)
+
+
+def test_error_text_that_is_not_utf8_cannot_crash_the_master(molt, tmp_path):
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "app.py").write_text("def application(e, s):\n    s('200 OK', [])\n    return [b'ok']\n")
+    m = molt({"app": "app:application", "chdir": str(app_dir), "workers": 1})
+    # 1000 three-byte characters: any byte limit cuts one in half. Plus raw invalid bytes on
+    # stderr, which become the failure detail when no ERROR= is sent.
+    (app_dir / "app.py").write_text(
+        "import os, sys\n"
+        "os.write(2, b'\\xff\\xfe broken bytes\\n')\n"
+        "raise RuntimeError('\u20ac' * 1000)\n")
+    answer = m.reload()
+    assert answer["ok"] is False
+    (app_dir / "app.py").write_text("import os\nos.write(2, b'\\xff\\xfe\\n')\nos._exit(1)\n")
+    assert m.reload()["ok"] is False
+    assert m.ctl("status").returncode == 0
+    assert m.ctl("history", "--json").returncode == 0
+    assert m.alive() and http_get(m.port, "/")[2] == b"ok"
+
+
+def test_changing_watch_paths_by_reload_swaps_the_watcher(molt, tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("")
+    second.write_text("")
+    m = molt(dict(HELLO, watch=[str(first)]))
+    m.config["watch"] = [str(second)]
+    m.write_config()
+    assert m.reload()["ok"] is True  # the reload that replaces the watcher
+    os.utime(second)
+    wait_until(lambda: m.live_generation() == 3, 20, "a rollover from the new watch path",
+               on_timeout=m.log)
+    assert m.alive()

@@ -87,3 +87,29 @@ def test_usr2_during_a_rollover_is_refused(upgradable, tmp_path):
     wait_until(lambda: "binary upgrade refused: the master is not steady" in m.log(), 10,
                "the refusal")
     assert m.alive()
+
+
+@pytest.mark.timeout(60)
+def test_usr2_is_refused_while_the_config_file_differs_from_the_live_generation(upgradable):
+    m, binary = upgradable
+    m.config["workers"] = 3
+    m.write_config()
+    m.signal(signal.SIGUSR2)
+    wait_until(lambda: "binary upgrade refused" in m.log(), 10, "the refusal")
+    assert "changed since generation 1 started" in m.log()
+    assert m.reload()["ok"] is True  # after a reload the upgrade goes through
+    before = m.status()["master"]["build"]
+    replace_binary(binary, binary.read_bytes() + b"\0another build\0")
+    m.signal(signal.SIGUSR2)
+    wait_until(lambda: (m.try_status() or {"master": {"build": before}})["master"]["build"] != before,
+               15, "the upgrade", on_timeout=m.log)
+
+
+def test_upgrade_check_rejects_a_state_it_could_not_adopt():
+    import subprocess
+    bad = subprocess.run([molt_bin(), "upgrade-check"], capture_output=True, text=True,
+                         env=dict(os.environ, MOLT_UPGRADE_STATE_CHECK='{"generation": {}}'))
+    assert bad.returncode == 1
+    assert "cannot adopt the running master's state" in bad.stderr
+    good = subprocess.run([molt_bin(), "upgrade-check"], capture_output=True, text=True)
+    assert good.returncode == 0 and good.stdout.startswith("molt ")

@@ -52,6 +52,9 @@ struct Harness {
     std::optional<int> exit_code;
     // Like the real shim, a worker confirms DRAIN=1 with STOPPING=1 once it stopped accepting.
     bool workers_confirm_drain = true;
+    // Spawns (counted from 1) that fail the way fork() does at a pids limit.
+    std::vector<int> failing_spawns;
+    int spawns = 0;
 
     explicit Harness(Policy policy = {}) : sup(policy) {}
 
@@ -65,7 +68,14 @@ struct Harness {
             last.push_back(action);
             Actions more;
             if (auto* spawn = std::get_if<SpawnWorker>(&action)) {
-                more = sup.spawned(now, spawn->worker, next_pid++);
+                ++spawns;
+                if (std::find(failing_spawns.begin(), failing_spawns.end(), spawns) !=
+                    failing_spawns.end()) {
+                    more = sup.spawn_failed(now, spawn->worker,
+                                            "fork() failed: Resource temporarily unavailable");
+                } else {
+                    more = sup.spawned(now, spawn->worker, next_pid++);
+                }
             } else if (std::get_if<PrepareRelease>(&action)) {
                 REQUIRE_MESSAGE(!releases.empty(), "PrepareRelease without a queued release");
                 auto release = releases.front();

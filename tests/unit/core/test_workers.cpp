@@ -305,3 +305,62 @@ TEST_CASE("after a binary upgrade the new image adopts the live generation as it
     CHECK(h.sup.starting_generation() == 8);
     CHECK_FALSE(h.sup.steady());
 }
+
+TEST_CASE("a spawn that fails mid-batch fails the generation and leaves no worker behind") {
+    Live h(make_config(3));
+    h.failing_spawns = {h.spawns + 2};  // the second worker of the next generation
+    h.hup(make_release("/srv/app/v2", make_config(3)));
+    CHECK(h.gen_state(2) == GenerationState::failed);
+    auto reason = h.of<RolloverFinished>(h.all).at(0).reason;
+    CHECK(reason.find("could not start the worker process: fork() failed") != std::string::npos);
+    CHECK(reason.find("pid=") == std::string::npos);  // it never had one
+    // The first and the third worker were started; both are killed, neither can go ready.
+    for (Pid pid : h.pids(2)) {
+        REQUIRE_FALSE(h.signals_to(pid).empty());
+        CHECK(h.signals_to(pid).back().signal == Signal::kill);
+        h.ready(pid);
+        CHECK(h.worker(pid).state == WorkerState::booting);
+    }
+    for (Pid pid : h.pids(2)) h.killed(pid, 9);
+    CHECK(h.gen_state(2) == GenerationState::gone);
+    CHECK(h.sup.steady());
+}
+
+TEST_CASE("TTIN then TTOU before the new worker is ready: no crash, no busy loop") {
+    Live h(make_config(2));
+    h.run(h.sup.scale(h.now, 3));
+    Pid third = h.pids(1, WorkerState::booting).at(0);
+    h.run(h.sup.scale(h.now, 2));
+    REQUIRE(h.signals_to(third).size() == 1);
+    h.killed(third, 9);  // the harness checks next_deadline() is never already past
+    CHECK(h.sup.restarts().count(RestartReason::crash) == 0);
+    h.advance(1s);
+    CHECK(h.sup.workers().size() == 2);
+}
+
+TEST_CASE("scaling down while a new generation boots does not fail it") {
+    Live h(make_config(3));
+    h.hup(make_release("/srv/app/v2", make_config(3)));
+    h.run(h.sup.scale(h.now, 2));
+    for (Pid pid : h.pids(2)) {
+        if (h.worker(pid).slot == 2) {
+            CHECK(h.signals_to(pid).size() == 1);
+            h.killed(pid, 9);
+        }
+    }
+    CHECK(h.gen_state(2) == GenerationState::starting);
+    h.make_all_ready(2);
+    CHECK(h.sup.live_generation() == 2);
+    CHECK(h.pids(2, WorkerState::ready).size() == 2);
+}
+
+TEST_CASE("a drain does not postpone the SIGKILL already due after a SIGABRT") {
+    Live h(make_config(1, [](config::Config& c) { c.timeouts.graceful = 60s; }));
+    Pid pid = h.pids(1).at(0);
+    h.advance(30s);  // no heartbeat: SIGABRT, SIGKILL due 5 s later
+    REQUIRE(h.signals_to(pid).size() == 1);
+    h.run(h.sup.stop(h.now, false));
+    h.advance_to_deadline();
+    CHECK(h.now == 35s);
+    CHECK(h.signals_to(pid).back().signal == Signal::kill);
+}
