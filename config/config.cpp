@@ -1383,12 +1383,9 @@ json listen_json(const ListenAddress& address) {
 
 // The HTTP limits, the same in the full config and in what each worker is given.
 json http_json(const Http& h) {
-    return {{"max_request_line", h.max_request_line},
-            {"max_header_size", h.max_header_size},
-            {"max_headers", h.max_headers},
-            {"max_body_size", h.max_body_size},
-            {"body_buffer_size", h.body_buffer_size},
-            {"header_timeout_ms", ms(h.header_timeout)},
+    return {{"max_request_line", h.max_request_line}, {"max_header_size", h.max_header_size},
+            {"max_headers", h.max_headers},           {"max_body_size", h.max_body_size},
+            {"body_buffer_size", h.body_buffer_size}, {"header_timeout_ms", ms(h.header_timeout)},
             {"version_header", h.version_header}};
 }
 

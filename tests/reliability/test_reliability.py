@@ -126,11 +126,12 @@ def test_kill_9_of_random_workers_never_takes_the_master_down(molt):
     load = Wrk(m.url("/"), duration=12, connections=16)
     try:
         for _ in range(8):
-            ready = m.workers("ready")
-            if ready:
-                os.kill(rng.choice(ready)["pid"], signal.SIGKILL)
-            wait_until(lambda: len(m.workers("ready")) == 3, 20, "capacity to be restored",
-                       on_timeout=m.log)
+            victim = rng.choice(m.workers("ready"))["pid"]
+            os.kill(victim, signal.SIGKILL)
+            # Until SIGCHLD is handled the master still lists the victim as ready: wait for it
+            # to be gone *and* for capacity to be back.
+            wait_until(lambda: victim not in m.worker_pids() and len(m.workers("ready")) == 3,
+                       20, "capacity to be restored", on_timeout=m.log)
     finally:
         result = load.result()
     # A request in flight on a killed worker is lost with it (nothing can save it); the
