@@ -53,6 +53,12 @@ class GracefulTransport:
         self._loop = loop
         self.closing = False
         self._timer: Optional[asyncio.TimerHandle] = None
+        # The per-request calls go straight to the transport, not through __getattr__.
+        self.write = transport.write
+        self.writelines = transport.writelines
+        self.get_extra_info = transport.get_extra_info
+        self.pause_reading = transport.pause_reading
+        self.resume_reading = transport.resume_reading
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._t, name)
@@ -88,7 +94,7 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
         _partial = False
         _last_active = 0.0
         _real_transport: Any = None
-        _head_timer: Any = None
+        _head_started = 0.0
 
         def connection_made(self, transport: Any) -> None:
             self._real_transport = transport
@@ -101,10 +107,6 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             if ctl.draining:
                 self.molt_drain(time.monotonic())
 
-        def connection_lost(self, exc: Any) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             if getattr(self.transport, "closing", False):
@@ -113,21 +115,23 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             super().data_received(data)
 
         def on_message_begin(self) -> None:
+            # uvicorn 0.17 has no request-head timeout (slowloris); the once-a-second tick
+            # checks it (check_head_timeout), which costs far less than a timer per request.
             self._partial = True
-            # uvicorn 0.17 has no request-head timeout (slowloris); add one.
-            self._head_timer = self.loop.call_later(ctl.header_timeout, self._head_timeout)
+            self._head_started = self._last_active
             super().on_message_begin()
 
         def on_headers_complete(self) -> None:
             self._partial = False
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
             super().on_headers_complete()
 
+        def check_head_timeout(self, now: float) -> None:
+            if self._partial and now - self._head_started > ctl.header_timeout:
+                self._partial = False
+                self._head_timeout()
+
         def _head_timeout(self) -> None:
-            self._head_timer = None
-            if self._partial and not self.transport.is_closing():
+            if not self.transport.is_closing():
                 log.warning("%s: 408 Request Timeout: request head not complete within %.1fs",
                             "%s:%s" % tuple(self.client) if self.client else "unix",
                             ctl.header_timeout)
@@ -283,7 +287,22 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
             conn.setblocking(False)
             if is_tcp:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            adopt(conn)
+
+    make_transport = getattr(loop, "_make_socket_transport", None)
+
+    def adopt(conn: socket.socket) -> None:
+        # The selector loop builds a transport synchronously (what asyncio's own servers do);
+        # connect_accepted_socket() would cost a task and a future per connection. Any other
+        # loop gets the public path.
+        if make_transport is None:
             loop.create_task(_adopt(loop, factory, conn))
+            return
+        try:
+            make_transport(conn, factory())
+        except Exception as exc:
+            log.info("could not set up an accepted connection: %s", exc)
+            conn.close()
 
     for lsock, _ in listeners:
         lsock.setblocking(False)
@@ -307,7 +326,7 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
     log.info("ready: %s (asgi via uvicorn, %s) on %s", cfg.app, protocol_class.__name__,
              ", ".join(name for _, name in listeners) or "no listeners")
 
-    ticker = loop.create_task(_tick(cfg, channel, stats, update_date, done))
+    ticker = loop.create_task(_tick(cfg, channel, stats, update_date, state.connections))
     await done.wait()
 
     # -- drain --------------------------------------------------------------------------------
@@ -349,8 +368,9 @@ async def _adopt(loop: asyncio.AbstractEventLoop, factory: Any, conn: socket.soc
 
 
 async def _tick(cfg: Any, channel: Channel, stats: Stats, update_date: Any,
-                done: asyncio.Event) -> None:
-    """Heartbeats come from the event loop itself: a blocked loop stops them, on purpose."""
+                connections: Any) -> None:
+    """Heartbeats come from the event loop itself: a blocked loop stops them, on purpose.
+    The same tick enforces the request-head timeout on every open connection."""
     interval = cfg.heartbeat_interval_s
     next_beat = time.monotonic()
     last_date = 0
@@ -362,6 +382,10 @@ async def _tick(cfg: Any, channel: Channel, stats: Stats, update_date: Any,
         if int(time.time()) != last_date:
             last_date = int(time.time())
             update_date()
+        for conn in list(connections):
+            check = getattr(conn, "check_head_timeout", None)
+            if check is not None:
+                check(now)
         # Once a second is the Date header's resolution; heartbeats may need it sooner.
         await asyncio.sleep(min(1.0, interval))
 
