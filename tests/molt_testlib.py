@@ -259,11 +259,6 @@ class Wrk:
         out, _ = self.proc.communicate(timeout=self.duration + 30)
         return parse_wrk(out)
 
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
-
 
 def parse_wrk(out: str) -> dict:
     result = {"output": out, "requests": 0, "connect": 0, "read": 0, "write": 0, "timeout": 0,

@@ -242,7 +242,6 @@ std::string Master::start_services() {
     }
 
     oom_kills_seen_ = os::oom_kill_count();
-    os::set_process_title("molt: master");
     start_watching();
     return {};
 }
@@ -291,6 +290,15 @@ void Master::feed(core::Actions actions) {
     }
     feeding_ = false;
     arm_deadline_timer();
+    update_process_title();
+}
+
+// `ps` shows which generation serves, whatever told us (systemd or not).
+void Master::update_process_title() {
+    auto live = core_.live_generation();
+    if (live == titled_generation_) return;
+    titled_generation_ = live;
+    os::set_process_title(live ? fmt::format("molt: master gen={}", *live) : "molt: master");
 }
 
 void Master::execute(const core::Action& action, std::vector<core::Actions>& more) {
@@ -522,17 +530,16 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
     }
 
     pid_t child = std::get<pid_t>(pid);
-    track_process(spawn.generation, spawn.worker, spawn.slot, child, master_end, out_pipe.read_end,
+    track_process(spawn.generation, spawn.slot, child, master_end, out_pipe.read_end,
                   err_pipe.read_end);
     return core_.spawned(now(), spawn.worker, child);
 }
 
 // Watches a worker's channel and output pipes (a fresh spawn, or one adopted after exec).
-void Master::track_process(core::GenerationId generation, core::WorkerId id, int slot, pid_t pid,
-                           int channel_fd, int out_fd, int err_fd) {
+void Master::track_process(core::GenerationId generation, int slot, pid_t pid, int channel_fd,
+                           int out_fd, int err_fd) {
     auto worker = std::make_unique<WorkerProcess>();
     worker->master = this;
-    worker->id = id;
     worker->generation = generation;
     worker->slot = slot;
     worker->pid = pid;
@@ -700,11 +707,6 @@ void Master::notify(const std::string& message) {
     std::string text = message;
     if (starts_with(message, "RELOADING=1")) {
         text += fmt::format("\nMONOTONIC_USEC={}", monotonic_usec());
-    }
-    if (starts_with(message, "READY=1") || starts_with(message, "STATUS=")) {
-        if (auto live = core_.live_generation()) {
-            os::set_process_title(fmt::format("molt: master gen={}", *live));
-        }
     }
     sd_notify(0, text.c_str());
 }

@@ -71,8 +71,8 @@ class Master {
     core::Time now();
     std::string start_services();  // the error that prevents starting, if any
     void start_watching();
-    void track_process(core::GenerationId generation, core::WorkerId id, int slot, pid_t pid,
-                       int channel_fd, int out_fd, int err_fd);
+    void track_process(core::GenerationId generation, int slot, pid_t pid, int channel_fd,
+                       int out_fd, int err_fd);
     void feed(core::Actions actions);
     void execute(const core::Action& action, std::vector<core::Actions>& more);
     void arm_deadline_timer();
@@ -94,6 +94,7 @@ class Master {
     void notify(const std::string& message);
     void finish_rollover(const core::RolloverFinished& finished);
     void begin_shutdown(int code);
+    void update_process_title();
 
     // Binary upgrade (upgrade.cpp).
     void begin_upgrade();
@@ -132,6 +133,7 @@ class Master {
     pid_t upgrade_check_pid_ = 0;
     uv_timer_t upgrade_timer_{};  // bounds the check run
     int upgrade_check_fd_ = -1;
+    std::optional<core::GenerationId> titled_generation_{0};  // 0: nothing shown yet
     bool feeding_ = false;
     std::vector<core::Actions> pending_;
 };

@@ -357,7 +357,7 @@ int Master::adopt(const json& state) {
         int slot = w["slot"];
         int channel = w["channel_fd"], out = w["out_fd"], err = w["err_fd"];
         for (int fd : {channel, out, err}) set_cloexec(fd, true);
-        track_process(adopted.generation, 0, slot, pid, channel, out, err);
+        track_process(adopted.generation, slot, pid, channel, out, err);
         core::AdoptedWorker worker;
         worker.pid = pid;
         worker.slot = slot;

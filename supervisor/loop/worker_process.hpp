@@ -15,7 +15,6 @@ class Master;
 
 struct WorkerProcess {
     Master* master = nullptr;
-    core::WorkerId id = 0;
     core::GenerationId generation = 0;
     int slot = 0;
     pid_t pid = 0;
