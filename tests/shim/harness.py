@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHIM_DIR = os.path.join(REPO, "worker_shim")
+SHIM_DIR = os.environ.get("MOLT_TEST_SHIM_DIR") or os.path.join(REPO, "worker_shim")
 APPS_DIR = os.path.join(REPO, "tests", "apps")
 PYTHON = "/usr/bin/python3"
 

@@ -124,8 +124,8 @@ def test_sigabrt_dumps_all_threads(listeners, spawn):
     assert w.wait_exit() == -signal.SIGABRT
     text = w.stderr_text()
     assert "Fatal Python error: Aborted" in text
-    assert text.count("hread 0x") >= 4  # "Current thread" (the loop) + three pool threads
-    assert "_pool_main" in text
+    assert text.count("hread 0x") >= 4  # "Current thread" (the loop) + three serving threads
+    assert "_thread_main" in text
 
 
 def test_channel_eof_drains_and_exits_zero(listeners, spawn):

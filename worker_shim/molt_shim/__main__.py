@@ -60,6 +60,14 @@ def wrap_listeners(cfg: config.WorkerConfig) -> List[Tuple[socket.socket, str]]:
     for fd, name in zip(cfg.listen_fds, cfg.listen_names):
         os.set_inheritable(fd, False)  # a subprocess of the app must not hold our listeners
         sock = socket.socket(fileno=fd)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Accepted connections inherit TCP_NODELAY from the listener (Linux), so setting
+            # it once here saves a setsockopt() per connection. Every worker shares this
+            # socket and wants the same, so changing it under them is harmless.
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         bound = bound_address(sock)
         # A listener named by its address shows where it really is (port 0 resolved); one
         # with a name of its own (systemd's FileDescriptorName=, `name:`) shows both.
@@ -194,10 +202,7 @@ def serve_wsgi(app: Any, cfg: config.WorkerConfig, channel: Channel, stats: Stat
     def on_channel() -> None:
         messages = channel.receive()
         if messages is None:
-            try:
-                server.ep.unregister(channel.fileno())
-            except (OSError, ValueError):
-                pass
+            server.forget_channel()
             request_drain("master channel closed")
             return
         dispatch(messages, request_drain, access.reopen if access is not None else None)

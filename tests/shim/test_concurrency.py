@@ -1,0 +1,110 @@
+"""Connection churn against the shared-epoll serving threads.
+
+Every serving thread takes connections from one epoll, and the sweep closes idle ones from
+another thread; ownership moves by `parked.pop(fd)` alone. This test mixes everything that
+moves a connection between owners, on two workers sharing one listener, and checks every
+byte every client gets back: a response served twice, interleaved, lost, or a live
+connection closed under a client, fails it.
+"""
+import random
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from harness import Client
+
+pytestmark = pytest.mark.timeout(90)
+
+SECONDS = 6.0
+CLIENTS = 24
+
+
+def _one_connection(port: int, rng: random.Random) -> int:
+    """One client connection doing one kind of thing; returns the requests answered."""
+    kind = rng.choice(["keepalive", "pipelined", "close", "echo", "silent", "half"])
+    if kind == "silent":  # connects and leaves: the server sees EOF before any byte
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        return 0
+    if kind == "half":  # half a request head, then gone
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"GET /echo HTTP/1.1\r\nHost: t\r\nContent-Le")
+        s.close()
+        return 0
+    c = Client(port, timeout=10)
+    try:
+        if kind == "keepalive":
+            n = rng.randint(1, 6)
+            for _ in range(n):
+                status, _, body = c.request("/")
+                assert (status, body) == (200, b"hello")
+            return n
+        if kind == "pipelined":
+            n = rng.randint(2, 5)
+            tags = [b"p%d-%d" % (i, rng.randint(0, 1 << 30)) for i in range(n)]
+            c.send(b"".join(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(t), t) for t in tags))
+            for t in tags:
+                status, _, body = c.response("POST")
+                assert (status, body) == (200, t)
+            return n
+        if kind == "echo":
+            tag = b"x" * rng.randint(1, 200000)  # bodies that take several reads
+            status, _, body = c.request("/echo", method="POST", body=tag)
+            assert (status, len(body)) == (200, len(tag))
+            return 1
+        status, headers, body = c.request("/", headers="Connection: close\r\n")
+        assert (status, body) == (200, b"hello")
+        assert headers["Connection"] == "close"
+        assert c.read_all(5) == b""  # and then the server really closes
+        return 1
+    finally:
+        c.close()
+
+
+def test_connection_churn_every_response_intact(listeners, spawn):
+    workers = [spawn(slot=i, threads=4).wait_ready() for i in range(2)]
+    errors = []
+    answered = [0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + SECONDS
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < stop_at:
+            try:
+                n = _one_connection(listeners.port, rng)
+            except Exception as exc:  # every client-visible failure counts
+                with lock:
+                    errors.append(repr(exc))
+                continue
+            with lock:
+                answered[0] += n
+
+    # wrk adds keep-alive pressure, so every serving thread is busy and contends for the GIL
+    # while the churn moves connections between them (wrk reconnects on every close).
+    wrk = None
+    if shutil.which("wrk"):
+        wrk = subprocess.Popen(["wrk", "-t1", "-c16", "-d%ds" % int(SECONDS), "--timeout", "5s",
+                                "http://127.0.0.1:%d/" % listeners.port],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if wrk is not None:
+        out = wrk.communicate(timeout=30)[0].decode()
+        assert "Socket errors" not in out, out
+        assert "Non-2xx" not in out, out
+        assert int(re.search(r"(\d+) requests in", out).group(1)) > 1000, out
+    assert errors == []
+    assert answered[0] > 500
+    for w in workers:
+        assert w.alive()
+        assert "internal error" not in w.stderr_text()
+        assert "Traceback" not in w.stderr_text()
