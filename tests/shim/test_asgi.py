@@ -139,3 +139,50 @@ def test_asgi_on_uvicorn_h11_protocol(listeners, spawn):
     assert c.read_all(10) == b""  # idle keep-alive connection closed cleanly
     assert w.wait_exit() == 0
     c.close()
+
+
+def test_asgi_counters_retire_and_access_log(listeners, spawn):
+    # The ASGI server reads its counters off uvicorn's connections at each tick: the warm-up
+    # request is not counted, a request in flight shows with its age, and max_requests sends
+    # RETIRE once.
+    w = spawn_asgi(spawn, overrides={"recycle": {"max_requests": 5, "max_requests_jitter": 0},
+                                     "logging": {"access_log": True}}).wait_ready()
+    c = Client(listeners.port)
+    for _ in range(3):
+        assert c.request("/")[2] == b"asgi hello"
+    wait_until(lambda: [m for m in w.find("WATCHDOG") if m["REQUESTS"] == "3"], 10,
+               "REQUESTS=3 (the warm-up not counted)")
+    slow = Client(listeners.port)
+    slow.send(b"GET /slow?s=2.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+    beat = wait_until(lambda: [m for m in w.find("WATCHDOG")
+                               if m["INFLIGHT"] == "1" and int(m["OLDEST_MS"]) >= 500], 10,
+                      "the slow request in flight, with its age")
+    assert int(beat[-1]["OLDEST_MS"]) < 4000
+    assert w.find("RETIRE") == []
+    assert slow.response()[2] == b"slow done"
+    assert c.request("/")[2] == b"asgi hello"  # the 5th request
+    assert w.wait_message("RETIRE")["RETIRE"] == "max_requests"
+    wait_until(lambda: [m for m in w.find("WATCHDOG") if m["INFLIGHT"] == "0"
+                        and m["REQUESTS"] == "5"], 10, "INFLIGHT back to 0")
+    wait_until(lambda: [ln for ln in w.stdout if '"GET /slow?s=2.5 HTTP/1.1" 200' in ln], 5,
+               "the slow request's access log line")
+    assert len(w.find("RETIRE")) == 1
+    c.close()
+    slow.close()
+
+
+def test_asgi_connection_close_is_answered_then_closed(listeners, spawn):
+    spawn_asgi(spawn).wait_ready()
+    for _ in range(20):
+        c = Client(listeners.port)
+        status, headers, body = c.request("/", headers="Connection: close\r\n")
+        assert (status, body, headers["Connection"]) == (200, b"asgi hello", "close")
+        assert c.read_all(5) == b""
+        c.close()
+    # Pipelined behind a close: the first is answered, the connection then closes.
+    c = Client(listeners.port)
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+           b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    raw = c.read_all(5)
+    assert raw.count(b"HTTP/1.1 200") == 1 and raw.endswith(b"asgi hello")
+    c.close()

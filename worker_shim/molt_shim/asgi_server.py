@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -29,127 +30,168 @@ from .stats import Stats
 log = logging.getLogger("molt_shim")
 
 LINGER_S = 2.0
+EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)  # Linux 4.5
 TICK_S = 0.1
 CLOSE_HEADER = (b"connection", b"close")
 
 
 class DrainControl:
-    def __init__(self, idle_window: float, header_timeout: float) -> None:
+    def __init__(self, idle_window: float, header_timeout: float, keepalive: float) -> None:
         self.draining = False
         self.warming = False
         self.idle_window = idle_window
         self.header_timeout = header_timeout
+        # A connection that has not sent a byte yet: as in the WSGI server.
+        self.first_request_timeout = max(keepalive, header_timeout)
 
 
 class GracefulTransport:
-    """Transport proxy whose close() is shutdown(SHUT_WR), a brief read-discard, then close.
+    """Transport proxy whose close() lingers: shutdown(SHUT_WR), read-discard, then close.
 
     uvicorn closes connections with transport.close(); with unread request bytes in the
-    kernel buffer that close would send an RST to the client.
+    kernel buffer that close would send an RST to the client. A client that asked to close
+    (`Connection: close`) gets the plain close, like every server gives it: it sends nothing
+    more, and the linger would cost a wake-up, a read and a timer per connection.
     """
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
         self._t = transport
-        self._loop = loop
+        self._protocol = protocol
         self.closing = False
-        self._timer: Optional[asyncio.TimerHandle] = None
         # The per-request calls go straight to the transport, not through __getattr__.
         self.write = transport.write
         self.writelines = transport.writelines
         self.get_extra_info = transport.get_extra_info
         self.pause_reading = transport.pause_reading
         self.resume_reading = transport.resume_reading
+        self.is_closing = transport.is_closing
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._t, name)
-
-    def is_closing(self) -> bool:
-        return self.closing or self._t.is_closing()
 
     def close(self) -> None:
         if self.closing:
             return
         self.closing = True
+        self.is_closing = _true
         t = self._t
         if t.is_closing():
+            return
+        if self._protocol.client_asked_close():
+            t.close()
             return
         try:
             if not t.can_write_eof():
                 t.close()
                 return
             t.write_eof()  # asyncio sends the FIN after the write buffer is flushed
+            self._protocol.data_received = _discard  # what arrives now is thrown away
             t.resume_reading()
         except Exception:
             t.close()
             return
-        self._timer = self._loop.call_later(LINGER_S, t.close)
+        self._protocol.loop.call_later(LINGER_S, t.close)
 
     def abort(self) -> None:
         self.closing = True
+        self.is_closing = _true
         self._t.abort()
 
 
+def _true() -> bool:
+    return True
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
 def make_protocol_class(base: type, ctl: DrainControl) -> type:
+    """uvicorn's HTTP protocol with molt's timeouts and drain, at no cost per request.
+
+    Nothing here runs per request: the once-a-second tick (molt_check) and the drain tick
+    (molt_drain) look at uvicorn's own per-connection state (`scope`, `cycle`, `pipeline`)
+    and remember what they saw, so a head that stays incomplete, or a connection that stays
+    idle, is noticed at tick resolution.
+    """
+
     class MoltHTTPProtocol(base):  # type: ignore[misc, valid-type]
-        _partial = False
-        _last_active = 0.0
         _real_transport: Any = None
-        _head_started = 0.0
+        _born = 0.0
+        _head_mark: Any = None      # (scope, first seen) while a request head is incomplete
+        _busy_mark: Any = None      # (cycle, first seen) while a response is in progress
+        _idle_mark: Any = None      # (cycle, first seen) while draining and idle
 
         def connection_made(self, transport: Any) -> None:
             self._real_transport = transport
-            self._last_active = time.monotonic()
-            super().connection_made(GracefulTransport(transport, self.loop))
-            # uvicorn arms its keep-alive timer only after a response; a connection that
-            # never sends a byte would otherwise stay open forever.
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self._born = time.monotonic()
+            super().connection_made(GracefulTransport(transport, self))
             if ctl.draining:
-                self.molt_drain(time.monotonic())
-
-
-        def data_received(self, data: bytes) -> None:
-            if getattr(self.transport, "closing", False):
-                return  # discarding while lingering before the final close
-            self._last_active = time.monotonic()
-            super().data_received(data)
-
-        def on_message_begin(self) -> None:
-            # uvicorn 0.17 has no request-head timeout (slowloris); the once-a-second tick
-            # checks it (check_head_timeout), which costs far less than a timer per request.
-            self._partial = True
-            self._head_started = self._last_active
-            super().on_message_begin()
-
-        def on_headers_complete(self) -> None:
-            self._partial = False
-            super().on_headers_complete()
-
-        def check_head_timeout(self, now: float) -> None:
-            if self._partial and now - self._head_started > ctl.header_timeout:
-                self._partial = False
-                self._head_timeout()
-
-        def _head_timeout(self) -> None:
-            if not self.transport.is_closing():
-                log.warning("%s: 408 Request Timeout: request head not complete within %.1fs",
-                            "%s:%s" % tuple(self.client) if self.client else "unix",
-                            ctl.header_timeout)
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
-                                     b"Connection: close\r\n\r\n")
-                self.transport.close()
+                self.molt_drain(self._born)
 
         def handle_upgrade(self, *args: Any) -> None:
             # WebSockets take over the raw transport; our close semantics are for HTTP.
             self.transport = self._real_transport
             super().handle_upgrade(*args)
 
-        def on_response_complete(self) -> None:
-            self._last_active = time.monotonic()
-            super().on_response_complete()
+        # -- what the ticks read ---------------------------------------------------------
+        def head_in_progress(self) -> bool:
+            scope = self.scope
+            if scope is None:
+                return False
+            cycle = self.cycle
+            return cycle is None or cycle.scope is not scope
+
+        def in_flight(self) -> bool:
+            cycle = self.cycle
+            return cycle is not None and not cycle.response_complete
+
+        def client_asked_close(self) -> bool:
+            cycle = self.cycle
+            return (cycle is not None and cycle.scope is self.scope
+                    and not getattr(self, "pipeline", None)  # the h11 protocol has none
+                    and CLOSE_HEADER in cycle.scope["headers"])
+
+        def busy_since(self, now: float) -> float:
+            """When the response in progress was first seen (0 when none is)."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                self._busy_mark = None
+                return 0.0
+            mark = self._busy_mark
+            if mark is None or mark[0] is not cycle:
+                mark = self._busy_mark = (cycle, now)
+            return mark[1]
+
+        def molt_check(self, now: float) -> None:
+            """Once a second: the request-head timeout (uvicorn 0.17 has none: slowloris),
+            and a connection that never sends a byte (uvicorn arms its keep-alive timer only
+            after a response)."""
+            if self.transport is None or self.transport.is_closing():
+                return
+            if self.scope is None:
+                if now - self._born > ctl.first_request_timeout:
+                    self.transport.close()
+                return
+            if not self.head_in_progress():
+                self._head_mark = None
+                return
+            mark = self._head_mark
+            if mark is None or mark[0] is not self.scope:
+                self._head_mark = (self.scope, now)
+            elif now - mark[1] > ctl.header_timeout:
+                self._head_timeout()
+
+        def _head_timeout(self) -> None:
+            log.warning("%s: 408 Request Timeout: request head not complete within %.1fs",
+                        "%s:%s" % tuple(self.client) if self.client else "unix",
+                        ctl.header_timeout)
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+            self.transport.close()
 
         def molt_drain(self, now: float) -> None:
-            """Called when the drain starts and on every tick while draining."""
+            """Called when the drain starts and on every drain tick."""
             if CLOSE_HEADER not in self.default_headers:
                 # Every request that starts from now on answers with Connection: close.
                 self.default_headers = list(self.default_headers) + [CLOSE_HEADER]
@@ -159,22 +201,26 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
                 if not getattr(cycle, "response_started", True):
                     if CLOSE_HEADER not in cycle.default_headers:
                         cycle.default_headers = list(cycle.default_headers) + [CLOSE_HEADER]
+                self._idle_mark = None
                 return
-            if self._partial or getattr(self, "pipeline", None):
+            if self.head_in_progress() or getattr(self, "pipeline", None):
+                self._idle_mark = None
                 return
-            if now - self._last_active >= ctl.idle_window:
+            mark = self._idle_mark
+            if mark is None or mark[0] is not cycle:
+                self._idle_mark = (cycle, now)  # idle from now on, unless a request comes
+            elif now - mark[1] >= ctl.idle_window:
                 self.transport.close()
 
     MoltHTTPProtocol.__name__ = "Molt" + base.__name__
     return MoltHTTPProtocol
 
 
-class Tracker:
-    """ASGI middleware feeding the heartbeat counters and the access log."""
+class AccessLog:
+    """ASGI middleware for the access log (only installed when the log is on)."""
 
-    def __init__(self, app: Any, stats: Stats, access: Any, ctl: DrainControl) -> None:
+    def __init__(self, app: Any, access: Any, ctl: DrainControl) -> None:
         self.app = app
-        self.stats = stats
         self.access = access
         self.ctl = ctl
 
@@ -183,31 +229,27 @@ class Tracker:
             await self.app(scope, receive, send)
             return
         started = time.monotonic()
-        token = self.stats.begin(started)
-        access = self.access
         info = [0, 0]
-        if access is not None:
-            inner_send = send
+        inner_send = send
 
-            async def send(message: Dict[str, Any]) -> None:  # noqa: F811
-                if message["type"] == "http.response.start":
-                    info[0] = message["status"]
-                elif message["type"] == "http.response.body":
-                    info[1] += len(message.get("body", b""))
-                await inner_send(message)
+        async def send(message: Dict[str, Any]) -> None:  # noqa: F811
+            if message["type"] == "http.response.start":
+                info[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                info[1] += len(message.get("body", b""))
+            await inner_send(message)
+
         try:
             await self.app(scope, receive, send)
         finally:
-            self.stats.end(token)
-            if access is not None:
-                client = scope.get("client")
-                remote = "%s:%s" % tuple(client) if client else "unix"
-                path = scope.get("path", "")
-                if scope.get("query_string"):
-                    path += "?" + scope["query_string"].decode("latin-1")
-                access.put((remote, scope.get("method", ""), path,
-                            "HTTP/" + scope.get("http_version", "1.1"), info[0], info[1],
-                            (time.monotonic() - started) * 1000.0))
+            client = scope.get("client")
+            remote = "%s:%s" % tuple(client) if client else "unix"
+            path = scope.get("path", "")
+            if scope.get("query_string"):
+                path += "?" + scope["query_string"].decode("latin-1")
+            self.access.put((remote, scope.get("method", ""), path,
+                             "HTTP/" + scope.get("http_version", "1.1"), info[0], info[1],
+                             (time.monotonic() - started) * 1000.0))
 
 
 def serve_asgi(app: Any, cfg: Any, channel: Channel, stats: Stats,
@@ -240,8 +282,9 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
                     timeout_keep_alive=max(1, int(round(cfg.timeout_s("keepalive")))),
                     headers=headers)
     config.load()
-    ctl = DrainControl(cfg.drain_idle_s, cfg.header_timeout_s)
-    config.loaded_app = Tracker(config.loaded_app, stats, access, ctl)
+    ctl = DrainControl(cfg.drain_idle_s, cfg.header_timeout_s, cfg.timeout_s("keepalive"))
+    if access is not None:
+        config.loaded_app = AccessLog(config.loaded_app, access, ctl)
     state = ServerState()
     loop = asyncio.get_running_loop()
     protocol_class = make_protocol_class(config.http_protocol_class, ctl)
@@ -266,6 +309,7 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
         if error is not None:
             await lifespan.shutdown()
             return _fail(channel, error)
+    warmup_requests = state.total_requests  # uvicorn counts every response; these are ours
 
     done = asyncio.Event()
     drain_why: List[str] = []
@@ -275,19 +319,38 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
             drain_why.append(why)
             done.set()
 
-    def on_accept(lsock: socket.socket, is_tcp: bool) -> None:
-        for _ in range(1):  # one per wake-up: fair spread over workers (see wsgi_server)
+    # EPOLLEXCLUSIVE on the listeners, registered again after every accept: a connection
+    # wakes one worker whose loop is waiting, round-robin (see wsgi_server._accept). This
+    # reaches into the selector asyncio's default loop uses; any other loop keeps plain
+    # readiness (every worker wakes, one wins the accept).
+    epoll = getattr(getattr(loop, "_selector", None), "_selector", None)
+    if not isinstance(epoll, select.epoll):
+        epoll = None
+
+    def rejoin(fd: int) -> None:
+        if epoll is not None:
             try:
-                conn, _ = lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
+                epoll.unregister(fd)
+                epoll.register(fd, select.EPOLLIN | EPOLLEXCLUSIVE)
             except OSError as exc:
+                log.error("re-registering a listener failed: %s", exc)
+
+    accept_error_logged = [0.0]
+
+    def on_accept(lsock: socket.socket, fd: int) -> None:
+        try:
+            conn, _ = lsock.accept()  # one per wake-up; TCP_NODELAY comes from the listener
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            now = time.monotonic()
+            if now - accept_error_logged[0] > 1.0:  # EMFILE: do not log at loop speed
+                accept_error_logged[0] = now
                 log.error("accept() failed: %s", exc)
-                return
-            conn.setblocking(False)
-            if is_tcp:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            adopt(conn)
+            return
+        rejoin(fd)
+        conn.setblocking(False)
+        adopt(conn)
 
     make_transport = getattr(loop, "_make_socket_transport", None)
 
@@ -306,8 +369,8 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
 
     for lsock, _ in listeners:
         lsock.setblocking(False)
-        loop.add_reader(lsock.fileno(), on_accept, lsock,
-                        lsock.family in (socket.AF_INET, socket.AF_INET6))
+        loop.add_reader(lsock.fileno(), on_accept, lsock, lsock.fileno())
+        rejoin(lsock.fileno())
 
     def on_channel() -> None:
         messages = channel.receive()
@@ -326,7 +389,20 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
     log.info("ready: %s (asgi via uvicorn, %s) on %s", cfg.app, protocol_class.__name__,
              ", ".join(name for _, name in listeners) or "no listeners")
 
-    ticker = loop.create_task(_tick(cfg, channel, stats, update_date, state.connections))
+    def observe(now: float) -> None:
+        """Counters for the heartbeat, read off the connections (nothing per request)."""
+        inflight = 0
+        oldest = now
+        for conn in state.connections:
+            if isinstance(conn, protocol_class):
+                since = conn.busy_since(now)
+                if since:
+                    inflight += 1
+                    oldest = min(oldest, since)
+        stats.observe(state.total_requests - warmup_requests, inflight, oldest)
+
+    ticker = loop.create_task(_tick(cfg, channel, stats, update_date, state.connections,
+                                    observe))
     await done.wait()
 
     # -- drain --------------------------------------------------------------------------------
@@ -336,8 +412,9 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
         lsock.close()  # our descriptor only; never shutdown() a shared listener
     channel.send(STOPPING=1)  # no new connection can reach this worker any more
     ctl.draining = True
+    observe(time.monotonic())
     log.info("draining (%s): %d connection(s), %d request(s) in flight", drain_why[0],
-             len(state.connections), stats.inflight_count())
+             len(state.connections), stats.observed[0] if stats.observed else 0)
     for conn in list(state.connections):
         if not isinstance(conn, protocol_class):
             conn.shutdown()  # WebSockets: uvicorn sends close code 1012 (service restart)
@@ -354,6 +431,7 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
         await asyncio.sleep(TICK_S)
     ticker.cancel()
     await lifespan.shutdown()
+    observe(time.monotonic())
     channel.send(**stats.heartbeat())  # the last counts, so the master's totals are exact
     log.info("drained; exiting (%d requests served)", stats.requests)
     return 0
@@ -368,14 +446,15 @@ async def _adopt(loop: asyncio.AbstractEventLoop, factory: Any, conn: socket.soc
 
 
 async def _tick(cfg: Any, channel: Channel, stats: Stats, update_date: Any,
-                connections: Any) -> None:
+                connections: Any, observe: Any) -> None:
     """Heartbeats come from the event loop itself: a blocked loop stops them, on purpose.
-    The same tick enforces the request-head timeout on every open connection."""
+    The same tick reads the counters and runs each connection's timeout checks."""
     interval = cfg.heartbeat_interval_s
     next_beat = time.monotonic()
     last_date = 0
     while True:
         now = time.monotonic()
+        observe(now)
         if now >= next_beat:
             next_beat = now + interval
             channel.send(**stats.heartbeat())
@@ -383,7 +462,7 @@ async def _tick(cfg: Any, channel: Channel, stats: Stats, update_date: Any,
             last_date = int(time.time())
             update_date()
         for conn in list(connections):
-            check = getattr(conn, "check_head_timeout", None)
+            check = getattr(conn, "molt_check", None)
             if check is not None:
                 check(now)
         # Once a second is the Date header's resolution; heartbeats may need it sooner.

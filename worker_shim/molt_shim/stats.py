@@ -5,7 +5,7 @@ import itertools
 import random
 import threading
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 from .protocol import Channel, rss_bytes
 
@@ -21,6 +21,7 @@ class Stats:
         self.inflight: Dict[int, float] = {}
         self.retire_at = max_requests + random.randint(0, max(0, jitter)) if max_requests > 0 else 0
         self.retire_sent = False
+        self.observed: Optional[Tuple[int, float]] = None  # (in flight, oldest start) via observe()
 
     def begin(self, started: float) -> int:
         token = next(self._ids)
@@ -40,8 +41,22 @@ class Stats:
     def inflight_count(self) -> int:
         return len(self.inflight)
 
+    def observe(self, requests: int, inflight: int, oldest_started: float) -> None:
+        """Counters taken from outside (the ASGI server reads them off its connections at
+        each tick instead of paying for begin()/end() on every request)."""
+        self.requests = requests
+        self.observed = (inflight, oldest_started)
+        if self.retire_at and requests >= self.retire_at and not self.retire_sent:
+            self.retire_sent = True
+            self.channel.send(RETIRE="max_requests")
+
     def heartbeat(self) -> Dict[str, Any]:
-        starts = list(self.inflight.values())
-        oldest = int((time.monotonic() - min(starts)) * 1000) if starts else 0
-        return {"WATCHDOG": 1, "REQUESTS": self.requests, "INFLIGHT": len(starts),
+        if self.observed is not None:
+            count, first = self.observed
+            oldest = int((time.monotonic() - first) * 1000) if count else 0
+        else:
+            starts = list(self.inflight.values())
+            count = len(starts)
+            oldest = int((time.monotonic() - min(starts)) * 1000) if starts else 0
+        return {"WATCHDOG": 1, "REQUESTS": self.requests, "INFLIGHT": count,
                 "OLDEST_MS": max(0, oldest), "RSS": rss_bytes()}
