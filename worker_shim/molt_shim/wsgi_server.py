@@ -716,15 +716,15 @@ class WSGIServer:
                         self.close_now(conn)
 
     # -- per connection (the thread that owns it) ------------------------------------------------
-    def serve(self, conn: Connection) -> None:
+    def serve(self, conn: Connection, must_read: bool = True) -> None:
         """Read, run the app, write, until the connection would block; then park it.
 
-        Called when epoll reported the socket readable (or right after accept), so the first
-        recv() is expected to return data; after a response, with nothing buffered, the
-        connection is parked at once instead of spending a recv() that would say EAGAIN.
+        Called when epoll reported the socket readable, so the first recv() is expected to
+        return data (`must_read=False`: the caller has fed the first bytes already); after
+        a response, with nothing buffered, the connection is parked at once instead of
+        spending a recv() that would say EAGAIN.
         """
         sock = conn.sock
-        must_read = True
         while True:
             while conn.ready:
                 req = conn.ready.popleft()
@@ -1033,37 +1033,52 @@ class WSGIServer:
 
         With EPOLLEXCLUSIVE the kernel wakes the first worker in the socket's wait queue that
         has a thread waiting, and that order never changes by itself: the first worker would
-        take every connection its threads keep up with, and a burst of keep-alive connections
-        would pile onto one or two processes for their whole life. So this worker leaves the
-        queue while it accepts and serves, and joins again at the back when done. New
-        connections go round-robin over the workers that have a thread free."""
+        take every connection its threads keep up with, and keep-alive connections would
+        pile onto one or two processes for their whole life. So a worker leaves the queue to
+        accept (one thread at a time) and joins again at the back: new connections go
+        round-robin over the workers that have a thread free."""
         if not self._listen(lst, False):
-            return  # draining: the listener is closed
+            return  # another thread of this worker is accepting, or the listener is closed
         try:
-            try:
-                sock, peer = lst.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if self.draining:
-                    return  # the listener was closed under us
+            sock, peer = lst.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            self._listen(lst, True)
+            return
+        except OSError as exc:
+            if not self.draining:  # else the listener was closed under us
                 # EMFILE and friends: the listener stays readable; back off, do not spin.
                 now = time.monotonic()
                 if now - self._accept_error_logged > 1.0:
                     self._accept_error_logged = now
                     log.error("accept() on %s failed: %s", lst.name or lst.fd, exc)
                 time.sleep(0.1)
-                return
-            sock.setblocking(False)  # TCP_NODELAY comes from the listener
-            conn = Connection(self, sock, peer, lst)
-            conn.state = BUSY
-            self.conns[conn.fd] = conn
-            self.serve(conn)
-        finally:
             self._listen(lst, True)
+            return
+        sock.setblocking(False)  # TCP_NODELAY comes from the listener
+        conn = Connection(self, sock, peer, lst)
+        conn.state = BUSY
+        self.conns[conn.fd] = conn
+        try:
+            first: Optional[bytes] = sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            first = None
+        except OSError:
+            first = b""
+        # Back in the queue once the connection's first bytes are read, before the app runs:
+        # a slow first request must not stop this worker's other threads from accepting.
+        self._listen(lst, True)
+        if first is None:
+            self.park(conn)
+        elif not first:
+            self.close_now(conn)  # connected and left without a byte
+        else:
+            conn.feed(first)
+            self.serve(conn, must_read=False)
 
     def _listen(self, lst: Listener, on: bool) -> bool:
-        """Join or leave the listener's wake-up queue; False once the listener is closed."""
+        """Join or leave the listener's wake-up queue. Leaving returns False when another
+        thread of this worker left first (it is accepting: one at a time per worker) or the
+        listener is closed."""
         with self.listen_lock:
             if self.listener_fds.get(lst.fd) is not lst:
                 return False
@@ -1073,9 +1088,9 @@ class WSGIServer:
                 else:
                     self.ep.unregister(lst.fd)
             except FileExistsError:
-                pass  # another thread of this worker joined first
+                pass
             except FileNotFoundError:
-                pass  # another thread of this worker left first
+                return False
             return True
 
     def _discard(self, conn: Connection) -> None:
