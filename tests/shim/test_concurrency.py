@@ -24,9 +24,38 @@ SECONDS = 6.0
 CLIENTS = 24
 
 
-def _one_connection(port: int, rng: random.Random) -> int:
+def read_to_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything up to a clean EOF; a reset or a timeout fails the client."""
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        data = sock.recv(65536)  # ConnectionResetError / socket.timeout propagate
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def _one_connection(port: int, rng: random.Random, kinds: list) -> int:
     """One client connection doing one kind of thing; returns the requests answered."""
-    kind = rng.choice(["keepalive", "pipelined", "close", "echo", "silent", "half"])
+    kind = rng.choice(kinds)
+    if kind == "sleepy":  # one request, then idle past keep-alive: the sweep must close it
+        c = Client(port, timeout=10)
+        try:
+            status, _, body = c.request("/")
+            assert (status, body) == (200, b"hello")
+            assert read_to_eof(c.sock, 10) == b""  # a FIN, not a reset
+        finally:
+            c.close()
+        return 1
+    if kind == "slowhead":  # a head that never completes: the sweep answers 408
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+            raw = read_to_eof(s, 10)
+        finally:
+            s.close()
+        assert raw.startswith(b"HTTP/1.1 408 "), raw[:100]
+        return 0
     if kind == "silent":  # connects and leaves: the server sees EOF before any byte
         socket.create_connection(("127.0.0.1", port), timeout=10).close()
         return 0
@@ -60,14 +89,27 @@ def _one_connection(port: int, rng: random.Random) -> int:
         status, headers, body = c.request("/", headers="Connection: close\r\n")
         assert (status, body) == (200, b"hello")
         assert headers["Connection"] == "close"
-        assert c.read_all(5) == b""  # and then the server really closes
+        assert read_to_eof(c.sock, 5) == b""  # and then the server really closes, cleanly
         return 1
     finally:
         c.close()
 
 
-def test_connection_churn_every_response_intact(listeners, spawn):
-    workers = [spawn(slot=i, threads=4).wait_ready() for i in range(2)]
+BASIC = ["keepalive", "pipelined", "close", "echo", "silent", "half"]
+
+
+@pytest.mark.parametrize("timeouts", ["default", "sweeping"])
+def test_connection_churn_every_response_intact(listeners, spawn, timeouts):
+    # "sweeping": keep-alive and header timeouts of 1 s, and clients that idle past them or
+    # never finish a head, so the main thread's sweep takes connections while the serving
+    # threads take others. Busy clients never pause, so no legitimate keep-alive close can
+    # meet one of their requests.
+    kinds = BASIC
+    overrides = None
+    if timeouts == "sweeping":
+        kinds = BASIC + ["sleepy", "slowhead"]
+        overrides = {"timeouts": {"keepalive_ms": 1000}, "http": {"header_timeout_ms": 1000}}
+    workers = [spawn(slot=i, threads=4, overrides=overrides).wait_ready() for i in range(2)]
     errors = []
     answered = [0]
     lock = threading.Lock()
@@ -77,7 +119,7 @@ def test_connection_churn_every_response_intact(listeners, spawn):
         rng = random.Random(seed)
         while time.monotonic() < stop_at:
             try:
-                n = _one_connection(listeners.port, rng)
+                n = _one_connection(listeners.port, rng, kinds)
             except Exception as exc:  # every client-visible failure counts
                 with lock:
                     errors.append(repr(exc))

@@ -13,6 +13,7 @@ Instead we reuse uvicorn's protocol classes and lifespan, and own:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import select
@@ -30,6 +31,7 @@ from .stats import Stats
 log = logging.getLogger("molt_shim")
 
 LINGER_S = 2.0
+DRAIN_BACKLOG_MAX = 64
 EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)  # Linux 4.5
 TICK_S = 0.1
 CLOSE_HEADER = (b"connection", b"close")
@@ -98,6 +100,12 @@ class GracefulTransport:
         self._t.abort()
 
 
+def app_running(cycle: Any) -> bool:
+    """Whether a request cycle's app has not returned yet (uvicorn sets on_response to None
+    in run_asgi's `finally`; a cycle still queued behind a pipelined one counts too)."""
+    return getattr(cycle, "on_response", None) is not None
+
+
 def _true() -> bool:
     return True
 
@@ -119,7 +127,6 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
         _real_transport: Any = None
         _born = 0.0
         _head_mark: Any = None      # (scope, first seen) while a request head is incomplete
-        _busy_mark: Any = None      # (cycle, first seen) while a response is in progress
         _idle_mark: Any = None      # (cycle, first seen) while draining and idle
 
         def connection_made(self, transport: Any) -> None:
@@ -137,10 +144,13 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
         # -- what the ticks read ---------------------------------------------------------
         def head_in_progress(self) -> bool:
             scope = self.scope
-            if scope is None:
-                return False
-            cycle = self.cycle
-            return cycle is None or cycle.scope is not scope
+            if scope is not None:
+                cycle = self.cycle
+                if cycle is None or cycle.scope is not scope:
+                    return True  # httptools: the head has begun, the cycle not yet
+            # h11 sets scope and cycle together; a partial next head sits in h11's buffer.
+            h11_conn = getattr(self, "conn", None)
+            return h11_conn is not None and bool(h11_conn.trailing_data[0])
 
         def in_flight(self) -> bool:
             cycle = self.cycle
@@ -148,20 +158,11 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
 
         def client_asked_close(self) -> bool:
             cycle = self.cycle
+            # The whole request body must be in: unread bytes at close() mean a reset.
             return (cycle is not None and cycle.scope is self.scope
+                    and not cycle.more_body
                     and not getattr(self, "pipeline", None)  # the h11 protocol has none
                     and CLOSE_HEADER in cycle.scope["headers"])
-
-        def busy_since(self, now: float) -> float:
-            """When the response in progress was first seen (0 when none is)."""
-            cycle = self.cycle
-            if cycle is None or cycle.response_complete:
-                self._busy_mark = None
-                return 0.0
-            mark = self._busy_mark
-            if mark is None or mark[0] is not cycle:
-                mark = self._busy_mark = (cycle, now)
-            return mark[1]
 
         def molt_check(self, now: float) -> None:
             """Once a second: the request-head timeout (uvicorn 0.17 has none: slowloris),
@@ -343,10 +344,17 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.info("accept(): %s", exc)  # ECONNABORTED and friends: that client is gone
+                return
+            # Out of descriptors or memory: the listener stays readable, so stop watching it
+            # for 0.1 s instead of spinning the loop, and say so at most once a second.
             now = time.monotonic()
-            if now - accept_error_logged[0] > 1.0:  # EMFILE: do not log at loop speed
+            if now - accept_error_logged[0] > 1.0:
                 accept_error_logged[0] = now
                 log.error("accept() failed: %s", exc)
+            loop.remove_reader(fd)
+            loop.call_later(0.1, watch, lsock)
             return
         rejoin(fd)
         conn.setblocking(False)
@@ -367,10 +375,15 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
             log.info("could not set up an accepted connection: %s", exc)
             conn.close()
 
-    for lsock, _ in listeners:
-        lsock.setblocking(False)
+    def watch(lsock: socket.socket) -> None:
+        if ctl.draining or lsock.fileno() < 0:
+            return
         loop.add_reader(lsock.fileno(), on_accept, lsock, lsock.fileno())
         rejoin(lsock.fileno())
+
+    for lsock, _ in listeners:
+        lsock.setblocking(False)
+        watch(lsock)
 
     def on_channel() -> None:
         messages = channel.receive()
@@ -389,17 +402,23 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
     log.info("ready: %s (asgi via uvicorn, %s) on %s", cfg.app, protocol_class.__name__,
              ", ".join(name for _, name in listeners) or "no listeners")
 
+    first_seen: Dict[Any, float] = {}  # request cycle -> when a tick first saw it
+
     def observe(now: float) -> None:
-        """Counters for the heartbeat, read off the connections (nothing per request)."""
-        inflight = 0
-        oldest = now
+        """Counters for the heartbeat, read off uvicorn's state (nothing per request).
+
+        A request is in flight from the tick that first sees its cycle until its app
+        returns (uvicorn clears `cycle.on_response` then), even when its client has gone
+        and the connection with it: a hung app must still trip `timeouts.request`."""
         for conn in state.connections:
             if isinstance(conn, protocol_class):
-                since = conn.busy_since(now)
-                if since:
-                    inflight += 1
-                    oldest = min(oldest, since)
-        stats.observe(state.total_requests - warmup_requests, inflight, oldest)
+                cycle = conn.cycle
+                if cycle is not None and cycle not in first_seen and app_running(cycle):
+                    first_seen[cycle] = now
+        for cycle in [c for c in first_seen if not app_running(c)]:
+            del first_seen[cycle]
+        oldest = min(first_seen.values()) if first_seen else now
+        stats.observe(state.total_requests - warmup_requests, len(first_seen), oldest)
 
     ticker = loop.create_task(_tick(cfg, channel, stats, update_date, state.connections,
                                     observe))
@@ -407,11 +426,25 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
 
     # -- drain --------------------------------------------------------------------------------
     proctitle.set_title(title + " draining", "molt g%d s%d drn" % (cfg.generation, cfg.worker))
+    ctl.draining = True
     for lsock, _ in listeners:
-        loop.remove_reader(lsock.fileno())
+        if lsock.fileno() >= 0:
+            loop.remove_reader(lsock.fileno())
+        # With EPOLLEXCLUSIVE a connection that woke only this worker would otherwise wait
+        # in the shared queue for the next arrival: take what is queued (see wsgi_server).
+        for _ in range(DRAIN_BACKLOG_MAX):
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                break
+            conn.setblocking(False)
+            adopt(conn)
         lsock.close()  # our descriptor only; never shutdown() a shared listener
     channel.send(STOPPING=1)  # no new connection can reach this worker any more
-    ctl.draining = True
+    # Transports built this iteration call connection_made() on the next one: let them
+    # register, so the loop below cannot find "no connections" and exit past them.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
     observe(time.monotonic())
     log.info("draining (%s): %d connection(s), %d request(s) in flight", drain_why[0],
              len(state.connections), stats.observed[0] if stats.observed else 0)

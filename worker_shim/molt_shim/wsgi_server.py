@@ -22,6 +22,7 @@ Architecture (the leader/followers pattern on one epoll):
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -51,6 +52,7 @@ LINGER_S = 2.0  # how long a closing connection is read-discarded before the fin
 SWEEP_S = 0.1
 WRITE_TIMEOUT_S = 60.0
 SMALL_BODY = 256 * 1024  # below this, head and body go out in one send()
+DRAIN_BACKLOG_MAX = 64  # connections a draining worker takes from the queue (_take_backlog)
 
 REASONS = {
     400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large", 414: "URI Too Long",
@@ -655,7 +657,6 @@ class WSGIServer:
         self.ep = select.epoll()  # the serving threads' shared epoll
         self.draining = False
         self.drain_deadline = 0.0
-        self.stopped = False
         self.wake_r, self.wake_w = os.pipe()  # wakes the main loop (signals, drain)
         self.stop_r, self.stop_w = os.pipe()  # level-triggered: once written, stops every thread
         for fd in (self.wake_r, self.wake_w, self.stop_r, self.stop_w):
@@ -704,10 +705,12 @@ class WSGIServer:
                         else:
                             conn.state = BUSY
                             self.serve(conn)
-                    elif fd in listener_fds:
-                        self._accept(listener_fds[fd])
                     elif fd == stop_r:
                         return
+                    else:
+                        lst = listener_fds.get(fd)
+                        if lst is not None:
+                            self._accept(lst)
                     # else: a stale event for a connection the sweeper took; nothing to do
                 except BaseException:  # a bug here must not kill the serving thread
                     log.exception("internal error while serving %s",
@@ -798,8 +801,14 @@ class WSGIServer:
         try:
             self._arm(conn)
         except OSError:
-            if self.parked.pop(fd, None) is conn:
+            # Failing to arm means the fd is gone (another owner closed it) or the kernel is
+            # out of memory. Close it if it is still ours; never take a newer connection
+            # that reused the fd number.
+            taken = self.parked.pop(fd, None)
+            if taken is conn:
                 self.close_now(conn)
+            elif taken is not None:
+                self.parked[fd] = taken
 
     def _arm(self, conn: Connection) -> None:
         """Arm the connection's one-shot registration, adding it on first use.
@@ -1015,8 +1024,6 @@ class WSGIServer:
                 self._sweep(now)
                 if self.draining and self._drained(now):
                     break
-            if self.stopped:
-                break
         self._shutdown_pool()
         ep.close()
 
@@ -1037,43 +1044,67 @@ class WSGIServer:
         pile onto one or two processes for their whole life. So a worker leaves the queue to
         accept (one thread at a time) and joins again at the back: new connections go
         round-robin over the workers that have a thread free."""
-        if not self._listen(lst, False):
-            return  # another thread of this worker is accepting, or the listener is closed
-        try:
-            sock, peer = lst.sock.accept()
-        except (BlockingIOError, InterruptedError):
+        error: Optional[OSError] = None
+        conn: Optional[Connection] = None
+        # Under listen_lock, so a drain starting now waits until the connection is counted
+        # in `conns` (and is then answered, not dropped at exit).
+        with self.listen_lock:
+            if self.listener_fds.get(lst.fd) is not lst:
+                return  # closed by the drain
+            try:
+                self.ep.unregister(lst.fd)
+            except FileNotFoundError:
+                return  # another thread of this worker is accepting
+            try:
+                sock, peer = lst.sock.accept()
+                sock.setblocking(False)  # TCP_NODELAY comes from the listener
+                conn = Connection(self, sock, peer, lst)
+                conn.state = BUSY
+                self.conns[conn.fd] = conn
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                error = exc
+        if conn is None:
             self._listen(lst, True)
+            if error is not None:
+                self._accept_failed(lst, error)
             return
-        except OSError as exc:
-            if not self.draining:  # else the listener was closed under us
-                # EMFILE and friends: the listener stays readable; back off, do not spin.
-                now = time.monotonic()
-                if now - self._accept_error_logged > 1.0:
-                    self._accept_error_logged = now
-                    log.error("accept() on %s failed: %s", lst.name or lst.fd, exc)
-                time.sleep(0.1)
-            self._listen(lst, True)
-            return
-        sock.setblocking(False)  # TCP_NODELAY comes from the listener
-        conn = Connection(self, sock, peer, lst)
-        conn.state = BUSY
-        self.conns[conn.fd] = conn
         try:
-            first: Optional[bytes] = sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            first = None
-        except OSError:
-            first = b""
-        # Back in the queue once the connection's first bytes are read, before the app runs:
-        # a slow first request must not stop this worker's other threads from accepting.
-        self._listen(lst, True)
-        if first is None:
-            self.park(conn)
-        elif not first:
-            self.close_now(conn)  # connected and left without a byte
-        else:
-            conn.feed(first)
-            self.serve(conn, must_read=False)
+            try:
+                first: Optional[bytes] = conn.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                first = None
+            except OSError:
+                first = b""
+        finally:
+            # Back in the queue once the first bytes are read, before the app runs: a slow
+            # first request must not stop this worker's other threads from accepting.
+            self._listen(lst, True)
+        try:
+            if first is None:
+                self.park(conn)
+            elif not first:
+                self.close_now(conn)  # connected and left without a byte
+            else:
+                conn.feed(first)
+                self.serve(conn, must_read=False)
+        except BaseException:  # a bug, or SystemExit from the app: never leak the connection
+            log.exception("internal error while serving %s", conn.remote())
+            self.close_now(conn)
+
+    def _accept_failed(self, lst: Listener, exc: OSError) -> None:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            # Out of descriptors or memory: the listener stays readable, so back off
+            # instead of spinning, and say so at most once a second.
+            now = time.monotonic()
+            if now - self._accept_error_logged > 1.0:
+                self._accept_error_logged = now
+                log.error("accept() on %s failed: %s", lst.name or lst.fd, exc)
+            time.sleep(0.1)
+        elif not self.draining:
+            # ECONNABORTED and friends: that client is gone; the next one is fine.
+            log.info("accept() on %s: %s", lst.name or lst.fd, exc)
 
     def _listen(self, lst: Listener, on: bool) -> bool:
         """Join or leave the listener's wake-up queue. Leaving returns False when another
@@ -1174,6 +1205,7 @@ class WSGIServer:
                     self.ep.unregister(lst.fd)
                 except (OSError, ValueError):
                     pass
+                self._take_backlog(lst)
                 lst.sock.close()
         # Tell the master: from now on no new connection can reach this worker, so the
         # rollover can be reported done (`molt ctl reload --wait` returns).
@@ -1182,6 +1214,23 @@ class WSGIServer:
                  len(self.conns), self.stats.inflight_count())
         self.on_drain()
         self.wake()
+
+    def _take_backlog(self, lst: Listener) -> None:
+        """Accept what is already queued before leaving the listener (bounded).
+
+        With EPOLLEXCLUSIVE a new connection wakes one worker only. If that was this one and
+        it drains before accepting, no other worker was told: the connection would wait in
+        the shared queue until the next one arrives. Once unregistered, later arrivals wake
+        the others; what came before is taken here and answered with Connection: close."""
+        for _ in range(DRAIN_BACKLOG_MAX):
+            try:
+                sock, peer = lst.sock.accept()
+            except OSError:  # EAGAIN: nothing queued (or a client already gone)
+                return
+            sock.setblocking(False)
+            conn = Connection(self, sock, peer, lst)
+            self.conns[conn.fd] = conn
+            self.park(conn)
 
     def _drained(self, now: float) -> bool:
         if not self.conns and self.stats.inflight_count() == 0:
