@@ -220,3 +220,13 @@ def test_asgi_close_with_unread_body_is_not_reset(listeners, spawn):
     sock.close()
     # The route takes GET only: a complete 405, then a clean EOF.
     assert raw.startswith(b"HTTP/1.1 405 ") and raw.endswith(b"Method Not Allowed"), raw[:200]
+
+
+def test_asgi_date_header_moves_on_a_long_keepalive_connection(listeners, spawn):
+    # uvicorn 0.17 copies the default headers when a connection starts; the shim updates
+    # the shared list in place, so an old keep-alive connection still gets the current Date.
+    spawn_asgi(spawn).wait_ready()
+    c = Client(listeners.port)
+    first = c.request("/")[1]["date"]
+    wait_until(lambda: c.request("/")[1]["date"] != first, 5, "a newer Date on the same connection")
+    c.close()

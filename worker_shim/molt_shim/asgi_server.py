@@ -291,8 +291,11 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
     protocol_class = make_protocol_class(config.http_protocol_class, ctl)
 
     def update_date() -> None:
+        # In place: every uvicorn protocol keeps a reference to this list from its
+        # connection's start, so a new list would leave long keep-alive connections
+        # answering with the Date of the second they connected (as uvicorn 0.17 itself does).
         date = http_date(time.time()).encode()
-        state.default_headers = [(b"date", date)] + list(config.encoded_headers)
+        state.default_headers[:] = [(b"date", date)] + list(config.encoded_headers)
 
     def factory() -> asyncio.Protocol:
         return protocol_class(config=config, server_state=state, _loop=loop)
