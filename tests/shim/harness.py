@@ -273,6 +273,18 @@ class Client:
         self.sock.close()
 
 
+def read_to_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything up to a clean EOF; a reset or a timeout raises (unlike Client.read_all,
+    which takes both for an end)."""
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        data = sock.recv(65536)  # ConnectionResetError / socket.timeout propagate
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
 def get(port: int, path: str = "/", timeout: float = 10.0) -> Tuple[int, bytes]:
     c = Client(port, timeout=timeout)
     try:

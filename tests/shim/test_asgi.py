@@ -8,7 +8,7 @@ import websockets
 
 import time
 
-from harness import APPS_DIR, Client, LoadPool, get, wait_until
+from harness import APPS_DIR, Client, LoadPool, get, read_to_eof, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -188,17 +188,6 @@ def test_asgi_connection_close_is_answered_then_closed(listeners, spawn):
     raw = c.read_all(5)
     assert raw.count(b"HTTP/1.1 200") == 1 and raw.endswith(b"asgi hello")
     c.close()
-
-
-def read_to_eof(sock, timeout=5.0):
-    """Everything up to a clean EOF; a reset or a timeout fails (unlike Client.read_all)."""
-    sock.settimeout(timeout)
-    chunks = []
-    while True:
-        data = sock.recv(65536)  # ConnectionResetError / socket.timeout propagate
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
 
 
 def test_asgi_close_with_unread_body_is_not_reset(listeners, spawn):

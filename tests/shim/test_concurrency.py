@@ -16,23 +16,12 @@ import time
 
 import pytest
 
-from harness import Client
+from harness import Client, read_to_eof
 
 pytestmark = pytest.mark.timeout(90)
 
 SECONDS = 6.0
 CLIENTS = 24
-
-
-def read_to_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """Everything up to a clean EOF; a reset or a timeout fails the client."""
-    sock.settimeout(timeout)
-    chunks = []
-    while True:
-        data = sock.recv(65536)  # ConnectionResetError / socket.timeout propagate
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
 
 
 def _one_connection(port: int, rng: random.Random, kinds: list) -> int:
