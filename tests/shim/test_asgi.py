@@ -219,3 +219,30 @@ def test_asgi_date_header_moves_on_a_long_keepalive_connection(listeners, spawn)
     first = c.request("/")[1]["date"]
     wait_until(lambda: c.request("/")[1]["date"] != first, 5, "a newer Date on the same connection")
     c.close()
+
+
+def test_asgi_request_queued_behind_a_close_is_not_counted_forever(listeners, spawn):
+    # The second request waits behind one that says Connection: close; once the first is
+    # answered the connection closes and the second can never start. It must not stay
+    # "in flight" (timeouts.request would kill the worker, and it would leak).
+    w = spawn_asgi(spawn).wait_ready()
+    c = Client(listeners.port)
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+           b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert c.response()[2] == b"asgi hello"  # the client keeps its end open meanwhile
+    seen = len(w.find("WATCHDOG"))
+    wait_until(lambda: len(w.find("WATCHDOG")) >= seen + 3, 10, "three more heartbeats")
+    assert w.find("WATCHDOG")[-1]["INFLIGHT"] == "0", w.find("WATCHDOG")[-3:]
+    c.close()
+
+
+def test_asgi_h11_pipelined_request_during_a_slow_one_is_not_a_slow_head(listeners, spawn):
+    # h11 holds a complete pipelined request in its buffer while the first response is in
+    # progress; that is not a request head taking too long.
+    spawn_asgi(spawn, env={"MOLT_SHIM_PARSER": "h11"},
+               overrides={"http": {"header_timeout_ms": 1000}}).wait_ready()
+    c = Client(listeners.port)
+    c.send(b"GET /slow?s=2.5 HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert c.response()[2] == b"slow done"
+    assert c.response()[2] == b"asgi hello"
+    c.close()

@@ -230,3 +230,23 @@ def test_keepalive_zero_closes_after_each_response(listeners, spawn):
     assert (status, body) == (200, b"hello") and headers["Connection"] == "close"
     assert c.read_all(5) == b""
     c.close()
+
+
+def test_out_of_file_descriptors_backs_off_and_recovers(listeners, spawn):
+    # A worker at its descriptor limit cannot accept: it says so (at most once a second),
+    # does not spin on the still-readable listener, and serves again once fds are free.
+    limit = ("import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)); "
+             "runpy.run_module('molt_shim', run_name='__main__')")
+    w = spawn(python_args=["-c", limit]).wait_ready()
+    idle = []
+    try:
+        for _ in range(60):  # more than the worker can hold; the kernel queues the rest
+            idle.append(socket.create_connection(("127.0.0.1", listeners.port), timeout=10))
+        wait_until(lambda: "Too many open files" in w.stderr_text(), 10, "the EMFILE log line")
+        assert w.alive()
+    finally:
+        for s in idle:
+            s.close()
+    assert get(listeners.port, "/")[1] == b"hello"  # served again
+    assert w.stderr_text().count("Too many open files") <= 12  # rate-limited, no spin
+    assert w.alive()

@@ -45,6 +45,12 @@ class DrainControl:
         self.header_timeout = header_timeout
         # A connection that has not sent a byte yet: as in the WSGI server.
         self.first_request_timeout = max(keepalive, header_timeout)
+        try:
+            import h11
+
+            self.h11_idle: Any = h11.IDLE
+        except ImportError:  # no h11: uvicorn runs httptools only
+            self.h11_idle = None
 
 
 class GracefulTransport:
@@ -106,6 +112,11 @@ def app_running(cycle: Any) -> bool:
     return getattr(cycle, "on_response", None) is not None
 
 
+def queued(protocol: Any, cycle: Any) -> bool:
+    """Whether a cycle waits behind a pipelined one (its app has not started)."""
+    return any(c is cycle for c, _ in getattr(protocol, "pipeline", ()))
+
+
 def _true() -> bool:
     return True
 
@@ -149,8 +160,11 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
                 if cycle is None or cycle.scope is not scope:
                     return True  # httptools: the head has begun, the cycle not yet
             # h11 sets scope and cycle together; a partial next head sits in h11's buffer.
+            # Only between requests (IDLE): during a response h11 also holds a whole
+            # pipelined request there, which is not a head in progress.
             h11_conn = getattr(self, "conn", None)
-            return h11_conn is not None and bool(h11_conn.trailing_data[0])
+            return (h11_conn is not None and h11_conn.their_state is ctl.h11_idle
+                    and bool(h11_conn.trailing_data[0]))
 
         def in_flight(self) -> bool:
             cycle = self.cycle
@@ -193,15 +207,11 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
 
         def molt_drain(self, now: float) -> None:
             """Called when the drain starts and on every drain tick."""
-            if CLOSE_HEADER not in self.default_headers:
-                # Every request that starts from now on answers with Connection: close.
-                self.default_headers = list(self.default_headers) + [CLOSE_HEADER]
+            # Responses not started yet answer with Connection: close: update_date() put it
+            # into the default headers every connection and cycle shares.
             cycle = self.cycle
             if cycle is not None and not cycle.response_complete:
                 cycle.keep_alive = False
-                if not getattr(cycle, "response_started", True):
-                    if CLOSE_HEADER not in cycle.default_headers:
-                        cycle.default_headers = list(cycle.default_headers) + [CLOSE_HEADER]
                 self._idle_mark = None
                 return
             if self.head_in_progress() or getattr(self, "pipeline", None):
@@ -295,7 +305,8 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
         # connection's start, so a new list would leave long keep-alive connections
         # answering with the Date of the second they connected (as uvicorn 0.17 itself does).
         date = http_date(time.time()).encode()
-        state.default_headers[:] = [(b"date", date)] + list(config.encoded_headers)
+        close = [CLOSE_HEADER] if ctl.draining else []
+        state.default_headers[:] = [(b"date", date)] + list(config.encoded_headers) + close
 
     def factory() -> asyncio.Protocol:
         return protocol_class(config=config, server_state=state, _loop=loop)
@@ -405,23 +416,30 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
     log.info("ready: %s (asgi via uvicorn, %s) on %s", cfg.app, protocol_class.__name__,
              ", ".join(name for _, name in listeners) or "no listeners")
 
-    first_seen: Dict[Any, float] = {}  # request cycle -> when a tick first saw it
+    first_seen: Dict[Any, Tuple[float, Any]] = {}  # request cycle -> (first seen, protocol)
 
     def observe(now: float) -> None:
         """Counters for the heartbeat, read off uvicorn's state (nothing per request).
 
         A request is in flight from the tick that first sees its cycle until its app
         returns (uvicorn clears `cycle.on_response` then), even when its client has gone
-        and the connection with it: a hung app must still trip `timeouts.request`."""
+        and the connection with it: a hung app must still trip `timeouts.request`. A cycle
+        still queued behind a pipelined one counts only while its connection can still
+        run it: once the connection closes, it never starts."""
         for conn in state.connections:
             if isinstance(conn, protocol_class):
                 cycle = conn.cycle
                 if cycle is not None and cycle not in first_seen and app_running(cycle):
-                    first_seen[cycle] = now
-        for cycle in [c for c in first_seen if not app_running(c)]:
-            del first_seen[cycle]
-        oldest = min(first_seen.values()) if first_seen else now
+                    first_seen[cycle] = (now, conn)
+        for cycle, (_, conn) in list(first_seen.items()):
+            if not app_running(cycle) or (queued(conn, cycle) and not conn_open(conn)):
+                del first_seen[cycle]
+        oldest = min(seen for seen, _ in first_seen.values()) if first_seen else now
         stats.observe(state.total_requests - warmup_requests, len(first_seen), oldest)
+
+    def conn_open(conn: Any) -> bool:
+        return (conn in state.connections and conn.transport is not None
+                and not conn.transport.is_closing())
 
     ticker = loop.create_task(_tick(cfg, channel, stats, update_date, state.connections,
                                     observe))
@@ -430,6 +448,7 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
     # -- drain --------------------------------------------------------------------------------
     proctitle.set_title(title + " draining", "molt g%d s%d drn" % (cfg.generation, cfg.worker))
     ctl.draining = True
+    update_date()  # from now on every response says Connection: close
     for lsock, _ in listeners:
         if lsock.fileno() >= 0:
             loop.remove_reader(lsock.fileno())

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 from urllib.parse import unquote_to_bytes
 
 from . import httpparse
@@ -639,6 +639,7 @@ class WSGIServer:
         self.listeners = [Listener(sock, name, base) for sock, name in listeners]
         self.listener_fds: Dict[int, Listener] = {}  # filled when serving starts (after READY)
         self.listen_lock = threading.Lock()  # listener (re-)registration against the drain
+        self.rejoin_failed: Set[Listener] = set()  # listeners the sweep must register again
         # At most one serving thread sleeps in epoll_wait; the other idle ones sleep on this
         # lock. epoll wakes its sleepers in FIFO order, so with every idle thread in epoll_wait
         # each event would wake a different, cold thread (and then fight for the GIL); measured
@@ -1044,43 +1045,55 @@ class WSGIServer:
         pile onto one or two processes for their whole life. So a worker leaves the queue to
         accept (one thread at a time) and joins again at the back: new connections go
         round-robin over the workers that have a thread free."""
-        error: Optional[OSError] = None
+        left = False
         conn: Optional[Connection] = None
-        # Under listen_lock, so a drain starting now waits until the connection is counted
-        # in `conns` (and is then answered, not dropped at exit).
-        with self.listen_lock:
-            if self.listener_fds.get(lst.fd) is not lst:
-                return  # closed by the drain
-            try:
-                self.ep.unregister(lst.fd)
-            except FileNotFoundError:
-                return  # another thread of this worker is accepting
-            try:
-                sock, peer = lst.sock.accept()
-                sock.setblocking(False)  # TCP_NODELAY comes from the listener
-                conn = Connection(self, sock, peer, lst)
-                conn.state = BUSY
-                self.conns[conn.fd] = conn
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                error = exc
-        if conn is None:
-            self._listen(lst, True)
-            if error is not None:
-                self._accept_failed(lst, error)
-            return
+        first: Optional[bytes] = None
         try:
+            # Under listen_lock, so a drain starting now waits until the connection is
+            # counted in `conns` (and is then answered, not dropped at exit).
+            with self.listen_lock:
+                if self.listener_fds.get(lst.fd) is not lst:
+                    return  # closed by the drain
+                try:
+                    self.ep.unregister(lst.fd)
+                except FileNotFoundError:
+                    return  # another thread of this worker is accepting
+                left = True  # from here on, every path rejoins (finally)
+                try:
+                    sock, peer = lst.sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    error: Optional[OSError] = exc
+                else:
+                    error = None
+                    try:
+                        sock.setblocking(False)  # TCP_NODELAY comes from the listener
+                        conn = Connection(self, sock, peer, lst)
+                    except BaseException:
+                        sock.close()
+                        raise
+                    conn.state = BUSY
+                    self.conns[conn.fd] = conn
+            if error is not None:
+                self._accept_failed(lst, error)  # backs off while out of the queue
+                return
+            assert conn is not None
             try:
-                first: Optional[bytes] = conn.sock.recv(RECV_SIZE)
+                first = conn.sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 first = None
             except OSError:
                 first = b""
+        except BaseException:
+            if conn is not None:
+                self.close_now(conn)
+            raise
         finally:
             # Back in the queue once the first bytes are read, before the app runs: a slow
             # first request must not stop this worker's other threads from accepting.
-            self._listen(lst, True)
+            if left:
+                self._listen(lst, True)
         try:
             if first is None:
                 self.park(conn)
@@ -1116,12 +1129,18 @@ class WSGIServer:
             try:
                 if on:
                     self.ep.register(lst.fd, EV_LISTEN)
+                    self.rejoin_failed.discard(lst)
                 else:
                     self.ep.unregister(lst.fd)
             except FileExistsError:
                 pass
             except FileNotFoundError:
                 return False
+            except OSError as exc:  # ENOMEM/ENOSPC: the sweep tries again
+                if lst not in self.rejoin_failed:
+                    log.error("listening on %s again failed (retrying): %s",
+                              lst.name or lst.fd, exc)
+                self.rejoin_failed.add(lst)
             return True
 
     def _discard(self, conn: Connection) -> None:
@@ -1169,6 +1188,8 @@ class WSGIServer:
         return "idle" if now - conn.idle_since >= limit else ""
 
     def _sweep(self, now: float) -> None:
+        for lst in list(self.rejoin_failed):
+            self._listen(lst, True)
         for conn in list(self.parked.values()):
             # A first look without owning the connection, so its fields may be stale: a
             # serving thread can take it, serve a request and park it again in between.
