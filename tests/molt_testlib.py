@@ -309,6 +309,17 @@ class Releases:
         os.replace(tmp, self.current)
 
 
+def release_tree(root: Path, files_for: Callable[[str], dict],
+                 versions: tuple = ("a", "b")) -> Releases:
+    """A deploy layout with one release per version (files from `files_for`), the first
+    one active."""
+    releases = Releases(root)
+    for v in versions:
+        releases.add(v, files=files_for(v))
+    releases.activate(versions[0])
+    return releases
+
+
 def flask_release(version: str) -> dict:
     """Files of a small Flask release that answers its version."""
     return {

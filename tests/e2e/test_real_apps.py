@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from molt_testlib import APPS, Releases, Wrk, flask_release, wait_until
+from molt_testlib import APPS, Wrk, flask_release, release_tree, wait_until
 
 
 def copy_django(tmp_path):
@@ -68,10 +68,7 @@ def test_asgi_app_with_lifespan_and_websockets_rolls_over_without_errors(molt, t
 
 @pytest.mark.timeout(300)
 def test_fifty_rollovers_under_keepalive_load(molt, tmp_path):
-    releases = Releases(tmp_path / "site")
-    for v in ("a", "b"):
-        releases.add(v, files=flask_release(v))
-    releases.activate("a")
+    releases = release_tree(tmp_path / "site", flask_release)
     m = molt({"app": "app:app", "chdir": str(releases.current), "workers": 2, "threads": 4,
               "health": {"path": "/healthz"}})
     load = Wrk(m.url("/"), duration=90, connections=32)

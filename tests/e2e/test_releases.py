@@ -6,15 +6,11 @@ import time
 
 import pytest
 
-from molt_testlib import Releases, Wrk, flask_release, wait_until
+from molt_testlib import Releases, Wrk, flask_release, release_tree, wait_until
 
 
 def layout(tmp_path, versions=("a", "b")) -> Releases:
-    releases = Releases(tmp_path / "site")
-    for v in versions:
-        releases.add(v, files=flask_release(v))
-    releases.activate(versions[0])
-    return releases
+    return release_tree(tmp_path / "site", flask_release, versions)
 
 
 def config(releases: Releases, **extra) -> dict:

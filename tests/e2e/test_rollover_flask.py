@@ -8,15 +8,11 @@ import time
 
 import pytest
 
-from molt_testlib import Releases, Wrk, flask_release, wait_until
+from molt_testlib import Releases, Wrk, flask_release, release_tree, wait_until
 
 
 def deploy_layout(tmp_path, versions=("a", "b")):
-    releases = Releases(tmp_path / "site")
-    for v in versions:
-        releases.add(v, files=flask_release(v))
-    releases.activate(versions[0])
-    return releases
+    return release_tree(tmp_path / "site", flask_release, versions)
 
 
 def base_config(releases: Releases, **extra) -> dict:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from molt_testlib import APPS, Releases, Wrk, flask_release, http_get, wait_until
+from molt_testlib import APPS, Wrk, flask_release, http_get, release_tree, wait_until
 
 HELLO = {"app": "hello_app:application", "chdir": str(APPS), "workers": 2, "threads": 2}
 
@@ -42,10 +42,7 @@ def assert_clean_stop(m, extra_pids=()):
 
 @pytest.mark.timeout(200)
 def test_rollovers_in_a_tight_loop_under_load(molt, tmp_path):
-    releases = Releases(tmp_path / "site")
-    for v in ("a", "b"):
-        releases.add(v, files=flask_release(v))
-    releases.activate("a")
+    releases = release_tree(tmp_path / "site", flask_release)
     m = molt({"app": "app:app", "chdir": str(releases.current), "workers": 2, "threads": 2,
               "listen": ["tcp://127.0.0.1:0", f"unix:{tmp_path}/web.sock"]})
     load = Wrk(m.url("/"), duration=30, connections=32)

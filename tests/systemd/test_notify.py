@@ -15,18 +15,15 @@ import time
 
 import pytest
 
-from molt_testlib import Releases, molt_bin, wait_until
+from molt_testlib import Releases, molt_bin, release_tree, wait_until
 from sdtestlib import env_release
 
 BROKEN_APP = "raise RuntimeError('db url missing')\n"
 
 
 def layout(tmp_path) -> Releases:
-    releases = Releases(tmp_path / "site")
-    for v in ("a", "b"):
-        releases.add(v, files=env_release(v))
+    releases = release_tree(tmp_path / "site", env_release)
     releases.add("broken", files={"app.py": BROKEN_APP, "REVISION": "broken\n"})
-    releases.activate("a")
     return releases
 
 

@@ -15,7 +15,8 @@ import subprocess
 
 import pytest
 
-from molt_testlib import Releases, Wrk, flask_release, http_get, molt_bin, wait_until
+from molt_testlib import (Releases, Wrk, flask_release, http_get, molt_bin, release_tree,
+                          wait_until)
 from sdtestlib import NotifyListener, env_release, free_port, listening_tcp_ports
 
 ENV_ROUTE = (
@@ -39,11 +40,7 @@ def flask_layout(tmp_path, versions=("a", "b")) -> Releases:
 
 
 def env_layout(tmp_path, versions=("a", "b")) -> Releases:
-    releases = Releases(tmp_path / "site")
-    for v in versions:
-        releases.add(v, files=env_release(v))
-    releases.activate(versions[0])
-    return releases
+    return release_tree(tmp_path / "site", env_release, versions)
 
 
 def listening_lines(log: str) -> list[str]:

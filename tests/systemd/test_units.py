@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from molt_testlib import REPO, Releases, molt_bin, wait_until
+from molt_testlib import REPO, molt_bin, release_tree, wait_until
 from sdtestlib import env_release
 
 UNITS_DIR = REPO / "systemd"
@@ -112,11 +112,8 @@ def test_socket_units_pass_one_named_listener(name, service):
 def test_exec_reload_waits_for_the_rollover_and_fails_with_the_reason(molt, tmp_path):
     """Runs the unit's own ExecReload= line (paths swapped for the test's) against a master:
     exit 0 when the new generation is live, non-zero with the reason when it failed."""
-    releases = Releases(tmp_path / "site")
-    releases.add("a", files=env_release("a"))
-    releases.add("b", files=env_release("b"))
+    releases = release_tree(tmp_path / "site", env_release)
     releases.add("broken", files={"app.py": "raise ImportError('no module named settings')\n"})
-    releases.activate("a")
     m = molt({"app": "app:application", "chdir": str(releases.current), "workers": 2,
               "version_file": "REVISION", "timeouts": {"boot": "20s"}})
     line = {k: v[-1] for k, v in parse_unit(UNITS_DIR / "molt.service")["Service"].items()}
