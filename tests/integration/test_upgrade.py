@@ -98,6 +98,9 @@ def test_usr2_is_refused_while_the_config_file_differs_from_the_live_generation(
     wait_until(lambda: "binary upgrade refused" in m.log(), 10, "the refusal")
     assert "changed since generation 1 started" in m.log()
     assert m.reload()["ok"] is True  # after a reload the upgrade goes through
+    # ... once the master is steady again: the old generation's workers have exited.
+    wait_until(lambda: all(w["state"] == "exited" for w in m.workers(generation=1)), 10,
+               "generation 1's workers to exit")
     before = m.status()["master"]["build"]
     replace_binary(binary, binary.read_bytes() + b"\0another build\0")
     m.signal(signal.SIGUSR2)

@@ -1023,8 +1023,11 @@ class WSGIServer:
             if now >= next_sweep:
                 next_sweep = now + SWEEP_S
                 self._sweep(now)
-                if self.draining and self._drained(now):
-                    break
+            # Checked on every wake-up while draining, so a worker with nothing left exits
+            # as soon as the drain starts, not at the next sweep (and the rollover that
+            # waits for it completes that much sooner).
+            if self.draining and self._drained(now):
+                break
         self._shutdown_pool()
         ep.close()
 
