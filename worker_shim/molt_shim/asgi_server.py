@@ -13,7 +13,6 @@ Instead we reuse uvicorn's protocol classes and lifespan, and own:
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import select
@@ -26,13 +25,12 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import warmup
 from .protocol import Channel, dispatch
 from .httpdate import http_date
+from .listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
 from .stats import Stats
 
 log = logging.getLogger("molt_shim")
 
 LINGER_S = 2.0
-DRAIN_BACKLOG_MAX = 64
-EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)  # Linux 4.5
 TICK_S = 0.1
 CLOSE_HEADER = (b"connection", b"close")
 
@@ -358,7 +356,7 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            if not out_of_resources(exc):
                 log.info("accept(): %s", exc)  # ECONNABORTED and friends: that client is gone
                 return
             # Out of descriptors or memory: the listener stays readable, so stop watching it
@@ -469,7 +467,7 @@ async def _serve(app: Any, cfg: Any, channel: Channel, stats: Stats,
     await asyncio.sleep(0)
     observe(time.monotonic())
     log.info("draining (%s): %d connection(s), %d request(s) in flight", drain_why[0],
-             len(state.connections), stats.observed[0] if stats.observed else 0)
+             len(state.connections), stats.inflight_count())
     for conn in list(state.connections):
         if not isinstance(conn, protocol_class):
             conn.shutdown()  # WebSockets: uvicorn sends close code 1012 (service restart)

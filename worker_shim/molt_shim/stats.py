@@ -33,12 +33,11 @@ class Stats:
         with self._lock:
             self.requests += 1
             count = self.requests
-        if self.retire_at and count >= self.retire_at and not self.retire_sent:
-            self.retire_sent = True
-            # Keep serving: the master spawns a replacement first, then sends DRAIN.
-            self.channel.send(RETIRE="max_requests")
+        self._maybe_retire(count)
 
     def inflight_count(self) -> int:
+        if self.observed is not None:
+            return self.observed[0]
         return len(self.inflight)
 
     def observe(self, requests: int, inflight: int, oldest_started: float) -> None:
@@ -46,8 +45,12 @@ class Stats:
         each tick instead of paying for begin()/end() on every request)."""
         self.requests = requests
         self.observed = (inflight, oldest_started)
-        if self.retire_at and requests >= self.retire_at and not self.retire_sent:
+        self._maybe_retire(requests)
+
+    def _maybe_retire(self, count: int) -> None:
+        if self.retire_at and count >= self.retire_at and not self.retire_sent:
             self.retire_sent = True
+            # Keep serving: the master spawns a replacement first, then sends DRAIN.
             self.channel.send(RETIRE="max_requests")
 
     def heartbeat(self) -> Dict[str, Any]:

@@ -22,7 +22,6 @@ Architecture (the leader/followers pattern on one epoll):
 """
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 from urllib.parse import unquote_to_bytes
 
 from . import httpparse
+from .listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
 from .httpdate import http_date
 from .stats import Stats
 
@@ -45,14 +45,12 @@ log = logging.getLogger("molt_shim")
 
 IDLE, BUSY, LINGER, CLOSED = 0, 1, 2, 3
 EV_ARM = select.EPOLLIN | select.EPOLLONESHOT
-EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)  # Linux 4.5
 EV_LISTEN = select.EPOLLIN | EPOLLEXCLUSIVE
 RECV_SIZE = 65536
 LINGER_S = 2.0  # how long a closing connection is read-discarded before the final close()
 SWEEP_S = 0.1
 WRITE_TIMEOUT_S = 60.0
 SMALL_BODY = 256 * 1024  # below this, head and body go out in one send()
-DRAIN_BACKLOG_MAX = 64  # connections a draining worker takes from the queue (_take_backlog)
 
 REASONS = {
     400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large", 414: "URI Too Long",
@@ -1110,7 +1108,7 @@ class WSGIServer:
             self.close_now(conn)
 
     def _accept_failed(self, lst: Listener, exc: OSError) -> None:
-        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        if out_of_resources(exc):
             # Out of descriptors or memory: the listener stays readable, so back off
             # instead of spinning, and say so at most once a second.
             now = time.monotonic()
