@@ -88,7 +88,7 @@ def test_asgi_inflight_request_finishes_with_connection_close(listeners, spawn):
     status, headers, body = c.response()
     assert (status, body) == (200, b"slow done")
     assert headers["connection"] == "close"
-    assert c.read_all(5) == b""  # then a clean close
+    assert read_to_eof(c.sock, 5) == b""  # then a clean close
     assert a.wait_exit() == 0
     c.close()
 
@@ -136,7 +136,7 @@ def test_asgi_on_uvicorn_h11_protocol(listeners, spawn):
 
     assert asyncio.run(ws_roundtrip()) == "echo:x"
     w.drain()
-    assert c.read_all(10) == b""  # idle keep-alive connection closed cleanly
+    assert read_to_eof(c.sock, 10) == b""  # idle keep-alive connection closed cleanly
     assert w.wait_exit() == 0
     c.close()
 
@@ -179,13 +179,13 @@ def test_asgi_connection_close_is_answered_then_closed(listeners, spawn):
         c = Client(listeners.port)
         status, headers, body = c.request("/", headers="Connection: close\r\n")
         assert (status, body, headers["Connection"]) == (200, b"asgi hello", "close")
-        assert c.read_all(5) == b""
+        assert read_to_eof(c.sock, 5) == b""
         c.close()
     # Pipelined behind a close: the first is answered, the connection then closes.
     c = Client(listeners.port)
     c.send(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
            b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-    raw = c.read_all(5)
+    raw = read_to_eof(c.sock, 5)
     assert raw.count(b"HTTP/1.1 200") == 1 and raw.endswith(b"asgi hello")
     c.close()
 
