@@ -48,9 +48,12 @@ def test_ten_hup_rollovers_under_keepalive_load_fail_no_request(molt, tmp_path):
             releases.activate(version)
             before = m.live_generation()
             m.signal(signal.SIGHUP)
-            wait_until(lambda: (m.live_generation() or 0) > before, 30,
-                       f"rollover {i + 1} to go live", on_timeout=m.log)
-            # The new release answers as soon as its generation is live.
+            # Done, as `molt ctl reload --wait` means it: the new generation is live and the
+            # old workers have stopped accepting. Between "live" and that, a new connection
+            # can still reach an old worker that has not read its DRAIN yet.
+            wait_until(lambda: (m.live_generation() or 0) > before
+                       and not m.status()["rollover_in_progress"], 30,
+                       f"rollover {i + 1} to complete", on_timeout=m.log)
             assert body(m) == f"version {version}\n"
     finally:
         result = load.result()
