@@ -1,0 +1,89 @@
+// The master ⇄ worker contract, C++ side: message keys, exit codes, environment names and the
+// fd layout a worker is started with. The Python side is worker_shim/molt_shim/contract.py;
+// tests/shim/test_contract.py fails when the two disagree (it compares this header, as dumped
+// by the molt_contract_dump test binary, with the Python module). docs/protocol.md is the
+// prose form of the same facts.
+#pragma once
+
+#include <array>
+#include <string_view>
+
+namespace molt::contract {
+
+// How a worker process ends. Anything else is a crash.
+enum class WorkerExit : int {
+    ok = 0,             // drained (or asked to stop) and exited cleanly
+    import_failed = 3,  // the app (or the shim, or uvicorn for ASGI) could not be imported
+    warmup_failed = 4,  // the warm-up request did not pass
+};
+
+// What a known exit code means, for log lines and rollover failures; nullptr when unknown.
+constexpr const char* describe(int exit_code) {
+    switch (exit_code) {
+        case static_cast<int>(WorkerExit::import_failed):
+            return "app import failed";
+        case static_cast<int>(WorkerExit::warmup_failed):
+            return "warm-up request failed";
+        default:
+            return nullptr;
+    }
+}
+
+// Message keys (sd_notify syntax, KEY=VALUE lines, one message per SEQPACKET packet).
+namespace key {
+// worker -> master
+inline constexpr std::string_view ready = "READY";          // booted and warm: counts as ready
+inline constexpr std::string_view watchdog = "WATCHDOG";    // heartbeat
+inline constexpr std::string_view requests = "REQUESTS";    // requests served so far
+inline constexpr std::string_view inflight = "INFLIGHT";    // requests being served now
+inline constexpr std::string_view oldest_ms = "OLDEST_MS";  // age of the oldest in flight
+inline constexpr std::string_view rss = "RSS";              // resident set size in bytes
+inline constexpr std::string_view error = "ERROR";          // one-line boot failure reason
+inline constexpr std::string_view retire = "RETIRE";        // asks to be replaced, with why
+inline constexpr std::string_view stopping = "STOPPING";    // stopped accepting (drain began)
+// master -> worker
+inline constexpr std::string_view drain = "DRAIN";              // stop accepting, finish, exit 0
+inline constexpr std::string_view reopen_logs = "REOPEN_LOGS";  // reopen log files
+}  // namespace key
+
+inline constexpr std::array<std::string_view, 9> worker_to_master_keys = {
+    key::ready, key::watchdog, key::requests, key::inflight, key::oldest_ms,
+    key::rss,   key::error,    key::retire,   key::stopping};
+inline constexpr std::array<std::string_view, 2> master_to_worker_keys = {key::drain,
+                                                                          key::reopen_logs};
+
+// The environment a worker is started with.
+namespace env {
+inline constexpr std::string_view channel_fd = "MOLT_CHANNEL_FD";
+inline constexpr std::string_view listen_fds = "MOLT_LISTEN_FDS";      // e.g. "3,4"
+inline constexpr std::string_view listen_names = "MOLT_LISTEN_NAMES";  // ","-separated, one per fd
+inline constexpr std::string_view generation = "MOLT_GENERATION";
+inline constexpr std::string_view worker = "MOLT_WORKER";  // the slot
+inline constexpr std::string_view worker_config = "MOLT_WORKER_CONFIG";  // JSON
+}  // namespace env
+
+inline constexpr std::array<std::string_view, 6> worker_env_names = {
+    env::channel_fd, env::listen_fds, env::listen_names, env::generation, env::worker,
+    env::worker_config};
+
+// Variables of the master's own environment that never reach a worker: they belong to the
+// master's supervisor (systemd) or to the master itself. A variable is removed when its name
+// equals one of `scrubbed_names` or starts with one of `scrubbed_prefixes`.
+inline constexpr std::array<std::string_view, 1> scrubbed_names = {"NOTIFY_SOCKET"};
+inline constexpr std::array<std::string_view, 3> scrubbed_prefixes = {"LISTEN_", "WATCHDOG_",
+                                                                      "MOLT_"};
+
+constexpr bool is_scrubbed(std::string_view name) {
+    for (auto exact : scrubbed_names)
+        if (name == exact) return true;
+    for (auto prefix : scrubbed_prefixes)
+        if (name.substr(0, prefix.size()) == prefix) return true;
+    return false;
+}
+
+// The fd layout: listeners at first_listen_fd, first_listen_fd + 1, ... in config order, and
+// the channel right after the last listener.
+inline constexpr int first_listen_fd = 3;
+constexpr int channel_fd_for(int listener_count) { return first_listen_fd + listener_count; }
+
+}  // namespace molt::contract
