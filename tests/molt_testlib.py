@@ -1,4 +1,9 @@
-"""Helpers for tests that run the real molt binary with real Python workers.
+"""The one set of helpers for everything that runs molt for real: the test suites
+(integration, e2e, reliability, systemd, docs, shim) and the benchmarks in bench/.
+
+It owns waiting (wait_until: poll observable state with a bound), running wrk and reading
+its output (Wrk, parse_wrk), and driving molt (Molt: write a config, start the master, wait
+for the first live generation, HUP, reload --wait, status, stop, the master's output).
 
 Everything here is bounded in time: every wait polls observable state (the control
 socket, a log line, an HTTP answer) until a deadline, and raises with the master's log
@@ -29,8 +34,15 @@ def molt_bin() -> str:
     return str(REPO / "build" / "bin" / "molt")
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02,
-               on_timeout: Optional[Callable[[], str]] = None):
+# ----- waiting ------------------------------------------------------------------------------
+class WaitTimeout(AssertionError, TimeoutError):
+    """A bounded wait ran out: a failed assertion to a test, a TimeoutError to the bench."""
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str = "condition",
+               interval: float = 0.02, on_timeout: Optional[Callable[[], str]] = None):
+    """Polls `predicate` until it returns something true (and returns that), for at most
+    `timeout` seconds; then raises WaitTimeout naming `what`, with on_timeout()'s text."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -38,17 +50,39 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
             return value
         if time.monotonic() > deadline:
             extra = on_timeout() if on_timeout else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{extra}")
+            raise WaitTimeout(f"timed out after {timeout}s waiting for {what}\n{extra}")
         time.sleep(interval)
 
 
-def read_to_eof(sock: socket.socket) -> bytes:
-    data = b""
+# ----- processes ----------------------------------------------------------------------------
+def process_running(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ----- sockets and HTTP ---------------------------------------------------------------------
+def free_port() -> int:
+    """A port nobody listens on right now (bind 0, read it, close it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_to_eof(sock: socket.socket, timeout: Optional[float] = None) -> bytes:
+    """Everything up to a clean EOF; a reset or a timeout raises. `timeout`, when given,
+    replaces the socket's own."""
+    if timeout is not None:
+        sock.settimeout(timeout)
+    chunks = []
     while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
+        data = sock.recv(65536)  # ConnectionResetError / socket.timeout propagate
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
 
 
 def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float = 5.0,
@@ -88,37 +122,34 @@ def dechunk(data: bytes) -> bytes:
         data = data[size + 2:]
 
 
-class Molt:
-    """A molt master under test, started from a config dict written as YAML (JSON is YAML)."""
+# ----- server processes ---------------------------------------------------------------------
+class ServerProcess:
+    """A long-running program started here: its argv, its output in `<name>.log` in its
+    work directory, and a stop by its pid (stop_signal, then SIGKILL after a bound)."""
 
-    def __init__(self, workdir: Path, config: dict, args: Optional[list[str]] = None,
-                 env: Optional[dict] = None, binary: Optional[str] = None):
+    def __init__(self, workdir: Path, name: str, argv: Optional[list[str]] = None,
+                 env: Optional[dict] = None, preexec_fn: Optional[Callable[[], None]] = None,
+                 stop_signal: int = signal.SIGTERM):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config = dict(config)
-        self.config.setdefault("python", PYTHON)
-        self.config.setdefault("listen", ["tcp://127.0.0.1:0"])
-        self.config.setdefault("control", {"socket": str(self.workdir / "control.sock")})
-        self.config_path = self.workdir / "molt.yaml"
-        self.write_config()
-        self.log_path = self.workdir / "molt.log"
-        self.args = args
-        self.binary = binary or molt_bin()
+        self.name = name
+        self.argv = list(argv or [])
         self.env = dict(os.environ if env is None else env)
+        self.preexec_fn = preexec_fn
+        self.stop_signal = stop_signal
+        self.log_path = self.workdir / f"{name}.log"
         self.proc: Optional[subprocess.Popen] = None
-        self.port: Optional[int] = None
+        self._log = None
 
-    # ----- lifecycle ----------------------------------------------------------------------
-    def write_config(self, text: Optional[str] = None):
-        self.config_path.write_text(text if text is not None else json.dumps(self.config, indent=2))
+    def command(self) -> list[str]:
+        return self.argv
 
-    def start(self, wait_live: bool = True, timeout: float = 30.0) -> "Molt":
-        args = self.args or ["run", "-c", str(self.config_path)]
+    def start(self) -> "ServerProcess":
+        self.argv = self.command()
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([self.binary, *args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env, cwd=self.workdir)
-        if wait_live:
-            self.wait_live(timeout)
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=self.env, cwd=self.workdir,
+                                     preexec_fn=self.preexec_fn)
         return self
 
     @property
@@ -126,16 +157,77 @@ class Molt:
         assert self.proc is not None
         return self.proc.pid
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def signal(self, signum: int):
+        os.kill(self.pid, signum)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Graceful stop (stop_signal); SIGKILL and raise WaitTimeout if the program does not
+        exit within timeout. Returns its exit status."""
+        if self.proc is None:
+            return 0
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(self.stop_signal)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.kill_everything()
+                    raise WaitTimeout(f"{self.name} did not stop within {timeout}s\n{self.log()}")
+        finally:
+            if self._log:
+                self._log.close()
+        return self.proc.returncode
+
+    def kill_everything(self):
+        """Cleanup after a failure: SIGKILL to the program, by pid."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Molt(ServerProcess):
+    """A molt master under test, started from a config dict written as YAML (JSON is YAML)
+    to `<name>.yaml` in its work directory; its output goes to `<name>.log`."""
+
+    def __init__(self, workdir: Path, config: dict, args: Optional[list[str]] = None,
+                 env: Optional[dict] = None, binary: Optional[str] = None, name: str = "molt",
+                 preexec_fn: Optional[Callable[[], None]] = None):
+        super().__init__(workdir, name, env=env, preexec_fn=preexec_fn)
+        self.config = dict(config)
+        self.config.setdefault("python", PYTHON)
+        self.config.setdefault("listen", ["tcp://127.0.0.1:0"])
+        self.config.setdefault("control", {"socket": str(self.workdir / "control.sock")})
+        self.config_path = self.workdir / f"{name}.yaml"
+        self.write_config()
+        self.args = args
+        self.binary = binary or molt_bin()
+        self.port: Optional[int] = None
+
+    # ----- lifecycle ----------------------------------------------------------------------
+    def write_config(self, text: Optional[str] = None):
+        self.config_path.write_text(text if text is not None else json.dumps(self.config, indent=2))
+
+    def command(self) -> list[str]:
+        return [self.binary, *(self.args or ["run", "-c", str(self.config_path)])]
+
+    def start(self, wait_live: bool = True, timeout: float = 30.0) -> "Molt":
+        super().start()
+        if wait_live:
+            self.wait_live(timeout)
+        return self
 
     def wait_live(self, timeout: float = 30.0):
+        """Until the first generation is live (the master exiting first fails at once); then
+        `port` is the TCP port molt listens on."""
         def live():
             if not self.alive():
                 raise AssertionError(f"molt exited with {self.proc.returncode}\n{self.log()}")
@@ -151,22 +243,9 @@ class Molt:
                 return int(m.group(1))
         return None
 
-    def signal(self, signum: int):
-        os.kill(self.pid, signum)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """Graceful stop (SIGTERM); SIGKILL and fail if it does not exit within timeout."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill_everything()
-                raise AssertionError(f"molt did not stop within {timeout}s\n{self.log()}")
-        self._log.close()
-        return self.proc.returncode
+    def hup(self):
+        """A rollover the way an operator starts one: `kill -HUP master`."""
+        self.signal(signal.SIGHUP)
 
     def worker_pids(self) -> list[int]:
         try:
@@ -178,9 +257,7 @@ class Molt:
     def kill_everything(self):
         """Cleanup after a failed test: the master and the workers it had, by pid."""
         pids = self.worker_pids()
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        super().kill_everything()
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -189,16 +266,17 @@ class Molt:
 
     # ----- control ------------------------------------------------------------------------
     def ctl(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        return subprocess.run([molt_bin(), "ctl", "-c", str(self.config_path), *args],
+        return subprocess.run([self.binary, "ctl", "-c", str(self.config_path), *args],
                               capture_output=True, text=True, timeout=timeout)
 
     def try_status(self) -> Optional[dict]:
+        """The status, or None while the control socket is not there or not answering."""
         path = self.config["control"]["socket"]
         if not os.path.exists(path):
             return None
         try:
             return control_request(path, {"command": "status"})
-        except OSError:
+        except (OSError, ValueError):
             return None
 
     def status(self) -> dict:
@@ -241,44 +319,90 @@ def control_request(path: str, request: dict, timeout: float = 10.0) -> dict:
 
 
 # ----- load ---------------------------------------------------------------------------------
+def wrk_argv(url: str, duration: float, connections: int = 20, threads: int = 2,
+             close: bool = False, timeout: Optional[str] = "10s",
+             extra: Optional[list[str]] = None) -> list[str]:
+    """The wrk command line. `close` sends `Connection: close` (a new connection per
+    request); `timeout` None keeps wrk's own 2 s."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(duration)}s", "--latency"]
+    if timeout:
+        argv += ["--timeout", timeout]
+    if close:
+        argv += ["-H", "Connection: close"]
+    return argv + list(extra or []) + [url]
+
+
 class Wrk:
-    """wrk in the background, bounded by -d; result() parses what clients saw."""
+    """wrk in the background, bounded by -d, or stopped early with interrupt() (it still
+    reports); result() parses what clients saw."""
 
     def __init__(self, url: str, duration: float = 10, connections: int = 20, threads: int = 2,
-                 extra: Optional[list[str]] = None):
+                 close: bool = False, timeout: Optional[str] = "10s",
+                 extra: Optional[list[str]] = None,
+                 preexec_fn: Optional[Callable[[], None]] = None):
+        # The tests' default timeout: a request answered late is latency, measured by bench/;
+        # a request not answered within 10 s counts as failed.
         self.duration = duration
-        self.proc = subprocess.Popen(
-            # A request answered late is latency, measured by bench/; a request not answered
-            # within 10 s counts as failed.
-            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
-             "--timeout", "10s",
-             *(extra or []), url],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.argv = wrk_argv(url, duration, connections, threads, close, timeout, extra)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, preexec_fn=preexec_fn)
 
-    def result(self) -> dict:
-        out, _ = self.proc.communicate(timeout=self.duration + 30)
-        return parse_wrk(out)
+    def interrupt(self):
+        """SIGINT: wrk stops early and still prints its report."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+
+    def result(self, timeout: Optional[float] = None) -> dict:
+        """parse_wrk() of the whole output, plus `elapsed` (seconds since the start). A wrk
+        still running `timeout` seconds on (default: 30 s past its -d) is killed and raises."""
+        bound = self.duration + 30 if timeout is None else timeout
+        try:
+            out, _ = self.proc.communicate(timeout=bound)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            raise WaitTimeout(f"wrk still running {bound}s on: {' '.join(self.argv)}\n{out}")
+        result = parse_wrk(out)
+        result["elapsed"] = time.monotonic() - self.started
+        return result
+
+
+def run_wrk(url: str, duration: float, **kwargs) -> dict:
+    """One wrk run in the foreground: Wrk(...).result()."""
+    return Wrk(url, duration, **kwargs).result()
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", text)
+    if not m:
+        return float("nan")
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
+    return float(m.group(1)) * scale
 
 
 def parse_wrk(out: str) -> dict:
-    result = {"output": out, "requests": 0, "connect": 0, "read": 0, "write": 0, "timeout": 0,
-              "non2xx": 0, "rps": 0.0}
-    m = re.search(r"(\d+) requests in", out)
-    if m:
-        result["requests"] = int(m.group(1))
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        result.update(connect=int(m.group(1)), read=int(m.group(2)), write=int(m.group(3)),
-                      timeout=int(m.group(4)))
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        result["non2xx"] = int(m.group(1))
-    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if m:
-        result["rps"] = float(m.group(1))
-    result["failed"] = (result["connect"] + result["read"] + result["write"] + result["timeout"]
-                        + result["non2xx"])
-    return result
+    """What wrk's report says: requests, rps, the p50/p99 latency in ms (from --latency; nan
+    when absent), the socket errors by kind, non-2xx answers; `socket_errors` sums the kinds
+    and `failed` is every request a client saw fail (socket errors + non-2xx)."""
+    r = {"output": out, "requests": 0, "rps": 0.0, "p50": float("nan"), "p99": float("nan"),
+         "connect": 0, "read": 0, "write": 0, "timeout": 0, "non2xx": 0}
+    if m := re.search(r"(\d+) requests in", out):
+        r["requests"] = int(m.group(1))
+    if m := re.search(r"Requests/sec:\s+([\d.]+)", out):
+        r["rps"] = float(m.group(1))
+    if m := re.search(r"^\s+50%\s+(\S+)", out, re.M):
+        r["p50"] = _ms(m.group(1))
+    if m := re.search(r"^\s+99%\s+(\S+)", out, re.M):
+        r["p99"] = _ms(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        r.update(connect=int(m.group(1)), read=int(m.group(2)), write=int(m.group(3)),
+                 timeout=int(m.group(4)))
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        r["non2xx"] = int(m.group(1))
+    r["socket_errors"] = r["connect"] + r["read"] + r["write"] + r["timeout"]
+    r["failed"] = r["socket_errors"] + r["non2xx"]
+    return r
 
 
 # ----- release trees ------------------------------------------------------------------------

@@ -16,17 +16,10 @@ import time
 
 import pytest
 
-from molt_testlib import APPS, Wrk, flask_release, http_get, release_tree, wait_until
+from molt_testlib import (APPS, Wrk, flask_release, http_get, process_running, release_tree,
+                          wait_until)
 
 HELLO = {"app": "hello_app:application", "chdir": str(APPS), "workers": 2, "threads": 2}
-
-
-def process_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def assert_clean_stop(m, extra_pids=()):

@@ -12,27 +12,20 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Waiting and clean-EOF reads are the shared helpers of every suite (tests/molt_testlib.py);
+# the shim tests import them from here. read_to_eof raises on a reset or a timeout (unlike
+# Client.read_all, which takes both for an end).
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from molt_testlib import read_to_eof, wait_until  # noqa: E402,F401
 SHIM_DIR = os.environ.get("MOLT_TEST_SHIM_DIR") or os.path.join(REPO, "worker_shim")
 APPS_DIR = os.path.join(REPO, "tests", "apps")
 PYTHON = "/usr/bin/python3"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str = "condition",
-               interval: float = 0.01) -> Any:
-    """Poll observable state with a bound; no fixed sleeps in tests."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 class Listeners:
@@ -271,18 +264,6 @@ class Client:
     def close(self) -> None:
         self.reader._f.close()  # the makefile() holds the fd open until it is closed too
         self.sock.close()
-
-
-def read_to_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """Everything up to a clean EOF; a reset or a timeout raises (unlike Client.read_all,
-    which takes both for an end)."""
-    sock.settimeout(timeout)
-    chunks = []
-    while True:
-        data = sock.recv(65536)  # ConnectionResetError / socket.timeout propagate
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
 
 
 def get(port: int, path: str = "/", timeout: float = 10.0) -> Tuple[int, bytes]:

@@ -12,7 +12,6 @@ import shutil
 import socket
 import os
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -22,7 +21,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from molt_testlib import Molt, molt_bin, wait_until  # noqa: E402
+from molt_testlib import Molt, free_port, molt_bin, wait_until  # noqa: E402,F401
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
 
@@ -47,13 +46,6 @@ ENV_APP = (
 
 def env_release(version: str) -> dict:
     return {"app.py": ENV_APP.format(version=version), "REVISION": version + "\n"}
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (bind 0, read it, close it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening_tcp_ports(pid: int) -> set[int]:
@@ -174,9 +166,7 @@ class SocketActivatedMolt(Molt):
         return cmd + [molt_bin(), "run", "-c", str(self.config_path)]
 
     def start(self, wait_live: bool = True, timeout: float = 30.0) -> "SocketActivatedMolt":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env, cwd=self.workdir)
+        super().start(wait_live=False)
         # systemd-socket-activate has bound the sockets once it says so; until then a
         # connection would be refused rather than queued.
         wait_until(lambda: self.log().count("Listening on ") >= len(self.listen) or
