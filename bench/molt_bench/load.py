@@ -1,0 +1,77 @@
+"""Loads as the bench runs them: the tests' Wrk with the bench's shape (wrk's own 2 s
+timeout, -t from the run's parameters, killed if this script dies), interleaved throughput
+runs, and which server process holds wrk's connections."""
+from __future__ import annotations
+
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import time
+
+from .common import Params, die_with_us, say, testlib
+from .peers import Server
+
+
+def url_of(port: int) -> str:
+    return f"http://127.0.0.1:{port}/"
+
+
+def start_wrk(p: Params, port: int, duration: float, conns: int,
+              close: bool = False) -> testlib.Wrk:
+    """wrk in the background against the server on `port`."""
+    return testlib.Wrk(url_of(port), duration, conns, p.wrk_threads, close=close, timeout=None,
+                       preexec_fn=die_with_us(signal.SIGKILL))
+
+
+def run_wrk(p: Params, port: int, duration: float, conns: int, close: bool = False) -> dict:
+    return start_wrk(p, port, duration, conns, close).result()
+
+
+def wrk_command(p: Params, duration: float, conns: int, close: bool = False) -> str:
+    """The wrk command line for the report, with PORT for the server's port."""
+    return shlex.join(testlib.wrk_argv("http://127.0.0.1:PORT/", duration, conns, p.wrk_threads,
+                                       close, timeout=None))
+
+
+def median_of(results: list[dict]) -> dict:
+    out = {k: statistics.median([r[k] for r in results]) for k in ("rps", "p50", "p99")}
+    out["runs"] = [{k: r[k] for k in ("rps", "p50", "p99", "socket_errors", "non2xx")}
+                   for r in results]
+    out["errors"] = sum(r["failed"] for r in results)
+    return out
+
+
+def throughput(p: Params, servers: list[Server], close: bool, results: dict, key: str):
+    """Interleaved repeats: server A, B, C, A, B, C, ...; the median of each server's runs."""
+    runs: dict[str, list[dict]] = {s.label: [] for s in servers}
+    for s in servers:     # a short warm-up each, not counted
+        run_wrk(p, s.port, 1, p.wrk_conns, close)
+    spread: dict[str, list[list[int]]] = {s.label: [] for s in servers}
+    for rep in range(p.repeats):
+        for s in servers:
+            if close:
+                r = run_wrk(p, s.port, p.duration, p.wrk_conns, close)
+            else:  # keep-alive: also see which workers hold the connections, mid-run
+                w = start_wrk(p, s.port, p.duration, p.wrk_conns)
+                time.sleep(p.duration / 2)
+                spread[s.label].append(connections_per_process(s.port))
+                r = w.result()
+            runs[s.label].append(r)
+            say(f"  {key} {s.label} #{rep + 1}: {r['rps']:.0f} req/s p50 {r['p50']:.2f}ms "
+                f"p99 {r['p99']:.2f}ms errors {r['failed']}")
+            results["commands"]["wrk " + key] = wrk_command(p, p.duration, p.wrk_conns, close)
+    results[key] = {label: median_of(rs) for label, rs in runs.items()}
+    if not close:
+        results[key + "_spread"] = spread
+
+
+def connections_per_process(port: int) -> list[int]:
+    """Established connections to `port`, counted per server process, largest first."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"sport = :{port}"],
+                         capture_output=True, text=True).stdout
+    counts: dict[str, int] = {}
+    for pid in re.findall(r"pid=(\d+)", out):
+        counts[pid] = counts.get(pid, 0) + 1
+    return sorted(counts.values(), reverse=True)

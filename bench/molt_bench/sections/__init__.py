@@ -1,0 +1,20 @@
+"""One module per section of the report: `measure(p, work, results)` runs its servers and
+loads and records what it saw in `results`; `report(doc)` writes its part of the report
+from `results` (and nothing when the section did not run)."""
+from __future__ import annotations
+
+from . import asgi, broken, hup, idle, memory, rollover, wsgi
+
+# What `bench/run --only` names, in the order a full run measures them.
+MEASURES = {
+    "wsgi": wsgi.measure,       # also measures figure 7 (idle), with the same servers
+    "asgi": asgi.measure,
+    "rollover": rollover.measure,
+    "hup": hup.measure,
+    "memory": memory.measure,
+    "broken": broken.measure,
+}
+
+# The report's sections, in the report's order (figures 1 to 8).
+REPORTERS = [wsgi.report, asgi.report, rollover.report, hup.report, memory.report, idle.report,
+             broken.report]
