@@ -1,0 +1,53 @@
+"""bench/run end to end, so that the benchmark cannot silently rot: the quick mode of the
+ASGI section (real molt, real uvicorn and gunicorn peers, real wrk) into a temp directory,
+and its report written again from the saved results."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from molt_testlib import REPO, molt_bin  # noqa: E402
+
+RUN = REPO / "bench" / "run"
+
+
+@pytest.mark.timeout(170)
+def test_quick_asgi_section_end_to_end(tmp_path):
+    work, report = tmp_path / "work", tmp_path / "benchmarks.md"
+    env = dict(os.environ, MOLT_BIN=molt_bin())
+    done = subprocess.run([str(RUN), "--quick", "--only", "asgi", "--work", str(work), "--keep",
+                           "--out", str(report)],
+                          capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    results = json.loads((work / "results.json").read_text())
+    assert results["params"]["quick"] is True and results["notes"] == []
+    for key in ("asgi_keepalive", "asgi_close"):
+        assert set(results[key]) == {"molt", "uvicorn", "gunicorn-uvicorn"}, results[key]
+        for label, figures in results[key].items():
+            assert len(figures["runs"]) == 1, (key, label)     # quick: one repetition
+            assert figures["rps"] > 0, (key, label, figures)
+    # What molt was started with is what it ran: its master's own log says it went live.
+    assert "molt.yaml (asgi)" in results["commands"]
+    assert "live" in (work / "asgi" / "molt.log").read_text()
+
+    text = report.read_text()
+    assert "bench/run --quick` on" in text
+    assert "## 2. ASGI hello world, 4 workers" in text
+    assert text.index("## Targets") < text.index("## Machine and versions")
+    assert "| molt |" in text and "| uvicorn |" in text and "| gunicorn-uvicorn |" in text
+    assert "ASGI keep-alive: molt ≥ 0.95× uvicorn --workers 4" in text
+    assert "## 1. WSGI" not in text and "failed in this run" not in text
+
+    # The reporters alone, from the saved results: the same report again.
+    again = tmp_path / "again.md"
+    subprocess.run([str(RUN), "--from-results", str(work / "results.json"), "--out", str(again)],
+                   check=True, capture_output=True, timeout=60, env=env)
+    assert again.read_text() == text
