@@ -25,6 +25,7 @@ PYTHON = "/usr/bin/python3"
 
 sys.path.insert(0, str(REPO / "tests"))
 import molt_testlib as testlib  # noqa: E402,F401  (the bench's modules take it from here)
+from molt_testlib import wait_until  # noqa: E402,F401
 
 MOLT = Path(testlib.molt_bin())    # build/bin/molt, or $MOLT_BIN
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from .common import (MOLT, PYTHON, alive, children, descendants, die_with_us, kill_pid, probe,
-                     say, testlib)
+                     say, testlib, wait_until)
 
 # The environment of every server: no .pyc files written into the release directories.
 BENCH_ENV_EXTRA = {"PYTHONDONTWRITEBYTECODE": "1"}
@@ -66,7 +66,7 @@ class Server:
                 raise RuntimeError(f"{self.label} exited with {self.process.proc.returncode}: "
                                    f"{self.log_tail()}")
             return len(self.workers()) >= count and probe(self.port)[0] == "200"
-        testlib.wait_until(ready, timeout, f"{self.label} to serve with {count} workers")
+        wait_until(ready, timeout, f"{self.label} to serve with {count} workers")
 
     def reload(self):
         self.process.signal(signal.SIGHUP)

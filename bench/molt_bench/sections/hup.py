@@ -8,9 +8,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..common import APPS, descendants, Params, probe, PYTHON, release_dir, REPO, say, testlib
+from ..common import (APPS, descendants, Params, probe, PYTHON, release_dir, REPO, say,
+                      wait_until)
 from ..peers import Gunicorn, MoltServer, SERVER_FILTER
 from ..report import ratio, Report
+
+
+# What a molt worker imports before the app: the shim's entry point, server and parser.
+SHIM_IMPORTS = "molt_shim.__main__, molt_shim.wsgi_server, molt_shim.httpparse"
 
 
 def measure_import(d: Path) -> dict:
@@ -34,8 +39,7 @@ def measure_import(d: Path) -> dict:
     return {"import_s": statistics.median(inproc), "python_plus_import_s": statistics.median(whole),
             "python_start_s": wall([PYTHON, "-c", "pass"], d),
             # What a molt worker imports before the app: the shim.
-            "shim_import_s": wall([PYTHON, "-c", "import molt_shim.__main__, "
-                                   "molt_shim.wsgi_server, molt_shim.httpparse"],
+            "shim_import_s": wall([PYTHON, "-c", "import " + SHIM_IMPORTS],
                                   REPO / "worker_shim")}
 
 
@@ -72,9 +76,9 @@ def measure(p: Params, work: Path, results: dict):
                 def new_served():
                     outcome, body = probe(s.port, "/", 1.0)
                     return outcome == "200" and body.strip().decode() == version
-                testlib.wait_until(new_served, 30, f"{label} to serve version {version}", interval=0.003)
+                wait_until(new_served, 30, f"{label} to serve version {version}", interval=0.003)
                 first.append(time.monotonic() - t0)
-                testlib.wait_until(lambda: s.rolled(before_gen, old, 4), 30,
+                wait_until(lambda: s.rolled(before_gen, old, 4), 30,
                            f"{label} rollover to finish", interval=0.005)
                 complete.append(time.monotonic() - t0)
                 if isinstance(s, MoltServer):
@@ -83,7 +87,7 @@ def measure(p: Params, work: Path, results: dict):
                     if live and "rollover_ms" in live[0]:
                         rollover_ms.append(live[0]["rollover_ms"])
                 # Let the old generation finish draining before the next HUP.
-                testlib.wait_until(lambda: len(descendants(s.pid)) <= 4 + (0 if s.name != "uvicorn" else 1),
+                wait_until(lambda: len(descendants(s.pid)) <= 4 + (0 if s.name != "uvicorn" else 1),
                            30, f"{label} old workers to exit", interval=0.02)
                 time.sleep(0.3)
             out[label] = {"first_new_response_s": statistics.median(first), "runs": first,
@@ -116,8 +120,7 @@ def report(doc: Report):
     add(f"* app import alone: **{imp['import_s'] * 1000:.0f} ms**; "
         f"`python3 -c 'import app'` as a whole process: {imp['python_plus_import_s'] * 1000:.0f} "
         f"ms; `python3 -c pass`: {imp['python_start_s'] * 1000:.0f} ms; "
-        f"`python3 -c 'import molt_shim.__main__, molt_shim.wsgi_server, "
-        f"molt_shim.httpparse'` (what a molt worker imports before the app): "
+        f"`python3 -c 'import {SHIM_IMPORTS}'` (what a molt worker imports before the app): "
         f"{imp['shim_import_s'] * 1000:.0f} ms.")
     add("")
     add("| server | HUP → first new response (ms) | overhead over the import (ms) | "

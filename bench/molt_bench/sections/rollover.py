@@ -7,7 +7,7 @@ import statistics
 import time
 from pathlib import Path
 
-from ..common import APPS, Params, release_dir, say, testlib
+from ..common import APPS, Params, release_dir, say, wait_until
 from ..load import run_wrk, start_wrk, wrk_command
 from ..peers import Gunicorn, MoltServer, SERVER_FILTER, Uwsgi
 from ..report import fmt_ms, ratio, Report
@@ -50,7 +50,7 @@ def measure(p: Params, work: Path, results: dict):
                     t0 = time.monotonic()
                     s.reload()
                     try:
-                        testlib.wait_until(lambda: s.rolled(before_gen, old, 4), 30,
+                        wait_until(lambda: s.rolled(before_gen, old, 4), 30,
                                    f"{s.label} rollover {i + 1}", interval=0.01)
                     except TimeoutError:
                         timeouts += 1
