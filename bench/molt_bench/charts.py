@@ -15,6 +15,30 @@ def pyplot():
     return plt
 
 
+def label_bars(ax, bars, values: list, texts: list[str], fontsize: int):
+    """Each bar's value written just above it."""
+    for b, v, text in zip(bars, values, texts):
+        ax.text(b.get_x() + b.get_width() / 2, v, text, ha="center", va="bottom",
+                fontsize=fontsize)
+
+
+def paired_bars(ax, labels: list[str], left: tuple, right: tuple) -> tuple:
+    """Two bars per server side by side; `left` and `right` are (values, legend, colour)."""
+    x = range(len(labels))
+    bars = tuple(ax.bar([i + shift for i in x], values, 0.4, label=name, color=color)
+                 for shift, (values, name, color) in ((-0.2, left), (0.2, right)))
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, fontsize=8)
+    return bars
+
+
+def save(plt, fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def chart_throughput(results: dict, path: Path) -> bool:
     plt = pyplot()
     if plt is None:
@@ -38,14 +62,9 @@ def chart_throughput(results: dict, path: Path) -> bool:
         ax.set_xticklabels([l.replace("gunicorn-", "gunicorn\n") for l in labels], fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("requests/s (median)")
-        for b, v in zip(bars, values):
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom",
-                    fontsize=7)
+        label_bars(ax, bars, values, [f"{v:,.0f}" for v in values], 7)
     fig.suptitle("Hello world, 4 workers, wrk -t2 -c64 (same run, same machine)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save(plt, fig, path)
 
 
 def chart_rollover(results: dict, path: Path) -> bool:
@@ -60,27 +79,20 @@ def chart_rollover(results: dict, path: Path) -> bool:
     failed = [results["rollover"][l]["socket_errors"] + results["rollover"][l]["non2xx"]
               for l in labels]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
-    x = range(len(labels))
-    ax1.bar([i - 0.2 for i in x], steady, 0.4, label="steady", color="#8bc")
-    ax1.bar([i + 0.2 for i in x], during, 0.4, label="during rollovers", color="#c64")
-    ax1.set_xticks(list(x))
-    ax1.set_xticklabels(labels, fontsize=8)
+    paired_bars(ax1, labels, (steady, "steady", "#8bc"), (during, "during rollovers", "#c64"))
     ax1.set_ylabel("p99 latency (ms)")
     ax1.set_yscale("log")
     ax1.legend(fontsize=8)
     ax1.set_title("p99 latency, wrk -c32 keep-alive", fontsize=10)
-    bars = ax2.bar(list(x), [max(f, 0.5) for f in failed], color="#c64")
+    x = list(range(len(labels)))
+    shown = [max(f, 0.5) for f in failed]     # a log scale has no 0
+    bars = ax2.bar(x, shown, color="#c64")
     ax2.set_yscale("log")
-    ax2.set_xticks(list(x))
+    ax2.set_xticks(x)
     ax2.set_xticklabels(labels, fontsize=8)
     ax2.set_title("failed requests during the rollovers", fontsize=10)
-    for b, v in zip(bars, failed):
-        ax2.text(b.get_x() + b.get_width() / 2, max(v, 0.5), str(v), ha="center", va="bottom",
-                 fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    label_bars(ax2, bars, shown, [str(f) for f in failed], 8)
+    return save(plt, fig, path)
 
 
 def chart_memory(results: dict, path: Path) -> bool:
@@ -92,19 +104,13 @@ def chart_memory(results: dict, path: Path) -> bool:
     mem = results["memory"]
     labels = list(mem)
     fig, ax = plt.subplots(figsize=(6, 4))
-    x = range(len(labels))
     master = [mem[l]["master_rss_kib"] / 1024 for l in labels]
     worker = [mem[l]["worker_rss_kib_median"] / 1024 for l in labels]
-    b1 = ax.bar([i - 0.2 for i in x], master, 0.4, label="master RSS", color="#2a7")
-    b2 = ax.bar([i + 0.2 for i in x], worker, 0.4, label="one worker RSS (median)", color="#58c")
-    for b, v in list(zip(b1, master)) + list(zip(b2, worker)):
-        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(labels, fontsize=8)
+    b1, b2 = paired_bars(ax, labels, (master, "master RSS", "#2a7"),
+                         (worker, "one worker RSS (median)", "#58c"))
+    for bars, values in ((b1, master), (b2, worker)):
+        label_bars(ax, bars, values, [f"{v:.1f}" for v in values], 8)
     ax.set_ylabel("MiB")
     ax.legend(fontsize=8)
     ax.set_title(f"Memory, {results['params']['memory_workers']} workers, idle", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save(plt, fig, path)
