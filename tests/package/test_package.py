@@ -12,14 +12,13 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from molt_testlib import REPO, wait_until
+from molt_testlib import REPO, http_get, wait_until
 
 BUILD = Path(os.environ.get("MOLT_BUILD_DIR", REPO / "build"))
 UNIT_DIR = Path("/lib/systemd/system")
@@ -142,21 +141,6 @@ def test_installed_units_verify_and_run_the_installed_binary(installed, tmp_path
         assert shlex.split(lines["ExecReload"])[:4] == ["/usr/bin/molt", "ctl", "-c", str(config)]
 
 
-def unix_get(path: str, target: str = "/") -> tuple[int, dict[str, str], bytes]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(path)
-        s.sendall(f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip()
-               for k, _, v in (line.partition(":") for line in header_lines)}
-    return int(status_line.split()[1]), headers, body
-
-
 @pytest.mark.timeout(120)
 def test_installed_molt_runs_the_example_through_the_units_command_lines(installed, tmp_path):
     lines = service(UNIT_DIR / "molt.service")
@@ -174,14 +158,14 @@ def test_installed_molt_runs_the_example_through_the_units_command_lines(install
 
     try:
         wait_until(live_generation, 30, "the example's first generation to go live")
-        code, headers, body = unix_get("/run/molt.sock")
+        code, headers, body = http_get(0, "/", unix="/run/molt.sock")
         assert code == 200 and body.startswith(b"hello from molt"), body
         assert headers.get("x-release") == "demo-1", headers
 
         rolled = run(*reload, timeout=130)
         assert "generation 2 is live" in rolled.stdout, rolled.stdout
         assert live_generation() == 2
-        assert unix_get("/run/molt.sock", "/healthz")[0] == 200
+        assert http_get(0, "/healthz", unix="/run/molt.sock")[0] == 200
 
         master.send_signal(signal.SIGTERM)  # what `systemctl stop` sends (KillMode=mixed)
         assert master.wait(timeout=60) == 0, (tmp_path / "molt.log").read_text()
