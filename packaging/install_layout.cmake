@@ -31,3 +31,9 @@ configure_file("${MOLT_SOURCE_DIR}/packaging/example/molt.yaml.in"
                "${MOLT_STAGING_DIR}/molt.yaml" @ONLY)
 file(INSTALL "${MOLT_STAGING_DIR}/molt.yaml" DESTINATION "${molt_config_dir}"
      PERMISSIONS OWNER_READ OWNER_WRITE GROUP_READ WORLD_READ)
+
+# The container image's config, beside the demo app it runs (packaging/Dockerfile uses it).
+configure_file("${MOLT_SOURCE_DIR}/packaging/example/container.yaml.in"
+               "${MOLT_STAGING_DIR}/container.yaml" @ONLY)
+file(INSTALL "${MOLT_STAGING_DIR}/container.yaml" DESTINATION "${MOLT_EXAMPLE_DIR}"
+     PERMISSIONS OWNER_READ OWNER_WRITE GROUP_READ WORLD_READ)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -202,6 +205,100 @@ def test_bash_completion_lists_the_subcommands(installed):
     words = run("bash", "-c", script).stdout.split()
     for subcommand in ("run", "check", "ctl", "version"):
         assert subcommand in words, words
+
+
+# ----- the container image: no docker engine here, so its commands run on the host ---------
+
+DOCKERFILE = REPO / "packaging" / "Dockerfile"
+IMAGE_UID = 10001
+
+
+def dockerfile() -> dict[str, list[str]]:
+    """Instruction -> its arguments (backslash continuations joined), in file order."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, rest = line.partition(" ")
+            out.setdefault(instruction.upper(), []).append(rest.strip())
+    return out
+
+
+def test_the_dockerfile_installs_this_package_as_built(deb, package_files):
+    image = dockerfile()
+    assert image["FROM"] == ["debian:12-slim"]
+    assert image["ARG"] == [f"MOLT_DEB={deb.name}"]  # the file `scripts/dev package` makes
+    assert image["STOPSIGNAL"] == ["SIGTERM"]
+    assert image["USER"] not in (["root"], ["0"])
+    run_lines = " ".join(image["RUN"])
+    assert "apt-get install -y --no-install-recommends /tmp/molt.deb" in run_lines
+    assert f"--uid {IMAGE_UID}" in run_lines
+    shipped = {str(p) for p in package_files}
+    # Every path of molt's that the RUN lines name is one the package ships.
+    for path in re.findall(r"(?<![\w.])(/(?:usr|etc|lib)/[\w./-]*molt[\w./-]*)", run_lines):
+        assert path in shipped, path
+    for command in (health_command(image), json.loads(image["CMD"][0])):
+        assert command[0] in shipped and command[command.index("-c") + 1] in shipped, command
+
+
+def health_command(image: dict[str, list[str]]) -> list[str]:
+    line = image["HEALTHCHECK"][0]
+    return json.loads(line[line.index("CMD") + 3:])
+
+
+@pytest.mark.timeout(120)
+def test_the_images_cmd_and_healthcheck_serve_as_the_non_root_user(installed):
+    """The image's CMD and HEALTHCHECK, run as its user, on its config (ports and the
+    control socket moved so that nothing on this machine can collide)."""
+    image = dockerfile()
+    workdir = Path(tempfile.mkdtemp(prefix="molt-image-"))
+    try:
+        os.chown(workdir, IMAGE_UID, IMAGE_UID)
+        config = workdir / "molt.yaml"
+        port, metrics = free_port(), free_port()
+        text = Path("/usr/share/molt/example/container.yaml").read_text()
+        text = (text.replace("0.0.0.0:8000", f"127.0.0.1:{port}")
+                .replace("0.0.0.0:9191", f"127.0.0.1:{metrics}")
+                .replace("/tmp/molt.sock", str(workdir / "control.sock")))
+        config.write_text(text)
+        as_user = ["setpriv", f"--reuid={IMAGE_UID}", f"--regid={IMAGE_UID}", "--clear-groups"]
+
+        def image_command(command: list[str]) -> list[str]:
+            return [*as_user, *[str(config) if a == "/etc/molt/molt.yaml" else a for a in command]]
+
+        log = open(workdir / "molt.log", "w")
+        master = subprocess.Popen(image_command(json.loads(image["CMD"][0])), stdout=log,
+                                  stderr=subprocess.STDOUT, cwd="/")
+        try:
+            wait_until(lambda: run(*image_command(health_command(image)), check=False,
+                                   timeout=10).returncode == 0, 30, "the HEALTHCHECK to pass")
+            wait_until(lambda: answers(port), 30, "the demo app to answer")
+            uid_line = next(line for line in Path(f"/proc/{master.pid}/status").read_text()
+                            .splitlines() if line.startswith("Uid:"))
+            assert uid_line.split()[1] == str(IMAGE_UID)
+            master.send_signal(signal.SIGTERM)  # the image's STOPSIGNAL
+            assert master.wait(timeout=60) == 0, (workdir / "molt.log").read_text()
+        finally:
+            if master.poll() is None:
+                master.kill()
+                master.wait(timeout=10)
+            log.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(port: int) -> bool:
+    try:
+        return http_get(port, "/")[0] == 200
+    except OSError:
+        return False
 
 
 def test_purge_leaves_no_file_of_the_package_behind(installed, package_files):
