@@ -1608,8 +1608,8 @@ std::string roff_inline(std::string_view text) {
     while (i < text.size()) {
         const bool strong = text.substr(i, 2) == "**";
         const std::string_view mark = strong ? "**" : text[i] == '`' ? "`" : "";
-        const std::size_t close = mark.empty() ? std::string_view::npos
-                                               : text.find(mark, i + mark.size());
+        const std::size_t close =
+            mark.empty() ? std::string_view::npos : text.find(mark, i + mark.size());
         if (close == std::string_view::npos) {
             out += roff_escape(text.substr(i, 1));
             ++i;
@@ -1647,8 +1647,8 @@ std::string upper(std::string_view text) {
 // "- " item becomes a bullet, any other run of lines a paragraph.
 std::string roff_from_markdown(std::string_view markdown) {
     std::string out;
-    std::string block;         // the paragraph or bullet being collected, still Markdown
-    std::string block_macro;   // ".PP" or ".IP \(bu 2"
+    std::string block;        // the paragraph or bullet being collected, still Markdown
+    std::string block_macro;  // ".PP" or ".IP \(bu 2"
     const auto flush = [&] {
         if (!block.empty()) out += block_macro + "\n" + roff_text(block);
         block.clear();

@@ -218,8 +218,8 @@ TEST_CASE("molt.yaml(5) is valid roff text: no Markdown marks, no stray requests
             const auto macro = line.substr(0, line.find(' '));
             const bool known = macro == ".\\\"" || macro == ".TH" || macro == ".SH" ||
                                macro == ".SS" || macro == ".PP" || macro == ".TP" ||
-                               macro == ".IP" || macro == ".B" || macro == ".I" ||
-                               macro == ".IR" || macro == ".BR";
+                               macro == ".IP" || macro == ".B" || macro == ".I" || macro == ".IR" ||
+                               macro == ".BR";
             CHECK_MESSAGE(known, "a text line that roff would read as a request");
         }
     }
