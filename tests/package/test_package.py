@@ -7,6 +7,7 @@ ExecStart= and ExecReload= lines, the man pages render, completion completes, an
 Run: /usr/bin/python3 -m pytest -q tests/package   (MOLT_BUILD_DIR overrides build/)"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -66,6 +67,25 @@ def service(unit: Path) -> dict[str, str]:
             key, _, value = line.partition("=")
             values[key.strip()] = value.strip()
     return values
+
+
+@contextlib.contextmanager
+def started(command: list[str], log_path: Path):
+    """A process with its output in log_path; killed (by pid) if still running at the end."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd="/")
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def stop_with_sigterm(proc: subprocess.Popen, log_path: Path):
+    """molt's graceful stop: every worker drains, then the master exits 0."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, log_path.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +171,6 @@ def test_installed_molt_runs_the_example_through_the_units_command_lines(install
     # What systemd would provide: RuntimeDirectory=molt.
     runtime = Path("/run") / lines["RuntimeDirectory"]
     runtime.mkdir(exist_ok=True)
-    log = open(tmp_path / "molt.log", "w")
-    master = subprocess.Popen(start, stdout=log, stderr=subprocess.STDOUT, cwd="/")
     status = [*start[:1], "ctl", "-c", str(CONFIG), "status", "--json"]
 
     def live_generation():
@@ -160,23 +178,19 @@ def test_installed_molt_runs_the_example_through_the_units_command_lines(install
         return result.returncode == 0 and json.loads(result.stdout).get("live_generation")
 
     try:
-        wait_until(live_generation, 30, "the example's first generation to go live")
-        code, headers, body = http_get(0, "/", unix="/run/molt.sock")
-        assert code == 200 and body.startswith(b"hello from molt"), body
-        assert headers.get("x-release") == "demo-1", headers
+        with started(start, tmp_path / "molt.log") as master:
+            wait_until(live_generation, 30, "the example's first generation to go live")
+            code, headers, body = http_get(0, "/", unix="/run/molt.sock")
+            assert code == 200 and body.startswith(b"hello from molt"), body
+            assert headers.get("x-release") == "demo-1", headers
 
-        rolled = run(*reload, timeout=130)
-        assert "generation 2 is live" in rolled.stdout, rolled.stdout
-        assert live_generation() == 2
-        assert http_get(0, "/healthz", unix="/run/molt.sock")[0] == 200
-
-        master.send_signal(signal.SIGTERM)  # what `systemctl stop` sends (KillMode=mixed)
-        assert master.wait(timeout=60) == 0, (tmp_path / "molt.log").read_text()
+            rolled = run(*reload, timeout=130)
+            assert "generation 2 is live" in rolled.stdout, rolled.stdout
+            assert live_generation() == 2
+            assert http_get(0, "/healthz", unix="/run/molt.sock")[0] == 200
+            # What `systemctl stop` sends to the master (KillMode=mixed).
+            stop_with_sigterm(master, tmp_path / "molt.log")
     finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait(timeout=10)
-        log.close()
         shutil.rmtree(runtime, ignore_errors=True)
 
 
@@ -267,23 +281,14 @@ def test_the_images_cmd_and_healthcheck_serve_as_the_non_root_user(installed):
         def image_command(command: list[str]) -> list[str]:
             return [*as_user, *[str(config) if a == "/etc/molt/molt.yaml" else a for a in command]]
 
-        log = open(workdir / "molt.log", "w")
-        master = subprocess.Popen(image_command(json.loads(image["CMD"][0])), stdout=log,
-                                  stderr=subprocess.STDOUT, cwd="/")
-        try:
+        with started(image_command(json.loads(image["CMD"][0])), workdir / "molt.log") as master:
             wait_until(lambda: run(*image_command(health_command(image)), check=False,
                                    timeout=10).returncode == 0, 30, "the HEALTHCHECK to pass")
             wait_until(lambda: answers(port), 30, "the demo app to answer")
             uid_line = next(line for line in Path(f"/proc/{master.pid}/status").read_text()
                             .splitlines() if line.startswith("Uid:"))
             assert uid_line.split()[1] == str(IMAGE_UID)
-            master.send_signal(signal.SIGTERM)  # the image's STOPSIGNAL
-            assert master.wait(timeout=60) == 0, (workdir / "molt.log").read_text()
-        finally:
-            if master.poll() is None:
-                master.kill()
-                master.wait(timeout=10)
-            log.close()
+            stop_with_sigterm(master, workdir / "molt.log")  # the image's STOPSIGNAL
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
