@@ -140,6 +140,26 @@ def test_the_package_has_the_debian_layout(deb, package_files):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("prefix", ["opt/molt", "usr/local"])
+def test_cmake_install_generates_the_units_for_the_prefix_it_installs_to(tmp_path, prefix):
+    """The same install rules without the package: any prefix, chosen at install time."""
+    root = tmp_path / prefix
+    run("cmake", "--install", str(BUILD), "--prefix", str(root), timeout=120)
+    for name, config in [("molt.service", "/etc/molt/molt.yaml"),
+                         ("molt@.service", "/etc/molt/%i.yaml")]:
+        lines = service(root / "lib/systemd/system" / name)
+        assert shlex.split(lines["ExecStart"]) == [f"{root}/bin/molt", "run", "-c", config]
+        assert shlex.split(lines["ExecReload"])[0] == f"{root}/bin/molt"
+    result = run(ANALYZE, "verify", "--man=no", str(root / "lib/systemd/system/molt.service"),
+                 check=False, timeout=60)
+    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
+    example = (root / "etc/molt/molt.yaml").read_text()
+    assert f"chdir: {root}/share/molt/example" in example
+    check = run(str(root / "bin/molt"), "check", "-c", str(root / "etc/molt/molt.yaml"),
+                check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_lintian_reports_no_error(deb):
     result = run("lintian", "--fail-on", "error", "--display-level", ">=warning", str(deb),
                  check=False, timeout=280)
