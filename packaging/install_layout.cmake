@@ -2,7 +2,8 @@
 # the real prefix is known: `--prefix` may differ from the one given at configure time. So the
 # files that name installed paths are generated here, with configure_file, for every prefix.
 #
-# Set by the install(CODE) rule before this script: MOLT_SOURCE_DIR, MOLT_STAGING_DIR.
+# Set by the install(CODE) rule before this script: MOLT_SOURCE_DIR, MOLT_STAGING_DIR, and
+# MOLT_EXAMPLE_SUBDIR (where the demo app goes, relative to the prefix).
 #
 # The one layout rule: with the distribution prefix /usr, units go to /lib/systemd/system and
 # the example config to /etc/molt (as GNUInstallDirs maps /usr to /etc); with any other prefix
@@ -17,7 +18,7 @@ endif()
 
 # Placeholders the templates use.
 set(MOLT_BINARY "${CMAKE_INSTALL_PREFIX}/bin/molt")
-set(MOLT_EXAMPLE_DIR "${CMAKE_INSTALL_PREFIX}/share/molt/example")
+set(MOLT_EXAMPLE_DIR "${CMAKE_INSTALL_PREFIX}/${MOLT_EXAMPLE_SUBDIR}")
 
 file(GLOB molt_unit_templates "${MOLT_SOURCE_DIR}/systemd/*.in")
 foreach(template IN LISTS molt_unit_templates)
