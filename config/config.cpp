@@ -1557,26 +1557,180 @@ void append_rows(std::string& page, const std::vector<const KeySpec*>& specs) {
     }
 }
 
+// The keys as the reference shows them: the top-level scalars first, then one group per
+// section. Both renderers walk these groups, so the page and the man page list the same keys
+// in the same order.
+struct ReferenceGroup {
+    std::string_view section;  // empty for the top level
+    std::string_view meaning;
+    std::vector<const KeySpec*> keys;
+};
+
+std::vector<ReferenceGroup> reference_groups() {
+    std::vector<ReferenceGroup> groups(1);
+    for (const auto& spec : key_table()) {
+        const bool nested = !parent_of(spec.path).empty() && !spec.path.starts_with("listen[]");
+        if (spec.type != "section" && !nested) groups.front().keys.push_back(&spec);
+    }
+    for (const auto& section : key_table()) {
+        if (section.type != "section") continue;
+        ReferenceGroup group{section.path, section.meaning, {}};
+        for (const auto& spec : key_table()) {
+            if (parent_of(spec.path) == section.path) group.keys.push_back(&spec);
+        }
+        groups.push_back(std::move(group));
+    }
+    return groups;
+}
+
+// --- roff: the same text for man(7). The reference is written in a small subset of
+// Markdown (inline `code` and **bold**, "## " headings, "- " bullets, an HTML comment), so a
+// converter of exactly that subset keeps one copy of every sentence.
+
+std::string roff_escape(std::string_view text) {
+    std::string out;
+    for (const char c : text) {
+        if (c == '\\') {
+            out += "\\e";
+        } else if (c == '-') {
+            out += "\\-";  // a real minus, so that options and paths can be searched and copied
+        } else {
+            out += c;
+        }
+    }
+    return out;
+}
+
+// `code` and **bold** become bold; everything else is escaped text.
+std::string roff_inline(std::string_view text) {
+    std::string out;
+    std::size_t i = 0;
+    while (i < text.size()) {
+        const bool strong = text.substr(i, 2) == "**";
+        const std::string_view mark = strong ? "**" : text[i] == '`' ? "`" : "";
+        const std::size_t close =
+            mark.empty() ? std::string_view::npos : text.find(mark, i + mark.size());
+        if (close == std::string_view::npos) {
+            out += roff_escape(text.substr(i, 1));
+            ++i;
+            continue;
+        }
+        out += "\\fB" + roff_escape(text.substr(i + mark.size(), close - i - mark.size())) + "\\fR";
+        i = close + mark.size();
+    }
+    return out;
+}
+
+// Text for roff: inline marks converted, and no line starting with a control character (roff
+// would read it as a request). A code span may run across lines, so whole paragraphs come here.
+std::string roff_text(std::string_view markdown) {
+    const std::string converted = roff_inline(markdown);
+    std::string out;
+    bool line_start = true;
+    for (const char c : converted) {
+        if (line_start && (c == '.' || c == '\'')) out += "\\&";
+        out += c;
+        line_start = c == '\n';
+    }
+    if (!out.empty() && out.back() != '\n') out += '\n';
+    return out;
+}
+
+std::string upper(std::string_view text) {
+    std::string out(text);
+    std::transform(out.begin(), out.end(), out.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+    return out;
+}
+
+// The intro of the page: "# " (the title) and comments are dropped, "## X" becomes .SH X, a
+// "- " item becomes a bullet, any other run of lines a paragraph.
+std::string roff_from_markdown(std::string_view markdown) {
+    std::string out;
+    std::string block;        // the paragraph or bullet being collected, still Markdown
+    std::string block_macro;  // ".PP" or ".IP \(bu 2"
+    const auto flush = [&] {
+        if (!block.empty()) out += block_macro + "\n" + roff_text(block);
+        block.clear();
+    };
+    bool in_comment = false;
+    std::size_t start = 0;
+    while (start < markdown.size()) {
+        std::size_t end = markdown.find('\n', start);
+        if (end == std::string_view::npos) end = markdown.size();
+        std::string_view line = markdown.substr(start, end - start);
+        start = end + 1;
+        if (in_comment || line.starts_with("<!--")) {
+            in_comment = line.find("-->") == std::string_view::npos;
+            continue;
+        }
+        if (line.starts_with("# ")) continue;
+        if (line.empty() || line.starts_with("## ") || line.starts_with("- ")) flush();
+        if (line.starts_with("## ")) {
+            out += ".SH " + upper(line.substr(3)) + "\n";
+        } else if (line.starts_with("- ")) {
+            block_macro = ".IP \\(bu 2";
+            block = line.substr(2);
+        } else if (!line.empty()) {
+            if (block.empty()) block_macro = ".PP";
+            if (line.starts_with("  ")) line.remove_prefix(2);
+            block += block.empty() ? std::string(line) : "\n" + std::string(line);
+        }
+    }
+    flush();
+    return out;
+}
+
 }  // namespace
 
 std::string config_reference_markdown() {
     std::string page(kReferenceIntro);
-    std::vector<const KeySpec*> top_level;
-    for (const auto& spec : key_table()) {
-        const bool nested = !parent_of(spec.path).empty() && !spec.path.starts_with("listen[]");
-        if (spec.type != "section" && !nested) top_level.push_back(&spec);
-    }
-    page += "\n### Top level\n\n";
-    append_rows(page, top_level);
-    for (const auto& section : key_table()) {
-        if (section.type != "section") continue;
-        std::vector<const KeySpec*> children;
-        for (const auto& spec : key_table()) {
-            if (parent_of(spec.path) == section.path) children.push_back(&spec);
+    for (const auto& group : reference_groups()) {
+        if (group.section.empty()) {
+            page += "\n### Top level\n\n";
+        } else {
+            page += fmt::format("\n### `{}`\n\n{}\n\n", group.section, group.meaning);
         }
-        page += fmt::format("\n### `{}`\n\n{}\n\n", section.path, section.meaning);
-        append_rows(page, children);
+        append_rows(page, group.keys);
     }
+    return page;
+}
+
+std::string config_reference_roff(std::string_view version) {
+    std::string page = fmt::format(
+        ".\\\" Generated by molt_config_doc from the key table in config/config.cpp, the same\n"
+        ".\\\" table the loader validates against and docs/config.md is rendered from.\n"
+        ".TH MOLT.YAML 5 \"\" \"molt {}\" \"molt manual\"\n"
+        ".SH NAME\n"
+        "molt.yaml \\- configuration file of the molt application server\n"
+        ".SH SYNOPSIS\n"
+        ".B /etc/molt/molt.yaml\n"
+        ".SH DESCRIPTION\n",
+        roff_escape(version));
+    page += roff_from_markdown(kReferenceIntro);
+    const Config defaults;
+    for (const auto& group : reference_groups()) {
+        if (group.section.empty()) {
+            page += ".SS Top level\n";
+        } else {
+            page += ".SS " + roff_inline(group.section) + "\n" + roff_text(group.meaning);
+        }
+        for (const KeySpec* spec : group.keys) {
+            page += ".TP\n";
+            page += fmt::format("\\fB{}\\fR ({}; default: {})\n", roff_escape(spec->path),
+                                roff_inline(spec->type), roff_inline(spec->show_default(defaults)));
+            page += roff_text(spec->meaning);
+        }
+    }
+    page +=
+        ".SH FILES\n"
+        ".TP\n"
+        ".I /etc/molt/molt.yaml\n"
+        "The config that molt.service runs; molt@NAME.service runs\n"
+        ".IR /etc/molt/NAME.yaml .\n"
+        ".SH SEE ALSO\n"
+        ".BR molt (1),\n"
+        ".BR systemd.service (5)\n";
     return page;
 }
 

@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace molt::config {
@@ -191,5 +192,10 @@ inline constexpr const char* kDefaultListen = "tcp://127.0.0.1:8000";
 // The complete docs/config.md page, generated from the same key table the loader validates
 // against, so the reference cannot drift from the code. `molt config-reference` prints it.
 std::string config_reference_markdown();
+
+// The same reference as the molt.yaml(5) man page (man(7) macros): every sentence and every
+// key comes from the same table and intro, so the man page cannot drift from docs/config.md.
+// `version` goes into the page's header line.
+std::string config_reference_roff(std::string_view version);
 
 }  // namespace molt::config

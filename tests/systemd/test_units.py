@@ -1,8 +1,10 @@
 """The unit files in systemd/: they pass `systemd-analyze verify`, they say what
 docs/systemd.md says they say, and their ExecReload= command reports the rollover's result.
 
-systemd is not PID 1 here, and verify insists that ExecStart='s binary exists: the units are
-copied to a temporary directory with /usr/local/bin/molt rewritten to the built binary."""
+The files in systemd/ are templates: the install (any prefix, and the Debian package) fills in
+@MOLT_BINARY@ with the installed binary's path. systemd is not PID 1 here, and verify insists
+that ExecStart='s binary exists: the units are rendered into a temporary directory with the
+built binary instead. tests/package/ verifies the units the package installs."""
 from __future__ import annotations
 
 import re
@@ -18,8 +20,12 @@ from sdtestlib import env_release
 
 UNITS_DIR = REPO / "systemd"
 UNITS = ["molt.service", "molt.socket", "molt@.service", "molt@.socket"]
-INSTALLED_BIN = "/usr/local/bin/molt"
+BINARY_PLACEHOLDER = "@MOLT_BINARY@"  # filled in by packaging/install_layout.cmake
 ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
+
+
+def template(name: str) -> Path:
+    return UNITS_DIR / f"{name}.in"
 
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -50,8 +56,8 @@ def unit_copies(tmp_path) -> Path:
     out = tmp_path / "units"
     out.mkdir()
     for name in UNITS:
-        text = (UNITS_DIR / name).read_text()
-        (out / name).write_text(text.replace(INSTALLED_BIN, str(Path(molt_bin()).resolve())))
+        text = template(name).read_text()
+        (out / name).write_text(text.replace(BINARY_PLACEHOLDER, str(Path(molt_bin()).resolve())))
     # An instance of each template, as `systemctl enable molt@shop` would load it.
     (out / "molt@shop.service").symlink_to("molt@.service")
     (out / "molt@shop.socket").symlink_to("molt@.socket")
@@ -59,7 +65,7 @@ def unit_copies(tmp_path) -> Path:
 
 
 def test_every_unit_file_exists():
-    assert sorted(p.name for p in UNITS_DIR.iterdir()) == sorted(UNITS)
+    assert sorted(p.name for p in UNITS_DIR.iterdir()) == sorted(f"{u}.in" for u in UNITS)
 
 
 @pytest.mark.timeout(60)
@@ -74,13 +80,13 @@ def test_unit_passes_systemd_analyze_verify(unit_copies, name):
 @pytest.mark.parametrize("name,config", [("molt.service", "/etc/molt/molt.yaml"),
                                          ("molt@.service", "/etc/molt/%i.yaml")])
 def test_service_units_say_what_the_docs_say(name, config):
-    service = parse_unit(UNITS_DIR / name)["Service"]
+    service = parse_unit(template(name))["Service"]
     one = {key: values[-1] for key, values in service.items()}
     assert one["Type"] == "notify"
     assert one["NotifyAccess"] == "main"
-    assert one["ExecStart"] == f"{INSTALLED_BIN} run -c {config}"
+    assert one["ExecStart"] == f"{BINARY_PLACEHOLDER} run -c {config}"
     reload = shlex.split(one["ExecReload"])
-    assert reload[:4] == [INSTALLED_BIN, "ctl", "-c", config]
+    assert reload[:4] == [BINARY_PLACEHOLDER, "ctl", "-c", config]
     assert reload[4:6] == ["reload", "--wait"]
     # ctl gives up before systemd kills it, and both outlast timeouts.boot (60s by default).
     ctl_timeout = seconds(reload[reload.index("--timeout") + 1])
@@ -100,7 +106,7 @@ def test_service_units_say_what_the_docs_say(name, config):
 @pytest.mark.parametrize("name,service", [("molt.socket", "molt.service"),
                                           ("molt@.socket", "molt@%i.service")])
 def test_socket_units_pass_one_named_listener(name, service):
-    socket = {k: v[-1] for k, v in parse_unit(UNITS_DIR / name)["Socket"].items()}
+    socket = {k: v[-1] for k, v in parse_unit(template(name))["Socket"].items()}
     assert socket["FileDescriptorName"] == "web"
     assert socket["Accept"] == "no"
     assert socket["Service"] == service
@@ -116,8 +122,8 @@ def test_exec_reload_waits_for_the_rollover_and_fails_with_the_reason(molt, tmp_
     releases.add("broken", files={"app.py": "raise ImportError('no module named settings')\n"})
     m = molt({"app": "app:application", "chdir": str(releases.current), "workers": 2,
               "version_file": "REVISION", "timeouts": {"boot": "20s"}})
-    line = {k: v[-1] for k, v in parse_unit(UNITS_DIR / "molt.service")["Service"].items()}
-    command = [molt_bin() if arg == INSTALLED_BIN else
+    line = {k: v[-1] for k, v in parse_unit(template("molt.service"))["Service"].items()}
+    command = [molt_bin() if arg == BINARY_PLACEHOLDER else
                str(m.config_path) if arg == "/etc/molt/molt.yaml" else arg
                for arg in shlex.split(line["ExecReload"])]
 

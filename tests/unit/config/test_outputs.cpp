@@ -182,6 +182,51 @@ TEST_CASE("the reference documents every key the loader knows") {
     CHECK(page.find("| `http.body_buffer_size` | size | 1MiB |") != std::string::npos);
 }
 
+TEST_CASE("molt.yaml(5) lists the same keys, in the same order, as docs/config.md") {
+    const auto page = config_reference_markdown();
+    const auto man = config_reference_roff("1.2.3");
+    CHECK(man.find(".TH MOLT.YAML 5 \"\" \"molt 1.2.3\"") != std::string::npos);
+    // Every key row of the Markdown page is a .TP entry whose tag starts with the key in bold.
+    std::size_t at = 0;
+    std::size_t previous = 0;
+    int keys = 0;
+    while ((at = page.find("\n| `", at)) != std::string::npos) {
+        at += 4;
+        std::string key = page.substr(at, page.find('`', at) - at);
+        std::string escaped;
+        for (const char c : key) escaped += c == '-' ? std::string("\\-") : std::string(1, c);
+        CAPTURE(key);
+        const auto found = man.find(".TP\n\\fB" + escaped + "\\fR (", previous);
+        CHECK(found != std::string::npos);
+        if (found != std::string::npos) previous = found;
+        ++keys;
+    }
+    CHECK(keys > 40);
+}
+
+TEST_CASE("molt.yaml(5) is valid roff text: no Markdown marks, no stray requests") {
+    const auto man = config_reference_roff("0.1.0");
+    std::istringstream lines(man);
+    std::string line;
+    for (int number = 1; std::getline(lines, line); ++number) {
+        CAPTURE(number);
+        CAPTURE(line);
+        CHECK(line.find('`') == std::string::npos);
+        CHECK(line.find("**") == std::string::npos);
+        CHECK(line.find("<!--") == std::string::npos);
+        if (!line.empty() && (line[0] == '.' || line[0] == '\'')) {
+            const auto macro = line.substr(0, line.find(' '));
+            const bool known = macro == ".\\\"" || macro == ".TH" || macro == ".SH" ||
+                               macro == ".SS" || macro == ".PP" || macro == ".TP" ||
+                               macro == ".IP" || macro == ".B" || macro == ".I" || macro == ".IR" ||
+                               macro == ".BR";
+            CHECK_MESSAGE(known, "a text line that roff would read as a request");
+        }
+    }
+    // The intro's code span across a line break comes out whole.
+    CHECK(man.find("\\fBmolt check \\-c\nmolt.yaml\\fR") != std::string::npos);
+}
+
 TEST_CASE("the example configs load") {
     const std::string dir = std::string(MOLT_SOURCE_DIR) + "/config/examples/";
     for (const char* name : {"minimal.yaml", "full.yaml", "django.yaml"}) {
