@@ -143,7 +143,7 @@ class Lifecycle:
             return fail(self.channel, WorkerExit.WARMUP_FAILED, error)
         self.channel.send(**{Key.READY: 1})
         self._enter(Phase.SERVING)
-        log.info("ready: %s (%s) on %s", cfg.app, engine.describe(),
+        log.info("ready: %s (engine %s: %s) on %s", cfg.app, engine.name, engine.describe(),
                  ", ".join(self.listener_names) or "no listeners")
         self._next_beat = time.monotonic()
         engine.run(self)

@@ -332,7 +332,7 @@ class UvicornASGIEngine:
             self.ctl.warming = False
 
     def describe(self) -> str:
-        return "asgi via uvicorn, %s" % self.protocol_class.__name__
+        return "asgi, %s" % self.protocol_class.__name__
 
     def run(self, loop: LoopHooks) -> None:
         self.loop.run_until_complete(self._serve(loop))
