@@ -8,7 +8,7 @@ from harness import SHIM_DIR, Client, get, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
-NATIVE_PRESENT = os.path.exists(os.path.join(SHIM_DIR, "molt_shim", "engines", "native_wsgi.py"))
+NATIVE_PRESENT = os.path.exists(os.path.join(SHIM_DIR, "molt_shim", "engines", "native.py"))
 
 
 def main_thread_waits_in_epoll(pid):

@@ -159,8 +159,11 @@ def serve(app: Any, cfg: config.WorkerConfig, channel: Channel,
     """The second half: build the engine and run the lifecycle until the drain is done."""
     access = accesslog.make(cfg)
     retirement = Retirement(channel, cfg.max_requests, cfg.max_requests_jitter)
-    engine = factory(EngineContext(app=app, cfg=cfg, listeners=listeners, access_log=access,
-                                   on_request_count=retirement.check))
+    try:
+        engine = factory(EngineContext(app=app, cfg=cfg, listeners=listeners,
+                                       access_log=access, on_request_count=retirement.check))
+    except engines.EngineUnavailable as exc:
+        return fail(channel, WorkerExit.IMPORT_FAILED, str(exc))
     lifecycle = Lifecycle(cfg, channel, engine, access, retirement, title,
                           [name for _, name in listeners])
     code = lifecycle.run()

@@ -37,6 +37,17 @@ class Phase(enum.Enum):
     FAILED = "failed"  # ERROR sent, exit 4
 
 
+# The only moves there are; anything else is a bug in this module.
+NEXT_PHASES: Dict[Phase, Tuple[Phase, ...]] = {
+    Phase.STARTING: (Phase.WARMING_UP, Phase.SERVING, Phase.FAILED),
+    Phase.WARMING_UP: (Phase.SERVING, Phase.FAILED),
+    Phase.SERVING: (Phase.DRAINING,),
+    Phase.DRAINING: (Phase.STOPPED,),
+    Phase.STOPPED: (),
+    Phase.FAILED: (),
+}
+
+
 class Event(enum.Enum):
     """What a signal or the master asked for; queued, acted on at the next tick."""
 
@@ -125,6 +136,8 @@ class Lifecycle:
     # -- phases ---------------------------------------------------------------------------------
     def _enter(self, phase: Phase, why: str = "") -> None:
         """The one place the phase changes."""
+        if phase not in NEXT_PHASES[self.phase]:
+            raise AssertionError("lifecycle: no move from %s to %s" % (self.phase, phase))
         log.debug("lifecycle: %s -> %s%s", self.phase.value, phase.value,
                   " (%s)" % why if why else "")
         self.phase = phase

@@ -1,8 +1,10 @@
 """HTTP engines side by side, each implementing engines/base.py's Engine interface.
 
-An engine module exposes `create(ctx: EngineContext) -> Engine`. Which one serves is decided
-here, once, from the interface and MOLT_WORKER_CONFIG's `engine` field; a new WSGI engine is
-one entry in WSGI_ENGINES (and one parameter in tests/shim/conftest.py's ENGINES).
+An engine module exposes `create(ctx: EngineContext) -> Engine`, which may raise
+EngineUnavailable (say, an extension that is not built) to fail the boot with that reason.
+Which engine serves is decided here, once, from the interface and MOLT_WORKER_CONFIG's `engine`
+field; a new WSGI engine is one entry in WSGI_ENGINES (and one in tests/shim/conftest.py's
+WSGI_ENGINES).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from .base import EngineFactory
 # `engine:` value -> module under molt_shim.engines, for interface wsgi.
 WSGI_ENGINES: Dict[str, str] = {
     "python": "threaded_wsgi",  # threads on one epoll, in Python
-    "native": "native_wsgi",  # the C++ engine (a CPython extension); not in this tree yet
+    "native": "native",  # the C++ engine (a CPython extension); not in this tree yet
 }
 AUTO_WSGI = "python"  # what `engine: auto` means today
 ASGI_ENGINE = "uvicorn_asgi"  # ASGI apps are served with uvicorn's protocols, whatever `engine:`
