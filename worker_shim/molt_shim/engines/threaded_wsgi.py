@@ -6,10 +6,8 @@ Architecture (the leader/followers pattern on one epoll):
   job: accept, or read, parse with httptools, run the app and write the response. There is
   no hand-off between threads on the request path. Only one idle thread sleeps in epoll at a
   time (`poll_lock`), and a thread that just finished takes waiting work without sleeping.
-* Connections are registered EPOLLONESHOT: one readiness event goes to one thread, which owns
-  the connection until it parks it again (re-arms the fd). Parked connections sit in `parked`;
-  taking one is `parked.pop(fd)`, a single atomic dict operation, which is what lets serving
-  threads and the sweeper race for a connection without locks.
+* Connections are registered EPOLLONESHOT and parked between requests; who owns one is the
+  protocol of engines/connections.py (`Parking`).
 * Listeners are EPOLLEXCLUSIVE: a new connection wakes one worker process that has a thread
   waiting, not every worker process, and a worker whose threads are all busy is skipped.
 * The main thread never touches a request. It runs the lifecycle's loop hooks (heartbeats,
@@ -21,7 +19,8 @@ Architecture (the leader/followers pattern on one epoll):
   the peer's FIN (LINGER), so a request already on the wire never meets a reset.
 
 Parsing requests and building environs is molt_shim/wsgi/request.py; framing responses is
-molt_shim/wsgi/response.py. This module is the sockets, threads and connection states.
+molt_shim/wsgi/response.py; a connection and its ownership, engines/connections.py. This
+module is the threads, accepting, the sweep and the drain.
 """
 from __future__ import annotations
 
@@ -38,30 +37,15 @@ from .. import httpparse
 from ..listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
 from ..stats import RequestCounter
 from ..warmup import over_socketpair
-from ..wsgi.request import (Limits, Request, RequestReader, connection_environ,
-                            listener_environ, request_environ, server_environ)
-from ..wsgi.response import (CONTINUE_100, REASONS, ClientGone, FileWrapper, Framing,
-                             Response)
+from ..wsgi.request import Limits, Request, listener_environ, request_environ, server_environ
+from ..wsgi.response import CONTINUE_100, REASONS, ClientGone, FileWrapper, Framing, Response
 from .base import Counters, EngineContext, LoopHooks
+from .connections import BUSY, IDLE, LINGER, RECV_SIZE, Connection, Parking
 
 log = logging.getLogger("molt_shim")
 
-EV_ARM = select.EPOLLIN | select.EPOLLONESHOT
 EV_LISTEN = select.EPOLLIN | EPOLLEXCLUSIVE
-RECV_SIZE = 65536
-LINGER_S = 2.0  # how long a closing connection is read-discarded before the final close()
 SWEEP_S = 0.1
-WRITE_TIMEOUT_S = 60.0
-
-
-class ConnState(enum.Enum):
-    IDLE = "idle"  # parked, waiting in epoll for the next request
-    BUSY = "busy"  # owned by one thread (serving) or by the sweep
-    LINGER = "linger"  # parked after shutdown(SHUT_WR), read-discarding until the peer's FIN
-    CLOSED = "closed"
-
-
-IDLE, BUSY, LINGER, CLOSED = ConnState.IDLE, ConnState.BUSY, ConnState.LINGER, ConnState.CLOSED
 
 
 class Overdue(enum.Enum):
@@ -71,105 +55,6 @@ class Overdue(enum.Enum):
     HEAD_TIMEOUT = "408"  # a request head incomplete for longer than header_timeout
     IDLE_TIMEOUT = "idle"  # idle beyond keep-alive (or the drain's idle window)
     LINGER_DONE = "linger"  # lingered long enough: close
-
-
-class Connection:
-    """One client connection: its socket, its request reader and its parked state.
-
-    Both `send_all` and `sendfile_all` make it the response's `Sink` (wsgi/response.py)."""
-
-    __slots__ = ("sock", "fd", "peer", "listener_env", "reader", "state", "idle_since",
-                 "linger_until", "in_epoll", "warmup", "_env", "served")
-
-    def __init__(self, sock: socket.socket, peer: Any, listener_env: Dict[str, Any],
-                 limits: Limits) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.peer = peer
-        self.listener_env = listener_env
-        self.reader = RequestReader(limits)
-        self.state = IDLE
-        self.idle_since = time.monotonic()
-        self.linger_until = 0.0
-        self.in_epoll = False
-        self.warmup = False
-        self._env: Optional[Dict[str, Any]] = None
-        self.served = 0
-
-    def base_env(self) -> Dict[str, Any]:
-        """The environ every request of this connection shares (built on first use)."""
-        env = self._env
-        if env is None:
-            env = self._env = connection_environ(self.listener_env, self.peer)
-        return env
-
-    def remote(self) -> str:
-        peer = self.peer
-        if isinstance(peer, tuple):
-            return "%s:%s" % (peer[0], peer[1])
-        return "unix:%s" % (peer or "")
-
-    # -- socket I/O (the socket is non-blocking; waits use poll with a deadline) ----------------
-    def wait(self, events: int, timeout: float) -> bool:
-        poller = select.poll()
-        poller.register(self.fd, events)
-        return bool(poller.poll(timeout * 1000.0))
-
-    def send_all(self, data: bytes) -> None:
-        sock = self.sock
-        try:
-            sent = sock.send(data)
-            if sent == len(data):
-                return
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            raise ClientGone(str(exc)) from None
-        view = memoryview(data)[sent:]
-        deadline = time.monotonic() + WRITE_TIMEOUT_S
-        while view:
-            if not self.wait(select.POLLOUT, deadline - time.monotonic()):
-                raise ClientGone("write timed out")
-            try:
-                view = view[sock.send(view):]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                raise ClientGone(str(exc)) from None
-
-    def sendfile_all(self, fd: int, offset: int, size: int) -> int:
-        total = 0
-        deadline = time.monotonic() + WRITE_TIMEOUT_S
-        while size > 0:
-            try:
-                sent = os.sendfile(self.fd, fd, offset, min(size, 1 << 30))
-            except (BlockingIOError, InterruptedError):
-                if not self.wait(select.POLLOUT, deadline - time.monotonic()):
-                    raise ClientGone("write timed out")
-                continue
-            except OSError as exc:
-                raise ClientGone(str(exc)) from None
-            if sent == 0:
-                break  # file shrank under us
-            offset += sent
-            size -= sent
-            total += sent
-            deadline = time.monotonic() + WRITE_TIMEOUT_S
-        return total
-
-    def recv_wait(self, timeout: float) -> Optional[bytes]:
-        """Blocking-with-deadline recv for request bodies; None on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self.sock.recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                return b""  # reset by the peer: same outcome as EOF for a request body
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.wait(select.POLLIN, remaining):
-                return None
 
 
 class Listener:
@@ -219,14 +104,12 @@ class ThreadedWSGIEngine:
         # epoll for a request (IDLE) or for the peer's FIN (LINGER). A thread takes a parked
         # connection with parked.pop(fd): one atomic dict operation, so exactly one of the
         # serving threads and the sweeper can win it.
-        self.conns: Dict[int, Connection] = {}
-        self.parked: Dict[int, Connection] = {}
-        self.ep = select.epoll()  # the serving threads' shared epoll
+        self.lot = Parking()
         self.draining = False
         self.stop_r, self.stop_w = os.pipe()  # level-triggered: once written, stops every thread
         for fd in (self.stop_r, self.stop_w):
             os.set_blocking(fd, False)
-        self.ep.register(self.stop_r, select.EPOLLIN)
+        self.lot.ep.register(self.stop_r, select.EPOLLIN)
         self._threads: List[threading.Thread] = []
         self._accept_error_logged = 0.0
 
@@ -245,16 +128,14 @@ class ThreadedWSGIEngine:
         return "wsgi, %d threads, parser %s" % (self.threads, httpparse.parser_name())
 
     def counters(self) -> Counters:
-        return self.counter.counters(len(self.conns))
+        return self.counter.counters(len(self.lot.conns))
 
     def drained(self) -> bool:
-        return not self.conns and self.counter.inflight_count() == 0
+        return not self.lot.conns and self.counter.inflight_count() == 0
 
     def close(self) -> None:
         os.write(self.stop_w, b"x")  # level-triggered in the shared epoll: every thread sees it
-        for conn in list(self.parked.values()):
-            if self._take(conn):
-                self.close_now(conn)
+        self.lot.close_parked()
 
     # -- serving threads ------------------------------------------------------------------------
     def _thread_main(self) -> None:
@@ -265,9 +146,9 @@ class ThreadedWSGIEngine:
         readiness event goes to one thread; listeners are EPOLLEXCLUSIVE, so a new connection
         wakes a worker process that has a thread free, not every worker process.
         """
-        poll = self.ep.poll
+        poll = self.lot.ep.poll
         poll_lock = self.poll_lock
-        parked = self.parked
+        parked = self.lot.parked
         listener_fds = self.listener_fds
         stop_r = self.stop_r
         while True:
@@ -285,7 +166,7 @@ class ThreadedWSGIEngine:
                 try:
                     if conn is not None:
                         if conn.state is LINGER:
-                            self._discard(conn)
+                            self.lot.discard(conn)
                         else:
                             conn.state = BUSY
                             self.serve(conn)
@@ -300,7 +181,7 @@ class ThreadedWSGIEngine:
                     log.exception("internal error while serving %s",
                                   conn.remote() if conn is not None else "a new connection")
                     if conn is not None:
-                        self.close_now(conn)
+                        self.lot.close_now(conn)
 
     # -- per connection (the thread that owns it) ------------------------------------------------
     def serve(self, conn: Connection, must_read: bool = True) -> None:
@@ -321,16 +202,16 @@ class ThreadedWSGIEngine:
                         # The client asked to close and sent nothing more we have seen: a
                         # plain close, as every server does. Closes of our own choosing
                         # (drain, errors) linger instead, so no request in flight gets a reset.
-                        self.close_now(conn)
+                        self.lot.close_now(conn)
                     else:
-                        self.close_graceful(conn)
+                        self.lot.close_graceful(conn)
                     return
                 must_read = False
             if reader.error is not None:
                 self.send_error(conn, *reader.error)
                 return
             if reader.upgrade:  # WSGI cannot take over the socket: answered, now close
-                self.close_graceful(conn)
+                self.lot.close_graceful(conn)
                 return
             cur = reader.cur
             if cur is not None and cur.head_done:
@@ -340,7 +221,7 @@ class ThreadedWSGIEngine:
                     try:
                         conn.send_all(CONTINUE_100)
                     except ClientGone:
-                        self.close_now(conn)
+                        self.lot.close_now(conn)
                         return
                 data = conn.recv_wait(self.header_timeout)
                 if data is None:
@@ -348,18 +229,18 @@ class ThreadedWSGIEngine:
                                     % self.header_timeout)
                     return
             elif cur is None and not must_read:
-                self.park(conn)
+                self.lot.park(conn)
                 return
             else:
                 must_read = False
                 try:
                     data = sock.recv(RECV_SIZE)
                 except (BlockingIOError, InterruptedError):
-                    self.park(conn)
+                    self.lot.park(conn)
                     return
                 except OSError as exc:
                     log.info("%s: connection error: %s", conn.remote(), exc)
-                    self.close_now(conn)
+                    self.lot.close_now(conn)
                     return
             if not data:
                 if cur is not None and cur.head_done:
@@ -368,79 +249,9 @@ class ThreadedWSGIEngine:
                                 "(%d of %s bytes); app not called", conn.remote(), cur.body_len, want)
                 elif cur is not None:
                     log.info("%s: client closed the connection inside a request head", conn.remote())
-                self.close_now(conn)
+                self.lot.close_now(conn)
                 return
             reader.feed(data)
-
-    def park(self, conn: Connection, state: ConnState = IDLE, restart_clock: bool = True) -> None:
-        """Give a connection back to epoll (one-shot), to be taken by the next event.
-        `restart_clock=False` keeps its idle and linger timers (the sweep giving it back)."""
-        conn.state = state
-        if restart_clock:
-            now = time.monotonic()
-            conn.idle_since = now
-            if state is LINGER:
-                conn.linger_until = now + LINGER_S
-        fd = conn.fd
-        self.parked[fd] = conn  # before arming: the event may fire at once
-        try:
-            self._arm(conn)
-        except OSError:
-            # Failing to arm means the fd is gone (another owner closed it) or the kernel is
-            # out of memory. Close it if it is still ours; never take a newer connection
-            # that reused the fd number.
-            taken = self.parked.pop(fd, None)
-            if taken is conn:
-                self.close_now(conn)
-            elif taken is not None:
-                self.parked[fd] = taken
-
-    def _arm(self, conn: Connection) -> None:
-        """Arm the connection's one-shot registration, adding it on first use.
-
-        `in_epoll` is only a hint: epoll_ctl releases the GIL, so another thread can take the
-        connection (its event fires) and park it again before this one has recorded that it
-        added it. Either way round, the fallback makes both callers end up armed."""
-        fd = conn.fd
-        try:
-            if conn.in_epoll:
-                self.ep.modify(fd, EV_ARM)
-            else:
-                self.ep.register(fd, EV_ARM)
-        except FileNotFoundError:
-            self.ep.register(fd, EV_ARM)
-        except FileExistsError:
-            self.ep.modify(fd, EV_ARM)
-        conn.in_epoll = True
-
-    def close_graceful(self, conn: Connection) -> None:
-        """shutdown(SHUT_WR), then read-discard until the peer closes, so no RST is sent."""
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.close_now(conn)
-            return
-        self.park(conn, LINGER)
-
-    def close_now(self, conn: Connection) -> None:
-        if conn.state is CLOSED:
-            return
-        conn.state = CLOSED
-        fd = conn.fd
-        # The fd number is ours until close(): forget it everywhere first.
-        self.conns.pop(fd, None)
-        if self.parked.get(fd) is conn:
-            self.parked.pop(fd, None)
-        if conn.in_epoll:
-            try:
-                self.ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
-        conn.reader.release()
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
 
     def send_error(self, conn: Connection, status: int, reason: str,
                    blocking: bool = True) -> None:
@@ -454,11 +265,11 @@ class ThreadedWSGIEngine:
             else:
                 conn.sock.send(response)
         except ClientGone:
-            self.close_now(conn)
+            self.lot.close_now(conn)
             return
         except OSError:
             pass  # best effort from the loop; the close below still happens
-        self.close_graceful(conn)
+        self.lot.close_graceful(conn)
 
     # -- one request ----------------------------------------------------------------------------
     def handle(self, conn: Connection, req: Request) -> bool:
@@ -516,8 +327,8 @@ class ThreadedWSGIEngine:
                else listener_environ(self.base_env, None, False))
         conn = Connection(sock, "", env, self.limits)
         conn.warmup = True
-        self.conns[conn.fd] = conn
-        self.park(conn)
+        self.lot.add(conn)
+        self.lot.park(conn)
 
     # -- main loop ----------------------------------------------------------------------------
     def run(self, loop: LoopHooks) -> None:
@@ -528,7 +339,7 @@ class ThreadedWSGIEngine:
             for lst in self.listeners:
                 lst.sock.setblocking(False)
                 self.listener_fds[lst.fd] = lst
-                self.ep.register(lst.fd, EV_LISTEN)
+                self.lot.ep.register(lst.fd, EV_LISTEN)
         ep = select.epoll()
         for fd in loop.watch_fds():
             ep.register(fd, select.EPOLLIN)
@@ -547,7 +358,7 @@ class ThreadedWSGIEngine:
                     self._sweep(now)
                 # With no connection and no drain there is nothing to sweep: an idle worker
                 # wakes only when the lifecycle has something to do (a heartbeat).
-                if self.conns or self.draining:
+                if self.lot.conns or self.draining:
                     delay = min(delay, SWEEP_S)
                 try:
                     events = ep.poll(delay)
@@ -579,7 +390,7 @@ class ThreadedWSGIEngine:
                 if self.listener_fds.get(lst.fd) is not lst:
                     return  # closed by the drain
                 try:
-                    self.ep.unregister(lst.fd)
+                    self.lot.ep.unregister(lst.fd)
                 except FileNotFoundError:
                     return  # another thread of this worker is accepting
                 left = True  # from here on, every path rejoins (finally)
@@ -598,7 +409,7 @@ class ThreadedWSGIEngine:
                         sock.close()
                         raise
                     conn.state = BUSY
-                    self.conns[conn.fd] = conn
+                    self.lot.add(conn)
             if error is not None:
                 self._accept_failed(lst, error)  # backs off while out of the queue
                 return
@@ -611,7 +422,7 @@ class ThreadedWSGIEngine:
                 first = b""
         except BaseException:
             if conn is not None:
-                self.close_now(conn)
+                self.lot.close_now(conn)
             raise
         finally:
             # Back in the queue once the first bytes are read, before the app runs: a slow
@@ -620,15 +431,15 @@ class ThreadedWSGIEngine:
                 self._listen(lst, True)
         try:
             if first is None:
-                self.park(conn)
+                self.lot.park(conn)
             elif not first:
-                self.close_now(conn)  # connected and left without a byte
+                self.lot.close_now(conn)  # connected and left without a byte
             else:
                 conn.reader.feed(first)
                 self.serve(conn, must_read=False)
         except BaseException:  # a bug, or SystemExit from the app: never leak the connection
             log.exception("internal error while serving %s", conn.remote())
-            self.close_now(conn)
+            self.lot.close_now(conn)
 
     def _accept_failed(self, lst: Listener, exc: OSError) -> None:
         if out_of_resources(exc):
@@ -652,10 +463,10 @@ class ThreadedWSGIEngine:
                 return False
             try:
                 if on:
-                    self.ep.register(lst.fd, EV_LISTEN)
+                    self.lot.ep.register(lst.fd, EV_LISTEN)
                     self.rejoin_failed.discard(lst)
                 else:
-                    self.ep.unregister(lst.fd)
+                    self.lot.ep.unregister(lst.fd)
             except FileExistsError:
                 pass
             except FileNotFoundError:
@@ -666,34 +477,6 @@ class ThreadedWSGIEngine:
                               lst.name or lst.fd, exc)
                 self.rejoin_failed.add(lst)
             return True
-
-    def _discard(self, conn: Connection) -> None:
-        """A lingering connection is readable: drop what the peer sends, close on its FIN."""
-        for _ in range(16):
-            try:
-                if not conn.sock.recv(RECV_SIZE):
-                    break
-            except (BlockingIOError, InterruptedError):
-                self.park(conn, LINGER, restart_clock=False)
-                return
-            except OSError:
-                break
-        self.close_now(conn)
-
-    @staticmethod
-    def _request_waiting(conn: Connection) -> bool:
-        """Whether the client already sent its next request. Closing such an "idle" connection
-        would lose that request (the keep-alive race every HTTP/1.1 server has); with this
-        check the window shrinks to bytes still on the wire. The pending epoll event then
-        delivers the request as usual."""
-        try:
-            return bool(conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except OSError:  # nothing there (EAGAIN), or the connection is broken: close it
-            return False
-
-    def _take(self, conn: Connection) -> bool:
-        """Claim a parked connection for the sweeper; False when a serving thread got it."""
-        return self.parked.pop(conn.fd, None) is conn
 
     def _overdue(self, conn: Connection, now: float) -> Overdue:
         """What the sweep owes a parked connection."""
@@ -716,26 +499,26 @@ class ThreadedWSGIEngine:
     def _sweep(self, now: float) -> None:
         for lst in list(self.rejoin_failed):
             self._listen(lst, True)
-        for conn in list(self.parked.values()):
+        for conn in list(self.lot.parked.values()):
             # A first look without owning the connection, so its fields may be stale: a
             # serving thread can take it, serve a request and park it again in between.
             # So the verdict is taken again once the sweep owns it.
-            if self._overdue(conn, now) is Overdue.NOTHING or not self._take(conn):
+            if self._overdue(conn, now) is Overdue.NOTHING or not self.lot.take(conn):
                 continue
             verdict = self._overdue(conn, now)
-            if verdict is Overdue.IDLE_TIMEOUT and self._request_waiting(conn):
+            if verdict is Overdue.IDLE_TIMEOUT and conn.request_waiting():
                 verdict = Overdue.NOTHING
             if verdict is Overdue.NOTHING:
-                self.park(conn, conn.state, restart_clock=False)  # back to epoll, re-armed
+                self.lot.park(conn, conn.state, restart_clock=False)  # back to epoll, re-armed
             elif verdict is Overdue.LINGER_DONE:
-                self.close_now(conn)
+                self.lot.close_now(conn)
             elif verdict is Overdue.HEAD_TIMEOUT:
                 conn.state = BUSY
                 self.send_error(conn, 408, "request head not complete within %.1fs"
                                 % self.header_timeout, blocking=False)
             else:
                 conn.state = BUSY
-                self.close_graceful(conn)
+                self.lot.close_graceful(conn)
 
     # -- drain and stop ----------------------------------------------------------------------------
     def stop_accepting(self) -> None:
@@ -749,7 +532,7 @@ class ThreadedWSGIEngine:
             for lst in self.listeners:
                 self.listener_fds.pop(lst.fd, None)
                 try:
-                    self.ep.unregister(lst.fd)
+                    self.lot.ep.unregister(lst.fd)
                 except (OSError, ValueError):
                     pass
                 self._take_backlog(lst)
@@ -769,8 +552,8 @@ class ThreadedWSGIEngine:
                 return
             sock.setblocking(False)
             conn = Connection(sock, peer, lst.env, self.limits)
-            self.conns[conn.fd] = conn
-            self.park(conn)
+            self.lot.add(conn)
+            self.lot.park(conn)
 
 
 def create(ctx: EngineContext) -> ThreadedWSGIEngine:
