@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from typing import Any, Deque, Dict, Optional, Sequence, Tuple
@@ -78,10 +79,15 @@ class Retirement:
         self._channel = channel
         self.at = max_requests + random.randint(0, max(0, jitter)) if max_requests > 0 else 0
         self.sent = False
+        self._lock = threading.Lock()  # serving threads and the tick may both cross `at`
 
     def check(self, requests: int) -> None:
+        """Called with the new total after requests (any thread) and at every tick."""
         if self.at and requests >= self.at and not self.sent:
-            self.sent = True
+            with self._lock:  # taken once per worker life, at the threshold only
+                if self.sent:
+                    return
+                self.sent = True
             self._channel.send(**{Key.RETIRE: "max_requests"})
 
 
@@ -196,17 +202,15 @@ class Lifecycle:
                 self._begin_drain(why)
             elif self.access_log is not None:
                 self.access_log.reopen()
-        counters: Optional[Counters] = None
+        counters = self.engine.counters()
+        self.retirement.check(counters.requests)  # engines that count only in counters()
         if now >= self._next_beat:
             self._next_beat = now + self._interval
-            counters = self.engine.counters()
-            self.retirement.check(counters.requests)
             self.channel.send(**heartbeat(counters))
         if self.phase is Phase.DRAINING:
             if self.engine.drained():
                 return None
             if now >= self._drain_deadline:
-                counters = counters or self.engine.counters()
                 log.warning("graceful timeout: exiting with %d connection(s) open",
                             counters.connections)
                 return None

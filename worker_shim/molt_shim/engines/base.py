@@ -113,7 +113,8 @@ class Engine(Protocol):
         ...
 
     def counters(self) -> Counters:
-        """The counts for a heartbeat (called from tick(), and once after close())."""
+        """The counts for heartbeats and the RETIRE check: called at every tick (keep it cheap),
+        and once after close()."""
         ...
 
     def drained(self) -> bool:
