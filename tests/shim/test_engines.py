@@ -17,7 +17,7 @@ def main_thread_waits_in_epoll(pid):
 
 
 def ready_line(w):
-    return wait_until(lambda: [l for l in w.stderr if " ready: " in l or l.startswith("INFO ready")],
+    return wait_until(lambda: [line for line in w.stderr if line.startswith("INFO ready: ")],
                       5, "the ready line")[0]
 
 
