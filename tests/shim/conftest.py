@@ -16,6 +16,17 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.timeout(60))
 
 
+# The WSGI engines the conformance suite runs against (MOLT_WORKER_CONFIG's `engine`): a new
+# engine is tested by adding its name here. The protocol, fuzz, drain and concurrency modules
+# take the `engine` fixture (pytestmark usefixtures), and `spawn` passes it on.
+WSGI_ENGINES = ["python"]
+
+
+@pytest.fixture(scope="module", params=WSGI_ENGINES)
+def engine(request):
+    return request.param
+
+
 @pytest.fixture
 def listeners():
     d = tempfile.mkdtemp(prefix="molt-shim-")
@@ -25,10 +36,14 @@ def listeners():
 
 
 @pytest.fixture
-def spawn(listeners):
+def spawn(request, listeners):
     workers = []
+    # Only tests that take the `engine` fixture run once per engine; the others get the
+    # shim's default.
+    engine = request.getfixturevalue("engine") if "engine" in request.fixturenames else None
 
     def _spawn(app="edge_app:application", **kw):
+        kw.setdefault("engine", engine)
         w = Worker(kw.pop("listeners", listeners), app, **kw)
         workers.append(w)
         return w

@@ -58,7 +58,8 @@ class Worker:
                  interface: str = "wsgi", threads: int = 4, health_path: str = "",
                  generation: int = 1, slot: int = 0, overrides: Optional[Dict[str, Any]] = None,
                  env: Optional[Dict[str, str]] = None, pythonpath: Optional[List[str]] = None,
-                 python_args: Optional[List[str]] = None, python: str = PYTHON) -> None:
+                 python_args: Optional[List[str]] = None, python: str = PYTHON,
+                 engine: Optional[str] = None) -> None:
         self.listeners = listeners
         cfg: Dict[str, Any] = {
             "app": app, "interface": interface, "chdir": chdir, "threads": threads,
@@ -69,6 +70,8 @@ class Worker:
             "heartbeat_interval_ms": 200,
             "http": {"header_timeout_ms": 2000},
         }
+        if engine is not None:  # absent: the shim's default ("auto")
+            cfg["engine"] = engine
         for key, value in (overrides or {}).items():
             if isinstance(value, dict) and isinstance(cfg.get(key), dict):
                 cfg[key] = dict(cfg[key], **value)

@@ -18,7 +18,8 @@ import pytest
 
 from harness import Client, read_to_eof
 
-pytestmark = pytest.mark.timeout(90)
+# Every test runs once per WSGI engine (conftest.WSGI_ENGINES).
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("engine")]
 
 SECONDS = 6.0
 CLIENTS = 24

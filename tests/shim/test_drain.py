@@ -7,7 +7,8 @@ import pytest
 
 from harness import Client, LoadPool, get, wait_until
 
-pytestmark = pytest.mark.timeout(90)
+# Every test runs once per WSGI engine (conftest.WSGI_ENGINES).
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("engine")]
 
 
 def test_drain_under_keepalive_load_has_zero_client_errors(listeners, spawn):

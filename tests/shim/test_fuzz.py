@@ -8,6 +8,9 @@ import pytest
 
 from harness import get
 
+# Every test runs once per WSGI engine (conftest.WSGI_ENGINES).
+pytestmark = pytest.mark.usefixtures("engine")
+
 SEED = 20261121
 DURATION_S = 10.0
 

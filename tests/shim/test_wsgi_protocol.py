@@ -9,13 +9,14 @@ import pytest
 
 from harness import APPS_DIR, Client, Listeners, Worker, get, raw_exchange, wait_until
 
-pytestmark = pytest.mark.timeout(30)
+# Every test runs once per WSGI engine (conftest.WSGI_ENGINES).
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("engine")]
 
 
 @pytest.fixture(scope="module")
-def srv():
+def srv(engine):
     ls = Listeners(tempfile.mkdtemp(prefix="molt-proto-"))
-    w = Worker(ls, "edge_app:application", health_path="/healthz", overrides={
+    w = Worker(ls, "edge_app:application", health_path="/healthz", engine=engine, overrides={
         "http": {"header_timeout_ms": 1500, "max_body_size": 4 * 1024 * 1024,
                  "body_buffer_size": 65536, "version_header": "X-Molt-Version"}})
     w.wait_ready()

@@ -3,23 +3,19 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
-import importlib
 import logging
 import os
 import signal
 import socket
 import sys
-import time
 import traceback
 from typing import Any, List, Tuple
 
-from . import accesslog, config, loader, proctitle
-from .protocol import Channel, dispatch
-from .stats import Stats
-
-EXIT_OK = 0
-EXIT_IMPORT = 3
-EXIT_WARMUP = 4
+from . import accesslog, config, engines, loader, proctitle
+from .contract import Env, WorkerExit, is_scrubbed
+from .engines.base import EngineContext, EngineFactory
+from .lifecycle import Lifecycle, Retirement, fail
+from .protocol import Channel, one_line
 
 log = logging.getLogger("molt_shim")
 
@@ -33,25 +29,12 @@ def setup_logging(level: str) -> None:
     log.propagate = False
 
 
-def one_line(exc: BaseException, limit: int = 1000) -> str:
-    text = "%s: %s" % (type(exc).__name__, exc)
-    text = " ".join(text.splitlines())
-    return text[:limit]
-
-
-def fail(channel: Channel, code: int, reason: str) -> int:
-    """Boot failure: ERROR= to the master, the reason on stderr, the documented exit code."""
-    reason = " ".join(reason.splitlines())[:1000]
-    log.error("boot failed: %s", reason)
-    channel.send(ERROR=reason)
-    return code
-
-
 def scrub_environment() -> None:
-    # Those belong to the master's own supervisor (systemd); an app that saw them could
-    # notify systemd or adopt sockets in our name.
+    """Remove what belongs to the master's own supervisor (systemd): an app that saw it could
+    notify systemd or adopt sockets in our name. The MOLT_* names stay: they are this worker's
+    own (the app may read MOLT_GENERATION), and only the master keeps them from its parent."""
     for key in list(os.environ):
-        if key == "NOTIFY_SOCKET" or key.startswith("LISTEN_"):
+        if is_scrubbed(key) and not key.startswith("MOLT_"):
             del os.environ[key]
 
 
@@ -114,7 +97,7 @@ def fast_exit(signum: int, frame: Any) -> None:
         sys.stderr.flush()
     except Exception:
         pass
-    os._exit(EXIT_OK)
+    os._exit(WorkerExit.OK)
 
 
 def raise_malloc_mmap_threshold() -> None:
@@ -132,6 +115,7 @@ def raise_malloc_mmap_threshold() -> None:
 
 
 def main() -> int:
+    """Boot: config, environment, listeners, the engine's code, the app; then serve."""
     raise_malloc_mmap_threshold()
     faulthandler.enable(all_threads=True)  # SIGABRT (heartbeat timeout): dump every thread
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -141,91 +125,51 @@ def main() -> int:
         cfg = config.load(os.environ)
     except (ValueError, TypeError) as exc:
         setup_logging("INFO")
-        return fail(Channel(int(os.environ.get("MOLT_CHANNEL_FD", "-1") or -1)), EXIT_IMPORT,
-                    "bad MOLT_WORKER_CONFIG: %s" % one_line(exc))
+        return fail(Channel(int(os.environ.get(Env.CHANNEL_FD, "-1") or -1)),
+                    WorkerExit.IMPORT_FAILED,
+                    "bad %s: %s" % (Env.WORKER_CONFIG, one_line(exc)))
     setup_logging(cfg.log_level)
     channel = Channel(cfg.channel_fd)
     scrub_environment()
     listeners = wrap_listeners(cfg)
     title = "molt: worker gen=%d slot=%d" % (cfg.generation, cfg.worker)
     proctitle.set_title(title, "molt g%d s%d" % (cfg.generation, cfg.worker))
-
-    if cfg.interface == "asgi":
-        try:
-            importlib.import_module("uvicorn")  # only checking that it is there
-        except ImportError as exc:
-            return fail(channel, EXIT_IMPORT,
-                        "interface asgi needs uvicorn, which is not importable by %s (%s): "
-                        "install python3-uvicorn (Debian) or pip install uvicorn"
-                        % (sys.executable, one_line(exc, 200)))
     try:
-        loader.prepare_path(cfg.chdir)
-        app = loader.import_app(cfg.app)
+        factory = engines.load(cfg.interface, cfg.engine)
+    except engines.EngineUnavailable as exc:
+        return fail(channel, WorkerExit.IMPORT_FAILED, str(exc))
+    try:
+        app = import_app(cfg)
     except BaseException as exc:  # SystemExit from an app module counts as a failed import too
         traceback.print_exc(file=sys.stderr)
-        return fail(channel, EXIT_IMPORT, "%s (importing %s)" % (one_line(exc), cfg.app))
+        return fail(channel, WorkerExit.IMPORT_FAILED, "%s (importing %s)" % (one_line(exc), cfg.app))
+    return serve(app, cfg, channel, listeners, factory, title)
 
-    stats = Stats(channel, cfg.max_requests, cfg.max_requests_jitter)
+
+def import_app(cfg: config.WorkerConfig) -> Any:
+    """The first half of a worker's life: the release's code, imported once (a zygote can
+    stop here, fork, and run serve() in each child)."""
+    loader.prepare_path(cfg.chdir)
+    return loader.import_app(cfg.app)
+
+
+def serve(app: Any, cfg: config.WorkerConfig, channel: Channel,
+          listeners: List[Tuple[socket.socket, str]], factory: EngineFactory,
+          title: str) -> int:
+    """The second half: build the engine and run the lifecycle until the drain is done."""
     access = accesslog.make(cfg)
-    if cfg.interface == "asgi":
-        from .asgi_server import serve_asgi
-
-        code = serve_asgi(app, cfg, channel, stats, listeners, access, title)
-    else:
-        code = serve_wsgi(app, cfg, channel, stats, listeners, access, title)
+    retirement = Retirement(channel, cfg.max_requests, cfg.max_requests_jitter)
+    try:
+        engine = factory(EngineContext(app=app, cfg=cfg, listeners=listeners,
+                                       access_log=access, on_request_count=retirement.check))
+    except engines.EngineUnavailable as exc:
+        return fail(channel, WorkerExit.IMPORT_FAILED, str(exc))
+    lifecycle = Lifecycle(cfg, channel, engine, access, retirement, title,
+                          [name for _, name in listeners])
+    code = lifecycle.run()
     if access is not None:
         access.close()
     return code
-
-
-def serve_wsgi(app: Any, cfg: config.WorkerConfig, channel: Channel, stats: Stats,
-               listeners: List[Tuple[socket.socket, str]], access: Any, title: str) -> int:
-    from . import warmup
-    from .wsgi_server import WSGIServer
-
-    server = WSGIServer(app, cfg, channel, stats, listeners, access)
-    drain_requests: List[str] = []
-
-    def request_drain(why: str) -> None:
-        drain_requests.append(why)
-        server.wake()
-
-    signal.signal(signal.SIGTERM, lambda s, f: request_drain("SIGTERM"))
-    signal.signal(signal.SIGUSR1, lambda s, f: access.reopen() if access else None)
-    server.on_drain = lambda: proctitle.set_title(
-        title + " draining", "molt g%d s%d drn" % (cfg.generation, cfg.worker))
-    server.start_pool()
-    if cfg.health_path:
-        error = warmup.wsgi_warmup(server, cfg.health_path, cfg.health_host, cfg.timeout_s("boot"))
-        if error is not None:
-            return fail(channel, EXIT_WARMUP, error)
-    channel.send(READY=1)
-    log.info("ready: %s (wsgi, %d threads, parser %s) on %s", cfg.app, cfg.threads,
-             __import__("molt_shim.httpparse").httpparse.parser_name(),
-             ", ".join(name for _, name in listeners) or "no listeners")
-
-    interval = cfg.heartbeat_interval_s
-    next_beat = [time.monotonic()]
-
-    def on_tick(now: float) -> None:
-        if drain_requests:
-            server.begin_drain(drain_requests.pop(0))
-        if now >= next_beat[0]:
-            next_beat[0] = now + interval
-            channel.send(**stats.heartbeat())
-
-    def on_channel() -> None:
-        messages = channel.receive()
-        if messages is None:
-            server.forget_channel()
-            request_drain("master channel closed")
-            return
-        dispatch(messages, request_drain, access.reopen if access is not None else None)
-
-    server.run(on_tick, on_channel)
-    channel.send(**stats.heartbeat())  # the last counts, so the master's totals are exact
-    log.info("drained; exiting (%d requests served)", stats.requests)
-    return EXIT_OK
 
 
 if __name__ == "__main__":

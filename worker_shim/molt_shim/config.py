@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping
 
+from .contract import Env
+
 DEFAULT_ACCESS_LOG_FORMAT = (
     '{remote} "{method} {path} {protocol}" {status} {bytes} {duration_ms}ms '
     "gen={generation} worker={worker}"
@@ -17,6 +19,7 @@ DEFAULT_ACCESS_LOG_FORMAT = (
 DEFAULTS: Dict[str, Any] = {
     "app": "",
     "interface": "wsgi",
+    "engine": "auto",  # the WSGI engine: "auto" | "python" | "native" (engines/__init__.py)
     "chdir": "",
     "threads": 8,
     "generation": 0,
@@ -72,6 +75,10 @@ class WorkerConfig:
     @property
     def interface(self) -> str:
         return str(self.raw["interface"]).lower()
+
+    @property
+    def engine(self) -> str:
+        return str(self.raw["engine"] or "auto").lower()
 
     @property
     def chdir(self) -> str:
@@ -151,19 +158,19 @@ def _int_list(text: str) -> List[int]:
 
 
 def load(environ: Mapping[str, str]) -> WorkerConfig:
-    raw_json = environ.get("MOLT_WORKER_CONFIG", "") or "{}"
+    raw_json = environ.get(Env.WORKER_CONFIG, "") or "{}"
     given = json.loads(raw_json)
     if not isinstance(given, dict):
-        raise ValueError("MOLT_WORKER_CONFIG is not a JSON object")
+        raise ValueError("%s is not a JSON object" % Env.WORKER_CONFIG)
     raw = _merge(DEFAULTS, given)
     # The separate env variables win for identity: they are what the master logs.
-    if environ.get("MOLT_GENERATION"):
-        raw["generation"] = int(environ["MOLT_GENERATION"])
-    if environ.get("MOLT_WORKER"):
-        raw["worker"] = int(environ["MOLT_WORKER"])
-    fds = _int_list(environ.get("MOLT_LISTEN_FDS", ""))
-    names = [n for n in environ.get("MOLT_LISTEN_NAMES", "").split(",")]
+    if environ.get(Env.GENERATION):
+        raw["generation"] = int(environ[Env.GENERATION])
+    if environ.get(Env.WORKER):
+        raw["worker"] = int(environ[Env.WORKER])
+    fds = _int_list(environ.get(Env.LISTEN_FDS, ""))
+    names = [n for n in environ.get(Env.LISTEN_NAMES, "").split(",")]
     names = (names + [""] * len(fds))[: len(fds)]
-    channel = environ.get("MOLT_CHANNEL_FD", "")
+    channel = environ.get(Env.CHANNEL_FD, "")
     return WorkerConfig(raw=raw, channel_fd=int(channel) if channel else -1,
                         listen_fds=fds, listen_names=names)

@@ -5,7 +5,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 log = logging.getLogger("molt_shim")
 
@@ -89,20 +89,15 @@ class Channel:
                 self.sock.close()
 
 
+def one_line(exc: BaseException, limit: int = 1000) -> str:
+    """An exception as one line of an ERROR= message."""
+    text = " ".join(("%s: %s" % (type(exc).__name__, exc)).splitlines())
+    return text[:limit]
+
+
 def rss_bytes() -> int:
     try:
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def dispatch(messages: List[Dict[str, str]], drain: Callable[[str], None],
-             reopen_logs: Optional[Callable[[], None]]) -> None:
-    """Act on what the master sent: DRAIN=1 and REOPEN_LOGS=1. Unknown keys are ignored, so the
-    master can add fields without breaking older workers."""
-    for msg in messages:
-        if msg.get("DRAIN") == "1":
-            drain("DRAIN from master")
-        if msg.get("REOPEN_LOGS") == "1" and reopen_logs is not None:
-            reopen_logs()

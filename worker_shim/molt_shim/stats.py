@@ -1,27 +1,28 @@
-"""Request counters shared by the serving threads and the heartbeat."""
+"""Per-request counters for engines that count as they serve (the threaded WSGI engine)."""
 from __future__ import annotations
 
 import itertools
-import random
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Callable, Dict
 
-from .protocol import Channel, rss_bytes
+from .engines.base import Counters
 
 
-class Stats:
-    def __init__(self, channel: Channel, max_requests: int, jitter: int) -> None:
-        self.channel = channel
+class RequestCounter:
+    """begin()/end() around every request, from any serving thread; counters() for heartbeats.
+
+    `on_count` gets the new total after every finished request (the lifecycle's RETIRE check).
+    """
+
+    def __init__(self, on_count: Callable[[int], None]) -> None:
         self.requests = 0
+        self._on_count = on_count
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         # token -> monotonic start; dict item set/delete are atomic under the GIL, and the
         # heartbeat copies the values in one C call, so no lock is needed here.
         self.inflight: Dict[int, float] = {}
-        self.retire_at = max_requests + random.randint(0, max(0, jitter)) if max_requests > 0 else 0
-        self.retire_sent = False
-        self.observed: Optional[Tuple[int, float]] = None  # (in flight, oldest start) via observe()
 
     def begin(self, started: float) -> int:
         token = next(self._ids)
@@ -33,33 +34,12 @@ class Stats:
         with self._lock:
             self.requests += 1
             count = self.requests
-        self._maybe_retire(count)
+        self._on_count(count)
 
     def inflight_count(self) -> int:
-        if self.observed is not None:
-            return self.observed[0]
         return len(self.inflight)
 
-    def observe(self, requests: int, inflight: int, oldest_started: float) -> None:
-        """Counters taken from outside (the ASGI server reads them off its connections at
-        each tick instead of paying for begin()/end() on every request)."""
-        self.requests = requests
-        self.observed = (inflight, oldest_started)
-        self._maybe_retire(requests)
-
-    def _maybe_retire(self, count: int) -> None:
-        if self.retire_at and count >= self.retire_at and not self.retire_sent:
-            self.retire_sent = True
-            # Keep serving: the master spawns a replacement first, then sends DRAIN.
-            self.channel.send(RETIRE="max_requests")
-
-    def heartbeat(self) -> Dict[str, Any]:
-        if self.observed is not None:
-            count, first = self.observed
-            oldest = int((time.monotonic() - first) * 1000) if count else 0
-        else:
-            starts = list(self.inflight.values())
-            count = len(starts)
-            oldest = int((time.monotonic() - min(starts)) * 1000) if starts else 0
-        return {"WATCHDOG": 1, "REQUESTS": self.requests, "INFLIGHT": count,
-                "OLDEST_MS": max(0, oldest), "RSS": rss_bytes()}
+    def counters(self, connections: int) -> Counters:
+        starts = list(self.inflight.values())
+        return Counters(self.requests, len(starts), min(starts) if starts else time.monotonic(),
+                        connections)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 
 def build_request(path: str, host: str) -> bytes:
@@ -55,11 +55,13 @@ def verdict(path: str, raw: bytes) -> Optional[str]:
     return "warm-up GET %s answered %d: %s" % (path, status, snippet.strip())
 
 
-def wsgi_warmup(server: object, path: str, host: str, timeout: float) -> Optional[str]:
+def over_socketpair(hand_over: Callable[[socket.socket], None], path: str, host: str,
+                    timeout: float) -> Optional[str]:
+    """The warm-up for an engine that serves from threads: `hand_over` gives the server end
+    of a socketpair to the engine's connection handling; this thread plays the client."""
     server_end, client_end = socket.socketpair()
     try:
-        conn = server.adopt(server_end)  # type: ignore[attr-defined]
-        server.submit(conn)  # type: ignore[attr-defined]
+        hand_over(server_end)
         raw = run_client(client_end, build_request(path, host), timeout)
     except (OSError, TimeoutError) as exc:
         return "warm-up GET %s failed: %s" % (path, exc)

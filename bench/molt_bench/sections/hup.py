@@ -15,7 +15,7 @@ from ..report import ratio, Report
 
 
 # What a molt worker imports before the app: the shim's entry point, server and parser.
-SHIM_IMPORTS = "molt_shim.__main__, molt_shim.wsgi_server, molt_shim.httpparse"
+SHIM_IMPORTS = "molt_shim.__main__, molt_shim.engines.threaded_wsgi, molt_shim.httpparse"
 
 
 def measure_import(d: Path) -> dict:

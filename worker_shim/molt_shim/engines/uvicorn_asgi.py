@@ -1,0 +1,538 @@
+"""The ASGI engine ("uvicorn"): uvicorn's HTTP/WebSocket protocols under the lifecycle's loop.
+
+We do not call uvicorn.Server.serve(): it installs its own signal handlers, and its shutdown
+closes idle keep-alive connections abruptly (a client that just sent a request sees a reset).
+Instead we reuse uvicorn's protocol classes and lifespan, and own:
+
+* accepting (add_reader on the inherited sockets; asyncio's create_server would re-listen()
+  the shared socket with its own backlog),
+* the drain: requests arriving on open connections get `Connection: close`, idle connections
+  are closed after a short idle window, every close is shutdown(SHUT_WR) + read-discard,
+* the counters (read off uvicorn's state at each tick) and the Date header tick.
+
+Heartbeats, signals and the master channel are the lifecycle's (molt_shim/lifecycle.py); this
+engine runs its hooks from the event loop, so a blocked loop stops the heartbeats, on purpose.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import socket
+import time
+from typing import Any, Dict, Optional, Set, Tuple
+
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from .. import warmup
+from ..httpdate import http_date
+from ..listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
+from .base import Counters, EngineContext, LoopHooks
+
+log = logging.getLogger("molt_shim")
+
+LINGER_S = 2.0
+DRAIN_TICK_S = 0.1  # how often a draining worker looks for idle connections to close
+TICK_S = 1.0  # the Date header's resolution, and the per-connection timeout checks
+CLOSE_HEADER = (b"connection", b"close")
+
+
+class DrainControl:
+    def __init__(self, idle_window: float, header_timeout: float, keepalive: float) -> None:
+        self.draining = False
+        self.warming = False
+        # Protocols of accepted connections whose connection_made() has not run yet (asyncio
+        # calls it on the next loop iteration): the drain is not done while there are any.
+        self.unmade: Set[Any] = set()
+        self.idle_window = idle_window
+        self.header_timeout = header_timeout
+        # A connection that has not sent a byte yet: as in the WSGI server.
+        self.first_request_timeout = max(keepalive, header_timeout)
+        try:
+            import h11
+
+            self.h11_idle: Any = h11.IDLE
+        except ImportError:  # no h11: uvicorn runs httptools only
+            self.h11_idle = None
+
+
+class GracefulTransport:
+    """Transport proxy whose close() lingers: shutdown(SHUT_WR), read-discard, then close.
+
+    uvicorn closes connections with transport.close(); with unread request bytes in the
+    kernel buffer that close would send an RST to the client. A client that asked to close
+    (`Connection: close`) gets the plain close, like every server gives it: it sends nothing
+    more, and the linger would cost a wake-up, a read and a timer per connection.
+    """
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
+        self._t = transport
+        self._protocol = protocol
+        self.closing = False
+        # The per-request calls go straight to the transport, not through __getattr__.
+        self.write = transport.write
+        self.writelines = transport.writelines
+        self.get_extra_info = transport.get_extra_info
+        self.pause_reading = transport.pause_reading
+        self.resume_reading = transport.resume_reading
+        self.is_closing = transport.is_closing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.is_closing = _true
+        t = self._t
+        if t.is_closing():
+            return
+        if self._protocol.client_asked_close():
+            t.close()
+            return
+        try:
+            if not t.can_write_eof():
+                t.close()
+                return
+            t.write_eof()  # asyncio sends the FIN after the write buffer is flushed
+            self._protocol.data_received = _discard  # what arrives now is thrown away
+            t.resume_reading()
+        except Exception:
+            t.close()
+            return
+        self._protocol.loop.call_later(LINGER_S, t.close)
+
+    def abort(self) -> None:
+        self.closing = True
+        self.is_closing = _true
+        self._t.abort()
+
+
+def app_running(cycle: Any) -> bool:
+    """Whether a request cycle's app has not returned yet (uvicorn sets on_response to None
+    in run_asgi's `finally`; a cycle still queued behind a pipelined one counts too)."""
+    return getattr(cycle, "on_response", None) is not None
+
+
+def queued(protocol: Any, cycle: Any) -> bool:
+    """Whether a cycle waits behind a pipelined one (its app has not started)."""
+    return any(c is cycle for c, _ in getattr(protocol, "pipeline", ()))
+
+
+def _true() -> bool:
+    return True
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+def make_protocol_class(base: type, ctl: DrainControl) -> type:
+    """uvicorn's HTTP protocol with molt's timeouts and drain, at no cost per request.
+
+    Nothing here runs per request: the once-a-second tick (molt_check) and the drain tick
+    (molt_drain) look at uvicorn's own per-connection state (`scope`, `cycle`, `pipeline`)
+    and remember what they saw, so a head that stays incomplete, or a connection that stays
+    idle, is noticed at tick resolution.
+    """
+
+    class MoltHTTPProtocol(base):  # type: ignore[misc, valid-type]
+        _real_transport: Any = None
+        _born = 0.0
+        _head_mark: Any = None      # (scope, first seen) while a request head is incomplete
+        _idle_mark: Any = None      # (cycle, first seen) while draining and idle
+
+        def connection_made(self, transport: Any) -> None:
+            self._real_transport = transport
+            self._born = time.monotonic()
+            ctl.unmade.discard(self)
+            super().connection_made(GracefulTransport(transport, self))
+            if ctl.draining:
+                self.molt_drain(self._born)
+
+        def handle_upgrade(self, *args: Any) -> None:
+            # WebSockets take over the raw transport; our close semantics are for HTTP.
+            self.transport = self._real_transport
+            super().handle_upgrade(*args)
+
+        # -- what the ticks read ---------------------------------------------------------
+        def head_in_progress(self) -> bool:
+            scope = self.scope
+            if scope is not None:
+                cycle = self.cycle
+                if cycle is None or cycle.scope is not scope:
+                    return True  # httptools: the head has begun, the cycle not yet
+            # h11 sets scope and cycle together; a partial next head sits in h11's buffer.
+            # Only between requests (IDLE): during a response h11 also holds a whole
+            # pipelined request there, which is not a head in progress.
+            h11_conn = getattr(self, "conn", None)
+            return (h11_conn is not None and h11_conn.their_state is ctl.h11_idle
+                    and bool(h11_conn.trailing_data[0]))
+
+        def in_flight(self) -> bool:
+            cycle = self.cycle
+            return cycle is not None and not cycle.response_complete
+
+        def client_asked_close(self) -> bool:
+            cycle = self.cycle
+            # The whole request body must be in: unread bytes at close() mean a reset.
+            return (cycle is not None and cycle.scope is self.scope
+                    and not cycle.more_body
+                    and not getattr(self, "pipeline", None)  # the h11 protocol has none
+                    and CLOSE_HEADER in cycle.scope["headers"])
+
+        def molt_check(self, now: float) -> None:
+            """Once a second: the request-head timeout (uvicorn 0.17 has none: slowloris),
+            and a connection that never sends a byte (uvicorn arms its keep-alive timer only
+            after a response)."""
+            if self.transport is None or self.transport.is_closing():
+                return
+            if self.scope is None:
+                if now - self._born > ctl.first_request_timeout:
+                    self.transport.close()
+                return
+            if not self.head_in_progress():
+                self._head_mark = None
+                return
+            mark = self._head_mark
+            if mark is None or mark[0] is not self.scope:
+                self._head_mark = (self.scope, now)
+            elif now - mark[1] > ctl.header_timeout:
+                self._head_timeout()
+
+        def _head_timeout(self) -> None:
+            log.warning("%s: 408 Request Timeout: request head not complete within %.1fs",
+                        "%s:%s" % tuple(self.client) if self.client else "unix",
+                        ctl.header_timeout)
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+            self.transport.close()
+
+        def molt_drain(self, now: float) -> None:
+            """Called when the drain starts and on every drain tick."""
+            # Responses not started yet answer with Connection: close: update_date() put it
+            # into the default headers every connection and cycle shares.
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.keep_alive = False
+                self._idle_mark = None
+                return
+            if self.head_in_progress() or getattr(self, "pipeline", None):
+                self._idle_mark = None
+                return
+            mark = self._idle_mark
+            if mark is None or mark[0] is not cycle:
+                self._idle_mark = (cycle, now)  # idle from now on, unless a request comes
+            elif now - mark[1] >= ctl.idle_window:
+                self.transport.close()
+
+    MoltHTTPProtocol.__name__ = "Molt" + base.__name__
+    return MoltHTTPProtocol
+
+
+class AccessLog:
+    """ASGI middleware for the access log (only installed when the log is on)."""
+
+    def __init__(self, app: Any, access: Any, ctl: DrainControl) -> None:
+        self.app = app
+        self.access = access
+        self.ctl = ctl
+
+    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.ctl.warming:
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        info = [0, 0]
+        inner_send = send
+
+        async def send(message: Dict[str, Any]) -> None:  # noqa: F811
+            if message["type"] == "http.response.start":
+                info[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                info[1] += len(message.get("body", b""))
+            await inner_send(message)
+
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            client = scope.get("client")
+            remote = "%s:%s" % tuple(client) if client else "unix"
+            path = scope.get("path", "")
+            if scope.get("query_string"):
+                path += "?" + scope["query_string"].decode("latin-1")
+            self.access.put((remote, scope.get("method", ""), path,
+                             "HTTP/" + scope.get("http_version", "1.1"), info[0], info[1],
+                             (time.monotonic() - started) * 1000.0))
+
+
+class UvicornASGIEngine:
+    """engines.base.Engine for ASGI apps: one asyncio loop, run a phase at a time."""
+
+    name = "uvicorn"
+
+    def __init__(self, ctx: EngineContext) -> None:
+        cfg = ctx.cfg
+        self.cfg = cfg
+        self.listeners = ctx.listeners
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        # uvicorn logs through "uvicorn.*"; give those the shim's handler so errors reach stderr.
+        for handler in log.handlers:
+            logging.getLogger("uvicorn").addHandler(handler)
+        logging.getLogger("uvicorn").setLevel(log.level)
+        logging.getLogger("uvicorn").propagate = False
+        headers = [(cfg.version_header, cfg.version)] if cfg.version_header else []
+        http_impl = "h11" if os.environ.get("MOLT_SHIM_PARSER") == "h11" else "auto"
+        self.config = Config(app=ctx.app, lifespan="on", log_config=None, access_log=False,
+                             http=http_impl, proxy_headers=False, server_header=False,
+                             date_header=False,
+                             timeout_keep_alive=max(1, int(round(cfg.timeout_s("keepalive")))),
+                             headers=headers)
+        self.config.load()
+        self.ctl = DrainControl(cfg.drain_idle_s, cfg.header_timeout_s, cfg.timeout_s("keepalive"))
+        if ctx.access_log is not None:
+            self.config.loaded_app = AccessLog(self.config.loaded_app, ctx.access_log, self.ctl)
+        self.state = ServerState()
+        self.protocol_class = make_protocol_class(self.config.http_protocol_class, self.ctl)
+        self.lifespan: Any = None
+        self.started = False  # the lifespan startup succeeded: close() runs its shutdown
+        self.warmup_requests = 0  # uvicorn counts every response; the warm-up's are not ours
+        self.first_seen: Dict[Any, Tuple[float, Any]] = {}  # request cycle -> (seen, protocol)
+        self.last = Counters(0, 0, time.monotonic(), 0)
+        self.last_date = 0
+        self.accept_error_logged = 0.0
+        self.wake = asyncio.Event()
+        # EPOLLEXCLUSIVE on the listeners, registered again after every accept: a connection
+        # wakes one worker whose loop is waiting, round-robin (see threaded_wsgi._accept).
+        # This reaches into the selector asyncio's default loop uses; any other loop keeps
+        # plain readiness (every worker wakes, one wins the accept).
+        epoll = getattr(getattr(self.loop, "_selector", None), "_selector", None)
+        self.epoll = epoll if isinstance(epoll, select.epoll) else None
+        self.make_transport = getattr(self.loop, "_make_socket_transport", None)
+        self.update_date()
+
+    # -- engines.base.Engine -------------------------------------------------------------------
+    def start(self) -> Optional[str]:
+        self.lifespan = self.config.lifespan_class(self.config)
+        self.loop.run_until_complete(self.lifespan.startup())
+        if self.lifespan.should_exit:
+            return "ASGI lifespan startup failed (see the traceback above)"
+        self.started = True
+        return None
+
+    def warm_up(self, path: str, host: str, timeout_s: float) -> Optional[str]:
+        self.ctl.warming = True
+        try:
+            return self.loop.run_until_complete(self._warmup(path, host, timeout_s))
+        finally:
+            self.ctl.warming = False
+
+    def describe(self) -> str:
+        return "asgi, %s" % self.protocol_class.__name__
+
+    def run(self, loop: LoopHooks) -> None:
+        self.loop.run_until_complete(self._serve(loop))
+
+    def stop_accepting(self) -> None:
+        ctl = self.ctl
+        ctl.draining = True
+        self.update_date()  # from now on every response says Connection: close
+        for lsock, _ in self.listeners:
+            if lsock.fileno() >= 0:
+                self.loop.remove_reader(lsock.fileno())
+            # With EPOLLEXCLUSIVE a connection that woke only this worker would otherwise
+            # wait in the shared queue for the next arrival: take what is queued (see
+            # threaded_wsgi).
+            for _ in range(DRAIN_BACKLOG_MAX):
+                try:
+                    conn, _ = lsock.accept()
+                except OSError:
+                    break
+                conn.setblocking(False)
+                self.adopt(conn)
+            lsock.close()  # our descriptor only; never shutdown() a shared listener
+        for conn in list(self.state.connections):
+            if not isinstance(conn, self.protocol_class):
+                conn.shutdown()  # WebSockets: uvicorn sends close code 1012 (service restart)
+        self.observe(time.monotonic())
+
+    def counters(self) -> Counters:
+        return self.last
+
+    def drained(self) -> bool:
+        return not (self.state.connections or self.state.tasks or self.ctl.unmade)
+
+    def close(self) -> None:
+        if self.started:
+            self.loop.run_until_complete(self.lifespan.shutdown())
+        self.observe(time.monotonic())
+        self.loop.close()
+
+    # -- serving ------------------------------------------------------------------------------
+    def update_date(self) -> None:
+        # In place: every uvicorn protocol keeps a reference to this list from its
+        # connection's start, so a new list would leave long keep-alive connections
+        # answering with the Date of the second they connected (as uvicorn 0.17 itself does).
+        date = http_date(time.time()).encode()
+        close = [CLOSE_HEADER] if self.ctl.draining else []
+        self.state.default_headers[:] = ([(b"date", date)] + list(self.config.encoded_headers)
+                                         + close)
+
+    def factory(self) -> asyncio.Protocol:
+        return self.protocol_class(config=self.config, server_state=self.state, _loop=self.loop)
+
+    async def _serve(self, hooks: LoopHooks) -> None:
+        loop = self.loop
+        self.warmup_requests = self.state.total_requests
+        for lsock, _ in self.listeners:
+            lsock.setblocking(False)
+            self.watch(lsock)
+        watched = list(hooks.watch_fds())
+        for fd in watched:
+            loop.add_reader(fd, self._readable, hooks, fd)
+        try:
+            while True:
+                now = time.monotonic()
+                self._tick(now)
+                delay = hooks.tick(now)
+                if delay is None:
+                    return
+                delay = min(delay, DRAIN_TICK_S if self.ctl.draining else TICK_S)
+                try:
+                    await asyncio.wait_for(self.wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                self.wake.clear()
+        finally:
+            for fd in watched:
+                loop.remove_reader(fd)
+
+    def _readable(self, hooks: LoopHooks, fd: int) -> None:
+        if not hooks.on_readable(fd):
+            self.loop.remove_reader(fd)
+        self.wake.set()
+
+    def _tick(self, now: float) -> None:
+        """The counters, the Date header, and each connection's timeout and drain checks."""
+        self.observe(now)
+        if int(time.time()) != self.last_date:
+            self.last_date = int(time.time())
+            self.update_date()
+        for conn in list(self.state.connections):
+            check = getattr(conn, "molt_check", None)
+            if check is not None:
+                check(now)
+            if self.ctl.draining and isinstance(conn, self.protocol_class):
+                conn.molt_drain(now)
+
+    def observe(self, now: float) -> None:
+        """Counters for the heartbeat, read off uvicorn's state (nothing per request).
+
+        A request is in flight from the tick that first sees its cycle until its app
+        returns (uvicorn clears `cycle.on_response` then), even when its client has gone
+        and the connection with it: a hung app must still trip `timeouts.request`. A cycle
+        still queued behind a pipelined one counts only while its connection can still
+        run it: once the connection closes, it never starts."""
+        first_seen = self.first_seen
+        state = self.state
+        for conn in state.connections:
+            if isinstance(conn, self.protocol_class):
+                cycle = conn.cycle
+                if cycle is not None and cycle not in first_seen and app_running(cycle):
+                    first_seen[cycle] = (now, conn)
+        for cycle, (_, conn) in list(first_seen.items()):
+            if not app_running(cycle) or (queued(conn, cycle) and not self.conn_open(conn)):
+                del first_seen[cycle]
+        oldest = min(seen for seen, _ in first_seen.values()) if first_seen else now
+        self.last = Counters(state.total_requests - self.warmup_requests, len(first_seen),
+                             oldest, len(state.connections))
+
+    def conn_open(self, conn: Any) -> bool:
+        return (conn in self.state.connections and conn.transport is not None
+                and not conn.transport.is_closing())
+
+    # -- accepting ----------------------------------------------------------------------------
+    def rejoin(self, fd: int) -> None:
+        if self.epoll is not None:
+            try:
+                self.epoll.unregister(fd)
+                self.epoll.register(fd, select.EPOLLIN | EPOLLEXCLUSIVE)
+            except OSError as exc:
+                log.error("re-registering a listener failed: %s", exc)
+
+    def on_accept(self, lsock: socket.socket, fd: int) -> None:
+        try:
+            conn, _ = lsock.accept()  # one per wake-up; TCP_NODELAY comes from the listener
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if not out_of_resources(exc):
+                log.info("accept(): %s", exc)  # ECONNABORTED and friends: that client is gone
+                return
+            # Out of descriptors or memory: the listener stays readable, so stop watching it
+            # for 0.1 s instead of spinning the loop, and say so at most once a second.
+            now = time.monotonic()
+            if now - self.accept_error_logged > 1.0:
+                self.accept_error_logged = now
+                log.error("accept() failed: %s", exc)
+            self.loop.remove_reader(fd)
+            self.loop.call_later(0.1, self.watch, lsock)
+            return
+        self.rejoin(fd)
+        conn.setblocking(False)
+        self.adopt(conn)
+
+    def adopt(self, conn: socket.socket) -> None:
+        # The selector loop builds a transport synchronously (what asyncio's own servers do);
+        # connect_accepted_socket() would cost a task and a future per connection. Any other
+        # loop gets the public path.
+        protocol = self.factory()
+        self.ctl.unmade.add(protocol)
+        if self.make_transport is None:
+            self.loop.create_task(self._adopt(protocol, conn))
+            return
+        try:
+            self.make_transport(conn, protocol)
+        except Exception as exc:
+            self.ctl.unmade.discard(protocol)
+            log.info("could not set up an accepted connection: %s", exc)
+            conn.close()
+
+    async def _adopt(self, protocol: asyncio.Protocol, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: protocol, conn)
+        except Exception as exc:
+            self.ctl.unmade.discard(protocol)
+            log.info("could not set up an accepted connection: %s", exc)
+            conn.close()
+
+    def watch(self, lsock: socket.socket) -> None:
+        if self.ctl.draining or lsock.fileno() < 0:
+            return
+        self.loop.add_reader(lsock.fileno(), self.on_accept, lsock, lsock.fileno())
+        self.rejoin(lsock.fileno())
+
+    async def _warmup(self, path: str, host: str, timeout_s: float) -> Optional[str]:
+        """GET path through uvicorn's real protocol over a socketpair."""
+        server_end, client_end = socket.socketpair()
+        server_end.setblocking(False)
+        client_end.setblocking(False)
+        try:
+            await self.loop.connect_accepted_socket(self.factory, server_end)
+            reader, writer = await asyncio.open_connection(sock=client_end)
+            writer.write(warmup.build_request(path, host))
+            raw = await asyncio.wait_for(reader.read(), timeout_s)
+            writer.close()
+        except asyncio.TimeoutError:
+            return "warm-up GET %s: no complete response within %.1fs" % (path, timeout_s)
+        except OSError as exc:
+            return "warm-up GET %s failed: %s" % (path, exc)
+        return warmup.verdict(path, raw)
+
+
+def create(ctx: EngineContext) -> UvicornASGIEngine:
+    return UvicornASGIEngine(ctx)
