@@ -53,6 +53,49 @@ std::string describe(const Node& node) {
     }
 }
 
+// Optimal string alignment distance: Levenshtein plus adjacent transpositions, so that
+// "wrokers" is one edit from "workers".
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+    std::vector<std::vector<std::size_t>> d(a.size() + 1, std::vector<std::size_t>(b.size() + 1));
+    for (std::size_t i = 0; i <= a.size(); ++i) d[i][0] = i;
+    for (std::size_t j = 0; j <= b.size(); ++j) d[0][j] = j;
+    for (std::size_t i = 1; i <= a.size(); ++i) {
+        for (std::size_t j = 1; j <= b.size(); ++j) {
+            const std::size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
+            d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
+            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) {
+                d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    return d[a.size()][b.size()];
+}
+
+}  // namespace
+
+// Declared in config.hpp: every "did you mean" uses it, the command line's too.
+std::optional<std::string> closest(std::string_view word, const std::vector<std::string>& options) {
+    // A prefix of three or more letters is a plain abbreviation: "warn" for "warning".
+    if (word.size() >= 3) {
+        for (const auto& option : options) {
+            if (option.starts_with(word)) return option;
+        }
+    }
+    const std::size_t limit = word.size() <= 4 ? 1 : 2;
+    std::optional<std::string> best;
+    std::size_t best_distance = limit + 1;
+    for (const auto& option : options) {
+        const std::size_t distance = edit_distance(word, option);
+        if (distance < best_distance) {
+            best = option;
+            best_distance = distance;
+        }
+    }
+    return best;
+}
+
+namespace {
+
 std::string join(const std::vector<std::string>& items, std::string_view separator) {
     std::string text;
     for (const auto& item : items) {
@@ -108,45 +151,7 @@ std::string os_error(int error_number) {
     return std::strerror(error_number);
 }
 
-// Optimal string alignment distance: Levenshtein plus adjacent transpositions, so that
-// "wrokers" is one edit from "workers".
-std::size_t edit_distance(std::string_view a, std::string_view b) {
-    std::vector<std::vector<std::size_t>> d(a.size() + 1, std::vector<std::size_t>(b.size() + 1));
-    for (std::size_t i = 0; i <= a.size(); ++i) d[i][0] = i;
-    for (std::size_t j = 0; j <= b.size(); ++j) d[0][j] = j;
-    for (std::size_t i = 1; i <= a.size(); ++i) {
-        for (std::size_t j = 1; j <= b.size(); ++j) {
-            const std::size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
-            d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
-            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) {
-                d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
-            }
-        }
-    }
-    return d[a.size()][b.size()];
-}
-
 }  // namespace
-
-std::optional<std::string> closest(std::string_view word, const std::vector<std::string>& options) {
-    // A prefix of three or more letters is a plain abbreviation: "warn" for "warning".
-    if (word.size() >= 3) {
-        for (const auto& option : options) {
-            if (option.starts_with(word)) return option;
-        }
-    }
-    const std::size_t limit = word.size() <= 4 ? 1 : 2;
-    std::optional<std::string> best;
-    std::size_t best_distance = limit + 1;
-    for (const auto& option : options) {
-        const std::size_t distance = edit_distance(word, option);
-        if (distance < best_distance) {
-            best = option;
-            best_distance = distance;
-        }
-    }
-    return best;
-}
 
 // ---------------------------------------------------------------------------------------
 // Listen addresses
