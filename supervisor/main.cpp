@@ -633,7 +633,8 @@ int main(int argc, char** argv) {
         return 0;
     }
     if (help->parsed()) {
-        std::cout << app.help();
+        // app.help() would describe the selected subcommand, `help` itself.
+        std::cout << app.get_formatter()->make_help(&app, "molt", CLI::AppFormatMode::Normal);
         return 0;
     }
     if (reference->parsed()) {

@@ -63,14 +63,14 @@ Translation environment(const std::string& value) {
 const std::vector<RunFlag>& run_flags() {
     static const std::vector<RunFlag> flags = {
         // molt's own
-        {"--listen", "URL", "listen",
-         "Accept connections on tcp://HOST:PORT, tcp://[::1]:PORT or unix:/PATH (repeatable)"},
         {"--interface", "wsgi|asgi", "interface", "How workers call the app"},
         {"--python", "PATH", "python", "The interpreter that runs the workers"},
         {"--control", "SOCKET", "control.socket", "Control socket for `molt ctl --socket`"},
         // gunicorn's, with gunicorn's meaning
-        {"-b,--bind", "ADDRESS", "listen",
-         "gunicorn's --bind: HOST:PORT, [::1]:PORT, :PORT, unix:PATH or /PATH (repeatable)"},
+        // molt's --listen and gunicorn's --bind are one flag, so their order is kept.
+        {"-b,--bind,--listen", "ADDRESS", "listen",
+         "tcp://HOST:PORT, unix:/PATH, or gunicorn's HOST:PORT, [::1]:PORT, :PORT, unix:PATH, "
+         "/PATH (repeatable)"},
         {"-w,--workers", "N", "workers", "Worker processes"},
         {"--threads", "N", "threads", "Request threads per WSGI worker"},
         {"-k,--worker-class", "CLASS", "interface",

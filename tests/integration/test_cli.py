@@ -36,7 +36,7 @@ def test_gunicorn_flags_molt_has_are_applied_with_gunicorn_meaning(molt, tmp_pat
     log = tmp_path / "molt-error.log"
     pidfile = tmp_path / "molt.pid"
     args = ["run", ECHO, "--chdir", str(APPS), "--python", PYTHON, "--control", str(control),
-            "-b", "127.0.0.1:0", "--bind", f"unix:{web}",
+            "--listen", f"unix:{web}", "-b", "127.0.0.1:0",
             "-w", "2", "--threads", "3", "-k", "gthread",
             "--timeout", "17", "--graceful-timeout", "9", "--keep-alive", "4",
             "--max-requests=1000", "--max-requests-jitter", "7",
@@ -47,7 +47,8 @@ def test_gunicorn_flags_molt_has_are_applied_with_gunicorn_meaning(molt, tmp_pat
     m.start(timeout=60)
 
     assert m.status()["master"]["target_workers"] == 2
-    assert any(a == f"unix:{web}" for a in m.status()["master"]["listen"])
+    listen = m.status()["master"]["listen"]
+    assert listen[0] == f"unix:{web}" and listen[1].startswith("tcp://127.0.0.1:"), listen
     answer = echo(m.port)
     assert echo(unix=str(web))["worker_config"]["app"] == ECHO
     config = answer["worker_config"]
@@ -157,6 +158,7 @@ def test_the_top_level_help_lists_every_subcommand():
     for name in ("run", "check", "ctl", "version", "config-reference"):
         assert re.search(rf"^\s+{name}\s", out.stdout, re.M), out.stdout
     assert "upgrade-check" not in out.stdout  # hidden: only the master runs it
+    assert run_molt("help").stdout == out.stdout
     ctl = run_molt("ctl", "--help").stdout
     for name in ("status", "reload", "rollback", "history", "scale", "stop"):
         assert re.search(rf"^\s+{name}\s", ctl, re.M), ctl
