@@ -597,7 +597,7 @@ int main(int argc, char** argv) {
     CLI::App* history = ctl->add_subcommand("history", "Every generation with its result");
     history->add_flag("--json", ctl_args.json, "Print the master's answer as JSON");
     CLI::App* scale = ctl->add_subcommand("scale", "Set the number of workers per generation");
-    scale->add_option("N", ctl_args.workers, "Workers")->required()->check(CLI::PositiveNumber);
+    scale->add_option("N", ctl_args.workers, "Workers")->required();  // the master judges the count
     scale->add_flag("--json", ctl_args.json, "Print the master's answer as JSON");
     CLI::App* stop = ctl->add_subcommand("stop", "Stop the master (graceful, like TERM)");
     stop->add_flag("--fast", ctl_args.fast, "Stop fast, like INT");

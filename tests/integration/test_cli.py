@@ -240,3 +240,14 @@ def test_check_without_offline_looks_at_the_host(tmp_path):
     assert out.returncode == 78, out
     assert 'user: no user named "no-such-molt-user" on this host' in out.stderr
     assert run_molt("check", "--offline", str(config)).returncode == 0
+
+
+def test_ctl_commands_reach_a_running_master(molt):
+    m = molt({"app": "hello_app:application", "chdir": str(APPS)})
+    socket_path = m.config["control"]["socket"]
+    # The socket may follow the command; the count is the master's to judge (exit 1).
+    assert run_molt("ctl", "status", "--json", "--socket", socket_path).returncode == 0
+    zero = m.ctl("scale", "0")
+    assert zero.returncode == 1 and "scale failed" in zero.stderr, zero
+    assert m.ctl("scale", "2").returncode == 0
+    wait_until(lambda: m.status()["master"]["target_workers"] == 2, 10, "target 2")
