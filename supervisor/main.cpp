@@ -524,6 +524,76 @@ int unknown_argument(CLI::App& app, const std::string& argument) {
     return usage(problem, command_path(app));
 }
 
+CLI::App* declare_run(CLI::App& app, RunArgs& args) {
+    CLI::App* run = app.add_subcommand("run", "Run the master in the foreground");
+    run->add_option("-c,--config", args.config_path, "The config file")->type_name("FILE");
+    run->add_option("target", args.target,
+                    "The app without a config file: module:callable (the config-free form)")
+        ->type_name("MODULE:CALLABLE");
+    run->add_flag("--reload", args.dev_reload,
+                  "Development: watch the chdir tree and roll over on every change");
+    add_run_flags(*run, args);
+    run->footer(
+        "Without -c, the flags become the config, validated like a file. gunicorn's flags keep "
+        "gunicorn's meaning; a config key in [brackets] is the one a flag sets. With -c FILE, "
+        "the file is the whole config: only --reload goes with it.");
+    return run;
+}
+
+struct CheckArgs {
+    std::string path;
+    bool offline = false;
+};
+
+CLI::App* declare_check(CLI::App& app, CheckArgs& args) {
+    CLI::App* check = app.add_subcommand(
+        "check",
+        "Validate a config and exit 0, or 78 with every error as file:line:col: key: message");
+    auto* with_c =
+        check->add_option("-c,--config", args.path, "The config file")->type_name("FILE");
+    check->add_option("file", args.path, "The config file (instead of -c)")
+        ->type_name("FILE")
+        ->excludes(with_c);
+    check->add_flag("--offline", args.offline,
+                    "Skip what needs the target host: chdir, python, user and group lookups");
+    return check;
+}
+
+CLI::App* declare_ctl(CLI::App& app, CtlArgs& args) {
+    CLI::App* ctl = app.add_subcommand("ctl", "Talk to a running master on its control socket");
+    ctl->add_option("-c,--config", args.config_path,
+                    "Find the socket in this config's control.socket")
+        ->type_name("FILE");
+    ctl->add_option("--socket", args.socket_path,
+                    "The control socket (default: $MOLT_CONTROL_SOCKET)")
+        ->type_name("PATH");
+    ctl->require_subcommand(0, 1);
+    ctl->fallthrough();  // -c and --socket may also follow the command
+    const auto command = [&](const char* name, const char* help) {
+        CLI::App* sub = ctl->add_subcommand(name, help);
+        sub->add_flag("--json", args.json, "Print the master's answer as JSON");
+        return sub;
+    };
+    command("status", "Generations, workers and the last rollover");
+    for (auto [name, help] :
+         {std::pair{"reload", "Start a rollover onto the current config and release"},
+          std::pair{"rollback", "Roll back to the release of the last generation that was live"}}) {
+        CLI::App* sub = command(name, help);
+        sub->add_flag("--wait", args.wait,
+                      "Wait for the result: exit 0 once live, 1 when it failed");
+        sub->add_option("--timeout", args.timeout,
+                        "Give up waiting after this long (exit 75; the rollover goes on)")
+            ->type_name("DURATION");
+    }
+    command("history", "Every generation with its result");
+    command("scale", "Set the number of workers per generation")
+        ->add_option("N", args.workers, "Workers")
+        ->required();  // the master judges the count
+    command("stop", "Stop the master (graceful, like TERM)")
+        ->add_flag("--fast", args.fast, "Stop fast, like INT");
+    return ctl;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -543,65 +613,11 @@ int main(int argc, char** argv) {
     app.add_flag("-V,--version", show_version, "Print the version and build, and exit");
 
     RunArgs run_args;
-    CLI::App* run = app.add_subcommand("run", "Run the master in the foreground");
-    run->add_option("-c,--config", run_args.config_path, "The config file")->type_name("FILE");
-    run->add_option("target", run_args.target,
-                    "The app without a config file: module:callable (the config-free form)")
-        ->type_name("MODULE:CALLABLE");
-    run->add_flag("--reload", run_args.dev_reload,
-                  "Development: watch the chdir tree and roll over on every change");
-    add_run_flags(*run, run_args);
-    run->footer(
-        "Without -c, the flags become the config, validated like a file. gunicorn's flags keep "
-        "gunicorn's meaning; a config key in [brackets] is the one a flag sets. With -c FILE, "
-        "the file is the whole config: only --reload goes with it.");
-
-    std::string check_path;
-    bool offline = false;
-    CLI::App* check = app.add_subcommand("check",
-                                         "Validate a config and exit 0, or 78 with "
-                                         "every error as file:line:col: key: message");
-    auto* check_file =
-        check->add_option("-c,--config", check_path, "The config file")->type_name("FILE");
-    check->add_option("file", check_path, "The config file (instead of -c)")
-        ->type_name("FILE")
-        ->excludes(check_file);
-    check->add_flag("--offline", offline,
-                    "Skip what needs the target host: chdir, python, user and group lookups");
-
+    CLI::App* run = declare_run(app, run_args);
+    CheckArgs check_args;
+    CLI::App* check = declare_check(app, check_args);
     CtlArgs ctl_args;
-    CLI::App* ctl = app.add_subcommand("ctl", "Talk to a running master on its control socket");
-    ctl->add_option("-c,--config", ctl_args.config_path,
-                    "Find the socket in this config's "
-                    "control.socket")
-        ->type_name("FILE");
-    ctl->add_option("--socket", ctl_args.socket_path,
-                    "The control socket (default: $MOLT_CONTROL_SOCKET)")
-        ->type_name("PATH");
-    ctl->require_subcommand(0, 1);
-    ctl->fallthrough();  // -c and --socket may also follow the command
-    CLI::App* status = ctl->add_subcommand("status", "Generations, workers and the last rollover");
-    status->add_flag("--json", ctl_args.json, "Print the master's answer as JSON");
-    for (const char* name : {"reload", "rollback"}) {
-        CLI::App* sub = ctl->add_subcommand(
-            name, std::string(name) == "reload"
-                      ? "Start a rollover onto the current config and release"
-                      : "Roll back to the release of the last generation that was live");
-        sub->add_flag("--wait", ctl_args.wait,
-                      "Wait for the result: exit 0 once live, 1 when it failed");
-        sub->add_option("--timeout", ctl_args.timeout,
-                        "Give up waiting after this long (exit 75; the rollover goes on)")
-            ->type_name("DURATION");
-        sub->add_flag("--json", ctl_args.json, "Print the master's answer as JSON");
-    }
-    CLI::App* history = ctl->add_subcommand("history", "Every generation with its result");
-    history->add_flag("--json", ctl_args.json, "Print the master's answer as JSON");
-    CLI::App* scale = ctl->add_subcommand("scale", "Set the number of workers per generation");
-    scale->add_option("N", ctl_args.workers, "Workers")->required();  // the master judges the count
-    scale->add_flag("--json", ctl_args.json, "Print the master's answer as JSON");
-    CLI::App* stop = ctl->add_subcommand("stop", "Stop the master (graceful, like TERM)");
-    stop->add_flag("--fast", ctl_args.fast, "Stop fast, like INT");
-    stop->add_flag("--json", ctl_args.json, "Print the master's answer as JSON");
+    CLI::App* ctl = declare_ctl(app, ctl_args);
 
     CLI::App* version = app.add_subcommand("version", "Print the version and build");
     CLI::App* reference =
@@ -643,8 +659,8 @@ int main(int argc, char** argv) {
     }
     if (run->parsed()) return cmd_run(run_args);
     if (check->parsed()) {
-        if (check_path.empty()) return usage("molt check needs -c FILE", "molt check");
-        return cmd_check(check_path, offline);
+        if (check_args.path.empty()) return usage("molt check needs -c FILE", "molt check");
+        return cmd_check(check_args.path, check_args.offline);
     }
     if (ctl->parsed()) {
         if (at == ctl) return usage("molt ctl needs a command", "molt ctl");
