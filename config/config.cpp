@@ -8,6 +8,8 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <grp.h>
+#include <pwd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
@@ -69,7 +71,9 @@ std::size_t edit_distance(std::string_view a, std::string_view b) {
     return d[a.size()][b.size()];
 }
 
-// The closest candidate, if it is close enough to be a plausible typo.
+}  // namespace
+
+// Declared in config.hpp: every "did you mean" uses it, the command line's too.
 std::optional<std::string> closest(std::string_view word, const std::vector<std::string>& options) {
     // A prefix of three or more letters is a plain abbreviation: "warn" for "warning".
     if (word.size() >= 3) {
@@ -89,6 +93,8 @@ std::optional<std::string> closest(std::string_view word, const std::vector<std:
     }
     return best;
 }
+
+namespace {
 
 std::string join(const std::vector<std::string>& items, std::string_view separator) {
     std::string text;
@@ -1212,6 +1218,16 @@ void check_python(Context& ctx, const Config& config) {
     }
 }
 
+// The names must exist on this host; the master looks them up again at each spawn.
+void check_user_and_group(Context& ctx, const Config& config) {
+    if (!config.user.empty() && ::getpwnam(config.user.c_str()) == nullptr) {
+        ctx.late_error("user", fmt::format("no user named \"{}\" on this host", config.user));
+    }
+    if (!config.group.empty() && ::getgrnam(config.group.c_str()) == nullptr) {
+        ctx.late_error("group", fmt::format("no group named \"{}\" on this host", config.group));
+    }
+}
+
 void finish(Context& ctx, Config& config) {
     if (config.app.empty() && ctx.marks.count("app") == 0) {
         ctx.error_at(YAML::Mark::null_mark(), "app",
@@ -1223,6 +1239,7 @@ void finish(Context& ctx, Config& config) {
     if (ctx.check_filesystem) {
         if (!config.chdir.empty()) check_chdir(ctx, config);
         if (!config.python.empty()) check_python(ctx, config);
+        check_user_and_group(ctx, config);
     }
 }
 
@@ -1299,7 +1316,7 @@ LoadResult load_config_text(const std::string& text, const std::string& label,
     }
 }
 
-LoadResult load_config_file(const std::string& path) {
+LoadResult load_config_file(const std::string& path, bool check_host) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         return single_error(path, YAML::Mark::null_mark(),
@@ -1320,8 +1337,36 @@ LoadResult load_config_file(const std::string& path) {
         text.append(buffer, static_cast<std::size_t>(n));
     }
     ::close(fd);
-    return load_config_text(text, path, true);
+    return load_config_text(text, path, check_host);
 }
+
+namespace {
+
+// Whether a key takes a list, by its type in the key table ("address, or list of ...").
+bool takes_list(std::string_view key) {
+    const KeySpec* spec = find_spec(key);
+    return spec != nullptr && spec->type.find("list of") != std::string_view::npos;
+}
+
+// Puts one command-line setting into the document: "timeouts.graceful" goes under
+// `timeouts`, a list key collects its values.
+void place_setting(Node& root, const Setting& setting) {
+    Node section = root;
+    std::string_view rest = setting.key;
+    for (auto dot = rest.find('.'); dot != std::string_view::npos; dot = rest.find('.')) {
+        Node child = section[std::string(rest.substr(0, dot))];
+        section.reset(child);
+        rest.remove_prefix(dot + 1);
+    }
+    const std::string name(rest);
+    if (takes_list(setting.key)) {
+        section[name].push_back(setting.value);
+    } else {
+        section[name] = setting.value;
+    }
+}
+
+}  // namespace
 
 LoadResult config_from_command_line(const CommandLineConfig& cli) {
     try {
@@ -1329,13 +1374,7 @@ LoadResult config_from_command_line(const CommandLineConfig& cli) {
         // validation as a file.
         Node root(YAML::NodeType::Map);
         if (!cli.app.empty()) root["app"] = cli.app;
-        for (const auto& address : cli.listen) root["listen"].push_back(address);
-        if (cli.workers) root["workers"] = *cli.workers;
-        if (cli.threads) root["threads"] = *cli.threads;
-        if (cli.interface) root["interface"] = *cli.interface;
-        if (cli.chdir) root["chdir"] = *cli.chdir;
-        if (cli.python) root["python"] = *cli.python;
-        if (cli.control_socket) root["control"]["socket"] = *cli.control_socket;
+        for (const auto& setting : cli.settings) place_setting(root, setting);
         Context ctx;
         ctx.file = "<command line>";
         ctx.base_dir = base_dir_for(ctx.file);

@@ -137,26 +137,36 @@ struct LoadResult {
     std::vector<ConfigError> errors;
 };
 
-// Reads and validates a YAML file. Never throws.
-LoadResult load_config_file(const std::string& path);
+// Reads and validates a YAML file. Never throws. The host checks (chdir readable, python
+// executable, user and group known) run unless check_host is false: `molt check --offline`
+// validates a config on a machine that is not the one it is for.
+LoadResult load_config_file(const std::string& path, bool check_host = true);
 
 // Validates YAML text; `label` is used as the file name in errors. Never throws.
-// Filesystem checks (chdir readable, python executable) run unless check_filesystem is false.
+// The host checks run unless check_filesystem is false.
 LoadResult load_config_text(const std::string& text, const std::string& label,
                             bool check_filesystem = true);
 
-// The config-free form: `molt run app:callable --listen URL --workers N ...`.
+// One config key given on the command line: a dotted key ("timeouts.graceful", "env.NAME")
+// and its value as it would be written in YAML.
+struct Setting {
+    std::string key;
+    std::string value;
+};
+
+// The config-free form: `molt run app:callable --listen URL --workers N ...`. The settings
+// become a YAML document in order, so they meet exactly the validation a file meets: a key
+// given twice keeps the last value, except that a key taking a list (`listen`, `watch`)
+// collects every value.
 struct CommandLineConfig {
     std::string app;
-    std::vector<std::string> listen;
-    std::optional<int> workers;
-    std::optional<int> threads;
-    std::optional<std::string> interface;
-    std::optional<std::string> chdir;
-    std::optional<std::string> python;
-    std::optional<std::string> control_socket;
+    std::vector<Setting> settings;
 };
 LoadResult config_from_command_line(const CommandLineConfig& cli);
+
+// The candidate closest to `word`, if it is close enough to be a plausible typo (a prefix of
+// three or more letters counts). Used for every "did you mean".
+std::optional<std::string> closest(std::string_view word, const std::vector<std::string>& options);
 
 // Parses "tcp://host:port", "tcp://[::1]:port", "unix:/path", "unix:///path". Never throws.
 // Also accepts gunicorn's --bind forms: "host:port", "[::1]:port", ":port" and "/path".

@@ -1,25 +1,31 @@
-// molt's command line: run, check, ctl, version, config-reference.
+// molt's command line: run, check, ctl, version, config-reference, on CLI11.
 //
-// Exit codes (docs/signals.md): 0 success; 1 failure at run time (cannot listen, the first
-// generation failed, a rollover failed for `ctl reload --wait`); 2 usage; 69 no master
-// answers on the control socket; 75 `--wait` timed out; 78 the config is invalid.
+// A thin edge: it parses, maps `molt run` flags onto config keys through the one table in
+// supervisor/cli/run_flags.cpp, and calls the config loader, the master or the control
+// socket. Exit codes (docs/signals.md): 0 success; 1 failure at run time (cannot listen, the
+// first generation failed, a rollover failed for `ctl reload --wait`); 2 usage (an unknown
+// command or flag, a refused gunicorn flag); 69 no master answers on the control socket; 75
+// `--wait` timed out; 78 the config is invalid.
 #include <fmt/format.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
-#include <set>
 #include <sstream>
+#include <variant>
 
 #include "config/config.hpp"
 #include "config/units.hpp"
+#include "supervisor/cli/run_flags.hpp"
 #include "supervisor/loop/master.hpp"
 
 #ifndef MOLT_VERSION
@@ -34,11 +40,13 @@ constexpr int kUnavailable = 69;
 constexpr int kTimedOut = 75;
 constexpr int kConfigError = 78;
 
-const char* kUsageText = R"(usage:
+// The top-level help's synopsis; `molt SUBCOMMAND --help` lists each one's flags.
+const char* kSynopsis = R"(Synopsis:
   molt run -c molt.yaml [--reload]
   molt run MODULE:CALLABLE [--reload] [--listen URL]... [--workers N] [--threads N]
            [--interface wsgi|asgi] [--chdir DIR] [--python PATH] [--control SOCKET]
-  molt check -c molt.yaml
+           [gunicorn's flags: molt run --help]
+  molt check [--offline] -c molt.yaml
   molt ctl (-c molt.yaml | --socket PATH) status [--json]
   molt ctl ... reload [--wait] [--timeout 120s]
   molt ctl ... rollback [--wait] [--timeout 120s]
@@ -47,59 +55,14 @@ const char* kUsageText = R"(usage:
   molt ctl ... stop [--fast]
   molt version
   molt config-reference
-)";
 
-int usage(const std::string& problem) {
-    if (!problem.empty()) std::cerr << "molt: " << problem << "\n";
-    std::cerr << kUsageText;
+Every subcommand takes --help. Exit codes: 0 ok, 1 failed, 2 usage, 69 no master answers,
+75 timed out, 78 invalid config.)";
+
+int usage(const std::string& problem, const std::string& command = "molt") {
+    std::cerr << "molt: " << problem << "\n";
+    std::cerr << "Run '" << command << " --help' for the usage.\n";
     return kUsage;
-}
-
-struct Args {
-    std::vector<std::string> positional;
-    std::map<std::string, std::vector<std::string>> options;  // --name -> values
-    std::set<std::string> flags;
-};
-
-// Options that take a value; everything else starting with - is a flag.
-const std::set<std::string> kValued = {
-    "-c",       "--config",  "--listen", "--workers", "--threads", "--interface", "--chdir",
-    "--python", "--control", "--socket", "--timeout", "-b",        "--bind",      "-w"};
-
-std::optional<Args> parse_args(int argc, char** argv, int from, std::string& error) {
-    Args args;
-    for (int i = from; i < argc; ++i) {
-        std::string arg = argv[i];
-        std::string value;
-        auto eq = arg.find('=');
-        if (arg.rfind("--", 0) == 0 && eq != std::string::npos) {
-            value = arg.substr(eq + 1);
-            arg = arg.substr(0, eq);
-            args.options[arg].push_back(value);
-            continue;
-        }
-        if (kValued.count(arg)) {
-            if (i + 1 >= argc) {
-                error = arg + " needs a value";
-                return std::nullopt;
-            }
-            args.options[arg].push_back(argv[++i]);
-        } else if (arg.size() > 1 && arg[0] == '-' &&
-                   !std::isdigit(static_cast<unsigned char>(arg[1]))) {
-            args.flags.insert(arg);
-        } else {
-            args.positional.push_back(arg);
-        }
-    }
-    return args;
-}
-
-std::optional<std::string> option(const Args& args, std::initializer_list<const char*> names) {
-    for (const char* name : names) {
-        auto it = args.options.find(name);
-        if (it != args.options.end() && !it->second.empty()) return it->second.back();
-    }
-    return std::nullopt;
 }
 
 void print_errors(const std::vector<molt::config::ConfigError>& errors) {
@@ -111,8 +74,6 @@ std::string shim_dir() {
     return molt::os::executable_dir() + "/../lib/molt";
 }
 
-// ----- run -----------------------------------------------------------------------------------
-
 std::vector<std::string> original_argv;
 
 std::string build_id() {
@@ -120,41 +81,114 @@ std::string build_id() {
     return id;
 }
 
-int cmd_run(const Args& args) {
+// A gunicorn Python config handed to -c would fail as YAML with a confusing message.
+std::optional<std::string> python_config_problem(const std::string& path) {
+    if (path.size() < 3 || path.compare(path.size() - 3, 3, ".py") != 0) return std::nullopt;
+    return fmt::format(
+        "-c {}: molt reads a YAML config, not a gunicorn Python config; "
+        "docs/migrating-from-gunicorn.md maps each setting",
+        path);
+}
+
+// ----- run -----------------------------------------------------------------------------------
+
+struct RunArgs {
+    std::string config_path;
+    std::string target;  // MODULE:CALLABLE
+    bool dev_reload = false;
+    // Per row of run_flags(): the values given, in order ("true" per use of a switch).
+    std::vector<std::vector<std::string>> values;
+};
+
+void add_run_flags(CLI::App& run, RunArgs& args) {
+    const auto& flags = molt::cli::run_flags();
+    args.values.resize(flags.size());
+    for (std::size_t i = 0; i < flags.size(); ++i) {
+        const auto& flag = flags[i];
+        std::string help(flag.help);
+        if (flag.refusal.empty() && !flag.key.empty()) help += fmt::format(" [{}]", flag.key);
+        const char* group = flag.refusal.empty() ? "Options" : "gunicorn flags molt refuses";
+        if (flag.value_name.empty()) {
+            run.add_flag_callback(
+                   std::string(flag.names), [&args, i] { args.values[i].emplace_back("true"); },
+                   help)
+                ->group(group);
+        } else {
+            // One value per use (`--listen A app:app` must not take app:app), every use kept.
+            run.add_option(std::string(flag.names), args.values[i], help)
+                ->type_name(std::string(flag.value_name))
+                ->expected(1)
+                ->allow_extra_args(false)
+                ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+                ->group(group);
+        }
+    }
+}
+
+// "-w/--workers": a flag's names as its users know them.
+std::string spelled(const molt::cli::RunFlag& flag) {
+    std::string names(flag.names);
+    std::replace(names.begin(), names.end(), ',', '/');
+    return names;
+}
+
+// The config-free form's settings, or the usage problem of the first refused flag.
+std::variant<molt::config::CommandLineConfig, std::string> command_line_config(
+    const RunArgs& args) {
+    molt::config::CommandLineConfig cli;
+    cli.app = args.target;
+    const auto& flags = molt::cli::run_flags();
+    for (std::size_t i = 0; i < flags.size(); ++i) {
+        for (const auto& value : args.values[i]) {
+            auto translation = molt::cli::translate(flags[i], value);
+            if (!translation.refusal.empty()) {
+                return fmt::format("{}: {}", spelled(flags[i]), translation.refusal);
+            }
+            if (translation.setting) cli.settings.push_back(*translation.setting);
+        }
+    }
+    return cli;
+}
+
+// With -c FILE the file is the whole config (a reload re-reads it), so flags that set keys
+// would silently stop applying at the first reload: they are refused.
+std::optional<std::string> flags_beside_a_file(const RunArgs& args) {
+    const auto& flags = molt::cli::run_flags();
+    for (std::size_t i = 0; i < flags.size(); ++i) {
+        if (args.values[i].empty()) continue;
+        if (!flags[i].refusal.empty()) {
+            return fmt::format("{}: {}", spelled(flags[i]), flags[i].refusal);
+        }
+        return fmt::format("{}: with -c FILE the file is the whole config; set `{}` in {}",
+                           spelled(flags[i]), flags[i].key, args.config_path);
+    }
+    return std::nullopt;
+}
+
+int cmd_run(const RunArgs& args) {
     molt::loop::MasterOptions options;
     options.version = MOLT_VERSION;
     options.shim_dir = shim_dir();
     options.executable = molt::os::executable_path();
     options.build = build_id();
     options.argv = original_argv;
-    options.dev_reload = args.flags.count("--reload") > 0;
+    options.dev_reload = args.dev_reload;
     molt::config::LoadResult loaded;
-    if (auto path = option(args, {"-c", "--config"})) {
-        if (!args.positional.empty())
-            return usage("give either -c FILE or MODULE:CALLABLE, not both");
-        options.config_path = *path;
-        loaded = molt::config::load_config_file(*path);
+    if (!args.config_path.empty()) {
+        if (!args.target.empty())
+            return usage("give either -c FILE or MODULE:CALLABLE, not both", "molt run");
+        if (auto problem = python_config_problem(args.config_path))
+            return usage(*problem, "molt run");
+        if (auto problem = flags_beside_a_file(args)) return usage(*problem, "molt run");
+        options.config_path = args.config_path;
+        loaded = molt::config::load_config_file(args.config_path);
     } else {
-        if (args.positional.size() != 1) return usage("molt run needs -c FILE or MODULE:CALLABLE");
-        molt::config::CommandLineConfig cli;
-        cli.app = args.positional[0];
-        for (const char* name : {"--listen", "--bind", "-b"}) {
-            if (auto it = args.options.find(name); it != args.options.end()) {
-                for (const auto& value : it->second) cli.listen.push_back(value);
-            }
-        }
-        try {
-            if (auto w = option(args, {"--workers", "-w"})) cli.workers = std::stoi(*w);
-            if (auto t = option(args, {"--threads"})) cli.threads = std::stoi(*t);
-        } catch (const std::exception&) {
-            return usage("--workers and --threads take whole numbers");
-        }
-        cli.interface = option(args, {"--interface"});
-        cli.chdir = option(args, {"--chdir"});
-        cli.python = option(args, {"--python"});
-        cli.control_socket = option(args, {"--control"});
-        options.command_line = cli;
-        loaded = molt::config::config_from_command_line(cli);
+        if (args.target.empty())
+            return usage("molt run needs -c FILE or MODULE:CALLABLE", "molt run");
+        auto cli = command_line_config(args);
+        if (auto* problem = std::get_if<std::string>(&cli)) return usage(*problem, "molt run");
+        options.command_line = std::get<molt::config::CommandLineConfig>(cli);
+        loaded = molt::config::config_from_command_line(*options.command_line);
     }
     if (!loaded.errors.empty()) {
         print_errors(loaded.errors);
@@ -164,26 +198,25 @@ int cmd_run(const Args& args) {
     return master.run();
 }
 
-int cmd_check(const Args& args) {
-    auto path = option(args, {"-c", "--config"});
-    if (!path) {
-        if (args.positional.size() != 1) return usage("molt check needs -c FILE");
-        path = args.positional[0];
-    }
-    auto loaded = molt::config::load_config_file(*path);
+// ----- check ---------------------------------------------------------------------------------
+
+int cmd_check(const std::string& path, bool offline) {
+    if (auto problem = python_config_problem(path)) return usage(*problem, "molt check");
+    auto loaded = molt::config::load_config_file(path, !offline);
     if (!loaded.errors.empty()) {
         print_errors(loaded.errors);
-        std::cerr << fmt::format("{}: {} error{}\n", *path, loaded.errors.size(),
+        std::cerr << fmt::format("{}: {} error{}\n", path, loaded.errors.size(),
                                  loaded.errors.size() == 1 ? "" : "s");
         return kConfigError;
     }
     const auto& config = *loaded.config;
     std::vector<std::string> listen;
     for (const auto& a : config.listen) listen.push_back(a.text);
-    std::cout << fmt::format("{}: ok: {} ({}), {} worker(s) x {} thread(s), listen {}\n", *path,
-                             config.app,
-                             config.interface == molt::config::Interface::asgi ? "asgi" : "wsgi",
-                             config.workers, config.threads, fmt::join(listen, ", "));
+    std::cout << fmt::format(
+        "{}: ok: {} ({}), {} worker(s) x {} thread(s), listen {}{}\n", path, config.app,
+        config.interface == molt::config::Interface::asgi ? "asgi" : "wsgi", config.workers,
+        config.threads, fmt::join(listen, ", "),
+        offline ? " (offline: chdir, python, user and group not looked up)" : "");
     return 0;
 }
 
@@ -314,65 +347,74 @@ void print_status(const json& s) {
     }
 }
 
-int cmd_ctl(const Args& args) {
+struct CtlArgs {
+    std::string config_path;
     std::string socket_path;
-    if (auto socket = option(args, {"--socket"})) {
-        socket_path = *socket;
-    } else if (auto path = option(args, {"-c", "--config"})) {
-        std::ifstream file(*path);
-        if (!file) return usage("cannot read " + *path + ": " + std::strerror(errno));
+    bool json = false;
+    bool wait = false;
+    bool fast = false;
+    std::string timeout;  // a duration, empty: the default
+    int workers = 0;      // scale N
+};
+
+std::optional<std::string> resolve_socket(const CtlArgs& args, int& code) {
+    code = kUsage;
+    if (!args.socket_path.empty()) return args.socket_path;
+    if (!args.config_path.empty()) {
+        std::ifstream file(args.config_path);
+        if (!file) {
+            usage("cannot read " + args.config_path + ": " + std::strerror(errno), "molt ctl");
+            return std::nullopt;
+        }
         std::stringstream text;
         text << file.rdbuf();
-        auto loaded = molt::config::load_config_text(text.str(), *path, false);
+        auto loaded = molt::config::load_config_text(text.str(), args.config_path, false);
         if (!loaded.errors.empty()) {
             print_errors(loaded.errors);
-            return kConfigError;
+            code = kConfigError;
+            return std::nullopt;
         }
-        socket_path = loaded.config->control.socket;
-        if (socket_path.empty()) {
-            std::cerr << "molt: " << *path << " sets no control.socket; molt ctl needs one\n";
-            return kUsage;
+        if (loaded.config->control.socket.empty()) {
+            std::cerr << "molt: " << args.config_path
+                      << " sets no control.socket; molt ctl needs one\n";
+            return std::nullopt;
         }
-    } else if (const char* env = std::getenv("MOLT_CONTROL_SOCKET"); env && *env) {
-        socket_path = env;
-    } else {
-        return usage("molt ctl needs -c FILE or --socket PATH");
+        return loaded.config->control.socket;
     }
-    if (args.positional.empty()) return usage("molt ctl needs a command");
-    std::string command = args.positional[0];
-    bool as_json = args.flags.count("--json") > 0;
+    if (const char* env = std::getenv("MOLT_CONTROL_SOCKET"); env && *env) return env;
+    usage("molt ctl needs -c FILE or --socket PATH", "molt ctl");
+    return std::nullopt;
+}
+
+int cmd_ctl(const std::string& command, const CtlArgs& args) {
+    int code = 0;
+    auto socket_path = resolve_socket(args, code);
+    if (!socket_path) return code;
     std::optional<std::chrono::milliseconds> timeout;
-    if (auto text = option(args, {"--timeout"})) {
-        auto parsed = molt::config::parse_duration(*text);
-        if (!parsed) return usage("--timeout takes a duration like 120s");
+    if (!args.timeout.empty()) {
+        auto parsed = molt::config::parse_duration(args.timeout);
+        if (!parsed) return usage("--timeout takes a duration like 120s", "molt ctl " + command);
         timeout = *parsed;
     }
 
     json request{{"command", command}};
     if (command == "reload" || command == "rollback") {
-        request["wait"] = args.flags.count("--wait") > 0;
+        request["wait"] = args.wait;
     } else if (command == "scale") {
-        if (args.positional.size() != 2) return usage("molt ctl scale needs a worker count");
-        try {
-            request["workers"] = std::stoi(args.positional[1]);
-        } catch (const std::exception&) {
-            return usage("molt ctl scale takes a whole number");
-        }
+        request["workers"] = args.workers;
     } else if (command == "stop") {
-        request["fast"] = args.flags.count("--fast") > 0;
-    } else if (command != "status" && command != "history") {
-        return usage("unknown ctl command: " + command);
+        request["fast"] = args.fast;
     }
-    if (!request.value("wait", false) && !timeout) timeout = std::chrono::seconds(30);
+    if (!args.wait && !timeout) timeout = std::chrono::seconds(30);
 
-    Reply reply = control_request(socket_path, request, timeout);
+    Reply reply = control_request(*socket_path, request, timeout);
     if (reply.code != 0) {
         std::cerr << "molt: " << reply.error << "\n";
         return reply.code;
     }
     const json& body = reply.body;
     bool ok = body.value("ok", false);
-    if (as_json) {
+    if (args.json) {
         std::cout << body.dump(2) << "\n";
         return ok ? 0 : 1;
     }
@@ -414,7 +456,7 @@ int cmd_ctl(const Args& args) {
 
 // Run by a master, in a child, before it re-executes itself as this binary: proves that the
 // binary starts and that its own loader accepts the config the master runs.
-int cmd_upgrade_check(const Args& args) {
+int cmd_upgrade_check(const std::string& config_path) {
     if (const char* state = std::getenv("MOLT_UPGRADE_STATE_CHECK")) {
         std::string problem = molt::loop::validate_upgrade_state(state);
         if (!problem.empty()) {
@@ -422,8 +464,8 @@ int cmd_upgrade_check(const Args& args) {
             return 1;
         }
     }
-    if (auto path = option(args, {"-c", "--config"})) {
-        auto loaded = molt::config::load_config_file(*path);
+    if (!config_path.empty()) {
+        auto loaded = molt::config::load_config_file(config_path);
         if (!loaded.errors.empty()) {
             print_errors(loaded.errors);
             return kConfigError;
@@ -433,31 +475,198 @@ int cmd_upgrade_check(const Args& args) {
     return 0;
 }
 
+// ----- parsing -------------------------------------------------------------------------------
+
+// Every name a parser level knows (its flags and subcommands), for "did you mean".
+std::vector<std::string> known_names(const CLI::App& app) {
+    std::vector<std::string> names;
+    for (const CLI::Option* option : app.get_options()) {
+        for (const auto& name : option->get_lnames()) names.push_back("--" + name);
+        for (const auto& name : option->get_snames()) names.push_back("-" + name);
+    }
+    for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; })) {
+        if (!sub->get_group().empty()) names.push_back(sub->get_name());
+    }
+    return names;
+}
+
+// The deepest subcommand the command line selected (the root when none).
+CLI::App* selected(CLI::App& root) {
+    CLI::App* app = &root;
+    while (!app->get_subcommands().empty()) app = app->get_subcommands().front();
+    return app;
+}
+
+std::string command_path(const CLI::App& app) {
+    if (app.get_parent() == nullptr) return "molt";
+    return command_path(*app.get_parent()) + " " + app.get_name();
+}
+
+// An argument no level knew: an unknown flag, command or extra word; exit 2 with a hint.
+int unknown_argument(CLI::App& app, const std::string& argument) {
+    const std::string word = argument.substr(0, argument.find('='));
+    const bool is_flag = word.size() > 1 && word[0] == '-';
+    std::vector<std::string> candidates;
+    for (const CLI::App* level = &app; level != nullptr; level = level->get_parent()) {
+        for (auto& name : known_names(*level)) {
+            if ((name[0] == '-') == is_flag) candidates.push_back(std::move(name));
+        }
+        if (!level->get_fallthrough()) break;
+    }
+    std::string what = is_flag ? "unknown flag"
+                               : (app.get_subcommands([](const CLI::App*) { return true; }).empty()
+                                      ? "unexpected argument"
+                                      : "unknown command");
+    std::string problem = fmt::format("{} for {}: {}", what, command_path(app), word);
+    if (auto near = molt::config::closest(word, candidates)) {
+        problem += fmt::format("; did you mean {}?", *near);
+    }
+    return usage(problem, command_path(app));
+}
+
+CLI::App* declare_run(CLI::App& app, RunArgs& args) {
+    CLI::App* run = app.add_subcommand("run", "Run the master in the foreground");
+    run->add_option("-c,--config", args.config_path, "The config file")->type_name("FILE");
+    run->add_option("target", args.target,
+                    "The app without a config file: module:callable (the config-free form)")
+        ->type_name("MODULE:CALLABLE");
+    run->add_flag("--reload", args.dev_reload,
+                  "Development: watch the chdir tree and roll over on every change");
+    add_run_flags(*run, args);
+    run->footer(
+        "Without -c, the flags become the config, validated like a file. gunicorn's flags keep "
+        "gunicorn's meaning; a config key in [brackets] is the one a flag sets. With -c FILE, "
+        "the file is the whole config: only --reload goes with it.");
+    return run;
+}
+
+struct CheckArgs {
+    std::string path;
+    bool offline = false;
+};
+
+CLI::App* declare_check(CLI::App& app, CheckArgs& args) {
+    CLI::App* check = app.add_subcommand(
+        "check",
+        "Validate a config and exit 0, or 78 with every error as file:line:col: key: message");
+    auto* with_c =
+        check->add_option("-c,--config", args.path, "The config file")->type_name("FILE");
+    check->add_option("file", args.path, "The config file (instead of -c)")
+        ->type_name("FILE")
+        ->excludes(with_c);
+    check->add_flag("--offline", args.offline,
+                    "Skip what needs the target host: chdir, python, user and group lookups");
+    return check;
+}
+
+CLI::App* declare_ctl(CLI::App& app, CtlArgs& args) {
+    CLI::App* ctl = app.add_subcommand("ctl", "Talk to a running master on its control socket");
+    ctl->add_option("-c,--config", args.config_path,
+                    "Find the socket in this config's control.socket")
+        ->type_name("FILE");
+    ctl->add_option("--socket", args.socket_path,
+                    "The control socket (default: $MOLT_CONTROL_SOCKET)")
+        ->type_name("PATH");
+    ctl->require_subcommand(0, 1);
+    ctl->fallthrough();  // -c and --socket may also follow the command
+    const auto command = [&](const char* name, const char* help) {
+        CLI::App* sub = ctl->add_subcommand(name, help);
+        sub->add_flag("--json", args.json, "Print the master's answer as JSON");
+        return sub;
+    };
+    command("status", "Generations, workers and the last rollover");
+    for (auto [name, help] :
+         {std::pair{"reload", "Start a rollover onto the current config and release"},
+          std::pair{"rollback", "Roll back to the release of the last generation that was live"}}) {
+        CLI::App* sub = command(name, help);
+        sub->add_flag("--wait", args.wait,
+                      "Wait for the result: exit 0 once live, 1 when it failed");
+        sub->add_option("--timeout", args.timeout,
+                        "Give up waiting after this long (exit 75; the rollover goes on)")
+            ->type_name("DURATION");
+    }
+    command("history", "Every generation with its result");
+    command("scale", "Set the number of workers per generation")
+        ->add_option("N", args.workers, "Workers")
+        ->required();  // the master judges the count
+    command("stop", "Stop the master (graceful, like TERM)")
+        ->add_flag("--fast", args.fast, "Stop fast, like INT");
+    return ctl;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     original_argv.assign(argv, argv + argc);
     molt::os::init_process_title(argc, argv);
-    if (argc < 2) return usage("");
-    std::string command = argv[1];
-    if (command == "version" || command == "--version" || command == "-V") {
+
+    CLI::App app(
+        "molt: a pre-fork supervisor for Python WSGI and ASGI apps, with zero-downtime "
+        "rollovers on SIGHUP.",
+        "molt");
+    // Unknown arguments are collected and reported below with a "did you mean", rather than
+    // by CLI11's own message; subcommands inherit this.
+    app.allow_extras();
+    app.require_subcommand(0, 1);
+    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+    bool show_version = false;
+    app.add_flag("-V,--version", show_version, "Print the version and build, and exit");
+
+    RunArgs run_args;
+    CLI::App* run = declare_run(app, run_args);
+    CheckArgs check_args;
+    CLI::App* check = declare_check(app, check_args);
+    CtlArgs ctl_args;
+    CLI::App* ctl = declare_ctl(app, ctl_args);
+
+    CLI::App* version = app.add_subcommand("version", "Print the version and build");
+    CLI::App* reference =
+        app.add_subcommand("config-reference", "Print the config reference (docs/config.md)");
+    CLI::App* help = app.add_subcommand("help", "Print this help");
+    help->group("");
+    std::string upgrade_config;
+    CLI::App* upgrade = app.add_subcommand("upgrade-check", "Run by SIGUSR2 before the re-exec");
+    upgrade->add_option("-c,--config", upgrade_config);
+    upgrade->group("");  // hidden: the master runs it, people do not
+
+    app.footer(kSynopsis);  // after the subcommands, which would inherit it
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::ParseError& e) {
+        CLI::App* at = selected(app);
+        return usage(e.what(), command_path(*at));
+    }
+
+    CLI::App* at = selected(app);
+    auto extras = app.remaining(true);
+    if (!extras.empty()) return unknown_argument(*at, extras.front());
+
+    if (show_version || version->parsed()) {
         std::cout << "molt " << MOLT_VERSION << " build " << build_id() << "\n";
         return 0;
     }
-    if (command == "help" || command == "--help" || command == "-h") {
-        std::cout << kUsageText;
+    if (help->parsed()) {
+        // app.help() would describe the selected subcommand, `help` itself.
+        std::cout << app.get_formatter()->make_help(&app, "molt", CLI::AppFormatMode::Normal);
         return 0;
     }
-    if (command == "config-reference") {
+    if (reference->parsed()) {
         std::cout << molt::config::config_reference_markdown();
         return 0;
     }
-    std::string error;
-    auto args = parse_args(argc, argv, 2, error);
-    if (!args) return usage(error);
-    if (command == "run") return cmd_run(*args);
-    if (command == "check") return cmd_check(*args);
-    if (command == "ctl") return cmd_ctl(*args);
-    if (command == "upgrade-check") return cmd_upgrade_check(*args);
-    return usage("unknown command: " + command);
+    if (run->parsed()) return cmd_run(run_args);
+    if (check->parsed()) {
+        if (check_args.path.empty()) return usage("molt check needs -c FILE", "molt check");
+        return cmd_check(check_args.path, check_args.offline);
+    }
+    if (ctl->parsed()) {
+        if (at == ctl) return usage("molt ctl needs a command", "molt ctl");
+        return cmd_ctl(at->get_name(), ctl_args);
+    }
+    if (upgrade->parsed()) return cmd_upgrade_check(upgrade_config);
+    std::cerr << app.help();
+    return kUsage;
 }

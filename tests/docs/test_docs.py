@@ -61,6 +61,18 @@ def molt_help() -> str:
     return out.stdout
 
 
+# Every parser level of molt, for `molt ... --help`.
+SUBCOMMANDS = [["run"], ["check"], ["ctl"], ["ctl", "status"], ["ctl", "reload"],
+               ["ctl", "rollback"], ["ctl", "history"], ["ctl", "scale"], ["ctl", "stop"],
+               ["version"], ["config-reference"]]
+
+
+def subcommand_help(sub: list[str]) -> str:
+    out = subprocess.run([molt_bin(), *sub, "--help"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out
+    return out.stdout
+
+
 def have_flask() -> bool:
     return subprocess.run([PYTHON, "-c", "import flask"], capture_output=True).returncode == 0
 
@@ -265,7 +277,8 @@ def test_every_molt_command_and_flag_in_the_docs_exists():
     help_text = molt_help()
     commands = set(re.findall(r"^\s*molt ([a-z][\w-]*)", help_text, re.M))
     ctl_commands = set(re.findall(r"molt ctl .*?(?:\)|\.\.\.) ([a-z]+)", help_text))
-    flags = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", help_text))
+    flags = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)",
+                           help_text + "".join(subcommand_help(s) for s in SUBCOMMANDS)))
     assert {"run", "check", "ctl", "version", "config-reference"} <= commands
     assert {"status", "reload", "rollback", "history", "scale", "stop"} <= ctl_commands
     problems = []

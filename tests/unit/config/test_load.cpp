@@ -213,6 +213,20 @@ TEST_CASE("filesystem checks: chdir") {
     CHECK(load_config_text("app: a:b\nchdir: /does/not/exist\n", kLabel, false).config != nullptr);
 }
 
+TEST_CASE("host checks: user and group must exist, unless the check is offline") {
+    TempDir dir;
+    const std::string text = "app: a:b\nchdir: " + dir.path().string() +
+                             "\nuser: no-such-molt-user\ngroup: no-such-molt-group\n";
+    CHECK(error_lines(load_config_text(text, kLabel, true)) ==
+          std::vector<std::string>{
+              std::string(kLabel) + ":3:7: user: no user named \"no-such-molt-user\" on this host",
+              std::string(kLabel) +
+                  ":4:8: group: no group named \"no-such-molt-group\" on this host"});
+    CHECK(load_config_text(text, kLabel, false).config != nullptr);
+    const auto root = "app: a:b\nchdir: " + dir.path().string() + "\nuser: root\ngroup: root\n";
+    CHECK(error_lines(load_config_text(root, kLabel, true)).empty());
+}
+
 TEST_CASE("filesystem checks: an unreadable chdir") {
     if (::geteuid() == 0) {
         MESSAGE("skipped: root can read any directory");

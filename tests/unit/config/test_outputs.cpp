@@ -118,11 +118,16 @@ TEST_CASE("config_json is canonical JSON of the whole config") {
 TEST_CASE("config_from_command_line validates like a file") {
     CommandLineConfig cli;
     cli.app = "app:application";
-    cli.listen = {"tcp://127.0.0.1:0", "unix:/tmp/molt-cli.sock"};
-    cli.workers = 4;
-    cli.threads = 2;
-    cli.interface = "asgi";
-    cli.control_socket = "/tmp/molt-ctl.sock";
+    cli.settings = {{"listen", "tcp://127.0.0.1:0"},
+                    {"workers", "3"},
+                    {"listen", "unix:/tmp/molt-cli.sock"},
+                    {"workers", "4"},
+                    {"threads", "2"},
+                    {"interface", "asgi"},
+                    {"control.socket", "/tmp/molt-ctl.sock"},
+                    {"timeouts.graceful", "9"},
+                    {"env.GREETING", "hello=world"},
+                    {"logging.access_log", "true"}};
     const auto result = config_from_command_line(cli);
     for (const auto& line : error_lines(result)) FAIL_CHECK(line);
     REQUIRE(result.config != nullptr);
@@ -132,19 +137,22 @@ TEST_CASE("config_from_command_line validates like a file") {
     REQUIRE(c.listen.size() == 2);
     CHECK(c.listen[0].port == 0);
     CHECK(c.listen[1].path == "/tmp/molt-cli.sock");
-    CHECK(c.workers == 4);
+    CHECK(c.workers == 4);  // the last value of a key given twice
     CHECK(c.threads == 2);
     CHECK(c.interface == Interface::asgi);
     CHECK(c.control.socket == "/tmp/molt-ctl.sock");
+    CHECK(c.timeouts.graceful == std::chrono::seconds(9));
+    CHECK(c.env.at("GREETING") == "hello=world");
+    CHECK(c.logging.access_log);
     CHECK(c.chdir == std::filesystem::current_path().string());
 }
 
 TEST_CASE("config_from_command_line errors have no position") {
     CommandLineConfig cli;
-    cli.listen = {"http://x:1"};
-    cli.workers = 0;
-    cli.interface = "wgsi";
-    cli.chdir = "/does/not/exist";
+    cli.settings = {{"listen", "http://x:1"},
+                    {"workers", "0"},
+                    {"interface", "wgsi"},
+                    {"chdir", "/does/not/exist"}};
     CHECK(error_lines(config_from_command_line(cli)) ==
           std::vector<std::string>{
               "<command line>: listen[0]: invalid address \"http://x:1\": unknown scheme \"http\": "
