@@ -3,7 +3,6 @@
 #include <fmt/format.h>
 #include <signal.h>
 #include <sys/wait.h>
-#include <systemd/sd-daemon.h>
 
 #include <fstream>
 
@@ -11,6 +10,7 @@
 #include "supervisor/contract/worker_contract.hpp"
 #include "supervisor/loop/launch.hpp"
 #include "supervisor/loop/servers.hpp"
+#include "supervisor/loop/upgrade_state.hpp"
 #include "supervisor/loop/watch.hpp"
 #include "supervisor/loop/worker_process.hpp"
 
@@ -134,9 +134,9 @@ core::Time Master::now() {
 int Master::run() {
     os::ignore_signal(SIGPIPE);
     log_.configure(config_->logging);
-    if (const char* state = std::getenv("MOLT_UPGRADE_STATE")) {
+    if (const char* state = std::getenv(kStateVariable)) {
         std::string text = state;
-        os::unset_environment("MOLT_UPGRADE_STATE");  // never passed on to workers
+        os::unset_environment(kStateVariable);  // never passed on to workers
         return run_adopted(text);
     }
     wall_started_at_ = os::wall_clock_us() / 1000;
@@ -200,12 +200,9 @@ std::string Master::start_services() {
     uv_timer_init(&loop_, &upgrade_timer_);
     upgrade_timer_.data = this;
 
-    std::uint64_t watchdog_usec = 0;
     uv_timer_init(&loop_, &watchdog_timer_);
     watchdog_timer_.data = this;
-    // 0: keep WATCHDOG_USEC in our environment, so an image re-executed by a binary upgrade
-    // keeps pinging. Workers never see it (child_environment strips WATCHDOG_*).
-    if (sd_watchdog_enabled(0, &watchdog_usec) > 0 && watchdog_usec > 0) {
+    if (std::uint64_t watchdog_usec = os::systemd_watchdog_us(); watchdog_usec > 0) {
         // Pinged from the loop itself: if the loop stalls, systemd notices.
         std::uint64_t every = std::max<std::uint64_t>(watchdog_usec / 2000, 1);
         uv_timer_start(
@@ -578,7 +575,7 @@ void Master::notify(const std::string& message) {
     if (starts_with(message, "RELOADING=1")) {
         text += fmt::format("\nMONOTONIC_USEC={}", os::monotonic_us());
     }
-    sd_notify(0, text.c_str());
+    if (auto error = os::notify_systemd(text); !error.empty()) log_.warning(error);
 }
 
 void Master::finish_rollover(const core::RolloverFinished& finished) {

@@ -24,9 +24,6 @@ namespace molt::loop {
 
 namespace {
 
-constexpr const char* kStateVariable = "MOLT_UPGRADE_STATE";
-constexpr const char* kCheckStateVariable = "MOLT_UPGRADE_STATE_CHECK";
-
 // Sets close-on-exec on every fd; the first failure is returned (all are still tried).
 std::string set_close_on_exec(const std::vector<int>& fds, bool on) {
     std::string first;

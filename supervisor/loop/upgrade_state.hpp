@@ -18,6 +18,11 @@ namespace molt::loop {
 // Bump when a field changes meaning or becomes required; parse_upgrade_state reads only this.
 inline constexpr int kUpgradeStateFormat = 1;
 
+// The environment variables that carry the state: to the new image across exec, and to the
+// `molt upgrade-check` child that proves the new binary can read it.
+inline constexpr const char* kStateVariable = "MOLT_UPGRADE_STATE";
+inline constexpr const char* kCheckStateVariable = "MOLT_UPGRADE_STATE_CHECK";
+
 struct HandedOverListener {
     int fd = -1;  // stays open across exec
     config::ListenAddress address;

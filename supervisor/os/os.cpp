@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <systemd/sd-daemon.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -245,6 +246,18 @@ std::string exec_image(const std::string& program, const std::vector<std::string
     auto envp = c_strings(env);
     ::execve(program.c_str(), args.data(), envp.data());
     return failed("execve(" + program + ")", errno);
+}
+
+std::string notify_systemd(const std::string& message) {
+    int rc = sd_notify(0, message.c_str());
+    if (rc >= 0) return {};
+    std::string first_line = message.substr(0, message.find('\n'));
+    return failed("sd_notify(" + first_line + ")", -rc);
+}
+
+std::uint64_t systemd_watchdog_us() {
+    std::uint64_t usec = 0;
+    return sd_watchdog_enabled(0, &usec) > 0 ? usec : 0;
 }
 
 std::uint64_t wall_clock_us() {

@@ -146,6 +146,15 @@ void unblock_all_signals();
 std::string exec_image(const std::string& program, const std::vector<std::string>& argv,
                        const std::vector<std::string>& env);
 
+// sd_notify(3) with `message`: empty on success or when molt does not run under systemd's
+// notify protocol (no NOTIFY_SOCKET), otherwise the error text.
+std::string notify_systemd(const std::string& message);
+
+// The watchdog interval systemd asks for (WATCHDOG_USEC for this pid), 0 when none. The
+// variables stay in the environment, so an image re-executed by a binary upgrade keeps
+// pinging; children never see them (contract::is_scrubbed).
+std::uint64_t systemd_watchdog_us();
+
 // Clocks: wall time in microseconds since the epoch; monotonic time in microseconds.
 std::uint64_t wall_clock_us();
 std::uint64_t monotonic_us();
