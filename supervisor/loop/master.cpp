@@ -7,7 +7,6 @@
 #include <fstream>
 
 #include "supervisor/common/text.hpp"
-#include "supervisor/contract/worker_contract.hpp"
 #include "supervisor/loop/launch.hpp"
 #include "supervisor/loop/servers.hpp"
 #include "supervisor/loop/upgrade_state.hpp"

@@ -6,9 +6,11 @@
 //      middle of a rollover would have to serialise half-made decisions.
 //   2. The new binary is first run in a child as `molt upgrade-check [-c FILE]`: it must start,
 //      load the config with its own loader and exit 0. If not, nothing changes.
-//   3. The state goes into MOLT_UPGRADE_STATE (JSON), the fds it names lose close-on-exec,
-//      every signal is blocked (the mask survives exec, so a HUP in the gap stays pending
-//      instead of killing the master with the default action), and execve() runs.
+//   3. The state goes into MOLT_UPGRADE_STATE (versioned JSON with enums by name, see
+//      upgrade_state.hpp; the check of step 2 already parsed it), the fds it names lose
+//      close-on-exec, every signal is blocked (the mask survives exec, so a HUP in the gap
+//      stays pending instead of killing the master with the default action), and execve()
+//      runs.
 //   4. The new image finds MOLT_UPGRADE_STATE and calls run_adopted() instead of binding.
 #include <fmt/format.h>
 #include <signal.h>
