@@ -1,7 +1,7 @@
 // The master ⇄ worker contract, C++ side: message keys, exit codes, environment names and the
 // fd layout a worker is started with. The Python side is worker_shim/molt_shim/contract.py;
-// tests/shim/test_contract.py fails when the two disagree (it compares this header, as dumped
-// by the molt_contract_dump test binary, with the Python module). docs/protocol.md is the
+// tests/integration/test_contract.py fails when the two disagree (it compares this header, as
+// dumped by the molt_contract_dump test binary, with the Python module). docs/protocol.md is the
 // prose form of the same facts.
 #pragma once
 

@@ -1,12 +1,13 @@
 #include "supervisor/loop/log.hpp"
 
 #include <fmt/format.h>
-#include <sys/time.h>
 
 #include <cerrno>
 #include <cstring>
 #include <ctime>
 #include <nlohmann/json.hpp>
+
+#include "supervisor/os/os.hpp"
 
 namespace molt::loop {
 
@@ -41,13 +42,13 @@ core::LogLevel from_config(config::LogLevel level) {
 }
 
 std::string timestamp() {
-    timeval tv{};
-    gettimeofday(&tv, nullptr);
+    std::uint64_t now_us = os::wall_clock_us();
+    auto seconds = static_cast<std::time_t>(now_us / 1000000);
     std::tm tm{};
-    gmtime_r(&tv.tv_sec, &tm);
+    gmtime_r(&seconds, &tm);
     char buffer[32];
     std::strftime(buffer, sizeof buffer, "%Y-%m-%dT%H:%M:%S", &tm);
-    return fmt::format("{}.{:03d}Z", buffer, static_cast<int>(tv.tv_usec / 1000));
+    return fmt::format("{}.{:03d}Z", buffer, static_cast<int>(now_us / 1000 % 1000));
 }
 
 }  // namespace

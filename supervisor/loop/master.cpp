@@ -2,22 +2,16 @@
 
 #include <fmt/format.h>
 #include <signal.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
-#include <systemd/sd-daemon.h>
-#include <time.h>
-#include <unistd.h>
 
-#include <cerrno>
-#include <cstring>
 #include <fstream>
 
+#include "supervisor/common/text.hpp"
+#include "supervisor/loop/launch.hpp"
 #include "supervisor/loop/servers.hpp"
+#include "supervisor/loop/upgrade_state.hpp"
 #include "supervisor/loop/watch.hpp"
 #include "supervisor/loop/worker_process.hpp"
-
-extern char** environ;
 
 namespace molt::loop {
 
@@ -25,18 +19,6 @@ namespace {
 
 constexpr std::size_t kStderrTail = 4096;    // kept per worker for failure reports
 constexpr std::size_t kMaxLine = 16 * 1024;  // a longer line is split
-
-std::uint64_t wall_ms() {
-    timespec ts{};
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return static_cast<std::uint64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
-
-std::uint64_t monotonic_usec() {
-    timespec ts{};
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return static_cast<std::uint64_t>(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;
-}
 
 int to_signum(core::Signal signal) {
     switch (signal) {
@@ -89,12 +71,8 @@ void WorkerProcess::drain_output() {
     for (uv_pipe_t* pipe : {&out, &err}) {
         int fd = fd_of(pipe);
         if (fd < 0) continue;
-        char buffer[8192];
-        for (int rounds = 0; rounds < 64; ++rounds) {
-            ssize_t n = ::read(fd, buffer, sizeof buffer);
-            if (n <= 0) break;
-            consume(pipe == &err, buffer, static_cast<std::size_t>(n));
-        }
+        std::string rest = os::read_available(fd, 64 * 8192);
+        consume(pipe == &err, rest.data(), rest.size());
     }
     if (!out_partial.empty()) line(false, out_partial);
     if (!err_partial.empty()) line(true, err_partial);
@@ -115,7 +93,7 @@ void close_worker_handles(WorkerProcess* worker) {
                                 reinterpret_cast<uv_handle_t*>(&worker->err)}) {
         if (!uv_is_closing(handle)) uv_close(handle, on_handle_closed);
     }
-    os::close_fd(worker->channel_fd);
+    worker->channel_fd.reset();
 }
 
 void alloc_buffer(uv_handle_t* /*handle*/, size_t suggested, uv_buf_t* buf) {
@@ -153,14 +131,14 @@ core::Time Master::now() {
 // ----- startup -----------------------------------------------------------------------------
 
 int Master::run() {
-    ::signal(SIGPIPE, SIG_IGN);
+    os::ignore_signal(SIGPIPE);
     log_.configure(config_->logging);
-    if (const char* state = std::getenv("MOLT_UPGRADE_STATE")) {
+    if (const char* state = std::getenv(kStateVariable)) {
         std::string text = state;
-        ::unsetenv("MOLT_UPGRADE_STATE");  // never passed on to workers
+        os::unset_environment(kStateVariable);  // never passed on to workers
         return run_adopted(text);
     }
-    wall_started_at_ = wall_ms();
+    wall_started_at_ = os::wall_clock_us() / 1000;
     started_at_ = now();
 
     auto adopted = os::adopt_systemd_listeners(config_->listen);
@@ -178,11 +156,17 @@ int Master::run() {
     core::Release release;
     if (auto error = resolve_release(*config_, std::nullopt, release)) {
         log_.error(*error);
-        os::close_listeners(listeners_);
+        close_listeners();
         return 1;
     }
     if (!config_->pidfile.empty()) {
-        std::ofstream(config_->pidfile) << getpid() << "\n";
+        if (auto error = os::write_pidfile(config_->pidfile, os::self_pid()); !error.empty()) {
+            // Whoever reads the pidfile (systemd's PIDFile=, a logrotate script) would act on
+            // a stale or foreign pid: stop at start, as with a busy listen address.
+            log_.error("cannot start: " + error);
+            close_listeners();
+            return 1;
+        }
     }
     if (auto error = start_services(); !error.empty()) {
         // Like a busy listen address: stop before any worker starts, and say why.
@@ -192,7 +176,7 @@ int Master::run() {
         return 1;
     }
     log_.info(fmt::format("molt {} master pid={} starting {} worker(s) of {}", options_.version,
-                          getpid(), config_->workers, config_->app));
+                          os::self_pid(), config_->workers, config_->app));
     feed(core_.start(now(), release));
     uv_run(&loop_, UV_RUN_DEFAULT);
     return exit_code_.value_or(1);
@@ -215,12 +199,9 @@ std::string Master::start_services() {
     uv_timer_init(&loop_, &upgrade_timer_);
     upgrade_timer_.data = this;
 
-    std::uint64_t watchdog_usec = 0;
     uv_timer_init(&loop_, &watchdog_timer_);
     watchdog_timer_.data = this;
-    // 0: keep WATCHDOG_USEC in our environment, so an image re-executed by a binary upgrade
-    // keeps pinging. Workers never see it (worker_environment strips WATCHDOG_*).
-    if (sd_watchdog_enabled(0, &watchdog_usec) > 0 && watchdog_usec > 0) {
+    if (std::uint64_t watchdog_usec = os::systemd_watchdog_us(); watchdog_usec > 0) {
         // Pinged from the loop itself: if the loop stalls, systemd notices.
         std::uint64_t every = std::max<std::uint64_t>(watchdog_usec / 2000, 1);
         uv_timer_start(
@@ -352,7 +333,7 @@ void Master::on_signal(int signum) {
         reap_children();
         return;
     }
-    log_.info(fmt::format("received {}", os::signal_name(signum)));
+    log_.info(fmt::format("received {}", text::signal_name(signum)));
     switch (signum) {
         case SIGHUP:
             request_reload(core::Trigger::reload, std::nullopt);
@@ -386,15 +367,12 @@ void Master::on_signal(int signum) {
 
 void Master::reap_children() {
     // The only waitpid() in molt: every child is reaped here, on the loop.
-    for (;;) {
-        int status = 0;
-        pid_t pid = ::waitpid(-1, &status, WNOHANG);
-        if (pid <= 0) break;
-        if (pid == upgrade_check_pid_) {
-            finish_upgrade_check(status);
+    while (auto child = os::reap_child()) {
+        if (child->pid == upgrade_check_pid_) {
+            finish_upgrade_check(child->status);
             continue;
         }
-        on_worker_exit(pid, status);
+        on_worker_exit(child->pid, child->status);
     }
 }
 
@@ -431,18 +409,20 @@ void Master::on_worker_exit(pid_t pid, int status) {
 }
 
 void Master::on_worker_packet(WorkerProcess& worker) {
-    char buffer[65536];
     for (;;) {
-        ssize_t n = ::recv(worker.channel_fd, buffer, sizeof buffer, MSG_DONTWAIT);
-        if (n > 0) {
-            feed(core_.message(now(), worker.pid, std::string(buffer, static_cast<size_t>(n))));
+        os::Packet packet = os::receive_packet(worker.channel_fd.get());
+        if (packet.status == os::Packet::Status::packet) {
+            feed(core_.message(now(), worker.pid, std::move(packet.data)));
             continue;
         }
-        if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
-            // The worker closed its end; its exit arrives through SIGCHLD.
+        if (packet.status == os::Packet::Status::closed) {
+            // The worker closed its end (or the channel broke); its exit arrives through
+            // SIGCHLD.
+            if (!packet.error.empty()) {
+                log_.write(core::LogLevel::warning, packet.error, worker.generation, worker.pid);
+            }
             uv_poll_stop(&worker.channel);
         }
-        if (n < 0 && errno == EINTR) continue;
         break;
     }
 }
@@ -450,101 +430,44 @@ void Master::on_worker_packet(WorkerProcess& worker) {
 // ----- actions -----------------------------------------------------------------------------
 
 core::Actions Master::spawn(const core::SpawnWorker& spawn) {
-    const config::Config& config = *spawn.release.config;
     auto fail = [&](const std::string& error) {
         return core_.spawn_failed(now(), spawn.worker, error);
     };
+    // Every fd made here is owned: whatever fails below, each closes exactly once.
     auto channel = os::make_channel();
     if (!os::ok(channel)) return fail(os::error_of(channel));
     auto out = os::make_pipe();
+    if (!os::ok(out)) return fail(os::error_of(out));
     auto err = os::make_pipe();
-    auto [master_end, worker_end] = std::get<os::SocketPair>(channel);
-    if (!os::ok(out) || !os::ok(err)) {
-        os::close_fd(master_end);
-        os::close_fd(worker_end);
-        for (auto* pipe : {&out, &err}) {
-            if (os::ok(*pipe)) {
-                auto p = std::get<os::Pipe>(*pipe);
-                os::close_fd(p.read_end);
-                os::close_fd(p.write_end);
-            }
-        }
-        return fail(!os::ok(out) ? os::error_of(out) : os::error_of(err));
-    }
-    auto out_pipe = std::get<os::Pipe>(out);
-    auto err_pipe = std::get<os::Pipe>(err);
+    if (!os::ok(err)) return fail(os::error_of(err));
+    auto& [master_end, worker_end] = std::get<os::SocketPair>(channel);
+    auto& out_pipe = std::get<os::Pipe>(out);
+    auto& err_pipe = std::get<os::Pipe>(err);
 
-    auto program = os::find_program(config.python);
-    if (!os::ok(program)) {
-        os::close_fd(master_end);
-        os::close_fd(worker_end);
-        for (int fd :
-             {out_pipe.read_end, out_pipe.write_end, err_pipe.read_end, err_pipe.write_end}) {
-            os::close_fd(fd);
-        }
-        return fail(os::error_of(program));
-    }
-    os::SpawnRequest request;
-    request.program = std::get<0>(program);
-    request.argv = {config.python, "-m", "molt_shim"};
-    for (const auto& listener : listeners_) request.fds.push_back(listener.fd);
-    request.fds.push_back(worker_end);
-    std::string json = config::worker_config_json(
-        config, spawn.release.release_dir, spawn.release.version, spawn.generation, spawn.slot);
-    request.env = worker_environment(spawn, json);
-    request.stdout_fd = out_pipe.write_end;
-    request.stderr_fd = err_pipe.write_end;
-    // A release shipped as one archive (zip, .pyz) runs from the directory that holds it.
-    const std::string& dir = spawn.release.release_dir;
-    request.cwd = os::is_regular_file(dir) ? dir.substr(0, dir.rfind('/')) : dir;
-    std::string identity_error;
-    if (!config.user.empty()) {
-        gid_t primary = 0;
-        auto uid = os::lookup_user(config.user, &primary);
-        if (os::ok(uid)) {
-            request.uid = std::get<uid_t>(uid);
-            request.user = config.user;
-            request.gid = primary;
-        } else {
-            identity_error = os::error_of(uid);
-        }
-    }
-    if (!config.group.empty()) {
-        auto gid = os::lookup_group(config.group);
-        if (os::ok(gid)) {
-            request.gid = std::get<gid_t>(gid);
-        } else {
-            identity_error = os::error_of(gid);
-        }
-    }
-    auto pid = identity_error.empty() ? os::spawn_process(request)
-                                      : os::Result<pid_t>(os::Error{identity_error});
-    os::close_fd(worker_end);
-    os::close_fd(out_pipe.write_end);
-    os::close_fd(err_pipe.write_end);
-    if (!os::ok(pid)) {
-        os::close_fd(master_end);
-        os::close_fd(out_pipe.read_end);
-        os::close_fd(err_pipe.read_end);
-        return fail(os::error_of(pid));
-    }
+    WorkerLaunch launch{spawn, listeners_, options_.shim_dir, os::environment()};
+    auto request = worker_spawn_request(
+        launch, {worker_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
+    if (!os::ok(request)) return fail(os::error_of(request));
+    auto pid = os::spawn_process(std::get<os::SpawnRequest>(request));
+    if (!os::ok(pid)) return fail(os::error_of(pid));
 
+    // The worker's ends stay open here only until this returns: the child holds its copies.
     pid_t child = std::get<pid_t>(pid);
-    track_process(spawn.generation, spawn.slot, child, master_end, out_pipe.read_end,
-                  err_pipe.read_end);
+    track_process(spawn.generation, spawn.slot, child, std::move(master_end),
+                  out_pipe.read_end.release(), err_pipe.read_end.release());
     return core_.spawned(now(), spawn.worker, child);
 }
 
 // Watches a worker's channel and output pipes (a fresh spawn, or one adopted after exec).
-void Master::track_process(core::GenerationId generation, int slot, pid_t pid, int channel_fd,
+void Master::track_process(core::GenerationId generation, int slot, pid_t pid, os::Fd channel_fd,
                            int out_fd, int err_fd) {
     auto worker = std::make_unique<WorkerProcess>();
     worker->master = this;
     worker->generation = generation;
     worker->slot = slot;
     worker->pid = pid;
-    worker->channel_fd = channel_fd;
-    uv_poll_init(&loop_, &worker->channel, channel_fd);
+    worker->channel_fd = std::move(channel_fd);
+    uv_poll_init(&loop_, &worker->channel, worker->channel_fd.get());
     uv_pipe_init(&loop_, &worker->out, 0);
     uv_pipe_init(&loop_, &worker->err, 0);
     uv_pipe_open(&worker->out, out_fd);
@@ -562,51 +485,6 @@ void Master::track_process(core::GenerationId generation, int slot, pid_t pid, i
     uv_read_start(reinterpret_cast<uv_stream_t*>(&worker->out), alloc_buffer, on_output);
     uv_read_start(reinterpret_cast<uv_stream_t*>(&worker->err), alloc_buffer, on_output);
     processes_.emplace(pid, std::move(worker));
-}
-
-std::vector<std::string> Master::worker_environment(const core::SpawnWorker& spawn,
-                                                    const std::string& config_json) const {
-    const config::Config& config = *spawn.release.config;
-    std::vector<std::string> env;
-    // The shim's directory first, then the config's `env: {PYTHONPATH: ...}`, which wins over
-    // the master's own PYTHONPATH as any configured variable does.
-    std::string pythonpath = options_.shim_dir;
-    auto configured = config.env.find("PYTHONPATH");
-    const char* inherited = std::getenv("PYTHONPATH");
-    std::string extra = configured != config.env.end() ? configured->second
-                        : inherited                    ? inherited
-                                                       : "";
-    if (!extra.empty()) pythonpath += ":" + extra;
-    for (char** entry = environ; *entry; ++entry) {
-        std::string item(*entry);
-        // systemd's variables are the master's alone: a worker must never notify systemd or
-        // take the listening sockets as its own.
-        if (starts_with(item, "NOTIFY_SOCKET=") || starts_with(item, "LISTEN_") ||
-            starts_with(item, "WATCHDOG_") || starts_with(item, "MOLT_")) {
-            continue;
-        }
-        if (starts_with(item, "PYTHONPATH=")) continue;  // composed below
-        std::string key = item.substr(0, item.find('='));
-        if (config.env.count(key)) continue;
-        env.push_back(std::move(item));
-    }
-    for (const auto& [key, value] : config.env) {
-        if (key != "PYTHONPATH") env.push_back(key + "=" + value);
-    }
-    std::string fds, names;
-    for (std::size_t i = 0; i < listeners_.size(); ++i) {
-        fds += (i ? "," : "") + std::to_string(3 + i);
-        names += (i ? "," : "") + listeners_[i].address.name;
-    }
-    env.push_back("PYTHONPATH=" + pythonpath);
-    env.push_back("PYTHONUNBUFFERED=1");
-    env.push_back("MOLT_CHANNEL_FD=" + std::to_string(3 + listeners_.size()));
-    env.push_back("MOLT_LISTEN_FDS=" + fds);
-    env.push_back("MOLT_LISTEN_NAMES=" + names);
-    env.push_back("MOLT_GENERATION=" + std::to_string(spawn.generation));
-    env.push_back("MOLT_WORKER=" + std::to_string(spawn.slot));
-    env.push_back("MOLT_WORKER_CONFIG=" + config_json);
-    return env;
 }
 
 core::Actions Master::prepare_release(const core::PrepareRelease& prepare) {
@@ -658,13 +536,7 @@ std::optional<std::string> Master::resolve_release(const config::Config& config,
         if (file && std::getline(file, first)) {
             auto end = first.find_last_not_of(" \t\r");
             first = end == std::string::npos ? "" : first.substr(0, end + 1);
-            // At most 100 bytes, never splitting a UTF-8 sequence.
-            std::size_t cut = std::min<std::size_t>(first.size(), 100);
-            while (cut < first.size() && cut > 0 &&
-                   (static_cast<unsigned char>(first[cut]) & 0xC0) == 0x80) {
-                --cut;
-            }
-            first.resize(cut);
+            first = text::truncate_utf8(first, 100);
             if (!first.empty()) release.version = first;
         }
     }
@@ -678,14 +550,8 @@ void Master::send_to_worker(const core::SendToWorker& send) {
     auto it = processes_.find(send.pid);
     if (it == processes_.end()) return;
     WorkerProcess& worker = *it->second;
-    ssize_t n = -1;
-    if (worker.channel_fd >= 0) {
-        n = ::send(worker.channel_fd, send.message.data(), send.message.size(),
-                   MSG_NOSIGNAL | MSG_DONTWAIT);
-    }
-    if (n >= 0) return;
-    std::string error =
-        os::failed(fmt::format("send({} to pid {})", send.message, send.pid), errno);
+    std::string error = os::send_packet(worker.channel_fd.get(), send.message, send.pid);
+    if (error.empty()) return;
     if (send.message == "DRAIN=1") {
         // The channel is gone but the process is not: SIGTERM means the same to the shim.
         log_.write(core::LogLevel::warning, error + "; sending SIGTERM instead", worker.generation,
@@ -706,9 +572,9 @@ void Master::signal_worker(const core::SignalWorker& signal, core::Actions& more
 void Master::notify(const std::string& message) {
     std::string text = message;
     if (starts_with(message, "RELOADING=1")) {
-        text += fmt::format("\nMONOTONIC_USEC={}", monotonic_usec());
+        text += fmt::format("\nMONOTONIC_USEC={}", os::monotonic_us());
     }
-    sd_notify(0, text.c_str());
+    if (auto error = os::notify_systemd(text); !error.empty()) log_.warning(error);
 }
 
 void Master::finish_rollover(const core::RolloverFinished& finished) {
@@ -733,6 +599,10 @@ void Master::finish_rollover(const core::RolloverFinished& finished) {
     }
 }
 
+void Master::close_listeners() {
+    if (auto error = os::close_listeners(listeners_); !error.empty()) log_.warning(error);
+}
+
 void Master::begin_shutdown(int code) {
     if (exit_code_) return;
     exit_code_ = code;
@@ -746,8 +616,10 @@ void Master::begin_shutdown(int code) {
     if (control_) control_->close();
     if (metrics_) metrics_->close();
     if (watcher_) watcher_->close();
-    os::close_listeners(listeners_);
-    if (!config_->pidfile.empty()) ::unlink(config_->pidfile.c_str());
+    close_listeners();
+    if (!config_->pidfile.empty()) {
+        if (auto error = os::remove_file(config_->pidfile); !error.empty()) log_.warning(error);
+    }
     for (auto& [pid, worker] : processes_) close_worker_handles(worker.release());
     processes_.clear();
     // Waiters still pending learn that no answer is coming.

@@ -21,6 +21,7 @@
 namespace molt::loop {
 
 struct WorkerProcess;
+struct UpgradeState;
 class ControlServer;
 class MetricsServer;
 class Watcher;
@@ -36,9 +37,10 @@ struct MasterOptions {
     bool dev_reload = false;        // `molt run --reload`: watch the app's source tree
 };
 
-// Checks that a binary-upgrade state (MOLT_UPGRADE_STATE) has every field run_adopted()
-// reads, with the right types. Empty when it is usable. `molt upgrade-check` runs it with the
-// new binary's own code before the old master execs into it.
+// Checks that this binary can adopt a binary-upgrade state (MOLT_UPGRADE_STATE): its format,
+// every field run_adopted() reads with the right type, every enum name known (the same
+// parser run_adopted() uses). Empty when it is usable, otherwise why not. `molt upgrade-check`
+// runs it with the new binary's own code before the old master execs into it.
 std::string validate_upgrade_state(const std::string& text);
 
 class Master {
@@ -71,7 +73,7 @@ class Master {
     core::Time now();
     std::string start_services();  // the error that prevents starting, if any
     void start_watching();
-    void track_process(core::GenerationId generation, int slot, pid_t pid, int channel_fd,
+    void track_process(core::GenerationId generation, int slot, pid_t pid, os::Fd channel_fd,
                        int out_fd, int err_fd);
     void feed(core::Actions actions);
     void execute(const core::Action& action, std::vector<core::Actions>& more);
@@ -87,23 +89,22 @@ class Master {
     std::optional<std::string> resolve_release(const config::Config& config,
                                                const std::optional<std::string>& override_dir,
                                                core::Release& release);
-    std::vector<std::string> worker_environment(const core::SpawnWorker& spawn,
-                                                const std::string& config_json) const;
     void send_to_worker(const core::SendToWorker& send);
     void signal_worker(const core::SignalWorker& signal, core::Actions& more);
     void notify(const std::string& message);
     void finish_rollover(const core::RolloverFinished& finished);
     void begin_shutdown(int code);
+    void close_listeners();  // logs what could not be cleaned up
     void update_process_title();
 
     // Binary upgrade (upgrade.cpp).
     void begin_upgrade();
     void finish_upgrade_check(int status);
-    nlohmann::json upgrade_state() const;
+    UpgradeState upgrade_state() const;
     std::vector<int> handed_over_fds() const;
     void exec_new_image(const std::string& new_version);
     int run_adopted(const std::string& state);
-    int adopt(const nlohmann::json& state);
+    int adopt(UpgradeState state);
 
     uv_loop_t loop_{};
     std::shared_ptr<const config::Config> config_;  // the newest valid config
@@ -131,8 +132,8 @@ class Master {
     core::Time started_at_{0};
     std::uint64_t wall_started_at_ = 0;
     pid_t upgrade_check_pid_ = 0;
-    uv_timer_t upgrade_timer_{};  // bounds the check run
-    int upgrade_check_fd_ = -1;
+    uv_timer_t upgrade_timer_{};                              // bounds the check run
+    os::Fd upgrade_check_output_;                             // the check's stdout and stderr
     std::optional<core::GenerationId> titled_generation_{0};  // 0: nothing shown yet
     bool feeding_ = false;
     std::vector<core::Actions> pending_;

@@ -1,10 +1,6 @@
 #include "supervisor/loop/servers.hpp"
 
 #include <fmt/format.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
-#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -24,6 +20,12 @@ using json = nlohmann::json;
 // Text from workers (error messages, stderr lines) may not be valid UTF-8: replace, never throw.
 std::string dump(const json& body) {
     return body.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+}
+
+// When a server closes at exit. A file someone already removed is fine; anything else is
+// worth a line.
+void remove_socket_file(Master& master, const std::string& path) {
+    if (auto error = os::remove_file(path); !error.empty()) master.log().warning(error);
 }
 
 void on_connection_handle_closed(uv_handle_t* handle) {
@@ -166,7 +168,7 @@ std::string ControlServer::listen(const std::string& path, std::uint32_t mode) {
     address.backlog = 128;
     auto opened = os::open_listeners({address});
     if (!os::ok(opened)) return "control.socket: " + os::error_of(opened);
-    int fd = std::get<0>(opened).front().fd;
+    int fd = std::get<0>(opened).front().fd.release();  // libuv owns it from here
     uv_pipe_init(master_.loop(), &pipe_, 0);
     uv_pipe_open(&pipe_, fd);
     path_ = path;  // ours from now on: removed when the master exits
@@ -174,7 +176,7 @@ std::string ControlServer::listen(const std::string& path, std::uint32_t mode) {
 }
 
 ControlServer::~ControlServer() {
-    if (!path_.empty()) ::unlink(path_.c_str());
+    if (!path_.empty()) remove_socket_file(master_, path_);
 }
 
 bool ControlServer::complete(const std::string& request) const {
@@ -274,14 +276,14 @@ void ControlServer::handle(const std::shared_ptr<Connection>& connection,
 std::string MetricsServer::listen(const config::ListenAddress& address) {
     auto opened = os::open_listeners({address});
     if (!os::ok(opened)) return "metrics.listen: " + os::error_of(opened);
-    const os::Listener& listener = std::get<0>(opened).front();
+    os::Listener& listener = std::get<0>(opened).front();
     if (address.kind == config::ListenAddress::Kind::unix_path) {
         uv_pipe_init(master_.loop(), &pipe_, 0);
-        uv_pipe_open(&pipe_, listener.fd);
+        uv_pipe_open(&pipe_, listener.fd.release());
         path_ = address.path;
     } else {
         uv_tcp_init(master_.loop(), &tcp_);
-        uv_tcp_open(&tcp_, listener.fd);
+        uv_tcp_open(&tcp_, listener.fd.release());
     }
     std::string error = start(address.kind == config::ListenAddress::Kind::unix_path
                                   ? reinterpret_cast<uv_stream_t*>(&pipe_)
@@ -296,7 +298,7 @@ std::string MetricsServer::listen(const config::ListenAddress& address) {
 }
 
 MetricsServer::~MetricsServer() {
-    if (!path_.empty()) ::unlink(path_.c_str());
+    if (!path_.empty()) remove_socket_file(master_, path_);
 }
 
 bool MetricsServer::complete(const std::string& request) const {

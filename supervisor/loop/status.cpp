@@ -1,7 +1,6 @@
 // Views of the master's state for people and tools: `molt ctl status`/`history` (JSON) and
 // the Prometheus text exposition at /metrics. Read-only; computed on demand.
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include "supervisor/loop/master.hpp"
 
@@ -84,7 +83,7 @@ json Master::status_json() const {
     auto target = core_.rollback_target();
     return json{
         {"master",
-         {{"pid", getpid()},
+         {{"pid", os::self_pid()},
           {"version", options_.version},
           {"build", options_.build},
           {"executable", options_.executable},

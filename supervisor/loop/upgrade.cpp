@@ -6,34 +6,34 @@
 //      middle of a rollover would have to serialise half-made decisions.
 //   2. The new binary is first run in a child as `molt upgrade-check [-c FILE]`: it must start,
 //      load the config with its own loader and exit 0. If not, nothing changes.
-//   3. The state goes into MOLT_UPGRADE_STATE (JSON), the fds it names lose close-on-exec,
-//      every signal is blocked (the mask survives exec, so a HUP in the gap stays pending
-//      instead of killing the master with the default action), and execve() runs.
+//   3. The state goes into MOLT_UPGRADE_STATE (versioned JSON with enums by name, see
+//      upgrade_state.hpp; the check of step 2 already parsed it), the fds it names lose
+//      close-on-exec, every signal is blocked (the mask survives exec, so a HUP in the gap
+//      stays pending instead of killing the master with the default action), and execve()
+//      runs.
 //   4. The new image finds MOLT_UPGRADE_STATE and calls run_adopted() instead of binding.
-#include <fcntl.h>
 #include <fmt/format.h>
 #include <signal.h>
 #include <sys/wait.h>
-#include <unistd.h>
 
-#include <cerrno>
-#include <cstring>
-
+#include "supervisor/loop/launch.hpp"
 #include "supervisor/loop/master.hpp"
 #include "supervisor/loop/servers.hpp"
+#include "supervisor/loop/upgrade_state.hpp"
 #include "supervisor/loop/worker_process.hpp"
-
-extern char** environ;
 
 namespace molt::loop {
 
 namespace {
 
-using json = nlohmann::json;
-
-void set_cloexec(int fd, bool on) {
-    int flags = fcntl(fd, F_GETFD);
-    if (flags >= 0) fcntl(fd, F_SETFD, on ? flags | FD_CLOEXEC : flags & ~FD_CLOEXEC);
+// Sets close-on-exec on every fd; the first failure is returned (all are still tried).
+std::string set_close_on_exec(const std::vector<int>& fds, bool on) {
+    std::string first;
+    for (int fd : fds) {
+        std::string error = os::set_close_on_exec(fd, on);
+        if (first.empty()) first = error;
+    }
+    return first;
 }
 
 }  // namespace
@@ -68,7 +68,11 @@ void Master::begin_upgrade() {
         log_.error("binary upgrade aborted: " + os::error_of(pipe));
         return;
     }
-    auto [read_end, write_end] = std::get<os::Pipe>(pipe);
+    auto& [read_end, write_end] = std::get<os::Pipe>(pipe);
+    if (auto error = os::set_nonblocking(read_end.get()); !error.empty()) {
+        log_.error("binary upgrade aborted: " + error);
+        return;
+    }
     os::SpawnRequest request;
     request.program = options_.executable;
     request.argv = {options_.executable, "upgrade-check"};
@@ -76,37 +80,31 @@ void Master::begin_upgrade() {
         request.argv.push_back("-c");
         request.argv.push_back(options_.config_path);
     }
-    // The check child is not the service: it must not talk to systemd or take its sockets.
-    for (char** entry = environ; *entry; ++entry) {
-        std::string item = *entry;
-        if (item.rfind("NOTIFY_SOCKET=", 0) == 0 || item.rfind("LISTEN_", 0) == 0 ||
-            item.rfind("WATCHDOG_", 0) == 0) {
-            continue;
-        }
-        request.env.push_back(std::move(item));
-    }
+    // The check child is not the service: like a worker, it must not talk to systemd or take
+    // its sockets.
+    request.env = child_environment(os::environment());
     // The new binary parses the very state it would adopt, with its own code, before any exec.
-    request.env.push_back("MOLT_UPGRADE_STATE_CHECK=" +
-                          upgrade_state().dump(-1, ' ', false, json::error_handler_t::replace));
-    request.stdout_fd = write_end;
-    request.stderr_fd = write_end;
+    request.env.push_back(std::string(kCheckStateVariable) + "=" +
+                          serialise_upgrade_state(upgrade_state()));
+    request.stdout_fd = write_end.get();
+    request.stderr_fd = write_end.get();
     auto pid = os::spawn_process(request);
-    os::close_fd(write_end);
+    write_end.reset();  // the child holds its copy; EOF comes when it exits
     if (!os::ok(pid)) {
-        os::close_fd(read_end);
         log_.error("binary upgrade aborted: " + os::error_of(pid));
         return;
     }
-    fcntl(read_end, F_SETFL, fcntl(read_end, F_GETFL) | O_NONBLOCK);
     upgrade_check_pid_ = std::get<pid_t>(pid);
-    upgrade_check_fd_ = read_end;
+    upgrade_check_output_ = std::move(read_end);
     uv_timer_start(
         &upgrade_timer_,
         [](uv_timer_t* t) {
             auto* master = static_cast<Master*>(t->data);
             if (master->upgrade_check_pid_ <= 0) return;
             master->log_.error("binary upgrade: the check did not finish within 30s; killing it");
-            os::send_signal(master->upgrade_check_pid_, SIGKILL);  // its exit aborts the upgrade
+            // Its exit aborts the upgrade.
+            std::string error = os::send_signal(master->upgrade_check_pid_, SIGKILL);
+            if (!error.empty()) master->log_.error("binary upgrade: " + error);
         },
         30000, 0);
     log_.info(fmt::format("binary upgrade: checking {} (pid {})", options_.executable,
@@ -115,14 +113,8 @@ void Master::begin_upgrade() {
 
 void Master::finish_upgrade_check(int status) {
     uv_timer_stop(&upgrade_timer_);
-    std::string output;
-    char buffer[4096];
-    for (int rounds = 0; rounds < 16; ++rounds) {
-        ssize_t n = ::read(upgrade_check_fd_, buffer, sizeof buffer);
-        if (n <= 0) break;
-        output.append(buffer, static_cast<size_t>(n));
-    }
-    os::close_fd(upgrade_check_fd_);
+    std::string output = os::read_available(upgrade_check_output_.get(), 64 * 1024);
+    upgrade_check_output_.reset();
     upgrade_check_pid_ = 0;
     while (!output.empty() && (output.back() == '\n' || output.back() == ' ')) output.pop_back();
 
@@ -146,72 +138,42 @@ void Master::finish_upgrade_check(int status) {
     exec_new_image(output);
 }
 
-json Master::upgrade_state() const {
-    json listeners = json::array();
+UpgradeState Master::upgrade_state() const {
+    UpgradeState state;
+    state.from_build = options_.build;
+    state.started_at = started_at_.count();
+    state.wall_started_at = wall_started_at_;
+    state.retired_requests = retired_requests_;
+    state.next_ticket = next_ticket_;
     for (const auto& l : listeners_) {
-        listeners.push_back(json{{"fd", l.fd},
-                                 {"text", l.address.text},
-                                 {"name", l.address.name},
-                                 {"path", l.address.path},
-                                 {"bound", l.bound},
-                                 {"from_systemd", l.from_systemd},
-                                 {"remove_on_exit", l.remove_on_exit}});
+        state.listeners.push_back(
+            {l.fd.get(), l.address, l.bound, l.from_systemd, l.remove_on_exit});
     }
-    const core::Generation& gen = core_.generations().at(*core_.live_generation());
-    json workers = json::array();
     for (const auto& [id, w] : core_.workers()) {
         auto it = processes_.find(w.pid);
         if (it == processes_.end()) continue;
         const WorkerProcess& p = *it->second;
-        workers.push_back(json{{"pid", w.pid},
-                               {"slot", w.slot},
-                               {"channel_fd", p.channel_fd},
-                               {"out_fd", p.out_fd()},
-                               {"err_fd", p.err_fd()},
-                               {"requests", w.counters.requests},
-                               {"rss", w.counters.rss}});
+        core::AdoptedWorker worker{w.pid, w.slot, w.counters};
+        state.workers.push_back({worker, p.channel_fd.get(), p.out_fd(), p.err_fd()});
     }
-    json history = json::array();
-    for (const auto& h : core_.history()) {
-        history.push_back(json{{"id", h.id},
-                               {"release_dir", h.release_dir},
-                               {"version", h.version},
-                               {"digest", h.digest},
-                               {"trigger", static_cast<int>(h.trigger)},
-                               {"started_at", h.started_at.count()},
-                               {"live_at", h.live_at ? json(h.live_at->count()) : json(nullptr)},
-                               {"state", static_cast<int>(h.state)},
-                               {"failure", h.failure}});
-    }
-    json restarts = json::object();
-    for (const auto& [reason, n] : core_.restarts()) {
-        restarts[std::to_string(static_cast<int>(reason))] = n;
-    }
-    return json{{"from_build", options_.build},
-                {"started_at", started_at_.count()},
-                {"wall_started_at", wall_started_at_},
-                {"listeners", listeners},
-                {"generation",
-                 {{"id", gen.id},
-                  {"release_dir", gen.release.release_dir},
-                  {"version", gen.release.version},
-                  {"digest", gen.release.digest},
-                  {"trigger", static_cast<int>(gen.trigger)},
-                  {"target", gen.target}}},
-                {"workers", workers},
-                {"history", history},
-                {"restarts", restarts},
-                {"rollovers_ok", core_.rollovers(true)},
-                {"rollovers_failed", core_.rollovers(false)},
-                {"retired_requests", retired_requests_},
-                {"next_ticket", next_ticket_}};
+    const core::Generation& gen = core_.generations().at(*core_.live_generation());
+    core::AdoptedState& adopted = state.adopted;
+    adopted.generation = gen.id;
+    adopted.release = gen.release;
+    adopted.trigger = gen.trigger;
+    adopted.target = gen.target;
+    adopted.history.assign(core_.history().begin(), core_.history().end());
+    adopted.restarts = core_.restarts();
+    adopted.rollovers_ok = core_.rollovers(true);
+    adopted.rollovers_failed = core_.rollovers(false);
+    return state;
 }
 
 std::vector<int> Master::handed_over_fds() const {
     std::vector<int> fds;
-    for (const auto& l : listeners_) fds.push_back(l.fd);
+    for (const auto& l : listeners_) fds.push_back(l.fd.get());
     for (const auto& [pid, p] : processes_) {
-        for (int fd : {p->channel_fd, p->out_fd(), p->err_fd()}) {
+        for (int fd : {p->channel_fd.get(), p->out_fd(), p->err_fd()}) {
             if (fd >= 0) fds.push_back(fd);
         }
     }
@@ -219,185 +181,94 @@ std::vector<int> Master::handed_over_fds() const {
 }
 
 void Master::exec_new_image(const std::string& new_version) {
-    std::string state = upgrade_state().dump(-1, ' ', false, json::error_handler_t::replace);
+    std::string state = serialise_upgrade_state(upgrade_state());
+    // The master's own environment, as it was, plus the state: the new image is the service.
+    std::string prefix = std::string(kStateVariable) + "=";
     std::vector<std::string> env;
-    for (char** entry = environ; *entry; ++entry) {
-        if (std::strncmp(*entry, "MOLT_UPGRADE_STATE=", 19) != 0) env.emplace_back(*entry);
+    for (auto& entry : os::environment()) {
+        if (entry.rfind(prefix, 0) != 0) env.push_back(std::move(entry));
     }
-    env.push_back("MOLT_UPGRADE_STATE=" + state);
-    std::vector<char*> envp, argv;
-    for (auto& e : env) envp.push_back(e.data());
-    envp.push_back(nullptr);
-    std::vector<std::string> args = options_.argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
+    env.push_back(prefix + state);
 
     auto fds = handed_over_fds();
-    for (int fd : fds) set_cloexec(fd, false);
+    if (auto error = set_close_on_exec(fds, false); !error.empty()) {
+        set_close_on_exec(fds, true);
+        log_.error("binary upgrade aborted: " + error + "; this master keeps running");
+        return;
+    }
     log_.info(
         fmt::format("binary upgrade: {} passed its check ({}); re-executing in place, pid {} "
                     "stays, {} worker(s) stay",
-                    options_.executable, new_version, getpid(), core_.workers().size()));
-    sigset_t all, old;
-    sigfillset(&all);
-    sigprocmask(SIG_BLOCK, &all, &old);
-    ::execve(options_.executable.c_str(), argv.data(), envp.data());
-    int err = errno;
-    sigprocmask(SIG_SETMASK, &old, nullptr);
-    for (int fd : fds) set_cloexec(fd, true);
-    log_.error(fmt::format("binary upgrade aborted: {}; this master keeps running",
-                           os::failed("execve(" + options_.executable + ")", err)));
+                    options_.executable, new_version, os::self_pid(), core_.workers().size()));
+    sigset_t old = os::block_all_signals();
+    std::string error = os::exec_image(options_.executable, options_.argv, env);
+    os::set_signal_mask(old);
+    set_close_on_exec(fds, true);
+    log_.error(fmt::format("binary upgrade aborted: {}; this master keeps running", error));
 }
 
 int Master::run_adopted(const std::string& text) {
-    if (std::string problem = validate_upgrade_state(text); !problem.empty()) {
+    auto parsed = parse_upgrade_state(text);
+    if (!os::ok(parsed)) {
         // Nothing sane to adopt: the workers see EOF on their channels and drain by themselves.
-        log_.error("binary upgrade failed: MOLT_UPGRADE_STATE " + problem + "; exiting");
+        // (`molt upgrade-check` refuses such a state before the old master execs, so this is
+        // only reached by a state that was changed in between.)
+        log_.error(fmt::format("binary upgrade failed: {} {}; exiting", kStateVariable,
+                               os::error_of(parsed)));
         return 1;
     }
-    try {
-        return adopt(json::parse(text));
-    } catch (const std::exception& e) {
-        log_.error(std::string("binary upgrade failed while adopting: ") + e.what() + "; exiting");
-        return 1;
-    }
+    return adopt(std::move(std::get<UpgradeState>(parsed)));
 }
 
 std::string validate_upgrade_state(const std::string& text) {
-    json state = json::parse(text, nullptr, false);
-    if (state.is_discarded() || !state.is_object()) return "is not a JSON object";
-    using T = json::value_t;
-    auto need = [](const json& object,
-                   std::initializer_list<std::pair<const char*, T>> fields) -> std::string {
-        if (!object.is_object()) return "has an entry that is not an object";
-        for (const auto& [name, type] : fields) {
-            if (!object.contains(name)) return std::string("lacks \"") + name + "\"";
-            bool fits = type == T::number_integer ? object[name].is_number_integer()
-                                                  : object[name].type() == type;
-            if (!fits) return std::string("has a wrong type for \"") + name + "\"";
-        }
-        return {};
-    };
-    std::string problem = need(state, {{"generation", T::object},
-                                       {"listeners", T::array},
-                                       {"workers", T::array},
-                                       {"history", T::array},
-                                       {"restarts", T::object}});
-    if (!problem.empty()) return problem;
-    problem = need(state["generation"], {{"id", T::number_integer},
-                                         {"release_dir", T::string},
-                                         {"version", T::string},
-                                         {"digest", T::string},
-                                         {"trigger", T::number_integer},
-                                         {"target", T::number_integer}});
-    for (const auto& l : state["listeners"]) {
-        if (!problem.empty()) break;
-        problem = need(l, {{"fd", T::number_integer},
-                           {"text", T::string},
-                           {"name", T::string},
-                           {"path", T::string},
-                           {"bound", T::string},
-                           {"from_systemd", T::boolean},
-                           {"remove_on_exit", T::boolean}});
-    }
-    for (const auto& w : state["workers"]) {
-        if (!problem.empty()) break;
-        problem = need(w, {{"pid", T::number_integer},
-                           {"slot", T::number_integer},
-                           {"channel_fd", T::number_integer},
-                           {"out_fd", T::number_integer},
-                           {"err_fd", T::number_integer}});
-    }
-    for (const auto& h : state["history"]) {
-        if (!problem.empty()) break;
-        problem = need(h, {{"id", T::number_integer},
-                           {"release_dir", T::string},
-                           {"version", T::string},
-                           {"digest", T::string},
-                           {"trigger", T::number_integer},
-                           {"started_at", T::number_integer},
-                           {"state", T::number_integer},
-                           {"failure", T::string}});
-    }
-    return problem;
+    auto parsed = parse_upgrade_state(text);
+    return os::ok(parsed) ? std::string() : os::error_of(parsed);
 }
 
-int Master::adopt(const json& state) {
-    started_at_ = core::Time(state.value("started_at", std::int64_t{0}));
-    wall_started_at_ = state.value("wall_started_at", std::uint64_t{0});
-    retired_requests_ = state.value("retired_requests", std::uint64_t{0});
-    next_ticket_ = state.value("next_ticket", core::Ticket{1});
-    for (const auto& l : state["listeners"]) {
+int Master::adopt(UpgradeState state) {
+    started_at_ = core::Time(state.started_at);
+    wall_started_at_ = state.wall_started_at;
+    retired_requests_ = state.retired_requests;
+    next_ticket_ = state.next_ticket;
+    std::vector<std::string> problems;
+    for (auto& l : state.listeners) {
         os::Listener listener;
-        listener.fd = l["fd"];
-        listener.address.text = l["text"];
-        listener.address.name = l["name"];
-        listener.address.path = l["path"];
-        listener.address.kind = listener.address.path.empty()
-                                    ? config::ListenAddress::Kind::tcp
-                                    : config::ListenAddress::Kind::unix_path;
-        listener.bound = l["bound"];
-        listener.from_systemd = l["from_systemd"];
-        listener.remove_on_exit = l["remove_on_exit"];
-        set_cloexec(listener.fd, true);
-        listeners_.push_back(listener);
+        listener.fd = os::Fd(l.fd);
+        listener.address = l.address;
+        listener.bound = l.bound;
+        listener.from_systemd = l.from_systemd;
+        listener.remove_on_exit = l.remove_on_exit;
+        if (auto error = os::set_close_on_exec(l.fd, true); !error.empty())
+            problems.push_back(error);
+        listeners_.push_back(std::move(listener));
     }
 
-    const json& g = state["generation"];
-    core::AdoptedState adopted;
-    adopted.generation = g["id"];
-    adopted.trigger = static_cast<core::Trigger>(g["trigger"].get<int>());
-    adopted.target = g["target"];
+    core::AdoptedState adopted = std::move(state.adopted);
     adopted.release.config = config_;
-    adopted.release.release_dir = g["release_dir"];
-    adopted.release.version = g["version"];
-    adopted.release.digest = g["digest"];
-    for (const auto& w : state["workers"]) {
-        pid_t pid = w["pid"];
-        int slot = w["slot"];
-        int channel = w["channel_fd"], out = w["out_fd"], err = w["err_fd"];
-        for (int fd : {channel, out, err}) set_cloexec(fd, true);
-        track_process(adopted.generation, slot, pid, channel, out, err);
-        core::AdoptedWorker worker;
-        worker.pid = pid;
-        worker.slot = slot;
-        worker.counters.requests = w.value("requests", std::uint64_t{0});
-        worker.counters.rss = w.value("rss", std::uint64_t{0});
-        adopted.workers.push_back(worker);
+    for (const auto& w : state.workers) {
+        for (int fd : {w.channel_fd, w.out_fd, w.err_fd}) {
+            if (auto error = os::set_close_on_exec(fd, true); !error.empty()) {
+                problems.push_back(error);
+            }
+        }
+        track_process(adopted.generation, w.worker.slot, w.worker.pid, os::Fd(w.channel_fd),
+                      w.out_fd, w.err_fd);
+        adopted.workers.push_back(w.worker);
     }
-    for (const auto& h : state["history"]) {
-        core::HistoryEntry entry;
-        entry.id = h["id"];
-        entry.release_dir = h["release_dir"];
-        entry.version = h["version"];
-        entry.digest = h["digest"];
-        entry.trigger = static_cast<core::Trigger>(h["trigger"].get<int>());
-        entry.started_at = core::Time(h["started_at"].get<std::int64_t>());
-        if (!h["live_at"].is_null()) entry.live_at = core::Time(h["live_at"].get<std::int64_t>());
-        entry.state = static_cast<core::GenerationState>(h["state"].get<int>());
-        entry.failure = h["failure"];
-        adopted.history.push_back(entry);
-    }
-    for (const auto& [reason, n] : state["restarts"].items()) {
-        adopted.restarts[static_cast<core::RestartReason>(std::stoi(reason))] = n;
-    }
-    adopted.rollovers_ok = state.value("rollovers_ok", std::uint64_t{0});
-    adopted.rollovers_failed = state.value("rollovers_failed", std::uint64_t{0});
+    // A worker would inherit an fd still open across its exec: worth a line, not a stop.
+    for (const auto& problem : problems) log_.warning("after the binary upgrade: " + problem);
 
     if (auto error = start_services(); !error.empty()) {
         // The workers are serving; losing the control socket must not take them down.
         log_.error("after the binary upgrade: " + error);
     }
     log_.info(fmt::format("binary upgrade complete: now molt {} build {} (was build {}), pid {}",
-                          options_.version, options_.build, state.value("from_build", "?"),
-                          getpid()));
+                          options_.version, options_.build, state.from_build, os::self_pid()));
     feed(core_.adopt(now(), std::move(adopted)));
     // Children that exited while no image was listening for SIGCHLD are reaped now; then the
     // signals held back across exec are let through to the new handlers.
     reap_children();
-    sigset_t all;
-    sigfillset(&all);
-    sigprocmask(SIG_UNBLOCK, &all, nullptr);
+    os::unblock_all_signals();
     uv_run(&loop_, UV_RUN_DEFAULT);
     return exit_code_.value_or(1);
 }

@@ -1,14 +1,11 @@
 #include "supervisor/loop/watch.hpp"
 
-#include <dirent.h>
 #include <fmt/format.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <climits>
-#include <cstring>
 #include <fstream>
+
+#include "supervisor/os/os.hpp"
 
 namespace molt::loop {
 
@@ -49,28 +46,33 @@ std::uint64_t hash_file(std::uint64_t hash, const std::string& path) {
     return hash;
 }
 
+// A directory's entries without the ignored byproducts; none when it cannot be read.
+std::vector<std::string> watched_entries(const std::string& dir) {
+    auto listed = os::list_directory(dir);
+    if (!os::ok(listed)) return {};
+    auto names = std::move(std::get<0>(listed));
+    names.erase(std::remove_if(names.begin(), names.end(), ignored), names.end());
+    return names;
+}
+
+bool is_directory(const std::string& path) {
+    return os::file_info(path).kind == os::FileInfo::Kind::directory;
+}
+
 std::uint64_t hash_tree(std::uint64_t hash, const std::string& dir, const std::string& rel) {
-    DIR* d = ::opendir(dir.c_str());
-    if (d == nullptr) return hash;
-    std::vector<std::string> names;
-    while (dirent* entry = ::readdir(d)) {
-        std::string name = entry->d_name;
-        if (name != "." && name != ".." && !ignored(name)) names.push_back(name);
-    }
-    ::closedir(d);
+    // An unreadable directory hashes as empty; the next event that reaches it tries again.
+    std::vector<std::string> names = watched_entries(dir);
     std::sort(names.begin(), names.end());
     for (const auto& name : names) {
         std::string path = dir + "/" + name;
-        struct stat st {};
-        if (::lstat(path.c_str(), &st) != 0) continue;
+        auto kind = os::file_info(path).kind;
+        if (kind == os::FileInfo::Kind::missing) continue;
         hash = fnv(hash, rel + "/" + name + "\n");
-        if (S_ISDIR(st.st_mode)) {
+        if (kind == os::FileInfo::Kind::directory) {
             hash = hash_tree(hash, path, rel + "/" + name);
-        } else if (S_ISLNK(st.st_mode)) {
-            char target[PATH_MAX];
-            ssize_t n = ::readlink(path.c_str(), target, sizeof target);
-            if (n > 0) hash = fnv(hash, std::string_view(target, static_cast<std::size_t>(n)));
-        } else if (S_ISREG(st.st_mode)) {
+        } else if (kind == os::FileInfo::Kind::symlink) {
+            hash = fnv(hash, os::read_link(path));
+        } else if (kind == os::FileInfo::Kind::regular) {
             hash = hash_file(hash, path);
         }
     }
@@ -109,17 +111,17 @@ Watcher::~Watcher() {
 }
 
 std::string Watcher::fingerprint(const std::string& path) {
-    struct stat st {};
-    if (::lstat(path.c_str(), &st) != 0) return "missing";
-    if (S_ISLNK(st.st_mode)) {
-        char target[PATH_MAX];
-        ssize_t n = ::readlink(path.c_str(), target, sizeof target);
-        return "link:" + std::string(target, n > 0 ? static_cast<std::size_t>(n) : 0);
+    os::FileInfo info = os::file_info(path);
+    switch (info.kind) {
+        case os::FileInfo::Kind::missing:
+            return "missing";
+        case os::FileInfo::Kind::symlink:
+            return "link:" + os::read_link(path);
+        case os::FileInfo::Kind::directory:
+            return fmt::format("tree:{:016x}", hash_tree(1469598103934665603ULL, path, ""));
+        default:
+            return fmt::format("file:{}.{:09}:{}", info.mtime_sec, info.mtime_nsec, info.size);
     }
-    if (S_ISDIR(st.st_mode)) {
-        return fmt::format("tree:{:016x}", hash_tree(1469598103934665603ULL, path, ""));
-    }
-    return fmt::format("file:{}.{:09}:{}", st.st_mtim.tv_sec, st.st_mtim.tv_nsec, st.st_size);
 }
 
 std::vector<std::string> Watcher::start() {
@@ -128,14 +130,12 @@ std::vector<std::string> Watcher::start() {
     timer_.data = this;
     for (const auto& path : paths_) {
         fingerprints_[path] = fingerprint(path);
-        struct stat st {};
-        bool is_dir = ::lstat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-        if (is_dir) {
+        if (is_directory(path)) {
             watch_tree(path);
         } else {
             // A symlink or file is replaced by rename: only its directory sees that.
             std::string parent = parent_of(path);
-            if (::access(parent.c_str(), F_OK) != 0) {
+            if (!os::exists(parent)) {
                 problems.push_back(
                     fmt::format("watch: {}: its directory {} does not exist", path, parent));
                 continue;
@@ -174,18 +174,10 @@ void Watcher::watch_directory(const std::string& dir, const std::string& only_na
 void Watcher::watch_tree(const std::string& root) {
     // inotify is not recursive: every directory of the tree gets its own watch.
     watch_directory(root, "");
-    DIR* d = ::opendir(root.c_str());
-    if (d == nullptr) return;
-    std::vector<std::string> subdirs;
-    while (dirent* entry = ::readdir(d)) {
-        std::string name = entry->d_name;
-        if (name == "." || name == ".." || ignored(name)) continue;
+    for (const auto& name : watched_entries(root)) {
         std::string path = root + "/" + name;
-        struct stat st {};
-        if (::lstat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) subdirs.push_back(path);
+        if (is_directory(path)) watch_tree(path);
     }
-    ::closedir(d);
-    for (const auto& sub : subdirs) watch_tree(sub);
 }
 
 void Watcher::on_event(const std::string& dir, const char* name) {
@@ -199,8 +191,7 @@ void Watcher::on_event(const std::string& dir, const char* name) {
     }
     // A new subdirectory of a watched tree needs its own watch.
     std::string path = dir + "/" + entry;
-    struct stat st {};
-    if (handle.names.empty() && ::lstat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+    if (handle.names.empty() && is_directory(path)) {
         watch_tree(path);
     }
     uv_timer_start(

@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "supervisor/core/supervisor.hpp"
+#include "supervisor/os/os.hpp"
 
 namespace molt::loop {
 
@@ -18,7 +19,7 @@ struct WorkerProcess {
     core::GenerationId generation = 0;
     int slot = 0;
     pid_t pid = 0;
-    int channel_fd = -1;
+    os::Fd channel_fd;  // the master's end; libuv only polls it
     uv_poll_t channel{};
     uv_pipe_t out{};
     uv_pipe_t err{};

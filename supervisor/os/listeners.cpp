@@ -20,11 +20,7 @@ namespace molt::os {
 
 namespace {
 
-void set_nonblocking(int fd) {
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-}
-
-Result<int> open_tcp(const config::ListenAddress& address) {
+Result<Fd> open_tcp(const config::ListenAddress& address) {
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
@@ -36,41 +32,46 @@ Result<int> open_tcp(const config::ListenAddress& address) {
         return Error{address.text + ": cannot resolve " + address.host + ": " + gai_strerror(rc)};
     }
     std::string error;
-    int fd = -1;
-    for (addrinfo* ai = found; ai != nullptr && fd < 0; ai = ai->ai_next) {
-        fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-        if (fd < 0) {
+    Fd fd;
+    for (addrinfo* ai = found; ai != nullptr && !fd; ai = ai->ai_next) {
+        fd.reset(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
+        if (!fd) {
             error = failed("socket()", errno);
             continue;
         }
         int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (ai->ai_family == AF_INET6) {
-            // An IPv6 listener listens on IPv6 only, so [::]:8000 and 0.0.0.0:8000 can be
-            // listed side by side and each means what it says.
-            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+        if (::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0) {
+            error = failed("setsockopt(" + address.text + ", SO_REUSEADDR)", errno);
+            fd.reset();
+            continue;
         }
-        if (::bind(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+        // An IPv6 listener listens on IPv6 only, so [::]:8000 and 0.0.0.0:8000 can be
+        // listed side by side and each means what it says.
+        if (ai->ai_family == AF_INET6 &&
+            ::setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one) < 0) {
+            error = failed("setsockopt(" + address.text + ", IPV6_V6ONLY)", errno);
+            fd.reset();
+            continue;
+        }
+        if (::bind(fd.get(), ai->ai_addr, ai->ai_addrlen) < 0) {
             int err = errno;
             error = failed("bind(" + address.text + ")", err);
             if (err == EADDRINUSE) error += " (is another molt or server already listening there?)";
-            ::close(fd);
-            fd = -1;
+            fd.reset();
             continue;
         }
-        if (::listen(fd, address.backlog) < 0) {
+        if (::listen(fd.get(), address.backlog) < 0) {
             error = failed("listen(" + address.text + ")", errno);
-            ::close(fd);
-            fd = -1;
+            fd.reset();
         }
     }
     freeaddrinfo(found);
-    if (fd < 0) return Error{error};
-    set_nonblocking(fd);
+    if (!fd) return Error{error};
+    if (auto problem = set_nonblocking(fd.get()); !problem.empty()) return Error{problem};
     return fd;
 }
 
-Result<int> open_unix(const config::ListenAddress& address) {
+Result<Fd> open_unix(const config::ListenAddress& address) {
     sockaddr_un sun{};
     sun.sun_family = AF_UNIX;
     if (address.path.size() >= sizeof sun.sun_path) {
@@ -78,44 +79,41 @@ Result<int> open_unix(const config::ListenAddress& address) {
                      std::to_string(sizeof sun.sun_path - 1) + " bytes"};
     }
     std::memcpy(sun.sun_path, address.path.c_str(), address.path.size() + 1);
-    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return Error{failed("socket(AF_UNIX)", errno)};
+    Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd) return Error{failed("socket(AF_UNIX)", errno)};
 
     struct stat st {};
     if (::lstat(address.path.c_str(), &st) == 0) {
         if (!S_ISSOCK(st.st_mode)) {
-            ::close(fd);
             return Error{address.text + ": " + address.path + " exists and is not a socket"};
         }
         // A live server answers; a stale file from a crashed process refuses.
-        if (::connect(fd, reinterpret_cast<sockaddr*>(&sun), sizeof sun) == 0) {
-            ::close(fd);
+        if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&sun), sizeof sun) == 0) {
             return Error{address.text + ": another process is already listening on " +
                          address.path};
         }
-        ::close(fd);
-        ::unlink(address.path.c_str());
-        fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0) return Error{failed("socket(AF_UNIX)", errno)};
+        if (auto error = remove_file(address.path); !error.empty()) {
+            return Error{address.text + ": stale socket file: " + error};
+        }
+        fd.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        if (!fd) return Error{failed("socket(AF_UNIX)", errno)};
     }
-    if (::bind(fd, reinterpret_cast<sockaddr*>(&sun), sizeof sun) < 0) {
-        int err = errno;
-        ::close(fd);
-        return Error{failed("bind(" + address.text + ")", err)};
+    if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&sun), sizeof sun) < 0) {
+        return Error{failed("bind(" + address.text + ")", errno)};
     }
+    // From here on the socket file is ours: a failure removes it again.
+    std::string error;
     if (::chmod(address.path.c_str(), address.mode) < 0) {
-        int err = errno;
-        ::close(fd);
-        ::unlink(address.path.c_str());
-        return Error{failed("chmod(" + address.path + ")", err)};
+        error = failed("chmod(" + address.path + ")", errno);
+    } else if (::listen(fd.get(), address.backlog) < 0) {
+        error = failed("listen(" + address.text + ")", errno);
+    } else {
+        error = set_nonblocking(fd.get());
     }
-    if (::listen(fd, address.backlog) < 0) {
-        int err = errno;
-        ::close(fd);
+    if (!error.empty()) {
         ::unlink(address.path.c_str());
-        return Error{failed("listen(" + address.text + ")", err)};
+        return Error{error};
     }
-    set_nonblocking(fd);
     return fd;
 }
 
@@ -155,13 +153,13 @@ Result<std::vector<Listener>> open_listeners(const std::vector<config::ListenAdd
         }
         Listener listener;
         listener.address = address;
-        listener.fd = std::get<int>(fd);
-        listener.bound = socket_address(listener.fd);
+        listener.fd = std::move(std::get<Fd>(fd));
+        listener.bound = socket_address(listener.fd.get());
         listener.remove_on_exit = address.kind == config::ListenAddress::Kind::unix_path;
         listeners.push_back(std::move(listener));
     }
     if (!errors.empty()) {
-        close_listeners(listeners);
+        if (auto cleanup = close_listeners(listeners); !cleanup.empty()) errors += "; " + cleanup;
         return Error{errors};
     }
     return listeners;
@@ -177,12 +175,13 @@ std::optional<Result<std::vector<Listener>>> adopt_systemd_listeners(
         return std::nullopt;
     }
     std::vector<Listener> listeners;
+    std::string errors;
     for (int i = 0; i < count; ++i) {
         int fd = SD_LISTEN_FDS_START + i;
         std::string name = names && names[i] ? names[i] : "";
         std::string bound = socket_address(fd);
         Listener listener;
-        listener.fd = fd;
+        listener.fd = Fd(fd);
         listener.bound = bound;
         listener.from_systemd = true;
         // Match a `listen:` entry by address first, else by LISTEN_FDNAMES: one socket unit
@@ -202,24 +201,29 @@ std::optional<Result<std::vector<Listener>>> adopt_systemd_listeners(
             if (address.name == name) match = &address;
         }
         if (match != nullptr) listener.address = *match;
-        fcntl(fd, F_SETFD, FD_CLOEXEC);
-        set_nonblocking(fd);
+        for (const std::string& problem : {set_close_on_exec(fd, true), set_nonblocking(fd)}) {
+            if (!problem.empty()) errors += (errors.empty() ? "" : "; ") + problem;
+        }
         listeners.push_back(std::move(listener));
     }
     if (names) {
         for (int i = 0; i < count; ++i) free(names[i]);
         free(names);
     }
+    if (!errors.empty()) return Result<std::vector<Listener>>(Error{errors});
     return Result<std::vector<Listener>>(std::move(listeners));
 }
 
-void close_listeners(std::vector<Listener>& listeners) {
+std::string close_listeners(std::vector<Listener>& listeners) {
+    std::string errors;
     for (auto& listener : listeners) {
         if (listener.remove_on_exit && !listener.from_systemd) {
-            ::unlink(listener.address.path.c_str());
+            std::string error = remove_file(listener.address.path);
+            if (!error.empty()) errors += (errors.empty() ? "" : "; ") + error;
         }
-        close_fd(listener.fd);
+        listener.fd.reset();
     }
+    return errors;
 }
 
 }  // namespace molt::os

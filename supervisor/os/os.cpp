@@ -1,5 +1,6 @@
 #include "supervisor/os/os.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <pwd.h>
@@ -7,6 +8,9 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <systemd/sd-daemon.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,42 +21,22 @@
 #include <cstring>
 #include <fstream>
 
+#include "supervisor/common/text.hpp"
+
+extern char** environ;
+
 namespace molt::os {
 
 std::string failed(const std::string& call, int err) {
     return call + " failed: " + std::strerror(err);
 }
 
-const char* signal_name(int sig) {
-    switch (sig) {
-        case SIGHUP:
-            return "SIGHUP";
-        case SIGINT:
-            return "SIGINT";
-        case SIGQUIT:
-            return "SIGQUIT";
-        case SIGABRT:
-            return "SIGABRT";
-        case SIGKILL:
-            return "SIGKILL";
-        case SIGTERM:
-            return "SIGTERM";
-        case SIGUSR1:
-            return "SIGUSR1";
-        case SIGUSR2:
-            return "SIGUSR2";
-        case SIGCHLD:
-            return "SIGCHLD";
-        case SIGTTIN:
-            return "SIGTTIN";
-        case SIGTTOU:
-            return "SIGTTOU";
-        default:
-            return "signal";
-    }
-}
-
 namespace {
+
+// "fcntl(7, F_GETFL)"
+std::string fmt_call(const char* call, int fd, const char* arguments) {
+    return std::string(call) + "(" + std::to_string(fd) + ", " + arguments + ")";
+}
 
 // Only async-signal-safe calls below this point run in the child between fork and exec.
 [[noreturn]] void child_fail(const char* what) {
@@ -133,7 +117,13 @@ std::string send_signal(pid_t pid, int sig, bool* no_such_process) {
     if (::kill(pid, sig) == 0) return {};
     int err = errno;
     if (no_such_process) *no_such_process = err == ESRCH;
-    return failed("kill(" + std::to_string(pid) + ", " + signal_name(sig) + ")", err);
+    return failed("kill(" + std::to_string(pid) + ", " + text::signal_name(sig) + ")", err);
+}
+
+void Fd::reset(int fd) {
+    // close() is not retried on EINTR: on Linux the fd is released either way.
+    if (fd_ >= 0 && fd_ != fd) ::close(fd_);
+    fd_ = fd;
 }
 
 Result<SocketPair> make_channel() {
@@ -141,19 +131,223 @@ Result<SocketPair> make_channel() {
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds) < 0) {
         return Error{failed("socketpair(AF_UNIX, SOCK_SEQPACKET)", errno)};
     }
-    fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK);
-    return SocketPair{fds[0], fds[1]};
+    SocketPair pair{Fd(fds[0]), Fd(fds[1])};
+    if (auto error = set_nonblocking(pair.master_end.get()); !error.empty()) return Error{error};
+    return pair;
 }
 
 Result<Pipe> make_pipe() {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) < 0) return Error{failed("pipe2()", errno)};
-    return Pipe{fds[0], fds[1]};
+    return Pipe{Fd(fds[0]), Fd(fds[1])};
 }
 
-void close_fd(int& fd) {
-    if (fd >= 0) ::close(fd);
-    fd = -1;
+std::string set_nonblocking(int fd) {
+    int flags = ::fcntl(fd, F_GETFL);
+    if (flags < 0) return failed(fmt_call("fcntl", fd, "F_GETFL"), errno);
+    if (::fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+        return failed(fmt_call("fcntl", fd, "F_SETFL, O_NONBLOCK"), errno);
+    }
+    return {};
+}
+
+std::string set_close_on_exec(int fd, bool on) {
+    int flags = ::fcntl(fd, F_GETFD);
+    if (flags < 0) return failed(fmt_call("fcntl", fd, "F_GETFD"), errno);
+    int wanted = on ? flags | FD_CLOEXEC : flags & ~FD_CLOEXEC;
+    if (::fcntl(fd, F_SETFD, wanted) < 0) {
+        return failed(fmt_call("fcntl", fd, on ? "F_SETFD, FD_CLOEXEC" : "F_SETFD, 0"), errno);
+    }
+    return {};
+}
+
+std::string read_available(int fd, std::size_t limit) {
+    std::string data;
+    char buffer[8192];
+    while (data.size() < limit) {
+        std::size_t want = std::min(sizeof buffer, limit - data.size());
+        ssize_t n = ::read(fd, buffer, want);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        data.append(buffer, static_cast<std::size_t>(n));
+    }
+    return data;
+}
+
+Packet receive_packet(int fd) {
+    char buffer[65536];
+    for (;;) {
+        ssize_t n = ::recv(fd, buffer, sizeof buffer, MSG_DONTWAIT);
+        if (n > 0) return Packet{Packet::Status::packet, std::string(buffer, n), {}};
+        if (n == 0) return Packet{Packet::Status::closed, {}, {}};
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return Packet{};
+        return Packet{
+            Packet::Status::closed, {}, failed(fmt_call("recv", fd, "MSG_DONTWAIT"), errno)};
+    }
+}
+
+std::string send_packet(int fd, std::string_view message, pid_t peer) {
+    if (::send(fd, message.data(), message.size(), MSG_NOSIGNAL | MSG_DONTWAIT) >= 0) return {};
+    return failed("send(" + std::string(message) + " to pid " + std::to_string(peer) + ")", errno);
+}
+
+std::optional<Reaped> reap_child() {
+    for (;;) {
+        int status = 0;
+        pid_t pid = ::waitpid(-1, &status, WNOHANG);
+        if (pid > 0) return Reaped{pid, status};
+        // 0: children left, none exited; ECHILD: no children at all.
+        if (pid < 0 && errno == EINTR) continue;
+        return std::nullopt;
+    }
+}
+
+pid_t self_pid() {
+    return ::getpid();
+}
+
+void ignore_signal(int sig) {
+    struct sigaction action {};
+    action.sa_handler = SIG_IGN;
+    ::sigaction(sig, &action, nullptr);
+}
+
+std::vector<std::string> environment() {
+    std::vector<std::string> entries;
+    for (char** entry = environ; *entry; ++entry) entries.emplace_back(*entry);
+    return entries;
+}
+
+void unset_environment(const char* name) {
+    ::unsetenv(name);
+}
+
+sigset_t block_all_signals() {
+    sigset_t all, old;
+    sigfillset(&all);
+    ::sigprocmask(SIG_BLOCK, &all, &old);
+    return old;
+}
+
+void set_signal_mask(const sigset_t& mask) {
+    ::sigprocmask(SIG_SETMASK, &mask, nullptr);
+}
+
+void unblock_all_signals() {
+    sigset_t all;
+    sigfillset(&all);
+    ::sigprocmask(SIG_UNBLOCK, &all, nullptr);
+}
+
+std::string exec_image(const std::string& program, const std::vector<std::string>& argv,
+                       const std::vector<std::string>& env) {
+    auto args = c_strings(argv);
+    auto envp = c_strings(env);
+    ::execve(program.c_str(), args.data(), envp.data());
+    return failed("execve(" + program + ")", errno);
+}
+
+std::string notify_systemd(const std::string& message) {
+    int rc = sd_notify(0, message.c_str());
+    if (rc >= 0) return {};
+    std::string first_line = message.substr(0, message.find('\n'));
+    return failed("sd_notify(" + first_line + ")", -rc);
+}
+
+std::uint64_t systemd_watchdog_us() {
+    std::uint64_t usec = 0;
+    return sd_watchdog_enabled(0, &usec) > 0 ? usec : 0;
+}
+
+std::uint64_t wall_clock_us() {
+    timespec ts{};
+    ::clock_gettime(CLOCK_REALTIME, &ts);
+    return static_cast<std::uint64_t>(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;
+}
+
+std::uint64_t monotonic_us() {
+    timespec ts{};
+    ::clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<std::uint64_t>(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;
+}
+
+std::string write_pidfile(const std::string& path, pid_t pid) {
+    // A link planted at the pidfile's path (by whoever can write its directory) must not make
+    // the master, often root, write or replace the file the link points to.
+    Fd existing(::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK));
+    if (!existing && errno == ELOOP) {
+        return "pidfile " + path +
+               " is a symbolic link; molt does not write through links (remove it, or point "
+               "pidfile: at a plain path)";
+    }
+    existing.reset();
+    std::string temporary = path + ".tmp." + std::to_string(pid);
+    Fd file(::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
+    if (!file && errno == EEXIST) {
+        // Left by a crashed master that had our pid; O_EXCL then makes sure we own the new one.
+        ::unlink(temporary.c_str());
+        file.reset(
+            ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
+    }
+    if (!file) return failed("open(" + temporary + ", O_CREAT|O_EXCL|O_NOFOLLOW)", errno);
+    std::string text = std::to_string(pid) + "\n";
+    ssize_t written = ::write(file.get(), text.data(), text.size());
+    if (written != static_cast<ssize_t>(text.size())) {
+        std::string error = written < 0 ? failed("write(" + temporary + ")", errno)
+                                        : "write(" + temporary + ") was short";
+        ::unlink(temporary.c_str());
+        return error;
+    }
+    file.reset();
+    // rename() replaces whatever is at `path` (a link included) and never follows it.
+    if (::rename(temporary.c_str(), path.c_str()) < 0) {
+        std::string error = failed("rename(" + temporary + ", " + path + ")", errno);
+        ::unlink(temporary.c_str());
+        return error;
+    }
+    return {};
+}
+
+std::string remove_file(const std::string& path) {
+    if (::unlink(path.c_str()) == 0 || errno == ENOENT) return {};
+    return failed("unlink(" + path + ")", errno);
+}
+
+FileInfo file_info(const std::string& path) {
+    struct stat st {};
+    FileInfo info;
+    if (::lstat(path.c_str(), &st) != 0) return info;
+    info.kind = S_ISDIR(st.st_mode)   ? FileInfo::Kind::directory
+                : S_ISLNK(st.st_mode) ? FileInfo::Kind::symlink
+                : S_ISREG(st.st_mode) ? FileInfo::Kind::regular
+                                      : FileInfo::Kind::other;
+    info.mtime_sec = st.st_mtim.tv_sec;
+    info.mtime_nsec = st.st_mtim.tv_nsec;
+    info.size = st.st_size;
+    return info;
+}
+
+Result<std::vector<std::string>> list_directory(const std::string& path) {
+    DIR* dir = ::opendir(path.c_str());
+    if (dir == nullptr) return Error{failed("opendir(" + path + ")", errno)};
+    std::vector<std::string> names;
+    while (dirent* entry = ::readdir(dir)) {
+        std::string name = entry->d_name;
+        if (name != "." && name != "..") names.push_back(std::move(name));
+    }
+    ::closedir(dir);
+    return names;
+}
+
+std::string read_link(const std::string& path) {
+    char target[PATH_MAX];
+    ssize_t n = ::readlink(path.c_str(), target, sizeof target);
+    return n > 0 ? std::string(target, static_cast<std::size_t>(n)) : std::string();
+}
+
+bool exists(const std::string& path) {
+    return ::access(path.c_str(), F_OK) == 0;
 }
 
 unsigned long long oom_kill_count() {

@@ -2,10 +2,13 @@
 // back as text that reads like nginx's: "kill(4312, SIGTERM) failed: No such process".
 #pragma once
 
+#include <signal.h>
 #include <sys/types.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <variant>
 #include <vector>
 
@@ -33,6 +36,34 @@ const std::string& error_of(const Result<T>& r) {
     return std::get<Error>(r).text;
 }
 
+// An owned file descriptor: move-only, closed exactly once (by the destructor or reset()).
+// release() hands the fd to a new owner (libuv, an exec'd image) that closes it itself.
+class Fd {
+  public:
+    Fd() = default;
+    explicit Fd(int fd) : fd_(fd) {}
+    Fd(Fd&& other) noexcept : fd_(other.release()) {}
+    Fd& operator=(Fd&& other) noexcept {
+        if (this != &other) reset(other.release());
+        return *this;
+    }
+    Fd(const Fd&) = delete;
+    Fd& operator=(const Fd&) = delete;
+    ~Fd() { reset(); }
+
+    int get() const { return fd_; }
+    explicit operator bool() const { return fd_ >= 0; }
+    int release() {
+        int fd = fd_;
+        fd_ = -1;
+        return fd;
+    }
+    void reset(int fd = -1);
+
+  private:
+    int fd_ = -1;
+};
+
 struct SpawnRequest {
     std::string program;
     std::vector<std::string> argv;
@@ -55,22 +86,107 @@ Result<pid_t> spawn_process(const SpawnRequest& request);
 // kill(pid, sig); empty on success, the error text otherwise. `no_such_process` is set on ESRCH.
 std::string send_signal(pid_t pid, int sig, bool* no_such_process = nullptr);
 
-const char* signal_name(int sig);
-
 struct SocketPair {
-    int master_end = -1;
-    int worker_end = -1;
+    Fd master_end;
+    Fd worker_end;
 };
-Result<SocketPair>
-make_channel();  // AF_UNIX SOCK_SEQPACKET, close-on-exec, master end non-blocking
+// AF_UNIX SOCK_SEQPACKET, close-on-exec, master end non-blocking.
+Result<SocketPair> make_channel();
 
 struct Pipe {
-    int read_end = -1;
-    int write_end = -1;
+    Fd read_end;
+    Fd write_end;
 };
-Result<Pipe> make_pipe();
+Result<Pipe> make_pipe();  // close-on-exec
 
-void close_fd(int& fd);
+// fcntl flags; empty on success, the error text otherwise.
+std::string set_nonblocking(int fd);
+std::string set_close_on_exec(int fd, bool on);
+
+// Whatever can be read from a non-blocking fd now, up to `limit` bytes (stops at EOF or when
+// the fd would block); read errors other than EAGAIN end the read early.
+std::string read_available(int fd, std::size_t limit);
+
+// One SEQPACKET packet from a non-blocking channel.
+struct Packet {
+    enum class Status { packet, empty, closed };  // empty: nothing queued now
+    Status status = Status::empty;
+    std::string data;   // with Status::packet
+    std::string error;  // with Status::closed after a failed recv (not a clean EOF)
+};
+Packet receive_packet(int fd);
+
+// send() of one packet without blocking and without SIGPIPE; empty on success, otherwise
+// "send(DRAIN=1 to pid 4312) failed: Broken pipe".
+std::string send_packet(int fd, std::string_view message, pid_t peer);
+
+// waitpid(-1, WNOHANG): one exited child, or nullopt when none is waiting to be reaped.
+struct Reaped {
+    pid_t pid = 0;
+    int status = 0;  // as waitpid reports it (WIFEXITED, WTERMSIG...)
+};
+std::optional<Reaped> reap_child();
+
+// ----- the process itself ----------------------------------------------------------------
+
+pid_t self_pid();
+void ignore_signal(int sig);  // SIG_IGN, e.g. SIGPIPE: a gone peer is an error, not a death
+
+// The process environment as "KEY=VALUE" entries, and unsetenv(3).
+std::vector<std::string> environment();
+void unset_environment(const char* name);
+
+// Blocks every signal and returns the previous mask; the mask survives exec, so a signal sent
+// while one image hands over to the next stays pending instead of acting by default.
+sigset_t block_all_signals();
+void set_signal_mask(const sigset_t& mask);
+void unblock_all_signals();
+
+// execve(2). Returns only on failure, with the error text.
+std::string exec_image(const std::string& program, const std::vector<std::string>& argv,
+                       const std::vector<std::string>& env);
+
+// sd_notify(3) with `message`: empty on success or when molt does not run under systemd's
+// notify protocol (no NOTIFY_SOCKET), otherwise the error text.
+std::string notify_systemd(const std::string& message);
+
+// The watchdog interval systemd asks for (WATCHDOG_USEC for this pid), 0 when none. The
+// variables stay in the environment, so an image re-executed by a binary upgrade keeps
+// pinging; children never see them (contract::is_scrubbed).
+std::uint64_t systemd_watchdog_us();
+
+// Clocks: wall time in microseconds since the epoch; monotonic time in microseconds.
+std::uint64_t wall_clock_us();
+std::uint64_t monotonic_us();
+
+// ----- files ------------------------------------------------------------------------------
+
+// Writes "PID\n" to `path` without ever following a symbolic link: a link at `path` is
+// refused (open with O_NOFOLLOW), the text goes to a temporary file created with O_EXCL next
+// to it, and rename() puts it in place atomically. Empty on success, the error otherwise.
+std::string write_pidfile(const std::string& path, pid_t pid);
+
+// unlink(2); a file that is already gone is not an error.
+std::string remove_file(const std::string& path);
+
+// lstat(2) reduced to what the watcher compares.
+struct FileInfo {
+    enum class Kind { missing, directory, symlink, regular, other };
+    Kind kind = Kind::missing;
+    std::int64_t mtime_sec = 0;
+    std::int64_t mtime_nsec = 0;
+    std::int64_t size = 0;
+};
+FileInfo file_info(const std::string& path);
+
+// The entries of a directory except "." and ".."; an unreadable directory gives an error.
+Result<std::vector<std::string>> list_directory(const std::string& path);
+
+// readlink(2); empty when `path` is not a readable link.
+std::string read_link(const std::string& path);
+
+// access(F_OK).
+bool exists(const std::string& path);
 
 // The kernel's count of OOM kills so far (/proc/vmstat oom_kill); 0 when unknown.
 unsigned long long oom_kill_count();
@@ -107,7 +223,7 @@ Result<gid_t> lookup_group(const std::string& name);
 
 struct Listener {
     config::ListenAddress address;
-    int fd = -1;
+    Fd fd;
     std::string bound;  // canonical address actually bound, e.g. with the kernel's port for :0
     bool from_systemd = false;
     bool remove_on_exit = false;  // a Unix socket file the master created
@@ -122,8 +238,9 @@ Result<std::vector<Listener>> open_listeners(const std::vector<config::ListenAdd
 std::optional<Result<std::vector<Listener>>> adopt_systemd_listeners(
     const std::vector<config::ListenAddress>& addresses);
 
-// Removes socket files this master created; leaves systemd's alone.
-void close_listeners(std::vector<Listener>& listeners);
+// Closes the sockets and removes the socket files this master created (systemd's stay).
+// Empty on success, otherwise what could not be removed.
+std::string close_listeners(std::vector<Listener>& listeners);
 
 // The address a socket is bound to, as "tcp://host:port" or "unix:/path".
 std::string socket_address(int fd);

@@ -97,6 +97,42 @@ def test_a_second_molt_on_the_same_address_fails_at_start(molt, tmp_path):
     assert http_get(first.port, "/")[0] == 200
 
 
+# ----- pidfile -------------------------------------------------------------------------------
+
+def test_the_pidfile_holds_the_master_pid_and_goes_away_at_stop(molt, tmp_path):
+    pidfile = tmp_path / "molt.pid"
+    pidfile.write_text("99999\n")  # a stale one from a crash is replaced
+    m = molt(dict(HELLO, pidfile=str(pidfile)))
+    assert pidfile.read_text() == f"{m.pid}\n"
+    assert not pidfile.is_symlink()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("molt.pid")] == ["molt.pid"]
+    assert m.stop() == 0
+    assert not pidfile.exists()
+
+
+def test_a_pidfile_that_is_a_symlink_is_refused_at_start(molt, tmp_path):
+    # A link planted at the pidfile's path must not make the master write through it.
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    pidfile = tmp_path / "molt.pid"
+    pidfile.symlink_to(target)
+    m = molt(dict(HELLO, pidfile=str(pidfile)), start=False)
+    m.start(wait_live=False)
+    assert m.proc.wait(15) == 1
+    assert "is a symbolic link; molt does not write through links" in m.log()
+    assert target.read_text() == "keep me\n"
+    assert pidfile.is_symlink()
+
+
+def test_an_unwritable_pidfile_stops_the_start_with_the_reason(molt, tmp_path):
+    pidfile = tmp_path / "missing-dir" / "molt.pid"
+    m = molt(dict(HELLO, pidfile=str(pidfile)), start=False)
+    m.start(wait_live=False)
+    assert m.proc.wait(15) == 1
+    assert f"cannot start: open({pidfile}.tmp." in m.log()
+    assert "No such file or directory" in m.log()
+
+
 def test_unix_and_ipv6_listeners_with_mode_and_cleanup(molt, tmp_path):
     path = tmp_path / "web.sock"
     m = molt(dict(HELLO, listen=[{"address": f"unix:{path}", "mode": "0660"},

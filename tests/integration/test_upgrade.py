@@ -108,10 +108,72 @@ def test_usr2_is_refused_while_the_config_file_differs_from_the_live_generation(
                15, "the upgrade", on_timeout=m.log)
 
 
+def rewriting_state(real_binary, sed_expression: str) -> bytes:
+    """A "new binary" that receives the old master's state rewritten by sed, as if the old
+    master had written a state this build cannot read, and checks it with the real molt."""
+    return (f"#!/bin/sh\n"
+            f"MOLT_UPGRADE_STATE_CHECK=$(printf '%s' \"$MOLT_UPGRADE_STATE_CHECK\" | "
+            f"sed -e '{sed_expression}')\n"
+            f"export MOLT_UPGRADE_STATE_CHECK\n"
+            f"exec {real_binary} \"$@\"\n").encode()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sed_expression, reason", [
+    ('s/"format":1/"format":99/', "is format 99; this molt reads format 1"),
+    ('s/"trigger":"startup"/"trigger":"teleport"/',
+     'has an unknown trigger "teleport" (this molt knows startup, reload, rollback, watch)'),
+    ('s/"format":1,//', 'has no "format"'),
+])
+def test_a_state_the_new_binary_cannot_read_is_refused_before_the_exec(
+        upgradable, tmp_path, sed_expression, reason):
+    m, binary = upgradable
+    before = m.status()
+    real = tmp_path / "real-molt"
+    shutil.copy2(binary, real)
+    replace_binary(binary, rewriting_state(real, sed_expression))
+    m.signal(signal.SIGUSR2)
+    wait_until(lambda: "binary upgrade aborted" in m.log(), 10, "the check to fail",
+               on_timeout=m.log)
+    assert "cannot adopt the running master's state: it " + reason in m.log()
+    assert "this master keeps running" in m.log()
+    assert "re-executing in place" not in m.log()
+    after = m.status()
+    assert after["master"]["build"] == before["master"]["build"]
+    assert after["master"]["pid"] == m.pid
+    assert sorted(m.worker_pids()) == sorted(w["pid"] for g in before["generations"]
+                                             for w in g["workers"])
+    assert m.get("/")[0] == 200
+
+
+def test_the_upgrade_state_names_its_enums_and_format():
+    """The state is read by name, so check what the old master writes: format and names."""
+    import subprocess
+    state = ('{"format": 1, "from_build": "x", "started_at": 5, "wall_started_at": 6, '
+             '"retired_requests": 0, "next_ticket": 3, "listeners": [], "workers": [], '
+             '"generation": {"id": 2, "release_dir": "/srv/a", "version": "a", "digest": "d", '
+             '"trigger": "reload", "target": 2}, '
+             '"history": [{"id": 1, "release_dir": "/srv/a", "version": "a", "digest": "d", '
+             '"trigger": "startup", "started_at": 1, "live_at": null, "state": "gone", '
+             '"failure": ""}], "restarts": {"crash": 2}, "rollovers_ok": 1, '
+             '"rollovers_failed": 0}')
+    check = lambda text: subprocess.run(  # noqa: E731
+        [molt_bin(), "upgrade-check"], capture_output=True, text=True,
+        env=dict(os.environ, MOLT_UPGRADE_STATE_CHECK=text))
+    assert check(state).returncode == 0
+    for old, new, reason in [
+            ('"state": "gone"', '"state": 3', 'has a wrong type for "state"'),
+            ('"state": "gone"', '"state": "vanished"', 'unknown generation state "vanished"'),
+            ('{"crash": 2}', '{"meteor": 2}', 'unknown restart reason "meteor"'),
+            ('"format": 1', '"format": 2', "is format 2; this molt reads format 1")]:
+        bad = check(state.replace(old, new))
+        assert bad.returncode == 1 and reason in bad.stderr, (new, bad.stderr)
+
+
 def test_upgrade_check_rejects_a_state_it_could_not_adopt():
     import subprocess
     bad = subprocess.run([molt_bin(), "upgrade-check"], capture_output=True, text=True,
-                         env=dict(os.environ, MOLT_UPGRADE_STATE_CHECK='{"generation": {}}'))
+                         env=dict(os.environ, MOLT_UPGRADE_STATE_CHECK='{"format": 1, "generation": {}}'))
     assert bad.returncode == 1
     assert "cannot adopt the running master's state" in bad.stderr
     good = subprocess.run([molt_bin(), "upgrade-check"], capture_output=True, text=True)

@@ -1,8 +1,8 @@
 """The master <-> worker contract, Python side: message keys, exit codes, environment names and
 the fd layout a worker is started with.
 
-The C++ side is supervisor/contract/worker_contract.hpp; tests/shim/test_contract.py fails when
-the two disagree. docs/protocol.md is the prose form of the same facts.
+The C++ side is supervisor/contract/worker_contract.hpp; tests/integration/test_contract.py fails
+when the two disagree. docs/protocol.md is the prose form of the same facts.
 """
 from __future__ import annotations
 

@@ -1,0 +1,44 @@
+// A worker's launch spec, built in one place: the program and its arguments, the environment,
+// the fds at their contract positions, the working directory and the identity (user/group).
+// Pure functions of their inputs apart from the user/group lookup, so the rules about what a
+// worker inherits live here once (molt::contract names them).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "supervisor/core/supervisor.hpp"
+#include "supervisor/os/os.hpp"
+
+namespace molt::loop {
+
+// The master's environment without what belongs to the master alone (contract::is_scrubbed:
+// systemd's NOTIFY_SOCKET, LISTEN_* and WATCHDOG_*, and molt's own MOLT_*). Every child the
+// master starts (a worker, the binary-upgrade check) starts from this.
+std::vector<std::string> child_environment(const std::vector<std::string>& master_environment);
+
+// The fds the caller made for this one worker.
+struct WorkerStreams {
+    int channel = -1;  // the worker's end of the channel
+    int out = -1;      // write end of the stdout pipe
+    int err = -1;      // write end of the stderr pipe
+};
+
+// Everything else a worker needs to be spawned.
+struct WorkerLaunch {
+    const core::SpawnWorker& spawn;
+    const std::vector<os::Listener>& listeners;
+    std::string shim_dir;                         // goes first on PYTHONPATH
+    std::vector<std::string> master_environment;  // "KEY=VALUE", as os::environment() gives it
+};
+
+// The environment of one worker: the child environment, the config's `env:` over it, the
+// shim's directory first on PYTHONPATH, and the contract's MOLT_* names.
+std::vector<std::string> worker_environment(const WorkerLaunch& launch);
+
+// The full spawn request; an error names what cannot be resolved (the python program, the
+// user or the group).
+os::Result<os::SpawnRequest> worker_spawn_request(const WorkerLaunch& launch,
+                                                  const WorkerStreams& streams);
+
+}  // namespace molt::loop
