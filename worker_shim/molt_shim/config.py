@@ -17,6 +17,7 @@ DEFAULT_ACCESS_LOG_FORMAT = (
 DEFAULTS: Dict[str, Any] = {
     "app": "",
     "interface": "wsgi",
+    "engine": "auto",  # auto | native | python: the WSGI data path (auto means python for now)
     "chdir": "",
     "threads": 8,
     "generation": 0,
@@ -72,6 +73,10 @@ class WorkerConfig:
     @property
     def interface(self) -> str:
         return str(self.raw["interface"]).lower()
+
+    @property
+    def engine(self) -> str:
+        return str(self.raw.get("engine") or "auto").lower()
 
     @property
     def chdir(self) -> str:
