@@ -180,6 +180,13 @@ def main() -> int:
 
 def serve_wsgi(app: Any, cfg: config.WorkerConfig, channel: Channel, stats: Stats,
                listeners: List[Tuple[socket.socket, str]], access: Any, title: str) -> int:
+    if cfg.engine == "native":  # `auto` means python until native passes the whole suite
+        from .engines.native import serve_native
+
+        code = serve_native(app, cfg, channel, stats, listeners, access, title,
+                            lambda exit_code, reason: fail(channel, exit_code, reason))
+        if code is not None:
+            return code
     from . import warmup
     from .wsgi_server import WSGIServer
 

@@ -1,0 +1,342 @@
+"""The native engine: the WSGI data path in C++ (the `_molt_native` extension, built from
+worker_shim/native/ and installed next to the shim), behind the engine interface of base.py.
+
+Native threads accept, read, parse (libhttp-parser), frame and write with the GIL released; a
+serving thread takes the GIL once per request to build environ and run the app. This module
+only builds the extension's Server from the worker config, drives its sweep from the
+lifecycle's loop and turns its queued log lines into the shim's logger.
+
+`serve_native()` at the end drives the engine until the lifecycle (molt_shim/lifecycle.py)
+does; it is the only part that knows the master channel.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .base import Counters, EngineContext, LoopHooks
+
+log = logging.getLogger("molt_shim")
+
+SWEEP_S = 0.1  # how often idle, header-timeout and linger closes are checked
+
+
+def _install_dir() -> str:
+    """lib/molt: the directory holding the molt_shim package as it was imported (the build
+    tree mirrors the install tree, so this works in both). The loader takes it off sys.path."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_extension() -> Tuple[Any, str]:
+    """The extension module, or None and the one-line reason it cannot be used."""
+    import importlib.machinery
+    import importlib.util
+
+    if "_molt_native" in sys.modules:
+        return sys.modules["_molt_native"], ""
+    where = _install_dir()
+    candidates = [os.path.join(where, "_molt_native" + suffix)
+                  for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((c for c in candidates if os.path.exists(c)), "")
+    if not path:
+        return None, "no _molt_native extension in %s (built with -DMOLT_NATIVE=ON?)" % where
+    try:
+        spec = importlib.util.spec_from_file_location("_molt_native", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError, AssertionError) as exc:
+        return None, "cannot load %s into %s (Python %d.%d): %s" % (
+            path, sys.executable, sys.version_info[0], sys.version_info[1], exc)
+    sys.modules["_molt_native"] = module
+    return module, ""
+
+
+class FileWrapper:
+    """wsgi.file_wrapper; the engine sends regular files with sendfile()."""
+
+    def __init__(self, filelike: Any, blksize: int = 65536) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> "FileWrapper":
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+
+def _base_environ(cfg: Any, script_name: str) -> Dict[str, Any]:
+    return {
+        "SCRIPT_NAME": script_name,
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": cfg.threads > 1,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.file_wrapper": FileWrapper,
+        "wsgi.input_terminated": True,
+        "SERVER_SOFTWARE": "molt",
+    }
+
+
+def _listener_environ(sock: socket.socket, base: Dict[str, Any]) -> Dict[str, Any]:
+    env = dict(base)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        addr = sock.getsockname()
+        env["SERVER_NAME"] = str(addr[0])
+        env["SERVER_PORT"] = str(addr[1])
+    else:
+        env["SERVER_NAME"] = "localhost"
+        env["SERVER_PORT"] = "80"
+    return env
+
+
+class NativeEngine:
+    name = "native"
+
+    def __init__(self, ctx: EngineContext, module: Any) -> None:
+        cfg = ctx.cfg
+        http = cfg.http
+        script_name = os.environ.get("SCRIPT_NAME", "").rstrip("/")
+        base = _base_environ(cfg, script_name)
+        listeners = []
+        for sock, label in ctx.listeners:
+            listeners.append((sock.fileno(), label, _listener_environ(sock, base)))
+        warmup_env = dict(base, SERVER_NAME="localhost", SERVER_PORT="80")
+        if listeners:
+            warmup_env = listeners[0][2]
+        version_header = ("%s: %s\r\n" % (cfg.version_header, cfg.version)
+                          if cfg.version_header else "")
+        self._cfg = cfg
+        self._module = module
+        self._server: Any = module.make_server(
+            app=ctx.app, listeners=listeners, warmup_env=warmup_env, file_wrapper=FileWrapper,
+            access_log=ctx.access_log, config={
+                "max_request_line": int(http["max_request_line"]),
+                "max_header_size": int(http["max_header_size"]),
+                "max_headers": int(http["max_headers"]),
+                "max_body_size": int(http["max_body_size"] or 0),
+                "body_buffer_size": int(http["body_buffer_size"]),
+                "header_timeout_s": cfg.header_timeout_s,
+                "keepalive_s": max(0.0, cfg.timeout_s("keepalive")),
+                "drain_idle_s": cfg.drain_idle_s,
+                "threads": cfg.threads,
+                "version_header": version_header,
+                "script_name": script_name,
+            })
+        # The engine owns the descriptors from here on (it closes them when draining).
+        for sock, _ in ctx.listeners:
+            sock.detach()
+        self._last = Counters(0, 0, time.monotonic(), 0)
+
+    # -- the engine interface --------------------------------------------------------------------
+    def start(self) -> Optional[str]:
+        self._server.start()
+        return None
+
+    def warm_up(self, path: str, host: str, timeout_s: float) -> Optional[str]:
+        from .. import warmup
+
+        server_end, client_end = socket.socketpair()
+        try:
+            server_end.setblocking(False)
+            self._server.submit_warmup(server_end.detach())
+            raw = warmup.run_client(client_end, warmup.build_request(path, host), timeout_s)
+        except (OSError, TimeoutError) as exc:
+            return "warm-up GET %s failed: %s" % (path, exc)
+        finally:
+            client_end.close()
+            self.flush_logs()
+        return warmup.verdict(path, raw)
+
+    def describe(self) -> str:
+        return "wsgi, %d threads, native engine, parser %s" % (
+            self._cfg.threads, self._module.parser_name())
+
+    def run(self, loop: LoopHooks) -> None:
+        self._server.listen()
+        ep = select.epoll()
+        watched = set()
+        for fd in loop.watch_fds():
+            if fd >= 0:
+                ep.register(fd, select.EPOLLIN)
+                watched.add(fd)
+        delay: Optional[float] = SWEEP_S
+        try:
+            while delay is not None:
+                try:
+                    events = ep.poll(max(0.0, min(delay, SWEEP_S)))
+                except InterruptedError:
+                    events = []
+                for fd, _ in events:
+                    if fd in watched and not loop.on_readable(fd):
+                        ep.unregister(fd)
+                        watched.discard(fd)
+                self._server.tick()
+                self.flush_logs()
+                delay = loop.tick(time.monotonic())
+        finally:
+            ep.close()
+
+    def stop_accepting(self) -> None:
+        self._server.stop_accepting()
+
+    def counters(self) -> Counters:
+        if self._server is not None:
+            self._last = Counters(*self._server.counters())
+        return self._last
+
+    def drained(self) -> bool:
+        return bool(self._server.drained())
+
+    def close(self) -> None:
+        if self._server is None:
+            return
+        self.counters()
+        self._server.close()  # joins the serving threads (it releases the GIL to do so)
+        self.flush_logs()
+        self._server = None
+
+    # -- log lines queued by native threads ------------------------------------------------------
+    def flush_logs(self) -> None:
+        server = self._server
+        if server is None:
+            return
+        for level, text in server.take_logs():
+            log.log(level, "%s", text)
+
+
+def make(ctx: EngineContext) -> Tuple[Optional[NativeEngine], str]:
+    """The engine, or None and the one-line reason the native engine cannot be used."""
+    module, why = load_extension()
+    if module is None:
+        return None, why
+    try:
+        return NativeEngine(ctx, module), ""
+    except Exception as exc:  # a config the extension rejects: say so, use the Python engine
+        return None, "the native engine did not start: %s: %s" % (type(exc).__name__, exc)
+
+
+# -- until molt_shim/lifecycle.py drives engines: the same loop serve_wsgi() runs ---------------
+class _InterimLoop:
+    """LoopHooks over the master channel, the heartbeat and the drain, as serve_wsgi() does
+    them for the Python engine. Replaced by lifecycle.Lifecycle when that lands."""
+
+    def __init__(self, engine: NativeEngine, cfg: Any, channel: Any, stats: Any, access: Any,
+                 on_drain: Callable[[], None]) -> None:
+        from ..protocol import dispatch
+
+        self._dispatch = dispatch
+        self.engine = engine
+        self.cfg = cfg
+        self.channel = channel
+        self.stats = stats
+        self.on_drain = on_drain
+        self.reopen_logs = access.reopen if access is not None else None
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.drain_requests: List[str] = []
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.next_beat = time.monotonic()
+
+    def request_drain(self, why: str) -> None:
+        self.drain_requests.append(why)
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def watch_fds(self) -> Sequence[int]:
+        return [self.wake_r, self.channel.fileno()]
+
+    def on_readable(self, fd: int) -> bool:
+        if fd == self.wake_r:
+            try:
+                os.read(self.wake_r, 4096)
+            except OSError:
+                pass
+            return True
+        messages = self.channel.receive()
+        if messages is None:
+            self.request_drain("master channel closed")
+            return False
+        self._dispatch(messages, self.request_drain, self.reopen_logs)
+        return True
+
+    def observe(self) -> None:
+        c = self.engine.counters()
+        self.stats.observe(c.requests, c.inflight, c.oldest_started)
+
+    def tick(self, now: float) -> Optional[float]:
+        self.observe()
+        if self.drain_requests and not self.draining:
+            why = self.drain_requests.pop(0)
+            self.draining = True
+            self.drain_deadline = now + max(1.0, self.cfg.timeout_s("graceful"))
+            self.engine.stop_accepting()
+            self.channel.send(STOPPING=1)
+            c = self.engine.counters()
+            log.info("draining (%s): %d connection(s), %d request(s) in flight", why,
+                     c.connections, c.inflight)
+            self.on_drain()
+        if now >= self.next_beat:
+            self.next_beat = now + self.cfg.heartbeat_interval_s
+            self.channel.send(**self.stats.heartbeat())
+        if self.draining:
+            if self.engine.drained():
+                return None
+            if now >= self.drain_deadline:
+                log.warning("graceful timeout: exiting with %d connection(s) open",
+                            self.engine.counters().connections)
+                return None
+        return SWEEP_S
+
+
+def serve_native(app: Any, cfg: Any, channel: Any, stats: Any,
+                 listeners: List[Tuple[socket.socket, str]], access: Any, title: str,
+                 fail: Callable[[int, str], int]) -> Optional[int]:
+    """Serve with the native engine; None when it cannot load (the caller uses Python)."""
+    import signal
+
+    from .. import proctitle
+
+    labels = [label for _, label in listeners]
+    engine, why = make(EngineContext(app=app, cfg=cfg, listeners=listeners, access_log=access,
+                                     on_request_count=lambda count: None))
+    if engine is None:
+        log.warning("engine native unavailable, using the Python engine: %s", why)
+        return None
+    loop = _InterimLoop(engine, cfg, channel, stats, access, lambda: proctitle.set_title(
+        title + " draining", "molt g%d s%d drn" % (cfg.generation, cfg.worker)))
+    signal.signal(signal.SIGTERM, lambda s, f: loop.request_drain("SIGTERM"))
+    signal.signal(signal.SIGUSR1, lambda s, f: access.reopen() if access else None)
+    try:
+        error = engine.start()
+        if error is None and cfg.health_path:
+            error = engine.warm_up(cfg.health_path, cfg.health_host, cfg.timeout_s("boot"))
+        if error is not None:
+            return fail(4, error)
+        channel.send(READY=1)
+        log.info("ready: %s (%s) on %s", cfg.app, engine.describe(),
+                 ", ".join(labels) or "no listeners")
+        engine.run(loop)
+    finally:
+        engine.close()
+    loop.observe()
+    channel.send(**stats.heartbeat())  # the last counts, so the master's totals are exact
+    log.info("drained; exiting (%d requests served)", stats.requests)
+    return 0
