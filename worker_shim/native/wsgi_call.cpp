@@ -750,7 +750,7 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
     if (!conn.warmup) end_request(token);
     if (access_log() != nullptr) {
         PyRef entry = PyRef::steal(Py_BuildValue(
-            "(s#s#s#sinid)", conn.remote().data(), static_cast<Py_ssize_t>(conn.remote().size()),
+            "(s#s#s#sind)", conn.remote().data(), static_cast<Py_ssize_t>(conn.remote().size()),
             method.data(), static_cast<Py_ssize_t>(method.size()), req.target.data(),
             static_cast<Py_ssize_t>(req.target.size()),
             ("HTTP/" + std::to_string(req.version_major) + "." + std::to_string(req.version_minor))
