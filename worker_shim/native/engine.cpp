@@ -32,14 +32,22 @@ const char kContinue100[] = "HTTP/1.1 100 Continue\r\n\r\n";
 
 const char* reason_phrase(int status) {
     switch (status) {
-        case 400: return "Bad Request";
-        case 408: return "Request Timeout";
-        case 413: return "Payload Too Large";
-        case 414: return "URI Too Long";
-        case 431: return "Request Header Fields Too Large";
-        case 500: return "Internal Server Error";
-        case 501: return "Not Implemented";
-        default: return "Error";
+        case 400:
+            return "Bad Request";
+        case 408:
+            return "Request Timeout";
+        case 413:
+            return "Payload Too Large";
+        case 414:
+            return "URI Too Long";
+        case 431:
+            return "Request Header Fields Too Large";
+        case 500:
+            return "Internal Server Error";
+        case 501:
+            return "Not Implemented";
+        default:
+            return "Error";
     }
 }
 
@@ -208,7 +216,8 @@ void Server::thread_main(int index) {
             {
                 std::lock_guard<std::mutex> lock(mu_);
                 for (std::size_t i = 0; i < listeners_.size(); ++i) {
-                    if (listeners_[i].open && listeners_[i].fd == fd) listener = static_cast<int>(i);
+                    if (listeners_[i].open && listeners_[i].fd == fd)
+                        listener = static_cast<int>(i);
                 }
             }
             if (listener >= 0) accept_from(listener, ts);
@@ -297,7 +306,7 @@ void Server::accept_from(int index, PyThreadState* ts) {
     {
         std::lock_guard<std::mutex> lock(mu_);
         ListenerSlot& lst = listeners_[static_cast<std::size_t>(index)];
-        if (!lst.open) return;  // closed by the drain
+        if (!lst.open) return;                                            // closed by the drain
         if (epoll_ctl(ep_, EPOLL_CTL_DEL, lst.fd, nullptr) != 0) return;  // another thread accepts
         const int fd = accept4(lst.fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
@@ -352,9 +361,10 @@ bool Server::rejoin(int index) {
     ev.events = kListen;
     ev.data.fd = lst.fd;
     if (epoll_ctl(ep_, EPOLL_CTL_ADD, lst.fd, &ev) != 0 && errno != EEXIST) {
-        if (std::find(rejoin_failed_.begin(), rejoin_failed_.end(), index) == rejoin_failed_.end()) {
-            log(kError, "listening on " + lst.name + " again failed (retrying): " +
-                            std::strerror(errno));
+        if (std::find(rejoin_failed_.begin(), rejoin_failed_.end(), index) ==
+            rejoin_failed_.end()) {
+            log(kError,
+                "listening on " + lst.name + " again failed (retrying): " + std::strerror(errno));
             rejoin_failed_.push_back(index);
         }
         return false;
@@ -428,8 +438,10 @@ void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
                     break;
                 }
                 if (!wait_fd(conn->fd, POLLIN, deadline - monotonic())) {
-                    send_error(conn, 408, "request body not received within " +
-                                              fmt_seconds(config_.header_timeout), true);
+                    send_error(
+                        conn, 408,
+                        "request body not received within " + fmt_seconds(config_.header_timeout),
+                        true);
                     return;
                 }
             }
@@ -452,11 +464,12 @@ void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
         }
         if (n == 0) {
             if (const Request* cur = parser.in_body()) {
-                const std::string want = cur->content_length ? std::to_string(*cur->content_length)
-                                                             : "chunked";
+                const std::string want =
+                    cur->content_length ? std::to_string(*cur->content_length) : "chunked";
                 log(kWarning, conn->remote() +
                                   ": client closed the connection with an incomplete request "
-                                  "body (" + std::to_string(cur->body.size()) + " of " + want +
+                                  "body (" +
+                                  std::to_string(cur->body.size()) + " of " + want +
                                   " bytes); app not called");
             } else if (parser.in_request()) {
                 log(kInfo, conn->remote() + ": client closed the connection inside a request head");
@@ -516,8 +529,9 @@ bool Server::send_file(Connection& conn, int file_fd, std::int64_t offset, std::
     off_t off = static_cast<off_t>(offset);
     double deadline = monotonic() + kWriteTimeoutS;
     while (size > 0) {
-        const ssize_t n = ::sendfile(conn.fd, file_fd, &off,
-                                     static_cast<std::size_t>(std::min<std::uint64_t>(size, 1 << 30)));
+        const ssize_t n =
+            ::sendfile(conn.fd, file_fd, &off,
+                       static_cast<std::size_t>(std::min<std::uint64_t>(size, 1 << 30)));
         if (n < 0) {
             if (errno == EINTR) continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -696,8 +710,9 @@ void Server::tick() {
             close_now(conn);
         } else if (verdict == "408") {
             conn->state = ConnState::busy;
-            send_error(conn, 408, "request head not complete within " +
-                                      fmt_seconds(config_.header_timeout), false);
+            send_error(conn, 408,
+                       "request head not complete within " + fmt_seconds(config_.header_timeout),
+                       false);
         } else {
             conn->state = ConnState::busy;
             close_graceful(conn);

@@ -35,7 +35,7 @@ struct EngineConfig {
     HttpLimits limits;
     double header_timeout = 10;
     double keepalive = 5;
-    double drain_idle = 1;  // idle window for keep-alive connections while draining
+    double drain_idle = 1;       // idle window for keep-alive connections while draining
     std::string version_header;  // a full header line ("X-Version: v1\r\n") or ""
     std::string script_name;
     int threads = 1;
@@ -44,8 +44,8 @@ struct EngineConfig {
 enum class ConnState { idle, busy, linger, closed };
 
 struct Connection {
-    Connection(int fd, int listener, const HttpLimits& limits) : fd(fd), listener(listener),
-                                                                 parser(limits) {}
+    Connection(int fd, int listener, const HttpLimits& limits)
+        : fd(fd), listener(listener), parser(limits) {}
     int fd;
     int listener;  // index into the listeners, -1 for the warm-up connection
     std::string remote_addr;
@@ -85,13 +85,13 @@ class Server {
     ~Server();
 
     // Called on Python's main thread with the GIL held.
-    void start();              // serving threads; listeners not yet accepted from
-    void listen();             // join the listeners' wait queues
+    void start();   // serving threads; listeners not yet accepted from
+    void listen();  // join the listeners' wait queues
     void submit_warmup(int fd);
-    void tick();               // the sweep: idle, 408 and linger closes
-    void stop_accepting();     // the drain begins
+    void tick();            // the sweep: idle, 408 and linger closes
+    void stop_accepting();  // the drain begins
     bool drained();
-    void close();              // stop and join the serving threads, close what is left
+    void close();  // stop and join the serving threads, close what is left
     struct Counters {
         std::uint64_t requests;
         std::uint64_t inflight;
@@ -146,8 +146,9 @@ class Server {
     PyObject* access_log() const { return access_log_.get(); }
     const PyShared& shared() const { return shared_; }
     PyObject* base_env(const Connection& conn) const {
-        return conn.listener >= 0 ? listeners_[static_cast<std::size_t>(conn.listener)].base_env.get()
-                                  : warmup_env_.get();
+        return conn.listener >= 0
+                   ? listeners_[static_cast<std::size_t>(conn.listener)].base_env.get()
+                   : warmup_env_.get();
     }
     std::unordered_map<std::string, PyRef> header_keys;  // GIL held: header name -> environ key
     std::uint64_t begin_request(double started);

@@ -139,8 +139,8 @@ std::size_t Body::read_at(std::uint64_t offset, char* out, std::size_t len) cons
     }
     std::size_t done = 0;
     while (done < len) {
-        const ssize_t n = ::pread(spool_fd_, out + done, len - done,
-                                  static_cast<off_t>(offset + done));
+        const ssize_t n =
+            ::pread(spool_fd_, out + done, len - done, static_cast<off_t>(offset + done));
         if (n <= 0) break;
         done += static_cast<std::size_t>(n);
     }
@@ -285,8 +285,8 @@ struct RequestParser::Impl {
             return fail(413, "body exceeds max_body_size " + std::to_string(limit));
         }
         if (!req.body.append(at, n, owner.limits_.body_buffer_size)) {
-            return fail(500, "could not buffer the request body: " +
-                                 std::string(std::strerror(errno)));
+            return fail(500,
+                        "could not buffer the request body: " + std::string(std::strerror(errno)));
         }
         return 0;
     }
@@ -345,7 +345,8 @@ void RequestParser::feed(const char* data, std::size_t len) {
                 im.in_head = false;
                 pos += n + 1;  // the final LF was checked; the parser still has to take it
                 // Hand the LF back to the parser now: it is part of the head it paused in.
-                const std::size_t m = http_parser_execute(&im.parser, &im.settings, data + pos - 1, 1);
+                const std::size_t m =
+                    http_parser_execute(&im.parser, &im.settings, data + pos - 1, 1);
                 (void)m;
                 if (HTTP_PARSER_ERRNO(&im.parser) == HPE_PAUSED) {
                     // A message without a body completed on that LF.

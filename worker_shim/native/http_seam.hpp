@@ -21,7 +21,7 @@ struct HttpLimits {
     std::uint64_t max_request_line = 8192;
     std::uint64_t max_header_size = 65536;
     std::uint64_t max_headers = 100;
-    std::uint64_t max_body_size = 0;  // 0: unlimited
+    std::uint64_t max_body_size = 0;           // 0: unlimited
     std::uint64_t body_buffer_size = 1 << 20;  // above it a body spills to a temporary file
 };
 

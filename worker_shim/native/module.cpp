@@ -22,8 +22,7 @@ ModuleState* state_of(PyObject* module) {
 }
 
 struct ServerObject {
-    PyObject_HEAD
-    Server* server;
+    PyObject_HEAD Server* server;
     PyObject* module;  // strong: the types handle() creates objects of live in its state
 };
 
@@ -104,9 +103,10 @@ PyObject* server_take_logs(PyObject* self, PyObject*) {
         PyRef out = PyRef::steal(PyList_New(0));
         if (!out) return nullptr;
         for (const auto& [level, text] : lines) {
-            PyRef entry = PyRef::steal(Py_BuildValue(
-                "(iN)", level,
-                PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()), "replace")));
+            PyRef entry = PyRef::steal(
+                Py_BuildValue("(iN)", level,
+                              PyUnicode_DecodeUTF8(
+                                  text.data(), static_cast<Py_ssize_t>(text.size()), "replace")));
             if (!entry || PyList_Append(out.get(), entry.get()) != 0) return nullptr;
         }
         return out.release();
@@ -149,8 +149,7 @@ PyMethodDef server_methods[] = {
     {"tick", server_tick, METH_NOARGS, "The sweep: idle, header-timeout and linger closes."},
     {"stop_accepting", server_stop_accepting, METH_NOARGS, "Begin the drain."},
     {"drained", server_drained, METH_NOARGS, "No connection open and no request in flight."},
-    {"counters", server_counters, METH_NOARGS,
-     "(requests, inflight, oldest_started, connections)"},
+    {"counters", server_counters, METH_NOARGS, "(requests, inflight, oldest_started, connections)"},
     {"take_logs", server_take_logs, METH_NOARGS, "Queued log lines as [(level, text)]."},
     {"close", server_close, METH_NOARGS, "Stop the threads and close every connection."},
     {nullptr, nullptr, 0, nullptr}};
@@ -193,9 +192,9 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
         return false;
     }
     double v[10];
-    const char* keys[] = {"max_request_line", "max_header_size", "max_headers", "max_body_size",
-                          "body_buffer_size", "header_timeout_s", "keepalive_s", "drain_idle_s",
-                          "threads"};
+    const char* keys[] = {"max_request_line", "max_header_size",  "max_headers",
+                          "max_body_size",    "body_buffer_size", "header_timeout_s",
+                          "keepalive_s",      "drain_idle_s",     "threads"};
     for (int i = 0; i < 9; ++i) {
         if (!config_number(cfg, keys[i], &v[i])) return false;
     }
@@ -213,8 +212,8 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
 }
 
 PyObject* make_server(PyObject* module, PyObject* args, PyObject* kwargs) {
-    static const char* kwlist[] = {"app", "listeners", "warmup_env", "file_wrapper",
-                                   "access_log", "config", nullptr};
+    static const char* kwlist[] = {"app",        "listeners", "warmup_env", "file_wrapper",
+                                   "access_log", "config",    nullptr};
     PyObject* app = nullptr;
     PyObject* listeners = nullptr;
     PyObject* warmup_env = nullptr;
@@ -298,7 +297,9 @@ int module_clear(PyObject* module) {
     return 0;
 }
 
-void module_free(void* module) { module_clear(static_cast<PyObject*>(module)); }
+void module_free(void* module) {
+    module_clear(static_cast<PyObject*>(module));
+}
 
 PyModuleDef_Slot module_slots[] = {{Py_mod_exec, reinterpret_cast<void*>(module_exec)},
                                    {0, nullptr}};
@@ -316,4 +317,6 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
 }  // namespace
 }  // namespace molt::native
 
-PyMODINIT_FUNC PyInit__molt_native(void) { return PyModuleDef_Init(&molt::native::module_def); }
+PyMODINIT_FUNC PyInit__molt_native(void) {
+    return PyModuleDef_Init(&molt::native::module_def);
+}

@@ -6,6 +6,8 @@
 // out) and one log line with the traceback, in handle() only.
 #include "wsgi_call.hpp"
 
+#include <errno.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 
@@ -42,18 +44,20 @@ struct Exchange {
 };
 
 struct StartResponseObject {
-    PyObject_HEAD
-    Exchange* exchange;  // null once the request is over
+    PyObject_HEAD Exchange* exchange;  // null once the request is over
 };
 
 struct InputObject {
-    PyObject_HEAD
-    Body* body;
+    PyObject_HEAD Body* body;
     std::uint64_t pos;
 };
 
-bool is_11(const Request& r) { return r.version_major == 1 && r.version_minor == 1; }
-bool is_10(const Request& r) { return r.version_major == 1 && r.version_minor == 0; }
+bool is_11(const Request& r) {
+    return r.version_major == 1 && r.version_minor == 1;
+}
+bool is_10(const Request& r) {
+    return r.version_major == 1 && r.version_minor == 0;
+}
 
 std::string lower(std::string text) {
     std::transform(text.begin(), text.end(), text.begin(),
@@ -73,8 +77,8 @@ bool latin1(PyObject* text, std::string* out) {
 }
 
 PyRef decode_latin1(const std::string& text) {
-    return PyRef::steal(PyUnicode_DecodeLatin1(text.data(), static_cast<Py_ssize_t>(text.size()),
-                                               nullptr));
+    return PyRef::steal(
+        PyUnicode_DecodeLatin1(text.data(), static_cast<Py_ssize_t>(text.size()), nullptr));
 }
 
 std::string percent_decode(const std::string& path) {
@@ -88,8 +92,8 @@ std::string percent_decode(const std::string& path) {
     std::string out;
     out.reserve(path.size());
     for (std::size_t i = 0; i < path.size(); ++i) {
-        if (path[i] == '%' && i + 2 < path.size() &&
-            hex(path[i + 1]) >= 0 && hex(path[i + 2]) >= 0) {
+        if (path[i] == '%' && i + 2 < path.size() && hex(path[i + 1]) >= 0 &&
+            hex(path[i + 2]) >= 0) {
             out.push_back(static_cast<char>(hex(path[i + 1]) * 16 + hex(path[i + 2])));
             i += 2;
         } else {
@@ -168,12 +172,35 @@ bool build_head(Exchange& ex, std::optional<std::uint64_t> final_len, std::strin
     return true;
 }
 
-// Sends iovecs with the GIL released; false marks the client gone.
+// Sends iovecs; false marks the client gone. The first attempt is one non-blocking sendmsg()
+// with the GIL held (it cannot block, and a response that fits the socket buffer, nearly all
+// of them, then costs no GIL hand-off); only what is left is sent with the GIL released.
 bool send_released(Exchange& ex, iovec* iov, int count) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = static_cast<std::size_t>(count);
+    ssize_t sent = ::sendmsg(ex.conn.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (sent < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            ex.gone_why = std::strerror(errno);
+            ex.client_gone = true;
+            return false;
+        }
+        sent = 0;
+    }
+    auto left = static_cast<std::size_t>(sent);
+    int first = 0;
+    while (first < count && left >= iov[first].iov_len) {
+        left -= iov[first].iov_len;
+        ++first;
+    }
+    if (first == count) return true;
+    iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + left;
+    iov[first].iov_len -= left;
     bool ok;
     {
         GilReleased unlocked;
-        ok = ex.srv.send_all(ex.conn, iov, count, &ex.gone_why);
+        ok = ex.srv.send_all(ex.conn, iov + first, count - first, &ex.gone_why);
     }
     if (!ok) ex.client_gone = true;
     return ok;
@@ -283,7 +310,8 @@ int send_file(Exchange& ex, PyObject* wrapper) {
     PyRef fileno = PyRef::steal(PyObject_CallMethod(filelike.get(), "fileno", nullptr));
     const long fd = fileno ? PyLong_AsLong(fileno.get()) : -1;
     struct stat st {};
-    if (fd < 0 || PyErr_Occurred() || fstat(static_cast<int>(fd), &st) != 0 || !S_ISREG(st.st_mode)) {
+    if (fd < 0 || PyErr_Occurred() || fstat(static_cast<int>(fd), &st) != 0 ||
+        !S_ISREG(st.st_mode)) {
         PyErr_Clear();
         return 0;
     }
@@ -299,7 +327,8 @@ int send_file(Exchange& ex, PyObject* wrapper) {
     std::uint64_t size = static_cast<std::uint64_t>(std::max<long long>(0, st.st_size - offset));
     std::string head;
     if (ex.content_length) {
-        size = std::min<std::uint64_t>(size, static_cast<std::uint64_t>(std::max(0LL, *ex.content_length)));
+        size = std::min<std::uint64_t>(
+            size, static_cast<std::uint64_t>(std::max(0LL, *ex.content_length)));
         if (!build_head(ex, std::nullopt, &head)) return -1;
     } else if (!build_head(ex, size, &head)) {
         return -1;
@@ -388,7 +417,7 @@ PyObject* start_response_call(PyObject* self, PyObject* args, PyObject* kwargs) 
                          item.get());
             return nullptr;
         }
-        PyObject* name = PyTuple_GetItem(item.get(), 0);  // borrowed
+        PyObject* name = PyTuple_GetItem(item.get(), 0);   // borrowed
         PyObject* value = PyTuple_GetItem(item.get(), 1);  // borrowed
         if (!PyUnicode_CheckExact(name) || !PyUnicode_CheckExact(value)) {
             PyErr_Format(PyExc_TypeError, "header %R: name and value must be str", item.get());
@@ -416,9 +445,8 @@ PyObject* start_response_call(PyObject* self, PyObject* args, PyObject* kwargs) 
             continue;
         }
         if (lname == "content-length") {
-            PyRef number = PyRef::steal(
-                PyObject_CallFunctionObjArgs(reinterpret_cast<PyObject*>(&PyLong_Type), value,
-                                             nullptr));
+            PyRef number = PyRef::steal(PyObject_CallFunctionObjArgs(
+                reinterpret_cast<PyObject*>(&PyLong_Type), value, nullptr));
             if (!number) return nullptr;
             content_length = PyLong_AsLongLong(number.get());
             if (PyErr_Occurred()) return nullptr;
@@ -587,7 +615,8 @@ PyObject* header_key(Server& srv, const std::string& name) {  // borrowed
     auto found = srv.header_keys.find(name);
     if (found != srv.header_keys.end()) return found->second.get();
     std::string key;
-    for (char c : name) key.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+    for (char c : name)
+        key.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
     PyRef value;
     if (key.find('_') != std::string::npos) {
         value = PyRef::borrow(Py_None);
@@ -642,8 +671,8 @@ PyRef build_environ(Server& srv, Connection& conn, Request& req) {
     if (!script.empty() && (path == script || path.rfind(script + "/", 0) == 0)) {
         path = path.substr(script.size());
     }
-    const std::string version = std::to_string(req.version_major) + "." +
-                                std::to_string(req.version_minor);
+    const std::string version =
+        std::to_string(req.version_major) + "." + std::to_string(req.version_minor);
     if (!set_text(env.get(), "REQUEST_METHOD", req.method) ||
         !set_text(env.get(), "PATH_INFO", path) || !set_text(env.get(), "QUERY_STRING", query) ||
         !set_text(env.get(), "RAW_URI", req.target) ||
@@ -664,10 +693,11 @@ PyRef build_environ(Server& srv, Connection& conn, Request& req) {
 void internal_error(Exchange& ex) {
     ex.code = 500;
     const std::string body = "500 Internal Server Error\n";
-    std::string all = "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; "
-                      "charset=utf-8\r\nContent-Length: " + std::to_string(body.size()) +
-                      "\r\nConnection: close\r\n" + ex.srv.date_header() +
-                      ex.srv.config().version_header + "\r\n" + body;
+    std::string all =
+        "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; "
+        "charset=utf-8\r\nContent-Length: " +
+        std::to_string(body.size()) + "\r\nConnection: close\r\n" + ex.srv.date_header() +
+        ex.srv.config().version_header + "\r\n" + body;
     iovec iov{all.data(), all.size()};
     send_released(ex, &iov, 1);
 }
@@ -675,8 +705,8 @@ void internal_error(Exchange& ex) {
 // Runs the app's response: the one-element fast path, a file wrapper, or iteration.
 bool respond(Exchange& ex, PyObject* result) {
     Server& srv = ex.srv;
-    if ((PyList_CheckExact(result) || PyTuple_CheckExact(result)) &&
-        PySequence_Size(result) == 1 && !ex.headers_sent) {
+    if ((PyList_CheckExact(result) || PyTuple_CheckExact(result)) && PySequence_Size(result) == 1 &&
+        !ex.headers_sent) {
         PyRef item = PyRef::steal(PySequence_GetItem(result, 0));
         return item && finish_single(ex, item.get());
     }
@@ -721,8 +751,8 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
         sr->exchange = &ex;
         PyRef env = build_environ(*this, conn, req);
         if (env) {
-            result = PyRef::steal(
-                PyObject_CallFunctionObjArgs(app(), env.get(), sr_ref.get(), nullptr));
+            result =
+                PyRef::steal(PyObject_CallFunctionObjArgs(app(), env.get(), sr_ref.get(), nullptr));
             ok = result && respond(ex, result.get());
         }
     }
@@ -755,10 +785,10 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
             static_cast<Py_ssize_t>(req.target.size()),
             ("HTTP/" + std::to_string(req.version_major) + "." + std::to_string(req.version_minor))
                 .c_str(),
-            ex.code, static_cast<Py_ssize_t>(ex.bytes_sent),
-            (monotonic() - req.started) * 1000.0));
-        PyRef put = entry ? PyRef::steal(PyObject_CallMethod(access_log(), "put", "(O)", entry.get()))
-                          : PyRef();
+            ex.code, static_cast<Py_ssize_t>(ex.bytes_sent), (monotonic() - req.started) * 1000.0));
+        PyRef put = entry
+                        ? PyRef::steal(PyObject_CallMethod(access_log(), "put", "(O)", entry.get()))
+                        : PyRef();
         if (!put) PyErr_Clear();
     }
     return ex.keep_alive;

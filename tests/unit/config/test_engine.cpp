@@ -36,8 +36,7 @@ TEST_CASE("an unknown engine is an error with a suggestion") {
 }
 
 TEST_CASE("the engine changes the config digest") {
-    CHECK(config_digest(valid("app: a:b\nengine: native\n")) !=
-          config_digest(valid("app: a:b\n")));
+    CHECK(config_digest(valid("app: a:b\nengine: native\n")) != config_digest(valid("app: a:b\n")));
 }
 
 }  // namespace

@@ -57,50 +57,29 @@ def load_extension() -> Tuple[Any, str]:
     return module, ""
 
 
-class FileWrapper:
-    """wsgi.file_wrapper; the engine sends regular files with sendfile()."""
+# The environ pieces and wsgi.file_wrapper are the Python engine's own: one copy of each rule.
+try:  # the restructured shim (molt_shim/wsgi/)
+    from ..wsgi.request import listener_environ, server_environ
+    from ..wsgi.response import FileWrapper
+except ImportError:  # until the restructure merges: the same from wsgi_server.py's era
+    from ..wsgi_server import FileWrapper
 
-    def __init__(self, filelike: Any, blksize: int = 65536) -> None:
-        self.filelike = filelike
-        self.blksize = blksize
-        if hasattr(filelike, "close"):
-            self.close = filelike.close
+    def server_environ(multithread: bool, file_wrapper: Any, script_name: str) -> Dict[str, Any]:
+        return {"SCRIPT_NAME": script_name, "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
+                "wsgi.errors": sys.stderr, "wsgi.multithread": multithread,
+                "wsgi.multiprocess": True, "wsgi.run_once": False,
+                "wsgi.file_wrapper": file_wrapper, "wsgi.input_terminated": True,
+                "SERVER_SOFTWARE": "molt"}
 
-    def __iter__(self) -> "FileWrapper":
-        return self
+    def listener_environ(base: Dict[str, Any], sockname: Any, is_tcp: bool) -> Dict[str, Any]:
+        port = (str(sockname[0]), str(sockname[1])) if is_tcp else ("localhost", "80")
+        return dict(base, SERVER_NAME=port[0], SERVER_PORT=port[1])
 
-    def __next__(self) -> bytes:
-        data = self.filelike.read(self.blksize)
-        if data:
-            return data
-        raise StopIteration
-
-
-def _base_environ(cfg: Any, script_name: str) -> Dict[str, Any]:
-    return {
-        "SCRIPT_NAME": script_name,
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": cfg.threads > 1,
-        "wsgi.multiprocess": True,
-        "wsgi.run_once": False,
-        "wsgi.file_wrapper": FileWrapper,
-        "wsgi.input_terminated": True,
-        "SERVER_SOFTWARE": "molt",
-    }
-
-
-def _listener_environ(sock: socket.socket, base: Dict[str, Any]) -> Dict[str, Any]:
-    env = dict(base)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        addr = sock.getsockname()
-        env["SERVER_NAME"] = str(addr[0])
-        env["SERVER_PORT"] = str(addr[1])
-    else:
-        env["SERVER_NAME"] = "localhost"
-        env["SERVER_PORT"] = "80"
-    return env
+try:
+    from . import EngineUnavailable  # type: ignore[attr-defined]
+except ImportError:  # until the restructure merges
+    class EngineUnavailable(Exception):  # type: ignore[no-redef]
+        """The configured engine cannot run here."""
 
 
 class NativeEngine:
@@ -110,10 +89,12 @@ class NativeEngine:
         cfg = ctx.cfg
         http = cfg.http
         script_name = os.environ.get("SCRIPT_NAME", "").rstrip("/")
-        base = _base_environ(cfg, script_name)
+        base = server_environ(cfg.threads > 1, FileWrapper, script_name)
         listeners = []
         for sock, label in ctx.listeners:
-            listeners.append((sock.fileno(), label, _listener_environ(sock, base)))
+            is_tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+            env = listener_environ(base, sock.getsockname() if is_tcp else None, is_tcp)
+            listeners.append((sock.fileno(), label, env))
         warmup_env = dict(base, SERVER_NAME="localhost", SERVER_PORT="80")
         if listeners:
             warmup_env = listeners[0][2]
@@ -218,8 +199,33 @@ class NativeEngine:
             log.log(level, "%s", text)
 
 
+def _python_engine() -> Any:
+    """The Python engine's factory when this shim has the engine registry, else None."""
+    try:
+        from . import WSGI_ENGINES  # type: ignore[attr-defined]
+        import importlib
+
+        module = importlib.import_module(__name__.rsplit(".", 1)[0] + "." + WSGI_ENGINES["python"])
+    except (ImportError, KeyError):
+        return None
+    return module.create
+
+
+def create(ctx: EngineContext) -> Any:
+    """The engine factory (engines/__init__.py). When the extension cannot load for this
+    interpreter, the worker says why in one line and serves with the Python engine."""
+    engine, why = make(ctx)
+    if engine is not None:
+        return engine
+    fallback = _python_engine()
+    if fallback is None:
+        raise EngineUnavailable(why)
+    log.warning("engine native unavailable, using the Python engine: %s", why)
+    return fallback(ctx)
+
+
 def make(ctx: EngineContext) -> Tuple[Optional[NativeEngine], str]:
-    """The engine, or None and the one-line reason the native engine cannot be used."""
+    """The native engine, or None and the one-line reason it cannot be used."""
     module, why = load_extension()
     if module is None:
         return None, why
