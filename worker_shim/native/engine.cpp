@@ -6,6 +6,8 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/sendfile.h>
@@ -25,7 +27,9 @@ namespace {
 constexpr std::size_t kRecvSize = 65536;
 constexpr double kLingerS = 2.0;  // how long a closing connection is read-discarded
 constexpr double kWriteTimeoutS = 60.0;
-constexpr int kDrainBacklogMax = 64;  // what a draining worker still accepts from the queue
+constexpr int kDrainBacklogMax = 64;
+constexpr double kCloseWaitS = 2.0;  // how long close() waits for a thread inside the app  // what
+                                     // a draining worker still accepts from the queue
 constexpr std::uint32_t kArm = EPOLLIN | EPOLLONESHOT;
 constexpr std::uint32_t kListen = EPOLLIN | EPOLLEXCLUSIVE;
 const char kContinue100[] = "HTTP/1.1 100 Continue\r\n\r\n";
@@ -176,9 +180,22 @@ Server::Counters Server::counters() {
 // --- threads ---------------------------------------------------------------------------------
 
 void Server::start() {
+    // The serving threads block the asynchronous signals, so the kernel delivers them to
+    // Python's main thread, which runs the handlers (drain, fast exit, the SIGABRT dump)
+    // without waiting for its next tick. They inherit the mask of the thread that makes them.
+    sigset_t all;
+    sigset_t previous;
+    sigemptyset(&all);
+    for (int sig : {SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGCHLD, SIGALRM, SIGABRT,
+                    SIGPIPE, SIGTTIN, SIGTTOU, SIGWINCH}) {
+        sigaddset(&all, sig);
+    }
+    pthread_sigmask(SIG_BLOCK, &all, &previous);
     for (int i = 0; i < std::max(1, config_.threads); ++i) {
+        running_.fetch_add(1);
         threads_.emplace_back([this, i] { thread_main(i); });
     }
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
 }
 
 void Server::thread_main(int index) {
@@ -230,6 +247,7 @@ void Server::thread_main(int index) {
     }
     PyEval_RestoreThread(ts);
     PyGILState_Release(gil);
+    running_.fetch_sub(1);
 }
 
 void Server::close() {
@@ -237,7 +255,19 @@ void Server::close() {
         const std::uint64_t one = 1;
         (void)!::write(stop_fd_, &one, sizeof one);
         GilReleased unlocked;  // the threads need the GIL to finish their request and exit
-        for (auto& t : threads_) t.join();
+        // A thread still inside a hung app call (graceful timeout) must not keep the worker
+        // from exiting: wait a bounded time, then leave such threads to the process exit.
+        const double deadline = monotonic() + kCloseWaitS;
+        while (running_.load() > 0 && monotonic() < deadline) ::usleep(5000);
+        if (running_.load() == 0) {
+            for (auto& t : threads_) t.join();
+        } else {
+            log(kWarning, std::to_string(running_.load()) +
+                              " serving thread(s) still busy at exit; not waiting for them");
+            for (auto& t : threads_) t.detach();
+            abandoned_ = true;
+            return;  // the threads may still use the connections and this object
+        }
         threads_.clear();
     }
     std::vector<Connection*> left;

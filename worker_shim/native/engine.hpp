@@ -101,6 +101,9 @@ class Server {
     Counters counters();
     std::vector<std::pair<int, std::string>> take_logs();
     bool draining() const { return draining_.load(); }
+    // close() left threads running (inside a hung app call): the object must outlive them,
+    // that is, it must never be deleted.
+    bool abandoned() const { return abandoned_; }
 
     // Logging from any thread, GIL or not; the main thread emits the queue at each tick.
     void log(int level, std::string text);
@@ -164,6 +167,8 @@ class Server {
     std::mutex poll_mu_;  // at most one idle serving thread sleeps in epoll_wait
     std::atomic<bool> draining_{false};
     std::vector<std::thread> threads_;
+    std::atomic<int> running_{0};
+    bool abandoned_ = false;
     std::mutex stats_mu_;
     std::uint64_t requests_ = 0;
     std::uint64_t next_token_ = 1;

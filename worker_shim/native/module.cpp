@@ -119,6 +119,10 @@ void close_server(ServerObject* obj) {
         obj->server->close();
     } catch (...) {
     }
+    if (obj->server->abandoned()) {
+        obj->server = nullptr;  // threads still use it; the process exit reclaims it
+        return;
+    }
     delete obj->server;  // holds PyRefs: the GIL is held here
     obj->server = nullptr;
 }

@@ -610,13 +610,15 @@ T* alloc_object(PyObject* type) {
 
 // --- environ ---------------------------------------------------------------------------------
 
-// The CGI name for a header; None for names with '_' (they could spoof a '-' header).
-PyObject* header_key(Server& srv, const std::string& name) {  // borrowed
+// The CGI name for a header (a new reference); None for names with '_' (they could spoof a '-'
+// header). Null with an exception set on failure.
+PyRef header_key(Server& srv, const std::string& name) {
     auto found = srv.header_keys.find(name);
-    if (found != srv.header_keys.end()) return found->second.get();
+    if (found != srv.header_keys.end()) return PyRef::borrow(found->second.get());
     std::string key;
-    for (char c : name)
+    for (char c : name) {
         key.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+    }
     PyRef value;
     if (key.find('_') != std::string::npos) {
         value = PyRef::borrow(Py_None);
@@ -624,17 +626,12 @@ PyObject* header_key(Server& srv, const std::string& name) {  // borrowed
         std::replace(key.begin(), key.end(), '-', '_');
         if (key != "CONTENT_TYPE" && key != "CONTENT_LENGTH") key = "HTTP_" + key;
         value = PyRef::steal(PyUnicode_InternFromString(key.c_str()));
-        if (!value) return nullptr;
+        if (!value) return value;
     }
-    PyObject* borrowed = value.get();
     if (srv.header_keys.size() < 4096) {  // bounded: header names are attacker-chosen
-        srv.header_keys.emplace(name, std::move(value));
-        return borrowed;
+        srv.header_keys.emplace(name, PyRef::borrow(value.get()));
     }
-    // Not cached: hand the caller a reference that stays alive for this request.
-    static thread_local PyRef overflow;
-    overflow = std::move(value);
-    return overflow.get();
+    return value;
 }
 
 bool set_text(PyObject* env, const char* key, const std::string& value) {
@@ -646,7 +643,8 @@ PyRef build_environ(Server& srv, Connection& conn, Request& req) {
     PyRef env = PyRef::steal(PyDict_Copy(srv.base_env(conn)));
     if (!env) return env;
     for (const auto& [name, value] : req.headers) {
-        PyObject* key = header_key(srv, name);  // borrowed
+        PyRef key_ref = header_key(srv, name);
+        PyObject* key = key_ref.get();
         if (key == nullptr) return PyRef();
         if (key == Py_None) continue;
         if (req.chunked && lower(name) == "transfer-encoding") continue;
