@@ -378,3 +378,21 @@ def test_fuzz_native_worker_survives(listeners, spawn):
         assert w.wait_exit() == 0
     finally:
         w.stop()
+
+
+@needs_native
+def test_graceful_timeout_exits_with_a_request_stuck_in_the_app(listeners, spawn):
+    w = native_worker(listeners, overrides={"timeouts": {"graceful_ms": 1000}}).wait_ready()
+    try:
+        stuck = Client(listeners.port)
+        stuck.send(b"GET /slow?s=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_until(lambda: [m for m in w.find("WATCHDOG") if m["INFLIGHT"] != "0"], 10,
+                   "request in flight")
+        w.drain()
+        assert w.wait_exit(10) == 0
+        text = w.stderr_text()
+        assert "graceful timeout: exiting with 1 connection(s) open" in text
+        assert "1 serving thread(s) still busy at exit" in text
+        stuck.close()
+    finally:
+        w.stop()
