@@ -193,13 +193,12 @@ void Server::start() {
     pthread_sigmask(SIG_BLOCK, &all, &previous);
     for (int i = 0; i < std::max(1, config_.threads); ++i) {
         running_.fetch_add(1);
-        threads_.emplace_back([this, i] { thread_main(i); });
+        threads_.emplace_back([this] { thread_main(); });
     }
     pthread_sigmask(SIG_SETMASK, &previous, nullptr);
 }
 
-void Server::thread_main(int index) {
-    (void)index;
+void Server::thread_main() {
     // This thread's own Python thread state, made once; GilHeld uses it per request.
     PyGILState_STATE gil = PyGILState_Ensure();
     PyThreadState* ts = PyEval_SaveThread();
@@ -668,12 +667,7 @@ void Server::discard(Connection* conn) {
 void Server::send_error(Connection* conn, int status, const std::string& reason, bool blocking) {
     // An error status and a close. blocking=false (the sweep) makes one send attempt only.
     const std::string phrase = reason_phrase(status);
-    log(kWarning, conn->remote() + ": " + std::to_string(status) + " " +
-                      (status == 408 || status == 400 || status == 413 || status == 414 ||
-                               status == 431 || status == 500 || status == 501
-                           ? phrase
-                           : std::string()) +
-                      ": " + reason);
+    log(kWarning, conn->remote() + ": " + std::to_string(status) + " " + phrase + ": " + reason);
     const std::string body = std::to_string(status) + " " + phrase + "\n";
     const std::string head = "HTTP/1.1 " + std::to_string(status) + " " + phrase +
                              "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: " +

@@ -73,9 +73,28 @@ struct ListenerSlot {
 };
 
 // The module-level Python objects handle() needs (owned by the module state).
+// The environ keys every request sets, interned once per module.
+enum class EnvKey {
+    request_method,
+    path_info,
+    query_string,
+    raw_uri,
+    server_protocol,
+    remote_addr,
+    remote_port,
+    content_length,
+    wsgi_input,
+    count
+};
+constexpr const char* kEnvKeyNames[] = {"REQUEST_METHOD", "PATH_INFO",       "QUERY_STRING",
+                                        "RAW_URI",        "SERVER_PROTOCOL", "REMOTE_ADDR",
+                                        "REMOTE_PORT",    "CONTENT_LENGTH",  "wsgi.input"};
+
 struct PyShared {
     PyObject* start_response_type;  // borrowed from the module state
     PyObject* input_type;
+    PyObject* const* env_keys;  // EnvKey::count interned str, borrowed from the module state
+    PyObject* key(EnvKey k) const { return env_keys[static_cast<int>(k)]; }
 };
 
 class Server {
@@ -120,7 +139,7 @@ class Server {
     std::string date_header();
 
   private:
-    void thread_main(int index);
+    void thread_main();
     void serve(Connection* conn, bool must_read, PyThreadState* ts);
     void accept_from(int listener_index, PyThreadState* ts);
     bool rejoin(int listener_index);

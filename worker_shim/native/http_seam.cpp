@@ -345,9 +345,7 @@ void RequestParser::feed(const char* data, std::size_t len) {
                 im.in_head = false;
                 pos += n + 1;  // the final LF was checked; the parser still has to take it
                 // Hand the LF back to the parser now: it is part of the head it paused in.
-                const std::size_t m =
-                    http_parser_execute(&im.parser, &im.settings, data + pos - 1, 1);
-                (void)m;
+                http_parser_execute(&im.parser, &im.settings, data + pos - 1, 1);
                 if (HTTP_PARSER_ERRNO(&im.parser) == HPE_PAUSED) {
                     // A message without a body completed on that LF.
                     http_parser_pause(&im.parser, 0);

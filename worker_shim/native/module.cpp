@@ -15,6 +15,7 @@ struct ModuleState {
     PyObject* server_type;
     PyObject* start_response_type;
     PyObject* input_type;
+    PyObject* env_keys[static_cast<int>(EnvKey::count)];
 };
 
 ModuleState* state_of(PyObject* module) {
@@ -255,7 +256,7 @@ PyObject* make_server(PyObject* module, PyObject* args, PyObject* kwargs) {
                                 PyRef::borrow(warmup_env),
                                 PyRef::borrow(file_wrapper == Py_None ? nullptr : file_wrapper),
                                 PyRef::borrow(access_log == Py_None ? nullptr : access_log),
-                                PyShared{st->start_response_type, st->input_type});
+                                PyShared{st->start_response_type, st->input_type, st->env_keys});
     } catch (const std::exception& exc) {
         PyErr_Format(PyExc_RuntimeError, "native engine: %s", exc.what());
         return nullptr;
@@ -280,6 +281,10 @@ int module_exec(PyObject* module) {
     st->start_response_type = PyType_FromSpec(&start_response_spec);
     st->input_type = PyType_FromSpec(&input_spec);
     if (!st->server_type || !st->start_response_type || !st->input_type) return -1;
+    for (int i = 0; i < static_cast<int>(EnvKey::count); ++i) {
+        st->env_keys[i] = PyUnicode_InternFromString(kEnvKeyNames[i]);
+        if (st->env_keys[i] == nullptr) return -1;
+    }
     return 0;
 }
 
@@ -289,6 +294,7 @@ int module_traverse(PyObject* module, visitproc visit, void* arg) {
     Py_VISIT(st->server_type);
     Py_VISIT(st->start_response_type);
     Py_VISIT(st->input_type);
+    for (PyObject* key : st->env_keys) Py_VISIT(key);
     return 0;
 }
 
@@ -298,6 +304,7 @@ int module_clear(PyObject* module) {
     Py_CLEAR(st->server_type);
     Py_CLEAR(st->start_response_type);
     Py_CLEAR(st->input_type);
+    for (PyObject*& key : st->env_keys) Py_CLEAR(key);
     return 0;
 }
 

@@ -634,12 +634,13 @@ PyRef header_key(Server& srv, const std::string& name) {
     return value;
 }
 
-bool set_text(PyObject* env, const char* key, const std::string& value) {
+bool set_text(PyObject* env, PyObject* key, const std::string& value) {
     PyRef text = decode_latin1(value);
-    return text && PyDict_SetItemString(env, key, text.get()) == 0;
+    return text && PyDict_SetItem(env, key, text.get()) == 0;
 }
 
 PyRef build_environ(Server& srv, Connection& conn, Request& req) {
+    const PyShared& sh = srv.shared();
     PyRef env = PyRef::steal(PyDict_Copy(srv.base_env(conn)));
     if (!env) return env;
     for (const auto& [name, value] : req.headers) {
@@ -661,7 +662,8 @@ PyRef build_environ(Server& srv, Connection& conn, Request& req) {
         if (PyDict_SetItem(env.get(), key, text.get()) != 0) return PyRef();
     }
     if (req.chunked) {  // de-chunked and complete: tell the app its real length
-        if (!set_text(env.get(), "CONTENT_LENGTH", std::to_string(req.body.size()))) return PyRef();
+        if (!set_text(env.get(), sh.key(EnvKey::content_length), std::to_string(req.body.size())))
+            return PyRef();
     }
     auto [raw_path, query] = split_target(req.target);
     std::string path = percent_decode(raw_path);
@@ -671,12 +673,13 @@ PyRef build_environ(Server& srv, Connection& conn, Request& req) {
     }
     const std::string version =
         std::to_string(req.version_major) + "." + std::to_string(req.version_minor);
-    if (!set_text(env.get(), "REQUEST_METHOD", req.method) ||
-        !set_text(env.get(), "PATH_INFO", path) || !set_text(env.get(), "QUERY_STRING", query) ||
-        !set_text(env.get(), "RAW_URI", req.target) ||
-        !set_text(env.get(), "SERVER_PROTOCOL", "HTTP/" + version) ||
-        !set_text(env.get(), "REMOTE_ADDR", conn.remote_addr) ||
-        !set_text(env.get(), "REMOTE_PORT", conn.tcp ? conn.remote_port : "")) {
+    if (!set_text(env.get(), sh.key(EnvKey::request_method), req.method) ||
+        !set_text(env.get(), sh.key(EnvKey::path_info), path) ||
+        !set_text(env.get(), sh.key(EnvKey::query_string), query) ||
+        !set_text(env.get(), sh.key(EnvKey::raw_uri), req.target) ||
+        !set_text(env.get(), sh.key(EnvKey::server_protocol), "HTTP/" + version) ||
+        !set_text(env.get(), sh.key(EnvKey::remote_addr), conn.remote_addr) ||
+        !set_text(env.get(), sh.key(EnvKey::remote_port), conn.tcp ? conn.remote_port : "")) {
         return PyRef();
     }
     auto* input = alloc_object<InputObject>(srv.shared().input_type);
@@ -684,7 +687,7 @@ PyRef build_environ(Server& srv, Connection& conn, Request& req) {
     input->body = new Body(std::move(req.body));
     input->pos = 0;
     PyRef input_ref = PyRef::steal(reinterpret_cast<PyObject*>(input));
-    if (PyDict_SetItemString(env.get(), "wsgi.input", input_ref.get()) != 0) return PyRef();
+    if (PyDict_SetItem(env.get(), sh.key(EnvKey::wsgi_input), input_ref.get()) != 0) return PyRef();
     return env;
 }
 
