@@ -346,32 +346,14 @@ def test_native_unavailable_falls_back_with_one_line(listeners, spawn):
 
 @needs_native
 def test_fuzz_native_worker_survives(listeners, spawn):
-    # test_fuzz.py's generator and exchange, against the native engine (bounded: 6 s).
-    import random
-    import threading
-    import time
-
-    from test_fuzz import SEED, one_exchange
+    # test_fuzz.py's clients against the native engine (bounded: 6 s).
+    from test_fuzz import SEED, fuzz
 
     w = native_worker(listeners, overrides={"http": dict(HTTP, header_timeout_ms=500)})
     try:
         w.wait_ready()
-        bad: list = []
-        counts = [0] * 4
-        stop_at = time.monotonic() + 6.0
-
-        def runner(i: int) -> None:
-            rng = random.Random(SEED + 100 + i)
-            while time.monotonic() < stop_at:
-                one_exchange(listeners.port, rng, bad)
-                counts[i] += 1
-
-        threads = [threading.Thread(target=runner, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert sum(counts) > 100 and bad == []
+        exchanges, bad = fuzz(listeners.port, 6.0, SEED + 100)
+        assert exchanges > 100 and bad == []
         assert w.alive() and get(listeners.port, "/") == (200, b"hello")
         assert "internal error" not in w.stderr_text()
         w.drain()
