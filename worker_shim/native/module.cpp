@@ -141,10 +141,7 @@ void server_dealloc(PyObject* self) {
     auto* obj = reinterpret_cast<ServerObject*>(self);
     close_server(obj);
     Py_XDECREF(obj->module);
-    PyTypeObject* type = Py_TYPE(self);
-    auto free_fn = reinterpret_cast<freefunc>(PyType_GetSlot(type, Py_tp_free));
-    free_fn(self);
-    Py_DECREF(type);
+    free_heap_object(self);
 }
 
 PyMethodDef server_methods[] = {
@@ -244,11 +241,9 @@ PyObject* make_server(PyObject* module, PyObject* args, PyObject* kwargs) {
     }
     if (PyErr_Occurred()) return nullptr;
     ModuleState* st = state_of(module);
-    auto* tp = reinterpret_cast<PyTypeObject*>(st->server_type);
-    auto alloc = reinterpret_cast<allocfunc>(PyType_GetSlot(tp, Py_tp_alloc));
-    PyRef obj = PyRef::steal(alloc(tp, 0));
+    auto* so = alloc_object<ServerObject>(st->server_type);
+    PyRef obj = PyRef::steal(reinterpret_cast<PyObject*>(so));
     if (!obj) return nullptr;
-    auto* so = reinterpret_cast<ServerObject*>(obj.get());
     Py_INCREF(module);
     so->module = module;
     try {

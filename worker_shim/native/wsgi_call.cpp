@@ -478,13 +478,6 @@ PyObject* start_response_write(PyObject* self, PyObject* data) {
     Py_RETURN_NONE;
 }
 
-void plain_dealloc(PyObject* self) {
-    PyTypeObject* type = Py_TYPE(self);
-    auto free_fn = reinterpret_cast<freefunc>(PyType_GetSlot(type, Py_tp_free));
-    free_fn(self);
-    Py_DECREF(type);
-}
-
 PyMethodDef start_response_methods[] = {
     {"write", start_response_write, METH_O, "Write a body chunk (the PEP 3333 write callable)."},
     {nullptr, nullptr, 0, nullptr}};
@@ -492,7 +485,7 @@ PyMethodDef start_response_methods[] = {
 PyType_Slot start_response_slots[] = {
     {Py_tp_call, reinterpret_cast<void*>(start_response_call)},
     {Py_tp_methods, start_response_methods},
-    {Py_tp_dealloc, reinterpret_cast<void*>(plain_dealloc)},
+    {Py_tp_dealloc, reinterpret_cast<void*>(free_heap_object)},
     {Py_tp_doc, const_cast<char*>("The start_response callable of one request.")},
     {0, nullptr}};
 
@@ -584,7 +577,7 @@ PyObject* input_next(PyObject* self) {
 
 void input_dealloc(PyObject* self) {
     delete reinterpret_cast<InputObject*>(self)->body;
-    plain_dealloc(self);
+    free_heap_object(self);
 }
 
 PyMethodDef input_methods[] = {
@@ -600,13 +593,6 @@ PyType_Slot input_slots[] = {
     {Py_tp_dealloc, reinterpret_cast<void*>(input_dealloc)},
     {Py_tp_doc, const_cast<char*>("wsgi.input: the request body, buffered before the app runs.")},
     {0, nullptr}};
-
-template <typename T>
-T* alloc_object(PyObject* type) {
-    auto* tp = reinterpret_cast<PyTypeObject*>(type);
-    auto alloc = reinterpret_cast<allocfunc>(PyType_GetSlot(tp, Py_tp_alloc));
-    return reinterpret_cast<T*>(alloc(tp, 0));
-}
 
 // --- environ ---------------------------------------------------------------------------------
 
