@@ -771,6 +771,18 @@ const std::vector<KeySpec>& key_table() {
          [](Context& ctx, const Node& n, Config& c) {
              if (auto i = ctx.choice(n, {"wsgi", "asgi"})) c.interface = static_cast<Interface>(*i);
          }},
+        {"engine", "`auto`, `native` or `python`",
+         [](const Config&) -> std::string { return "`auto`"; },
+         "The WSGI data path inside each worker. `native` serves requests with the C++ engine "
+         "(the `_molt_native` extension installed with the shim); when it cannot load for the "
+         "configured interpreter the worker logs why in one line and uses the Python engine. "
+         "`python` always uses the Python engine. `auto` means `python` until the native engine "
+         "passes the whole conformance suite. ASGI apps always use the Python side.",
+         [](Context& ctx, const Node& n, Config& c) {
+             if (auto i = ctx.choice(n, {"auto", "native", "python"})) {
+                 c.engine = static_cast<Engine>(*i);
+             }
+         }},
         {"chdir", "path",
          [](const Config&) -> std::string { return "the config file's directory"; },
          "The release directory the workers run in. Resolved with realpath when each generation "
@@ -1402,6 +1414,7 @@ namespace {
 using nlohmann::json;
 
 constexpr std::array<const char*, 2> kInterfaceNames{"wsgi", "asgi"};
+constexpr std::array<const char*, 3> kEngineNames{"auto", "native", "python"};
 constexpr std::array<const char*, 4> kLevelNames{"debug", "info", "warning", "error"};
 constexpr std::array<const char*, 2> kFormatNames{"text", "json"};
 
@@ -1436,6 +1449,7 @@ json full_json(const Config& c) {
     return {
         {"app", c.app},
         {"interface", kInterfaceNames[static_cast<std::size_t>(c.interface)]},
+        {"engine", kEngineNames[static_cast<std::size_t>(c.engine)]},
         {"chdir", c.chdir},
         {"python", c.python},
         {"env", c.env},
@@ -1494,6 +1508,7 @@ std::string worker_config_json(const Config& config, const std::string& release_
     const json document = {
         {"app", config.app},
         {"interface", kInterfaceNames[static_cast<std::size_t>(config.interface)]},
+        {"engine", kEngineNames[static_cast<std::size_t>(config.engine)]},
         {"chdir", release_dir},
         {"threads", config.threads},
         {"generation", generation},

@@ -21,6 +21,8 @@ namespace molt::config {
 using Duration = std::chrono::milliseconds;
 
 enum class Interface { wsgi, asgi };
+// Which WSGI data path a worker runs: the native C++ engine or the Python one.
+enum class Engine { auto_, native, python };
 enum class LogLevel { debug, info, warning, error };
 enum class LogFormat { text, json };
 
@@ -98,6 +100,7 @@ struct Config {
 
     std::string app;  // module:callable
     Interface interface = Interface::wsgi;
+    Engine engine = Engine::auto_;
     // Absolute (a relative one is joined to the config's directory, lexically: symlinks kept);
     // the master resolves it with realpath per generation.
     std::string chdir;

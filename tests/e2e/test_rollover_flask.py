@@ -35,15 +35,11 @@ def body(m) -> str:
     return data.decode()
 
 
-@pytest.mark.timeout(240)
-def test_ten_hup_rollovers_under_keepalive_load_fail_no_request(molt, tmp_path):
-    releases = deploy_layout(tmp_path)
-    m = molt(base_config(releases))
-    assert body(m) == "version a\n"
-
-    load = Wrk(m.url("/"), duration=40, connections=32, threads=2)
+def rollovers_under_load(m, releases: Releases, count: int, duration: int) -> dict:
+    """`count` HUP rollovers between releases a and b under wrk keep-alive load; wrk's result."""
+    load = Wrk(m.url("/"), duration=duration, connections=32, threads=2)
     try:
-        for i in range(10):
+        for i in range(count):
             version = "b" if i % 2 == 0 else "a"
             releases.activate(version)
             before = m.live_generation()
@@ -57,6 +53,15 @@ def test_ten_hup_rollovers_under_keepalive_load_fail_no_request(molt, tmp_path):
             assert body(m) == f"version {version}\n"
     finally:
         result = load.result()
+    return result
+
+
+@pytest.mark.timeout(240)
+def test_ten_hup_rollovers_under_keepalive_load_fail_no_request(molt, tmp_path):
+    releases = deploy_layout(tmp_path)
+    m = molt(base_config(releases))
+    assert body(m) == "version a\n"
+    result = rollovers_under_load(m, releases, 10, 40)
     assert result["requests"] > 1000, result["output"]
     assert result["failed"] == 0, result["output"]
     assert m.alive()

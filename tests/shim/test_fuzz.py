@@ -73,25 +73,31 @@ def one_exchange(port: int, rng: random.Random, bad: list) -> None:
         s.close()
 
 
-@pytest.mark.timeout(60)
-def test_fuzz_worker_survives(listeners, spawn):
-    w = spawn(overrides={"http": {"header_timeout_ms": 500}}).wait_ready()
+def fuzz(port: int, seconds: float, seed: int = SEED) -> "tuple[int, list]":
+    """Four clients sending mutated requests for `seconds`: (exchanges, bad first bytes)."""
     bad: list = []
     counts = [0] * 4
-    stop_at = time.monotonic() + DURATION_S
+    stop_at = time.monotonic() + seconds
 
     def runner(i: int) -> None:
-        rng = random.Random(SEED + i)
+        rng = random.Random(seed + i)
         while time.monotonic() < stop_at:
-            one_exchange(listeners.port, rng, bad)
+            one_exchange(port, rng, bad)
             counts[i] += 1
 
     threads = [threading.Thread(target=runner, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(DURATION_S + 15)
-    assert sum(counts) > 200
+        t.join(seconds + 15)
+    return sum(counts), bad
+
+
+@pytest.mark.timeout(60)
+def test_fuzz_worker_survives(listeners, spawn):
+    w = spawn(overrides={"http": {"header_timeout_ms": 500}}).wait_ready()
+    exchanges, bad = fuzz(listeners.port, DURATION_S)
+    assert exchanges > 200
     assert bad == []
     assert w.alive()
     assert get(listeners.port, "/") == (200, b"hello")

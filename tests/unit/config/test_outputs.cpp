@@ -26,6 +26,7 @@ recycle: {max_requests: 10, max_requests_jitter: 2}
     const json expected = {
         {"app", "proj.wsgi:application"},
         {"interface", "wsgi"},
+        {"engine", "auto"},
         {"chdir", "/srv/proj/releases/42"},
         {"threads", 8},
         {"generation", 7},

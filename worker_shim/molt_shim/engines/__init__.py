@@ -18,7 +18,7 @@ from .base import EngineFactory
 # `engine:` value -> module under molt_shim.engines, for interface wsgi.
 WSGI_ENGINES: Dict[str, str] = {
     "python": "threaded_wsgi",  # threads on one epoll, in Python
-    "native": "native",  # the C++ engine (a CPython extension); not in this tree yet
+    "native": "native",  # the C++ engine (the _molt_native extension); falls back to python
 }
 AUTO_WSGI = "python"  # what `engine: auto` means today
 ASGI_ENGINE = "uvicorn_asgi"  # ASGI apps are served with uvicorn's protocols, whatever `engine:`

@@ -1,0 +1,783 @@
+// The native engine's I/O core (see engine.hpp for the threading model).
+#include "engine.hpp"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace molt::native {
+
+namespace {
+
+constexpr std::size_t kRecvSize = 65536;
+constexpr double kLingerS = 2.0;  // how long a closing connection is read-discarded
+constexpr double kWriteTimeoutS = 60.0;
+constexpr int kDrainBacklogMax = 64;
+constexpr double kCloseWaitS = 2.0;  // how long close() waits for a thread inside the app  // what
+                                     // a draining worker still accepts from the queue
+constexpr std::uint32_t kArm = EPOLLIN | EPOLLONESHOT;
+constexpr std::uint32_t kListen = EPOLLIN | EPOLLEXCLUSIVE;
+const char kContinue100[] = "HTTP/1.1 100 Continue\r\n\r\n";
+
+const char* reason_phrase(int status) {
+    switch (status) {
+        case 400:
+            return "Bad Request";
+        case 408:
+            return "Request Timeout";
+        case 413:
+            return "Payload Too Large";
+        case 414:
+            return "URI Too Long";
+        case 431:
+            return "Request Header Fields Too Large";
+        case 500:
+            return "Internal Server Error";
+        case 501:
+            return "Not Implemented";
+        default:
+            return "Error";
+    }
+}
+
+bool wait_fd(int fd, short events, double timeout_s) {
+    if (timeout_s <= 0) return false;
+    pollfd p{fd, events, 0};
+    int rc;
+    do {
+        rc = ::poll(&p, 1, static_cast<int>(timeout_s * 1000.0) + 1);
+    } while (rc < 0 && errno == EINTR);
+    return rc > 0;
+}
+
+std::string fmt_seconds(double s) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.1fs", s);
+    return buf;
+}
+
+bool out_of_resources(int err) {
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
+}  // namespace
+
+double monotonic() {
+    timespec ts{};
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) / 1e9;
+}
+
+std::string Connection::remote() const {
+    if (tcp) return remote_addr + ":" + remote_port;
+    return "unix:" + remote_addr;
+}
+
+Server::Server(EngineConfig config, PyRef app, std::vector<ListenerSlot> listeners,
+               PyRef warmup_env, PyRef file_wrapper, PyRef access_log, PyShared shared)
+    : config_(std::move(config)),
+      app_(std::move(app)),
+      listeners_(std::move(listeners)),
+      warmup_env_(std::move(warmup_env)),
+      file_wrapper_(std::move(file_wrapper)),
+      access_log_(std::move(access_log)),
+      shared_(shared) {
+    ep_ = epoll_create1(EPOLL_CLOEXEC);
+    stop_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    epoll_event ev{};
+    ev.events = EPOLLIN;  // level-triggered: once written, every thread sees it
+    ev.data.fd = stop_fd_;
+    epoll_ctl(ep_, EPOLL_CTL_ADD, stop_fd_, &ev);
+}
+
+Server::~Server() {
+    // close() has joined the threads; what is left is descriptors.
+    for (auto& [fd, conn] : conns_) ::close(fd);
+    for (auto& lst : listeners_) {
+        if (lst.open) ::close(lst.fd);
+    }
+    if (ep_ >= 0) ::close(ep_);
+    if (stop_fd_ >= 0) ::close(stop_fd_);
+}
+
+void Server::log(int level, std::string text) {
+    std::lock_guard<std::mutex> lock(log_mu_);
+    if (logs_.size() < 10000) logs_.emplace_back(level, std::move(text));
+}
+
+std::vector<std::pair<int, std::string>> Server::take_logs() {
+    std::lock_guard<std::mutex> lock(log_mu_);
+    return std::exchange(logs_, {});
+}
+
+std::string Server::date_header() {
+    // One formatted Date per second and thread; names spelled out so no locale applies.
+    thread_local time_t cached_second = 0;
+    thread_local std::string cached;
+    const time_t now = ::time(nullptr);
+    if (now != cached_second) {
+        static const char* const days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+        static const char* const months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                             "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+        tm t{};
+        gmtime_r(&now, &t);
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n",
+                      days[t.tm_wday], t.tm_mday, months[t.tm_mon], t.tm_year + 1900, t.tm_hour,
+                      t.tm_min, t.tm_sec);
+        cached = buf;
+        cached_second = now;
+    }
+    return cached;
+}
+
+// --- counters --------------------------------------------------------------------------------
+
+std::uint64_t Server::begin_request(double started) {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    const std::uint64_t token = next_token_++;
+    inflight_.emplace(token, started);
+    return token;
+}
+
+void Server::end_request(std::uint64_t token) {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    inflight_.erase(token);
+    ++requests_;
+}
+
+Server::Counters Server::counters() {
+    Counters out{};
+    {
+        std::lock_guard<std::mutex> lock(stats_mu_);
+        out.requests = requests_;
+        out.inflight = inflight_.size();
+        out.oldest_started = monotonic();
+        for (const auto& [token, started] : inflight_) {
+            out.oldest_started = std::min(out.oldest_started, started);
+        }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    out.connections = conns_.size();
+    return out;
+}
+
+// --- threads ---------------------------------------------------------------------------------
+
+void Server::start() {
+    // The serving threads block the asynchronous signals, so the kernel delivers them to
+    // Python's main thread, which runs the handlers (drain, fast exit, the SIGABRT dump)
+    // without waiting for its next tick. They inherit the mask of the thread that makes them.
+    sigset_t all;
+    sigset_t previous;
+    sigemptyset(&all);
+    for (int sig : {SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGCHLD, SIGALRM, SIGABRT,
+                    SIGPIPE, SIGTTIN, SIGTTOU, SIGWINCH}) {
+        sigaddset(&all, sig);
+    }
+    pthread_sigmask(SIG_BLOCK, &all, &previous);
+    for (int i = 0; i < std::max(1, config_.threads); ++i) {
+        running_.fetch_add(1);
+        threads_.emplace_back([this] { thread_main(); });
+    }
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+}
+
+void Server::thread_main() {
+    // This thread's own Python thread state, made once; GilHeld uses it per request.
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyThreadState* ts = PyEval_SaveThread();
+    for (;;) {
+        epoll_event ev{};
+        int n = epoll_wait(ep_, &ev, 1, 0);  // take waiting work without sleeping
+        if (n == 0) {
+            std::lock_guard<std::mutex> lock(poll_mu_);  // the one sleeper of this process
+            n = epoll_wait(ep_, &ev, 1, -1);
+        }
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            log(kError, std::string("epoll_wait failed: ") + std::strerror(errno));
+            break;
+        }
+        if (n == 0) continue;
+        const int fd = ev.data.fd;
+        if (fd == stop_fd_) break;
+        try {
+            Connection* conn = take_parked(fd);
+            if (conn != nullptr) {
+                if (conn->state == ConnState::linger) {
+                    discard(conn);
+                } else {
+                    conn->state = ConnState::busy;
+                    serve(conn, true, ts);
+                }
+                continue;
+            }
+            int listener = -1;
+            {
+                std::lock_guard<std::mutex> lock(mu_);
+                for (std::size_t i = 0; i < listeners_.size(); ++i) {
+                    if (listeners_[i].open && listeners_[i].fd == fd)
+                        listener = static_cast<int>(i);
+                }
+            }
+            if (listener >= 0) accept_from(listener, ts);
+            // else: a stale event for a connection the sweep took; nothing to do
+        } catch (const std::exception& exc) {  // a bug here must not end the serving thread
+            log(kError, std::string("internal error while serving: ") + exc.what());
+        } catch (...) {
+            log(kError, "internal error while serving: unknown exception");
+        }
+    }
+    PyEval_RestoreThread(ts);
+    PyGILState_Release(gil);
+    running_.fetch_sub(1);
+}
+
+void Server::close() {
+    if (!threads_.empty()) {
+        const std::uint64_t one = 1;
+        (void)!::write(stop_fd_, &one, sizeof one);
+        GilReleased unlocked;  // the threads need the GIL to finish their request and exit
+        // A thread still inside a hung app call (graceful timeout) must not keep the worker
+        // from exiting: wait a bounded time, then leave such threads to the process exit.
+        const double deadline = monotonic() + kCloseWaitS;
+        while (running_.load() > 0 && monotonic() < deadline) ::usleep(5000);
+        if (running_.load() == 0) {
+            for (auto& t : threads_) t.join();
+        } else {
+            log(kWarning, std::to_string(running_.load()) +
+                              " serving thread(s) still busy at exit; not waiting for them");
+            for (auto& t : threads_) t.detach();
+            abandoned_ = true;
+            return;  // the threads may still use the connections and this object
+        }
+        threads_.clear();
+    }
+    std::vector<Connection*> left;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (auto& [fd, conn] : parked_) left.push_back(conn);
+    }
+    for (Connection* conn : left) {
+        if (take_parked(conn->fd) == conn) close_now(conn);
+    }
+}
+
+// --- accepting -------------------------------------------------------------------------------
+
+void Server::listen() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& lst : listeners_) {
+        // Non-blocking: accept() runs under mu_ and must never wait for a connection that
+        // another worker took first.
+        const int flags = fcntl(lst.fd, F_GETFL);
+        if (flags >= 0) fcntl(lst.fd, F_SETFL, flags | O_NONBLOCK);
+        epoll_event ev{};
+        ev.events = kListen;
+        ev.data.fd = lst.fd;
+        epoll_ctl(ep_, EPOLL_CTL_ADD, lst.fd, &ev);
+    }
+}
+
+Connection* Server::add_connection(int fd, int listener_index, bool tcp_peer) {
+    auto conn = std::make_unique<Connection>(fd, listener_index, config_.limits);
+    conn->tcp = tcp_peer;
+    conn->idle_since = monotonic();
+    if (tcp_peer) {
+        sockaddr_storage addr{};
+        socklen_t len = sizeof addr;
+        if (getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+            char host[INET6_ADDRSTRLEN] = "";
+            int port = 0;
+            if (addr.ss_family == AF_INET) {
+                auto* a = reinterpret_cast<sockaddr_in*>(&addr);
+                inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+                port = ntohs(a->sin_port);
+            } else if (addr.ss_family == AF_INET6) {
+                auto* a = reinterpret_cast<sockaddr_in6*>(&addr);
+                inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+                port = ntohs(a->sin6_port);
+            } else {
+                conn->tcp = false;
+            }
+            conn->remote_addr = host;
+            conn->remote_port = std::to_string(port);
+        }
+    }
+    Connection* raw = conn.get();
+    conns_[fd] = std::move(conn);
+    return raw;
+}
+
+void Server::accept_from(int index, PyThreadState* ts) {
+    // With EPOLLEXCLUSIVE the kernel wakes the first worker in the socket's wait queue that has
+    // a thread waiting, and that order never changes by itself. So a worker leaves the queue to
+    // accept (one thread at a time) and joins again at the back: new connections go
+    // round-robin over the workers that have a thread free.
+    Connection* conn = nullptr;
+    int accept_errno = 0;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        ListenerSlot& lst = listeners_[static_cast<std::size_t>(index)];
+        if (!lst.open) return;                                            // closed by the drain
+        if (epoll_ctl(ep_, EPOLL_CTL_DEL, lst.fd, nullptr) != 0) return;  // another thread accepts
+        const int fd = accept4(lst.fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            accept_errno = errno;
+        } else {
+            sockaddr_storage local{};
+            socklen_t len = sizeof local;
+            getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len);
+            conn = add_connection(fd, index, local.ss_family != AF_UNIX);
+        }
+    }
+    if (conn == nullptr) {
+        if (accept_errno != EAGAIN && accept_errno != EWOULDBLOCK && accept_errno != EINTR) {
+            const std::string name = listeners_[static_cast<std::size_t>(index)].name;
+            if (out_of_resources(accept_errno)) {
+                // The listener stays readable: back off outside the queue, say so once a second.
+                const double now = monotonic();
+                if (now - accept_error_logged_ > 1.0) {
+                    accept_error_logged_ = now;
+                    log(kError, "accept() on " + name + " failed: " + std::strerror(accept_errno));
+                }
+                ::usleep(100000);
+            } else if (!draining_) {
+                log(kInfo, "accept() on " + name + ": " + std::strerror(accept_errno));
+            }
+        }
+        rejoin(index);
+        return;
+    }
+    char buf[kRecvSize];
+    const ssize_t n = ::recv(conn->fd, buf, sizeof buf, 0);
+    const int recv_errno = errno;
+    // Back in the queue once the first bytes are read, before the app runs: a slow first
+    // request must not stop this worker's other threads from accepting.
+    rejoin(index);
+    if (n < 0 && (recv_errno == EAGAIN || recv_errno == EWOULDBLOCK || recv_errno == EINTR)) {
+        park(conn);
+    } else if (n <= 0) {
+        close_now(conn);  // connected and left without a byte
+    } else {
+        conn->head_started = monotonic();
+        conn->parser.feed(buf, static_cast<std::size_t>(n));
+        serve(conn, false, ts);
+    }
+}
+
+bool Server::rejoin(int index) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ListenerSlot& lst = listeners_[static_cast<std::size_t>(index)];
+    if (!lst.open) return false;
+    epoll_event ev{};
+    ev.events = kListen;
+    ev.data.fd = lst.fd;
+    if (epoll_ctl(ep_, EPOLL_CTL_ADD, lst.fd, &ev) != 0 && errno != EEXIST) {
+        if (std::find(rejoin_failed_.begin(), rejoin_failed_.end(), index) ==
+            rejoin_failed_.end()) {
+            log(kError,
+                "listening on " + lst.name + " again failed (retrying): " + std::strerror(errno));
+            rejoin_failed_.push_back(index);
+        }
+        return false;
+    }
+    rejoin_failed_.erase(std::remove(rejoin_failed_.begin(), rejoin_failed_.end(), index),
+                         rejoin_failed_.end());
+    return true;
+}
+
+void Server::submit_warmup(int fd) {
+    std::lock_guard<std::mutex> lock(mu_);
+    Connection* conn = add_connection(fd, -1, false);
+    conn->warmup = true;
+    park_locked(conn, ConnState::idle, true);
+}
+
+// --- one connection (the thread that owns it) --------------------------------------------------
+
+void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
+    // Read, run the app, write, until the connection would block; then park it.
+    RequestParser& parser = conn->parser;
+    char buf[kRecvSize];
+    for (;;) {
+        while (!parser.ready().empty()) {
+            Request req = std::move(parser.ready().front());
+            parser.ready().pop_front();
+            conn->continue_sent = false;
+            const bool keep = handle(*conn, req, ts);
+            ++conn->served;
+            if (!keep) {
+                if (!req.keep_alive && parser.ready().empty() && !parser.in_request()) {
+                    // The client asked to close and sent nothing more we have seen: a plain
+                    // close. Closes of our own choosing linger, so no request meets a reset.
+                    close_now(conn);
+                } else {
+                    close_graceful(conn);
+                }
+                return;
+            }
+            must_read = false;
+        }
+        if (parser.error()) {
+            send_error(conn, parser.error()->status, parser.error()->reason, true);
+            return;
+        }
+        if (parser.upgrade() || conn->must_close) {
+            // WSGI cannot take over the socket: the request was answered, now close.
+            close_graceful(conn);
+            return;
+        }
+        ssize_t n;
+        int read_errno = 0;
+        const Request* body_of = parser.in_body();
+        if (body_of != nullptr) {
+            // Inside a request body: read with a deadline (the app runs on the whole body).
+            if (body_of->expect_continue && !conn->continue_sent) {
+                conn->continue_sent = true;
+                iovec iov{const_cast<char*>(kContinue100), sizeof kContinue100 - 1};
+                std::string why;
+                if (!send_all(*conn, &iov, 1, &why)) {
+                    close_now(conn);
+                    return;
+                }
+            }
+            const double deadline = monotonic() + config_.header_timeout;
+            for (;;) {
+                n = ::recv(conn->fd, buf, sizeof buf, 0);
+                if (n >= 0) break;
+                if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                    n = 0;  // reset by the peer: same outcome as EOF for a request body
+                    break;
+                }
+                if (!wait_fd(conn->fd, POLLIN, deadline - monotonic())) {
+                    send_error(
+                        conn, 408,
+                        "request body not received within " + fmt_seconds(config_.header_timeout),
+                        true);
+                    return;
+                }
+            }
+        } else if (!parser.in_request() && !must_read) {
+            park(conn);
+            return;
+        } else {
+            must_read = false;
+            n = ::recv(conn->fd, buf, sizeof buf, 0);
+            read_errno = errno;
+            if (n < 0) {
+                if (read_errno == EAGAIN || read_errno == EWOULDBLOCK || read_errno == EINTR) {
+                    park(conn);
+                } else {
+                    log(kInfo, conn->remote() + ": connection error: " + std::strerror(read_errno));
+                    close_now(conn);
+                }
+                return;
+            }
+        }
+        if (n == 0) {
+            if (const Request* cur = parser.in_body()) {
+                const std::string want =
+                    cur->content_length ? std::to_string(*cur->content_length) : "chunked";
+                log(kWarning, conn->remote() +
+                                  ": client closed the connection with an incomplete request "
+                                  "body (" +
+                                  std::to_string(cur->body.size()) + " of " + want +
+                                  " bytes); app not called");
+            } else if (parser.in_request()) {
+                log(kInfo, conn->remote() + ": client closed the connection inside a request head");
+            }
+            close_now(conn);
+            return;
+        }
+        if (!parser.in_request()) conn->head_started = monotonic();  // a head may begin here
+        parser.feed(buf, static_cast<std::size_t>(n));
+    }
+}
+
+bool Server::send_all(Connection& conn, const iovec* iov_in, int count, std::string* why) {
+    std::vector<iovec> iov(iov_in, iov_in + count);
+    std::size_t first = 0;
+    double deadline = 0;
+    while (first < iov.size()) {
+        if (iov[first].iov_len == 0) {
+            ++first;
+            continue;
+        }
+        msghdr msg{};
+        msg.msg_iov = &iov[first];
+        msg.msg_iovlen = iov.size() - first;
+        const ssize_t sent = ::sendmsg(conn.fd, &msg, MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                *why = std::strerror(errno);
+                return false;
+            }
+            if (deadline == 0) deadline = monotonic() + kWriteTimeoutS;
+            if (!wait_fd(conn.fd, POLLOUT, deadline - monotonic())) {
+                *why = "write timed out";
+                return false;
+            }
+            continue;
+        }
+        deadline = 0;
+        auto left = static_cast<std::size_t>(sent);
+        while (left > 0 && first < iov.size()) {
+            if (left >= iov[first].iov_len) {
+                left -= iov[first].iov_len;
+                ++first;
+            } else {
+                iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + left;
+                iov[first].iov_len -= left;
+                left = 0;
+            }
+        }
+    }
+    return true;
+}
+
+bool Server::send_file(Connection& conn, int file_fd, std::int64_t offset, std::uint64_t size,
+                       std::uint64_t* sent_total, std::string* why) {
+    off_t off = static_cast<off_t>(offset);
+    double deadline = monotonic() + kWriteTimeoutS;
+    while (size > 0) {
+        const ssize_t n =
+            ::sendfile(conn.fd, file_fd, &off,
+                       static_cast<std::size_t>(std::min<std::uint64_t>(size, 1 << 30)));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                *why = std::strerror(errno);
+                return false;
+            }
+            if (!wait_fd(conn.fd, POLLOUT, deadline - monotonic())) {
+                *why = "write timed out";
+                return false;
+            }
+            continue;
+        }
+        if (n == 0) break;  // the file shrank under us
+        size -= static_cast<std::uint64_t>(n);
+        *sent_total += static_cast<std::uint64_t>(n);
+        deadline = monotonic() + kWriteTimeoutS;
+    }
+    return true;
+}
+
+// --- parking and closing -----------------------------------------------------------------------
+
+Connection* Server::take_parked(int fd) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = parked_.find(fd);
+    if (it == parked_.end()) return nullptr;
+    Connection* conn = it->second;
+    parked_.erase(it);
+    return conn;
+}
+
+void Server::park(Connection* conn, ConnState state, bool restart_clock) {
+    std::lock_guard<std::mutex> lock(mu_);
+    park_locked(conn, state, restart_clock);
+}
+
+void Server::park_locked(Connection* conn, ConnState state, bool restart_clock) {
+    conn->state = state;
+    // Only a parked connection with an incomplete head runs the header timeout (408).
+    if (!conn->parser.in_request()) conn->head_started = 0;
+    if (restart_clock) {
+        const double now = monotonic();
+        conn->idle_since = now;
+        if (state == ConnState::linger) conn->linger_until = now + kLingerS;
+    }
+    parked_[conn->fd] = conn;  // before arming: the event may fire at once
+    epoll_event ev{};
+    ev.events = kArm;
+    ev.data.fd = conn->fd;
+    int rc = epoll_ctl(ep_, conn->in_epoll ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, conn->fd, &ev);
+    if (rc != 0 && errno == ENOENT) rc = epoll_ctl(ep_, EPOLL_CTL_ADD, conn->fd, &ev);
+    if (rc != 0 && errno == EEXIST) rc = epoll_ctl(ep_, EPOLL_CTL_MOD, conn->fd, &ev);
+    if (rc != 0) {
+        // Out of kernel memory: nobody would ever wake this connection, so close it.
+        parked_.erase(conn->fd);
+        conn->state = ConnState::closed;
+        const int fd = conn->fd;
+        ::close(fd);
+        conns_.erase(fd);
+        return;
+    }
+    conn->in_epoll = true;
+}
+
+void Server::close_now(Connection* conn) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (conn->state == ConnState::closed) return;
+    conn->state = ConnState::closed;
+    const int fd = conn->fd;
+    // The fd number is ours until close(): forget it everywhere first, under the same lock
+    // that a new accept() of the same number takes.
+    auto it = parked_.find(fd);
+    if (it != parked_.end() && it->second == conn) parked_.erase(it);
+    if (conn->in_epoll) epoll_ctl(ep_, EPOLL_CTL_DEL, fd, nullptr);
+    ::close(fd);
+    conns_.erase(fd);  // deletes conn
+}
+
+void Server::close_graceful(Connection* conn) {
+    // shutdown(SHUT_WR), then read-discard until the peer closes, so no RST is sent.
+    if (::shutdown(conn->fd, SHUT_WR) != 0) {
+        close_now(conn);
+        return;
+    }
+    park(conn, ConnState::linger);
+}
+
+void Server::discard(Connection* conn) {
+    char buf[kRecvSize];
+    for (int i = 0; i < 16; ++i) {
+        const ssize_t n = ::recv(conn->fd, buf, sizeof buf, 0);
+        if (n == 0) break;
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+                park(conn, ConnState::linger, false);
+                return;
+            }
+            break;
+        }
+    }
+    close_now(conn);
+}
+
+void Server::send_error(Connection* conn, int status, const std::string& reason, bool blocking) {
+    // An error status and a close. blocking=false (the sweep) makes one send attempt only.
+    const std::string phrase = reason_phrase(status);
+    log(kWarning, conn->remote() + ": " + std::to_string(status) + " " + phrase + ": " + reason);
+    const std::string body = std::to_string(status) + " " + phrase + "\n";
+    const std::string head = "HTTP/1.1 " + std::to_string(status) + " " + phrase +
+                             "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: " +
+                             std::to_string(body.size()) + "\r\nConnection: close\r\n" +
+                             date_header() + config_.version_header + "\r\n";
+    const std::string all = head + body;
+    if (blocking) {
+        iovec iov{const_cast<char*>(all.data()), all.size()};
+        std::string why;
+        if (!send_all(*conn, &iov, 1, &why)) {
+            close_now(conn);
+            return;
+        }
+    } else {
+        (void)::send(conn->fd, all.data(), all.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+    close_graceful(conn);
+}
+
+// --- the sweep and the drain (Python's main thread) --------------------------------------------
+
+std::string Server::overdue(const Connection& conn, double now) const {
+    if (conn.state == ConnState::linger) return now >= conn.linger_until ? "linger" : "";
+    if (conn.state != ConnState::idle) return "";
+    if (conn.head_started > 0) return now - conn.head_started > config_.header_timeout ? "408" : "";
+    // A connection that has not sent its first request yet gets the header timeout (keepalive
+    // may be 0), except while draining.
+    double limit = draining_ ? config_.drain_idle : config_.keepalive;
+    if (conn.served == 0 && !draining_) limit = std::max(limit, config_.header_timeout);
+    return now - conn.idle_since >= limit ? "idle" : "";
+}
+
+void Server::tick() {
+    GilReleased unlocked;
+    const double now = monotonic();
+    std::vector<int> retry;
+    std::vector<Connection*> due;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        retry = rejoin_failed_;
+        // Taking a connection out of `parked_` under the lock makes the sweep its owner: a
+        // serving thread that gets its event later finds nothing to take.
+        for (auto it = parked_.begin(); it != parked_.end();) {
+            if (!overdue(*it->second, now).empty()) {
+                due.push_back(it->second);
+                it = parked_.erase(it);
+            } else {
+                ++it;
+            }
+        }
+    }
+    for (int index : retry) rejoin(index);
+    for (Connection* conn : due) {
+        std::string verdict = overdue(*conn, now);
+        if (verdict == "idle") {
+            // The client may have sent its next request already (the keep-alive race): closing
+            // would lose it. The pending epoll event then delivers it as usual.
+            char byte;
+            if (::recv(conn->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0) verdict.clear();
+        }
+        if (verdict.empty()) {
+            park(conn, conn->state, false);
+        } else if (verdict == "linger") {
+            close_now(conn);
+        } else if (verdict == "408") {
+            conn->state = ConnState::busy;
+            send_error(conn, 408,
+                       "request head not complete within " + fmt_seconds(config_.header_timeout),
+                       false);
+        } else {
+            conn->state = ConnState::busy;
+            close_graceful(conn);
+        }
+    }
+}
+
+void Server::stop_accepting() {
+    GilReleased unlocked;
+    if (draining_.exchange(true)) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (std::size_t i = 0; i < listeners_.size(); ++i) {
+        ListenerSlot& lst = listeners_[i];
+        if (!lst.open) continue;
+        epoll_ctl(ep_, EPOLL_CTL_DEL, lst.fd, nullptr);
+        // With EPOLLEXCLUSIVE a new connection woke this worker only: take what is queued
+        // (bounded) and answer it with Connection: close. Later arrivals wake the others.
+        for (int k = 0; k < kDrainBacklogMax; ++k) {
+            const int fd = accept4(lst.fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd < 0) break;
+            sockaddr_storage local{};
+            socklen_t len = sizeof local;
+            getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len);
+            Connection* conn = add_connection(fd, static_cast<int>(i), local.ss_family != AF_UNIX);
+            park_locked(conn, ConnState::idle, true);
+        }
+        // Closing our descriptor leaves the shared socket (and its queue) to the other
+        // workers; shutdown() would break them all.
+        ::close(lst.fd);
+        lst.open = false;
+    }
+}
+
+bool Server::drained() {
+    std::uint64_t inflight;
+    {
+        std::lock_guard<std::mutex> lock(stats_mu_);
+        inflight = inflight_.size();
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    return conns_.empty() && inflight == 0;
+}
+
+}  // namespace molt::native

@@ -1,0 +1,208 @@
+// The native WSGI engine: serving threads, connections, drain and the sweep.
+//
+// Threading model (the same leader/followers shape as the Python engine, without the GIL on
+// the I/O path): `threads` native threads share one epoll. The thread that takes an event does
+// the whole job, accept or read, parse, run the app and write, with no hand-off between threads.
+// It holds the GIL only inside handle() (environ, the app call, start_response), and releases
+// it again around every send. Connections are EPOLLONESHOT (one event, one owner); listeners
+// are EPOLLEXCLUSIVE and a worker leaves a listener's wait queue while it accepts, so new
+// connections go round-robin over the workers with a thread free. Python's main thread runs
+// the lifecycle and calls tick() (the sweep), counters(), stop_accepting() and drained().
+//
+// Locks: `mu_` guards the connection tables and the listeners; `stats_mu_` the in-flight
+// table; `log_mu_` the log queue. No thread ever waits for the GIL while it holds one of them.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "http_seam.hpp"
+#include "py_handle.hpp"
+
+namespace molt::native {
+
+struct EngineConfig {
+    HttpLimits limits;
+    double header_timeout = 10;
+    double keepalive = 5;
+    double drain_idle = 1;       // idle window for keep-alive connections while draining
+    std::string version_header;  // a full header line ("X-Version: v1\r\n") or ""
+    std::string script_name;
+    int threads = 1;
+};
+
+enum class ConnState { idle, busy, linger, closed };
+
+struct Connection {
+    Connection(int fd, int listener, const HttpLimits& limits)
+        : fd(fd), listener(listener), parser(limits) {}
+    int fd;
+    int listener;  // index into the listeners, -1 for the warm-up connection
+    std::string remote_addr;
+    std::string remote_port;
+    bool tcp = false;
+    RequestParser parser;
+    ConnState state = ConnState::busy;
+    double idle_since = 0;
+    double head_started = 0;  // a request head has begun and is not complete yet
+    double linger_until = 0;
+    bool must_close = false;
+    bool in_epoll = false;
+    bool warmup = false;
+    bool continue_sent = false;
+    std::uint64_t served = 0;
+
+    std::string remote() const;
+};
+
+struct ListenerSlot {
+    int fd;
+    std::string name;
+    bool open = true;
+    PyRef base_env;  // the environ every request on this listener starts from
+};
+
+// The module-level Python objects handle() needs (owned by the module state).
+// The environ keys every request sets, interned once per module.
+enum class EnvKey {
+    request_method,
+    path_info,
+    query_string,
+    raw_uri,
+    server_protocol,
+    remote_addr,
+    remote_port,
+    content_length,
+    wsgi_input,
+    count
+};
+constexpr const char* kEnvKeyNames[] = {"REQUEST_METHOD", "PATH_INFO",       "QUERY_STRING",
+                                        "RAW_URI",        "SERVER_PROTOCOL", "REMOTE_ADDR",
+                                        "REMOTE_PORT",    "CONTENT_LENGTH",  "wsgi.input"};
+
+struct PyShared {
+    PyObject* start_response_type;  // borrowed from the module state
+    PyObject* input_type;
+    PyObject* const* env_keys;  // EnvKey::count interned str, borrowed from the module state
+    PyObject* key(EnvKey k) const { return env_keys[static_cast<int>(k)]; }
+};
+
+class Server {
+  public:
+    Server(EngineConfig config, PyRef app, std::vector<ListenerSlot> listeners, PyRef warmup_env,
+           PyRef file_wrapper, PyRef access_log, PyShared shared);
+    ~Server();
+
+    // Called on Python's main thread with the GIL held.
+    void start();   // serving threads; listeners not yet accepted from
+    void listen();  // join the listeners' wait queues
+    void submit_warmup(int fd);
+    void tick();            // the sweep: idle, 408 and linger closes
+    void stop_accepting();  // the drain begins
+    bool drained();
+    void close();  // stop and join the serving threads, close what is left
+    struct Counters {
+        std::uint64_t requests;
+        std::uint64_t inflight;
+        double oldest_started;
+        std::uint64_t connections;
+    };
+    Counters counters();
+    std::vector<std::pair<int, std::string>> take_logs();
+    bool draining() const { return draining_.load(); }
+    // close() left threads running (inside a hung app call): the object must outlive them,
+    // that is, it must never be deleted.
+    bool abandoned() const { return abandoned_; }
+
+    // Logging from any thread, GIL or not; the main thread emits the queue at each tick.
+    void log(int level, std::string text);
+
+    // Implemented in wsgi_call.cpp: run the app for one request (takes the GIL).
+    bool handle(Connection& conn, Request& req, PyThreadState* thread_state);
+
+    // Socket writes for handle() (call with the GIL released). False: the client is gone.
+    bool send_all(Connection& conn, const iovec* iov, int count, std::string* why);
+    bool send_file(Connection& conn, int file_fd, std::int64_t offset, std::uint64_t size,
+                   std::uint64_t* sent, std::string* why);
+
+    const EngineConfig& config() const { return config_; }
+    std::string date_header();
+
+  private:
+    void thread_main();
+    void serve(Connection* conn, bool must_read, PyThreadState* ts);
+    void accept_from(int listener_index, PyThreadState* ts);
+    bool rejoin(int listener_index);
+    void park(Connection* conn, ConnState state = ConnState::idle, bool restart_clock = true);
+    void park_locked(Connection* conn, ConnState state, bool restart_clock);
+    void close_now(Connection* conn);
+    void close_graceful(Connection* conn);
+    void send_error(Connection* conn, int status, const std::string& reason, bool blocking);
+    void discard(Connection* conn);
+    Connection* take_parked(int fd);
+    std::string overdue(const Connection& conn, double now) const;
+    Connection* add_connection(int fd, int listener_index, bool tcp_peer);
+
+    EngineConfig config_;
+    PyRef app_;
+    std::vector<ListenerSlot> listeners_;
+    PyRef warmup_env_;
+    PyRef file_wrapper_;
+    PyRef access_log_;
+    PyShared shared_;
+
+  public:
+    // Used by handle(): read-only after construction, or touched with the GIL held.
+    PyObject* app() const { return app_.get(); }
+    PyObject* file_wrapper() const { return file_wrapper_.get(); }
+    PyObject* access_log() const { return access_log_.get(); }
+    const PyShared& shared() const { return shared_; }
+    PyObject* base_env(const Connection& conn) const {
+        return conn.listener >= 0
+                   ? listeners_[static_cast<std::size_t>(conn.listener)].base_env.get()
+                   : warmup_env_.get();
+    }
+    std::unordered_map<std::string, PyRef> header_keys;  // GIL held: header name -> environ key
+    std::uint64_t begin_request(double started);
+    void end_request(std::uint64_t token);
+
+  private:
+    int ep_ = -1;
+    int stop_fd_ = -1;
+    std::mutex mu_;
+    std::unordered_map<int, std::unique_ptr<Connection>> conns_;
+    std::unordered_map<int, Connection*> parked_;
+    std::vector<int> rejoin_failed_;
+    std::mutex poll_mu_;  // at most one idle serving thread sleeps in epoll_wait
+    std::atomic<bool> draining_{false};
+    std::vector<std::thread> threads_;
+    std::atomic<int> running_{0};
+    bool abandoned_ = false;
+    std::mutex stats_mu_;
+    std::uint64_t requests_ = 0;
+    std::uint64_t next_token_ = 1;
+    std::map<std::uint64_t, double> inflight_;
+    std::mutex log_mu_;
+    std::vector<std::pair<int, std::string>> logs_;
+    double accept_error_logged_ = 0;
+};
+
+double monotonic();
+
+// Log levels (Python's logging numbers).
+constexpr int kDebug = 10;
+constexpr int kInfo = 20;
+constexpr int kWarning = 30;
+constexpr int kError = 40;
+
+}  // namespace molt::native

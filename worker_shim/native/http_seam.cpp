@@ -1,0 +1,404 @@
+// libhttp-parser behind the RequestParser seam (see http_seam.hpp).
+//
+// libhttp-parser 2.9 rejects CL+TE, repeated Content-Length, bad chunk sizes, a bare CR and a
+// Transfer-Encoding that does not end in chunked. It accepts a bare LF and obs-fold in the head,
+// which the Python engine (llhttp) refuses, so the bytes of every request head go through
+// HeadGuard: the parser pauses when a head is complete and when a message is complete, which
+// tells the guard exactly which bytes are head bytes. The guard checks bytes, it never parses.
+#include "http_seam.hpp"
+
+#include <fcntl.h>
+#include <http_parser.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstring>
+
+namespace molt::native {
+
+namespace {
+
+double monotonic_now() {
+    timespec ts{};
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) / 1e9;
+}
+
+std::string lower(std::string text) {
+    std::transform(text.begin(), text.end(), text.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    return text;
+}
+
+std::string trim(const std::string& text) {
+    const auto first = text.find_first_not_of(" \t");
+    if (first == std::string::npos) return "";
+    const auto last = text.find_last_not_of(" \t");
+    return text.substr(first, last - first + 1);
+}
+
+bool all_digits(const std::string& text) {
+    return !text.empty() && std::all_of(text.begin(), text.end(),
+                                        [](unsigned char c) { return std::isdigit(c) != 0; });
+}
+
+// Byte rules for a request head that the library is lenient about: NUL, a CR not followed by
+// LF, an LF not preceded by CR, and a header line starting with SP/HT (obs-fold) are errors.
+class HeadGuard {
+  public:
+    void reset() { *this = HeadGuard(); }
+    // Returns the reason when the bytes break a rule.
+    const char* check(const char* data, std::size_t len) {
+        for (std::size_t i = 0; i < len; ++i) {
+            const char c = data[i];
+            if (c == '\0') return "NUL byte in the request head";
+            if (prev_ == '\r' && c != '\n') return "bare CR in the request head";
+            if (c == '\n' && prev_ != '\r') return "bare LF in the request head";
+            if (line_start_ && seen_request_line_ && (c == ' ' || c == '\t')) {
+                return "obsolete line folding in a header";
+            }
+            if (c == '\n') {
+                if (line_length_ > 0) seen_request_line_ = true;
+                line_start_ = true;
+                line_length_ = 0;
+            } else if (c != '\r') {
+                line_start_ = false;
+                ++line_length_;
+            }
+            prev_ = c;
+        }
+        return nullptr;
+    }
+
+  private:
+    char prev_ = '\n';  // the head starts at a line start
+    bool line_start_ = true;
+    bool seen_request_line_ = false;
+    std::size_t line_length_ = 0;
+};
+
+}  // namespace
+
+// --- Body ------------------------------------------------------------------------------------
+
+Body::Body(Body&& other) noexcept
+    : memory_(std::move(other.memory_)),
+      spool_fd_(std::exchange(other.spool_fd_, -1)),
+      size_(std::exchange(other.size_, 0)) {}
+
+Body& Body::operator=(Body&& other) noexcept {
+    if (this != &other) {
+        if (spool_fd_ >= 0) ::close(spool_fd_);
+        memory_ = std::move(other.memory_);
+        spool_fd_ = std::exchange(other.spool_fd_, -1);
+        size_ = std::exchange(other.size_, 0);
+    }
+    return *this;
+}
+
+Body::~Body() {
+    if (spool_fd_ >= 0) ::close(spool_fd_);
+}
+
+namespace {
+bool write_all(int fd, const char* data, std::size_t len) {
+    while (len > 0) {
+        const ssize_t n = ::write(fd, data, len);
+        if (n < 0) return false;
+        data += n;
+        len -= static_cast<std::size_t>(n);
+    }
+    return true;
+}
+}  // namespace
+
+bool Body::append(const char* data, std::size_t len, std::uint64_t buffer_limit) {
+    size_ += len;
+    if (spool_fd_ < 0 && size_ > buffer_limit) {
+        // Spill to disk: a big upload must not cost its size in RAM per thread.
+        const char* dir = getenv("TMPDIR");
+        spool_fd_ = ::open(dir && *dir ? dir : "/tmp", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+        if (spool_fd_ < 0) return false;
+        if (!write_all(spool_fd_, memory_.data(), memory_.size())) return false;
+        std::string().swap(memory_);
+    }
+    if (spool_fd_ >= 0) return write_all(spool_fd_, data, len);
+    memory_.append(data, len);
+    return true;
+}
+
+std::size_t Body::read_at(std::uint64_t offset, char* out, std::size_t len) const {
+    if (offset >= size_) return 0;
+    len = static_cast<std::size_t>(std::min<std::uint64_t>(len, size_ - offset));
+    if (spool_fd_ < 0) {
+        std::memcpy(out, memory_.data() + offset, len);
+        return len;
+    }
+    std::size_t done = 0;
+    while (done < len) {
+        const ssize_t n =
+            ::pread(spool_fd_, out + done, len - done, static_cast<off_t>(offset + done));
+        if (n <= 0) break;
+        done += static_cast<std::size_t>(n);
+    }
+    return done;
+}
+
+// --- the parser ------------------------------------------------------------------------------
+
+struct RequestParser::Impl {
+    explicit Impl(RequestParser& owner) : owner(owner) {
+        http_parser_init(&parser, HTTP_REQUEST);
+        parser.data = this;
+        std::memset(&settings, 0, sizeof settings);
+        settings.on_message_begin = [](http_parser* p) { return self(p).message_begin(); };
+        settings.on_url = [](http_parser* p, const char* at, std::size_t n) {
+            return self(p).url(at, n);
+        };
+        settings.on_header_field = [](http_parser* p, const char* at, std::size_t n) {
+            return self(p).header_field(at, n);
+        };
+        settings.on_header_value = [](http_parser* p, const char* at, std::size_t n) {
+            return self(p).header_value(at, n);
+        };
+        settings.on_headers_complete = [](http_parser* p) { return self(p).headers_complete(); };
+        settings.on_body = [](http_parser* p, const char* at, std::size_t n) {
+            return self(p).body(at, n);
+        };
+        settings.on_message_complete = [](http_parser* p) { return self(p).message_complete(); };
+    }
+
+    static Impl& self(http_parser* p) { return *static_cast<Impl*>(p->data); }
+
+    // Records the first error; a non-zero return stops the library.
+    int fail(int status, std::string reason) {
+        if (!owner.error_) owner.error_ = HttpError{status, std::move(reason)};
+        return 1;
+    }
+
+    int message_begin() {
+        owner.current_ = std::make_unique<Request>();
+        owner.head_done_ = false;
+        field.clear();
+        value.clear();
+        in_value = false;
+        header_count = 0;
+        head_size = 0;
+        return 0;
+    }
+
+    int url(const char* at, std::size_t n) {
+        Request& req = *owner.current_;
+        req.target.append(at, n);
+        if (req.target.size() > owner.limits_.max_request_line) {
+            return fail(414, "request line longer than " +
+                                 std::to_string(owner.limits_.max_request_line) + " bytes");
+        }
+        return 0;
+    }
+
+    int header_field(const char* at, std::size_t n) {
+        if (in_value) {
+            if (finish_header() != 0) return 1;
+        }
+        field.append(at, n);
+        return 0;
+    }
+
+    int header_value(const char* at, std::size_t n) {
+        in_value = true;
+        value.append(at, n);
+        return 0;
+    }
+
+    // One complete header line: the limits and the framing headers, as the Python engine.
+    int finish_header() {
+        Request& req = *owner.current_;
+        const HttpLimits& lim = owner.limits_;
+        in_value = false;
+        ++header_count;
+        head_size += field.size() + value.size() + 4;
+        if (header_count > lim.max_headers) {
+            return fail(431, "more than " + std::to_string(lim.max_headers) + " header fields");
+        }
+        if (head_size > lim.max_header_size) {
+            return fail(431, "header section larger than " + std::to_string(lim.max_header_size) +
+                                 " bytes");
+        }
+        const std::string name = lower(field);
+        if (name == "transfer-encoding") {
+            if (lower(trim(value)) != "chunked") {
+                return fail(501, "unsupported Transfer-Encoding '" + value.substr(0, 100) + "'");
+            }
+            req.chunked = true;
+        } else if (name == "content-length") {
+            const std::string digits = trim(value);
+            if (req.content_length || !all_digits(digits) || digits.size() > 18) {
+                return fail(400, "invalid or repeated Content-Length");
+            }
+            req.content_length = std::stoull(digits);
+        } else if (name == "expect" && lower(value) == "100-continue") {
+            req.expect_continue = true;
+        }
+        req.headers.emplace_back(std::move(field), std::move(value));
+        field.clear();
+        value.clear();
+        return 0;
+    }
+
+    // on_headers_complete's return value means something (1: no body), so a failure there
+    // returns -1, which the library takes as an error.
+    int headers_complete() {
+        if (headers_check() == 0) return 0;
+        return -1;
+    }
+
+    int headers_check() {
+        if (in_value && finish_header() != 0) return 1;
+        Request& req = *owner.current_;
+        if (req.chunked && req.content_length) {
+            return fail(400, "both Content-Length and Transfer-Encoding");
+        }
+        req.method = http_method_str(static_cast<http_method>(parser.method));
+        req.version_major = parser.http_major;
+        req.version_minor = parser.http_minor;
+        req.keep_alive = http_should_keep_alive(&parser) != 0;
+        req.started = monotonic_now();
+        owner.head_done_ = true;
+        const std::uint64_t limit = owner.limits_.max_body_size;
+        if (limit && req.content_length && *req.content_length > limit) {
+            return fail(413, "Content-Length " + std::to_string(*req.content_length) +
+                                 " exceeds max_body_size " + std::to_string(limit));
+        }
+        paused_at = Pause::head;
+        http_parser_pause(&parser, 1);
+        return 0;
+    }
+
+    int body(const char* at, std::size_t n) {
+        Request& req = *owner.current_;
+        const std::uint64_t limit = owner.limits_.max_body_size;
+        if (limit && req.body.size() + n > limit) {
+            return fail(413, "body exceeds max_body_size " + std::to_string(limit));
+        }
+        if (!req.body.append(at, n, owner.limits_.body_buffer_size)) {
+            return fail(500,
+                        "could not buffer the request body: " + std::string(std::strerror(errno)));
+        }
+        return 0;
+    }
+
+    int message_complete() {
+        owner.ready_.push_back(std::move(*owner.current_));
+        owner.current_.reset();
+        owner.head_done_ = false;
+        if (parser.upgrade) owner.upgrade_ = true;
+        paused_at = Pause::message;
+        http_parser_pause(&parser, 1);
+        return 0;
+    }
+
+    enum class Pause { none, head, message };
+
+    RequestParser& owner;
+    http_parser parser{};
+    http_parser_settings settings{};
+    HeadGuard guard;
+    bool in_head = true;  // the bytes being fed belong to a request head
+    Pause paused_at = Pause::none;
+    std::string field;
+    std::string value;
+    bool in_value = false;
+    std::uint64_t header_count = 0;
+    std::uint64_t head_size = 0;
+};
+
+RequestParser::RequestParser(const HttpLimits& limits)
+    : impl_(std::make_unique<Impl>(*this)), limits_(limits) {}
+
+RequestParser::~RequestParser() = default;
+
+void RequestParser::feed(const char* data, std::size_t len) {
+    Impl& im = *impl_;
+    std::size_t pos = 0;
+    while (pos < len && !error_ && !upgrade_) {
+        im.paused_at = Impl::Pause::none;
+        const std::size_t n = http_parser_execute(&im.parser, &im.settings, data + pos, len - pos);
+        const auto err = HTTP_PARSER_ERRNO(&im.parser);
+        std::size_t head_bytes = 0;  // how many of the parsed bytes belong to a head
+        if (im.in_head) {
+            // Paused at the end of a head, the parser stops on the head's final LF and takes it
+            // again when resumed: that LF is the last head byte.
+            head_bytes = im.paused_at == Impl::Pause::head ? n + 1 : n;
+            head_bytes = std::min(head_bytes, len - pos);
+            if (const char* why = im.guard.check(data + pos, head_bytes)) {
+                if (!error_) error_ = HttpError{400, std::string("malformed request: ") + why};
+                return;
+            }
+        }
+        if (err == HPE_PAUSED) {
+            http_parser_pause(&im.parser, 0);
+            if (im.paused_at == Impl::Pause::head) {
+                im.in_head = false;
+                pos += n + 1;  // the final LF was checked; the parser still has to take it
+                // Hand the LF back to the parser now: it is part of the head it paused in.
+                http_parser_execute(&im.parser, &im.settings, data + pos - 1, 1);
+                if (HTTP_PARSER_ERRNO(&im.parser) == HPE_PAUSED) {
+                    // A message without a body completed on that LF.
+                    http_parser_pause(&im.parser, 0);
+                    im.in_head = true;
+                    im.guard.reset();
+                } else if (HTTP_PARSER_ERRNO(&im.parser) != HPE_OK) {
+                    break;
+                }
+                continue;
+            }
+            pos += n;
+            if (im.paused_at == Impl::Pause::message) {
+                im.in_head = true;
+                im.guard.reset();
+            }
+            continue;
+        }
+        if (err != HPE_OK) break;
+        pos += n;
+        if (n == 0) break;
+    }
+    const auto err = HTTP_PARSER_ERRNO(&im.parser);
+    if (!error_ && !upgrade_ && err != HPE_OK && err != HPE_PAUSED) {
+        const int status = err == HPE_HEADER_OVERFLOW ? 431 : 400;
+        error_ = HttpError{status, std::string("malformed request: ") + http_errno_name(err) +
+                                       " (" + http_errno_description(err) + ")"};
+    }
+}
+
+std::pair<std::string, std::string> split_target(const std::string& target) {
+    if (!target.empty() && target[0] == '/') {
+        const auto query_at = target.find('?');
+        std::string path = target.substr(0, query_at);
+        std::string query = query_at == std::string::npos ? "" : target.substr(query_at + 1);
+        const auto fragment = path.find('#');
+        if (fragment != std::string::npos) path.resize(fragment);
+        return {path, query};
+    }
+    http_parser_url url;
+    http_parser_url_init(&url);
+    if (http_parser_parse_url(target.data(), target.size(), 0, &url) != 0) return {target, ""};
+    auto field = [&](int f) -> std::string {
+        if (!(url.field_set & (1 << f))) return "";
+        return target.substr(url.field_data[f].off, url.field_data[f].len);
+    };
+    std::string path = field(UF_PATH);
+    return {path.empty() ? "/" : path, field(UF_QUERY)};
+}
+
+std::string parser_name() {
+    const unsigned long v = http_parser_version();
+    return "http-parser " + std::to_string((v >> 16) & 255) + "." + std::to_string((v >> 8) & 255) +
+           "." + std::to_string(v & 255);
+}
+
+}  // namespace molt::native

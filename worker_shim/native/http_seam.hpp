@@ -1,0 +1,108 @@
+// The one seam between the engine and the HTTP/1.1 parser library (libhttp-parser).
+//
+// The engine speaks in requests and headers: it feeds bytes and takes complete requests (head
+// and de-chunked body) or one error with the status to answer. Everything library-specific,
+// callbacks and error codes included, stays in http_seam.cpp, so another library (llhttp) can
+// replace it behind this header.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace molt::native {
+
+struct HttpLimits {
+    std::uint64_t max_request_line = 8192;
+    std::uint64_t max_header_size = 65536;
+    std::uint64_t max_headers = 100;
+    std::uint64_t max_body_size = 0;           // 0: unlimited
+    std::uint64_t body_buffer_size = 1 << 20;  // above it a body spills to a temporary file
+};
+
+// A request body: in memory, or in an unlinked temporary file once it grew past the buffer.
+class Body {
+  public:
+    Body() = default;
+    Body(const Body&) = delete;
+    Body& operator=(const Body&) = delete;
+    Body(Body&& other) noexcept;
+    Body& operator=(Body&& other) noexcept;
+    ~Body();
+
+    // False when the spill file could not be written.
+    bool append(const char* data, std::size_t len, std::uint64_t buffer_limit);
+    std::uint64_t size() const { return size_; }
+    // Copies up to `len` bytes at `offset` into `out`; returns how many.
+    std::size_t read_at(std::uint64_t offset, char* out, std::size_t len) const;
+
+  private:
+    std::string memory_;
+    int spool_fd_ = -1;
+    std::uint64_t size_ = 0;
+};
+
+struct Request {
+    std::string method;
+    std::string target;  // the request-target as sent
+    int version_major = 1;
+    int version_minor = 1;
+    bool keep_alive = true;
+    bool expect_continue = false;
+    bool chunked = false;
+    std::optional<std::uint64_t> content_length;
+    std::vector<std::pair<std::string, std::string>> headers;  // as sent, in order
+    Body body;
+    double started = 0;  // monotonic seconds when the head was complete
+};
+
+struct HttpError {
+    int status;
+    std::string reason;
+};
+
+// Splits a request-target into path and query (origin-form, absolute-form, '*').
+std::pair<std::string, std::string> split_target(const std::string& target);
+
+// The name and version of the parser library, for log lines.
+std::string parser_name();
+
+class RequestParser {
+  public:
+    explicit RequestParser(const HttpLimits& limits);
+    ~RequestParser();
+    RequestParser(const RequestParser&) = delete;
+    RequestParser& operator=(const RequestParser&) = delete;
+
+    // Parses what arrived; complete requests are appended to ready(). After an error or an
+    // upgrade request nothing more is parsed.
+    void feed(const char* data, std::size_t len);
+
+    std::deque<Request>& ready() { return ready_; }
+    const std::optional<HttpError>& error() const { return error_; }
+    bool upgrade() const { return upgrade_; }
+    // A request has begun (its head may still be incomplete).
+    bool in_request() const { return current_ != nullptr; }
+    // The current request's head is complete and its body is being read.
+    const Request* in_body() const { return head_done_ ? current_.get() : nullptr; }
+
+    struct Impl;
+
+  private:
+    std::unique_ptr<Impl> impl_;
+    const HttpLimits limits_;
+    std::deque<Request> ready_;
+    std::unique_ptr<Request> current_;
+    bool head_done_ = false;
+    bool upgrade_ = false;
+    std::optional<HttpError> error_;
+
+    friend struct Impl;
+};
+
+}  // namespace molt::native

@@ -1,0 +1,328 @@
+// _molt_native: the module (multi-phase init, PEP 489), its state and the Server type.
+//
+// The Python side (molt_shim/engines/native.py) builds a Server with make_server() and drives
+// it from the lifecycle's thread; the serving threads live in engine.cpp. The module keeps no
+// globals: its heap types live in the module state, and a Server holds the module alive.
+#include <exception>
+#include <string>
+
+#include "wsgi_call.hpp"
+
+namespace molt::native {
+namespace {
+
+struct ModuleState {
+    PyObject* server_type;
+    PyObject* start_response_type;
+    PyObject* input_type;
+    PyObject* env_keys[static_cast<int>(EnvKey::count)];
+};
+
+ModuleState* state_of(PyObject* module) {
+    return static_cast<ModuleState*>(PyModule_GetState(module));
+}
+
+struct ServerObject {
+    PyObject_HEAD Server* server;
+    PyObject* module;  // strong: the types handle() creates objects of live in its state
+};
+
+Server* server_of(PyObject* self) {
+    Server* server = reinterpret_cast<ServerObject*>(self)->server;
+    if (server == nullptr) PyErr_SetString(PyExc_RuntimeError, "the server is closed");
+    return server;
+}
+
+// Runs a Server method, turning a C++ exception into a Python one (none crosses into CPython).
+template <typename F>
+PyObject* guarded(PyObject* self, F&& body) {
+    Server* server = server_of(self);
+    if (server == nullptr) return nullptr;
+    try {
+        return body(*server);
+    } catch (const std::exception& exc) {
+        PyErr_Format(PyExc_RuntimeError, "native engine: %s", exc.what());
+    } catch (...) {
+        PyErr_SetString(PyExc_RuntimeError, "native engine: unknown C++ exception");
+    }
+    return nullptr;
+}
+
+PyObject* server_start(PyObject* self, PyObject*) {
+    return guarded(self, [](Server& s) {
+        s.start();
+        Py_RETURN_NONE;
+    });
+}
+
+PyObject* server_listen(PyObject* self, PyObject*) {
+    return guarded(self, [](Server& s) {
+        s.listen();
+        Py_RETURN_NONE;
+    });
+}
+
+PyObject* server_submit_warmup(PyObject* self, PyObject* arg) {
+    const long fd = PyLong_AsLong(arg);
+    if (fd < 0 && PyErr_Occurred()) return nullptr;
+    return guarded(self, [fd](Server& s) {
+        s.submit_warmup(static_cast<int>(fd));
+        Py_RETURN_NONE;
+    });
+}
+
+PyObject* server_tick(PyObject* self, PyObject*) {
+    return guarded(self, [](Server& s) {
+        s.tick();
+        Py_RETURN_NONE;
+    });
+}
+
+PyObject* server_stop_accepting(PyObject* self, PyObject*) {
+    return guarded(self, [](Server& s) {
+        s.stop_accepting();
+        Py_RETURN_NONE;
+    });
+}
+
+PyObject* server_drained(PyObject* self, PyObject*) {
+    return guarded(self, [](Server& s) { return PyBool_FromLong(s.drained() ? 1 : 0); });
+}
+
+PyObject* server_counters(PyObject* self, PyObject*) {
+    return guarded(self, [](Server& s) {
+        const Server::Counters c = s.counters();
+        return Py_BuildValue("(KKdK)", static_cast<unsigned long long>(c.requests),
+                             static_cast<unsigned long long>(c.inflight), c.oldest_started,
+                             static_cast<unsigned long long>(c.connections));
+    });
+}
+
+PyObject* server_take_logs(PyObject* self, PyObject*) {
+    return guarded(self, [](Server& s) -> PyObject* {
+        const auto lines = s.take_logs();
+        PyRef out = PyRef::steal(PyList_New(0));
+        if (!out) return nullptr;
+        for (const auto& [level, text] : lines) {
+            PyRef entry = PyRef::steal(
+                Py_BuildValue("(iN)", level,
+                              PyUnicode_DecodeUTF8(
+                                  text.data(), static_cast<Py_ssize_t>(text.size()), "replace")));
+            if (!entry || PyList_Append(out.get(), entry.get()) != 0) return nullptr;
+        }
+        return out.release();
+    });
+}
+
+void close_server(ServerObject* obj) {
+    if (obj->server == nullptr) return;
+    try {
+        obj->server->close();
+    } catch (...) {
+    }
+    if (obj->server->abandoned()) {
+        obj->server = nullptr;  // threads still use it; the process exit reclaims it
+        return;
+    }
+    delete obj->server;  // holds PyRefs: the GIL is held here
+    obj->server = nullptr;
+}
+
+// Stops the threads and closes the connections; the object still answers counters() and
+// take_logs() afterwards (the final heartbeat, the last log lines).
+PyObject* server_close(PyObject* self, PyObject*) {
+    return guarded(self, [](Server& s) {
+        s.close();
+        Py_RETURN_NONE;
+    });
+}
+
+void server_dealloc(PyObject* self) {
+    auto* obj = reinterpret_cast<ServerObject*>(self);
+    close_server(obj);
+    Py_XDECREF(obj->module);
+    free_heap_object(self);
+}
+
+PyMethodDef server_methods[] = {
+    {"start", server_start, METH_NOARGS, "Start the serving threads (listeners not yet used)."},
+    {"listen", server_listen, METH_NOARGS, "Join the listeners' wait queues."},
+    {"submit_warmup", server_submit_warmup, METH_O, "Serve one connection fd (the warm-up)."},
+    {"tick", server_tick, METH_NOARGS, "The sweep: idle, header-timeout and linger closes."},
+    {"stop_accepting", server_stop_accepting, METH_NOARGS, "Begin the drain."},
+    {"drained", server_drained, METH_NOARGS, "No connection open and no request in flight."},
+    {"counters", server_counters, METH_NOARGS, "(requests, inflight, oldest_started, connections)"},
+    {"take_logs", server_take_logs, METH_NOARGS, "Queued log lines as [(level, text)]."},
+    {"close", server_close, METH_NOARGS, "Stop the threads and close every connection."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyType_Slot server_slots[] = {
+    {Py_tp_methods, server_methods},
+    {Py_tp_dealloc, reinterpret_cast<void*>(server_dealloc)},
+    {Py_tp_doc, const_cast<char*>("A native WSGI server; made by make_server().")},
+    {0, nullptr}};
+
+PyType_Spec server_spec = {"_molt_native.Server", sizeof(ServerObject), 0, Py_TPFLAGS_DEFAULT,
+                           server_slots};
+
+// Reads an int-like config value; false with an exception set.
+bool config_number(PyObject* cfg, const char* key, double* out) {
+    PyObject* value = PyDict_GetItemString(cfg, key);  // borrowed
+    if (value == nullptr) {
+        PyErr_Format(PyExc_KeyError, "make_server config lacks %s", key);
+        return false;
+    }
+    *out = PyFloat_AsDouble(value);
+    return !PyErr_Occurred();
+}
+
+bool config_text(PyObject* cfg, const char* key, std::string* out) {
+    PyObject* value = PyDict_GetItemString(cfg, key);  // borrowed
+    if (value == nullptr || !PyUnicode_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "make_server config: %s must be a str", key);
+        return false;
+    }
+    PyRef utf8 = PyRef::steal(PyUnicode_AsEncodedString(value, "latin-1", "strict"));
+    if (!utf8) return false;
+    out->assign(PyBytes_AsString(utf8.get()), static_cast<std::size_t>(PyBytes_Size(utf8.get())));
+    return true;
+}
+
+bool read_config(PyObject* cfg, EngineConfig* c) {
+    if (!PyDict_Check(cfg)) {
+        PyErr_SetString(PyExc_TypeError, "make_server config must be a dict");
+        return false;
+    }
+    double v[10];
+    const char* keys[] = {"max_request_line", "max_header_size",  "max_headers",
+                          "max_body_size",    "body_buffer_size", "header_timeout_s",
+                          "keepalive_s",      "drain_idle_s",     "threads"};
+    for (int i = 0; i < 9; ++i) {
+        if (!config_number(cfg, keys[i], &v[i])) return false;
+    }
+    c->limits.max_request_line = static_cast<std::uint64_t>(v[0]);
+    c->limits.max_header_size = static_cast<std::uint64_t>(v[1]);
+    c->limits.max_headers = static_cast<std::uint64_t>(v[2]);
+    c->limits.max_body_size = static_cast<std::uint64_t>(v[3]);
+    c->limits.body_buffer_size = static_cast<std::uint64_t>(v[4]);
+    c->header_timeout = v[5];
+    c->keepalive = v[6];
+    c->drain_idle = v[7];
+    c->threads = static_cast<int>(v[8]);
+    return config_text(cfg, "version_header", &c->version_header) &&
+           config_text(cfg, "script_name", &c->script_name);
+}
+
+PyObject* make_server(PyObject* module, PyObject* args, PyObject* kwargs) {
+    static const char* kwlist[] = {"app",        "listeners", "warmup_env", "file_wrapper",
+                                   "access_log", "config",    nullptr};
+    PyObject* app = nullptr;
+    PyObject* listeners = nullptr;
+    PyObject* warmup_env = nullptr;
+    PyObject* file_wrapper = nullptr;
+    PyObject* access_log = nullptr;
+    PyObject* cfg = nullptr;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO:make_server", const_cast<char**>(kwlist),
+                                     &app, &listeners, &warmup_env, &file_wrapper, &access_log,
+                                     &cfg)) {
+        return nullptr;
+    }
+    EngineConfig config;
+    if (!read_config(cfg, &config)) return nullptr;
+    std::vector<ListenerSlot> slots;
+    PyRef it = PyRef::steal(PyObject_GetIter(listeners));
+    if (!it) return nullptr;
+    while (PyRef item = PyRef::steal(PyIter_Next(it.get()))) {
+        int fd = -1;
+        const char* name = nullptr;
+        PyObject* env = nullptr;
+        if (!PyArg_ParseTuple(item.get(), "isO!", &fd, &name, &PyDict_Type, &env)) return nullptr;
+        slots.push_back(ListenerSlot{fd, name, true, PyRef::borrow(env)});
+    }
+    if (PyErr_Occurred()) return nullptr;
+    ModuleState* st = state_of(module);
+    auto* so = alloc_object<ServerObject>(st->server_type);
+    PyRef obj = PyRef::steal(reinterpret_cast<PyObject*>(so));
+    if (!obj) return nullptr;
+    Py_INCREF(module);
+    so->module = module;
+    try {
+        so->server = new Server(std::move(config), PyRef::borrow(app), std::move(slots),
+                                PyRef::borrow(warmup_env),
+                                PyRef::borrow(file_wrapper == Py_None ? nullptr : file_wrapper),
+                                PyRef::borrow(access_log == Py_None ? nullptr : access_log),
+                                PyShared{st->start_response_type, st->input_type, st->env_keys});
+    } catch (const std::exception& exc) {
+        PyErr_Format(PyExc_RuntimeError, "native engine: %s", exc.what());
+        return nullptr;
+    }
+    return obj.release();
+}
+
+PyObject* parser_name_py(PyObject*, PyObject*) {
+    return PyUnicode_FromString(parser_name().c_str());
+}
+
+PyMethodDef module_methods[] = {
+    {"make_server", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(make_server)),
+     METH_VARARGS | METH_KEYWORDS,
+     "make_server(app, listeners, warmup_env, file_wrapper, access_log, config) -> Server"},
+    {"parser_name", parser_name_py, METH_NOARGS, "The HTTP parser library and its version."},
+    {nullptr, nullptr, 0, nullptr}};
+
+int module_exec(PyObject* module) {
+    ModuleState* st = state_of(module);
+    st->server_type = PyType_FromSpec(&server_spec);
+    st->start_response_type = PyType_FromSpec(&start_response_spec);
+    st->input_type = PyType_FromSpec(&input_spec);
+    if (!st->server_type || !st->start_response_type || !st->input_type) return -1;
+    for (int i = 0; i < static_cast<int>(EnvKey::count); ++i) {
+        st->env_keys[i] = PyUnicode_InternFromString(kEnvKeyNames[i]);
+        if (st->env_keys[i] == nullptr) return -1;
+    }
+    return 0;
+}
+
+int module_traverse(PyObject* module, visitproc visit, void* arg) {
+    ModuleState* st = state_of(module);
+    if (st == nullptr) return 0;
+    Py_VISIT(st->server_type);
+    Py_VISIT(st->start_response_type);
+    Py_VISIT(st->input_type);
+    for (PyObject* key : st->env_keys) Py_VISIT(key);
+    return 0;
+}
+
+int module_clear(PyObject* module) {
+    ModuleState* st = state_of(module);
+    if (st == nullptr) return 0;
+    Py_CLEAR(st->server_type);
+    Py_CLEAR(st->start_response_type);
+    Py_CLEAR(st->input_type);
+    for (PyObject*& key : st->env_keys) Py_CLEAR(key);
+    return 0;
+}
+
+void module_free(void* module) {
+    module_clear(static_cast<PyObject*>(module));
+}
+
+PyModuleDef_Slot module_slots[] = {{Py_mod_exec, reinterpret_cast<void*>(module_exec)},
+                                   {0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
+                          "_molt_native",
+                          "molt's native WSGI engine (C++; see worker_shim/native/).",
+                          sizeof(ModuleState),
+                          module_methods,
+                          module_slots,
+                          module_traverse,
+                          module_clear,
+                          module_free};
+
+}  // namespace
+}  // namespace molt::native
+
+PyMODINIT_FUNC PyInit__molt_native(void) {
+    return PyModuleDef_Init(&molt::native::module_def);
+}
