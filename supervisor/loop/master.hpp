@@ -89,7 +89,7 @@ class Master {
                                                core::Release& release);
     std::vector<std::string> worker_environment(const core::SpawnWorker& spawn,
                                                 const std::string& config_json) const;
-    void send_to_worker(const core::SendToWorker& send);
+    core::Actions send_to_worker(const core::SendToWorker& send);
     void signal_worker(const core::SignalWorker& signal, core::Actions& more);
     void notify(const std::string& message);
     void finish_rollover(const core::RolloverFinished& finished);
