@@ -639,10 +639,25 @@ Actions Supervisor::reopen_logs(Time /*now*/) {
 // ----- the rules ---------------------------------------------------------------------------
 
 void Supervisor::reconcile(Time now) {
+    // One rule's action can make another rule due (a worker aborted by the liveness rule
+    // leaves its slot uncovered; a generation that goes live starts its workers' lifetime), so
+    // the rules run again until a pass changes nothing. That last pass registered every
+    // deadline there is. Each change emits an action (at least its log line), and no rule acts
+    // twice on the same state, so this settles in a few passes; the bound is a safety net.
+    constexpr int kMaxPasses = 8;
+    for (int pass = 0; pass < kMaxPasses; ++pass) {
+        std::size_t emitted = out_.size();
+        reconcile_pass(now);
+        if (out_.size() == emitted) return;
+    }
+    log(LogLevel::error, fmt::format("the rules did not settle in {} passes", kMaxPasses));
+}
+
+void Supervisor::reconcile_pass(Time now) {
     bool stopping = master_state_ == MasterState::stopping ||
                     master_state_ == MasterState::stopping_fast ||
                     master_state_ == MasterState::stopped;
-    // Every rule registers its next deadline during this pass (due_at), so the previous
+    // Every rule registers its next deadline during the pass (due_at), so the previous
     // pass's deadlines are void.
     next_deadline_.reset();
     // Single workers first: a worker aborted or retired here leaves its slot uncovered, and
@@ -1044,8 +1059,6 @@ void Supervisor::spawn(Time now, Generation& gen, int slot) {
     worker.slot = slot;
     worker.spawned_at = now;
     worker.boot_deadline = now + gen.release.config->timeouts.boot;
-    // The boot deadline's rule ran before this worker existed in this pass.
-    due_at(worker.boot_deadline);
     log(LogLevel::debug, fmt::format("spawning worker slot={}", slot), gen.id);
     emit(SpawnWorker{worker.id, gen.id, slot, gen.release});
     workers_.emplace(worker.id, std::move(worker));
@@ -1097,7 +1110,6 @@ bool Supervisor::dispose(Time now, Worker& worker, Disposition next, const std::
         // A sooner SIGKILL already due (after a SIGABRT) stays.
         Time deadline = now + *grace;
         worker.kill_at = worker.kill_at ? std::min(*worker.kill_at, deadline) : deadline;
-        due_at(*worker.kill_at);
     }
     return true;
 }

@@ -343,8 +343,10 @@ class Supervisor {
         Time not_before{0};
     };
 
-    // The rules. Called after every event; idempotent.
+    // The rules. Called after every event; idempotent. reconcile() repeats reconcile_pass()
+    // until a pass changes nothing.
     void reconcile(Time now);
+    void reconcile_pass(Time now);
     void reconcile_starting(Time now, Generation& gen);
     void reconcile_live(Time now, Generation& gen);
     void reconcile_workers(Time now);
