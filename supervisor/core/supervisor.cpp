@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <string_view>
 #include <utility>
@@ -99,146 +100,54 @@ std::string last_line(const std::string& text) {
     return text.substr(begin, end - begin + 1);
 }
 
+// The name of each value of an enum, in declaration order (the enums are dense from 0).
+// tests/unit/core/test_policy.cpp checks the last value of each, so a value added without
+// its name shows up as "?" there.
+template <typename Enum, std::size_t N>
+const char* name_of(Enum value, const std::array<const char*, N>& names) {
+    auto index = static_cast<std::size_t>(value);
+    return index < N ? names[index] : "?";
+}
+
 }  // namespace
 
 const char* to_string(WorkerState state) {
-    switch (state) {
-        case WorkerState::spawned:
-            return "spawned";
-        case WorkerState::booting:
-            return "booting";
-        case WorkerState::ready:
-            return "ready";
-        case WorkerState::draining:
-            return "draining";
-        case WorkerState::exited:
-            return "exited";
-    }
-    return "?";
+    return name_of(state, std::array{"spawned", "booting", "ready", "draining", "exited"});
 }
 
 const char* to_string(Disposition disposition) {
-    switch (disposition) {
-        case Disposition::serving:
-            return "serving";
-        case Disposition::retiring:
-            return "retiring";
-        case Disposition::aborting:
-            return "aborting";
-        case Disposition::draining:
-            return "draining";
-        case Disposition::stopped_accepting:
-            return "stopped_accepting";
-        case Disposition::interrupted:
-            return "interrupted";
-        case Disposition::killed:
-            return "killed";
-    }
-    return "?";
+    return name_of(disposition, std::array{"serving", "retiring", "aborting", "draining",
+                                           "stopped_accepting", "interrupted", "killed"});
 }
 
 const char* to_string(RolloverPhase phase) {
-    switch (phase) {
-        case RolloverPhase::idle:
-            return "idle";
-        case RolloverPhase::preparing:
-            return "preparing";
-        case RolloverPhase::running:
-            return "running";
-        case RolloverPhase::finishing:
-            return "finishing";
-    }
-    return "?";
+    return name_of(phase, std::array{"idle", "preparing", "running", "finishing"});
 }
 
 const char* to_string(GenerationState state) {
-    switch (state) {
-        case GenerationState::starting:
-            return "starting";
-        case GenerationState::live:
-            return "live";
-        case GenerationState::draining:
-            return "draining";
-        case GenerationState::gone:
-            return "gone";
-        case GenerationState::failed:
-            return "failed";
-    }
-    return "?";
+    return name_of(state, std::array{"starting", "live", "draining", "gone", "failed"});
 }
 
 const char* to_string(MasterState state) {
-    switch (state) {
-        case MasterState::starting:
-            return "starting";
-        case MasterState::running:
-            return "running";
-        case MasterState::stopping:
-            return "stopping";
-        case MasterState::stopping_fast:
-            return "stopping_fast";
-        case MasterState::stopped:
-            return "stopped";
-    }
-    return "?";
+    return name_of(state,
+                   std::array{"starting", "running", "stopping", "stopping_fast", "stopped"});
 }
 
 const char* to_string(Signal signal) {
-    switch (signal) {
-        case Signal::abort:
-            return "SIGABRT";
-        case Signal::kill:
-            return "SIGKILL";
-        case Signal::interrupt:
-            return "SIGINT";
-        case Signal::terminate:
-            return "SIGTERM";
-    }
-    return "?";
+    return name_of(signal, std::array{"SIGABRT", "SIGKILL", "SIGINT", "SIGTERM"});
 }
 
 const char* to_string(Trigger trigger) {
-    switch (trigger) {
-        case Trigger::startup:
-            return "startup";
-        case Trigger::reload:
-            return "reload";
-        case Trigger::rollback:
-            return "rollback";
-        case Trigger::watch:
-            return "watch";
-    }
-    return "?";
+    return name_of(trigger, std::array{"startup", "reload", "rollback", "watch"});
 }
 
 const char* to_string(RetireReason reason) {
-    switch (reason) {
-        case RetireReason::max_requests:
-            return "max_requests";
-        case RetireReason::max_rss:
-            return "max_rss";
-        case RetireReason::max_lifetime:
-            return "max_lifetime";
-    }
-    return "?";
+    return name_of(reason, std::array{"max_requests", "max_rss", "max_lifetime"});
 }
 
 const char* to_string(RestartReason reason) {
-    switch (reason) {
-        case RestartReason::crash:
-            return "crash";
-        case RestartReason::heartbeat:
-            return "heartbeat";
-        case RestartReason::request_timeout:
-            return "request_timeout";
-        case RestartReason::recycle:
-            return "recycle";
-        case RestartReason::boot_timeout:
-            return "boot_timeout";
-        case RestartReason::killed:
-            return "killed";
-    }
-    return "?";
+    return name_of(reason, std::array{"crash", "heartbeat", "request_timeout", "recycle",
+                                      "boot_timeout", "killed"});
 }
 
 std::string ExitStatus::describe() const {

@@ -145,3 +145,18 @@ TEST_CASE("the rollover object: its queue, the current one and the finishing pha
     CHECK(h.sup.rollover().queued.empty());
     CHECK(h.sup.starting_generation() == 3);
 }
+
+TEST_CASE("every enum value has its name (names are looked up by position)") {
+    CHECK(std::string(to_string(WorkerState::spawned)) == "spawned");
+    CHECK(std::string(to_string(WorkerState::exited)) == "exited");
+    CHECK(std::string(to_string(Disposition::serving)) == "serving");
+    CHECK(std::string(to_string(Disposition::killed)) == "killed");
+    CHECK(std::string(to_string(GenerationState::failed)) == "failed");
+    CHECK(std::string(to_string(MasterState::stopped)) == "stopped");
+    CHECK(std::string(to_string(RolloverPhase::finishing)) == "finishing");
+    CHECK(std::string(to_string(Signal::terminate)) == "SIGTERM");
+    CHECK(std::string(to_string(Trigger::watch)) == "watch");
+    CHECK(std::string(to_string(RetireReason::max_lifetime)) == "max_lifetime");
+    CHECK(std::string(to_string(RestartReason::killed)) == "killed");
+    CHECK(std::string(to_string(static_cast<Disposition>(99))) == "?");
+}
