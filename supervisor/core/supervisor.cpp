@@ -422,7 +422,8 @@ void Supervisor::worker_ended(Time now, Worker& ended, const ExitStatus& status,
     // longer needed, or it was draining.
     bool deliberate = worker->stop_reason == RestartReason::killed || was == WorkerState::draining;
     if (gen->state == GenerationState::starting && deliberate) {
-        // Scaled down while booting: expected, not a broken release.
+        // Scaled down (killed while booting, or drained after READY): expected, not a broken
+        // release.
     } else if (gen->state == GenerationState::starting) {
         // Any death in a generation that is not live yet fails it: the release is broken.
         std::string detail = !worker->error.empty() ? worker->error : last_line(stderr_tail);
