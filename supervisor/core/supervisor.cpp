@@ -260,14 +260,14 @@ std::optional<std::string> Supervisor::upgrade_refusal(
     const std::optional<ConfigFileNow>& file) const {
     if (!steady()) {
         return std::string(
-            "the master is not steady (a rollover, recycle or restart is in progress); send "
-            "SIGUSR2 again when `molt ctl status` shows only ready workers");
+            "binary upgrade refused: the master is not steady (a rollover, recycle or restart is "
+            "in progress); send SIGUSR2 again when `molt ctl status` shows only ready workers");
     }
     const Generation& live = generations_.at(*live_);
     if (file && file->digest != live.release.digest) {
         return fmt::format(
-            "{} changed since generation {} started; run a reload (kill -HUP or `molt ctl "
-            "reload --wait`) first, then SIGUSR2",
+            "binary upgrade refused: {} changed since generation {} started; run a reload "
+            "(kill -HUP or `molt ctl reload --wait`) first, then SIGUSR2",
             file->path, live.id);
     }
     return std::nullopt;

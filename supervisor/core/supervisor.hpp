@@ -288,7 +288,8 @@ class Supervisor {
     // Whether nothing is in motion (one live generation, every worker ready and serving): the
     // only state in which the master hands itself over to a new binary.
     bool steady() const;
-    // Why a binary upgrade must be refused now, or nullopt when it may go ahead. `file` is the
+    // The log line saying why a binary upgrade must be refused now ("binary upgrade refused:
+    // ..."), or nullopt when it may go ahead. `file` is the
     // config file as it is now, when the master runs from one: the adopted generation keeps the
     // config the new image loads from it, so the two must not disagree.
     std::optional<std::string> upgrade_refusal(const std::optional<ConfigFileNow>& file) const;

@@ -50,7 +50,7 @@ void Master::begin_upgrade() {
         if (loaded.errors.empty()) file->digest = config::config_digest(*loaded.config);
     }
     if (auto refusal = core_.upgrade_refusal(file)) {
-        log_.warning("binary upgrade refused: " + *refusal);
+        log_.warning(*refusal);
         return;
     }
     auto pipe = os::make_pipe();

@@ -50,7 +50,9 @@ TEST_CASE("a binary upgrade is allowed only when steady and the config file is u
 
     auto changed = h.sup.upgrade_refusal(ConfigFileNow{"/etc/molt.yaml", "other"});
     REQUIRE(changed.has_value());
-    CHECK(changed->rfind("/etc/molt.yaml changed since generation 1 started", 0) == 0);
+    CHECK(changed->rfind("binary upgrade refused: /etc/molt.yaml changed since generation 1 "
+                         "started",
+                         0) == 0);
     // A file that no longer loads cannot be what the generation runs.
     CHECK(h.sup.upgrade_refusal(ConfigFileNow{"/etc/molt.yaml", std::nullopt}).has_value());
 }
@@ -61,7 +63,7 @@ TEST_CASE("a binary upgrade is refused while anything is in motion") {
         h.hup(make_release("/srv/app/v2", make_config(2)));
         auto refusal = h.sup.upgrade_refusal(std::nullopt);
         REQUIRE(refusal.has_value());
-        CHECK(refusal->rfind("the master is not steady", 0) == 0);
+        CHECK(refusal->rfind("binary upgrade refused: the master is not steady", 0) == 0);
     }
     SUBCASE("a recycle") {
         Steady h;
