@@ -49,7 +49,8 @@ enum class WorkerState { spawned, booting, ready, draining, exited };
 //
 //   serving -> retiring            it asked to be replaced; it serves until its successor is ready
 //   serving|retiring -> aborting   SIGABRT for a liveness reason; SIGKILL after Policy::abort_grace
-//   any live -> draining           DRAIN sent; SIGKILL after timeouts.graceful (or sooner, if an
+//   serving|retiring|aborting
+//            -> draining           DRAIN sent; SIGKILL after timeouts.graceful (or sooner, if an
 //                                  abort already set an earlier deadline)
 //   draining -> stopped_accepting  it confirmed the drain with STOPPING=1
 //   any but killed -> interrupted  fast stop: SIGINT; SIGKILL after Policy::fast_stop_grace
@@ -289,9 +290,9 @@ class Supervisor {
     // only state in which the master hands itself over to a new binary.
     bool steady() const;
     // The log line saying why a binary upgrade must be refused now ("binary upgrade refused:
-    // ..."), or nullopt when it may go ahead. `file` is the
-    // config file as it is now, when the master runs from one: the adopted generation keeps the
-    // config the new image loads from it, so the two must not disagree.
+    // ..."), or nullopt when it may go ahead. `file` is the config file as it is now, when the
+    // master runs from one: the adopted generation keeps the config the new image loads from
+    // it, so the two must not disagree.
     std::optional<std::string> upgrade_refusal(const std::optional<ConfigFileNow>& file) const;
     // HUP, `molt ctl reload`, a watched file. Queued while a rollover runs; several queued
     // requests become one rollover (on the config as it is when that rollover starts).
