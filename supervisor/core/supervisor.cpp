@@ -3,43 +3,19 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <string_view>
+#include <utility>
+
+#include "supervisor/common/text.hpp"
+#include "supervisor/contract/worker_contract.hpp"
 
 namespace molt::core {
 
 namespace {
 
 constexpr int kSigKill = 9;  // Linux signal numbers, for describing exits without <csignal>
-
-const char* signal_name(int signal) {
-    switch (signal) {
-        case 1:
-            return "SIGHUP";
-        case 2:
-            return "SIGINT";
-        case 3:
-            return "SIGQUIT";
-        case 4:
-            return "SIGILL";
-        case 6:
-            return "SIGABRT";
-        case 7:
-            return "SIGBUS";
-        case 8:
-            return "SIGFPE";
-        case 9:
-            return "SIGKILL";
-        case 11:
-            return "SIGSEGV";
-        case 13:
-            return "SIGPIPE";
-        case 15:
-            return "SIGTERM";
-        default:
-            return nullptr;
-    }
-}
 
 std::string ms(Duration d) {
     return fmt::format("{}ms", d.count());
@@ -61,18 +37,17 @@ std::map<std::string, std::string, std::less<>> parse_message(std::string_view t
     return fields;
 }
 
-// Cuts at most `max` bytes without splitting a UTF-8 sequence (the text goes into JSON).
-std::string truncate_utf8(const std::string& text, std::size_t max) {
-    if (text.size() <= max) return text;
-    std::size_t end = max;
-    while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
-    return text.substr(0, end);
-}
-
 std::uint64_t to_u64(const std::string& text) {
     std::uint64_t value = 0;
     std::from_chars(text.data(), text.data() + text.size(), value);
     return value;
+}
+
+namespace key = contract::key;
+
+// The DRAIN message, as the shim expects it.
+std::string drain_message() {
+    return fmt::format("{}=1", key::drain);
 }
 
 bool is_alive(WorkerState state) {
@@ -89,120 +64,60 @@ std::string last_line(const std::string& text) {
     return text.substr(begin, end - begin + 1);
 }
 
+// The name of each value of an enum, in declaration order (the enums are dense from 0).
+// tests/unit/core/test_policy.cpp checks the last value of each, so a value added without
+// its name shows up as "?" there.
+template <typename Enum, std::size_t N>
+const char* name_of(Enum value, const std::array<const char*, N>& names) {
+    auto index = static_cast<std::size_t>(value);
+    return index < N ? names[index] : "?";
+}
+
 }  // namespace
 
 const char* to_string(WorkerState state) {
-    switch (state) {
-        case WorkerState::spawned:
-            return "spawned";
-        case WorkerState::booting:
-            return "booting";
-        case WorkerState::ready:
-            return "ready";
-        case WorkerState::draining:
-            return "draining";
-        case WorkerState::exited:
-            return "exited";
-    }
-    return "?";
+    return name_of(state, std::array{"spawned", "booting", "ready", "draining", "exited"});
+}
+
+const char* to_string(Disposition disposition) {
+    return name_of(disposition, std::array{"serving", "retiring", "aborting", "draining",
+                                           "stopped_accepting", "interrupted", "killed"});
+}
+
+const char* to_string(RolloverPhase phase) {
+    return name_of(phase, std::array{"idle", "preparing", "running", "finishing"});
 }
 
 const char* to_string(GenerationState state) {
-    switch (state) {
-        case GenerationState::starting:
-            return "starting";
-        case GenerationState::live:
-            return "live";
-        case GenerationState::draining:
-            return "draining";
-        case GenerationState::gone:
-            return "gone";
-        case GenerationState::failed:
-            return "failed";
-    }
-    return "?";
+    return name_of(state, std::array{"starting", "live", "draining", "gone", "failed"});
 }
 
 const char* to_string(MasterState state) {
-    switch (state) {
-        case MasterState::starting:
-            return "starting";
-        case MasterState::running:
-            return "running";
-        case MasterState::stopping:
-            return "stopping";
-        case MasterState::stopping_fast:
-            return "stopping_fast";
-        case MasterState::stopped:
-            return "stopped";
-    }
-    return "?";
+    return name_of(state,
+                   std::array{"starting", "running", "stopping", "stopping_fast", "stopped"});
 }
 
 const char* to_string(Signal signal) {
-    switch (signal) {
-        case Signal::abort:
-            return "SIGABRT";
-        case Signal::kill:
-            return "SIGKILL";
-        case Signal::interrupt:
-            return "SIGINT";
-        case Signal::terminate:
-            return "SIGTERM";
-    }
-    return "?";
+    return name_of(signal, std::array{"SIGABRT", "SIGKILL", "SIGINT", "SIGTERM"});
 }
 
 const char* to_string(Trigger trigger) {
-    switch (trigger) {
-        case Trigger::startup:
-            return "startup";
-        case Trigger::reload:
-            return "reload";
-        case Trigger::rollback:
-            return "rollback";
-        case Trigger::watch:
-            return "watch";
-    }
-    return "?";
+    return name_of(trigger, std::array{"startup", "reload", "rollback", "watch"});
 }
 
 const char* to_string(RetireReason reason) {
-    switch (reason) {
-        case RetireReason::max_requests:
-            return "max_requests";
-        case RetireReason::max_rss:
-            return "max_rss";
-        case RetireReason::max_lifetime:
-            return "max_lifetime";
-    }
-    return "?";
+    return name_of(reason, std::array{"max_requests", "max_rss", "max_lifetime"});
 }
 
 const char* to_string(RestartReason reason) {
-    switch (reason) {
-        case RestartReason::crash:
-            return "crash";
-        case RestartReason::heartbeat:
-            return "heartbeat";
-        case RestartReason::request_timeout:
-            return "request_timeout";
-        case RestartReason::recycle:
-            return "recycle";
-        case RestartReason::boot_timeout:
-            return "boot_timeout";
-        case RestartReason::killed:
-            return "killed";
-    }
-    return "?";
+    return name_of(reason, std::array{"crash", "heartbeat", "request_timeout", "recycle",
+                                      "boot_timeout", "killed"});
 }
 
 std::string ExitStatus::describe() const {
     std::string text;
     if (signal != 0) {
-        const char* name = signal_name(signal);
-        text =
-            name ? fmt::format("killed by {}", name) : fmt::format("killed by signal {}", signal);
+        text = "killed by " + molt::text::signal_name(signal);
         if (core_dumped) text += " (core dumped)";
         if (signal == kSigKill && oom_suspected) {
             text +=
@@ -212,10 +127,20 @@ std::string ExitStatus::describe() const {
     } else {
         text = code < 0 ? std::string("vanished (no such process)")
                         : fmt::format("exited with status {}", code);
-        if (code == 3) text += " (app import failed)";
-        if (code == 4) text += " (warm-up request failed)";
+        if (const char* meaning = contract::describe(code)) text += fmt::format(" ({})", meaning);
     }
     return text;
+}
+
+std::optional<std::string> reload_refusal(const config::Config& serving,
+                                          const config::Config& next) {
+    std::vector<std::string> have, want;
+    for (const auto& address : serving.listen) have.push_back(address.text);
+    for (const auto& address : next.listen) want.push_back(address.text);
+    if (have == want) return std::nullopt;
+    return fmt::format(
+        "listen: changing listen addresses needs a restart (serving {}, the config now says {})",
+        fmt::join(have, ", "), fmt::join(want, ", "));
 }
 
 Supervisor::Supervisor(Policy policy) : policy_(policy) {}
@@ -234,9 +159,9 @@ void Supervisor::log(LogLevel level, std::string text, GenerationId gen, Pid pid
 
 Actions Supervisor::start(Time now, Release release) {
     configured_workers_ = target_workers_ = release.config->workers;
-    rollover_started_at_ = now;
-    rollover_phase_ = RolloverPhase::running;
-    current_trigger_ = Trigger::startup;
+    rollover_.started_at = now;
+    rollover_.trigger = Trigger::startup;
+    set_phase(RolloverPhase::running, "the first generation starts");
     begin_generation(now, std::move(release), Trigger::startup);
     reconcile(now);
     return take();
@@ -284,14 +209,30 @@ Actions Supervisor::adopt(Time now, AdoptedState state) {
 }
 
 bool Supervisor::steady() const {
-    if (master_state_ != MasterState::running || rollover_phase_ != RolloverPhase::idle || !live_ ||
+    if (master_state_ != MasterState::running || rollover_.phase != RolloverPhase::idle || !live_ ||
         generations_.size() != 1) {
         return false;
     }
     return std::all_of(workers_.begin(), workers_.end(), [](const auto& entry) {
-        return entry.second.state == WorkerState::ready && !entry.second.stop_reason &&
-               !entry.second.retiring;
+        return entry.second.state == WorkerState::ready && covers_slot(entry.second);
     });
+}
+
+std::optional<std::string> Supervisor::upgrade_refusal(
+    const std::optional<ConfigFileNow>& file) const {
+    if (!steady()) {
+        return std::string(
+            "binary upgrade refused: the master is not steady (a rollover, recycle or restart is "
+            "in progress); send SIGUSR2 again when `molt ctl status` shows only ready workers");
+    }
+    const Generation& live = generations_.at(*live_);
+    if (file && file->digest != live.release.digest) {
+        return fmt::format(
+            "binary upgrade refused: {} changed since generation {} started; run a reload "
+            "(kill -HUP or `molt ctl reload --wait`) first, then SIGUSR2",
+            file->path, live.id);
+    }
+    return std::nullopt;
 }
 
 Actions Supervisor::request_reload(Time now, Ticket ticket, Trigger trigger,
@@ -301,10 +242,11 @@ Actions Supervisor::request_reload(Time now, Ticket ticket, Trigger trigger,
         emit(RolloverFinished{{ticket}, 0, false, "the master is stopping", Duration{0}});
         return take();
     }
-    queued_tickets_.push_back(ticket);
-    queued_trigger_ = trigger;
-    queued_release_dir_ = std::move(release_dir);  // the newest request says where to go
-    if (rollover_phase_ != RolloverPhase::idle || master_state_ == MasterState::starting) {
+    ReloadQueue& queue = rollover_.queued;
+    queue.tickets.push_back(ticket);
+    queue.trigger = trigger;
+    queue.release_dir = std::move(release_dir);
+    if (rollover_.phase != RolloverPhase::idle || master_state_ == MasterState::starting) {
         log(LogLevel::info, fmt::format("{} queued: a rollover is in progress, it starts after",
                                         to_string(trigger)));
     }
@@ -313,18 +255,18 @@ Actions Supervisor::request_reload(Time now, Ticket ticket, Trigger trigger,
 }
 
 Actions Supervisor::release_prepared(Time now, Release release) {
-    if (rollover_phase_ != RolloverPhase::preparing) return take();
-    rollover_phase_ = RolloverPhase::running;
-    begin_generation(now, std::move(release), current_trigger_);
+    if (rollover_.phase != RolloverPhase::preparing) return take();
+    set_phase(RolloverPhase::running, "the release is prepared");
+    begin_generation(now, std::move(release), rollover_.trigger);
     reconcile(now);
     return take();
 }
 
 Actions Supervisor::release_rejected(Time now, const std::string& reason) {
-    if (rollover_phase_ != RolloverPhase::preparing) return take();
+    if (rollover_.phase != RolloverPhase::preparing) return take();
     std::string keeps = live_ ? fmt::format("; generation {} keeps serving", *live_) : "";
     log(LogLevel::error,
-        fmt::format("{} rejected: {}{}", to_string(current_trigger_), reason, keeps));
+        fmt::format("{} rejected: {}{}", to_string(rollover_.trigger), reason, keeps));
     finish_rollover(now, 0, false, reason);
     reconcile(now);
     return take();
@@ -340,9 +282,8 @@ Actions Supervisor::spawned(Time now, WorkerId id, Pid pid) {
     // this answer, e.g. when an earlier spawn of the same batch failed: it must not live on.
     GenerationState gen_state = generations_.at(worker.generation).state;
     bool wanted = gen_state == GenerationState::starting || gen_state == GenerationState::live;
-    if (!wanted || worker.stop_reason) {
-        if (!worker.stop_reason) worker.stop_reason = RestartReason::killed;
-        send_signal(worker, Signal::kill, "no longer needed when its process started");
+    if (!wanted || !covers_slot(worker)) {
+        kill(now, worker, RestartReason::killed, "no longer needed when its process started");
     }
     reconcile(now);
     return take();
@@ -366,22 +307,21 @@ Actions Supervisor::message(Time now, Pid pid, const std::string& text) {
     const auto& config = *gen->release.config;
     auto fields = parse_message(text);
 
-    if (auto it = fields.find("ERROR"); it != fields.end()) {
-        worker->error = truncate_utf8(it->second, 2000);
+    if (auto it = fields.find(key::error); it != fields.end()) {
+        worker->error = molt::text::truncate_utf8(it->second, 2000);
         log(LogLevel::error, fmt::format("worker slot={} reports: {}", worker->slot, worker->error),
             gen->id, pid);
     }
-    if (fields.count("STOPPING") && worker->state == WorkerState::draining &&
-        !worker->stopped_accepting_at) {
-        worker->stopped_accepting_at = now;
+    if (fields.count(key::stopping) && worker->disposition == Disposition::draining) {
+        dispose(now, *worker, Disposition::stopped_accepting, "it confirmed with STOPPING=1");
     }
     bool gated = gen->state == GenerationState::starting || gen->state == GenerationState::live;
-    if (fields.count("READY") && worker->state == WorkerState::booting &&
-        (!gated || worker->stop_reason)) {
+    bool ready = fields.count(key::ready) && worker->state == WorkerState::booting;
+    if (ready && (!gated || !covers_slot(*worker))) {
         log(LogLevel::debug,
             fmt::format("worker slot={} sent READY but is being stopped; ignored", worker->slot),
             gen->id, pid);
-    } else if (fields.count("READY") && worker->state == WorkerState::booting) {
+    } else if (ready) {
         if (now >= worker->boot_deadline) {
             // Too late: the deadline already decided. reconcile() fails or kills it.
             log(LogLevel::warning,
@@ -395,41 +335,30 @@ Actions Supervisor::message(Time now, Pid pid, const std::string& text) {
                       fmt::format("booted in {}", ms(now - worker->spawned_at)));
         }
     }
-    if (fields.count("WATCHDOG") || fields.count("REQUESTS")) {
+    if (fields.count(key::watchdog) || fields.count(key::requests)) {
         worker->last_heartbeat = now;
-        if (auto it = fields.find("REQUESTS"); it != fields.end()) {
+        if (auto it = fields.find(key::requests); it != fields.end()) {
             worker->counters.requests = to_u64(it->second);
         }
-        if (auto it = fields.find("INFLIGHT"); it != fields.end()) {
+        if (auto it = fields.find(key::inflight); it != fields.end()) {
             worker->counters.inflight = to_u64(it->second);
         }
-        if (auto it = fields.find("OLDEST_MS"); it != fields.end()) {
+        if (auto it = fields.find(key::oldest_ms); it != fields.end()) {
             worker->counters.oldest_ms = to_u64(it->second);
         }
-        if (auto it = fields.find("RSS"); it != fields.end()) {
+        if (auto it = fields.find(key::rss); it != fields.end()) {
             worker->counters.rss = to_u64(it->second);
         }
-        if (config.recycle.max_rss > 0 && worker->counters.rss > config.recycle.max_rss &&
-            worker->state == WorkerState::ready && !worker->retiring &&
-            gen->state == GenerationState::live) {
-            worker->retiring = RetireReason::max_rss;
-            log(LogLevel::info,
-                fmt::format("worker slot={} uses {} bytes, above recycle.max_rss; replacing it",
-                            worker->slot, worker->counters.rss),
-                gen->id, pid);
+        if (config.recycle.max_rss > 0 && worker->counters.rss > config.recycle.max_rss) {
+            retire(now, *worker, RetireReason::max_rss,
+                   fmt::format("uses {} bytes, above recycle.max_rss", worker->counters.rss));
         }
     }
-    if (auto it = fields.find("RETIRE"); it != fields.end()) {
-        if (worker->state == WorkerState::ready && !worker->retiring &&
-            gen->state == GenerationState::live) {
-            worker->retiring = it->second == "max_rss"        ? RetireReason::max_rss
-                               : it->second == "max_lifetime" ? RetireReason::max_lifetime
-                                                              : RetireReason::max_requests;
-            log(LogLevel::info,
-                fmt::format("worker slot={} asks to retire ({}); replacing it", worker->slot,
-                            it->second),
-                gen->id, pid);
-        }
+    if (auto it = fields.find(key::retire); it != fields.end()) {
+        RetireReason reason = it->second == "max_rss"        ? RetireReason::max_rss
+                              : it->second == "max_lifetime" ? RetireReason::max_lifetime
+                                                             : RetireReason::max_requests;
+        retire(now, *worker, reason, fmt::format("asks to retire ({})", it->second));
     }
     reconcile(now);
     return take();
@@ -451,9 +380,12 @@ void Supervisor::worker_ended(Time now, Worker& ended, const ExitStatus& status,
     WorkerState was = worker->state;
     set_state(now, *worker, WorkerState::exited, status.describe());
 
-    bool deliberate = worker->stop_reason == RestartReason::killed;
+    // The master stopped it on purpose (not for a fault of the release): it was killed as no
+    // longer needed, or it was draining.
+    bool deliberate = worker->stop_reason == RestartReason::killed || was == WorkerState::draining;
     if (gen->state == GenerationState::starting && deliberate) {
-        // Scaled down while booting: expected, not a broken release.
+        // Scaled down (killed while booting, or drained after READY): expected, not a broken
+        // release.
     } else if (gen->state == GenerationState::starting) {
         // Any death in a generation that is not live yet fails it: the release is broken.
         std::string detail = !worker->error.empty() ? worker->error : last_line(stderr_tail);
@@ -489,6 +421,20 @@ Actions Supervisor::signal_failed(Time now, Pid pid, bool no_such_process,
     return exited(now, pid, vanished, "");
 }
 
+Actions Supervisor::send_failed(Time /*now*/, Pid pid, const std::string& message,
+                                const std::string& error) {
+    Worker* worker = find_by_pid(pid);
+    if (worker == nullptr) return take();
+    if (message != drain_message()) {
+        log(LogLevel::warning, error, worker->generation, pid);
+        return take();
+    }
+    // The channel is gone but the process is not: SIGTERM means the same to the shim.
+    log(LogLevel::warning, error + "; sending SIGTERM instead", worker->generation, pid);
+    send_signal(*worker, Signal::terminate, "its channel is gone, so DRAIN could not be sent");
+    return take();
+}
+
 Actions Supervisor::tick(Time now) {
     reconcile(now);
     return take();
@@ -506,26 +452,22 @@ Actions Supervisor::stop(Time now, bool fast) {
         fast ? "fast stop: interrupting every worker" : "graceful stop: draining every worker");
     if (!already) emit(NotifySystemd{"STOPPING=1"});
 
-    std::vector<Ticket> abandoned = std::move(queued_tickets_);
-    queued_tickets_.clear();
+    std::vector<Ticket> abandoned = std::exchange(rollover_.queued, ReloadQueue{}).tickets;
     if (!abandoned.empty()) {
         emit(RolloverFinished{abandoned, 0, false, "the master is stopping", Duration{0}});
     }
     if (starting_) fail_generation(now, generations_.at(*starting_), "the master is stopping");
-    if (rollover_phase_ == RolloverPhase::preparing) {
+    if (rollover_.phase == RolloverPhase::preparing) {
         finish_rollover(now, 0, false, "the master is stopping");
     }
-    if (rollover_phase_ == RolloverPhase::finishing) {
-        finish_rollover(now, finishing_generation_, true, "");  // it did go live
+    if (rollover_.phase == RolloverPhase::finishing) {
+        finish_rollover(now, rollover_.finishing_generation, true, "");  // it did go live
     }
     if (live_) retire_generation(now, generations_.at(*live_));
 
     for (auto& [id, worker] : workers_) {
         if (fast) {
-            if (!worker.stop_reason) worker.stop_reason = RestartReason::killed;
-            send_signal(worker, Signal::interrupt, "fast stop");
-            Time deadline = now + policy_.fast_stop_grace;
-            worker.kill_at = worker.kill_at ? std::min(*worker.kill_at, deadline) : deadline;
+            interrupt(now, worker, "fast stop");
         } else if (worker.state == WorkerState::ready) {
             drain(now, worker, "graceful stop");
         }
@@ -560,7 +502,7 @@ Actions Supervisor::scale(Time now, int workers) {
 Actions Supervisor::reopen_logs(Time /*now*/) {
     for (auto& [id, worker] : workers_) {
         if (worker.pid > 0 && worker.state != WorkerState::exited) {
-            emit(SendToWorker{worker.id, worker.pid, "REOPEN_LOGS=1"});
+            emit(SendToWorker{worker.id, worker.pid, fmt::format("{}=1", key::reopen_logs)});
         }
     }
     return take();
@@ -569,14 +511,34 @@ Actions Supervisor::reopen_logs(Time /*now*/) {
 // ----- the rules ---------------------------------------------------------------------------
 
 void Supervisor::reconcile(Time now) {
+    // One rule's action can make another rule due (a worker aborted by the liveness rule
+    // leaves its slot uncovered; a generation that goes live starts its workers' lifetime), so
+    // the rules run again until a pass changes nothing. That last pass registered every
+    // deadline there is. Each change emits an action (at least its log line), and no rule acts
+    // twice on the same state, so this settles in a few passes; the bound is a safety net.
+    constexpr int kMaxPasses = 8;
+    for (int pass = 0; pass < kMaxPasses; ++pass) {
+        std::size_t emitted = out_.size();
+        reconcile_pass(now);
+        if (out_.size() == emitted) return;
+    }
+    log(LogLevel::error, fmt::format("the rules did not settle in {} passes", kMaxPasses));
+}
+
+void Supervisor::reconcile_pass(Time now) {
     bool stopping = master_state_ == MasterState::stopping ||
                     master_state_ == MasterState::stopping_fast ||
                     master_state_ == MasterState::stopped;
+    // Every rule registers its next deadline during the pass (due_at), so the previous
+    // pass's deadlines are void.
+    next_deadline_.reset();
+    // Single workers first: a worker aborted or retired here leaves its slot uncovered, and
+    // the slot rules below refill it in the same pass.
+    reconcile_workers(now);
     if (!stopping) {
         if (starting_) reconcile_starting(now, generations_.at(*starting_));
         if (live_) reconcile_live(now, generations_.at(*live_));
     }
-    reconcile_workers(now);
 
     // A draining or failed generation whose last worker is gone is gone.
     for (auto& [id, gen] : generations_) {
@@ -609,40 +571,35 @@ void Supervisor::reconcile_starting(Time now, Generation& gen) {
     for (Worker* worker : workers_of(gen.id)) {
         bool booting =
             worker->state == WorkerState::spawned || worker->state == WorkerState::booting;
-        if (booting && now >= worker->boot_deadline) {
-            worker->stop_reason = RestartReason::boot_timeout;
-            std::string detail = worker->error.empty() ? "" : ": " + worker->error;
-            fail_generation(
-                now, gen,
-                fmt::format("worker slot={} pid={} did not send READY within "
-                            "timeouts.boot ({}){}",
-                            worker->slot, worker->pid, ms(config.timeouts.boot), detail));
-            return;
-        }
-        if (worker->slot >= gen.target && worker->state != WorkerState::draining &&
-            !worker->stop_reason) {
-            if (worker->state == WorkerState::ready) {
-                drain(now, *worker, "scaled down");
+        if (booting && covers_slot(*worker)) {
+            if (now < worker->boot_deadline) {
+                due_at(worker->boot_deadline);
             } else {
-                worker->stop_reason = RestartReason::killed;
-                send_signal(*worker, Signal::kill, "scaled down while booting");
+                worker->stop_reason = RestartReason::boot_timeout;
+                std::string detail = worker->error.empty() ? "" : ": " + worker->error;
+                fail_generation(
+                    now, gen,
+                    fmt::format("worker slot={} pid={} did not send READY within "
+                                "timeouts.boot ({}){}",
+                                worker->slot, worker->pid, ms(config.timeouts.boot), detail));
+                return;
             }
         }
+        if (worker->slot >= gen.target) stop_scaled_down(now, *worker);
     }
 
     Generation* old = live_ ? &generations_.at(*live_) : nullptr;
-    for (int slot = 0; slot < gen.admitted; ++slot) {
+    auto in_slot = [&](int slot, bool ready) {
         auto workers = workers_of(gen.id);
-        bool has = std::any_of(workers.begin(), workers.end(),
-                               [&](Worker* w) { return w->slot == slot && is_alive(w->state); });
-        if (!has) spawn(now, gen, slot);
+        return std::any_of(workers.begin(), workers.end(), [&](Worker* w) {
+            return w->slot == slot && covers_slot(*w) && (!ready || w->state == WorkerState::ready);
+        });
+    };
+    for (int slot = 0; slot < gen.admitted; ++slot) {
+        if (!in_slot(slot, false)) spawn(now, gen, slot);
     }
     for (int slot = 0; slot < gen.admitted; ++slot) {
-        auto workers = workers_of(gen.id);
-        bool ready = std::any_of(workers.begin(), workers.end(), [&](Worker* w) {
-            return w->slot == slot && w->state == WorkerState::ready;
-        });
-        if (!ready) return;
+        if (!in_slot(slot, true)) return;
     }
 
     // Every admitted slot is ready: the old generation hands those slots over.
@@ -686,34 +643,42 @@ void Supervisor::reconcile_live(Time now, Generation& gen) {
         bool covered = false;
         bool covered_and_ready = false;
         for (Worker* w : in_slot) {
-            if (w->retiring || w->stop_reason) continue;
+            if (!covers_slot(*w)) continue;
             covered = true;
             covered_and_ready = covered_and_ready || w->state == WorkerState::ready;
         }
         if (!covered) {
-            if (now >= slot_health_[slot].not_before) spawn(now, gen, slot);
+            // A slot waiting out its crash backoff is due when its not_before passes.
+            Time not_before = slot_health_[slot].not_before;
+            if (now >= not_before) {
+                spawn(now, gen, slot);
+            } else {
+                due_at(not_before);
+            }
             continue;
         }
         if (!covered_and_ready) continue;
         for (Worker* w : in_slot) {
-            if (w->retiring && w->state == WorkerState::ready) {
+            if (w->disposition == Disposition::retiring && w->state == WorkerState::ready) {
                 restarts_[RestartReason::recycle]++;
                 gen.slot_restarts[slot]++;
                 drain(now, *w,
                       fmt::format("recycled ({}), its replacement is ready",
-                                  to_string(*w->retiring)));
+                                  to_string(w->retiring.value_or(RetireReason::max_requests))));
             }
         }
     }
     for (Worker* w : workers_of(gen.id)) {
-        if (w->slot >= gen.target && is_alive(w->state)) {
-            if (w->state == WorkerState::ready) {
-                drain(now, *w, "scaled down");
-            } else if (!w->stop_reason) {
-                w->stop_reason = RestartReason::killed;
-                send_signal(*w, Signal::kill, "scaled down while booting");
-            }
-        }
+        if (w->slot >= gen.target) stop_scaled_down(now, *w);
+    }
+}
+
+void Supervisor::stop_scaled_down(Time now, Worker& worker) {
+    if (!is_alive(worker.state)) return;
+    if (worker.state == WorkerState::ready) {
+        drain(now, worker, "scaled down");
+    } else if (covers_slot(worker)) {
+        kill(now, worker, RestartReason::killed, "scaled down while booting");
     }
 }
 
@@ -722,56 +687,76 @@ void Supervisor::reconcile_workers(Time now) {
         if (worker.state == WorkerState::exited) continue;
         const Generation& gen = generations_.at(worker.generation);
         const auto& config = *gen.release.config;
-        if (worker.kill_at && now >= *worker.kill_at) {
-            worker.kill_at.reset();
-            if (!worker.stop_reason && worker.state != WorkerState::draining) {
-                worker.stop_reason = RestartReason::killed;
-            }
-            send_signal(worker, Signal::kill,
-                        worker.state == WorkerState::draining
-                            ? fmt::format("still running {} after DRAIN (timeouts.graceful)",
-                                          ms(config.timeouts.graceful))
-                            : "still running after the grace period");
-            continue;
+        switch (worker.disposition) {
+            case Disposition::serving:
+            case Disposition::retiring:
+                check_liveness(now, worker, gen, config);
+                break;
+            case Disposition::aborting:
+            case Disposition::draining:
+            case Disposition::stopped_accepting:
+            case Disposition::interrupted:
+                if (now < *worker.kill_at) {
+                    due_at(*worker.kill_at);
+                } else {
+                    kill(now, worker, RestartReason::killed,
+                         worker.state == WorkerState::draining
+                             ? fmt::format("still running {} after DRAIN (timeouts.graceful)",
+                                           ms(config.timeouts.graceful))
+                             : "still running after the grace period");
+                }
+                break;
+            case Disposition::killed:
+                break;  // only its exit is left to see
         }
-        if (worker.state == WorkerState::booting && gen.state == GenerationState::live &&
-            !worker.stop_reason && now >= worker.boot_deadline) {
-            worker.stop_reason = RestartReason::boot_timeout;
-            send_signal(
-                worker, Signal::kill,
-                fmt::format("no READY within timeouts.boot ({})", ms(config.timeouts.boot)));
-            continue;
+    }
+}
+
+void Supervisor::check_liveness(Time now, Worker& worker, const Generation& gen,
+                                const config::Config& config) {
+    bool booting = worker.state == WorkerState::spawned || worker.state == WorkerState::booting;
+    if (booting && gen.state == GenerationState::live) {
+        // A starting generation's boot deadline is reconcile_starting()'s: it fails the
+        // generation. Here, a replacement in the live generation is killed and replaced.
+        if (now < worker.boot_deadline) {
+            due_at(worker.boot_deadline);
+        } else {
+            kill(now, worker, RestartReason::boot_timeout,
+                 fmt::format("no READY within timeouts.boot ({})", ms(config.timeouts.boot)));
         }
-        if (worker.state != WorkerState::ready || worker.kill_at || worker.stop_reason) continue;
-        if (now >= heartbeat_deadline(worker, config)) {
-            worker.stop_reason = RestartReason::heartbeat;
-            worker.kill_at = now + policy_.abort_grace;
-            send_signal(worker, Signal::abort,
-                        fmt::format("no heartbeat for {} (timeouts.heartbeat); its thread "
-                                    "tracebacks follow in its stderr",
-                                    ms(now - worker.last_heartbeat)));
-            continue;
-        }
-        auto limit = config.timeouts.request;
-        if (limit.count() > 0 && worker.counters.inflight > 0) {
+        return;
+    }
+    if (worker.state != WorkerState::ready) return;
+    Time heartbeat_due = worker.last_heartbeat + config.timeouts.heartbeat;
+    if (now >= heartbeat_due) {
+        abort_worker(now, worker, RestartReason::heartbeat,
+                     fmt::format("no heartbeat for {} (timeouts.heartbeat); its thread "
+                                 "tracebacks follow in its stderr",
+                                 ms(now - worker.last_heartbeat)));
+        return;
+    }
+    due_at(heartbeat_due);
+    auto limit = config.timeouts.request;
+    if (limit.count() > 0 && worker.counters.inflight > 0) {
+        // The oldest request's age grows with the time since the heartbeat that reported it.
+        Time request_due = worker.last_heartbeat + limit - Duration(worker.counters.oldest_ms);
+        if (now >= request_due) {
             Duration age = Duration(worker.counters.oldest_ms) + (now - worker.last_heartbeat);
-            if (age >= limit) {
-                worker.stop_reason = RestartReason::request_timeout;
-                worker.kill_at = now + policy_.abort_grace;
-                send_signal(worker, Signal::abort,
-                            fmt::format("a request has run for {} (timeouts.request is {})",
-                                        ms(age), ms(limit)));
-                continue;
-            }
+            abort_worker(now, worker, RestartReason::request_timeout,
+                         fmt::format("a request has run for {} (timeouts.request is {})", ms(age),
+                                     ms(limit)));
+            return;
         }
-        auto lifetime = config.recycle.max_lifetime;
-        if (lifetime.count() > 0 && gen.state == GenerationState::live && !worker.retiring &&
-            now >= *worker.ready_at + lifetime) {
-            worker.retiring = RetireReason::max_lifetime;
-            log(LogLevel::info,
-                fmt::format("worker slot={} reached recycle.max_lifetime; replacing it",
-                            worker.slot),
-                gen.id, worker.pid);
+        due_at(request_due);
+    }
+    auto lifetime = config.recycle.max_lifetime;
+    if (lifetime.count() > 0 && gen.state == GenerationState::live &&
+        worker.disposition == Disposition::serving) {
+        Time lifetime_due = *worker.ready_at + lifetime;
+        if (now >= lifetime_due) {
+            retire(now, worker, RetireReason::max_lifetime, "reached recycle.max_lifetime");
+        } else {
+            due_at(lifetime_due);
         }
     }
 }
@@ -784,21 +769,18 @@ void Supervisor::finish_stop_if_done(Time /*now*/) {
 }
 
 void Supervisor::maybe_start_queued_rollover(Time now) {
-    if (queued_tickets_.empty() || rollover_phase_ != RolloverPhase::idle ||
+    if (rollover_.queued.empty() || rollover_.phase != RolloverPhase::idle ||
         master_state_ != MasterState::running) {
         return;
     }
-    current_tickets_ = std::move(queued_tickets_);
-    queued_tickets_.clear();
-    current_trigger_ = queued_trigger_.value_or(Trigger::reload);
-    rollover_phase_ = RolloverPhase::preparing;
-    rollover_started_at_ = now;
+    ReloadQueue request = std::exchange(rollover_.queued, ReloadQueue{});
+    rollover_.tickets = std::move(request.tickets);
+    rollover_.trigger = request.trigger;
+    rollover_.started_at = now;
+    set_phase(RolloverPhase::preparing, "a queued reload request");
     emit(NotifySystemd{"RELOADING=1"});
-    std::optional<std::string> dir = std::move(queued_release_dir_);
-    queued_release_dir_.reset();
-    queued_trigger_.reset();
-    log(LogLevel::info, fmt::format("{} started", to_string(current_trigger_)));
-    emit(PrepareRelease{std::move(dir)});
+    log(LogLevel::info, fmt::format("{} started", to_string(rollover_.trigger)));
+    emit(PrepareRelease{std::move(request.release_dir)});
 }
 
 // ----- transitions -------------------------------------------------------------------------
@@ -839,27 +821,33 @@ void Supervisor::go_live(Time now, Generation& gen) {
     if (previous) retire_generation(now, generations_.at(*previous));
     record_history(gen);
     if (master_state_ == MasterState::starting) master_state_ = MasterState::running;
-    rollover_phase_ = RolloverPhase::finishing;
-    finishing_generation_ = gen.id;
-    finishing_deadline_ = now + policy_.drain_ack_grace;
+    rollover_.finishing_generation = gen.id;
+    rollover_.finishing_deadline = now + policy_.drain_ack_grace;
+    set_phase(
+        RolloverPhase::finishing,
+        fmt::format("generation {} is live; waiting for the old workers' STOPPING=1", gen.id));
     maybe_finish_rollover(now);
 }
 
 void Supervisor::maybe_finish_rollover(Time now) {
-    if (rollover_phase_ != RolloverPhase::finishing) return;
-    bool confirmed = std::all_of(workers_.begin(), workers_.end(), [](const auto& entry) {
-        const Worker& w = entry.second;
-        return w.state != WorkerState::draining || w.stopped_accepting_at.has_value();
+    if (rollover_.phase != RolloverPhase::finishing) return;
+    // A worker that got DRAIN has not confirmed until it reaches stopped_accepting; one that
+    // was killed or interrupted meanwhile takes no connection either.
+    bool confirmed = std::none_of(workers_.begin(), workers_.end(), [](const auto& entry) {
+        return entry.second.disposition == Disposition::draining;
     });
-    if (!confirmed && now < finishing_deadline_) return;
+    if (!confirmed && now < rollover_.finishing_deadline) {
+        due_at(rollover_.finishing_deadline);
+        return;
+    }
     if (!confirmed) {
         log(LogLevel::warning,
             fmt::format("some draining workers did not confirm within {} that they stopped "
                         "accepting (STOPPING=1); reporting the rollover done anyway",
                         ms(policy_.drain_ack_grace)),
-            finishing_generation_);
+            rollover_.finishing_generation);
     }
-    finish_rollover(now, finishing_generation_, true, "");
+    finish_rollover(now, rollover_.finishing_generation, true, "");
 }
 
 void Supervisor::fail_generation(Time now, Generation& gen, const std::string& reason) {
@@ -870,8 +858,7 @@ void Supervisor::fail_generation(Time now, Generation& gen, const std::string& r
         if (worker->state == WorkerState::ready) {
             drain(now, *worker, "its generation failed");
         } else if (is_alive(worker->state)) {
-            if (!worker->stop_reason) worker->stop_reason = RestartReason::killed;
-            send_signal(*worker, Signal::kill, fmt::format("generation {} failed", gen.id));
+            kill(now, *worker, RestartReason::killed, fmt::format("generation {} failed", gen.id));
         }
     }
     record_history(gen);
@@ -906,21 +893,20 @@ void Supervisor::retire_generation(Time now, Generation& gen) {
     for (Worker* worker : workers_of(gen.id)) {
         if (worker->state == WorkerState::ready) {
             drain(now, *worker, fmt::format("generation {} is draining", gen.id));
-        } else if (is_alive(worker->state) && !worker->stop_reason) {
+        } else if (is_alive(worker->state) && covers_slot(*worker)) {
             // A replacement still booting in the old generation is no longer needed.
-            worker->stop_reason = RestartReason::killed;
-            send_signal(*worker, Signal::kill, "its generation is draining before it was ready");
+            kill(now, *worker, RestartReason::killed,
+                 "its generation is draining before it was ready");
         }
     }
     record_history(gen);
 }
 
 void Supervisor::finish_rollover(Time now, GenerationId gen, bool ok, const std::string& reason) {
-    Trigger trigger = current_trigger_;
-    RolloverFinished result{std::move(current_tickets_), gen, ok, reason,
-                            now - rollover_started_at_};
-    current_tickets_.clear();
-    rollover_phase_ = RolloverPhase::idle;
+    Trigger trigger = rollover_.trigger;
+    RolloverFinished result{std::exchange(rollover_.tickets, {}), gen, ok, reason,
+                            now - rollover_.started_at};
+    set_phase(RolloverPhase::idle, ok ? "done" : "failed");
     if (trigger != Trigger::startup) {
         (ok ? rollovers_ok_ : rollovers_failed_)++;
         last_rollover_ = result;
@@ -950,14 +936,92 @@ void Supervisor::spawn(Time now, Generation& gen, int slot) {
     workers_.emplace(worker.id, std::move(worker));
 }
 
+bool Supervisor::covers_slot(const Worker& worker) {
+    return is_alive(worker.state) && worker.disposition == Disposition::serving;
+}
+
+bool Supervisor::dispose(Time now, Worker& worker, Disposition next, const std::string& why) {
+    using D = Disposition;
+    D from = worker.disposition;
+    bool allowed = false;
+    std::optional<Duration> grace;  // until SIGKILL, for the dispositions that have one
+    switch (next) {
+        case D::serving:
+            break;  // nothing returns to serving
+        case D::retiring:
+            allowed = from == D::serving;
+            break;
+        case D::aborting:
+            allowed = from == D::serving || from == D::retiring;
+            grace = policy_.abort_grace;
+            break;
+        case D::draining:
+            allowed = from == D::serving || from == D::retiring || from == D::aborting;
+            grace = generations_.at(worker.generation).release.config->timeouts.graceful;
+            break;
+        case D::stopped_accepting:
+            allowed = from == D::draining;
+            break;
+        case D::interrupted:
+            allowed = from != D::interrupted && from != D::killed;
+            grace = policy_.fast_stop_grace;
+            break;
+        case D::killed:
+            allowed = from != D::killed;
+            break;
+    }
+    if (!allowed) return false;
+    log(LogLevel::debug,
+        fmt::format("worker slot={}: {} -> {} ({})", worker.slot, to_string(from), to_string(next),
+                    why),
+        worker.generation, worker.pid);
+    worker.disposition = next;
+    if (next == D::killed) {
+        worker.kill_at.reset();  // nothing left to escalate to
+    } else if (grace) {
+        // A sooner SIGKILL already due (after a SIGABRT) stays.
+        Time deadline = now + *grace;
+        worker.kill_at = worker.kill_at ? std::min(*worker.kill_at, deadline) : deadline;
+    }
+    return true;
+}
+
 void Supervisor::drain(Time now, Worker& worker, const std::string& why) {
     if (worker.state == WorkerState::draining || worker.state == WorkerState::exited) return;
-    const auto& config = *generations_.at(worker.generation).release.config;
+    if (!dispose(now, worker, Disposition::draining, why)) return;
     set_state(now, worker, WorkerState::draining, why);
-    Time graceful_end = now + config.timeouts.graceful;
-    // A shorter deadline already set (SIGKILL after SIGABRT) stays.
-    worker.kill_at = worker.kill_at ? std::min(*worker.kill_at, graceful_end) : graceful_end;
-    emit(SendToWorker{worker.id, worker.pid, "DRAIN=1"});
+    emit(SendToWorker{worker.id, worker.pid, drain_message()});
+}
+
+void Supervisor::retire(Time now, Worker& worker, RetireReason reason, const std::string& why) {
+    const Generation& gen = generations_.at(worker.generation);
+    // Only a serving worker of the live generation is replaced; a successor boots first.
+    if (worker.state != WorkerState::ready || gen.state != GenerationState::live) return;
+    if (!dispose(now, worker, Disposition::retiring, why)) return;
+    worker.retiring = reason;
+    log(LogLevel::info, fmt::format("worker slot={} {}; replacing it", worker.slot, why), gen.id,
+        worker.pid);
+}
+
+void Supervisor::abort_worker(Time now, Worker& worker, RestartReason reason,
+                              const std::string& why) {
+    if (!dispose(now, worker, Disposition::aborting, why)) return;
+    worker.stop_reason = reason;
+    send_signal(worker, Signal::abort, why);
+}
+
+void Supervisor::interrupt(Time now, Worker& worker, const std::string& why) {
+    if (!dispose(now, worker, Disposition::interrupted, why)) return;
+    if (!worker.stop_reason) worker.stop_reason = RestartReason::killed;
+    send_signal(worker, Signal::interrupt, why);
+}
+
+void Supervisor::kill(Time now, Worker& worker, RestartReason reason, const std::string& why) {
+    if (!worker.stop_reason) worker.stop_reason = reason;
+    dispose(now, worker, Disposition::killed, why);
+    // Sent even when it was already killed: a worker killed before it had a pid gets its
+    // signal once spawned() tells its pid.
+    send_signal(worker, Signal::kill, why);
 }
 
 void Supervisor::send_signal(Worker& worker, Signal signal, const std::string& reason) {
@@ -1018,6 +1082,13 @@ void Supervisor::set_state(Time now, Generation& gen, GenerationState next,
     gen.state = next;
 }
 
+void Supervisor::set_phase(RolloverPhase next, const std::string& why) {
+    if (rollover_.phase == next) return;
+    log(LogLevel::debug, fmt::format("rollover ({}): {} -> {} ({})", to_string(rollover_.trigger),
+                                     to_string(rollover_.phase), to_string(next), why));
+    rollover_.phase = next;
+}
+
 void Supervisor::record_history(const Generation& gen) {
     HistoryEntry entry{
         gen.id,      gen.release.release_dir, gen.release.version, gen.release.digest,
@@ -1067,56 +1138,6 @@ std::optional<std::string> Supervisor::rollback_target() const {
         if (entry.release_dir != current) return entry.release_dir;
     }
     return std::nullopt;
-}
-
-std::optional<Time> Supervisor::next_deadline() const {
-    std::optional<Time> next;
-    auto consider = [&](Time t) { next = next ? std::min(*next, t) : t; };
-    for (const auto& [id, worker] : workers_) {
-        const Generation& gen = generations_.at(worker.generation);
-        const auto& config = *gen.release.config;
-        if (worker.kill_at) consider(*worker.kill_at);
-        bool gated = gen.state == GenerationState::starting || gen.state == GenerationState::live;
-        if ((worker.state == WorkerState::booting || worker.state == WorkerState::spawned) &&
-            gated && !worker.stop_reason) {
-            consider(worker.boot_deadline);
-        }
-        if (worker.state != WorkerState::ready || worker.kill_at || worker.stop_reason) continue;
-        consider(heartbeat_deadline(worker, config));
-        if (config.timeouts.request.count() > 0 && worker.counters.inflight > 0) {
-            consider(worker.last_heartbeat + config.timeouts.request -
-                     Duration(worker.counters.oldest_ms));
-        }
-        if (config.recycle.max_lifetime.count() > 0 && !worker.retiring &&
-            gen.state == GenerationState::live) {
-            consider(*worker.ready_at + config.recycle.max_lifetime);
-        }
-    }
-    if (rollover_phase_ == RolloverPhase::finishing) consider(finishing_deadline_);
-    if (live_ && master_state_ == MasterState::running) {
-        // A slot waiting out its crash backoff: due when its not_before passes. A slot that
-        // already has a worker again is not waiting for anything.
-        // Exactly the slots reconcile_live() would refill: below the target, not handed over
-        // to a starting generation, and without a worker that covers it.
-        const Generation& live = generations_.at(*live_);
-        for (const auto& [slot, health] : slot_health_) {
-            if (health.consecutive_failures == 0 || slot >= live.target ||
-                slot_handed_over(live, slot)) {
-                continue;
-            }
-            bool covered = std::any_of(workers_.begin(), workers_.end(), [&](const auto& entry) {
-                const Worker& w = entry.second;
-                return w.generation == live.id && w.slot == slot && is_alive(w.state) &&
-                       !w.retiring && !w.stop_reason;
-            });
-            if (!covered) consider(health.not_before);
-        }
-    }
-    return next;
-}
-
-Time Supervisor::heartbeat_deadline(const Worker& worker, const config::Config& config) const {
-    return worker.last_heartbeat + config.timeouts.heartbeat;
 }
 
 Worker* Supervisor::find_by_pid(Pid pid) {

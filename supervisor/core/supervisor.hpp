@@ -9,9 +9,15 @@
 // The rules live in one place, Supervisor::reconcile(): after every event it compares what
 // is (generations and their workers) with what should be, and emits the actions that close
 // the gap. Rollover, crash replacement, recycling, scaling and stopping are all expressed as
-// rules there.
+// rules there. A rule that finds its condition not yet due registers the time it becomes due,
+// so next_deadline() is what the rules said during the last pass, not a second copy of them.
+//
+// The core also owns the master's policies that need no syscall: when a reload is refused
+// (reload_refusal), when a binary upgrade is refused (Supervisor::upgrade_refusal), and what
+// replaces a DRAIN that could not be sent (Supervisor::send_failed).
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -34,7 +40,30 @@ using WorkerId = std::uint64_t;
 using Pid = int;
 using Ticket = std::uint64_t;  // identifies one reload request, for `molt ctl reload --wait`
 
+// How far a worker's process got: the public states that metrics and `molt ctl status` show.
 enum class WorkerState { spawned, booting, ready, draining, exited };
+// What the master has decided about a worker, apart from how far its process got. Only a
+// `serving` worker covers its slot (Supervisor::covers_slot); every other disposition means a
+// successor may take the slot. Every change goes through Supervisor::dispose(), which logs it
+// and sets the SIGKILL deadline (Worker::kill_at) that the disposition implies.
+//
+//   serving -> retiring            it asked to be replaced; it serves until its successor is ready
+//   serving|retiring -> aborting   SIGABRT for a liveness reason; SIGKILL after Policy::abort_grace
+//   serving|retiring|aborting
+//            -> draining           DRAIN sent; SIGKILL after timeouts.graceful (or sooner, if an
+//                                  abort already set an earlier deadline)
+//   draining -> stopped_accepting  it confirmed the drain with STOPPING=1
+//   any but killed -> interrupted  fast stop: SIGINT; SIGKILL after Policy::fast_stop_grace
+//   any -> killed                  SIGKILL sent; only its exit is left to see
+enum class Disposition {
+    serving,
+    retiring,
+    aborting,
+    draining,
+    stopped_accepting,
+    interrupted,
+    killed
+};
 enum class GenerationState { starting, live, draining, gone, failed };
 enum class MasterState { starting, running, stopping, stopping_fast, stopped };
 // Where the one rollover at a time stands. `running` means a starting generation exists;
@@ -51,7 +80,9 @@ enum class RetireReason { max_requests, max_rss, max_lifetime };
 enum class RestartReason { crash, heartbeat, request_timeout, recycle, boot_timeout, killed };
 
 const char* to_string(WorkerState state);
+const char* to_string(Disposition disposition);
 const char* to_string(MasterState state);
+const char* to_string(RolloverPhase phase);
 const char* to_string(GenerationState state);
 const char* to_string(Signal signal);
 const char* to_string(Trigger trigger);
@@ -89,18 +120,20 @@ struct Worker {
     int slot = 0;
     Pid pid = 0;
     WorkerState state = WorkerState::spawned;
+    Disposition disposition = Disposition::serving;
     Time spawned_at{0};
     std::optional<Time> ready_at;
     Time boot_deadline{0};
     Time last_heartbeat{0};
-    // When set, the worker gets SIGKILL at this time: the end of a drain, of the grace after
-    // SIGABRT, or of a fast stop.
+    // The following belong to the disposition and are set only by Supervisor::dispose() and
+    // its callers:
+    // SIGKILL is due at this time while aborting, draining, stopped_accepting or interrupted.
     std::optional<Time> kill_at;
-    std::optional<RetireReason> retiring;  // set: a replacement is booting or due
-    // Set once the master has decided to stop this worker (and why): it no longer covers its
-    // slot, and no further liveness checks apply to it.
+    // Why it asked to be replaced; kept once it drains, for `molt ctl status`.
+    std::optional<RetireReason> retiring;
+    // Why the master stopped it (aborting, interrupted, killed): counted as a restart of that
+    // kind when it exits; `killed` means a deliberate stop, not a fault of the release.
     std::optional<RestartReason> stop_reason;
-    std::optional<Time> stopped_accepting_at;  // when it confirmed a drain with STOPPING=1
     Heartbeat counters;
     std::string error;  // the worker's own ERROR= text
 };
@@ -150,6 +183,41 @@ struct AdoptedState {
     std::map<RestartReason, std::uint64_t> restarts;
     std::uint64_t rollovers_ok = 0;
     std::uint64_t rollovers_failed = 0;
+};
+
+// Why a reload to `next` must be refused while the master serves `serving`, or nullopt when it
+// may go ahead. Listen addresses cannot change on a reload: the master binds them once and
+// every generation inherits the same sockets.
+std::optional<std::string> reload_refusal(const config::Config& serving,
+                                          const config::Config& next);
+
+// The config file as it is now, for the binary-upgrade check.
+struct ConfigFileNow {
+    std::string path;
+    std::optional<std::string> digest;  // nullopt: the file no longer loads
+};
+
+// Reload requests waiting for the rollover in progress; several become one rollover.
+struct ReloadQueue {
+    std::vector<Ticket> tickets;
+    Trigger trigger = Trigger::reload;       // of the newest request
+    std::optional<std::string> release_dir;  // the newest request says where to go
+    bool empty() const { return tickets.empty(); }
+};
+
+// The one rollover at a time: the requests queued behind it, the one in progress and, once its
+// generation is live, the finishing phase in which the old workers confirm their drain.
+struct Rollover {
+    RolloverPhase phase = RolloverPhase::idle;
+    ReloadQueue queued;
+    // The rollover in progress (phase != idle).
+    std::vector<Ticket> tickets;
+    Trigger trigger = Trigger::startup;
+    Time started_at{0};
+    // phase == finishing: the generation that went live, and until when the old workers may
+    // take to confirm that they stopped accepting.
+    GenerationId finishing_generation = 0;
+    Time finishing_deadline{0};
 };
 
 // ----- actions: what the loop layer must do ------------------------------------------------
@@ -218,9 +286,14 @@ class Supervisor {
     Actions start(Time now, Release release);
     // After a binary upgrade: the live generation and its ready workers, as they were.
     Actions adopt(Time now, AdoptedState state);
-    // Whether nothing is in motion (one live generation, every worker ready): the only state
-    // in which the master hands itself over to a new binary.
+    // Whether nothing is in motion (one live generation, every worker ready and serving): the
+    // only state in which the master hands itself over to a new binary.
     bool steady() const;
+    // The log line saying why a binary upgrade must be refused now ("binary upgrade refused:
+    // ..."), or nullopt when it may go ahead. `file` is the config file as it is now, when the
+    // master runs from one: the adopted generation keeps the config the new image loads from
+    // it, so the two must not disagree.
+    std::optional<std::string> upgrade_refusal(const std::optional<ConfigFileNow>& file) const;
     // HUP, `molt ctl reload`, a watched file. Queued while a rollover runs; several queued
     // requests become one rollover (on the config as it is when that rollover starts).
     Actions request_reload(Time now, Ticket ticket, Trigger trigger = Trigger::reload,
@@ -236,6 +309,9 @@ class Supervisor {
     // kill() failed. ESRCH means the process is already gone although nobody reaped it here:
     // it is treated as exited, so the master never waits for a ghost.
     Actions signal_failed(Time now, Pid pid, bool no_such_process, const std::string& error);
+    // A SendToWorker could not be sent (the channel is gone). A DRAIN becomes SIGTERM, which
+    // means the same to the shim; anything else is only logged.
+    Actions send_failed(Time now, Pid pid, const std::string& message, const std::string& error);
 
     Actions stop(Time now, bool fast);
     Actions scale(Time now, int workers);  // TTIN/TTOU/`molt ctl scale N`
@@ -243,10 +319,12 @@ class Supervisor {
 
     // ----- queries -------------------------------------------------------------------------
     // The earliest time at which tick() has something to do; nullopt when nothing is due.
-    std::optional<Time> next_deadline() const;
+    // The rules registered it during the last pass of reconcile().
+    std::optional<Time> next_deadline() const { return next_deadline_; }
 
     MasterState state() const { return master_state_; }
-    RolloverPhase rollover_phase() const { return rollover_phase_; }
+    RolloverPhase rollover_phase() const { return rollover_.phase; }
+    const Rollover& rollover() const { return rollover_; }
     const std::map<GenerationId, Generation>& generations() const { return generations_; }
     const std::map<WorkerId, Worker>& workers() const { return workers_; }
     const std::deque<HistoryEntry>& history() const { return history_; }
@@ -267,11 +345,16 @@ class Supervisor {
         Time not_before{0};
     };
 
-    // The rules. Called after every event; idempotent.
+    // The rules. Called after every event; idempotent. reconcile() repeats reconcile_pass()
+    // until a pass changes nothing.
     void reconcile(Time now);
+    void reconcile_pass(Time now);
     void reconcile_starting(Time now, Generation& gen);
     void reconcile_live(Time now, Generation& gen);
     void reconcile_workers(Time now);
+    void check_liveness(Time now, Worker& worker, const Generation& gen,
+                        const config::Config& config);
+    void stop_scaled_down(Time now, Worker& worker);
     void finish_stop_if_done(Time now);
     void maybe_start_queued_rollover(Time now);
     void maybe_finish_rollover(Time now);
@@ -285,8 +368,21 @@ class Supervisor {
     void spawn(Time now, Generation& gen, int slot);
     void set_state(Time now, Worker& worker, WorkerState next, const std::string& why);
     void set_state(Time now, Generation& gen, GenerationState next, const std::string& why);
+    void set_phase(RolloverPhase next, const std::string& why);
+    // The one transition function of a worker's disposition; false when the change is not
+    // allowed from where the worker is (it then keeps its disposition).
+    bool dispose(Time now, Worker& worker, Disposition next, const std::string& why);
     void drain(Time now, Worker& worker, const std::string& why);
+    void retire(Time now, Worker& worker, RetireReason reason, const std::string& why);
+    void abort_worker(Time now, Worker& worker, RestartReason reason, const std::string& why);
+    void interrupt(Time now, Worker& worker, const std::string& why);
+    // SIGKILL with the reason it will be counted under (an earlier stop reason stays).
+    void kill(Time now, Worker& worker, RestartReason reason, const std::string& why);
     void send_signal(Worker& worker, Signal signal, const std::string& reason);
+    // Deadlines: a rule that is not due yet registers when it will be.
+    void due_at(Time deadline) {
+        next_deadline_ = next_deadline_ ? std::min(*next_deadline_, deadline) : deadline;
+    }
     void worker_ended(Time now, Worker& worker, const ExitStatus& status,
                       const std::string& stderr_tail);
     void on_crash(Time now, Worker& worker, Generation& gen, const ExitStatus& status,
@@ -301,8 +397,10 @@ class Supervisor {
     Worker* find_by_pid(Pid pid);
     Generation* find_generation(GenerationId id);
     bool slot_handed_over(const Generation& gen, int slot) const;
+    // The one "covers its slot" rule: a worker that is alive and serving. A slot that no
+    // worker covers gets a new one (after its crash backoff).
+    static bool covers_slot(const Worker& worker);
     std::vector<Worker*> workers_of(GenerationId gen);
-    Time heartbeat_deadline(const Worker& worker, const config::Config& config) const;
 
     Policy policy_;
     MasterState master_state_ = MasterState::starting;
@@ -317,17 +415,8 @@ class Supervisor {
     int configured_workers_ = 1;  // `workers:` of the last config, to tell a config change
                                   // from a TTIN/TTOU scale that should survive reloads
 
-    // Reload requests that arrived while a rollover ran (or while preparing a release).
-    std::vector<Ticket> queued_tickets_;
-    std::optional<Trigger> queued_trigger_;
-    std::optional<std::string> queued_release_dir_;
-    // Tickets of the rollover now being prepared or run.
-    std::vector<Ticket> current_tickets_;
-    Trigger current_trigger_ = Trigger::startup;
-    RolloverPhase rollover_phase_ = RolloverPhase::idle;
-    Time rollover_started_at_{0};
-    Time finishing_deadline_{0};
-    GenerationId finishing_generation_ = 0;
+    Rollover rollover_;
+    std::optional<Time> next_deadline_;
     int exit_code_ = 0;
     std::deque<HistoryEntry> history_;
     std::map<RestartReason, std::uint64_t> restarts_;

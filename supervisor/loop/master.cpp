@@ -289,7 +289,7 @@ void Master::execute(const core::Action& action, std::vector<core::Actions>& mor
             if constexpr (std::is_same_v<T, core::SpawnWorker>) {
                 more.push_back(spawn(a));
             } else if constexpr (std::is_same_v<T, core::SendToWorker>) {
-                send_to_worker(a);
+                more.push_back(send_to_worker(a));
             } else if constexpr (std::is_same_v<T, core::SignalWorker>) {
                 core::Actions failed;
                 signal_worker(a, failed);
@@ -500,14 +500,8 @@ core::Actions Master::prepare_release(const core::PrepareRelease& prepare) {
         }
         next = loaded.config;
     }
-    std::vector<std::string> have, want;
-    for (const auto& a : config_->listen) have.push_back(a.text);
-    for (const auto& a : next->listen) want.push_back(a.text);
-    if (have != want) {
-        return core_.release_rejected(
-            now(), fmt::format("listen: changing listen addresses needs a restart (serving {}, "
-                               "the config now says {})",
-                               fmt::join(have, ", "), fmt::join(want, ", ")));
+    if (auto refusal = core::reload_refusal(*config_, *next)) {
+        return core_.release_rejected(now(), *refusal);
     }
     core::Release release;
     if (auto error = resolve_release(*next, prepare.release_dir, release)) {
@@ -546,21 +540,13 @@ std::optional<std::string> Master::resolve_release(const config::Config& config,
     return std::nullopt;
 }
 
-void Master::send_to_worker(const core::SendToWorker& send) {
+core::Actions Master::send_to_worker(const core::SendToWorker& send) {
     auto it = processes_.find(send.pid);
-    if (it == processes_.end()) return;
+    if (it == processes_.end()) return {};
     WorkerProcess& worker = *it->second;
     std::string error = os::send_packet(worker.channel_fd.get(), send.message, send.pid);
-    if (error.empty()) return;
-    if (send.message == "DRAIN=1") {
-        // The channel is gone but the process is not: SIGTERM means the same to the shim.
-        log_.write(core::LogLevel::warning, error + "; sending SIGTERM instead", worker.generation,
-                   send.pid);
-        std::string kill_error = os::send_signal(send.pid, SIGTERM);
-        if (!kill_error.empty()) log_.write(core::LogLevel::warning, kill_error);
-    } else {
-        log_.write(core::LogLevel::warning, error, worker.generation, send.pid);
-    }
+    if (error.empty()) return {};
+    return core_.send_failed(now(), send.pid, send.message, error);
 }
 
 void Master::signal_worker(const core::SignalWorker& signal, core::Actions& more) {

@@ -89,7 +89,7 @@ class Master {
     std::optional<std::string> resolve_release(const config::Config& config,
                                                const std::optional<std::string>& override_dir,
                                                core::Release& release);
-    void send_to_worker(const core::SendToWorker& send);
+    core::Actions send_to_worker(const core::SendToWorker& send);
     void signal_worker(const core::SignalWorker& signal, core::Actions& more);
     void notify(const std::string& message);
     void finish_rollover(const core::RolloverFinished& finished);

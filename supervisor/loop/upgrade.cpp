@@ -43,25 +43,15 @@ void Master::begin_upgrade() {
         log_.warning("binary upgrade already being checked; SIGUSR2 ignored");
         return;
     }
-    if (!core_.steady()) {
-        log_.warning(
-            "binary upgrade refused: the master is not steady (a rollover, recycle or restart is "
-            "in progress); send SIGUSR2 again when `molt ctl status` shows only ready workers");
-        return;
-    }
+    std::optional<core::ConfigFileNow> file;
     if (!options_.config_path.empty()) {
-        // The adopted generation keeps running under the config the new image loads from the
-        // file; if the file changed since that generation started, the two would disagree.
         auto loaded = config::load_config_file(options_.config_path);
-        const auto& live = core_.generations().at(*core_.live_generation());
-        if (!loaded.errors.empty() ||
-            config::config_digest(*loaded.config) != live.release.digest) {
-            log_.warning(fmt::format(
-                "binary upgrade refused: {} changed since generation {} started; run a reload "
-                "(kill -HUP or `molt ctl reload --wait`) first, then SIGUSR2",
-                options_.config_path, live.id));
-            return;
-        }
+        file = core::ConfigFileNow{options_.config_path, std::nullopt};
+        if (loaded.errors.empty()) file->digest = config::config_digest(*loaded.config);
+    }
+    if (auto refusal = core_.upgrade_refusal(file)) {
+        log_.warning(*refusal);
+        return;
     }
     auto pipe = os::make_pipe();
     if (!os::ok(pipe)) {

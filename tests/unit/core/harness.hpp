@@ -90,6 +90,9 @@ struct Harness {
                 exit_code = exit->code;
             }
             queue.insert(queue.end(), more.begin(), more.end());
+            if (auto* line = std::get_if<WriteLog>(&action)) {
+                CHECK_MESSAGE(line->text.find("did not settle") == std::string::npos, line->text);
+            }
         }
         // The loop must never be asked to wake for something that is already due: that
         // would be a busy loop.
