@@ -70,7 +70,9 @@ void Connection::answer(const std::string& text) {
 
 // ----- the shared server part --------------------------------------------------------------
 
-OneShotServer::~OneShotServer() = default;
+OneShotServer::~OneShotServer() {
+    if (!socket_path_.empty()) remove_socket_file(master_, socket_path_);
+}
 
 std::string OneShotServer::start(uv_stream_t* server) {
     server_ = server;
@@ -100,7 +102,7 @@ void OneShotServer::on_connection() {
         return;
     }
     if (connections_.size() > kMaxClients) {
-        c->answer(busy());
+        c->answer(dialect_.busy);
         return;
     }
     uv_timer_start(
@@ -120,10 +122,10 @@ void OneShotServer::on_connection() {
             if (nread > 0) {
                 c->request.append(buf->base, static_cast<size_t>(nread));
                 if (c->request.size() > kMaxRequest) {
-                    c->answer(c->server->too_large());
+                    c->answer(c->server->dialect_.too_large);
                     return;
                 }
-                if (!c->server->complete(c->request)) return;
+                if (!c->server->dialect_.complete(c->request)) return;
             } else if (nread == 0 || c->request.empty()) {
                 if (nread < 0) c->close();
                 return;
@@ -135,7 +137,7 @@ void OneShotServer::on_connection() {
                 c->server->handle(c->shared_from_this(), c->request);
             } catch (const std::exception& e) {
                 // Exceptions stop here: a bad request must never take the master down.
-                c->answer(c->server->internal_error(e.what()));
+                c->answer(c->server->dialect_.internal_error(e.what()));
             }
         });
 }
@@ -171,29 +173,21 @@ std::string ControlServer::listen(const std::string& path, std::uint32_t mode) {
     int fd = std::get<0>(opened).front().fd.release();  // libuv owns it from here
     uv_pipe_init(master_.loop(), &pipe_, 0);
     uv_pipe_open(&pipe_, fd);
-    path_ = path;  // ours from now on: removed when the master exits
+    socket_path_ = path;  // ours from now on: removed when the master exits
     return start(reinterpret_cast<uv_stream_t*>(&pipe_));
 }
 
-ControlServer::~ControlServer() {
-    if (!path_.empty()) remove_socket_file(master_, path_);
-}
-
-bool ControlServer::complete(const std::string& request) const {
-    return request.find('\n') != std::string::npos;
-}
-
-std::string ControlServer::too_large() const {
-    return dump(json{{"ok", false}, {"error", "request too large"}});
-}
-
-std::string ControlServer::internal_error(const std::string& what) const {
-    return dump(json{{"ok", false}, {"error", "internal error: " + what}});
-}
-
-std::string ControlServer::busy() const {
-    return dump(json{{"ok", false}, {"error", "too many control clients at once"}});
-}
+ControlServer::ControlServer(Master& master)
+    : OneShotServer(
+          master,
+          Dialect{
+              [](const std::string& request) { return request.find('\n') != std::string::npos; },
+              dump(json{{"ok", false}, {"error", "request too large"}}),
+              dump(json{{"ok", false}, {"error", "too many control clients at once"}}),
+              [](const std::string& what) {
+                  return dump(json{{"ok", false}, {"error", "internal error: " + what}});
+              },
+          }) {}
 
 void ControlServer::handle(const std::shared_ptr<Connection>& connection,
                            const std::string& request) {
@@ -280,7 +274,7 @@ std::string MetricsServer::listen(const config::ListenAddress& address) {
     if (address.kind == config::ListenAddress::Kind::unix_path) {
         uv_pipe_init(master_.loop(), &pipe_, 0);
         uv_pipe_open(&pipe_, listener.fd.release());
-        path_ = address.path;
+        socket_path_ = address.path;
     } else {
         uv_tcp_init(master_.loop(), &tcp_);
         uv_tcp_open(&tcp_, listener.fd.release());
@@ -297,27 +291,26 @@ std::string MetricsServer::listen(const config::ListenAddress& address) {
     return error;
 }
 
-MetricsServer::~MetricsServer() {
-    if (!path_.empty()) remove_socket_file(master_, path_);
+namespace {
+
+std::string empty_http_answer(const char* status) {
+    return fmt::format("HTTP/1.1 {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", status);
 }
 
-bool MetricsServer::complete(const std::string& request) const {
-    return request.find("\r\n\r\n") != std::string::npos ||
-           request.find("\n\n") != std::string::npos;
-}
+}  // namespace
 
-std::string MetricsServer::too_large() const {
-    return "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: "
-           "close\r\n\r\n";
-}
-
-std::string MetricsServer::internal_error(const std::string&) const {
-    return "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-}
-
-std::string MetricsServer::busy() const {
-    return "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-}
+MetricsServer::MetricsServer(Master& master)
+    : OneShotServer(master, Dialect{
+                                [](const std::string& request) {
+                                    return request.find("\r\n\r\n") != std::string::npos ||
+                                           request.find("\n\n") != std::string::npos;
+                                },
+                                empty_http_answer("431 Request Header Fields Too Large"),
+                                empty_http_answer("503 Service Unavailable"),
+                                [](const std::string&) {
+                                    return empty_http_answer("500 Internal Server Error");
+                                },
+                            }) {}
 
 void MetricsServer::handle(const std::shared_ptr<Connection>& connection,
                            const std::string& request) {

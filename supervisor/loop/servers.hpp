@@ -19,32 +19,37 @@ namespace molt::loop {
 class Master;
 struct Connection;
 
+// How one server knows that a request is whole, and what it answers when it cannot serve it.
+struct Dialect {
+    bool (*complete)(const std::string& request);  // the bytes so far hold a whole request
+    std::string too_large;                         // the request went over the size cap
+    std::string busy;                              // too many clients at once
+    std::string (*internal_error)(const std::string& what);  // handle() threw
+};
+
 // What the two servers share: accepting with a cap, reading a bounded request with a
-// deadline, writing one answer and closing.
+// deadline, writing one answer and closing, and removing their socket file at exit.
 class OneShotServer {
   public:
-    explicit OneShotServer(Master& master) : master_(master) {}
+    OneShotServer(Master& master, Dialect dialect) : master_(master), dialect_(dialect) {}
     virtual ~OneShotServer();
     void close();
     void forget(Connection* connection);  // after its handles are closed
 
   protected:
     friend struct Connection;
-    // Called with the bytes received so far; returns true once a whole request is there.
-    virtual bool complete(const std::string& request) const = 0;
     virtual void handle(const std::shared_ptr<Connection>& connection,
                         const std::string& request) = 0;
-    virtual std::string too_large() const = 0;
-    virtual std::string busy() const = 0;
-    virtual std::string internal_error(const std::string& what) const = 0;
 
     std::string start(uv_stream_t* server);
     void on_connection();
 
     Master& master_;
+    const Dialect dialect_;
     uv_stream_t* server_ = nullptr;
     std::set<std::shared_ptr<Connection>> connections_;
     bool closed_ = false;
+    std::string socket_path_;  // a Unix socket file this server bound: removed at exit
 };
 
 // A client connection; answer() writes once and closes. The server's set owns it until
@@ -68,37 +73,25 @@ struct Connection : std::enable_shared_from_this<Connection> {
 
 class ControlServer : public OneShotServer {
   public:
-    using OneShotServer::OneShotServer;
+    explicit ControlServer(Master& master);
     std::string listen(const std::string& path, std::uint32_t mode);
-    ~ControlServer() override;
 
   private:
-    bool complete(const std::string& request) const override;
     void handle(const std::shared_ptr<Connection>& connection, const std::string& request) override;
-    std::string too_large() const override;
-    std::string busy() const override;
-    std::string internal_error(const std::string& what) const override;
 
     uv_pipe_t pipe_{};
-    std::string path_;
 };
 
 class MetricsServer : public OneShotServer {
   public:
-    using OneShotServer::OneShotServer;
+    explicit MetricsServer(Master& master);
     std::string listen(const config::ListenAddress& address);
-    ~MetricsServer() override;
 
   private:
-    bool complete(const std::string& request) const override;
     void handle(const std::shared_ptr<Connection>& connection, const std::string& request) override;
-    std::string too_large() const override;
-    std::string busy() const override;
-    std::string internal_error(const std::string& what) const override;
 
     uv_tcp_t tcp_{};
     uv_pipe_t pipe_{};
-    std::string path_;
 };
 
 }  // namespace molt::loop
