@@ -51,7 +51,7 @@ std::string fmt_call(const char* call, int fd, const char* arguments) {
 }
 
 [[noreturn]] void run_child(const SpawnRequest& request, char* const* argv, char* const* envp,
-                           pid_t master) {
+                            pid_t master) {
     setpgid(0, 0);
     sigset_t all;
     sigemptyset(&all);
