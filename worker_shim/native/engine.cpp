@@ -50,6 +50,8 @@ const char* reason_phrase(int status) {
             return "Internal Server Error";
         case 501:
             return "Not Implemented";
+        case 505:
+            return "HTTP Version Not Supported";
         default:
             return "Error";
     }
