@@ -14,17 +14,14 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from harness import HAVE_NATIVE, Client, Listeners, Worker, get, read_to_eof
+from harness import Client, Listeners, Worker, get, read_to_eof
 
 pytestmark = pytest.mark.timeout(120)
 
-ENGINES = ["python"] + (["native"] if HAVE_NATIVE else [])
-
-
-@pytest.fixture(scope="module", params=ENGINES)
-def srv(request) -> Iterator[Tuple[Listeners, Worker]]:
+@pytest.fixture(scope="module")
+def srv(engine: str) -> Iterator[Tuple[Listeners, Worker]]:
     ls = Listeners(tempfile.mkdtemp(prefix="molt-framing-"))
-    w = Worker(ls, "edge_app:application", engine=request.param,
+    w = Worker(ls, "edge_app:application", engine=engine,
                overrides={"http": {"version_header": ""}}).wait_ready()
     yield ls, w
     w.stop()

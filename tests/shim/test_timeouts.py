@@ -10,20 +10,19 @@ from typing import Iterator, Tuple
 
 import pytest
 
-from harness import HAVE_NATIVE, Listeners, Worker
+from harness import Listeners, Worker
 
 pytestmark = pytest.mark.timeout(60)
 
-ENGINES = ["python"] + (["native"] if HAVE_NATIVE else [])
 HEADER_TIMEOUT_S = 2.0
 TOLERANCE_S = max(0.1 * HEADER_TIMEOUT_S, 0.1)
 
 
-@pytest.fixture(scope="module", params=ENGINES)
-def srv(request) -> Iterator[Tuple[Listeners, Worker]]:
+@pytest.fixture(scope="module")
+def srv(engine: str) -> Iterator[Tuple[Listeners, Worker]]:
     ls = Listeners(tempfile.mkdtemp(prefix="molt-timeouts-"))
     # A keepalive longer than the header timeout: the first head is still due on time.
-    w = Worker(ls, "edge_app:application", engine=request.param,
+    w = Worker(ls, "edge_app:application", engine=engine,
                overrides={"http": {"header_timeout_ms": int(HEADER_TIMEOUT_S * 1000),
                                    "version_header": ""},
                           "timeouts": {"keepalive_ms": 6000}}).wait_ready()
