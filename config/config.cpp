@@ -38,6 +38,16 @@ constexpr std::size_t kMaxUnixPath = 107;  // sun_path holds 108 bytes with the 
 // ---------------------------------------------------------------------------------------
 // Text helpers
 
+// A value as errors quote it: cut to a readable length, with its true size, so that a 50 MB
+// scalar costs one line of error, not 50 MB of log.
+constexpr std::size_t kQuotedValueLimit = 80;
+constexpr std::size_t kErrorMessageLimit = 400;  // the net for a value quoted without excerpt()
+
+std::string excerpt(std::string_view text, std::size_t limit = kQuotedValueLimit) {
+    if (text.size() <= limit) return std::string(text);
+    return fmt::format("{}... ({} bytes)", text.substr(0, limit), text.size());
+}
+
 std::string describe(const Node& node) {
     switch (node.Type()) {
         case YAML::NodeType::Null:
@@ -47,7 +57,7 @@ std::string describe(const Node& node) {
         case YAML::NodeType::Map:
             return "a mapping";
         case YAML::NodeType::Scalar:
-            return fmt::format("\"{}\"", node.Scalar());
+            return fmt::format("\"{}\"", excerpt(node.Scalar()));
         default:
             return "an undefined value";
     }
@@ -129,20 +139,20 @@ std::string check_app(std::string_view app) {
         return fmt::format(
             "expected module:callable, e.g. myproject.wsgi:application; \"{}\" has "
             "no `:callable`",
-            app);
+            excerpt(app));
     }
     const auto module = app.substr(0, colon);
     auto callable = app.substr(colon + 1);
     if (!is_dotted_identifier(module)) {
         return fmt::format("\"{}\" is not a Python module path (expected names separated by dots)",
-                           module);
+                           excerpt(module));
     }
     if (callable.ends_with("()")) callable.remove_suffix(2);
     if (!is_dotted_identifier(callable)) {
         return fmt::format(
             "\"{}\" is not a Python callable name (expected `name`, `obj.name` or "
             "a factory `name()` without arguments)",
-            app.substr(colon + 1));
+            excerpt(app.substr(colon + 1)));
     }
     return {};
 }
@@ -309,8 +319,8 @@ class Context {
             error.line = mark.line + 1;
             error.column = mark.column + 1;
         }
-        error.key = std::move(error_key);
-        error.message = std::move(message);
+        error.key = excerpt(error_key);
+        error.message = excerpt(message, kErrorMessageLimit);
         errors.push_back(std::move(error));
     }
     // An empty value's mark is wherever the next token starts; the key is where to look.
@@ -343,7 +353,7 @@ class Context {
             return std::nullopt;
         }
         if (ec == std::errc::result_out_of_range || value > max) {
-            error(node, fmt::format("must be at most {}, got {}", max, *text));
+            error(node, fmt::format("must be at most {}, got {}", max, excerpt(*text)));
             return std::nullopt;
         }
         if (value < min) {
@@ -367,7 +377,8 @@ class Context {
         if (!text) return;
         const auto value = parse_duration(*text);
         if (!value) {
-            error(node, fmt::format("invalid duration \"{}\": expected {}", *text, kDurationForms));
+            error(node, fmt::format("invalid duration \"{}\": expected {}", excerpt(*text),
+                                    kDurationForms));
         } else if (*value < min) {
             error(node, min == Duration{1} ? fmt::format("must be greater than 0, got {}", *text)
                                            : fmt::format("must be at least {}, got {}",
@@ -382,8 +393,8 @@ class Context {
         if (!text) return;
         const auto value = parse_size(*text);
         if (!value) {
-            error(node, fmt::format("invalid size \"{}\": expected {}{}", *text, kSizeForms,
-                                    ambiguity_hint(*text)));
+            error(node, fmt::format("invalid size \"{}\": expected {}{}", excerpt(*text),
+                                    kSizeForms, ambiguity_hint(*text)));
         } else if (*value < min) {
             error(node, fmt::format("must be at least {}, got {}", format_size(min), *text));
         } else {
@@ -980,7 +991,8 @@ const std::vector<KeySpec>& key_table() {
              auto text = ctx.scalar(n, "a header name");
              if (!text) return;
              if (!text->empty() && !is_header_token(*text)) {
-                 ctx.error(n, fmt::format("\"{}\" is not a valid HTTP header name", *text));
+                 ctx.error(n,
+                           fmt::format("\"{}\" is not a valid HTTP header name", excerpt(*text)));
              } else {
                  c.http.version_header = std::move(*text);
              }
@@ -1329,26 +1341,45 @@ LoadResult load_config_text(const std::string& text, const std::string& label,
 }
 
 LoadResult load_config_file(const std::string& path, bool check_host) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        return single_error(path, YAML::Mark::null_mark(),
-                            fmt::format("cannot read config file: {}", os_error(errno)));
+    const auto refuse = [&](const std::string& why) {
+        return single_error(path, YAML::Mark::null_mark(), why);
+    };
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; anything but a regular file is
+    // refused below, before the first read (a FIFO would hang, /dev/zero never ends).
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) return refuse(fmt::format("cannot read config file: {}", os_error(errno)));
+    struct stat st {};
+    if (::fstat(fd, &st) < 0) {
+        const int saved = errno;
+        ::close(fd);
+        return refuse(fmt::format("cannot read config file: {}", os_error(saved)));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        ::close(fd);
+        return refuse(S_ISDIR(st.st_mode)
+                          ? fmt::format("cannot read config file: {}", os_error(EISDIR))
+                          : std::string("cannot read config file: not a regular file (a FIFO "
+                                        "or a device is never read as a config)"));
     }
     std::string text;
     char buffer[16384];
-    while (true) {
+    // The cap holds for a file that grows while it is read, too: one byte past it is enough.
+    while (text.size() <= kMaxConfigFileBytes) {
         const ssize_t n = ::read(fd, buffer, sizeof buffer);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) {
             const int saved = errno;
             ::close(fd);
-            return single_error(path, YAML::Mark::null_mark(),
-                                fmt::format("cannot read config file: {}", os_error(saved)));
+            return refuse(fmt::format("cannot read config file: {}", os_error(saved)));
         }
         if (n == 0) break;
         text.append(buffer, static_cast<std::size_t>(n));
     }
     ::close(fd);
+    if (text.size() > kMaxConfigFileBytes) {
+        return refuse(
+            fmt::format("config file too large: more than {} bytes", kMaxConfigFileBytes));
+    }
     return load_config_text(text, path, check_host);
 }
 

@@ -135,6 +135,9 @@ struct ConfigError {
     std::string to_string() const;
 };
 
+// The largest config file read (a config is a few kB; this stops a runaway file early).
+inline constexpr std::size_t kMaxConfigFileBytes = 1024 * 1024;
+
 struct LoadResult {
     std::shared_ptr<const Config> config;  // null when errors is not empty
     std::vector<ConfigError> errors;
@@ -143,6 +146,8 @@ struct LoadResult {
 // Reads and validates a YAML file. Never throws. The host checks (chdir readable, python
 // executable, user and group known) run unless check_host is false: `molt check --offline`
 // validates a config on a machine that is not the one it is for.
+// Only a regular file of at most kMaxConfigFileBytes is read: a FIFO, a device or a directory
+// is refused with an error, never waited on.
 LoadResult load_config_file(const std::string& path, bool check_host = true);
 
 // Validates YAML text; `label` is used as the file name in errors. Never throws.

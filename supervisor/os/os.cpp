@@ -50,7 +50,8 @@ std::string fmt_call(const char* call, int fd, const char* arguments) {
     _exit(127);
 }
 
-[[noreturn]] void run_child(const SpawnRequest& request, char* const* argv, char* const* envp) {
+[[noreturn]] void run_child(const SpawnRequest& request, char* const* argv, char* const* envp,
+                            pid_t master) {
     setpgid(0, 0);
     sigset_t all;
     sigemptyset(&all);
@@ -87,6 +88,15 @@ std::string fmt_call(const char* call, int fd, const char* arguments) {
         }
         if (setuid(*request.uid) < 0) child_fail("setuid");
     }
+    // Nothing outlives the master: SIGKILL reaches the child when the master dies, whatever the
+    // child is doing (an import that hangs, a blocking C call, stopped). Set after the identity
+    // change, which clears it; kept across exec (molt never execs a set-id program). The signal
+    // follows the thread that forked: the master's loop is its only thread, so that is the
+    // master's own death. A binary upgrade re-execs the master in place (same pid): no death,
+    // no signal, the workers stay its children.
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) child_fail("prctl(PR_SET_PDEATHSIG)");
+    // The master may have died before the prctl took effect: then no signal is coming.
+    if (getppid() != master) _exit(127);
     execve(request.program.c_str(), argv, envp);
     child_fail(request.program.c_str());
 }
@@ -105,9 +115,10 @@ Result<pid_t> spawn_process(const SpawnRequest& request) {
     // Everything the child needs is allocated before fork: the child must not malloc.
     auto argv = c_strings(request.argv);
     auto envp = c_strings(request.env);
+    pid_t master = getpid();
     pid_t pid = fork();
     if (pid < 0) return Error{failed("fork()", errno)};
-    if (pid == 0) run_child(request, argv.data(), envp.data());
+    if (pid == 0) run_child(request, argv.data(), envp.data(), master);
     // Also from the parent, so a signal sent right after fork already reaches the group.
     setpgid(pid, pid);
     return pid;

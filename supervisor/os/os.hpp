@@ -79,7 +79,8 @@ struct SpawnRequest {
 
 // fork + exec. The child gets its own process group (a terminal's ^C reaches only the
 // master, which then decides), default signal dispositions, an empty signal mask, /dev/null
-// as stdin, and no fds but 0-2 and `fds`. An exec failure is written to the child's stderr
+// as stdin, no fds but 0-2 and `fds`, and SIGKILL as its parent-death signal (it never
+// outlives the master). An exec failure is written to the child's stderr
 // and ends it with status 127, so the master reports it like any other boot failure.
 Result<pid_t> spawn_process(const SpawnRequest& request);
 

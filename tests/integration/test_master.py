@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from molt_testlib import APPS, PYTHON, Molt, http_get, molt_bin, wait_until
+from molt_testlib import APPS, PYTHON, Molt, http_get, molt_bin, process_running, wait_until
 
 HELLO = {"app": "hello_app:application", "chdir": str(APPS), "workers": 2}
 EDGE = {"app": "edge_app:application", "chdir": str(APPS), "workers": 2, "threads": 4}
@@ -41,6 +41,19 @@ def test_check_accepts_a_good_config_and_run_rejects_a_bad_one_with_78(tmp_path)
         assert result.returncode == 78, result
         assert f"{bad}:3:1: wrokers: unknown key; did you mean `workers`?" in result.stderr
         assert f"{bad}:5:9: timeouts.boot:" in result.stderr
+
+
+def test_a_fifo_or_a_device_as_the_config_is_refused_at_once(tmp_path):
+    # Issue 18 point 7: a FIFO nobody writes used to hang both commands; /dev/zero aborted.
+    fifo = tmp_path / "molt.yaml"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        for command in (["check", "-c", path], ["run", "-c", path]):
+            result = subprocess.run([molt_bin(), *command], capture_output=True, text=True,
+                                    timeout=10)
+            assert result.returncode == 78, result
+            assert (f"{path}: cannot read config file: not a regular file (a FIFO or a device "
+                    "is never read as a config)") in result.stderr
 
 
 def test_the_config_free_form_serves(tmp_path):
@@ -95,6 +108,31 @@ def test_a_second_molt_on_the_same_address_fails_at_start(molt, tmp_path):
     assert "Address already in use" in second.log()
     assert "another molt or server already listening" in second.log()
     assert http_get(first.port, "/")[0] == 200
+
+
+def test_no_worker_outlives_a_killed_master_and_a_restart_binds(molt):
+    # Issue 18 point 1: kill -9 the master while a generation boots a release whose import
+    # hangs, with an old worker stopped by SIGSTOP too: nothing of it is left a second later,
+    # and a fresh molt on the same port binds and serves.
+    port = free_port()
+    m = molt(dict(HELLO, listen=[f"tcp://127.0.0.1:{port}"]), subdir="first")
+    old = m.worker_pids()
+    assert len(old) == 2
+    m.config["app"] = "hang_app:application"
+    m.write_config()
+    m.hup()
+    booting = wait_until(lambda: [w["pid"] for w in m.workers(generation=2) if w["pid"] > 0]
+                         if len(m.workers(generation=2)) == 2 else None, 15, "the hung boot")
+    os.kill(old[0], signal.SIGSTOP)
+    m.proc.kill()
+    m.proc.wait(5)
+    everyone = old + booting
+    wait_until(lambda: not any(process_running(pid) for pid in everyone), 1.0,
+               "every worker to die with its master",
+               on_timeout=lambda: f"still running: {[p for p in everyone if process_running(p)]}")
+    fresh = molt(dict(HELLO, listen=[f"tcp://127.0.0.1:{port}"]), subdir="second")
+    assert http_get(port, "/")[2] == b"Hello, world!"
+    assert fresh.alive()
 
 
 # ----- pidfile -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import Listeners, Worker  # noqa: E402
+from harness import HAVE_NATIVE, Listeners, Worker  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):
@@ -18,8 +18,9 @@ def pytest_collection_modifyitems(items):
 
 # The WSGI engines the conformance suite runs against (MOLT_WORKER_CONFIG's `engine`): a new
 # engine is tested by adding its name here. The protocol, fuzz, drain and concurrency modules
-# take the `engine` fixture (pytestmark usefixtures), and `spawn` passes it on.
-WSGI_ENGINES = ["python"]
+# take the `engine` fixture (pytestmark usefixtures), and `spawn` passes it on. The native one
+# runs when its extension is built (the harness finds it in build/lib/molt).
+WSGI_ENGINES = ["python"] + (["native"] if HAVE_NATIVE else [])
 
 
 @pytest.fixture(scope="module", params=WSGI_ENGINES)

@@ -28,6 +28,29 @@ APPS_DIR = os.path.join(REPO, "tests", "apps")
 PYTHON = "/usr/bin/python3"
 
 
+def _native_dir() -> str:
+    """lib/molt of the build tree the tests run against (ctest sets MOLT_BIN; the sanitizer
+    run names its own tree with MOLT_TEST_NATIVE_DIR)."""
+    if os.environ.get("MOLT_TEST_NATIVE_DIR"):
+        return os.environ["MOLT_TEST_NATIVE_DIR"]
+    molt_bin = os.environ.get("MOLT_BIN", "")
+    if molt_bin:
+        return os.path.join(os.path.dirname(os.path.dirname(molt_bin)), "lib", "molt")
+    return os.path.join(REPO, "build", "lib", "molt")
+
+
+# The native engine's extension (build/lib/molt/_molt_native.abi3.so): a Worker started with
+# engine="native" imports it from there.
+NATIVE_DIR = _native_dir()
+HAVE_NATIVE = os.path.exists(os.path.join(NATIVE_DIR, "_molt_native.abi3.so"))
+if not HAVE_NATIVE and os.environ.get("MOLT_BIN"):
+    raise AssertionError("MOLT_BIN is set but %s has no _molt_native.abi3.so" % NATIVE_DIR)
+# An ASan+UBSan build of the extension needs the sanitizer runtime loaded first.
+NATIVE_PRELOAD = os.environ.get("MOLT_TEST_NATIVE_PRELOAD", "")
+NATIVE_ENV = {"LD_PRELOAD": NATIVE_PRELOAD, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+              "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"} if NATIVE_PRELOAD else {}
+
+
 class Listeners:
     """The sockets the master would hold: TCP on 127.0.0.1:0 and a Unix socket."""
 
@@ -72,6 +95,9 @@ class Worker:
         }
         if engine is not None:  # absent: the shim's default ("auto")
             cfg["engine"] = engine
+        if engine == "native":
+            pythonpath = [NATIVE_DIR] + (pythonpath or [])
+            env = dict(NATIVE_ENV, **(env or {}))
         for key, value in (overrides or {}).items():
             if isinstance(value, dict) and isinstance(cfg.get(key), dict):
                 cfg[key] = dict(cfg[key], **value)

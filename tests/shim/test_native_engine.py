@@ -13,31 +13,13 @@ import tempfile
 
 import pytest
 
-from harness import REPO, Client, Listeners, Worker, get, raw_exchange, read_to_eof, wait_until
+from harness import (HAVE_NATIVE, REPO, Client, Listeners, Worker, get, raw_exchange, read_to_eof,
+                     wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _native_dir() -> str:
-    """lib/molt of the build tree the tests run against (ctest sets MOLT_BIN; the sanitizer
-    run names its own tree with MOLT_TEST_NATIVE_DIR)."""
-    if os.environ.get("MOLT_TEST_NATIVE_DIR"):
-        return os.environ["MOLT_TEST_NATIVE_DIR"]
-    molt_bin = os.environ.get("MOLT_BIN", "")
-    if molt_bin:
-        return os.path.join(os.path.dirname(os.path.dirname(molt_bin)), "lib", "molt")
-    return os.path.join(REPO, "build", "lib", "molt")
-
-
-NATIVE_DIR = _native_dir()
-HAVE_NATIVE = os.path.exists(os.path.join(NATIVE_DIR, "_molt_native.abi3.so"))
-if not HAVE_NATIVE and os.environ.get("MOLT_BIN"):
-    raise AssertionError("MOLT_BIN is set but %s has no _molt_native.abi3.so" % NATIVE_DIR)
 needs_native = pytest.mark.skipif(not HAVE_NATIVE, reason="_molt_native not built")
-# An ASan+UBSan build of the extension needs the sanitizer runtime loaded first.
-PRELOAD = os.environ.get("MOLT_TEST_NATIVE_PRELOAD", "")
-WORKER_ENV = {"LD_PRELOAD": PRELOAD, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
-              "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"} if PRELOAD else {}
 
 HTTP = {"header_timeout_ms": 1500, "max_body_size": 4 * 1024 * 1024, "body_buffer_size": 65536,
         "version_header": "X-Molt-Version"}
@@ -45,10 +27,9 @@ HTTP = {"header_timeout_ms": 1500, "max_body_size": 4 * 1024 * 1024, "body_buffe
 
 def native_worker(ls: Listeners, app: str = "edge_app:application", **kw) -> Worker:
     overrides = dict(kw.pop("overrides", {}))
-    overrides.setdefault("engine", "native")
     overrides.setdefault("http", HTTP)
-    # The shim is imported from the build tree, so the extension next to it is found.
-    return Worker(ls, app, overrides=overrides, pythonpath=[NATIVE_DIR], env=WORKER_ENV, **kw)
+    # The harness puts the build tree's extension on the path for engine="native".
+    return Worker(ls, app, overrides=overrides, engine="native", **kw)
 
 
 @pytest.fixture(scope="module")

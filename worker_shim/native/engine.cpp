@@ -50,6 +50,8 @@ const char* reason_phrase(int status) {
             return "Internal Server Error";
         case 501:
             return "Not Implemented";
+        case 505:
+            return "HTTP Version Not Supported";
         default:
             return "Error";
     }
@@ -693,10 +695,10 @@ std::string Server::overdue(const Connection& conn, double now) const {
     if (conn.state == ConnState::linger) return now >= conn.linger_until ? "linger" : "";
     if (conn.state != ConnState::idle) return "";
     if (conn.head_started > 0) return now - conn.head_started > config_.header_timeout ? "408" : "";
-    // A connection that has not sent its first request yet gets the header timeout (keepalive
-    // may be 0), except while draining.
+    // A connection that has not sent its first request yet gets the header timeout, not the
+    // keepalive (which may be 0, or longer), except while draining.
     double limit = draining_ ? config_.drain_idle : config_.keepalive;
-    if (conn.served == 0 && !draining_) limit = std::max(limit, config_.header_timeout);
+    if (conn.served == 0 && !draining_) limit = config_.header_timeout;
     return now - conn.idle_since >= limit ? "idle" : "";
 }
 

@@ -1,10 +1,9 @@
 // libhttp-parser behind the RequestParser seam (see http_seam.hpp).
 //
 // libhttp-parser 2.9 rejects CL+TE, repeated Content-Length, bad chunk sizes, a bare CR and a
-// Transfer-Encoding that does not end in chunked. It accepts a bare LF and obs-fold in the head,
-// which the Python engine (llhttp) refuses, so the bytes of every request head go through
-// HeadGuard: the parser pauses when a head is complete and when a message is complete, which
-// tells the guard exactly which bytes are head bytes. The guard checks bytes, it never parses.
+// Transfer-Encoding that does not end in chunked. It accepts a bare LF, obs-fold, whitespace
+// before a colon and more, so every byte goes through molt's FramingGuard (framing_guard.hpp)
+// before the library sees it.
 #include "http_seam.hpp"
 
 #include <fcntl.h>
@@ -44,41 +43,6 @@ bool all_digits(const std::string& text) {
     return !text.empty() && std::all_of(text.begin(), text.end(),
                                         [](unsigned char c) { return std::isdigit(c) != 0; });
 }
-
-// Byte rules for a request head that the library is lenient about: NUL, a CR not followed by
-// LF, an LF not preceded by CR, and a header line starting with SP/HT (obs-fold) are errors.
-class HeadGuard {
-  public:
-    void reset() { *this = HeadGuard(); }
-    // Returns the reason when the bytes break a rule.
-    const char* check(const char* data, std::size_t len) {
-        for (std::size_t i = 0; i < len; ++i) {
-            const char c = data[i];
-            if (c == '\0') return "NUL byte in the request head";
-            if (prev_ == '\r' && c != '\n') return "bare CR in the request head";
-            if (c == '\n' && prev_ != '\r') return "bare LF in the request head";
-            if (line_start_ && seen_request_line_ && (c == ' ' || c == '\t')) {
-                return "obsolete line folding in a header";
-            }
-            if (c == '\n') {
-                if (line_length_ > 0) seen_request_line_ = true;
-                line_start_ = true;
-                line_length_ = 0;
-            } else if (c != '\r') {
-                line_start_ = false;
-                ++line_length_;
-            }
-            prev_ = c;
-        }
-        return nullptr;
-    }
-
-  private:
-    char prev_ = '\n';  // the head starts at a line start
-    bool line_start_ = true;
-    bool seen_request_line_ = false;
-    std::size_t line_length_ = 0;
-};
 
 }  // namespace
 
@@ -201,6 +165,7 @@ struct RequestParser::Impl {
     }
 
     int header_field(const char* at, std::size_t n) {
+        if (owner.head_done_) return 0;  // a trailer: never a request header (Host injection)
         if (in_value) {
             if (finish_header() != 0) return 1;
         }
@@ -209,6 +174,7 @@ struct RequestParser::Impl {
     }
 
     int header_value(const char* at, std::size_t n) {
+        if (owner.head_done_) return 0;
         in_value = true;
         value.append(at, n);
         return 0;
@@ -265,7 +231,9 @@ struct RequestParser::Impl {
         req.method = http_method_str(static_cast<http_method>(parser.method));
         req.version_major = parser.http_major;
         req.version_minor = parser.http_minor;
-        req.keep_alive = http_should_keep_alive(&parser) != 0;
+        // RFC 9112 §6.1: a chunked HTTP/1.0 request is served, then the connection closed.
+        req.keep_alive = http_should_keep_alive(&parser) != 0 &&
+                         !(req.chunked && parser.http_major == 1 && parser.http_minor == 0);
         req.started = monotonic_now();
         owner.head_done_ = true;
         const std::uint64_t limit = owner.limits_.max_body_size;
@@ -273,8 +241,6 @@ struct RequestParser::Impl {
             return fail(413, "Content-Length " + std::to_string(*req.content_length) +
                                  " exceeds max_body_size " + std::to_string(limit));
         }
-        paused_at = Pause::head;
-        http_parser_pause(&parser, 1);
         return 0;
     }
 
@@ -296,19 +262,12 @@ struct RequestParser::Impl {
         owner.current_.reset();
         owner.head_done_ = false;
         if (parser.upgrade) owner.upgrade_ = true;
-        paused_at = Pause::message;
-        http_parser_pause(&parser, 1);
         return 0;
     }
-
-    enum class Pause { none, head, message };
 
     RequestParser& owner;
     http_parser parser{};
     http_parser_settings settings{};
-    HeadGuard guard;
-    bool in_head = true;  // the bytes being fed belong to a request head
-    Pause paused_at = Pause::none;
     std::string field;
     std::string value;
     bool in_value = false;
@@ -317,58 +276,28 @@ struct RequestParser::Impl {
 };
 
 RequestParser::RequestParser(const HttpLimits& limits)
-    : impl_(std::make_unique<Impl>(*this)), limits_(limits) {}
+    : impl_(std::make_unique<Impl>(*this)),
+      limits_(limits),
+      framing_(limits.max_request_line, limits.max_header_size) {}
 
 RequestParser::~RequestParser() = default;
 
 void RequestParser::feed(const char* data, std::size_t len) {
-    Impl& im = *impl_;
-    std::size_t pos = 0;
-    while (pos < len && !error_ && !upgrade_) {
-        im.paused_at = Impl::Pause::none;
-        const std::size_t n = http_parser_execute(&im.parser, &im.settings, data + pos, len - pos);
-        const auto err = HTTP_PARSER_ERRNO(&im.parser);
-        std::size_t head_bytes = 0;  // how many of the parsed bytes belong to a head
-        if (im.in_head) {
-            // Paused at the end of a head, the parser stops on the head's final LF and takes it
-            // again when resumed: that LF is the last head byte.
-            head_bytes = im.paused_at == Impl::Pause::head ? n + 1 : n;
-            head_bytes = std::min(head_bytes, len - pos);
-            if (const char* why = im.guard.check(data + pos, head_bytes)) {
-                if (!error_) error_ = HttpError{400, std::string("malformed request: ") + why};
-                return;
-            }
-        }
-        if (err == HPE_PAUSED) {
-            http_parser_pause(&im.parser, 0);
-            if (im.paused_at == Impl::Pause::head) {
-                im.in_head = false;
-                pos += n + 1;  // the final LF was checked; the parser still has to take it
-                // Hand the LF back to the parser now: it is part of the head it paused in.
-                http_parser_execute(&im.parser, &im.settings, data + pos - 1, 1);
-                if (HTTP_PARSER_ERRNO(&im.parser) == HPE_PAUSED) {
-                    // A message without a body completed on that LF.
-                    http_parser_pause(&im.parser, 0);
-                    im.in_head = true;
-                    im.guard.reset();
-                } else if (HTTP_PARSER_ERRNO(&im.parser) != HPE_OK) {
-                    break;
-                }
-                continue;
-            }
-            pos += n;
-            if (im.paused_at == Impl::Pause::message) {
-                im.in_head = true;
-                im.guard.reset();
-            }
-            continue;
-        }
-        if (err != HPE_OK) break;
-        pos += n;
-        if (n == 0) break;
+    // molt's own framing check first: the library sees only what it let through, and its
+    // verdict wins over whatever the library would say about the same bytes.
+    auto violation = framing_.scan(data, len);
+    parse(data, violation ? violation->offset : len);
+    if (violation) {
+        error_ = HttpError{violation->status, "malformed request: " + violation->reason};
     }
+}
+
+void RequestParser::parse(const char* data, std::size_t len) {
+    if (error_ || upgrade_ || len == 0) return;
+    Impl& im = *impl_;
+    http_parser_execute(&im.parser, &im.settings, data, len);
     const auto err = HTTP_PARSER_ERRNO(&im.parser);
-    if (!error_ && !upgrade_ && err != HPE_OK && err != HPE_PAUSED) {
+    if (!error_ && !upgrade_ && err != HPE_OK) {
         const int status = err == HPE_HEADER_OVERFLOW ? 431 : 400;
         error_ = HttpError{status, std::string("malformed request: ") + http_errno_name(err) +
                                        " (" + http_errno_description(err) + ")"};

@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "framing_guard.hpp"
+
 namespace molt::native {
 
 struct HttpLimits {
@@ -94,8 +96,11 @@ class RequestParser {
     struct Impl;
 
   private:
+    void parse(const char* data, std::size_t len);
+
     std::unique_ptr<Impl> impl_;
     const HttpLimits limits_;
+    FramingGuard framing_;
     std::deque<Request> ready_;
     std::unique_ptr<Request> current_;
     bool head_done_ = false;

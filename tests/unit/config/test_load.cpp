@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "config/units.hpp"
 #include "helpers.hpp"
 
 namespace molt::config::test {
@@ -180,6 +181,45 @@ TEST_CASE("load_config_file reads a file and reports OS errors") {
     CHECK(error_lines(load_config_file(dir.path().string())) ==
           std::vector<std::string>{dir.path().string() +
                                    ": cannot read config file: Is a directory"});
+}
+
+TEST_CASE("load_config_file refuses a FIFO and a device at once instead of reading them") {
+    TempDir dir;
+    const auto fifo = (dir.path() / "molt.yaml").string();
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    const std::string not_regular =
+        ": cannot read config file: not a regular file (a FIFO or a device is never read as a "
+        "config)";
+    // No writer ever opens the FIFO: the old loader waited for one forever.
+    CHECK(error_lines(load_config_file(fifo)) == std::vector<std::string>{fifo + not_regular});
+    CHECK(error_lines(load_config_file("/dev/zero")) ==
+          std::vector<std::string>{"/dev/zero" + not_regular});
+}
+
+TEST_CASE("load_config_file caps the size of a config file") {
+    TempDir dir;
+    const std::string head = "app: a:b\nchdir: .\n";
+    std::string at_cap = head + "# " + std::string(kMaxConfigFileBytes - head.size() - 3, 'x');
+    at_cap += "\n";
+    REQUIRE(at_cap.size() == kMaxConfigFileBytes);
+    const auto fits = dir.write("fits.yaml", at_cap);
+    CHECK(error_lines(load_config_file(fits)).empty());
+    const auto big = dir.write("big.yaml", at_cap + "#\n");
+    CHECK(error_lines(load_config_file(big)) ==
+          std::vector<std::string>{big + ": config file too large: more than 1048576 bytes"});
+}
+
+TEST_CASE("a huge value is quoted in errors cut to a readable length, with its size") {
+    const std::string value(50000, '7');
+    const auto error = only_error("app: a:b\ntimeouts:\n  boot: " + value + "x\n");
+    CHECK(error.size() < 300);
+    CHECK(error == kLabel + ":3:9: timeouts.boot: invalid duration \"" + std::string(80, '7') +
+                       "... (50001 bytes)\": expected " + std::string(kDurationForms));
+    // A key is quoted the same way, and so is a value no reader cut itself (the app).
+    const auto key_error = only_error("app: a:b\n" + std::string(5000, 'k') + ": 1\n");
+    CHECK(key_error.size() < 600);
+    const auto app_error = only_error("app: " + std::string(100000, 'a') + "\n");
+    CHECK(app_error.size() < 600);
 }
 
 TEST_CASE("the default chdir of a file config is the file's directory") {

@@ -489,11 +489,11 @@ class ThreadedWSGIEngine:
         if head_started:
             late = now - head_started > self.header_timeout
             return Overdue.HEAD_TIMEOUT if late else Overdue.NOTHING
-        # A connection that has not sent its first request yet gets the header timeout
-        # (keepalive may be 0), except while draining.
+        # A connection that has not sent its first request yet gets the header timeout, not
+        # the keepalive (which may be 0, or longer), except while draining.
         limit = self.cfg.drain_idle_s if self.draining else self.keepalive
         if not conn.served and not self.draining:
-            limit = max(limit, self.header_timeout)
+            limit = self.header_timeout
         return Overdue.IDLE_TIMEOUT if now - conn.idle_since >= limit else Overdue.NOTHING
 
     def _sweep(self, now: float) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 from .. import httpparse
+from .framing_guard import FramingGuard
 
 
 class HttpError(Exception):
@@ -122,12 +123,13 @@ class RequestReader:
     `error` the (status, reason) to answer with once the complete ones are served.
     """
 
-    __slots__ = ("limits", "parser", "ready", "cur", "error", "head_started", "upgrade",
+    __slots__ = ("limits", "parser", "guard", "ready", "cur", "error", "head_started", "upgrade",
                  "continue_sent")
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.parser: Any = httpparse.make_parser(self)
+        self.guard = FramingGuard(limits.max_request_line, limits.max_header_size)
         self.ready: Deque[Request] = deque()
         self.cur: Optional[Request] = None
         self.error: Optional[Tuple[int, str]] = None
@@ -136,6 +138,19 @@ class RequestReader:
         self.continue_sent = False
 
     def feed(self, data: bytes) -> None:
+        # molt's own framing check first: the parser sees only what it let through, and its
+        # verdict wins over whatever the parser would say about the same bytes.
+        violation = self.guard.scan(data)
+        if violation is not None:
+            offset, (status, reason) = violation
+            self._feed_parser(data[:offset])
+            self.error = (status, "malformed request: %s" % reason)
+            return
+        self._feed_parser(data)
+
+    def _feed_parser(self, data: bytes) -> None:
+        if self.error is not None or self.upgrade or not data:
+            return
         try:
             self.parser.feed_data(data)
         except httpparse.ParserUpgrade:
@@ -174,8 +189,8 @@ class RequestReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.cur
-        if req is None:
-            return
+        if req is None or req.head_done:
+            return  # trailers never reach the environ: a client could inject Host with them
         limits = self.limits
         req.nheaders += 1
         req.head_size += len(name) + len(value) + 4
@@ -210,7 +225,8 @@ class RequestReader:
             self._fail(400, "both Content-Length and Transfer-Encoding")
         req.method = parser.get_method().decode("latin-1")
         req.version = parser.get_http_version()
-        req.keep_alive = parser.should_keep_alive()
+        # RFC 9112 §6.1: a chunked HTTP/1.0 request is served, then the connection closed.
+        req.keep_alive = parser.should_keep_alive() and not (req.chunked and req.version == "1.0")
         req.head_done = True
         req.started = time.monotonic()
         self.head_started = 0.0

@@ -23,6 +23,7 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 REASONS = {
     400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large", 414: "URI Too Long",
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+    505: "HTTP Version Not Supported",
 }
 HOP_BY_HOP = frozenset(("connection", "transfer-encoding", "keep-alive", "upgrade",
                         "proxy-connection", "te", "trailer"))

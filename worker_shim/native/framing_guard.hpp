@@ -1,0 +1,56 @@
+// molt's own check of HTTP/1.1 framing, ahead of the parser library (issue 18 points 4, 5).
+//
+// The library is lenient where a proxy and molt could read one byte stream as different
+// requests. The guard reads the same bytes first, line by line, with the strict RFC 9112
+// grammar, and names the first violation; the engine answers it (400, or 505 for an
+// unsupported version) and closes. The rules are the Python engine's
+// (worker_shim/molt_shim/wsgi/framing_guard.py); tests/shim/test_framing.py runs both.
+//
+// The guard frames bodies (Content-Length, chunked) only to know where the next line starts.
+// A head it cannot follow (an upgrade, a line longer than the parser's limits allow) ends its
+// work: the engine refuses or closes that connection anyway.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace molt::native {
+
+struct FramingViolation {
+    std::size_t offset;  // of the byte where it shows, in the data passed to scan()
+    int status;
+    std::string reason;
+};
+
+class FramingGuard {
+  public:
+    FramingGuard(std::uint64_t max_request_line, std::uint64_t max_header_size)
+        : head_line_limit_(max_request_line + max_header_size + 64) {}
+
+    // The first violation in `data`; after one the guard says nothing more.
+    std::optional<FramingViolation> scan(const char* data, std::size_t len);
+
+  private:
+    enum class State { head, body, chunk_size, chunk_data, chunk_end, trailer, unguarded };
+    struct Verdict {
+        int status;
+        std::string reason;
+    };
+
+    std::optional<Verdict> line(const std::string& text);
+    std::optional<Verdict> head(const std::vector<std::string>& lines);
+    std::size_t limit() const;
+    static const char* name(State state);
+
+    State state_ = State::head;
+    std::string line_;
+    std::uint64_t left_ = 0;
+    std::vector<std::string> head_;
+    std::uint64_t head_line_limit_;
+    bool done_ = false;
+};
+
+}  // namespace molt::native
