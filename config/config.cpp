@@ -783,6 +783,17 @@ const std::vector<KeySpec>& key_table() {
                  c.engine = static_cast<Engine>(*i);
              }
          }},
+        {"lifespan", "`auto`, `on` or `off`", [](const Config&) -> std::string { return "`auto`"; },
+         "The ASGI lifespan protocol (uvicorn's meaning). `auto`: run it, and when the app raises "
+         "on the lifespan scope (as Django does) serve without it, with one log line. `on`: such "
+         "an app fails its boot. `off`: never send it. Under `auto` and `on`, an app that "
+         "reports `lifespan.startup.failed` fails the worker's boot with exit code 5. WSGI apps "
+         "ignore it.",
+         [](Context& ctx, const Node& n, Config& c) {
+             if (auto i = ctx.choice(n, {"auto", "on", "off"})) {
+                 c.lifespan = static_cast<Lifespan>(*i);
+             }
+         }},
         {"chdir", "path",
          [](const Config&) -> std::string { return "the config file's directory"; },
          "The release directory the workers run in. Resolved with realpath when each generation "
@@ -1415,6 +1426,7 @@ using nlohmann::json;
 
 constexpr std::array<const char*, 2> kInterfaceNames{"wsgi", "asgi"};
 constexpr std::array<const char*, 3> kEngineNames{"auto", "native", "python"};
+constexpr std::array<const char*, 3> kLifespanNames{"auto", "on", "off"};
 constexpr std::array<const char*, 4> kLevelNames{"debug", "info", "warning", "error"};
 constexpr std::array<const char*, 2> kFormatNames{"text", "json"};
 
@@ -1450,6 +1462,7 @@ json full_json(const Config& c) {
         {"app", c.app},
         {"interface", kInterfaceNames[static_cast<std::size_t>(c.interface)]},
         {"engine", kEngineNames[static_cast<std::size_t>(c.engine)]},
+        {"lifespan", kLifespanNames[static_cast<std::size_t>(c.lifespan)]},
         {"chdir", c.chdir},
         {"python", c.python},
         {"env", c.env},
@@ -1509,6 +1522,7 @@ std::string worker_config_json(const Config& config, const std::string& release_
         {"app", config.app},
         {"interface", kInterfaceNames[static_cast<std::size_t>(config.interface)]},
         {"engine", kEngineNames[static_cast<std::size_t>(config.engine)]},
+        {"lifespan", kLifespanNames[static_cast<std::size_t>(config.lifespan)]},
         {"chdir", release_dir},
         {"threads", config.threads},
         {"generation", generation},

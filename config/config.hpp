@@ -23,6 +23,9 @@ using Duration = std::chrono::milliseconds;
 enum class Interface { wsgi, asgi };
 // Which WSGI data path a worker runs: the native C++ engine or the Python one.
 enum class Engine { auto_, native, python };
+// The ASGI lifespan protocol, uvicorn's meaning: `auto` runs an app without it when the app
+// raises on (or does not support) the lifespan scope; `on` makes that a boot failure.
+enum class Lifespan { auto_, on, off };
 enum class LogLevel { debug, info, warning, error };
 enum class LogFormat { text, json };
 
@@ -101,6 +104,7 @@ struct Config {
     std::string app;  // module:callable
     Interface interface = Interface::wsgi;
     Engine engine = Engine::auto_;
+    Lifespan lifespan = Lifespan::auto_;
     // Absolute (a relative one is joined to the config's directory, lexically: symlinks kept);
     // the master resolves it with realpath per generation.
     std::string chdir;

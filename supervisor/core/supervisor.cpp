@@ -6,6 +6,8 @@
 #include <charconv>
 #include <string_view>
 
+#include "supervisor/contract/worker_contract.hpp"
+
 namespace molt::core {
 
 namespace {
@@ -212,8 +214,7 @@ std::string ExitStatus::describe() const {
     } else {
         text = code < 0 ? std::string("vanished (no such process)")
                         : fmt::format("exited with status {}", code);
-        if (code == 3) text += " (app import failed)";
-        if (code == 4) text += " (warm-up request failed)";
+        if (const char* meaning = contract::describe(code)) text += fmt::format(" ({})", meaning);
     }
     return text;
 }

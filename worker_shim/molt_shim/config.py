@@ -20,6 +20,7 @@ DEFAULTS: Dict[str, Any] = {
     "app": "",
     "interface": "wsgi",
     "engine": "auto",  # the WSGI engine: "auto" | "python" | "native" (engines/__init__.py)
+    "lifespan": "auto",  # the ASGI lifespan protocol: "auto" | "on" | "off" (uvicorn's meaning)
     "chdir": "",
     "threads": 8,
     "generation": 0,
@@ -79,6 +80,11 @@ class WorkerConfig:
     @property
     def engine(self) -> str:
         return str(self.raw["engine"] or "auto").lower()
+
+    @property
+    def lifespan(self) -> str:
+        value = str(self.raw["lifespan"] or "auto").lower()
+        return value if value in ("auto", "on", "off") else "auto"
 
     @property
     def chdir(self) -> str:

@@ -27,6 +27,7 @@ recycle: {max_requests: 10, max_requests_jitter: 2}
         {"app", "proj.wsgi:application"},
         {"interface", "wsgi"},
         {"engine", "auto"},
+        {"lifespan", "auto"},
         {"chdir", "/srv/proj/releases/42"},
         {"threads", 8},
         {"generation", 7},

@@ -287,7 +287,7 @@ class UvicornASGIEngine:
         logging.getLogger("uvicorn").propagate = False
         headers = [(cfg.version_header, cfg.version)] if cfg.version_header else []
         http_impl = "h11" if os.environ.get("MOLT_SHIM_PARSER") == "h11" else "auto"
-        self.config = Config(app=ctx.app, lifespan="on", log_config=None, access_log=False,
+        self.config = Config(app=ctx.app, lifespan=cfg.lifespan, log_config=None, access_log=False,
                              http=http_impl, proxy_headers=False, server_header=False,
                              date_header=False,
                              timeout_keep_alive=max(1, int(round(cfg.timeout_s("keepalive")))),
@@ -320,7 +320,8 @@ class UvicornASGIEngine:
         self.lifespan = self.config.lifespan_class(self.config)
         self.loop.run_until_complete(self.lifespan.startup())
         if self.lifespan.should_exit:
-            return "ASGI lifespan startup failed (see the traceback above)"
+            return "ASGI lifespan startup failed (lifespan: %s; see the log above)" % (
+                self.config.lifespan)
         self.started = True
         return None
 
