@@ -953,7 +953,10 @@ const std::vector<KeySpec>& key_table() {
          "The master's log file, reopened on SIGUSR1. Empty: stderr, which systemd sends to the "
          "journal.",
          [](Context& ctx, const Node& n, Config& c) { ctx.set_path(n, c.logging.file); }},
-        {"http", "section", nullptr, "HTTP limits enforced by the workers.", nullptr},
+        {"http", "section", nullptr,
+         "HTTP limits enforced by the workers, WSGI and ASGI alike, with the same responses "
+         "(which applies to which interface: [asgi.md](asgi.md)).",
+         nullptr},
         {"http.max_request_line", "size >= 1",
          [](const Config& c) { return format_size(c.http.max_request_line); },
          "Longest request line; longer ones are refused.",

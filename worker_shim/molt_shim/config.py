@@ -154,6 +154,11 @@ class WorkerConfig:
         return str(self.http.get("version_header") or "")
 
     @property
+    def version_header_line(self) -> str:
+        """The version header as a raw response line ("Name: value\\r\\n"), or ""."""
+        return "%s: %s\r\n" % (self.version_header, self.version) if self.version_header else ""
+
+    @property
     def drain_idle_s(self) -> float:
         """Idle window after which a draining worker closes a keep-alive connection."""
         return max(0.05, min(self.timeout_s("keepalive"), 1.0))
