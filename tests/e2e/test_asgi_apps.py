@@ -1,12 +1,14 @@
 """ASGI apps behind the real master: the Django project `django-admin startproject` generates,
-served through its asgi.py, and an app whose lifespan startup fails a rollover."""
+served through its asgi.py, an app whose lifespan startup fails a rollover, and
+timeouts.request on an ASGI worker."""
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
 
-from molt_testlib import APPS, PYTHON, Wrk
+from molt_testlib import APPS, PYTHON, Wrk, read_to_eof, wait_until
 
 
 def startproject(tmp_path):
@@ -57,3 +59,15 @@ def test_a_failed_lifespan_startup_fails_the_rollover_and_the_old_generation_ser
     assert result["failed"] == 0, result["output"]
     assert m.get("/")[2] == b"lifespan ran"
     assert m.live_generation() == 1
+
+
+@pytest.mark.timeout(120)
+def test_timeouts_request_aborts_an_asgi_worker_whose_request_hangs(molt):
+    m = molt({"app": "asgi_app:app", "interface": "asgi", "chdir": str(APPS), "workers": 1,
+              "health": {"path": "/healthz"}, "timeouts": {"request": "2s"}})
+    with socket.create_connection(("127.0.0.1", m.port), timeout=30) as hung:
+        hung.sendall(b"GET /slow?s=600 HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_until(lambda: "(timeouts.request is " in m.log(), 30, "the request timeout",
+                   on_timeout=m.log)
+        assert read_to_eof(hung) == b""  # the worker was aborted: no answer, a closed socket
+    wait_until(lambda: m.get("/")[0] == 200, 30, "a replacement worker serving")
