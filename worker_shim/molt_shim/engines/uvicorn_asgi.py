@@ -31,6 +31,7 @@ from ..wsgi.request import Limits
 from ..wsgi.response import REASONS, Framing
 from ..httpdate import http_date
 from ..listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
+from . import EngineUnavailable
 from .base import Counters, EngineContext, LoopHooks
 
 log = logging.getLogger("molt_shim")
@@ -379,7 +380,7 @@ class UvicornASGIEngine:
         cfg = ctx.cfg
         self.cfg = cfg
         self.listeners = ctx.listeners
-        self.loop = asyncio.new_event_loop()
+        self.loop, self.loop_name = new_loop(str(cfg.asgi["loop"] or "auto"))
         asyncio.set_event_loop(self.loop)
         # uvicorn logs through "uvicorn.*"; give those the shim's handler so errors reach stderr.
         for handler in log.handlers:
@@ -388,11 +389,17 @@ class UvicornASGIEngine:
         logging.getLogger("uvicorn").propagate = False
         headers = [(cfg.version_header, cfg.version)] if cfg.version_header else []
         http_impl = "h11" if os.environ.get("MOLT_SHIM_PARSER") == "h11" else "auto"
+        asgi = cfg.asgi
         self.config = Config(app=ctx.app, lifespan=cfg.lifespan, log_config=None, access_log=False,
                              http=http_impl, proxy_headers=False, server_header=False,
                              date_header=False,
                              timeout_keep_alive=max(1, int(round(cfg.timeout_s("keepalive")))),
-                             headers=headers)
+                             headers=headers, root_path=cfg.root_path,
+                             limit_concurrency=int(asgi["limit_concurrency"]) or None,
+                             ws_max_size=int(asgi["ws_max_size"]),
+                             ws_ping_interval=seconds_or_none(asgi["ws_ping_interval_ms"]),
+                             ws_ping_timeout=seconds_or_none(asgi["ws_ping_timeout_ms"]),
+                             ws_per_message_deflate=bool(asgi["ws_per_message_deflate"]))
         self.config.load()
         self.ctl = DrainControl(cfg.drain_idle_s, cfg.header_timeout_s, cfg.timeout_s("keepalive"),
                                 Limits.from_config(cfg.http),
@@ -436,7 +443,7 @@ class UvicornASGIEngine:
             self.ctl.warming = False
 
     def describe(self) -> str:
-        return "asgi, %s" % self.protocol_class.__name__
+        return "asgi, %s, loop %s" % (self.protocol_class.__name__, self.loop_name)
 
     def run(self, loop: LoopHooks) -> None:
         self.loop.run_until_complete(self._serve(loop))
@@ -636,6 +643,26 @@ class UvicornASGIEngine:
         except OSError as exc:
             return "warm-up GET %s failed: %s" % (path, exc)
         return warmup.verdict(path, raw)
+
+
+def new_loop(choice: str) -> Tuple[asyncio.AbstractEventLoop, str]:
+    """The worker's event loop (asgi.loop): uvloop under auto when it is importable. Created
+    here, in the worker, after any fork."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError as exc:
+            if choice == "uvloop":
+                raise EngineUnavailable("asgi.loop is uvloop, but uvloop cannot be imported "
+                                        "(%s): install python3-uvloop, or use loop: auto" % exc)
+        else:
+            return uvloop.new_event_loop(), "uvloop"
+    return asyncio.new_event_loop(), "asyncio"
+
+
+def seconds_or_none(value_ms: Any) -> Optional[float]:
+    """uvicorn's ws_ping_* take seconds, and None for "never"; molt's 0 means that."""
+    return float(value_ms) / 1000.0 if value_ms else None
 
 
 def create(ctx: EngineContext) -> UvicornASGIEngine:
