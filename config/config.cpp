@@ -794,6 +794,33 @@ const std::vector<KeySpec>& key_table() {
                  c.engine = static_cast<Engine>(*i);
              }
          }},
+        {"lifespan", "`auto`, `on` or `off`", [](const Config&) -> std::string { return "`auto`"; },
+         "The ASGI lifespan protocol (uvicorn's meaning). `auto`: run it, and when the app raises "
+         "on the lifespan scope (as Django does) serve without it, with one log line. `on`: such "
+         "an app fails its boot. `off`: never send it. Under `auto` and `on`, an app that "
+         "reports `lifespan.startup.failed` fails the worker's boot with exit code 5. WSGI apps "
+         "ignore it.",
+         [](Context& ctx, const Node& n, Config& c) {
+             if (auto i = ctx.choice(n, {"auto", "on", "off"})) {
+                 c.lifespan = static_cast<Lifespan>(*i);
+             }
+         }},
+        {"root_path", "URL path", none,
+         "The URL prefix the app is mounted under behind a proxy that strips it: `SCRIPT_NAME` "
+         "for WSGI apps, the scope's `root_path` for ASGI apps (uvicorn's `--root-path`). Empty "
+         "or starting with `/`.",
+         [](Context& ctx, const Node& n, Config& c) {
+             auto text = ctx.scalar(n, "a URL path like /api");
+             if (!text) return;
+             if (!text->empty() && !text->starts_with('/')) {
+                 ctx.error(n, fmt::format("must be empty or a URL path starting with `/`, like "
+                                          "/api, got {}",
+                                          describe(n)));
+                 return;
+             }
+             while (text->size() > 1 && text->ends_with('/')) text->pop_back();
+             c.root_path = *text == "/" ? "" : *text;
+         }},
         {"chdir", "path",
          [](const Config&) -> std::string { return "the config file's directory"; },
          "The release directory the workers run in. Resolved with realpath when each generation "
@@ -953,7 +980,10 @@ const std::vector<KeySpec>& key_table() {
          "The master's log file, reopened on SIGUSR1. Empty: stderr, which systemd sends to the "
          "journal.",
          [](Context& ctx, const Node& n, Config& c) { ctx.set_path(n, c.logging.file); }},
-        {"http", "section", nullptr, "HTTP limits enforced by the workers.", nullptr},
+        {"http", "section", nullptr,
+         "HTTP limits enforced by the workers, WSGI and ASGI alike, with the same responses "
+         "(which applies to which interface: [asgi.md](asgi.md)).",
+         nullptr},
         {"http.max_request_line", "size >= 1",
          [](const Config& c) { return format_size(c.http.max_request_line); },
          "Longest request line; longer ones are refused.",
@@ -996,6 +1026,48 @@ const std::vector<KeySpec>& key_table() {
              } else {
                  c.http.version_header = std::move(*text);
              }
+         }},
+        {"asgi", "section", nullptr,
+         "Settings of ASGI workers, with uvicorn's meaning (WSGI workers ignore them).", nullptr},
+        {"asgi.loop", "`auto`, `asyncio` or `uvloop`",
+         [](const Config&) -> std::string { return "`auto`"; },
+         "The worker's event loop. `auto`: uvloop when it is importable (Debian's "
+         "`python3-uvloop`), else asyncio's. `uvloop` without uvloop fails the boot.",
+         [](Context& ctx, const Node& n, Config& c) {
+             if (auto i = ctx.choice(n, {"auto", "asyncio", "uvloop"})) {
+                 c.asgi.loop = static_cast<AsgiLoop>(*i);
+             }
+         }},
+        {"asgi.limit_concurrency", "integer",
+         [](const Config& c) { return std::to_string(c.asgi.limit_concurrency); },
+         "Most connections or running requests per worker; a request above it gets 503. 0: no "
+         "limit.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_integer(n, c.asgi.limit_concurrency, 0);
+         }},
+        {"asgi.ws_max_size", "size >= 1",
+         [](const Config& c) { return format_size(c.asgi.ws_max_size); },
+         "Largest WebSocket message a client may send.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_size(n, c.asgi.ws_max_size, 1); }},
+        {"asgi.ws_ping_interval", "duration",
+         [](const Config& c) { return format_duration(c.asgi.ws_ping_interval); },
+         "How often the worker pings an open WebSocket. 0: never.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_duration(n, c.asgi.ws_ping_interval);
+         }},
+        {"asgi.ws_ping_timeout", "duration",
+         [](const Config& c) { return format_duration(c.asgi.ws_ping_timeout); },
+         "A WebSocket whose pong is this late is closed. 0: wait forever.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_duration(n, c.asgi.ws_ping_timeout);
+         }},
+        {"asgi.ws_per_message_deflate", "boolean",
+         [](const Config& c) -> std::string {
+             return c.asgi.ws_per_message_deflate ? "`true`" : "`false`";
+         },
+         "Offer the permessage-deflate WebSocket extension.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_bool(n, c.asgi.ws_per_message_deflate);
          }},
         {"watch", "path, or list of paths", [](const Config&) -> std::string { return "`[]`"; },
          "File changes under these paths start a rollover (debounced).", read_watch},
@@ -1446,6 +1518,9 @@ using nlohmann::json;
 
 constexpr std::array<const char*, 2> kInterfaceNames{"wsgi", "asgi"};
 constexpr std::array<const char*, 3> kEngineNames{"auto", "native", "python"};
+constexpr std::array<const char*, 3> kLifespanNames{"auto", "on", "off"};
+constexpr std::array<const char*, 3> kAsgiLoopNames{"auto", "asyncio", "uvloop"};
+
 constexpr std::array<const char*, 4> kLevelNames{"debug", "info", "warning", "error"};
 constexpr std::array<const char*, 2> kFormatNames{"text", "json"};
 
@@ -1462,6 +1537,16 @@ json listen_json(const ListenAddress& address) {
             {"mode", address.mode},
             {"name", address.name},
             {"text", address.text}};
+}
+
+// The `asgi:` section, the same in the full config and in what each worker is given.
+json asgi_json(const Asgi& a) {
+    return {{"loop", kAsgiLoopNames[static_cast<std::size_t>(a.loop)]},
+            {"limit_concurrency", a.limit_concurrency},
+            {"ws_max_size", a.ws_max_size},
+            {"ws_ping_interval_ms", ms(a.ws_ping_interval)},
+            {"ws_ping_timeout_ms", ms(a.ws_ping_timeout)},
+            {"ws_per_message_deflate", a.ws_per_message_deflate}};
 }
 
 // The HTTP limits, the same in the full config and in what each worker is given.
@@ -1481,6 +1566,9 @@ json full_json(const Config& c) {
         {"app", c.app},
         {"interface", kInterfaceNames[static_cast<std::size_t>(c.interface)]},
         {"engine", kEngineNames[static_cast<std::size_t>(c.engine)]},
+        {"lifespan", kLifespanNames[static_cast<std::size_t>(c.lifespan)]},
+        {"root_path", c.root_path},
+        {"asgi", asgi_json(c.asgi)},
         {"chdir", c.chdir},
         {"python", c.python},
         {"env", c.env},
@@ -1540,6 +1628,9 @@ std::string worker_config_json(const Config& config, const std::string& release_
         {"app", config.app},
         {"interface", kInterfaceNames[static_cast<std::size_t>(config.interface)]},
         {"engine", kEngineNames[static_cast<std::size_t>(config.engine)]},
+        {"lifespan", kLifespanNames[static_cast<std::size_t>(config.lifespan)]},
+        {"root_path", config.root_path},
+        {"asgi", asgi_json(config.asgi)},
         {"chdir", release_dir},
         {"threads", config.threads},
         {"generation", generation},

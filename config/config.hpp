@@ -23,6 +23,11 @@ using Duration = std::chrono::milliseconds;
 enum class Interface { wsgi, asgi };
 // Which WSGI data path a worker runs: the native C++ engine or the Python one.
 enum class Engine { auto_, native, python };
+// The ASGI lifespan protocol, uvicorn's meaning: `auto` runs an app without it when the app
+// raises on (or does not support) the lifespan scope; `on` makes that a boot failure.
+enum class Lifespan { auto_, on, off };
+// The ASGI worker's event loop: uvloop when importable (auto), or always asyncio's own.
+enum class AsgiLoop { auto_, asyncio, uvloop };
 enum class LogLevel { debug, info, warning, error };
 enum class LogFormat { text, json };
 
@@ -95,12 +100,25 @@ struct Http {
     std::string version_header;                         // e.g. "X-Molt-Version"; empty = no header
 };
 
+// The `asgi:` section: uvicorn's settings, with uvicorn's meaning and defaults.
+struct Asgi {
+    AsgiLoop loop = AsgiLoop::auto_;
+    std::uint32_t limit_concurrency = 0;  // 0 = no limit; above it: 503
+    std::uint64_t ws_max_size = 16 * 1024 * 1024;
+    Duration ws_ping_interval{std::chrono::seconds(20)};  // 0 = no pings
+    Duration ws_ping_timeout{std::chrono::seconds(20)};
+    bool ws_per_message_deflate = true;
+};
+
 struct Config {
     std::string source;  // the file it came from, or "<command line>"
 
     std::string app;  // module:callable
     Interface interface = Interface::wsgi;
     Engine engine = Engine::auto_;
+    Lifespan lifespan = Lifespan::auto_;
+    std::string root_path;  // the prefix the app is mounted under: SCRIPT_NAME / root_path
+    Asgi asgi;
     // Absolute (a relative one is joined to the config's directory, lexically: symlinks kept);
     // the master resolves it with realpath per generation.
     std::string chdir;

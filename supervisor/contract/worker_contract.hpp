@@ -12,9 +12,10 @@ namespace molt::contract {
 
 // How a worker process ends. Anything else is a crash.
 enum class WorkerExit : int {
-    ok = 0,             // drained (or asked to stop) and exited cleanly
-    import_failed = 3,  // the app (or the shim, or uvicorn for ASGI) could not be imported
-    warmup_failed = 4,  // the warm-up request did not pass
+    ok = 0,               // drained (or asked to stop) and exited cleanly
+    import_failed = 3,    // the app (or the shim, or uvicorn for ASGI) could not be imported
+    warmup_failed = 4,    // the warm-up request did not pass
+    lifespan_failed = 5,  // the app's ASGI lifespan startup failed
 };
 
 // What a known exit code means, for log lines and rollover failures; nullptr when unknown.
@@ -24,6 +25,8 @@ constexpr const char* describe(int exit_code) {
             return "app import failed";
         case static_cast<int>(WorkerExit::warmup_failed):
             return "warm-up request failed";
+        case static_cast<int>(WorkerExit::lifespan_failed):
+            return "ASGI lifespan startup failed";
         default:
             return nullptr;
     }
@@ -58,13 +61,13 @@ inline constexpr std::string_view channel_fd = "MOLT_CHANNEL_FD";
 inline constexpr std::string_view listen_fds = "MOLT_LISTEN_FDS";      // e.g. "3,4"
 inline constexpr std::string_view listen_names = "MOLT_LISTEN_NAMES";  // ","-separated, one per fd
 inline constexpr std::string_view generation = "MOLT_GENERATION";
-inline constexpr std::string_view worker = "MOLT_WORKER";  // the slot
+inline constexpr std::string_view worker = "MOLT_WORKER";                // the slot
 inline constexpr std::string_view worker_config = "MOLT_WORKER_CONFIG";  // JSON
 }  // namespace env
 
 inline constexpr std::array<std::string_view, 6> worker_env_names = {
-    env::channel_fd, env::listen_fds, env::listen_names, env::generation, env::worker,
-    env::worker_config};
+    env::channel_fd, env::listen_fds, env::listen_names,
+    env::generation, env::worker,     env::worker_config};
 
 // Variables of the master's own environment that never reach a worker: they belong to the
 // master's supervisor (systemd) or to the master itself. A variable is removed when its name
@@ -84,6 +87,8 @@ constexpr bool is_scrubbed(std::string_view name) {
 // The fd layout: listeners at first_listen_fd, first_listen_fd + 1, ... in config order, and
 // the channel right after the last listener.
 inline constexpr int first_listen_fd = 3;
-constexpr int channel_fd_for(int listener_count) { return first_listen_fd + listener_count; }
+constexpr int channel_fd_for(int listener_count) {
+    return first_listen_fd + listener_count;
+}
 
 }  // namespace molt::contract

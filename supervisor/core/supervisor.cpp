@@ -11,6 +11,8 @@
 #include "supervisor/common/text.hpp"
 #include "supervisor/contract/worker_contract.hpp"
 
+#include "supervisor/contract/worker_contract.hpp"
+
 namespace molt::core {
 
 namespace {

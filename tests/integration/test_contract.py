@@ -49,8 +49,8 @@ def test_the_comparison_names_a_disagreement():
     changed["worker_to_master_keys"].append("FORK")
     del changed["first_listen_fd"]
     assert differences(cpp, changed) == [
-        "exit: C++ {'import_failed': 3, 'ok': 0, 'warmup_failed': 4} != Python "
-        "{'import_failed': 3, 'ok': 0, 'warmup_failed': 5}",
+        "exit: C++ {'import_failed': 3, 'lifespan_failed': 5, 'ok': 0, 'warmup_failed': 4} != "
+        "Python {'import_failed': 3, 'lifespan_failed': 5, 'ok': 0, 'warmup_failed': 5}",
         "first_listen_fd: only in worker_contract.hpp",
         f"worker_to_master_keys: C++ {cpp['worker_to_master_keys']!r} != Python "
         f"{changed['worker_to_master_keys']!r}",

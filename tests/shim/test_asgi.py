@@ -246,3 +246,41 @@ def test_asgi_h11_pipelined_request_during_a_slow_one_is_not_a_slow_head(listene
     assert c.response()[2] == b"slow done"
     assert c.response()[2] == b"asgi hello"
     c.close()
+
+
+# -- lifespan: auto | on | off ------------------------------------------------------------------
+
+def test_lifespan_auto_serves_an_app_that_raises_on_the_lifespan_scope(listeners, spawn):
+    w = spawn("lifespan_app:no_lifespan", interface="asgi", health_path="/").wait_ready()
+    assert get(listeners.port, "/")[1] == b"served without lifespan"
+    wait_until(lambda: "ready:" in w.stderr_text(), 10, "the ready line")
+    notes = [line for line in w.stderr if "'lifespan'" in line or "Traceback" in line]
+    assert len(notes) == 1 and "ASGI 'lifespan' protocol appears unsupported." in notes[0]
+    assert "Traceback" not in w.stderr_text()  # a note, not an error
+
+
+def test_lifespan_on_fails_the_boot_of_an_app_that_raises_on_it(listeners, spawn):
+    w = spawn("lifespan_app:no_lifespan", interface="asgi", overrides={"lifespan": "on"})
+    assert w.wait_exit() == 5
+    assert w.wait_message("ERROR")["ERROR"].startswith("ASGI lifespan startup failed (lifespan: on")
+    assert not w.find("READY")
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_a_failed_lifespan_startup_exits_5_not_4(listeners, spawn, mode):
+    w = spawn("lifespan_app:app", interface="asgi", health_path="/", env={"LIFESPAN_BROKEN": "1"},
+              overrides={"lifespan": mode})
+    assert w.wait_exit() == 5
+    assert w.wait_message("ERROR")["ERROR"].startswith(
+        "ASGI lifespan startup failed (lifespan: %s" % mode)
+    assert "the database is unreachable" in w.stderr_text()
+    assert not w.find("READY")
+
+
+@pytest.mark.parametrize("mode, body", [("auto", b"lifespan ran"), ("on", b"lifespan ran"),
+                                        ("off", b"no lifespan")])
+def test_lifespan_modes_on_an_app_that_supports_it(listeners, spawn, mode, body):
+    env = {"LIFESPAN_BROKEN": "1"} if mode == "off" else {}  # off: the startup never runs
+    spawn("lifespan_app:app", interface="asgi", health_path="/", env=env,
+          overrides={"lifespan": mode}).wait_ready()
+    assert get(listeners.port, "/")[1] == body

@@ -26,6 +26,7 @@ int main() {
         {"ok", static_cast<int>(contract::WorkerExit::ok)},
         {"import_failed", static_cast<int>(contract::WorkerExit::import_failed)},
         {"warmup_failed", static_cast<int>(contract::WorkerExit::warmup_failed)},
+        {"lifespan_failed", static_cast<int>(contract::WorkerExit::lifespan_failed)},
     };
     nlohmann::json dump = {
         {"exit", exits},

@@ -6,6 +6,7 @@ older master (or a hand-written test harness) can start a newer shim.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping
 
@@ -20,6 +21,16 @@ DEFAULTS: Dict[str, Any] = {
     "app": "",
     "interface": "wsgi",
     "engine": "auto",  # the WSGI engine: "auto" | "python" | "native" (engines/__init__.py)
+    "lifespan": "auto",  # the ASGI lifespan protocol: "auto" | "on" | "off" (uvicorn's meaning)
+    "root_path": "",  # SCRIPT_NAME for WSGI, the scope's root_path for ASGI
+    "asgi": {  # uvicorn's settings, uvicorn's defaults
+        "loop": "auto",  # "auto" (uvloop when importable) | "asyncio" | "uvloop"
+        "limit_concurrency": 0,  # 0: no limit
+        "ws_max_size": 16 * 1024 * 1024,
+        "ws_ping_interval_ms": 20000,
+        "ws_ping_timeout_ms": 20000,
+        "ws_per_message_deflate": True,
+    },
     "chdir": "",
     "threads": 8,
     "generation": 0,
@@ -79,6 +90,21 @@ class WorkerConfig:
     @property
     def engine(self) -> str:
         return str(self.raw["engine"] or "auto").lower()
+
+    @property
+    def lifespan(self) -> str:
+        value = str(self.raw["lifespan"] or "auto").lower()
+        return value if value in ("auto", "on", "off") else "auto"
+
+    @property
+    def root_path(self) -> str:
+        """The mount prefix (SCRIPT_NAME / root_path): the config's `root_path`, else a
+        SCRIPT_NAME from the worker's environment (how it was set before the key existed)."""
+        return str(self.raw["root_path"] or os.environ.get("SCRIPT_NAME", "")).rstrip("/")
+
+    @property
+    def asgi(self) -> Dict[str, Any]:
+        return self.raw["asgi"]
 
     @property
     def chdir(self) -> str:
@@ -146,6 +172,11 @@ class WorkerConfig:
     @property
     def version_header(self) -> str:
         return str(self.http.get("version_header") or "")
+
+    @property
+    def version_header_line(self) -> str:
+        """The version header as a raw response line ("Name: value\\r\\n"), or ""."""
+        return "%s: %s\r\n" % (self.version_header, self.version) if self.version_header else ""
 
     @property
     def drain_idle_s(self) -> float:

@@ -16,6 +16,7 @@ class WorkerExit(enum.IntEnum):
     OK = 0  # drained (or asked to stop) and exited cleanly
     IMPORT_FAILED = 3  # the app (or the shim, or uvicorn for ASGI) could not be imported
     WARMUP_FAILED = 4  # the warm-up request did not pass
+    LIFESPAN_FAILED = 5  # the app's ASGI lifespan startup failed
 
 
 class Key:

@@ -35,7 +35,7 @@ class Phase(enum.Enum):
     SERVING = "serving"  # READY sent, accepting
     DRAINING = "draining"  # STOPPING sent, finishing what is open
     STOPPED = "stopped"  # the serving loop has returned
-    FAILED = "failed"  # ERROR sent, exit 4
+    FAILED = "failed"  # ERROR sent, exit 5 (start-up) or 4 (warm-up)
 
 
 # The only moves there are; anything else is a bug in this module.
@@ -152,14 +152,17 @@ class Lifecycle:
         """The whole life after the app was imported. Returns the exit code."""
         self._signals.install()
         cfg, engine = self.cfg, self.engine
+        # Each boot step fails with its own exit code, so the master can say which one it was.
         error = engine.start()
+        code = WorkerExit.LIFESPAN_FAILED
         if error is None and cfg.health_path:
             self._enter(Phase.WARMING_UP)
             error = engine.warm_up(cfg.health_path, cfg.health_host, cfg.timeout_s("boot"))
+            code = WorkerExit.WARMUP_FAILED
         if error is not None:
             self._enter(Phase.FAILED, error)
             engine.close()
-            return fail(self.channel, WorkerExit.WARMUP_FAILED, error)
+            return fail(self.channel, code, error)
         self.channel.send(**{Key.READY: 1})
         self._enter(Phase.SERVING)
         log.info("ready: %s (engine %s: %s) on %s", cfg.app, engine.name, engine.describe(),

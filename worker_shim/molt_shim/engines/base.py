@@ -87,7 +87,8 @@ class Engine(Protocol):
 
     def start(self) -> Optional[str]:
         """Get ready to serve: serving threads, event loop, ASGI lifespan startup. Listeners
-        are not accepted from yet. None, or a one-line reason the boot failed (exit 4)."""
+        are not accepted from yet. None, or a one-line reason the app's own start-up (the ASGI
+        lifespan startup) failed: exit 5, WorkerExit.LIFESPAN_FAILED."""
         ...
 
     def warm_up(self, path: str, host: str, timeout_s: float) -> Optional[str]:

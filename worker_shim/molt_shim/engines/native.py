@@ -68,7 +68,7 @@ class NativeEngine:
     def __init__(self, ctx: EngineContext, module: Any) -> None:
         cfg = ctx.cfg
         http = cfg.http
-        script_name = os.environ.get("SCRIPT_NAME", "").rstrip("/")
+        script_name = cfg.root_path
         base = server_environ(cfg.threads > 1, FileWrapper, script_name)
         listeners = []
         for sock, label in ctx.listeners:

@@ -82,10 +82,9 @@ class ThreadedWSGIEngine:
         self.limits = Limits.from_config(cfg.http)
         self.header_timeout = cfg.header_timeout_s
         self.keepalive = max(0.0, cfg.timeout_s("keepalive"))
-        self.framing = Framing("%s: %s\r\n" % (cfg.version_header, cfg.version)
-                               if cfg.version_header else "", self.keepalive > 0)
+        self.framing = Framing(cfg.version_header_line, self.keepalive > 0)
         self.threads = max(1, cfg.threads)
-        self.script_name = os.environ.get("SCRIPT_NAME", "").rstrip("/")
+        self.script_name = cfg.root_path
         self.base_env = server_environ(self.threads > 1, FileWrapper, self.script_name)
         self.listeners = [Listener(sock, name, self.base_env) for sock, name in ctx.listeners]
         self.listener_fds: Dict[int, Listener] = {}  # filled when serving starts (after READY)

@@ -27,8 +27,11 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from .. import warmup
+from ..wsgi.request import Limits
+from ..wsgi.response import REASONS, Framing
 from ..httpdate import http_date
 from ..listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
+from . import EngineUnavailable
 from .base import Counters, EngineContext, LoopHooks
 
 log = logging.getLogger("molt_shim")
@@ -39,9 +42,19 @@ TICK_S = 1.0  # the Date header's resolution, and the per-connection timeout che
 CLOSE_HEADER = (b"connection", b"close")
 
 
+class Rejected(Exception):
+    """Raised from a parser callback after the request was answered with an error status: it
+    stops httptools, and data_received() knows the answer has been given."""
+
+
 class DrainControl:
-    def __init__(self, idle_window: float, header_timeout: float, keepalive: float) -> None:
+    def __init__(self, idle_window: float, header_timeout: float, keepalive: float,
+                 limits: Limits, framing: Framing) -> None:
         self.draining = False
+        # timeouts.keepalive 0: every response says Connection: close (as on the WSGI side).
+        self.close_every_response = keepalive <= 0
+        self.limits = limits
+        self.framing = framing  # the WSGI side's error responses, byte for byte
         self.warming = False
         # Protocols of accepted connections whose connection_made() has not run yet (asyncio
         # calls it on the next loop iteration): the drain is not done while there are any.
@@ -141,6 +154,9 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
 
     class MoltHTTPProtocol(base):  # type: ignore[misc, valid-type]
         _real_transport: Any = None
+        _rejected = False  # answered with an error status: nothing more is parsed
+        _head_size = 0  # header bytes of the current request (name + value + 4, as WSGI)
+        _body_size = 0  # body bytes of the current request
         _born = 0.0
         _head_mark: Any = None      # (scope, first seen) while a request head is incomplete
         _idle_mark: Any = None      # (cycle, first seen) while draining and idle
@@ -152,6 +168,23 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             super().connection_made(GracefulTransport(transport, self))
             if ctl.draining:
                 self.molt_drain(self._born)
+
+        def reject(self, status: int, reason: str) -> None:
+            """Answer with the WSGI engine's error response for `status` and close."""
+            self._rejected = True
+            log.warning("%s: %d %s: %s", "%s:%s" % tuple(self.client) if self.client else "unix",
+                        status, REASONS.get(status, ""), reason)
+            cycle = self.cycle
+            if cycle is not None and cycle.scope is self.scope:
+                # The app already runs (a streamed body went over the limit): it sees
+                # http.disconnect, and what it sends from now on is dropped.
+                cycle.disconnected = True
+                cycle.message_event.set()
+                if cycle.response_started:
+                    self.transport.close()
+                    return
+            self.transport.write(ctl.framing.error_response(status))
+            self.transport.close()
 
         def handle_upgrade(self, *args: Any) -> None:
             # WebSockets take over the raw transport; our close semantics are for HTTP.
@@ -229,8 +262,77 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             elif now - mark[1] >= ctl.idle_window:
                 self.transport.close()
 
+    if hasattr(base, "on_url"):  # httptools: the http.* limits run in its parser callbacks
+        return _with_limits(MoltHTTPProtocol, base, ctl)
     MoltHTTPProtocol.__name__ = "Molt" + base.__name__
     return MoltHTTPProtocol
+
+
+def _with_limits(protocol: type, base: type, ctl: DrainControl) -> type:
+    """The http.* limits, with the WSGI engine's rules and responses (wsgi/request.py): 414
+    over max_request_line, 431 over max_headers or max_header_size, 413 over max_body_size
+    (announced by Content-Length, or streamed), 400 for what httptools cannot parse. The
+    cost is one Python call per header, URL chunk and body chunk, in callbacks uvicorn makes
+    anyway."""
+    import httptools
+
+    limits = ctl.limits
+
+    class Limited(protocol):  # type: ignore[misc, valid-type]
+        def data_received(self, data: bytes) -> None:
+            # uvicorn's own, except that a parse error gets the WSGI side's 400, and a
+            # request already answered by reject() is not answered again.
+            if self._rejected:
+                return
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                self.handle_upgrade()
+            except httptools.HttpParserError as exc:
+                if not self._rejected:
+                    self.reject(400, "malformed request: %s" % exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_size = 0
+            self._body_size = 0
+
+        def on_url(self, url: bytes) -> None:
+            super().on_url(url)
+            if len(self.url) > limits.max_request_line:
+                self.reject(414, "request line longer than %d bytes" % limits.max_request_line)
+                raise Rejected()
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            super().on_header(name, value)
+            self._head_size += len(name) + len(value) + 4
+            if len(self.headers) > limits.max_headers:
+                self.reject(431, "more than %d header fields" % limits.max_headers)
+                raise Rejected()
+            if self._head_size > limits.max_header_size:
+                self.reject(431, "header section larger than %d bytes" % limits.max_header_size)
+                raise Rejected()
+
+        def on_headers_complete(self) -> None:
+            if limits.max_body_size:
+                for name, value in self.headers:
+                    if (name == b"content-length" and value.strip().isdigit()
+                            and int(value) > limits.max_body_size):
+                        self.reject(413, "Content-Length %d over max_body_size %d"
+                                    % (int(value), limits.max_body_size))
+                        raise Rejected()
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            self._body_size += len(body)
+            if limits.max_body_size and self._body_size > limits.max_body_size:
+                self.reject(413, "request body over max_body_size %d" % limits.max_body_size)
+                raise Rejected()
+            super().on_body(body)
+
+    Limited.__name__ = "Molt" + base.__name__
+    return Limited
 
 
 class AccessLog:
@@ -278,7 +380,7 @@ class UvicornASGIEngine:
         cfg = ctx.cfg
         self.cfg = cfg
         self.listeners = ctx.listeners
-        self.loop = asyncio.new_event_loop()
+        self.loop, self.loop_name = new_loop(str(cfg.asgi["loop"] or "auto"))
         asyncio.set_event_loop(self.loop)
         # uvicorn logs through "uvicorn.*"; give those the shim's handler so errors reach stderr.
         for handler in log.handlers:
@@ -287,13 +389,21 @@ class UvicornASGIEngine:
         logging.getLogger("uvicorn").propagate = False
         headers = [(cfg.version_header, cfg.version)] if cfg.version_header else []
         http_impl = "h11" if os.environ.get("MOLT_SHIM_PARSER") == "h11" else "auto"
-        self.config = Config(app=ctx.app, lifespan="on", log_config=None, access_log=False,
+        asgi = cfg.asgi
+        self.config = Config(app=ctx.app, lifespan=cfg.lifespan, log_config=None, access_log=False,
                              http=http_impl, proxy_headers=False, server_header=False,
                              date_header=False,
                              timeout_keep_alive=max(1, int(round(cfg.timeout_s("keepalive")))),
-                             headers=headers)
+                             headers=headers, root_path=cfg.root_path,
+                             limit_concurrency=int(asgi["limit_concurrency"]) or None,
+                             ws_max_size=int(asgi["ws_max_size"]),
+                             ws_ping_interval=seconds_or_none(asgi["ws_ping_interval_ms"]),
+                             ws_ping_timeout=seconds_or_none(asgi["ws_ping_timeout_ms"]),
+                             ws_per_message_deflate=bool(asgi["ws_per_message_deflate"]))
         self.config.load()
-        self.ctl = DrainControl(cfg.drain_idle_s, cfg.header_timeout_s, cfg.timeout_s("keepalive"))
+        self.ctl = DrainControl(cfg.drain_idle_s, cfg.header_timeout_s, cfg.timeout_s("keepalive"),
+                                Limits.from_config(cfg.http),
+                                Framing(cfg.version_header_line, keepalive=True))
         if ctx.access_log is not None:
             self.config.loaded_app = AccessLog(self.config.loaded_app, ctx.access_log, self.ctl)
         self.state = ServerState()
@@ -320,7 +430,8 @@ class UvicornASGIEngine:
         self.lifespan = self.config.lifespan_class(self.config)
         self.loop.run_until_complete(self.lifespan.startup())
         if self.lifespan.should_exit:
-            return "ASGI lifespan startup failed (see the traceback above)"
+            return "ASGI lifespan startup failed (lifespan: %s; see the log above)" % (
+                self.config.lifespan)
         self.started = True
         return None
 
@@ -332,7 +443,7 @@ class UvicornASGIEngine:
             self.ctl.warming = False
 
     def describe(self) -> str:
-        return "asgi, %s" % self.protocol_class.__name__
+        return "asgi, %s, loop %s" % (self.protocol_class.__name__, self.loop_name)
 
     def run(self, loop: LoopHooks) -> None:
         self.loop.run_until_complete(self._serve(loop))
@@ -378,7 +489,7 @@ class UvicornASGIEngine:
         # connection's start, so a new list would leave long keep-alive connections
         # answering with the Date of the second they connected (as uvicorn 0.17 itself does).
         date = http_date(time.time()).encode()
-        close = [CLOSE_HEADER] if self.ctl.draining else []
+        close = [CLOSE_HEADER] if self.ctl.draining or self.ctl.close_every_response else []
         self.state.default_headers[:] = ([(b"date", date)] + list(self.config.encoded_headers)
                                          + close)
 
@@ -532,6 +643,26 @@ class UvicornASGIEngine:
         except OSError as exc:
             return "warm-up GET %s failed: %s" % (path, exc)
         return warmup.verdict(path, raw)
+
+
+def new_loop(choice: str) -> Tuple[asyncio.AbstractEventLoop, str]:
+    """The worker's event loop (asgi.loop): uvloop under auto when it is importable. Created
+    here, in the worker, after any fork."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError as exc:
+            if choice == "uvloop":
+                raise EngineUnavailable("asgi.loop is uvloop, but uvloop cannot be imported "
+                                        "(%s): install python3-uvloop, or use loop: auto" % exc)
+        else:
+            return uvloop.new_event_loop(), "uvloop"
+    return asyncio.new_event_loop(), "asyncio"
+
+
+def seconds_or_none(value_ms: Any) -> Optional[float]:
+    """uvicorn's ws_ping_* take seconds, and None for "never"; molt's 0 means that."""
+    return float(value_ms) / 1000.0 if value_ms else None
 
 
 def create(ctx: EngineContext) -> UvicornASGIEngine:

@@ -1,0 +1,73 @@
+"""ASGI apps behind the real master: the Django project `django-admin startproject` generates,
+served through its asgi.py, an app whose lifespan startup fails a rollover, and
+timeouts.request on an ASGI worker."""
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import pytest
+
+from molt_testlib import APPS, PYTHON, Wrk, read_to_eof, wait_until
+
+
+def startproject(tmp_path):
+    """The project exactly as a new user gets it (generated now, not checked in)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    subprocess.run([PYTHON, "-m", "django", "startproject", "mysite", str(site)], check=True)
+    # Only ALLOWED_HOSTS on top, in a module of its own: the generated files stay as they are
+    # (asgi.py only setdefault()s DJANGO_SETTINGS_MODULE, so the environment picks this one).
+    (site / "mysite" / "molt_test_settings.py").write_text(
+        'from .settings import *  # noqa: F401,F403\nALLOWED_HOSTS = ["test", "localhost"]\n')
+    return site
+
+
+@pytest.mark.timeout(120)
+def test_the_generated_django_project_boots_through_its_asgi_py(molt, tmp_path):
+    site = startproject(tmp_path)
+    # Django raises on the lifespan scope; lifespan: auto (the default) serves it without.
+    m = molt({"app": "mysite.asgi:application", "interface": "asgi", "chdir": str(site),
+              "workers": 2, "health": {"path": "/admin/login/"},
+              "env": {"DJANGO_SETTINGS_MODULE": "mysite.molt_test_settings"}})
+    status, _, body = m.get("/admin/login/")
+    assert status == 200
+    assert b"Django administration" in body
+    # No static route is configured for ASGI: an explicit 404, not a hang or a 500.
+    assert m.get("/static/admin/css/base.css")[0] == 404
+    assert m.reload()["ok"] is True
+    assert m.get("/admin/login/")[0] == 200
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_lifespan_startup_fails_the_rollover_and_the_old_generation_serves(molt):
+    m = molt({"app": "lifespan_app:app", "interface": "asgi", "chdir": str(APPS), "workers": 2,
+              "health": {"path": "/"}})
+    assert m.get("/")[2] == b"lifespan ran"
+
+    # The deploy bug: the new release's startup cannot reach its database.
+    m.config["env"] = {"LIFESPAN_BROKEN": "1"}
+    m.write_config()
+    load = Wrk(m.url("/"), duration=6, connections=8)
+    try:
+        answer = m.reload()
+    finally:
+        result = load.result()
+    assert answer["ok"] is False
+    assert "exited with status 5 (ASGI lifespan startup failed)" in answer["error"]
+    assert "warm-up" not in answer["error"]
+    assert result["failed"] == 0, result["output"]
+    assert m.get("/")[2] == b"lifespan ran"
+    assert m.live_generation() == 1
+
+
+@pytest.mark.timeout(120)
+def test_timeouts_request_aborts_an_asgi_worker_whose_request_hangs(molt):
+    m = molt({"app": "asgi_app:app", "interface": "asgi", "chdir": str(APPS), "workers": 1,
+              "health": {"path": "/healthz"}, "timeouts": {"request": "2s"}})
+    with socket.create_connection(("127.0.0.1", m.port), timeout=30) as hung:
+        hung.sendall(b"GET /slow?s=600 HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_until(lambda: "(timeouts.request is " in m.log(), 30, "the request timeout",
+                   on_timeout=m.log)
+        assert read_to_eof(hung) == b""  # the worker was aborted: no answer, a closed socket
+    wait_until(lambda: m.get("/")[0] == 200, 30, "a replacement worker serving")

@@ -1,0 +1,49 @@
+"""root_path (SCRIPT_NAME for WSGI too) and the asgi: section, uvicorn's meaning."""
+import json
+
+import pytest
+
+from harness import Client, get, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def scope_of(port):
+    status, body = get(port, "/x")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_root_path_reaches_an_asgi_app(listeners, spawn):
+    spawn("asgi_scope_app:app", interface="asgi", overrides={"root_path": "/prefix/"}).wait_ready()
+    assert scope_of(listeners.port)["root_path"] == "/prefix"
+
+
+def test_root_path_is_script_name_for_wsgi(listeners, spawn):
+    spawn(overrides={"root_path": "/prefix"}).wait_ready()
+    env = json.loads(get(listeners.port, "/env")[1])
+    assert env["SCRIPT_NAME"] == "/prefix" and env["PATH_INFO"] == "/env"
+
+
+@pytest.mark.parametrize("choice, module", [("auto", "uvloop"), ("uvloop", "uvloop"),
+                                            ("asyncio", "asyncio.unix_events")])
+def test_asgi_loop(listeners, spawn, choice, module):
+    w = spawn("asgi_scope_app:app", interface="asgi",
+              overrides={"asgi": {"loop": choice}}).wait_ready()
+    assert scope_of(listeners.port)["loop"] == module
+    wait_until(lambda: "ready:" in w.stderr_text(), 10, "the ready line")
+    assert "loop %s" % module.split(".")[0] in w.stderr_text()
+
+
+def test_limit_concurrency_answers_503_above_it(listeners, spawn):
+    # uvicorn's rule: a request is refused when the open connections (its own included)
+    # reach the limit.
+    spawn("asgi_scope_app:app", interface="asgi",
+          overrides={"asgi": {"limit_concurrency": 2}}).wait_ready()
+    first = Client(listeners.port)
+    assert first.request("/x")[0] == 200  # one connection: under the limit; kept open
+    second = Client(listeners.port)
+    status, _, body = second.request("/x")
+    assert (status, body) == (503, b"Service Unavailable")
+    first.close()
+    second.close()

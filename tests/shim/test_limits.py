@@ -1,0 +1,104 @@
+"""The http.* limits and timeouts, one table for both interfaces: each row sends the same bytes
+to a WSGI worker and to an ASGI worker and expects the same response, byte for byte (but the
+Date header). docs/asgi.md lists the same rows."""
+import re
+import tempfile
+
+import pytest
+
+from harness import Client, Listeners, Worker, get, raw_exchange, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+HTTP = {"header_timeout_ms": 1500, "max_body_size": 1024, "version_header": "X-Molt-Version"}
+APPS = {"wsgi": ("edge_app:application", "/healthz"), "asgi": ("asgi_app:app", "/healthz")}
+
+
+@pytest.fixture(scope="module", params=["wsgi", "asgi"])
+def server(request):
+    interface = request.param
+    app, health = APPS[interface]
+    ls = Listeners(tempfile.mkdtemp(prefix="molt-limits-"))
+    w = Worker(ls, app, interface=interface, health_path=health, overrides={"http": HTTP})
+    w.wait_ready()
+    yield ls, w
+    w.drain()
+    assert w.wait_exit() == 0
+    w.stop()
+    ls.close()
+
+
+def error_response(status_line: bytes) -> bytes:
+    """What both engines answer a rejected request with (the Date header taken out)."""
+    status, reason = status_line.split(b" ", 1)
+    body = b"%s %s\n" % (status, reason)
+    return (b"HTTP/1.1 " + status_line + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\nX-Molt-Version: v1\r\n\r\n" % len(body)
+            + body)
+
+
+def without_date(raw: bytes) -> bytes:
+    return re.sub(rb"\r\nDate: [^\r]*", b"", raw)
+
+
+HEAD = b"POST /echo HTTP/1.1\r\nHost: t\r\n"
+
+ROWS = [
+    # (limit, request, status line)
+    ("malformed request line", b"GARBAGE\r\n\r\n", b"400 Bad Request"),
+    ("malformed header", b"GET / HTTP/1.1\r\nHost t\r\n\r\n", b"400 Bad Request"),
+    ("http.max_request_line", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n",
+     b"414 URI Too Long"),
+    ("http.max_headers", b"GET / HTTP/1.1\r\nHost: t\r\n"
+     + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n",
+     b"431 Request Header Fields Too Large"),
+    ("http.max_header_size", b"GET / HTTP/1.1\r\nHost: t\r\n"
+     + b"".join(b"X-Big%d: %s\r\n" % (i, b"v" * 8000) for i in range(10)) + b"\r\n",
+     b"431 Request Header Fields Too Large"),
+    ("http.max_body_size, Content-Length", HEAD + b"Content-Length: 2000\r\n\r\n",
+     b"413 Payload Too Large"),
+    ("http.max_body_size, chunked", HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+     + b"200\r\n" + b"x" * 512 + b"\r\n" + b"200\r\n" + b"x" * 512 + b"\r\n"
+     + b"200\r\n" + b"x" * 512 + b"\r\n0\r\n\r\n", b"413 Payload Too Large"),
+]
+
+
+@pytest.mark.parametrize("limit, request_bytes, status_line", ROWS, ids=[r[0] for r in ROWS])
+def test_a_request_over_a_limit_gets_the_same_answer_on_both_interfaces(
+        server, limit, request_bytes, status_line):
+    ls, w = server
+    raw = raw_exchange(ls.port, request_bytes)
+    assert without_date(raw) == error_response(status_line), raw[:400]
+    assert get(ls.port, "/")[0] == 200  # the worker serves on
+    assert w.alive()
+
+
+def test_a_body_at_the_limit_is_served(server):
+    ls, w = server
+    c = Client(ls.port)
+    status, _, body = c.request("/echo", method="POST", body=b"y" * 1024)
+    assert (status, body) == (200, b"y" * 1024)
+    c.close()
+
+
+def test_header_timeout_answers_408_and_closes(server):
+    ls, w = server
+    c = Client(ls.port)
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n")  # never finished
+    raw = c.read_all(10)
+    assert raw.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), raw[:200]
+    assert b"Connection: close" in raw or b"connection: close" in raw
+    c.close()
+
+
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+def test_keepalive_0_closes_after_each_response(interface, spawn, listeners):
+    app, health = APPS[interface]
+    spawn(app, interface=interface, health_path=health,
+          overrides={"timeouts": {"keepalive_ms": 0}}).wait_ready()
+    c = Client(listeners.port)
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    raw = c.read_all(5)  # EOF right after the response, not after a second
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:200]
+    assert re.search(rb"\r\nconnection: close\r\n", raw, re.I), raw[:300]
+    c.close()
