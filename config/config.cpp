@@ -787,8 +787,9 @@ const std::vector<KeySpec>& key_table() {
          "The WSGI data path inside each worker. `native` serves requests with the C++ engine "
          "(the `_molt_native` extension installed with the shim); when it cannot load for the "
          "configured interpreter the worker logs why in one line and uses the Python engine. "
-         "`python` always uses the Python engine. `auto` means `python` until the native engine "
-         "passes the whole conformance suite. ASGI apps always use the Python side.",
+         "`python` always uses the Python engine. `auto` means `python` for now: the native "
+         "engine passes the shim's conformance suite but stays opt-in until it has had the "
+         "end-to-end soak and the benchmarks. ASGI apps always use the Python side.",
          [](Context& ctx, const Node& n, Config& c) {
              if (auto i = ctx.choice(n, {"auto", "native", "python"})) {
                  c.engine = static_cast<Engine>(*i);
