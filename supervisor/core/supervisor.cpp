@@ -11,8 +11,6 @@
 #include "supervisor/common/text.hpp"
 #include "supervisor/contract/worker_contract.hpp"
 
-#include "supervisor/contract/worker_contract.hpp"
-
 namespace molt::core {
 
 namespace {
