@@ -10,7 +10,7 @@ from typing import Iterator, Tuple
 
 import pytest
 
-from harness import Listeners, Worker
+from harness import Client, Listeners, Worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,4 +55,39 @@ def test_the_header_timeout_fires_on_time(srv, data, answer):
     elapsed, got = seconds_until_closed(ls.port, data)
     assert got.startswith(answer) and (answer or not got), got
     assert abs(elapsed - HEADER_TIMEOUT_S) <= TOLERANCE_S, elapsed
+    assert w.alive()
+
+
+# Issue 18 point 5, without timing anything: a connection that never sends is closed at
+# header_timeout from its accept, not at the keepalive. Shown by order: a keep-alive
+# connection that went idle *before* the silent one was opened is still open (its keepalive,
+# four times longer, is not due) when the silent one has been closed. The ASGI engine used
+# max(keepalive, header_timeout), so there the keep-alive connection was closed first.
+ORDER_HEADER_TIMEOUT_MS = 1500
+ORDER_KEEPALIVE_MS = 6000
+
+
+@pytest.fixture(scope="module", params=["wsgi", "asgi"])
+def ordered(request) -> Iterator[Tuple[Listeners, Worker]]:
+    ls = Listeners(tempfile.mkdtemp(prefix="molt-order-"))
+    app = "edge_app:application" if request.param == "wsgi" else "asgi_app:app"
+    w = Worker(ls, app, interface=request.param,
+               overrides={"http": {"header_timeout_ms": ORDER_HEADER_TIMEOUT_MS},
+                          "timeouts": {"keepalive_ms": ORDER_KEEPALIVE_MS}}).wait_ready()
+    yield ls, w
+    w.stop()
+    ls.close()
+
+
+def test_a_silent_connection_is_closed_at_header_timeout_not_keepalive(ordered):
+    ls, w = ordered
+    idle = Client(ls.port, timeout=30)
+    try:
+        assert idle.request("/")[0] == 200  # now idle, under the keepalive
+        with socket.create_connection(("127.0.0.1", ls.port)) as silent:
+            silent.settimeout(30)
+            assert silent.recv(1) == b""  # closed by the server, without a word
+        assert idle.request("/")[0] == 200  # its keepalive is not due yet
+    finally:
+        idle.close()
     assert w.alive()
