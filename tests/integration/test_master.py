@@ -427,8 +427,10 @@ def test_the_master_endpoints_answer_under_a_flood_of_idle_connections(molt):
         for _ in range(320):
             flood.append(socket.create_connection(("127.0.0.1", metrics_port), timeout=10))
             control = socket.socket(socket.AF_UNIX)
-            control.settimeout(10)
+            # Blocking: a Unix socket with a timeout answers EAGAIN at once when the listen
+            # backlog is full, where a blocking connect waits for the master to accept.
             control.connect(m.config["control"]["socket"])
+            control.settimeout(10)
             flood.append(control)
         for _ in range(3):
             status, _, body = http_get(metrics_port, "/metrics")
