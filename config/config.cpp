@@ -1015,6 +1015,14 @@ const std::vector<KeySpec>& key_table() {
          [](Context& ctx, const Node& n, Config& c) {
              ctx.set_duration(n, c.http.header_timeout, Duration{1});
          }},
+        {"http.send_timeout", "duration > 0",
+         [](const Config& c) { return format_duration(c.http.send_timeout); },
+         "The longest a response may wait for the client to take more bytes (nginx's "
+         "`send_timeout`): a client that reads nothing for this long is disconnected, so a slow "
+         "reader holds a serving thread for at most this time.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_duration(n, c.http.send_timeout, Duration{1});
+         }},
         {"http.version_header", "header name", none,
          "If set, every response carries this header with the generation's version label, e.g. "
          "`X-Molt-Version`.",
@@ -1555,7 +1563,7 @@ json http_json(const Http& h) {
     return {{"max_request_line", h.max_request_line}, {"max_header_size", h.max_header_size},
             {"max_headers", h.max_headers},           {"max_body_size", h.max_body_size},
             {"body_buffer_size", h.body_buffer_size}, {"header_timeout_ms", ms(h.header_timeout)},
-            {"version_header", h.version_header}};
+            {"send_timeout_ms", ms(h.send_timeout)},  {"version_header", h.version_header}};
 }
 
 json full_json(const Config& c) {

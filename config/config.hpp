@@ -97,6 +97,7 @@ struct Http {
     std::uint64_t max_body_size = 0;                    // 0 = unlimited; above it: 413
     std::uint64_t body_buffer_size = 1024 * 1024;       // above it the body spools to disk
     Duration header_timeout{std::chrono::seconds(10)};  // slowloris guard: whole head must arrive
+    Duration send_timeout{std::chrono::seconds(30)};    // slow readers: longest wait to send more
     std::string version_header;                         // e.g. "X-Molt-Version"; empty = no header
 };
 

@@ -200,6 +200,29 @@ int cmd_run(const RunArgs& args) {
 
 // ----- check ---------------------------------------------------------------------------------
 
+// With `user:`, the workers run as that user: it must be able to run the python, enter the
+// release and read the worker shim, or every worker fails with "No module named molt_shim" or
+// a permission error. Asked as that user, so modes, ACLs and parent directories all count.
+std::vector<std::string> user_access_problems(const molt::config::Config& config) {
+    std::vector<molt::os::AccessCheck> checks{
+        // A release archive (.pyz) is read; a release directory is read and entered.
+        {config.chdir, molt::os::is_regular_file(config.chdir) ? R_OK : R_OK | X_OK},
+        {shim_dir() + "/molt_shim/__main__.py", R_OK},
+    };
+    auto python = molt::os::find_program(config.python);
+    if (molt::os::ok(python)) checks.push_back({std::get<0>(python), X_OK});
+    auto refused = molt::os::inaccessible_as(config.user, config.group, checks);
+    if (!molt::os::ok(refused)) return {"user: " + molt::os::error_of(refused)};
+    std::vector<std::string> lines;
+    for (const auto& why : std::get<0>(refused)) {
+        lines.push_back(
+            fmt::format("user: \"{}\" cannot use {} (chdir, python and the worker "
+                        "shim must be readable by the workers' user)",
+                        config.user, why));
+    }
+    return lines;
+}
+
 int cmd_check(const std::string& path, bool offline) {
     if (auto problem = python_config_problem(path)) return usage(*problem, "molt check");
     auto loaded = molt::config::load_config_file(path, !offline);
@@ -210,6 +233,14 @@ int cmd_check(const std::string& path, bool offline) {
         return kConfigError;
     }
     const auto& config = *loaded.config;
+    if (!offline && !config.user.empty()) {
+        if (auto refused = user_access_problems(config); !refused.empty()) {
+            for (const auto& line : refused) std::cerr << fmt::format("{}: {}\n", path, line);
+            std::cerr << fmt::format("{}: {} error{}\n", path, refused.size(),
+                                     refused.size() == 1 ? "" : "s");
+            return kConfigError;
+        }
+    }
     std::vector<std::string> listen;
     for (const auto& a : config.listen) listen.push_back(a.text);
     std::cout << fmt::format(

@@ -16,6 +16,9 @@ namespace molt::core {
 namespace {
 
 constexpr int kSigKill = 9;  // Linux signal numbers, for describing exits without <csignal>
+// A wake of the loop this late after its deadline means the master did not run: see
+// Supervisor::account_for_pause.
+constexpr Duration kPauseThreshold{500};
 
 std::string ms(Duration d) {
     return fmt::format("{}ms", d.count());
@@ -158,6 +161,7 @@ void Supervisor::log(LogLevel level, std::string text, GenerationId gen, Pid pid
 // ----- events ------------------------------------------------------------------------------
 
 Actions Supervisor::start(Time now, Release release) {
+    account_for_pause(now);
     configured_workers_ = target_workers_ = release.config->workers;
     rollover_.started_at = now;
     rollover_.trigger = Trigger::startup;
@@ -168,6 +172,7 @@ Actions Supervisor::start(Time now, Release release) {
 }
 
 Actions Supervisor::adopt(Time now, AdoptedState state) {
+    account_for_pause(now);
     Generation gen;
     gen.id = state.generation;
     gen.state = GenerationState::live;
@@ -237,6 +242,7 @@ std::optional<std::string> Supervisor::upgrade_refusal(
 
 Actions Supervisor::request_reload(Time now, Ticket ticket, Trigger trigger,
                                    std::optional<std::string> release_dir) {
+    account_for_pause(now);
     if (master_state_ == MasterState::stopping || master_state_ == MasterState::stopping_fast ||
         master_state_ == MasterState::stopped) {
         emit(RolloverFinished{{ticket}, 0, false, "the master is stopping", Duration{0}});
@@ -255,6 +261,7 @@ Actions Supervisor::request_reload(Time now, Ticket ticket, Trigger trigger,
 }
 
 Actions Supervisor::release_prepared(Time now, Release release) {
+    account_for_pause(now);
     if (rollover_.phase != RolloverPhase::preparing) return take();
     set_phase(RolloverPhase::running, "the release is prepared");
     begin_generation(now, std::move(release), rollover_.trigger);
@@ -263,6 +270,7 @@ Actions Supervisor::release_prepared(Time now, Release release) {
 }
 
 Actions Supervisor::release_rejected(Time now, const std::string& reason) {
+    account_for_pause(now);
     if (rollover_.phase != RolloverPhase::preparing) return take();
     std::string keeps = live_ ? fmt::format("; generation {} keeps serving", *live_) : "";
     log(LogLevel::error,
@@ -273,6 +281,7 @@ Actions Supervisor::release_rejected(Time now, const std::string& reason) {
 }
 
 Actions Supervisor::spawned(Time now, WorkerId id, Pid pid) {
+    account_for_pause(now);
     auto it = workers_.find(id);
     if (it == workers_.end()) return take();
     Worker& worker = it->second;
@@ -290,6 +299,7 @@ Actions Supervisor::spawned(Time now, WorkerId id, Pid pid) {
 }
 
 Actions Supervisor::spawn_failed(Time now, WorkerId id, const std::string& error) {
+    account_for_pause(now);
     auto it = workers_.find(id);
     if (it == workers_.end()) return take();
     ExitStatus status;
@@ -301,6 +311,7 @@ Actions Supervisor::spawn_failed(Time now, WorkerId id, const std::string& error
 }
 
 Actions Supervisor::message(Time now, Pid pid, const std::string& text) {
+    account_for_pause(now);
     Worker* worker = find_by_pid(pid);
     if (worker == nullptr) return take();
     Generation* gen = find_generation(worker->generation);
@@ -366,6 +377,7 @@ Actions Supervisor::message(Time now, Pid pid, const std::string& text) {
 
 Actions Supervisor::exited(Time now, Pid pid, const ExitStatus& status,
                            const std::string& stderr_tail) {
+    account_for_pause(now);
     Worker* worker = find_by_pid(pid);
     if (worker == nullptr) return take();
     worker_ended(now, *worker, status, stderr_tail);
@@ -411,6 +423,7 @@ void Supervisor::worker_ended(Time now, Worker& ended, const ExitStatus& status,
 
 Actions Supervisor::signal_failed(Time now, Pid pid, bool no_such_process,
                                   const std::string& error) {
+    account_for_pause(now);
     Worker* worker = find_by_pid(pid);
     if (worker == nullptr) return take();
     log(LogLevel::warning, fmt::format("signalling worker slot={} failed: {}", worker->slot, error),
@@ -436,11 +449,13 @@ Actions Supervisor::send_failed(Time /*now*/, Pid pid, const std::string& messag
 }
 
 Actions Supervisor::tick(Time now) {
+    account_for_pause(now);
     reconcile(now);
     return take();
 }
 
 Actions Supervisor::stop(Time now, bool fast) {
+    account_for_pause(now);
     bool already_fast = master_state_ == MasterState::stopping_fast;
     bool already = already_fast || master_state_ == MasterState::stopping;
     if (master_state_ == MasterState::stopped || already_fast || (already && !fast)) {
@@ -477,6 +492,7 @@ Actions Supervisor::stop(Time now, bool fast) {
 }
 
 Actions Supervisor::scale(Time now, int workers) {
+    account_for_pause(now);
     if (workers < 1) {
         log(LogLevel::warning,
             fmt::format("cannot scale to {} workers: at least one is needed", workers));
@@ -509,6 +525,36 @@ Actions Supervisor::reopen_logs(Time /*now*/) {
 }
 
 // ----- the rules ---------------------------------------------------------------------------
+
+// The loop promises to call again by next_deadline(). Waking much later than that means the
+// master itself did not run: SIGSTOP, a VM freeze, heavy swapping, a debugger. Its workers may
+// have gone on serving and heartbeating into channels nobody read (the loop reads them before
+// a deadline tick, see Master::arm_deadline_timer), or been frozen with it and not had their
+// turn to speak yet. Either way their silence during the pause was not observed, so it is
+// not held against them: every silence clock (the heartbeat, the oldest request's age, the
+// boot deadline) is moved forward by the time since the master's last event, the latest the
+// pause can have begun. That credits a healthy worker with at least heartbeat - its beat
+// interval (5/6 of timeouts.heartbeat) after the pause, and a worker that is really stuck is
+// still aborted at most one timeouts.heartbeat later. Grace periods (kill_at) are not
+// silences and keep running. A late wake below kPauseThreshold is ordinary scheduling: not
+// crediting it keeps a stuck worker's deadline from being pushed back by a busy loop. Any pause
+// that could make a healthy worker's deadline due lasts at least 5/6 of the 1 s minimum
+// heartbeat, above the threshold.
+void Supervisor::account_for_pause(Time now) {
+    Time last_event = std::exchange(observed_until_, std::max(observed_until_, now));
+    if (!next_deadline_ || now - *next_deadline_ < kPauseThreshold || now <= last_event) return;
+    Duration unobserved = now - last_event;
+    log(LogLevel::warning,
+        fmt::format("the master did not run for {} past its deadline (stopped, frozen or "
+                    "starved); the workers' silence since its last event ({} ago) is not held "
+                    "against them",
+                    ms(now - *next_deadline_), ms(unobserved)));
+    for (auto& [id, worker] : workers_) {
+        if (worker.state == WorkerState::exited) continue;
+        worker.last_heartbeat += unobserved;
+        worker.boot_deadline += unobserved;
+    }
+}
 
 void Supervisor::reconcile(Time now) {
     // One rule's action can make another rule due (a worker aborted by the liveness rule

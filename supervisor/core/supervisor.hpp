@@ -347,6 +347,9 @@ class Supervisor {
 
     // The rules. Called after every event; idempotent. reconcile() repeats reconcile_pass()
     // until a pass changes nothing.
+    // Liveness is judged only on what the master could observe: time during which its own
+    // loop did not run is taken off every silence clock. See the definition.
+    void account_for_pause(Time now);
     void reconcile(Time now);
     void reconcile_pass(Time now);
     void reconcile_starting(Time now, Generation& gen);
@@ -417,6 +420,9 @@ class Supervisor {
 
     Rollover rollover_;
     std::optional<Time> next_deadline_;
+    // Up to when the master has observed its workers: the last event's time, or the end of a
+    // pause already accounted for (account_for_pause).
+    Time observed_until_{0};
     int exit_code_ = 0;
     std::deque<HistoryEntry> history_;
     std::map<RestartReason, std::uint64_t> restarts_;

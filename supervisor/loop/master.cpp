@@ -321,6 +321,7 @@ void Master::arm_deadline_timer() {
         &deadline_timer_,
         [](uv_timer_t* t) {
             auto* master = static_cast<Master*>(t->data);
+            master->read_every_channel();
             master->feed(master->core_.tick(master->now()));
         },
         static_cast<std::uint64_t>(wait), 0);
@@ -406,6 +407,20 @@ void Master::on_worker_exit(pid_t pid, int status) {
         if (w.pid == pid) retired_requests_ += w.counters.requests;
     }
     feed(core_.exited(now(), pid, exit, tail));
+}
+
+// libuv runs due timers before it polls for I/O. After the master was stopped, the heartbeats
+// the workers sent meanwhile are still queued in their channels when the deadline timer fires:
+// read them first, so the deadlines are judged on everything the workers said.
+void Master::read_every_channel() {
+    std::vector<pid_t> pids;
+    for (const auto& [pid, process] : processes_) {
+        if (uv_is_active(reinterpret_cast<uv_handle_t*>(&process->channel))) pids.push_back(pid);
+    }
+    for (pid_t pid : pids) {
+        // A message's actions may end or start processes: look each one up again.
+        if (auto it = processes_.find(pid); it != processes_.end()) on_worker_packet(*it->second);
+    }
 }
 
 void Master::on_worker_packet(WorkerProcess& worker) {

@@ -81,6 +81,7 @@ class Master {
 
     void on_signal(int signum);
     void reap_children();
+    void read_every_channel();
     void on_worker_packet(WorkerProcess& worker);
     void on_worker_exit(pid_t pid, int status);
 

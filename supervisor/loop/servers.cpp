@@ -101,10 +101,8 @@ void OneShotServer::on_connection() {
         c->close();
         return;
     }
-    if (connections_.size() > kMaxClients) {
-        c->answer(dialect_.busy);
-        return;
-    }
+    c->serial = accepted_++;
+    if (!admit(*c)) return;
     uv_timer_start(
         &c->timer,
         // No complete request in time: hang up without an answer.
@@ -131,6 +129,7 @@ void OneShotServer::on_connection() {
                 return;
             }
             // A whole request, or EOF after a request without its final newline.
+            c->awaiting_request = false;
             uv_timer_stop(&c->timer);
             uv_read_stop(stream);
             try {
@@ -140,6 +139,30 @@ void OneShotServer::on_connection() {
                 c->answer(c->server->dialect_.internal_error(e.what()));
             }
         });
+}
+
+// Past kMaxClients open connections, the oldest one still waiting for its request is answered
+// "busy" and closed to make room. Connections whose request is being handled (a `reload
+// --wait` waits for a whole rollover) are never evicted; when every connection is such a one,
+// the newcomer is the one answered "busy".
+bool OneShotServer::admit(Connection& newcomer) {
+    std::size_t open = 0;
+    Connection* oldest_idle = nullptr;
+    for (const auto& connection : connections_) {
+        if (connection->answered || connection->closed) continue;  // already on its way out
+        ++open;
+        bool idle = connection->awaiting_request && connection.get() != &newcomer;
+        if (idle && (oldest_idle == nullptr || connection->serial < oldest_idle->serial)) {
+            oldest_idle = connection.get();
+        }
+    }
+    if (open <= kMaxClients) return true;
+    if (oldest_idle != nullptr) {
+        oldest_idle->answer(dialect_.busy);
+        return true;
+    }
+    newcomer.answer(dialect_.busy);
+    return false;
 }
 
 void OneShotServer::forget(Connection* connection) {

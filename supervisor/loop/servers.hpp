@@ -28,7 +28,10 @@ struct Dialect {
 };
 
 // What the two servers share: accepting with a cap, reading a bounded request with a
-// deadline, writing one answer and closing, and removing their socket file at exit.
+// deadline, writing one answer and closing, and removing their socket file at exit. When the
+// cap is reached, a newcomer evicts the oldest connection that has not sent a whole request
+// yet: a flood of idle connections (from any local user) then costs the flood its own oldest
+// connections, never a scrape or a `molt ctl status` that is sending its request.
 class OneShotServer {
   public:
     OneShotServer(Master& master, Dialect dialect) : master_(master), dialect_(dialect) {}
@@ -43,11 +46,13 @@ class OneShotServer {
 
     std::string start(uv_stream_t* server);
     void on_connection();
+    bool admit(Connection& newcomer);
 
     Master& master_;
     const Dialect dialect_;
     uv_stream_t* server_ = nullptr;
     std::set<std::shared_ptr<Connection>> connections_;
+    std::uint64_t accepted_ = 0;  // connections accepted so far: the next one's serial
     bool closed_ = false;
     std::string socket_path_;  // a Unix socket file this server bound: removed at exit
 };
@@ -62,6 +67,8 @@ struct Connection : std::enable_shared_from_this<Connection> {
     } handle{};
     uv_timer_t timer{};
     std::string request;
+    std::uint64_t serial = 0;      // accept order: the oldest idle connection is evicted first
+    bool awaiting_request = true;  // no whole request yet (an idle connection)
     bool answered = false;
     bool closed = false;
     int open_handles = 0;

@@ -474,4 +474,60 @@ Result<gid_t> lookup_group(const std::string& name) {
     return gr->gr_gid;
 }
 
+Result<std::vector<std::string>> inaccessible_as(const std::string& user, const std::string& group,
+                                                 const std::vector<AccessCheck>& checks) {
+    gid_t gid = 0;
+    auto uid = lookup_user(user, &gid);
+    if (!ok(uid)) return Error{error_of(uid)};
+    if (!group.empty()) {
+        auto named = lookup_group(group);
+        if (!ok(named)) return Error{error_of(named)};
+        gid = std::get<0>(named);
+    }
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) return Error{failed("pipe2", errno)};
+    Fd read_end(fds[0]);
+    Fd write_end(fds[1]);
+    pid_t child = ::fork();
+    if (child < 0) return Error{failed("fork", errno)};
+    if (child == 0) {
+        // The child only takes the identity and asks; each refusal is "index errno\n".
+        if (::initgroups(user.c_str(), gid) != 0 || ::setgid(gid) != 0 ||
+            ::setuid(std::get<0>(uid)) != 0) {
+            ::_exit(2);
+        }
+        for (std::size_t i = 0; i < checks.size(); ++i) {
+            if (::access(checks[i].path.c_str(), checks[i].mode) == 0) continue;
+            char line[64];
+            int n = std::snprintf(line, sizeof line, "%zu %d\n", i, errno);
+            if (::write(write_end.get(), line, static_cast<std::size_t>(n)) < 0) ::_exit(3);
+        }
+        ::_exit(0);
+    }
+    write_end = Fd();
+    std::string answers;
+    char buffer[4096];
+    ssize_t n;
+    while ((n = ::read(read_end.get(), buffer, sizeof buffer)) > 0 || (n < 0 && errno == EINTR)) {
+        if (n > 0) answers.append(buffer, static_cast<std::size_t>(n));
+    }
+    int status = 0;
+    while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) == 2) {
+        return Error{"cannot take the identity of user " + user +
+                     " to check what it can read (run molt check as root)"};
+    }
+    std::vector<std::string> refused;
+    std::size_t index = 0;
+    int err = 0;
+    const char* at = answers.c_str();
+    int used = 0;
+    while (std::sscanf(at, "%zu %d\n%n", &index, &err, &used) == 2 && index < checks.size()) {
+        refused.push_back(checks[index].path + ": " + std::strerror(err));
+        at += used;
+    }
+    return refused;
+}
+
 }  // namespace molt::os

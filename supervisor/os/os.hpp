@@ -216,6 +216,17 @@ std::string executable_dir();
 // 8 hex digits of FNV-1a over a file's bytes; "unknown" when it cannot be read.
 std::string file_digest(const std::string& path);
 
+// What `user` (in `group`, or the user's own group when empty, plus its supplementary groups)
+// cannot do of `checks`, asked with access(2) by a child that took that identity: modes,
+// ACLs and every directory on the way count exactly as they will for a worker. One
+// "PATH: reason" per refused check; an error when the identity cannot be taken (not root).
+struct AccessCheck {
+    std::string path;
+    int mode;  // R_OK, W_OK, X_OK as for access(2)
+};
+Result<std::vector<std::string>> inaccessible_as(const std::string& user, const std::string& group,
+                                                 const std::vector<AccessCheck>& checks);
+
 // Resolve user/group names to ids; errors name the missing user.
 Result<uid_t> lookup_user(const std::string& name, gid_t* primary_group);
 Result<gid_t> lookup_group(const std::string& name);

@@ -9,10 +9,12 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from molt_testlib import APPS, PYTHON, Molt, http_get, molt_bin, process_running, wait_until
+from molt_testlib import (APPS, PYTHON, REPO, Molt, http_get, molt_bin, process_running,
+                          wait_until)
 
 HELLO = {"app": "hello_app:application", "chdir": str(APPS), "workers": 2}
 EDGE = {"app": "edge_app:application", "chdir": str(APPS), "workers": 2, "threads": 4}
@@ -54,6 +56,54 @@ def test_a_fifo_or_a_device_as_the_config_is_refused_at_once(tmp_path):
             assert result.returncode == 78, result
             assert (f"{path}: cannot read config file: not a regular file (a FIFO or a device "
                     "is never read as a config)") in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="taking another user's identity needs root")
+def test_check_notices_that_the_user_cannot_read_the_release_or_the_shim(tmp_path):
+    # Issue 18 point 9: with `user:`, a release or a shim that user cannot read used to pass
+    # the check, and every worker then failed with "No module named molt_shim".
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="molt-user-check-"))
+    try:
+        root.chmod(0o755)  # readable by anyone, unlike pytest's own tmp_path
+        release = root / "release"
+        release.mkdir()
+        (release / "app.py").write_text("def application(e, s):\n    return []\n")
+        config = root / "molt.yaml"
+        config.write_text(f"app: app:application\nchdir: {release}\npython: {PYTHON}\n"
+                          "user: nobody\n")
+
+        def check(binary: str = molt_bin()) -> subprocess.CompletedProcess:
+            return subprocess.run([binary, "check", "-c", str(config)], capture_output=True,
+                                  text=True, timeout=30)
+
+        release.chmod(0o755)
+        result = check()
+        assert result.returncode == 0, result.stderr
+        release.chmod(0o700)
+        result = check()
+        assert result.returncode == 78
+        assert (f'{config}: user: "nobody" cannot use {release}: Permission denied'
+                in result.stderr)
+        release.chmod(0o755)
+        # A copy of molt whose shim (lib/molt next to bin/) only root can read.
+        (root / "bin").mkdir()
+        shutil.copy(molt_bin(), root / "bin" / "molt")
+        shim = root / "lib" / "molt"
+        shutil.copytree(Path(REPO) / "worker_shim" / "molt_shim", shim / "molt_shim")
+        (root / "lib").chmod(0o700)
+        result = check(str(root / "bin" / "molt"))
+        assert result.returncode == 78
+        assert (f'user: "nobody" cannot use {root}/bin/../lib/molt/molt_shim/__main__.py: '
+                "Permission denied" in result.stderr)
+        # --offline looks nothing up.
+        offline = subprocess.run([str(root / "bin" / "molt"), "check", "--offline", "-c",
+                                  str(config)], capture_output=True, text=True, timeout=30)
+        assert offline.returncode == 0, offline.stderr
+    finally:
+        shutil.rmtree(root)
 
 
 def test_the_config_free_form_serves(tmp_path):
@@ -361,6 +411,39 @@ def test_control_socket_survives_abuse(molt):
     for s in silent:
         s.close()
     assert m.status()["live_generation"] == 1
+    assert http_get(m.port, "/")[0] == 200
+
+
+def test_the_master_endpoints_answer_under_a_flood_of_idle_connections(molt):
+    # Issue 18 point 8: one local user opens more idle connections than the servers admit
+    # (256 each), to the metrics endpoint and to the control socket, and keeps them open. A
+    # scrape and `molt ctl status` still succeed: a newcomer evicts the oldest connection that
+    # has not sent a request, never a scrape. Before, both answered "busy" until the flood
+    # timed out.
+    metrics_port = free_port()
+    m = molt(dict(HELLO, metrics={"listen": f"tcp://127.0.0.1:{metrics_port}"}))
+    flood = []
+    try:
+        for _ in range(320):
+            flood.append(socket.create_connection(("127.0.0.1", metrics_port), timeout=10))
+            control = socket.socket(socket.AF_UNIX)
+            # Blocking: a Unix socket with a timeout answers EAGAIN at once when the listen
+            # backlog is full, where a blocking connect waits for the master to accept.
+            control.connect(m.config["control"]["socket"])
+            control.settimeout(10)
+            flood.append(control)
+        for _ in range(3):
+            status, _, body = http_get(metrics_port, "/metrics")
+            assert status == 200 and b"molt_generation 1" in body
+            result = m.ctl("status", timeout=30)
+            assert result.returncode == 0, result.stderr
+            assert m.status()["live_generation"] == 1
+        # The evicted ones were told why: the oldest flood connection got "busy".
+        assert flood[0].recv(4096).startswith(b"HTTP/1.1 503 Service Unavailable")
+        assert b"too many control clients at once" in flood[1].recv(4096)
+    finally:
+        for s in flood:
+            s.close()
     assert http_get(m.port, "/")[0] == 200
 
 

@@ -159,6 +159,74 @@ def test_a_stopped_worker_is_aborted_killed_and_replaced(molt):
     assert_clean_stop(m)
 
 
+class BoundedLoad:
+    """Plain GETs one after another on fresh connections from a thread, until stopped or
+    `limit` requests; counts what the clients saw."""
+
+    def __init__(self, port: int, limit: int = 200_000):
+        self.port, self.limit = port, limit
+        self.ok = 0
+        self.failures: list[str] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        for _ in range(self.limit):
+            if self.stopped.is_set():
+                return
+            try:
+                status, _, _ = http_get(self.port, "/", timeout=10)
+                if status == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"status {status}")
+            except OSError as exc:
+                self.failures.append(repr(exc))
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.mark.timeout(120)
+def test_a_paused_master_aborts_no_healthy_worker_but_still_a_stuck_one(molt):
+    # Issue 18 point 2: the master is stopped (as by a VM freeze, swapping or a debugger) for
+    # three heartbeat periods while its workers go on serving; resumed, it aborts none of
+    # them. A worker that really stops is still aborted and replaced.
+    heartbeat_s = 1.0
+    m = molt(dict(HELLO, timeouts={"heartbeat": "1s"}))
+    workers = sorted(m.worker_pids())
+    load = BoundedLoad(m.port)
+    wait_until(lambda: load.ok >= 10, 30, "the load to run")
+    m.signal(signal.SIGSTOP)
+    try:
+        stopped_at, served_before = time.monotonic(), load.ok
+        # The pause is the stimulus: three heartbeats long, and the workers kept serving.
+        wait_until(lambda: time.monotonic() - stopped_at > 3 * heartbeat_s
+                   and load.ok > served_before + 20, 30, "the workers to serve while stopped")
+    finally:
+        m.signal(signal.SIGCONT)
+    wait_until(lambda: "the master did not run for" in m.log() or "no heartbeat for" in m.log(),
+               30, "the master to judge the pause", on_timeout=m.log)
+    served_after = load.ok
+    wait_until(lambda: load.ok > served_after + 20, 30, "the load to go on after the pause")
+    load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert "no heartbeat for" not in m.log() and "SIGABRT" not in m.log(), m.log()
+    assert sorted(m.worker_pids()) == workers
+
+    victim = workers[0]
+    os.kill(victim, signal.SIGSTOP)
+    wait_until(lambda: not process_running(victim), 30, "the stopped worker to be killed",
+               on_timeout=m.log)
+    wait_until(lambda: len(m.workers("ready")) == 2, 20, "its successor")
+    assert "no heartbeat for" in m.log() and "sending SIGABRT" in m.log()
+    assert workers[1] in m.worker_pids()
+    assert_clean_stop(m)
+
+
 @pytest.mark.timeout(60)
 def test_a_full_disk_for_logs_does_not_stop_serving(molt):
     # /dev/full answers every write with ENOSPC, exactly like a full log partition.

@@ -1,47 +1,54 @@
-"""http.header_timeout fires on time on an idle WSGI worker (issue 18 point 9): within 10 % or
-100 ms of its value, whether the client sent nothing, a partial head or one byte, and whatever
-the keepalive is."""
+"""http.header_timeout on an idle worker (issue 18 points 5 and 9), whether the client sent
+nothing, a partial head or one byte, and whatever the keepalive is; on every WSGI engine and
+the ASGI interface.
+
+Nothing here is timed (the owner's rule: tests check behaviour). That the timeout is the
+configured one, not the keepalive, is shown by order: a keep-alive connection that went idle
+*before* the test's connection was opened is still open (its keepalive, four times longer, is
+not due) when the test's connection has been answered and closed. How precisely each timeout
+fires is a matter of mechanism (a 100 ms sweep or tick): see the table in
+docs/architecture.md, "How each timeout is enforced"."""
 from __future__ import annotations
 
 import socket
 import tempfile
-import time
 from typing import Iterator, Tuple
 
 import pytest
 
-from harness import Listeners, Worker
+from harness import HAVE_NATIVE, Client, Listeners, Worker
 
 pytestmark = pytest.mark.timeout(60)
 
-HEADER_TIMEOUT_S = 2.0
-TOLERANCE_S = max(0.1 * HEADER_TIMEOUT_S, 0.1)
+HEADER_TIMEOUT_MS = 1500
+KEEPALIVE_MS = 6000
+SERVERS = ["python"] + (["native"] if HAVE_NATIVE else []) + ["asgi"]  # conftest.WSGI_ENGINES
 
 
-@pytest.fixture(scope="module")
-def srv(engine: str) -> Iterator[Tuple[Listeners, Worker]]:
+@pytest.fixture(scope="module", params=SERVERS)
+def srv(request) -> Iterator[Tuple[Listeners, Worker]]:
     ls = Listeners(tempfile.mkdtemp(prefix="molt-timeouts-"))
-    # A keepalive longer than the header timeout: the first head is still due on time.
-    w = Worker(ls, "edge_app:application", engine=engine,
-               overrides={"http": {"header_timeout_ms": int(HEADER_TIMEOUT_S * 1000),
-                                   "version_header": ""},
-                          "timeouts": {"keepalive_ms": 6000}}).wait_ready()
-    yield ls, w
+    overrides = {"http": {"header_timeout_ms": HEADER_TIMEOUT_MS, "version_header": ""},
+                 "timeouts": {"keepalive_ms": KEEPALIVE_MS}}
+    if request.param == "asgi":
+        w = Worker(ls, "asgi_app:app", interface="asgi", overrides=overrides)
+    else:
+        w = Worker(ls, "edge_app:application", engine=request.param, overrides=overrides)
+    yield ls, w.wait_ready()
     w.stop()
     ls.close()
 
 
-def seconds_until_closed(port: int, data: bytes) -> Tuple[float, bytes]:
+def answer_until_closed(port: int, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port)) as s:
-        started = time.monotonic()
         if data:
             s.sendall(data)
-        s.settimeout(3 * HEADER_TIMEOUT_S)
+        s.settimeout(30)
         answer = b""
         while True:
             chunk = s.recv(65536)
             if not chunk:
-                return time.monotonic() - started, answer
+                return answer
             answer += chunk
 
 
@@ -50,9 +57,14 @@ def seconds_until_closed(port: int, data: bytes) -> Tuple[float, bytes]:
     (b"G", b"HTTP/1.1 408 Request Timeout\r\n"),
     (b"GET / HTTP/1.1\r\nHost: t\r\n", b"HTTP/1.1 408 Request Timeout\r\n"),
 ], ids=["nothing", "one-byte", "partial-head"])
-def test_the_header_timeout_fires_on_time(srv, data, answer):
+def test_the_header_timeout_answers_before_the_keepalive(srv, data, answer):
     ls, w = srv
-    elapsed, got = seconds_until_closed(ls.port, data)
-    assert got.startswith(answer) and (answer or not got), got
-    assert abs(elapsed - HEADER_TIMEOUT_S) <= TOLERANCE_S, elapsed
+    idle = Client(ls.port, timeout=30)
+    try:
+        assert idle.request("/")[0] == 200  # now idle, under the keepalive
+        got = answer_until_closed(ls.port, data)
+        assert got.startswith(answer) and (answer or not got), got
+        assert idle.request("/")[0] == 200  # its keepalive is not due yet
+    finally:
+        idle.close()
     assert w.alive()

@@ -54,6 +54,7 @@ DEFAULTS: Dict[str, Any] = {
         "max_body_size": 0,
         "body_buffer_size": 1048576,
         "header_timeout_ms": 10000,
+        "send_timeout_ms": 30000,
         "version_header": "",
     },
     "logging": {"level": "info", "access_log": False, "access_log_format": DEFAULT_ACCESS_LOG_FORMAT},
@@ -148,6 +149,11 @@ class WorkerConfig:
     @property
     def header_timeout_s(self) -> float:
         return max(0.05, float(self.http["header_timeout_ms"]) / 1000.0)
+
+    @property
+    def send_timeout_s(self) -> float:
+        """http.send_timeout: the longest a response waits for its client to take more bytes."""
+        return max(0.05, float(self.http["send_timeout_ms"]) / 1000.0)
 
     @property
     def max_requests(self) -> int:

@@ -26,7 +26,6 @@ namespace {
 
 constexpr std::size_t kRecvSize = 65536;
 constexpr double kLingerS = 2.0;  // how long a closing connection is read-discarded
-constexpr double kWriteTimeoutS = 60.0;
 constexpr int kDrainBacklogMax = 64;
 constexpr double kCloseWaitS = 2.0;  // how long close() waits for a thread inside the app  // what
                                      // a draining worker still accepts from the queue
@@ -513,10 +512,19 @@ void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
     }
 }
 
+// Until the client has taken bytes from the socket's send buffer. http.send_timeout (nginx's
+// send_timeout) bounds each wait, not the whole response: a client that reads nothing holds
+// its serving thread this long at most, one that keeps reading is never cut off.
+bool Server::wait_writable(Connection& conn, std::string* why) const {
+    if (wait_fd(conn.fd, POLLOUT, config_.send_timeout)) return true;
+    *why = "the client took no response bytes for " + fmt_seconds(config_.send_timeout) +
+           " (http.send_timeout)";
+    return false;
+}
+
 bool Server::send_all(Connection& conn, const iovec* iov_in, int count, std::string* why) {
     std::vector<iovec> iov(iov_in, iov_in + count);
     std::size_t first = 0;
-    double deadline = 0;
     while (first < iov.size()) {
         if (iov[first].iov_len == 0) {
             ++first;
@@ -532,14 +540,9 @@ bool Server::send_all(Connection& conn, const iovec* iov_in, int count, std::str
                 *why = std::strerror(errno);
                 return false;
             }
-            if (deadline == 0) deadline = monotonic() + kWriteTimeoutS;
-            if (!wait_fd(conn.fd, POLLOUT, deadline - monotonic())) {
-                *why = "write timed out";
-                return false;
-            }
+            if (!wait_writable(conn, why)) return false;
             continue;
         }
-        deadline = 0;
         auto left = static_cast<std::size_t>(sent);
         while (left > 0 && first < iov.size()) {
             if (left >= iov[first].iov_len) {
@@ -558,7 +561,6 @@ bool Server::send_all(Connection& conn, const iovec* iov_in, int count, std::str
 bool Server::send_file(Connection& conn, int file_fd, std::int64_t offset, std::uint64_t size,
                        std::uint64_t* sent_total, std::string* why) {
     off_t off = static_cast<off_t>(offset);
-    double deadline = monotonic() + kWriteTimeoutS;
     while (size > 0) {
         const ssize_t n =
             ::sendfile(conn.fd, file_fd, &off,
@@ -569,16 +571,12 @@ bool Server::send_file(Connection& conn, int file_fd, std::int64_t offset, std::
                 *why = std::strerror(errno);
                 return false;
             }
-            if (!wait_fd(conn.fd, POLLOUT, deadline - monotonic())) {
-                *why = "write timed out";
-                return false;
-            }
+            if (!wait_writable(conn, why)) return false;
             continue;
         }
         if (n == 0) break;  // the file shrank under us
         size -= static_cast<std::uint64_t>(n);
         *sent_total += static_cast<std::uint64_t>(n);
-        deadline = monotonic() + kWriteTimeoutS;
     }
     return true;
 }

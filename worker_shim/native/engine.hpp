@@ -34,6 +34,8 @@ namespace molt::native {
 struct EngineConfig {
     HttpLimits limits;
     double header_timeout = 10;
+    // http.send_timeout: the longest a response waits for its client to take more bytes.
+    double send_timeout = 30;
     double keepalive = 5;
     double drain_idle = 1;       // idle window for keep-alive connections while draining
     std::string version_header;  // a full header line ("X-Version: v1\r\n") or ""
@@ -131,6 +133,7 @@ class Server {
     bool handle(Connection& conn, Request& req, PyThreadState* thread_state);
 
     // Socket writes for handle() (call with the GIL released). False: the client is gone.
+    bool wait_writable(Connection& conn, std::string* why) const;
     bool send_all(Connection& conn, const iovec* iov, int count, std::string* why);
     bool send_file(Connection& conn, int file_fd, std::int64_t offset, std::uint64_t size,
                    std::uint64_t* sent, std::string* why);

@@ -194,10 +194,10 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
         return false;
     }
     double v[10];
-    const char* keys[] = {"max_request_line", "max_header_size",  "max_headers",
-                          "max_body_size",    "body_buffer_size", "header_timeout_s",
-                          "keepalive_s",      "drain_idle_s",     "threads"};
-    for (int i = 0; i < 9; ++i) {
+    const char* keys[] = {"max_request_line", "max_header_size",  "max_headers", "max_body_size",
+                          "body_buffer_size", "header_timeout_s", "keepalive_s", "drain_idle_s",
+                          "threads",          "send_timeout_s"};
+    for (int i = 0; i < 10; ++i) {
         if (!config_number(cfg, keys[i], &v[i])) return false;
     }
     c->limits.max_request_line = static_cast<std::uint64_t>(v[0]);
@@ -209,6 +209,7 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
     c->keepalive = v[6];
     c->drain_idle = v[7];
     c->threads = static_cast<int>(v[8]);
+    c->send_timeout = v[9];
     return config_text(cfg, "version_header", &c->version_header) &&
            config_text(cfg, "script_name", &c->script_name);
 }

@@ -57,6 +57,7 @@ recycle: {max_requests: 10, max_requests_jitter: 2}
           {"max_body_size", 1048576},
           {"body_buffer_size", 1048576},
           {"header_timeout_ms", 10000},
+          {"send_timeout_ms", 30000},
           {"version_header", "X-Version"}}},
         {"logging",
          {{"level", "warning"}, {"access_log", true}, {"access_log_format", "{status}"}}},

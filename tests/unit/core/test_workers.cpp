@@ -122,6 +122,69 @@ TEST_CASE("a silent worker gets SIGABRT at timeouts.heartbeat, its successor boo
     CHECK(h.sup.restarts().at(RestartReason::heartbeat) == 1);
 }
 
+TEST_CASE("a paused master aborts nobody: the time it did not run is not silence") {
+    // Issue 18 point 2: the master was stopped (SIGSTOP, a VM freeze) for three heartbeat
+    // periods while both workers kept heartbeating into their channels. The loop wakes late,
+    // the deadline tick runs before the queued heartbeats are read, and must abort no one.
+    Live h(make_config(2, [](config::Config& c) { c.timeouts.heartbeat = 2s; }));
+    Pid a = h.slot_pid(0);
+    Pid b = h.slot_pid(1);
+    h.advance(1s);
+    h.say(a, "WATCHDOG=1\nREQUESTS=1\nINFLIGHT=0\nOLDEST_MS=0");
+    REQUIRE(h.sup.next_deadline() == Time(2s));  // b's heartbeat check
+    h.now = Time(8s);                            // the timer fires 6 s late
+    h.run(h.sup.tick(h.now));
+    CHECK(h.of<SignalWorker>(h.all).empty());
+    CHECK(h.of<SpawnWorker>(h.all).empty());
+    bool told = false;
+    for (const auto& line : h.of<WriteLog>(h.last)) {
+        told |= line.text.find("the master did not run for 6000ms") != std::string::npos;
+    }
+    CHECK(told);
+    // The heartbeats queued meanwhile are read right after the tick.
+    h.say(a, "WATCHDOG=1\nREQUESTS=2\nINFLIGHT=0\nOLDEST_MS=0");
+    h.say(b, "WATCHDOG=1\nREQUESTS=2\nINFLIGHT=0\nOLDEST_MS=0");
+    CHECK(h.of<SignalWorker>(h.all).empty());
+
+    // A worker that is really stuck is still aborted after a full heartbeat of observed
+    // silence: b stops talking, a goes on.
+    h.advance(1s);
+    h.say(a, "WATCHDOG=1");
+    h.advance(1s);
+    REQUIRE(h.signals_to(b).size() == 1);
+    CHECK(h.signals_to(b)[0].signal == Signal::abort);
+    CHECK(h.signals_to(a).empty());
+}
+
+TEST_CASE("a pause counts once, and a stuck worker's observed silence before it still counts") {
+    Live h(make_config(1, [](config::Config& c) { c.timeouts.heartbeat = 10s; }));
+    Pid pid = h.slot_pid(0);
+    h.advance(6s);  // 6 s of observed silence (the deadline is at 10 s)
+    h.now = Time(30s);
+    h.run(h.sup.tick(h.now));  // 20 s late: 6 s of silence were observed, the rest was not
+    CHECK(h.signals_to(pid).empty());
+    // It had been silent for 6 s of the master's time: 4 s are left, counted once however
+    // many events arrive at the end of the pause.
+    CHECK(h.sup.next_deadline() == Time(34s));
+    h.run(h.sup.message(h.now, pid, "STATUS=still here"));
+    CHECK(h.sup.next_deadline() == Time(34s));
+    h.advance_to_deadline();
+    REQUIRE(h.signals_to(pid).size() == 1);
+    CHECK(h.signals_to(pid)[0].signal == Signal::abort);
+}
+
+TEST_CASE("READY queued while the master was paused still counts within timeouts.boot") {
+    Harness h;
+    h.start(make_release("/srv/app/v1", make_config(1)));  // timeouts.boot is 10 s
+    Pid pid = h.pids(1).at(0);
+    h.run(h.sup.message(h.now, pid, "STATUS=importing"));
+    h.now = Time(25s);  // stopped from 0 to 25 s; READY was sent at 3 s
+    h.run(h.sup.tick(h.now));
+    CHECK(h.gen_state(1) == GenerationState::starting);
+    h.ready(pid);
+    CHECK(h.gen_state(1) == GenerationState::live);
+}
+
 TEST_CASE("timeouts.request aborts a worker whose oldest request runs too long") {
     Live h(make_config(1, [](config::Config& c) { c.timeouts.request = 20s; }));
     Pid pid = h.slot_pid(0);

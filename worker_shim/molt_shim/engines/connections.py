@@ -21,7 +21,7 @@ from ..wsgi.response import ClientGone
 EV_ARM = select.EPOLLIN | select.EPOLLONESHOT
 RECV_SIZE = 65536
 LINGER_S = 2.0  # how long a closing connection is read-discarded before the final close()
-WRITE_TIMEOUT_S = 60.0
+SEND_TIMEOUT_S = 30.0  # http.send_timeout's default; the engine passes the configured one
 
 
 class ConnState(enum.Enum):
@@ -40,11 +40,15 @@ class Connection:
     Both `send_all` and `sendfile_all` make it the response's `Sink` (wsgi/response.py)."""
 
     __slots__ = ("sock", "fd", "peer", "listener_env", "reader", "state", "idle_since",
-                 "linger_until", "in_epoll", "warmup", "_env", "served")
+                 "linger_until", "in_epoll", "warmup", "_env", "served", "send_timeout")
 
     def __init__(self, sock: socket.socket, peer: Any, listener_env: Dict[str, Any],
-                 limits: Limits) -> None:
+                 limits: Limits, send_timeout: float = SEND_TIMEOUT_S) -> None:
         self.sock = sock
+        # http.send_timeout: the longest a response waits for its client to take more bytes
+        # (nginx's send_timeout). A client that reads nothing costs its serving thread this
+        # long at most; one that keeps reading, however slowly, is never cut off.
+        self.send_timeout = send_timeout
         self.fd = sock.fileno()
         self.peer = peer
         self.listener_env = listener_env
@@ -87,10 +91,8 @@ class Connection:
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         view = memoryview(data)[sent:]
-        deadline = time.monotonic() + WRITE_TIMEOUT_S
         while view:
-            if not self.wait(select.POLLOUT, deadline - time.monotonic()):
-                raise ClientGone("write timed out")
+            self.wait_writable()
             try:
                 view = view[sock.send(view):]
             except (BlockingIOError, InterruptedError):
@@ -100,13 +102,11 @@ class Connection:
 
     def sendfile_all(self, fd: int, offset: int, size: int) -> int:
         total = 0
-        deadline = time.monotonic() + WRITE_TIMEOUT_S
         while size > 0:
             try:
                 sent = os.sendfile(self.fd, fd, offset, min(size, 1 << 30))
             except (BlockingIOError, InterruptedError):
-                if not self.wait(select.POLLOUT, deadline - time.monotonic()):
-                    raise ClientGone("write timed out")
+                self.wait_writable()
                 continue
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
@@ -115,8 +115,14 @@ class Connection:
             offset += sent
             size -= sent
             total += sent
-            deadline = time.monotonic() + WRITE_TIMEOUT_S
         return total
+
+    def wait_writable(self) -> None:
+        """Until the client has taken bytes from the socket's send buffer; ClientGone after
+        send_timeout without any."""
+        if not self.wait(select.POLLOUT, self.send_timeout):
+            raise ClientGone("the client took no response bytes for %.1fs (http.send_timeout)"
+                             % self.send_timeout)
 
     def recv_wait(self, timeout: float) -> Optional[bytes]:
         """Blocking-with-deadline recv for request bodies; None on timeout."""

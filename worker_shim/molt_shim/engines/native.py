@@ -91,6 +91,7 @@ class NativeEngine:
                 "max_body_size": int(http["max_body_size"] or 0),
                 "body_buffer_size": int(http["body_buffer_size"]),
                 "header_timeout_s": cfg.header_timeout_s,
+                "send_timeout_s": cfg.send_timeout_s,
                 "keepalive_s": max(0.0, cfg.timeout_s("keepalive")),
                 "drain_idle_s": cfg.drain_idle_s,
                 "threads": cfg.threads,

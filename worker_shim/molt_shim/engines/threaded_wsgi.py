@@ -81,6 +81,7 @@ class ThreadedWSGIEngine:
         self.counter = RequestCounter(ctx.on_request_count)
         self.limits = Limits.from_config(cfg.http)
         self.header_timeout = cfg.header_timeout_s
+        self.send_timeout = cfg.send_timeout_s
         self.keepalive = max(0.0, cfg.timeout_s("keepalive"))
         self.framing = Framing(cfg.version_header_line, self.keepalive > 0)
         self.threads = max(1, cfg.threads)
@@ -324,7 +325,7 @@ class ThreadedWSGIEngine:
         sock.setblocking(False)
         env = (self.listeners[0].env if self.listeners
                else listener_environ(self.base_env, None, False))
-        conn = Connection(sock, "", env, self.limits)
+        conn = Connection(sock, "", env, self.limits, self.send_timeout)
         conn.warmup = True
         self.lot.add(conn)
         self.lot.park(conn)
@@ -403,7 +404,7 @@ class ThreadedWSGIEngine:
                     error = None
                     try:
                         sock.setblocking(False)  # TCP_NODELAY comes from the listener
-                        conn = Connection(sock, peer, lst.env, self.limits)
+                        conn = Connection(sock, peer, lst.env, self.limits, self.send_timeout)
                     except BaseException:
                         sock.close()
                         raise
@@ -550,7 +551,7 @@ class ThreadedWSGIEngine:
             except OSError:  # EAGAIN: nothing queued (or a client already gone)
                 return
             sock.setblocking(False)
-            conn = Connection(sock, peer, lst.env, self.limits)
+            conn = Connection(sock, peer, lst.env, self.limits, self.send_timeout)
             self.lot.add(conn)
             self.lot.park(conn)
 

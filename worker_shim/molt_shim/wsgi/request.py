@@ -11,7 +11,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 from .. import httpparse
-from .framing_guard import FramingGuard
+from ..framing_guard import FramingGuard
 
 
 class HttpError(Exception):

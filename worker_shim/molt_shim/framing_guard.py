@@ -4,8 +4,10 @@ The parser library is lenient in places where a proxy and molt could read one by
 different requests (request smuggling). The guard reads the same bytes first, line by line,
 with the strict RFC 9112 grammar, and names the first violation; the reader then answers it
 with 400 (505 for an unsupported version) and closes. Whatever the library accepts, a stream
-the guard refuses is never served. The rules are the same as the native engine's
-(worker_shim/native/framing_guard.cpp); the framing table test runs both.
+the guard refuses is never served. Both interfaces use it: the threaded WSGI engine's request
+reader (wsgi/request.py) and the ASGI engine's protocol (engines/uvicorn_asgi.py). The rules
+are the same as the native engine's (worker_shim/native/framing_guard.cpp); the framing table
+test (tests/shim/test_framing.py) runs every engine of both interfaces.
 
 The guard frames bodies itself (Content-Length, chunked) only to know where the next line
 starts; a head it cannot follow (an upgrade, a line longer than the reader's limits allow)
