@@ -47,3 +47,17 @@ def test_limit_concurrency_answers_503_above_it(listeners, spawn):
     assert (status, body) == (503, b"Service Unavailable")
     first.close()
     second.close()
+
+
+@pytest.mark.parametrize("server_header, date_header", [(False, True), (True, False)])
+def test_server_and_date_header_choices(listeners, spawn, server_header, date_header):
+    spawn("asgi_scope_app:app", interface="asgi",
+          overrides={"asgi": {"server_header": server_header,
+                              "date_header": date_header}}).wait_ready()
+    c = Client(listeners.port)
+    for _ in range(2):  # the first response, and one on a kept-alive connection
+        status, headers, _ = c.request("/x")
+        assert status == 200
+        assert headers.get("Server") == ("molt" if server_header else None)
+        assert ("Date" in headers) == date_header
+    c.close()
