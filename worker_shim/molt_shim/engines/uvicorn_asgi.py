@@ -20,8 +20,9 @@ import logging
 import os
 import select
 import socket
+import struct
 import time
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
@@ -538,6 +539,7 @@ class UvicornASGIEngine:
         epoll = getattr(getattr(self.loop, "_selector", None), "_selector", None)
         self.epoll = epoll if isinstance(epoll, select.epoll) else None
         self.make_transport = getattr(self.loop, "_make_socket_transport", None)
+        self.servers: List[Any] = []  # uvloop: its servers on dups of the listeners
         self.update_date()
 
     # -- engines.base.Engine -------------------------------------------------------------------
@@ -567,6 +569,8 @@ class UvicornASGIEngine:
         ctl = self.ctl
         ctl.draining = True
         self.update_date()  # from now on every response says Connection: close
+        for server in self.servers:
+            server.close()  # its dup of the listener; existing connections stay
         for lsock, _ in self.listeners:
             if lsock.fileno() >= 0:
                 self.loop.remove_reader(lsock.fileno())
@@ -621,12 +625,26 @@ class UvicornASGIEngine:
     def factory(self) -> asyncio.Protocol:
         return self.protocol_class(config=self.config, server_state=self.state, _loop=self.loop)
 
+    def accepted_factory(self) -> asyncio.Protocol:
+        protocol = self.factory()
+        self.ctl.unmade.add(protocol)
+        return protocol
+
     async def _serve(self, hooks: LoopHooks) -> None:
         loop = self.loop
         self.warmup_requests = self.state.total_requests
         for lsock, _ in self.listeners:
             lsock.setblocking(False)
-            self.watch(lsock)
+            backlog = None if self.make_transport is not None else tcp_backlog(lsock)
+            if backlog is None:
+                self.watch(lsock)
+                continue
+            # Not asyncio's selector loop (uvloop): its own server accepts, in C, as many as
+            # are queued per wake-up, with no Python socket object or task per connection.
+            # It re-listen()s a dup of the shared socket with the master's own backlog (read
+            # back from the kernel), so the shared queue keeps its size.
+            self.servers.append(await loop.create_server(self.accepted_factory,
+                                                         sock=lsock.dup(), backlog=backlog))
         watched = list(hooks.watch_fds())
         for fd in watched:
             loop.add_reader(fd, self._readable, hooks, fd)
@@ -783,6 +801,24 @@ def new_loop(choice: str) -> Tuple[asyncio.AbstractEventLoop, str]:
         else:
             return uvloop.new_event_loop(), "uvloop"
     return asyncio.new_event_loop(), "asyncio"
+
+
+def tcp_backlog(lsock: socket.socket) -> Optional[int]:
+    """The backlog a listening TCP socket was given (the master's `listen[].backlog`): Linux
+    reports it as tcpi_sacked in TCP_INFO for a socket in LISTEN. None for other sockets."""
+    if lsock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = lsock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    if len(info) < 32 or info[0] != TCP_LISTEN_STATE:
+        return None
+    backlog = struct.unpack_from("I", info, 28)[0]
+    return backlog or None
+
+
+TCP_LISTEN_STATE = 10  # tcpi_state of a listening socket (include/net/tcp_states.h)
 
 
 def seconds_or_none(value_ms: Any) -> Optional[float]:
