@@ -61,3 +61,23 @@ def test_server_and_date_header_choices(listeners, spawn, server_header, date_he
         assert headers.get("Server") == ("molt" if server_header else None)
         assert ("Date" in headers) == date_header
     c.close()
+
+
+def listen_backlog(sock):
+    """The backlog of a listening TCP socket, as the kernel holds it (TCP_INFO tcpi_sacked)."""
+    import socket
+    import struct
+
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("I", info, 28)[0]
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_shared_listener_keeps_the_masters_backlog(listeners, spawn, loop):
+    # uvloop's server listen()s again on the socket it is given: the worker must hand it the
+    # backlog the master chose, or every worker would shrink the one shared queue.
+    listeners.tcp.listen(777)
+    before = listen_backlog(listeners.tcp)
+    spawn("asgi_scope_app:app", interface="asgi", overrides={"asgi": {"loop": loop}}).wait_ready()
+    assert scope_of(listeners.port)["loop"].startswith(loop)
+    assert listen_backlog(listeners.tcp) == before
