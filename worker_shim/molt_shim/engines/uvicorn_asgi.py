@@ -22,7 +22,7 @@ import select
 import socket
 import struct
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
@@ -38,6 +38,7 @@ from .base import Counters, EngineContext, LoopHooks
 log = logging.getLogger("molt_shim")
 
 LINGER_S = 2.0
+UNMADE_MAX_S = 1.0  # connection_made() comes within a loop iteration, or never
 DRAIN_TICK_S = 0.1  # how often a draining worker looks for idle connections to close
 TICK_S = 1.0  # the Date header's resolution, and the per-connection timeout checks
 CLOSE_HEADER = (b"connection", b"close")
@@ -60,7 +61,10 @@ class DrainControl:
         self.warming = False
         # Protocols of accepted connections whose connection_made() has not run yet (asyncio
         # calls it on the next loop iteration): the drain is not done while there are any.
-        self.unmade: Set[Any] = set()
+        # The value is when the protocol was made: a loop that made a protocol and then failed
+        # to build its transport (uvloop's server under EMFILE) never calls connection_made(),
+        # so an entry older than UNMADE_MAX_S is dropped by the tick, not waited for.
+        self.unmade: Dict[Any, float] = {}
         self.idle_window = idle_window
         self.header_timeout = header_timeout
         # A connection that has not sent a byte yet: as in the WSGI server.
@@ -166,7 +170,7 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
         def connection_made(self, transport: Any) -> None:
             self._real_transport = transport
             self._born = time.monotonic()
-            ctl.unmade.discard(self)
+            ctl.unmade.pop(self, None)
             super().connection_made(GracefulTransport(transport, self))
             if ctl.draining:
                 self.molt_drain(self._born)
@@ -627,7 +631,7 @@ class UvicornASGIEngine:
 
     def accepted_factory(self) -> asyncio.Protocol:
         protocol = self.factory()
-        self.ctl.unmade.add(protocol)
+        self.ctl.unmade[protocol] = time.monotonic()
         return protocol
 
     async def _serve(self, hooks: LoopHooks) -> None:
@@ -673,6 +677,10 @@ class UvicornASGIEngine:
     def _tick(self, now: float) -> None:
         """The counters, the Date header, and each connection's timeout and drain checks."""
         self.observe(now)
+        unmade = self.ctl.unmade
+        if unmade:
+            for protocol in [p for p, made in unmade.items() if now - made > UNMADE_MAX_S]:
+                del unmade[protocol]
         if int(time.time()) != self.last_date:
             self.last_date = int(time.time())
             self.update_date()
@@ -745,14 +753,14 @@ class UvicornASGIEngine:
         # connect_accepted_socket() would cost a task and a future per connection. Any other
         # loop gets the public path.
         protocol = self.factory()
-        self.ctl.unmade.add(protocol)
+        self.ctl.unmade[protocol] = time.monotonic()
         if self.make_transport is None:
             self.loop.create_task(self._adopt(protocol, conn))
             return
         try:
             self.make_transport(conn, protocol)
         except Exception as exc:
-            self.ctl.unmade.discard(protocol)
+            self.ctl.unmade.pop(protocol, None)
             log.info("could not set up an accepted connection: %s", exc)
             conn.close()
 
@@ -760,7 +768,7 @@ class UvicornASGIEngine:
         try:
             await self.loop.connect_accepted_socket(lambda: protocol, conn)
         except Exception as exc:
-            self.ctl.unmade.discard(protocol)
+            self.ctl.unmade.pop(protocol, None)
             log.info("could not set up an accepted connection: %s", exc)
             conn.close()
 
