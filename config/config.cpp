@@ -1078,6 +1078,16 @@ const std::vector<KeySpec>& key_table() {
          [](Context& ctx, const Node& n, Config& c) {
              ctx.set_bool(n, c.asgi.ws_per_message_deflate);
          }},
+        {"asgi.server_header", "boolean",
+         [](const Config& c) -> std::string { return c.asgi.server_header ? "`true`" : "`false`"; },
+         "Send `Server: molt` with every response (uvicorn's `--server-header`; uvicorn sends "
+         "its own by default, molt does not, as for WSGI).",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_bool(n, c.asgi.server_header); }},
+        {"asgi.date_header", "boolean",
+         [](const Config& c) -> std::string { return c.asgi.date_header ? "`true`" : "`false`"; },
+         "Send a `Date` header with every response (uvicorn's `--date-header`; `false` is its "
+         "`--no-date-header`). An app that sets its own `Date` gets both.",
+         [](Context& ctx, const Node& n, Config& c) { ctx.set_bool(n, c.asgi.date_header); }},
         {"watch", "path, or list of paths", [](const Config&) -> std::string { return "`[]`"; },
          "File changes under these paths start a rollover (debounced).", read_watch},
         {"version_file", "relative path", none,
@@ -1555,7 +1565,9 @@ json asgi_json(const Asgi& a) {
             {"ws_max_size", a.ws_max_size},
             {"ws_ping_interval_ms", ms(a.ws_ping_interval)},
             {"ws_ping_timeout_ms", ms(a.ws_ping_timeout)},
-            {"ws_per_message_deflate", a.ws_per_message_deflate}};
+            {"ws_per_message_deflate", a.ws_per_message_deflate},
+            {"server_header", a.server_header},
+            {"date_header", a.date_header}};
 }
 
 // The HTTP limits, the same in the full config and in what each worker is given.

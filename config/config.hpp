@@ -109,6 +109,8 @@ struct Asgi {
     Duration ws_ping_interval{std::chrono::seconds(20)};  // 0 = no pings
     Duration ws_ping_timeout{std::chrono::seconds(20)};
     bool ws_per_message_deflate = true;
+    bool server_header = false;  // uvicorn sends `server: uvicorn` by default; molt says nothing
+    bool date_header = true;
 };
 
 struct Config {

@@ -205,11 +205,12 @@ class Uwsgi(Server):
 class Uvicorn(Server):
     name = "uvicorn"
 
-    def __init__(self, workdir: Path, label: str, app: str, chdir: Path, workers: int):
+    def __init__(self, workdir: Path, label: str, app: str, chdir: Path, workers: int,
+                 loop: str = "auto"):
         port = testlib.free_port()
         argv = [PYTHON, "-m", "uvicorn", "--workers", str(workers), "--host", "127.0.0.1",
                 "--port", str(port), "--app-dir", str(chdir), "--no-access-log",
-                "--log-level", "warning", app]
+                "--log-level", "warning", "--loop", loop, app]
         super().__init__(server_process(workdir, label, argv), label, port)
 
     def is_worker(self, pid: int) -> bool:

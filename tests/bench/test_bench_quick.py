@@ -18,22 +18,25 @@ from molt_testlib import REPO, molt_bin  # noqa: E402
 RUN = REPO / "bench" / "run"
 
 
-@pytest.mark.timeout(170)
+@pytest.mark.timeout(300)
 def test_quick_asgi_section_end_to_end(tmp_path):
     work, report = tmp_path / "work", tmp_path / "benchmarks.md"
     env = dict(os.environ, MOLT_BIN=molt_bin())
     done = subprocess.run([str(RUN), "--quick", "--only", "asgi", "--work", str(work), "--keep",
                            "--out", str(report)],
-                          capture_output=True, text=True, timeout=150, env=env)
+                          capture_output=True, text=True, timeout=280, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
 
     results = json.loads((work / "results.json").read_text())
     assert results["params"]["quick"] is True and results["notes"] == []
-    for key in ("asgi_keepalive", "asgi_close"):
+    for key in ("asgi_keepalive", "asgi_close", "asgi_fastapi"):
         assert set(results[key]) == {"molt", "uvicorn", "gunicorn-uvicorn"}, results[key]
         for label, figures in results[key].items():
             assert len(figures["runs"]) == 1, (key, label)     # quick: one repetition
             assert figures["rps"] > 0, (key, label, figures)
+    for label, figures in results["asgi_ws_echo"].items():
+        assert figures["rate"] > 0 and figures["errors"] == 0, (label, figures)
+    assert results["asgi_loop"] in ("uvloop", "asyncio")
     # The bench drove molt through the shared helpers: its first generation went live, and
     # the stop at the end of the section was a clean drain, not a kill.
     assert "molt.yaml (asgi)" in results["commands"]
@@ -43,10 +46,11 @@ def test_quick_asgi_section_end_to_end(tmp_path):
 
     text = report.read_text()
     assert "bench/run --quick` on" in text
-    assert "## 2. ASGI hello world, 4 workers" in text
+    assert "## 2. ASGI, 4 workers" in text
+    assert "### FastAPI JSON endpoint, keep-alive" in text and "### WebSocket echo" in text
     assert text.index("## Targets") < text.index("## Machine and versions")
     assert "| molt |" in text and "| uvicorn |" in text and "| gunicorn-uvicorn |" in text
-    assert "ASGI keep-alive: molt ≥ 0.95× uvicorn --workers 4" in text
+    assert "ASGI keep-alive: molt ≥ 1.2× the better peer" in text
     assert "## 1. WSGI" not in text and "failed in this run" not in text
 
     # The reporters alone, from the saved results: the same report again.

@@ -47,3 +47,37 @@ def test_limit_concurrency_answers_503_above_it(listeners, spawn):
     assert (status, body) == (503, b"Service Unavailable")
     first.close()
     second.close()
+
+
+@pytest.mark.parametrize("server_header, date_header", [(False, True), (True, False)])
+def test_server_and_date_header_choices(listeners, spawn, server_header, date_header):
+    spawn("asgi_scope_app:app", interface="asgi",
+          overrides={"asgi": {"server_header": server_header,
+                              "date_header": date_header}}).wait_ready()
+    c = Client(listeners.port)
+    for _ in range(2):  # the first response, and one on a kept-alive connection
+        status, headers, _ = c.request("/x")
+        assert status == 200
+        assert headers.get("Server") == ("molt" if server_header else None)
+        assert ("Date" in headers) == date_header
+    c.close()
+
+
+def listen_backlog(sock):
+    """The backlog of a listening TCP socket, as the kernel holds it (TCP_INFO tcpi_sacked)."""
+    import socket
+    import struct
+
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("I", info, 28)[0]
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_shared_listener_keeps_the_masters_backlog(listeners, spawn, loop):
+    # uvloop's server listen()s again on the socket it is given: the worker must hand it the
+    # backlog the master chose, or every worker would shrink the one shared queue.
+    listeners.tcp.listen(777)
+    before = listen_backlog(listeners.tcp)
+    spawn("asgi_scope_app:app", interface="asgi", overrides={"asgi": {"loop": loop}}).wait_ready()
+    assert scope_of(listeners.port)["loop"].startswith(loop)
+    assert listen_backlog(listeners.tcp) == before

@@ -1,5 +1,6 @@
 """The http.* limits and timeouts, one table for both interfaces: each row sends the same bytes
-to a WSGI worker and to an ASGI worker and expects the same response, byte for byte (but the
+to a WSGI worker and to an ASGI worker (on httptools, and on the h11 fallback) and expects the
+same response, byte for byte (but the
 Date header). docs/asgi.md lists the same rows."""
 import re
 import tempfile
@@ -14,12 +15,15 @@ HTTP = {"header_timeout_ms": 1500, "max_body_size": 1024, "version_header": "X-M
 APPS = {"wsgi": ("edge_app:application", "/healthz"), "asgi": ("asgi_app:app", "/healthz")}
 
 
-@pytest.fixture(scope="module", params=["wsgi", "asgi"])
+@pytest.fixture(scope="module", params=["wsgi", "asgi", "asgi-h11"])
 def server(request):
-    interface = request.param
+    """A WSGI worker, an ASGI worker on httptools, and one on the h11 fallback."""
+    interface, _, parser = request.param.partition("-")
     app, health = APPS[interface]
     ls = Listeners(tempfile.mkdtemp(prefix="molt-limits-"))
-    w = Worker(ls, app, interface=interface, health_path=health, overrides={"http": HTTP})
+    env = {"MOLT_SHIM_PARSER": parser} if parser else None
+    w = Worker(ls, app, interface=interface, health_path=health, overrides={"http": HTTP},
+               env=env)
     w.wait_ready()
     yield ls, w
     w.drain()

@@ -30,6 +30,8 @@ DEFAULTS: Dict[str, Any] = {
         "ws_ping_interval_ms": 20000,
         "ws_ping_timeout_ms": 20000,
         "ws_per_message_deflate": True,
+        "server_header": False,  # uvicorn's --server-header (it defaults to on; molt to off)
+        "date_header": True,
     },
     "chdir": "",
     "threads": 8,

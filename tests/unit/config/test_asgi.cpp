@@ -22,14 +22,17 @@ TEST_CASE("the asgi section has uvicorn's defaults and reaches the worker") {
                                   {"ws_max_size", 16 * 1024 * 1024},
                                   {"ws_ping_interval_ms", 20000},
                                   {"ws_ping_timeout_ms", 20000},
-                                  {"ws_per_message_deflate", true}});
+                                  {"ws_per_message_deflate", true},
+                                  {"server_header", false},
+                                  {"date_header", true}});
 }
 
 TEST_CASE("every asgi key is read") {
     const Config c = valid(
         "app: a:b\ninterface: asgi\nroot_path: /api/\n"
         "asgi: {loop: uvloop, limit_concurrency: 50, ws_max_size: 1MiB, ws_ping_interval: 5s,\n"
-        "       ws_ping_timeout: 0s, ws_per_message_deflate: false}\n");
+        "       ws_ping_timeout: 0s, ws_per_message_deflate: false, server_header: true,\n"
+        "       date_header: false}\n");
     CHECK(c.root_path == "/api");  // trailing slash dropped, as uvicorn's joins expect
     CHECK(c.asgi.loop == AsgiLoop::uvloop);
     const json sent = sent_to_worker(c);
@@ -39,7 +42,9 @@ TEST_CASE("every asgi key is read") {
                                   {"ws_max_size", 1024 * 1024},
                                   {"ws_ping_interval_ms", 5000},
                                   {"ws_ping_timeout_ms", 0},
-                                  {"ws_per_message_deflate", false}});
+                                  {"ws_per_message_deflate", false},
+                                  {"server_header", true},
+                                  {"date_header", false}});
 }
 
 TEST_CASE("root_path / means no prefix") {

@@ -20,8 +20,9 @@ import logging
 import os
 import select
 import socket
+import struct
 import time
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
@@ -38,6 +39,7 @@ from .base import Counters, EngineContext, LoopHooks
 log = logging.getLogger("molt_shim")
 
 LINGER_S = 2.0
+UNMADE_MAX_S = 1.0  # connection_made() comes within a loop iteration, or never
 DRAIN_TICK_S = 0.1  # how often a draining worker looks for idle connections to close
 # The per-connection timeout checks (header_timeout, send_timeout, the first request's
 # deadline) and the counters run at this tick: a timeout fires at most two ticks (200 ms) after
@@ -45,6 +47,7 @@ DRAIN_TICK_S = 0.1  # how often a draining worker looks for idle connections to 
 # one pass over the open connections' Python state, about 1 us each.
 TICK_S = 0.1
 CLOSE_HEADER = (b"connection", b"close")
+WS_SERVICE_RESTART = 1012  # RFC 6455 close code for a drained WebSocket
 
 
 class Rejected(Exception):
@@ -68,7 +71,10 @@ class DrainControl:
         self.warming = False
         # Protocols of accepted connections whose connection_made() has not run yet (asyncio
         # calls it on the next loop iteration): the drain is not done while there are any.
-        self.unmade: Set[Any] = set()
+        # The value is when the protocol was made: a loop that made a protocol and then failed
+        # to build its transport (uvloop's server under EMFILE) never calls connection_made(),
+        # so an entry older than UNMADE_MAX_S is dropped by the tick, not waited for.
+        self.unmade: Dict[Any, float] = {}
         self.idle_window = idle_window
         self.header_timeout = header_timeout
         # A connection that has not sent a byte yet: its first head is due within
@@ -178,7 +184,7 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             self._real_transport = transport
             self._born = time.monotonic()
             self._guard = FramingGuard(ctl.limits.max_request_line, ctl.limits.max_header_size)
-            ctl.unmade.discard(self)
+            ctl.unmade.pop(self, None)
             super().connection_made(GracefulTransport(transport, self))
             if ctl.draining:
                 self.molt_drain(self._born)
@@ -251,18 +257,19 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
                     and CLOSE_HEADER in cycle.scope["headers"])
 
         def molt_check(self, now: float) -> None:
-            """Once a second: the request-head timeout (uvicorn 0.17 has none: slowloris),
+            """Every tick (TICK_S): the request-head timeout (uvicorn 0.17 has none: slowloris),
             and a connection that never sends a byte (uvicorn arms its keep-alive timer only
             after a response)."""
             if self.transport is None or self.transport.is_closing():
                 return
             if self._send_stalled(now):
                 return
-            if self.scope is None:
+            in_progress = self.head_in_progress()  # h11: also a first head, before any scope
+            if self.scope is None and not in_progress:
                 if now - self._born > ctl.first_request_timeout:
                     self.transport.close()
                 return
-            if not self.head_in_progress():
+            if not in_progress:
                 self._head_mark = None
                 return
             mark = self._head_mark
@@ -319,6 +326,8 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
 
     if hasattr(base, "on_url"):  # httptools: the http.* limits run in its parser callbacks
         return _with_limits(MoltHTTPProtocol, base, ctl)
+    if hasattr(base, "handle_events"):  # h11 (the fallback): on the events h11 hands over
+        return _with_h11_limits(MoltHTTPProtocol, base, ctl)
     MoltHTTPProtocol.__name__ = "Molt" + base.__name__
     return MoltHTTPProtocol
 
@@ -399,6 +408,109 @@ def _with_limits(protocol: type, base: type, ctl: DrainControl) -> type:
     return Limited
 
 
+class H11Limits:
+    """The h11 connection of one uvicorn H11Protocol, seen through the http.* limits: the
+    same rules and responses as _with_limits, checked on the events h11 returns. An event
+    over a limit is answered by reject() and turned into NEED_DATA, so uvicorn's
+    handle_events() stops there. Everything else is the h11 connection itself."""
+
+    def __init__(self, conn: Any, protocol: Any, limits: Limits) -> None:
+        self._conn = conn
+        self._protocol = protocol
+        self._limits = limits
+        self._body_size = 0
+        self.send = conn.send
+        self.receive_data = conn.receive_data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def next_event(self) -> Any:
+        import h11
+
+        event = self._conn.next_event()
+        kind = type(event)
+        limits = self._limits
+        if kind is h11.Data:
+            self._body_size += len(event.data)
+            if limits.max_body_size and self._body_size > limits.max_body_size:
+                return self._reject(413, "request body over max_body_size %d"
+                                    % limits.max_body_size)
+        elif kind is h11.Request:
+            self._body_size = 0
+            return self._check_head(event)
+        elif kind is h11.NEED_DATA and self._conn.their_state is h11.IDLE:
+            return self._check_partial_head()
+        return event
+
+    def _check_head(self, event: Any) -> Any:
+        limits = self._limits
+        if len(event.target) > limits.max_request_line:
+            return self._reject(414, "request line longer than %d bytes"
+                                % limits.max_request_line)
+        if len(event.headers) > limits.max_headers:
+            return self._reject(431, "more than %d header fields" % limits.max_headers)
+        size = 0
+        for name, value in event.headers:
+            size += len(name) + len(value) + 4
+            if name == b"content-length" and limits.max_body_size \
+                    and int(value) > limits.max_body_size:
+                return self._reject(413, "Content-Length %d over max_body_size %d"
+                                    % (int(value), limits.max_body_size))
+        if size > limits.max_header_size:
+            return self._reject(431, "header section larger than %d bytes"
+                                % limits.max_header_size)
+        return event
+
+    def _check_partial_head(self) -> Any:
+        """A head still incomplete: refuse it as soon as it is over a limit, as the WSGI side
+        does, instead of buffering it up to h11's own cap (which answers 400)."""
+        import h11
+
+        limits = self._limits
+        buffered = self._conn.trailing_data[0]
+        line_done = b"\n" in buffered[:limits.max_request_line + 2]
+        if len(buffered) > limits.max_request_line and not line_done:
+            return self._reject(414, "request line longer than %d bytes"
+                                % limits.max_request_line)
+        if len(buffered) > limits.max_request_line + limits.max_header_size + 4:
+            return self._reject(431, "header section larger than %d bytes"
+                                % limits.max_header_size)
+        return h11.NEED_DATA
+
+    def _reject(self, status: int, reason: str) -> Any:
+        import h11
+
+        self._protocol.reject(status, reason)
+        return h11.NEED_DATA
+
+
+def _with_h11_limits(protocol: type, base: type, ctl: DrainControl) -> type:
+    """uvicorn's h11 protocol with the http.* limits (H11Limits) and the WSGI side's 400."""
+    import h11
+
+    limits = ctl.limits
+    # h11 refuses a head larger than this with its own 400; ours must come first.
+    h11_cap = limits.max_request_line + limits.max_header_size + 64 * 1024
+
+    class LimitedH11(protocol):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn = H11Limits(h11.Connection(h11.SERVER, max_incomplete_event_size=h11_cap),
+                                  self, limits)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._rejected:
+                super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            if not self._rejected:
+                self.reject(400, "malformed request: %s" % msg)
+
+    LimitedH11.__name__ = "Molt" + base.__name__
+    return LimitedH11
+
+
 class AccessLog:
     """ASGI middleware for the access log (only installed when the log is on)."""
 
@@ -449,9 +561,17 @@ class UvicornASGIEngine:
         # uvicorn logs through "uvicorn.*"; give those the shim's handler so errors reach stderr.
         for handler in log.handlers:
             logging.getLogger("uvicorn").addHandler(handler)
-        logging.getLogger("uvicorn").setLevel(log.level)
+        level = log.getEffectiveLevel()
+        logging.getLogger("uvicorn").setLevel(level)
         logging.getLogger("uvicorn").propagate = False
-        headers = [(cfg.version_header, cfg.version)] if cfg.version_header else []
+        # uvicorn wraps the app in its MessageLoggerMiddleware (a trace log call per ASGI
+        # message, ~7 us per request measured) when "uvicorn.error"'s own level, not its
+        # effective one, is at or below TRACE: a logger left at NOTSET (0) counts. Set it.
+        logging.getLogger("uvicorn.error").setLevel(level)
+        headers = [("server", "molt")] if cfg.asgi["server_header"] else []
+        if cfg.version_header:
+            headers.append((cfg.version_header, cfg.version))
+        self.date_header = bool(cfg.asgi["date_header"])
         http_impl = "h11" if os.environ.get("MOLT_SHIM_PARSER") == "h11" else "auto"
         asgi = cfg.asgi
         self.config = Config(app=ctx.app, lifespan=cfg.lifespan, log_config=None, access_log=False,
@@ -490,6 +610,7 @@ class UvicornASGIEngine:
         epoll = getattr(getattr(self.loop, "_selector", None), "_selector", None)
         self.epoll = epoll if isinstance(epoll, select.epoll) else None
         self.make_transport = getattr(self.loop, "_make_socket_transport", None)
+        self.servers: List[Any] = []  # uvloop: its servers on dups of the listeners
         self.update_date()
 
     # -- engines.base.Engine -------------------------------------------------------------------
@@ -519,6 +640,8 @@ class UvicornASGIEngine:
         ctl = self.ctl
         ctl.draining = True
         self.update_date()  # from now on every response says Connection: close
+        for server in self.servers:
+            server.close()  # its dup of the listener; existing connections stay
         for lsock, _ in self.listeners:
             if lsock.fileno() >= 0:
                 self.loop.remove_reader(lsock.fileno())
@@ -535,8 +658,19 @@ class UvicornASGIEngine:
             lsock.close()  # our descriptor only; never shutdown() a shared listener
         for conn in list(self.state.connections):
             if not isinstance(conn, self.protocol_class):
-                conn.shutdown()  # WebSockets: uvicorn sends close code 1012 (service restart)
+                self.close_websocket(conn)
         self.observe(time.monotonic())
+
+    def close_websocket(self, conn: Any) -> None:
+        """A draining worker ends each WebSocket with a close frame, code 1012 (Service
+        Restart: the service goes on, a client may reconnect at once), which the app sees as
+        websocket.disconnect. uvicorn's wsproto protocol does that in shutdown(); its
+        websockets protocol only drops the TCP connection there (the client would see 1006,
+        no close frame), so it gets the websockets library's closing handshake instead."""
+        if getattr(conn, "open", False) and hasattr(conn, "close") and hasattr(conn, "ws_server"):
+            self.loop.create_task(conn.close(WS_SERVICE_RESTART, "service restart"))
+        else:
+            conn.shutdown()
 
     def counters(self) -> Counters:
         return self.last
@@ -555,20 +689,33 @@ class UvicornASGIEngine:
         # In place: every uvicorn protocol keeps a reference to this list from its
         # connection's start, so a new list would leave long keep-alive connections
         # answering with the Date of the second they connected (as uvicorn 0.17 itself does).
-        date = http_date(time.time()).encode()
+        date = [(b"date", http_date(time.time()).encode())] if self.date_header else []
         close = [CLOSE_HEADER] if self.ctl.draining or self.ctl.close_every_response else []
-        self.state.default_headers[:] = ([(b"date", date)] + list(self.config.encoded_headers)
-                                         + close)
+        self.state.default_headers[:] = date + list(self.config.encoded_headers) + close
 
     def factory(self) -> asyncio.Protocol:
         return self.protocol_class(config=self.config, server_state=self.state, _loop=self.loop)
+
+    def accepted_factory(self) -> asyncio.Protocol:
+        protocol = self.factory()
+        self.ctl.unmade[protocol] = time.monotonic()
+        return protocol
 
     async def _serve(self, hooks: LoopHooks) -> None:
         loop = self.loop
         self.warmup_requests = self.state.total_requests
         for lsock, _ in self.listeners:
             lsock.setblocking(False)
-            self.watch(lsock)
+            backlog = None if self.make_transport is not None else tcp_backlog(lsock)
+            if backlog is None:
+                self.watch(lsock)
+                continue
+            # Not asyncio's selector loop (uvloop): its own server accepts, in C, as many as
+            # are queued per wake-up, with no Python socket object or task per connection.
+            # It re-listen()s a dup of the shared socket with the master's own backlog (read
+            # back from the kernel), so the shared queue keeps its size.
+            self.servers.append(await loop.create_server(self.accepted_factory,
+                                                         sock=lsock.dup(), backlog=backlog))
         watched = list(hooks.watch_fds())
         for fd in watched:
             loop.add_reader(fd, self._readable, hooks, fd)
@@ -597,6 +744,10 @@ class UvicornASGIEngine:
     def _tick(self, now: float) -> None:
         """The counters, the Date header, and each connection's timeout and drain checks."""
         self.observe(now)
+        unmade = self.ctl.unmade
+        if unmade:
+            for protocol in [p for p, made in unmade.items() if now - made > UNMADE_MAX_S]:
+                del unmade[protocol]
         if int(time.time()) != self.last_date:
             self.last_date = int(time.time())
             self.update_date()
@@ -669,14 +820,14 @@ class UvicornASGIEngine:
         # connect_accepted_socket() would cost a task and a future per connection. Any other
         # loop gets the public path.
         protocol = self.factory()
-        self.ctl.unmade.add(protocol)
+        self.ctl.unmade[protocol] = time.monotonic()
         if self.make_transport is None:
             self.loop.create_task(self._adopt(protocol, conn))
             return
         try:
             self.make_transport(conn, protocol)
         except Exception as exc:
-            self.ctl.unmade.discard(protocol)
+            self.ctl.unmade.pop(protocol, None)
             log.info("could not set up an accepted connection: %s", exc)
             conn.close()
 
@@ -684,7 +835,7 @@ class UvicornASGIEngine:
         try:
             await self.loop.connect_accepted_socket(lambda: protocol, conn)
         except Exception as exc:
-            self.ctl.unmade.discard(protocol)
+            self.ctl.unmade.pop(protocol, None)
             log.info("could not set up an accepted connection: %s", exc)
             conn.close()
 
@@ -725,6 +876,24 @@ def new_loop(choice: str) -> Tuple[asyncio.AbstractEventLoop, str]:
         else:
             return uvloop.new_event_loop(), "uvloop"
     return asyncio.new_event_loop(), "asyncio"
+
+
+def tcp_backlog(lsock: socket.socket) -> Optional[int]:
+    """The backlog a listening TCP socket was given (the master's `listen[].backlog`): Linux
+    reports it as tcpi_sacked in TCP_INFO for a socket in LISTEN. None for other sockets."""
+    if lsock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = lsock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    if len(info) < 32 or info[0] != TCP_LISTEN_STATE:
+        return None
+    backlog = struct.unpack_from("I", info, 28)[0]
+    return backlog or None
+
+
+TCP_LISTEN_STATE = 10  # tcpi_state of a listening socket (include/net/tcp_states.h)
 
 
 def seconds_or_none(value_ms: Any) -> Optional[float]:
