@@ -204,6 +204,13 @@ std::string Master::start_services() {
     uv_timer_init(&loop_, &upgrade_timer_);
     upgrade_timer_.data = this;
 
+    uv_timer_init(&loop_, &pss_timer_);
+    pss_timer_.data = this;
+    constexpr std::uint64_t kPssSampleMs = 5000;
+    uv_timer_start(
+        &pss_timer_, [](uv_timer_t* t) { static_cast<Master*>(t->data)->sample_pss(); },
+        kPssSampleMs, kPssSampleMs);
+
     uv_timer_init(&loop_, &watchdog_timer_);
     watchdog_timer_.data = this;
     if (std::uint64_t watchdog_usec = os::systemd_watchdog_us(); watchdog_usec > 0) {
@@ -277,6 +284,19 @@ void Master::feed(core::Actions actions) {
     feeding_ = false;
     arm_deadline_timer();
     update_process_title();
+}
+
+void Master::sample_pss() {
+    std::map<pid_t, unsigned long long> fresh;
+    for (const auto& [pid, process] : processes_) fresh[pid] = os::proportional_bytes(pid);
+    pss_ = std::move(fresh);
+}
+
+unsigned long long Master::pss_of(pid_t pid) const {
+    if (pid <= 0) return 0;
+    auto it = pss_.find(pid);
+    if (it == pss_.end()) it = pss_.emplace(pid, os::proportional_bytes(pid)).first;
+    return it->second;
 }
 
 // `ps` shows which generation serves, whatever told us (systemd or not).
@@ -723,6 +743,7 @@ void Master::begin_shutdown(int code) {
     uv_timer_stop(&deadline_timer_);
     uv_close(reinterpret_cast<uv_handle_t*>(&deadline_timer_), nullptr);
     uv_close(reinterpret_cast<uv_handle_t*>(&watchdog_timer_), nullptr);
+    uv_close(reinterpret_cast<uv_handle_t*>(&pss_timer_), nullptr);
     uv_close(reinterpret_cast<uv_handle_t*>(&upgrade_timer_), nullptr);
     for (auto& [signum, handle] : signals_) {
         uv_close(reinterpret_cast<uv_handle_t*>(&handle), nullptr);

@@ -134,6 +134,13 @@ class Master {
     std::map<int, uv_signal_t> signals_;
     uv_timer_t deadline_timer_{};
     uv_timer_t watchdog_timer_{};
+    // PSS of each worker and zygote, sampled every kPssSampleMs (reading smaps_rollup walks
+    // every mapping, too slow to do for each status request); a pid not sampled yet is read
+    // once on demand.
+    uv_timer_t pss_timer_{};
+    mutable std::map<pid_t, unsigned long long> pss_;
+    void sample_pss();
+    unsigned long long pss_of(pid_t pid) const;
     std::unique_ptr<ControlServer> control_;
     std::unique_ptr<MetricsServer> metrics_;
     std::unique_ptr<Watcher> watcher_;

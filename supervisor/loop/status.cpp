@@ -33,7 +33,7 @@ bool preloaded(const core::Generation& gen) {
     return gen.zygote.state == core::ZygoteState::ready || gen.zygote.forks > 0;
 }
 
-json zygote_json(const core::Generation& gen) {
+json zygote_json(const core::Generation& gen, unsigned long long pss) {
     const core::Zygote& z = gen.zygote;
     json out{{"mode", kPreloadNames[static_cast<std::size_t>(gen.release.config->preload)]},
              {"preloaded", preloaded(gen)},
@@ -45,7 +45,7 @@ json zygote_json(const core::Generation& gen) {
                              {"state", core::to_string(z.state)},
                              {"forks", z.forks},
                              {"rss_bytes", alive ? os::resident_bytes(z.pid) : 0},
-                             {"pss_bytes", alive ? os::proportional_bytes(z.pid) : 0}};
+                             {"pss_bytes", pss}};
     }
     return out;
 }
@@ -79,8 +79,7 @@ json Master::status_json() const {
                 {"inflight", w.counters.inflight},
                 {"oldest_ms", w.counters.oldest_ms},
                 {"rss_bytes", w.pid > 0 ? os::resident_bytes(w.pid) : 0},
-                // Sampled here, when status is asked for: the master never serves a request.
-                {"pss_bytes", w.pid > 0 ? os::proportional_bytes(w.pid) : 0},
+                {"pss_bytes", pss_of(w.pid)},  // sampled (sample_pss)
                 {"forked", w.forked},
                 {"restarts", restarts == gen.slot_restarts.end() ? 0 : restarts->second},
                 {"retiring", w.retiring ? json(core::to_string(*w.retiring)) : json(nullptr)},
@@ -94,7 +93,7 @@ json Master::status_json() const {
                {"trigger", core::to_string(gen.trigger)},
                {"target_workers", gen.target},
                {"started_at", wall(gen.started_at)},
-               {"preload", zygote_json(gen)},
+               {"preload", zygote_json(gen, pss_of(gen.zygote.pid))},
                {"workers", workers}};
         if (gen.live_at) {
             g["live_at"] = wall(*gen.live_at);
@@ -232,12 +231,12 @@ std::string Master::metrics_text() const {
     }
     family("molt_worker_proportional_memory_bytes", "gauge",
            "Proportional set size of each worker (shared pages divided among their sharers), "
-           "read from /proc/PID/smaps_rollup at scrape time.");
+           "sampled from /proc/PID/smaps_rollup every 5 s.");
     for (const auto& [id, w] : core_.workers()) {
         if (w.pid <= 0) continue;
         out += fmt::format(
             "molt_worker_proportional_memory_bytes{{generation=\"{}\",slot=\"{}\"}} {}\n",
-            w.generation, w.slot, os::proportional_bytes(w.pid));
+            w.generation, w.slot, pss_of(w.pid));
     }
     family("molt_generation_preloaded", "gauge",
            "1 when the generation's workers are forked from its zygote (preload), else 0.");
@@ -257,7 +256,7 @@ std::string Master::metrics_text() const {
         if (gen.zygote.pid <= 0 || !core::Supervisor::zygote_alive(gen.zygote)) continue;
         out += fmt::format(
             "molt_zygote_proportional_memory_bytes{{generation=\"{}\",pid=\"{}\"}} {}\n", id,
-            gen.zygote.pid, os::proportional_bytes(gen.zygote.pid));
+            gen.zygote.pid, pss_of(gen.zygote.pid));
     }
     family("molt_master_resident_memory_bytes", "gauge", "Resident memory of the master.");
     out += fmt::format("molt_master_resident_memory_bytes {}\n", os::resident_bytes(getpid()));

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from molt_testlib import APPS, Releases, Wrk, flask_release, wait_until
+from molt_testlib import APPS, Releases, Wrk, flask_release, free_port, http_get, wait_until
 
 MARK_IMPORT = (
     "import os as _os\n"
@@ -267,9 +267,15 @@ def test_a_socket_opened_at_import_is_named_and_a_post_fork_hook_replaces_it(mol
 
 @pytest.mark.timeout(90)
 def test_an_asgi_app_preloaded_runs_its_loop_and_lifespan_in_each_worker(molt, tmp_path):
+    metrics = free_port()
     m = molt({"app": "lifespan_app:app", "interface": "asgi", "chdir": str(APPS),
-              "workers": 2, "preload": "auto", "health": {"path": "/"}})
+              "workers": 2, "preload": "auto", "health": {"path": "/"},
+              "metrics": {"listen": f"tcp://127.0.0.1:{metrics}"}})
     assert body(m) == "lifespan ran"
     assert_preloaded(m, m.live_generation())
+    text = http_get(metrics, "/metrics")[2].decode()
+    assert 'molt_generation_preloaded{generation="1"} 1' in text, text
+    assert "molt_zygote_proportional_memory_bytes{generation=\"1\"" in text, text
+    assert 'molt_worker_proportional_memory_bytes{generation="1",slot="1"}' in text, text
     rollover(m, "lifespan ran")
     assert_preloaded(m, m.live_generation())
