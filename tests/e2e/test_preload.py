@@ -243,6 +243,10 @@ def post_fork():
     SOCK.close()
     SOCK = _udp()
 
+def worker_exit():
+    with open(os.environ["EXIT_LOG"], "a") as log:
+        log.write("%d " % os.getpid())
+
 def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [("%d %d" % (IMPORT_PORT, SOCK.getsockname()[1])).encode()]
@@ -255,14 +259,21 @@ def test_a_socket_opened_at_import_is_named_and_a_post_fork_hook_replaces_it(mol
     releases = Releases(tmp_path / "site")
     releases.add("a", files={"app.py": SOCKET_APP, "REVISION": "a\n"})
     releases.activate("a")
+    exits = tmp_path / "exits.log"
     m = molt(config_for(releases, log, preload="true", health={"path": "/"},
-                        hooks={"post_fork": "app:post_fork"}))
+                        hooks={"post_fork": "app:post_fork", "worker_exit": "app:worker_exit"},
+                        env={"IMPORT_LOG": str(log), "EXIT_LOG": str(exits)}))
     assert_preloaded(m, m.live_generation())
     assert "preload: true: forking although" in m.log()
     assert "an open socket" in m.log()
     import_port, worker_port = (int(x) for x in body(m).split())
     assert worker_port != import_port
     assert len(imports(log)) == 1
+    # hooks.worker_exit runs in each worker after its drain.
+    old = sorted(w["pid"] for w in m.workers("ready"))
+    assert m.reload()["ok"] is True
+    wait_until(lambda: exits.exists() and sorted(imports(exits)) == old, 20,
+               "worker_exit in both old workers", on_timeout=m.log)
 
 
 @pytest.mark.timeout(90)
