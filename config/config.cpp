@@ -669,6 +669,19 @@ void read_watch(Context& ctx, const Node& node, Config& config) {
     }
 }
 
+// A hook: empty, or `module:function` (a dotted module path and a Python name).
+void read_hook(Context& ctx, const Node& node, std::string& out) {
+    auto text = ctx.scalar(node, "module:function");
+    if (!text) return;
+    auto colon = text->find(':');
+    if (!text->empty() && (colon == std::string::npos || colon == 0 || colon + 1 == text->size())) {
+        ctx.error(node, fmt::format("expected module:function, like myapp.hooks:post_fork, got {}",
+                                    describe(node)));
+        return;
+    }
+    out = *text;
+}
+
 void read_app(Context& ctx, const Node& node, Config& config) {
     const auto text = ctx.scalar(node, "module:callable");
     if (!text) return;
@@ -806,6 +819,40 @@ const std::vector<KeySpec>& key_table() {
                  c.lifespan = static_cast<Lifespan>(*i);
              }
          }},
+        {"preload", "`auto`, `true` or `false`",
+         [](const Config&) -> std::string { return "`auto`"; },
+         "Import each release once, in a per-generation zygote, and fork the generation's "
+         "workers from it (copy-on-write memory, a crashed worker is re-forked, not re-imported). "
+         "Every reload starts a new zygote on the new release, so new code always loads. `auto`: "
+         "preload unless the import left the process unsafe to fork (a thread other than the "
+         "main one, an open socket or event loop); then every worker imports the app itself, "
+         "and the log names what was found. `true`: fork anyway, with a warning naming it. "
+         "`false`: every worker imports the app itself.",
+         [](Context& ctx, const Node& n, Config& c) {
+             auto text = ctx.scalar(n, "auto, true or false");
+             if (!text) return;
+             bool value = false;
+             if (*text == "auto") {
+                 c.preload = Preload::auto_;
+             } else if (YAML::convert<bool>::decode(n, value)) {
+                 c.preload = value ? Preload::on : Preload::off;
+             } else {
+                 ctx.error(n, fmt::format("expected auto, true or false, got {}", describe(n)));
+             }
+         }},
+        {"hooks", "section", nullptr,
+         "Python callables, `module:function`, that the worker calls at fork-sensitive moments "
+         "(imported from the release like the app).",
+         nullptr},
+        {"hooks.post_fork", "module:function", none,
+         "Called with no arguments in each worker after it was forked from the zygote (or, "
+         "without preload, after its import), before the warm-up request: reopen database "
+         "connections, reseed what needs it, replace sockets opened at import. An exception "
+         "fails the worker's boot.",
+         [](Context& ctx, const Node& n, Config& c) { read_hook(ctx, n, c.hooks.post_fork); }},
+        {"hooks.worker_exit", "module:function", none,
+         "Called with no arguments in each worker after its drain, before it exits.",
+         [](Context& ctx, const Node& n, Config& c) { read_hook(ctx, n, c.hooks.worker_exit); }},
         {"root_path", "URL path", none,
          "The URL prefix the app is mounted under behind a proxy that strips it: `SCRIPT_NAME` "
          "for WSGI apps, the scope's `root_path` for ASGI apps (uvicorn's `--root-path`). Empty "
@@ -1538,6 +1585,7 @@ using nlohmann::json;
 constexpr std::array<const char*, 2> kInterfaceNames{"wsgi", "asgi"};
 constexpr std::array<const char*, 3> kEngineNames{"auto", "native", "python"};
 constexpr std::array<const char*, 3> kLifespanNames{"auto", "on", "off"};
+constexpr std::array<const char*, 3> kPreloadNames{"auto", "true", "false"};
 constexpr std::array<const char*, 3> kAsgiLoopNames{"auto", "asyncio", "uvloop"};
 
 constexpr std::array<const char*, 4> kLevelNames{"debug", "info", "warning", "error"};
@@ -1588,6 +1636,8 @@ json full_json(const Config& c) {
         {"interface", kInterfaceNames[static_cast<std::size_t>(c.interface)]},
         {"engine", kEngineNames[static_cast<std::size_t>(c.engine)]},
         {"lifespan", kLifespanNames[static_cast<std::size_t>(c.lifespan)]},
+        {"preload", kPreloadNames[static_cast<std::size_t>(c.preload)]},
+        {"hooks", {{"post_fork", c.hooks.post_fork}, {"worker_exit", c.hooks.worker_exit}}},
         {"root_path", c.root_path},
         {"asgi", asgi_json(c.asgi)},
         {"chdir", c.chdir},
@@ -1650,6 +1700,9 @@ std::string worker_config_json(const Config& config, const std::string& release_
         {"interface", kInterfaceNames[static_cast<std::size_t>(config.interface)]},
         {"engine", kEngineNames[static_cast<std::size_t>(config.engine)]},
         {"lifespan", kLifespanNames[static_cast<std::size_t>(config.lifespan)]},
+        {"preload", kPreloadNames[static_cast<std::size_t>(config.preload)]},
+        {"hooks",
+         {{"post_fork", config.hooks.post_fork}, {"worker_exit", config.hooks.worker_exit}}},
         {"root_path", config.root_path},
         {"asgi", asgi_json(config.asgi)},
         {"chdir", release_dir},

@@ -28,6 +28,10 @@ enum class Engine { auto_, native, python };
 enum class Lifespan { auto_, on, off };
 // The ASGI worker's event loop: uvloop when importable (auto), or always asyncio's own.
 enum class AsgiLoop { auto_, asyncio, uvloop };
+// Whether a generation's workers are forked from a zygote that imported the release once:
+// `auto` unless the import left the process unsafe to fork (then per-worker import, logged),
+// `on` (`true`) forks anyway with a warning, `off` (`false`) imports in every worker.
+enum class Preload { auto_, on, off };
 enum class LogLevel { debug, info, warning, error };
 enum class LogFormat { text, json };
 
@@ -113,6 +117,12 @@ struct Asgi {
     bool date_header = true;
 };
 
+// Python callables ("module:function") the shim runs at fork-sensitive moments.
+struct Hooks {
+    std::string post_fork;    // in each worker, after the fork (or the import), before warm-up
+    std::string worker_exit;  // in each worker, after its drain
+};
+
 struct Config {
     std::string source;  // the file it came from, or "<command line>"
 
@@ -120,6 +130,8 @@ struct Config {
     Interface interface = Interface::wsgi;
     Engine engine = Engine::auto_;
     Lifespan lifespan = Lifespan::auto_;
+    Preload preload = Preload::auto_;
+    Hooks hooks;
     std::string root_path;  // the prefix the app is mounted under: SCRIPT_NAME / root_path
     Asgi asgi;
     // Absolute (a relative one is joined to the config's directory, lexically: symlinks kept);

@@ -96,11 +96,10 @@ const std::vector<RunFlag>& run_flags() {
         {"--pid", "FILE", "pidfile", "File the master writes its PID to"},
         {"--user", "USER", "user", "User the workers run as"},
         {"--group", "GROUP", "group", "Group the workers run as"},
+        {"--preload", "", "preload",
+         "Import the app once per release in a zygote and fork the workers from it (config "
+         "`preload: true`); every reload still loads new code"},
         // gunicorn's, refused with molt's equivalent
-        {"--preload", "", "preload", "Refused: molt has no preload yet", nullptr,
-         "molt cannot preload yet: every worker imports the app itself, so each reload loads "
-         "new code (the per-generation zygote, config `preload`, is not built yet); drop the "
-         "flag"},
         {"-D,--daemon", "", "", "Refused: molt stays in the foreground", nullptr,
          "molt stays in the foreground: run it under systemd (docs/systemd.md) or a container "
          "runtime"},

@@ -44,16 +44,27 @@ inline constexpr std::string_view rss = "RSS";              // resident set size
 inline constexpr std::string_view error = "ERROR";          // one-line boot failure reason
 inline constexpr std::string_view retire = "RETIRE";        // asks to be replaced, with why
 inline constexpr std::string_view stopping = "STOPPING";    // stopped accepting (drain began)
+// zygote -> master (the zygote also sends READY and ERROR, with a worker's meaning)
+inline constexpr std::string_view forked = "FORKED";  // FORK=<id> done: with PID= or FORK_ERROR=
+inline constexpr std::string_view pid = "PID";        // the forked worker's pid
+inline constexpr std::string_view fork_error = "FORK_ERROR";  // why FORK=<id> produced no worker
+inline constexpr std::string_view preload_refused =
+    "PRELOAD_REFUSED";  // preload: auto found the import unsafe to fork (says why); exits 0
 // master -> worker
 inline constexpr std::string_view drain = "DRAIN";              // stop accepting, finish, exit 0
 inline constexpr std::string_view reopen_logs = "REOPEN_LOGS";  // reopen log files
+// master -> zygote: fork the worker <id> (with SLOT=), its channel and stdout/stderr pipes
+// attached as SCM_RIGHTS in that order
+inline constexpr std::string_view fork = "FORK";
+inline constexpr std::string_view slot = "SLOT";
 }  // namespace key
 
-inline constexpr std::array<std::string_view, 9> worker_to_master_keys = {
-    key::ready, key::watchdog, key::requests, key::inflight, key::oldest_ms,
-    key::rss,   key::error,    key::retire,   key::stopping};
-inline constexpr std::array<std::string_view, 2> master_to_worker_keys = {key::drain,
-                                                                          key::reopen_logs};
+inline constexpr std::array<std::string_view, 13> worker_to_master_keys = {
+    key::ready, key::watchdog,   key::requests,       key::inflight, key::oldest_ms,
+    key::rss,   key::error,      key::retire,         key::stopping, key::forked,
+    key::pid,   key::fork_error, key::preload_refused};
+inline constexpr std::array<std::string_view, 4> master_to_worker_keys = {
+    key::drain, key::reopen_logs, key::fork, key::slot};
 
 // The environment a worker is started with.
 namespace env {
@@ -63,11 +74,13 @@ inline constexpr std::string_view listen_names = "MOLT_LISTEN_NAMES";  // ","-se
 inline constexpr std::string_view generation = "MOLT_GENERATION";
 inline constexpr std::string_view worker = "MOLT_WORKER";                // the slot
 inline constexpr std::string_view worker_config = "MOLT_WORKER_CONFIG";  // JSON
+// "1": this process is its generation's zygote (imports, then forks workers on FORK=)
+inline constexpr std::string_view zygote = "MOLT_ZYGOTE";
 }  // namespace env
 
-inline constexpr std::array<std::string_view, 6> worker_env_names = {
-    env::channel_fd, env::listen_fds, env::listen_names,
-    env::generation, env::worker,     env::worker_config};
+inline constexpr std::array<std::string_view, 7> worker_env_names = {
+    env::channel_fd, env::listen_fds,    env::listen_names, env::generation,
+    env::worker,     env::worker_config, env::zygote};
 
 // Variables of the master's own environment that never reach a worker: they belong to the
 // master's supervisor (systemd) or to the master itself. A variable is removed when its name

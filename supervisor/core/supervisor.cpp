@@ -95,6 +95,10 @@ const char* to_string(GenerationState state) {
     return name_of(state, std::array{"starting", "live", "draining", "gone", "failed"});
 }
 
+const char* to_string(ZygoteState state) {
+    return name_of(state, std::array{"none", "booting", "ready", "stopping", "gone"});
+}
+
 const char* to_string(MasterState state) {
     return name_of(state,
                    std::array{"starting", "running", "stopping", "stopping_fast", "stopped"});
@@ -196,8 +200,16 @@ Actions Supervisor::adopt(Time now, AdoptedState state) {
         worker.ready_at = now;
         worker.last_heartbeat = now;
         worker.counters = adopted.counters;
+        worker.forked = adopted.forked;
         workers_.emplace(worker.id, worker);
     }
+    if (state.zygote > 0) {
+        gen.zygote.state = ZygoteState::ready;
+        gen.zygote.pid = state.zygote;
+        gen.zygote.started_at = gen.zygote.boot_deadline = now;
+        gen.zygote.ready_at = now;
+    }
+    gen.zygote.fallback = std::move(state.zygote_fallback);
     history_ = std::move(state.history);
     restarts_ = std::move(state.restarts);
     rollovers_ok_ = state.rollovers_ok;
@@ -310,8 +322,38 @@ Actions Supervisor::spawn_failed(Time now, WorkerId id, const std::string& error
     return take();
 }
 
+Actions Supervisor::zygote_spawned(Time now, GenerationId id, Pid pid) {
+    account_for_pause(now);
+    Generation* gen = find_generation(id);
+    if (gen == nullptr) return take();
+    gen->zygote.pid = pid;
+    log(LogLevel::debug, "zygote process started", id, pid);
+    if (gen->zygote.state == ZygoteState::stopping) {
+        // Its generation ended between SpawnZygote and this answer.
+        emit(SignalWorker{0, pid, Signal::kill, "its generation no longer starts workers"});
+    }
+    reconcile(now);
+    return take();
+}
+
+Actions Supervisor::zygote_spawn_failed(Time now, GenerationId id, const std::string& error) {
+    account_for_pause(now);
+    Generation* gen = find_generation(id);
+    if (gen == nullptr) return take();
+    ExitStatus status;
+    status.code = 127;
+    gen->zygote.error = "could not start the zygote process: " + error;
+    zygote_ended(now, *gen, status, "");
+    return take();
+}
+
 Actions Supervisor::message(Time now, Pid pid, const std::string& text) {
     account_for_pause(now);
+    if (Generation* zygote_gen = find_by_zygote(pid)) {
+        zygote_message(now, *zygote_gen, text);
+        reconcile(now);
+        return take();
+    }
     Worker* worker = find_by_pid(pid);
     if (worker == nullptr) return take();
     Generation* gen = find_generation(worker->generation);
@@ -378,6 +420,10 @@ Actions Supervisor::message(Time now, Pid pid, const std::string& text) {
 Actions Supervisor::exited(Time now, Pid pid, const ExitStatus& status,
                            const std::string& stderr_tail) {
     account_for_pause(now);
+    if (Generation* gen = find_by_zygote(pid)) {
+        zygote_ended(now, *gen, status, stderr_tail);
+        return take();
+    }
     Worker* worker = find_by_pid(pid);
     if (worker == nullptr) return take();
     worker_ended(now, *worker, status, stderr_tail);
@@ -424,6 +470,13 @@ void Supervisor::worker_ended(Time now, Worker& ended, const ExitStatus& status,
 Actions Supervisor::signal_failed(Time now, Pid pid, bool no_such_process,
                                   const std::string& error) {
     account_for_pause(now);
+    if (Generation* gen = find_by_zygote(pid)) {
+        log(LogLevel::warning, "signalling the zygote failed: " + error, gen->id, pid);
+        if (!no_such_process) return take();
+        ExitStatus vanished;
+        vanished.code = -1;
+        return exited(now, pid, vanished, "");
+    }
     Worker* worker = find_by_pid(pid);
     if (worker == nullptr) return take();
     log(LogLevel::warning, fmt::format("signalling worker slot={} failed: {}", worker->slot, error),
@@ -554,6 +607,8 @@ void Supervisor::account_for_pause(Time now) {
         worker.last_heartbeat += unobserved;
         worker.boot_deadline += unobserved;
     }
+    // A zygote importing the release is judged like a booting worker.
+    for (auto& [id, gen] : generations_) gen.zygote.boot_deadline += unobserved;
 }
 
 void Supervisor::reconcile(Time now) {
@@ -586,11 +641,13 @@ void Supervisor::reconcile_pass(Time now) {
         if (live_) reconcile_live(now, generations_.at(*live_));
     }
 
-    // A draining or failed generation whose last worker is gone is gone.
+    reconcile_zygotes(now);
+
+    // A draining or failed generation whose last worker (and zygote) is gone is gone.
     for (auto& [id, gen] : generations_) {
         bool ending =
             gen.state == GenerationState::draining || gen.state == GenerationState::failed;
-        if (ending && workers_of(id).empty()) {
+        if (ending && workers_of(id).empty() && !zygote_alive(gen.zygote) && !gen.ended_at) {
             if (gen.state == GenerationState::draining) {
                 set_state(now, gen, GenerationState::gone, "its last worker exited");
             }
@@ -614,6 +671,20 @@ void Supervisor::reconcile_pass(Time now) {
 
 void Supervisor::reconcile_starting(Time now, Generation& gen) {
     const auto& config = *gen.release.config;
+    if (gen.zygote.state == ZygoteState::booting) {
+        // Its workers are forked once it has imported the release; until then, nothing to do
+        // but watch its boot deadline, which is the workers' (it does their import).
+        if (now < gen.zygote.boot_deadline) {
+            due_at(gen.zygote.boot_deadline);
+        } else {
+            std::string detail = gen.zygote.error.empty() ? "" : ": " + gen.zygote.error;
+            fail_generation(now, gen,
+                            fmt::format("the zygote pid={} did not send READY within "
+                                        "timeouts.boot ({}){}",
+                                        gen.zygote.pid, ms(config.timeouts.boot), detail));
+        }
+        return;
+    }
     for (Worker* worker : workers_of(gen.id)) {
         bool booting =
             worker->state == WorkerState::spawned || worker->state == WorkerState::booting;
@@ -767,6 +838,13 @@ void Supervisor::check_liveness(Time now, Worker& worker, const Generation& gen,
         if (now < worker.boot_deadline) {
             due_at(worker.boot_deadline);
         } else {
+            if (worker.forked && worker.pid == 0) {
+                // The zygote never answered the fork request: it is of no more use.
+                stop_zygote(now, generations_.at(worker.generation),
+                            fmt::format("it did not answer a fork request within timeouts.boot "
+                                        "({})",
+                                        ms(config.timeouts.boot)));
+            }
             kill(now, worker, RestartReason::boot_timeout,
                  fmt::format("no READY within timeouts.boot ({})", ms(config.timeouts.boot)));
         }
@@ -809,6 +887,9 @@ void Supervisor::check_liveness(Time now, Worker& worker, const Generation& gen,
 
 void Supervisor::finish_stop_if_done(Time /*now*/) {
     if (master_state_ == MasterState::stopped || !workers_.empty()) return;
+    for (const auto& [id, gen] : generations_) {
+        if (zygote_alive(gen.zygote)) return;
+    }
     master_state_ = MasterState::stopped;
     log(LogLevel::info, fmt::format("every worker has exited; master exits {}", exit_code_));
     emit(ExitMaster{exit_code_});
@@ -827,6 +908,114 @@ void Supervisor::maybe_start_queued_rollover(Time now) {
     emit(NotifySystemd{"RELOADING=1"});
     log(LogLevel::info, fmt::format("{} started", to_string(rollover_.trigger)));
     emit(PrepareRelease{std::move(request.release_dir)});
+}
+
+// The zygote's rule: it lives only while its generation may still start workers.
+void Supervisor::reconcile_zygotes(Time now) {
+    bool stopping = master_state_ == MasterState::stopping ||
+                    master_state_ == MasterState::stopping_fast ||
+                    master_state_ == MasterState::stopped;
+    for (auto& [id, gen] : generations_) {
+        bool wanted = !stopping && (gen.state == GenerationState::starting ||
+                                    gen.state == GenerationState::live);
+        if (!wanted &&
+            (gen.zygote.state == ZygoteState::booting || gen.zygote.state == ZygoteState::ready)) {
+            stop_zygote(now, gen,
+                        stopping
+                            ? "the master is stopping"
+                            : fmt::format("generation {} is {}", gen.id, to_string(gen.state)));
+        }
+    }
+}
+
+// ----- the zygote --------------------------------------------------------------------------
+
+void Supervisor::zygote_message(Time now, Generation& gen, const std::string& text) {
+    Zygote& zygote = gen.zygote;
+    auto fields = parse_message(text);
+    if (auto it = fields.find(key::error); it != fields.end()) {
+        zygote.error = molt::text::truncate_utf8(it->second, 2000);
+        log(LogLevel::error, "zygote reports: " + zygote.error, gen.id, zygote.pid);
+    }
+    if (auto it = fields.find(key::preload_refused); it != fields.end()) {
+        if (zygote.state == ZygoteState::booting) {
+            zygote.fallback = molt::text::truncate_utf8(it->second, 2000);
+            log(LogLevel::warning,
+                fmt::format("preload: auto falls back to importing the app in each worker: {}",
+                            zygote.fallback),
+                gen.id, zygote.pid);
+            set_state(now, gen, ZygoteState::gone, "it refused to fork (preload: auto)");
+        }
+    }
+    if (fields.count(key::ready) && zygote.state == ZygoteState::booting) {
+        zygote.ready_at = now;
+        set_state(now, gen, ZygoteState::ready,
+                  fmt::format("imported the release in {}", ms(now - zygote.started_at)));
+    }
+}
+
+void Supervisor::zygote_ended(Time now, Generation& gen, const ExitStatus& status,
+                              const std::string& stderr_tail) {
+    Zygote& zygote = gen.zygote;
+    ZygoteState was = zygote.state;
+    // Its own words explain an unexpected end; a zygote stopped on purpose needs none.
+    std::string detail = was == ZygoteState::stopping ? ""
+                         : !zygote.error.empty()      ? zygote.error
+                                                      : last_line(stderr_tail);
+    std::string how = status.describe() + (detail.empty() ? "" : ": " + detail);
+    set_state(now, gen, ZygoteState::gone, how);
+    forget_pending_forks(now, gen);
+    if (was == ZygoteState::booting && gen.state == GenerationState::starting) {
+        // The release's import failed in the zygote: exactly like a worker that failed to
+        // import, the generation fails with the zygote's own words and the old one serves on.
+        fail_generation(now, gen,
+                        fmt::format("the zygote pid={} {} before READY{}", zygote.pid,
+                                    status.describe(), detail.empty() ? "" : ": " + detail));
+    } else if (was == ZygoteState::ready) {
+        zygote.fallback = "the zygote " + how;
+        log(LogLevel::error,
+            fmt::format("the zygote {}; its workers serve on, later workers of generation {} "
+                        "import the app themselves",
+                        how, gen.id),
+            gen.id, zygote.pid);
+    }
+    reconcile(now);
+}
+
+void Supervisor::forget_pending_forks(Time now, Generation& gen) {
+    std::vector<WorkerId> pending;
+    for (Worker* worker : workers_of(gen.id)) {
+        if (worker->forked && worker->pid == 0) pending.push_back(worker->id);
+    }
+    for (WorkerId id : pending) {
+        Worker& worker = workers_.at(id);
+        log(LogLevel::warning,
+            fmt::format("worker slot={}: its fork request died with the zygote; the slot is "
+                        "filled again",
+                        worker.slot),
+            gen.id);
+        set_state(now, worker, WorkerState::exited, "never forked");
+        workers_.erase(id);
+    }
+}
+
+void Supervisor::stop_zygote(Time now, Generation& gen, const std::string& why) {
+    Zygote& zygote = gen.zygote;
+    if (zygote.state != ZygoteState::booting && zygote.state != ZygoteState::ready) return;
+    set_state(now, gen, ZygoteState::stopping, why);
+    if (zygote.pid > 0) {
+        log(LogLevel::info, "sending SIGKILL to the zygote: " + why, gen.id, zygote.pid);
+        emit(SignalWorker{0, zygote.pid, Signal::kill, why});
+    }
+}
+
+void Supervisor::set_state(Time now, Generation& gen, ZygoteState next, const std::string& why) {
+    (void)now;
+    if (gen.zygote.state == next) return;
+    log(LogLevel::info,
+        fmt::format("zygote: {} -> {} ({})", to_string(gen.zygote.state), to_string(next), why),
+        gen.id, gen.zygote.pid);
+    gen.zygote.state = next;
 }
 
 // ----- transitions -------------------------------------------------------------------------
@@ -850,6 +1039,13 @@ void Supervisor::begin_generation(Time now, Release release, Trigger trigger) {
                     to_string(trigger), gen.release.release_dir, gen.release.version, gen.target,
                     batches),
         gen.id);
+    if (gen.release.config->preload != config::Preload::off) {
+        gen.zygote.state = ZygoteState::booting;
+        gen.zygote.started_at = now;
+        gen.zygote.boot_deadline = now + gen.release.config->timeouts.boot;
+        log(LogLevel::info, "starting the zygote (preload): it imports the release once", gen.id);
+        emit(SpawnZygote{gen.id, gen.release});
+    }
     starting_ = gen.id;
     auto [it, inserted] = generations_.emplace(gen.id, std::move(gen));
     record_history(it->second);
@@ -977,8 +1173,13 @@ void Supervisor::spawn(Time now, Generation& gen, int slot) {
     worker.slot = slot;
     worker.spawned_at = now;
     worker.boot_deadline = now + gen.release.config->timeouts.boot;
-    log(LogLevel::debug, fmt::format("spawning worker slot={}", slot), gen.id);
-    emit(SpawnWorker{worker.id, gen.id, slot, gen.release});
+    worker.forked = gen.zygote.state == ZygoteState::ready;
+    Pid via = worker.forked ? gen.zygote.pid : 0;
+    log(LogLevel::debug,
+        fmt::format("{} worker slot={}", worker.forked ? "forking" : "spawning", slot), gen.id,
+        via);
+    if (worker.forked) gen.zygote.forks++;
+    emit(SpawnWorker{worker.id, gen.id, slot, gen.release, via});
     workers_.emplace(worker.id, std::move(worker));
 }
 
@@ -1189,6 +1390,14 @@ std::optional<std::string> Supervisor::rollback_target() const {
 Worker* Supervisor::find_by_pid(Pid pid) {
     for (auto& [id, worker] : workers_) {
         if (worker.pid == pid) return &worker;
+    }
+    return nullptr;
+}
+
+Generation* Supervisor::find_by_zygote(Pid pid) {
+    if (pid <= 0) return nullptr;
+    for (auto& [id, gen] : generations_) {
+        if (gen.zygote.pid == pid && zygote_alive(gen.zygote)) return &gen;
     }
     return nullptr;
 }

@@ -65,6 +65,19 @@ enum class Disposition {
     killed
 };
 enum class GenerationState { starting, live, draining, gone, failed };
+// A generation's zygote (`preload:`): the process that imported the release once and forks the
+// generation's workers. It is one more way for a slot to be filled, not a second lifecycle:
+// a worker it forked is a worker like any other.
+//
+//   none                 the generation has no zygote (preload: false)
+//   booting -> ready     READY=1: a slot is filled by asking it to fork (SpawnWorker.via_zygote)
+//   booting -> gone      it refused (preload: auto found the import unsafe to fork: the
+//                        generation's workers import the app themselves) or it died before READY
+//                        (the generation fails with the zygote's own error text)
+//   ready -> gone        it died: its workers live on, later slots are filled by a plain spawn
+//   booting|ready -> stopping  SIGKILL sent: its generation no longer starts workers
+//   stopping -> gone     its exit was seen
+enum class ZygoteState { none, booting, ready, stopping, gone };
 enum class MasterState { starting, running, stopping, stopping_fast, stopped };
 // Where the one rollover at a time stands. `running` means a starting generation exists;
 // `finishing` means the new generation is live and the old workers are confirming that they
@@ -84,6 +97,7 @@ const char* to_string(Disposition disposition);
 const char* to_string(MasterState state);
 const char* to_string(RolloverPhase phase);
 const char* to_string(GenerationState state);
+const char* to_string(ZygoteState state);
 const char* to_string(Signal signal);
 const char* to_string(Trigger trigger);
 const char* to_string(RetireReason reason);
@@ -136,6 +150,20 @@ struct Worker {
     std::optional<RestartReason> stop_reason;
     Heartbeat counters;
     std::string error;  // the worker's own ERROR= text
+    // Born from its generation's zygote (asked with SpawnWorker.via_zygote) rather than spawned
+    // and imported on its own. Nothing else about the worker differs.
+    bool forked = false;
+};
+
+struct Zygote {
+    ZygoteState state = ZygoteState::none;
+    Pid pid = 0;  // 0 until zygote_spawned()
+    Time started_at{0};
+    Time boot_deadline{0};
+    std::optional<Time> ready_at;
+    std::string error;        // its own ERROR= text
+    std::string fallback;     // why the generation's workers (now) import the app themselves
+    std::uint64_t forks = 0;  // workers it forked
 };
 
 struct Generation {
@@ -150,6 +178,7 @@ struct Generation {
     std::optional<Time> ended_at;
     std::string failure;               // why it failed, with the worker's own error text
     std::map<int, int> slot_restarts;  // slot -> replacements so far
+    Zygote zygote;
 };
 
 // One line of `molt ctl history`.
@@ -170,6 +199,7 @@ struct AdoptedWorker {
     Pid pid = 0;
     int slot = 0;
     Heartbeat counters;
+    bool forked = false;
 };
 
 // What the previous master image knew and the new one keeps (besides the workers).
@@ -179,6 +209,8 @@ struct AdoptedState {
     Trigger trigger = Trigger::startup;
     int target = 1;
     std::vector<AdoptedWorker> workers;
+    Pid zygote = 0;  // the live generation's ready zygote, 0 when there is none
+    std::string zygote_fallback;
     std::deque<HistoryEntry> history;
     std::map<RestartReason, std::uint64_t> restarts;
     std::uint64_t rollovers_ok = 0;
@@ -226,6 +258,14 @@ struct SpawnWorker {
     GenerationId generation;
     int slot;
     Release release;
+    // Not 0: ask this zygote (of the same generation) to fork the worker instead of spawning
+    // a fresh interpreter; the answer is the same spawned()/spawn_failed().
+    Pid via_zygote = 0;
+};
+// Start the generation's zygote; answer with zygote_spawned() or zygote_spawn_failed().
+struct SpawnZygote {
+    GenerationId generation;
+    Release release;
 };
 struct SendToWorker {
     WorkerId worker;
@@ -262,8 +302,8 @@ struct WriteLog {
 struct ExitMaster {
     int code;
 };
-using Action = std::variant<SpawnWorker, SendToWorker, SignalWorker, PrepareRelease, NotifySystemd,
-                            RolloverFinished, WriteLog, ExitMaster>;
+using Action = std::variant<SpawnWorker, SpawnZygote, SendToWorker, SignalWorker, PrepareRelease,
+                            NotifySystemd, RolloverFinished, WriteLog, ExitMaster>;
 using Actions = std::vector<Action>;
 
 // Tunables that are not user config: how the master paces retries and escalations.
@@ -303,6 +343,9 @@ class Supervisor {
 
     Actions spawned(Time now, WorkerId worker, Pid pid);
     Actions spawn_failed(Time now, WorkerId worker, const std::string& error);
+    Actions zygote_spawned(Time now, GenerationId generation, Pid pid);
+    Actions zygote_spawn_failed(Time now, GenerationId generation, const std::string& error);
+    // From a worker or a zygote (the pid tells which).
     Actions message(Time now, Pid pid, const std::string& text);
     Actions exited(Time now, Pid pid, const ExitStatus& status, const std::string& stderr_tail);
     Actions tick(Time now);
@@ -338,6 +381,11 @@ class Supervisor {
     std::uint64_t rollovers(bool ok) const { return ok ? rollovers_ok_ : rollovers_failed_; }
     std::optional<RolloverFinished> last_rollover() const { return last_rollover_; }
     std::string status_line() const;
+    // A zygote process that exists (or is being started): booting, ready or stopping.
+    static bool zygote_alive(const Zygote& zygote) {
+        return zygote.state == ZygoteState::booting || zygote.state == ZygoteState::ready ||
+               zygote.state == ZygoteState::stopping;
+    }
 
   private:
     struct SlotHealth {
@@ -359,6 +407,18 @@ class Supervisor {
                         const config::Config& config);
     void stop_scaled_down(Time now, Worker& worker);
     void finish_stop_if_done(Time now);
+    void reconcile_zygotes(Time now);
+
+    // The zygote (preload).
+    Generation* find_by_zygote(Pid pid);
+    void zygote_message(Time now, Generation& gen, const std::string& text);
+    void zygote_ended(Time now, Generation& gen, const ExitStatus& status,
+                      const std::string& stderr_tail);
+    void set_state(Time now, Generation& gen, ZygoteState next, const std::string& why);
+    void stop_zygote(Time now, Generation& gen, const std::string& why);
+    // Fork requests the zygote never answered: forgotten, so their slots are filled again.
+    void forget_pending_forks(Time now, Generation& gen);
+
     void maybe_start_queued_rollover(Time now);
     void maybe_finish_rollover(Time now);
 

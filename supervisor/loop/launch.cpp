@@ -91,6 +91,7 @@ std::vector<std::string> worker_environment(const WorkerLaunch& launch) {
     env.push_back(assignment(contract::env::generation, std::to_string(spawn.generation)));
     env.push_back(assignment(contract::env::worker, std::to_string(spawn.slot)));
     env.push_back(assignment(contract::env::worker_config, config_json));
+    if (launch.zygote) env.push_back(assignment(contract::env::zygote, "1"));
     return env;
 }
 

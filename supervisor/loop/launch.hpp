@@ -30,6 +30,7 @@ struct WorkerLaunch {
     const std::vector<os::Listener>& listeners;
     std::string shim_dir;                         // goes first on PYTHONPATH
     std::vector<std::string> master_environment;  // "KEY=VALUE", as os::environment() gives it
+    bool zygote = false;  // the generation's zygote (MOLT_ZYGOTE=1), not a worker
 };
 
 // The environment of one worker: the child environment, the config's `env:` over it, the

@@ -110,12 +110,21 @@ void Log::write(core::LogLevel level, std::string_view text, std::uint64_t gen, 
 
 void Log::worker_line(std::uint64_t gen, int slot, int pid, std::string_view stream,
                       std::string_view line) {
+    // A negative slot is the generation's zygote (preload), which has no slot.
     if (format_ == config::LogFormat::json) {
-        nlohmann::json out{{"ts", timestamp()},  {"level", stream == "stderr" ? "warning" : "info"},
-                           {"source", "worker"}, {"stream", std::string(stream)},
-                           {"gen", gen},         {"worker", slot},
-                           {"pid", pid},         {"msg", std::string(line)}};
+        nlohmann::json out{{"ts", timestamp()},
+                           {"level", stream == "stderr" ? "warning" : "info"},
+                           {"source", slot < 0 ? "zygote" : "worker"},
+                           {"stream", std::string(stream)},
+                           {"gen", gen},
+                           {"worker", slot},
+                           {"pid", pid},
+                           {"msg", std::string(line)}};
         emit(out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
+        return;
+    }
+    if (slot < 0) {
+        emit(fmt::format("{} zygote  gen={} pid={} {}: {}\n", timestamp(), gen, pid, stream, line));
         return;
     }
     emit(fmt::format("{} worker  gen={} worker={} pid={} {}: {}\n", timestamp(), gen, slot, pid,

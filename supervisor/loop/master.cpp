@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "supervisor/common/text.hpp"
+#include "supervisor/contract/worker_contract.hpp"
 #include "supervisor/loop/launch.hpp"
 #include "supervisor/loop/servers.hpp"
 #include "supervisor/loop/upgrade_state.hpp"
@@ -140,6 +141,10 @@ int Master::run() {
     }
     wall_started_at_ = os::wall_clock_us() / 1000;
     started_at_ = now();
+    if (auto error = os::become_subreaper(); !error.empty()) {
+        // Without it a zygote's workers would be re-parented to init: no preload then.
+        log_.warning(error + "; workers forked by a zygote could not be supervised");
+    }
 
     auto adopted = os::adopt_systemd_listeners(config_->listen);
     auto opened = adopted ? std::move(*adopted) : os::open_listeners(config_->listen);
@@ -198,6 +203,13 @@ std::string Master::start_services() {
     deadline_timer_.data = this;
     uv_timer_init(&loop_, &upgrade_timer_);
     upgrade_timer_.data = this;
+
+    uv_timer_init(&loop_, &pss_timer_);
+    pss_timer_.data = this;
+    constexpr std::uint64_t kPssSampleMs = 5000;
+    uv_timer_start(
+        &pss_timer_, [](uv_timer_t* t) { static_cast<Master*>(t->data)->sample_pss(); },
+        kPssSampleMs, kPssSampleMs);
 
     uv_timer_init(&loop_, &watchdog_timer_);
     watchdog_timer_.data = this;
@@ -274,6 +286,19 @@ void Master::feed(core::Actions actions) {
     update_process_title();
 }
 
+void Master::sample_pss() {
+    std::map<pid_t, unsigned long long> fresh;
+    for (const auto& [pid, process] : processes_) fresh[pid] = os::proportional_bytes(pid);
+    pss_ = std::move(fresh);
+}
+
+unsigned long long Master::pss_of(pid_t pid) const {
+    if (pid <= 0) return 0;
+    auto it = pss_.find(pid);
+    if (it == pss_.end()) it = pss_.emplace(pid, os::proportional_bytes(pid)).first;
+    return it->second;
+}
+
 // `ps` shows which generation serves, whatever told us (systemd or not).
 void Master::update_process_title() {
     auto live = core_.live_generation();
@@ -287,7 +312,9 @@ void Master::execute(const core::Action& action, std::vector<core::Actions>& mor
         [&](const auto& a) {
             using T = std::decay_t<decltype(a)>;
             if constexpr (std::is_same_v<T, core::SpawnWorker>) {
-                more.push_back(spawn(a));
+                more.push_back(a.via_zygote != 0 ? ask_zygote(a) : spawn(a));
+            } else if constexpr (std::is_same_v<T, core::SpawnZygote>) {
+                more.push_back(spawn_zygote(a));
             } else if constexpr (std::is_same_v<T, core::SendToWorker>) {
                 more.push_back(send_to_worker(a));
             } else if constexpr (std::is_same_v<T, core::SignalWorker>) {
@@ -378,6 +405,13 @@ void Master::reap_children() {
 }
 
 void Master::on_worker_exit(pid_t pid, int status) {
+    if (!processes_.count(pid)) {
+        // Not (yet) known: a forked worker whose zygote's FORKED= is still unread, or an
+        // orphan of an app's subprocess re-parented to this subreaper. Kept for on_forked().
+        reaped_unknown_[pid] = status;
+        while (reaped_unknown_.size() > 256) reaped_unknown_.erase(reaped_unknown_.begin());
+        return;
+    }
     core::ExitStatus exit;
     if (WIFSIGNALED(status)) {
         exit.signal = WTERMSIG(status);
@@ -395,6 +429,9 @@ void Master::on_worker_exit(pid_t pid, int status) {
         // Its last words first: an ERROR= or a final heartbeat may still sit in the channel.
         on_worker_packet(*it->second);
         it = processes_.find(pid);
+    }
+    if (auto it = processes_.find(pid); it != processes_.end() && it->second->zygote) {
+        forget_forks_of(pid);  // whatever it did not answer, it never will
     }
     if (auto it = processes_.find(pid); it != processes_.end()) {
         WorkerProcess* worker = it->second.release();
@@ -427,7 +464,11 @@ void Master::on_worker_packet(WorkerProcess& worker) {
     for (;;) {
         os::Packet packet = os::receive_packet(worker.channel_fd.get());
         if (packet.status == os::Packet::Status::packet) {
-            feed(core_.message(now(), worker.pid, std::move(packet.data)));
+            if (worker.zygote && starts_with(packet.data, contract::key::forked)) {
+                on_forked(worker, packet.data);
+            } else {
+                feed(core_.message(now(), worker.pid, std::move(packet.data)));
+            }
             continue;
         }
         if (packet.status == os::Packet::Status::closed) {
@@ -473,9 +514,114 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
     return core_.spawned(now(), spawn.worker, child);
 }
 
+core::Actions Master::spawn_zygote(const core::SpawnZygote& zygote) {
+    auto fail = [&](const std::string& error) {
+        return core_.zygote_spawn_failed(now(), zygote.generation, error);
+    };
+    auto channel = os::make_channel();
+    if (!os::ok(channel)) return fail(os::error_of(channel));
+    auto out = os::make_pipe();
+    if (!os::ok(out)) return fail(os::error_of(out));
+    auto err = os::make_pipe();
+    if (!os::ok(err)) return fail(os::error_of(err));
+    auto& [master_end, zygote_end] = std::get<os::SocketPair>(channel);
+    auto& out_pipe = std::get<os::Pipe>(out);
+    auto& err_pipe = std::get<os::Pipe>(err);
+
+    // The zygote is started exactly as the generation's slot-0 worker would be (environment,
+    // fds, directory, user/group), and told that it is the zygote.
+    core::SpawnWorker as_worker{0, zygote.generation, 0, zygote.release, 0};
+    WorkerLaunch launch{as_worker, listeners_, options_.shim_dir, os::environment(), true};
+    auto request = worker_spawn_request(
+        launch, {zygote_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
+    if (!os::ok(request)) return fail(os::error_of(request));
+    auto pid = os::spawn_process(std::get<os::SpawnRequest>(request));
+    if (!os::ok(pid)) return fail(os::error_of(pid));
+    pid_t child = std::get<pid_t>(pid);
+    track_process(zygote.generation, -1, child, std::move(master_end), out_pipe.read_end.release(),
+                  err_pipe.read_end.release())
+        .zygote = true;
+    return core_.zygote_spawned(now(), zygote.generation, child);
+}
+
+// A fork request: the worker's channel and output pipes are made here, as for a spawn, and
+// handed to the zygote with the request; its FORKED= answer is the spawn's result.
+core::Actions Master::ask_zygote(const core::SpawnWorker& spawn) {
+    auto fail = [&](const std::string& error) {
+        return core_.spawn_failed(now(), spawn.worker, error);
+    };
+    auto zygote = processes_.find(spawn.via_zygote);
+    if (zygote == processes_.end()) return fail("the zygote is gone");
+    auto channel = os::make_channel();
+    if (!os::ok(channel)) return fail(os::error_of(channel));
+    auto out = os::make_pipe();
+    if (!os::ok(out)) return fail(os::error_of(out));
+    auto err = os::make_pipe();
+    if (!os::ok(err)) return fail(os::error_of(err));
+    auto& [master_end, worker_end] = std::get<os::SocketPair>(channel);
+    auto& out_pipe = std::get<os::Pipe>(out);
+    auto& err_pipe = std::get<os::Pipe>(err);
+    std::string message = fmt::format("{}={}\n{}={}", contract::key::fork, spawn.worker,
+                                      contract::key::slot, spawn.slot);
+    std::string error = os::send_packet_with_fds(
+        zygote->second->channel_fd.get(), message,
+        {worker_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()}, spawn.via_zygote);
+    if (!error.empty()) return fail(error);
+    // The zygote holds its own copies now; the worker's ends close here when this returns.
+    pending_forks_[spawn.worker] = PendingFork{spawn.generation,
+                                               spawn.slot,
+                                               spawn.via_zygote,
+                                               std::move(master_end),
+                                               std::move(out_pipe.read_end),
+                                               std::move(err_pipe.read_end)};
+    return {};
+}
+
+void Master::on_forked(WorkerProcess& zygote, const std::string& packet) {
+    std::map<std::string, std::string> fields;
+    std::string_view rest = packet;
+    while (!rest.empty()) {
+        auto line = rest.substr(0, rest.find('\n'));
+        if (auto eq = line.find('='); eq != std::string_view::npos) {
+            fields[std::string(line.substr(0, eq))] = std::string(line.substr(eq + 1));
+        }
+        rest.remove_prefix(std::min(rest.size(), line.size() + 1));
+    }
+    core::WorkerId id =
+        std::strtoull(fields[std::string(contract::key::forked)].c_str(), nullptr, 10);
+    auto it = pending_forks_.find(id);
+    if (it == pending_forks_.end() || it->second.zygote != zygote.pid) {
+        log_.write(core::LogLevel::warning, "zygote answered an unknown fork request: " + packet,
+                   zygote.generation, zygote.pid);
+        return;
+    }
+    PendingFork fork = std::move(it->second);
+    pending_forks_.erase(it);
+    pid_t pid = static_cast<pid_t>(std::atoi(fields[std::string(contract::key::pid)].c_str()));
+    if (pid <= 0) {
+        std::string error = fields[std::string(contract::key::fork_error)];
+        feed(core_.spawn_failed(
+            now(), id, "the zygote could not fork it: " + (error.empty() ? packet : error)));
+        return;
+    }
+    track_process(fork.generation, fork.slot, pid, std::move(fork.channel), fork.out.release(),
+                  fork.err.release());
+    feed(core_.spawned(now(), id, pid));
+    if (auto early = reaped_unknown_.find(pid); early != reaped_unknown_.end()) {
+        // It exited (and was reaped) before this answer was read.
+        int status = early->second;
+        reaped_unknown_.erase(early);
+        on_worker_exit(pid, status);
+    }
+}
+
+void Master::forget_forks_of(pid_t zygote) {
+    std::erase_if(pending_forks_, [&](const auto& entry) { return entry.second.zygote == zygote; });
+}
+
 // Watches a worker's channel and output pipes (a fresh spawn, or one adopted after exec).
-void Master::track_process(core::GenerationId generation, int slot, pid_t pid, os::Fd channel_fd,
-                           int out_fd, int err_fd) {
+WorkerProcess& Master::track_process(core::GenerationId generation, int slot, pid_t pid,
+                                     os::Fd channel_fd, int out_fd, int err_fd) {
     auto worker = std::make_unique<WorkerProcess>();
     worker->master = this;
     worker->generation = generation;
@@ -499,7 +645,9 @@ void Master::track_process(core::GenerationId generation, int slot, pid_t pid, o
     });
     uv_read_start(reinterpret_cast<uv_stream_t*>(&worker->out), alloc_buffer, on_output);
     uv_read_start(reinterpret_cast<uv_stream_t*>(&worker->err), alloc_buffer, on_output);
+    WorkerProcess& tracked = *worker;
     processes_.emplace(pid, std::move(worker));
+    return tracked;
 }
 
 core::Actions Master::prepare_release(const core::PrepareRelease& prepare) {
@@ -610,6 +758,7 @@ void Master::begin_shutdown(int code) {
     uv_timer_stop(&deadline_timer_);
     uv_close(reinterpret_cast<uv_handle_t*>(&deadline_timer_), nullptr);
     uv_close(reinterpret_cast<uv_handle_t*>(&watchdog_timer_), nullptr);
+    uv_close(reinterpret_cast<uv_handle_t*>(&pss_timer_), nullptr);
     uv_close(reinterpret_cast<uv_handle_t*>(&upgrade_timer_), nullptr);
     for (auto& [signum, handle] : signals_) {
         uv_close(reinterpret_cast<uv_handle_t*>(&handle), nullptr);
@@ -623,6 +772,7 @@ void Master::begin_shutdown(int code) {
     }
     for (auto& [pid, worker] : processes_) close_worker_handles(worker.release());
     processes_.clear();
+    pending_forks_.clear();
     // Waiters still pending learn that no answer is coming.
     core::RolloverFinished stopped{{}, 0, false, "the master stopped", core::Duration{0}};
     auto waiters = std::move(waiters_);

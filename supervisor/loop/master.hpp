@@ -73,8 +73,8 @@ class Master {
     core::Time now();
     std::string start_services();  // the error that prevents starting, if any
     void start_watching();
-    void track_process(core::GenerationId generation, int slot, pid_t pid, os::Fd channel_fd,
-                       int out_fd, int err_fd);
+    WorkerProcess& track_process(core::GenerationId generation, int slot, pid_t pid,
+                                 os::Fd channel_fd, int out_fd, int err_fd);
     void feed(core::Actions actions);
     void execute(const core::Action& action, std::vector<core::Actions>& more);
     void arm_deadline_timer();
@@ -86,6 +86,10 @@ class Master {
     void on_worker_exit(pid_t pid, int status);
 
     core::Actions spawn(const core::SpawnWorker& spawn);
+    core::Actions spawn_zygote(const core::SpawnZygote& spawn);
+    core::Actions ask_zygote(const core::SpawnWorker& spawn);
+    void on_forked(WorkerProcess& zygote, const std::string& packet);
+    void forget_forks_of(pid_t zygote);
     core::Actions prepare_release(const core::PrepareRelease& prepare);
     std::optional<std::string> resolve_release(const config::Config& config,
                                                const std::optional<std::string>& override_dir,
@@ -114,9 +118,30 @@ class Master {
     Log log_;
     std::vector<os::Listener> listeners_;
     std::map<pid_t, std::unique_ptr<WorkerProcess>> processes_;
+    // A worker a zygote was asked to fork: the master's ends of its channel and output pipes,
+    // kept until the zygote answers FORKED= (then tracked like a spawned worker's).
+    struct PendingFork {
+        core::GenerationId generation = 0;
+        int slot = 0;
+        pid_t zygote = 0;
+        os::Fd channel;
+        os::Fd out;
+        os::Fd err;
+    };
+    std::map<core::WorkerId, PendingFork> pending_forks_;
+    // Children reaped before the master knew them: a forked worker can exit before its
+    // zygote's FORKED= is read. Bounded; the oldest are forgotten first.
+    std::map<pid_t, int> reaped_unknown_;
     std::map<int, uv_signal_t> signals_;
     uv_timer_t deadline_timer_{};
     uv_timer_t watchdog_timer_{};
+    // PSS of each worker and zygote, sampled every kPssSampleMs (reading smaps_rollup walks
+    // every mapping, too slow to do for each status request); a pid not sampled yet is read
+    // once on demand.
+    uv_timer_t pss_timer_{};
+    mutable std::map<pid_t, unsigned long long> pss_;
+    void sample_pss();
+    unsigned long long pss_of(pid_t pid) const;
     std::unique_ptr<ControlServer> control_;
     std::unique_ptr<MetricsServer> metrics_;
     std::unique_ptr<Watcher> watcher_;

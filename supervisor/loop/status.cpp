@@ -2,6 +2,8 @@
 // the Prometheus text exposition at /metrics. Read-only; computed on demand.
 #include <fmt/format.h>
 
+#include <array>
+
 #include "supervisor/loop/master.hpp"
 
 namespace molt::loop {
@@ -20,6 +22,30 @@ std::string label(std::string_view value) {
             continue;
         }
         out += c;
+    }
+    return out;
+}
+
+constexpr std::array<const char*, 3> kPreloadNames{"auto", "true", "false"};
+
+// Whether a generation's workers are (being) forked from its zygote.
+bool preloaded(const core::Generation& gen) {
+    return gen.zygote.state == core::ZygoteState::ready || gen.zygote.forks > 0;
+}
+
+json zygote_json(const core::Generation& gen, unsigned long long pss) {
+    const core::Zygote& z = gen.zygote;
+    json out{{"mode", kPreloadNames[static_cast<std::size_t>(gen.release.config->preload)]},
+             {"preloaded", preloaded(gen)},
+             {"fallback", z.fallback.empty() ? json(nullptr) : json(z.fallback)},
+             {"zygote", nullptr}};
+    if (z.state != core::ZygoteState::none && z.state != core::ZygoteState::gone) {
+        bool alive = z.pid > 0;
+        out["zygote"] = json{{"pid", z.pid},
+                             {"state", core::to_string(z.state)},
+                             {"forks", z.forks},
+                             {"rss_bytes", alive ? os::resident_bytes(z.pid) : 0},
+                             {"pss_bytes", pss}};
     }
     return out;
 }
@@ -53,6 +79,8 @@ json Master::status_json() const {
                 {"inflight", w.counters.inflight},
                 {"oldest_ms", w.counters.oldest_ms},
                 {"rss_bytes", w.pid > 0 ? os::resident_bytes(w.pid) : 0},
+                {"pss_bytes", pss_of(w.pid)},  // sampled (sample_pss)
+                {"forked", w.forked},
                 {"restarts", restarts == gen.slot_restarts.end() ? 0 : restarts->second},
                 {"retiring", w.retiring ? json(core::to_string(*w.retiring)) : json(nullptr)},
             });
@@ -65,6 +93,7 @@ json Master::status_json() const {
                {"trigger", core::to_string(gen.trigger)},
                {"target_workers", gen.target},
                {"started_at", wall(gen.started_at)},
+               {"preload", zygote_json(gen, pss_of(gen.zygote.pid))},
                {"workers", workers}};
         if (gen.live_at) {
             g["live_at"] = wall(*gen.live_at);
@@ -199,6 +228,35 @@ std::string Master::metrics_text() const {
         out +=
             fmt::format("molt_worker_resident_memory_bytes{{generation=\"{}\",slot=\"{}\"}} {}\n",
                         w.generation, w.slot, os::resident_bytes(w.pid));
+    }
+    family("molt_worker_proportional_memory_bytes", "gauge",
+           "Proportional set size of each worker (shared pages divided among their sharers), "
+           "sampled from /proc/PID/smaps_rollup every 5 s.");
+    for (const auto& [id, w] : core_.workers()) {
+        if (w.pid <= 0) continue;
+        out += fmt::format(
+            "molt_worker_proportional_memory_bytes{{generation=\"{}\",slot=\"{}\"}} {}\n",
+            w.generation, w.slot, pss_of(w.pid));
+    }
+    family("molt_generation_preloaded", "gauge",
+           "1 when the generation's workers are forked from its zygote (preload), else 0.");
+    for (const auto& [id, gen] : core_.generations()) {
+        out += fmt::format("molt_generation_preloaded{{generation=\"{}\"}} {}\n", id,
+                           preloaded(gen) ? 1 : 0);
+    }
+    family("molt_zygote_resident_memory_bytes", "gauge", "Resident memory of each zygote.");
+    for (const auto& [id, gen] : core_.generations()) {
+        if (gen.zygote.pid <= 0 || !core::Supervisor::zygote_alive(gen.zygote)) continue;
+        out += fmt::format("molt_zygote_resident_memory_bytes{{generation=\"{}\",pid=\"{}\"}} {}\n",
+                           id, gen.zygote.pid, os::resident_bytes(gen.zygote.pid));
+    }
+    family("molt_zygote_proportional_memory_bytes", "gauge",
+           "Proportional set size of each zygote.");
+    for (const auto& [id, gen] : core_.generations()) {
+        if (gen.zygote.pid <= 0 || !core::Supervisor::zygote_alive(gen.zygote)) continue;
+        out += fmt::format(
+            "molt_zygote_proportional_memory_bytes{{generation=\"{}\",pid=\"{}\"}} {}\n", id,
+            gen.zygote.pid, pss_of(gen.zygote.pid));
     }
     family("molt_master_resident_memory_bytes", "gauge", "Resident memory of the master.");
     out += fmt::format("molt_master_resident_memory_bytes {}\n", os::resident_bytes(getpid()));

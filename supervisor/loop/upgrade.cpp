@@ -143,10 +143,18 @@ UpgradeState Master::upgrade_state() const {
         auto it = processes_.find(w.pid);
         if (it == processes_.end()) continue;
         const WorkerProcess& p = *it->second;
-        core::AdoptedWorker worker{w.pid, w.slot, w.counters};
+        core::AdoptedWorker worker{w.pid, w.slot, w.counters, w.forked};
         state.workers.push_back({worker, p.channel_fd.get(), p.out_fd(), p.err_fd()});
     }
     const core::Generation& gen = core_.generations().at(*core_.live_generation());
+    state.zygote_fallback = gen.zygote.fallback;
+    if (gen.zygote.state == core::ZygoteState::ready) {
+        if (auto it = processes_.find(gen.zygote.pid); it != processes_.end()) {
+            const WorkerProcess& p = *it->second;
+            state.zygote = HandedOverWorker{core::AdoptedWorker{gen.zygote.pid, -1, {}, false},
+                                            p.channel_fd.get(), p.out_fd(), p.err_fd()};
+        }
+    }
     core::AdoptedState& adopted = state.adopted;
     adopted.generation = gen.id;
     adopted.release = gen.release;
@@ -162,7 +170,10 @@ UpgradeState Master::upgrade_state() const {
 std::vector<int> Master::handed_over_fds() const {
     std::vector<int> fds;
     for (const auto& l : listeners_) fds.push_back(l.fd.get());
+    auto state = upgrade_state();
+    pid_t zygote = state.zygote ? state.zygote->worker.pid : 0;
     for (const auto& [pid, p] : processes_) {
+        if (p->zygote && pid != zygote) continue;  // not handed over: it dies with its channel
         for (int fd : {p->channel_fd.get(), p->out_fd(), p->err_fd()}) {
             if (fd >= 0) fds.push_back(fd);
         }
@@ -245,6 +256,20 @@ int Master::adopt(UpgradeState state) {
                       w.out_fd, w.err_fd);
         adopted.workers.push_back(w.worker);
     }
+    if (state.zygote) {
+        const HandedOverWorker& z = *state.zygote;
+        for (int fd : {z.channel_fd, z.out_fd, z.err_fd}) {
+            if (auto error = os::set_close_on_exec(fd, true); !error.empty()) {
+                problems.push_back(error);
+            }
+        }
+        track_process(adopted.generation, -1, z.worker.pid, os::Fd(z.channel_fd), z.out_fd,
+                      z.err_fd)
+            .zygote = true;
+        adopted.zygote = z.worker.pid;
+    }
+    adopted.zygote_fallback = state.zygote_fallback;
+    if (auto error = os::become_subreaper(); !error.empty()) log_.warning(error);
     // A worker would inherit an fd still open across its exec: worth a line, not a stop.
     for (const auto& problem : problems) log_.warning("after the binary upgrade: " + problem);
 

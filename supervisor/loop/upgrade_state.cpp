@@ -128,7 +128,15 @@ std::string serialise_upgrade_state(const UpgradeState& state) {
                                {"out_fd", w.out_fd},
                                {"err_fd", w.err_fd},
                                {"requests", w.worker.counters.requests},
-                               {"rss", w.worker.counters.rss}});
+                               {"rss", w.worker.counters.rss},
+                               {"forked", w.worker.forked}});
+    }
+    json zygote = nullptr;
+    if (state.zygote) {
+        zygote = json{{"pid", state.zygote->worker.pid},
+                      {"channel_fd", state.zygote->channel_fd},
+                      {"out_fd", state.zygote->out_fd},
+                      {"err_fd", state.zygote->err_fd}};
     }
     const core::AdoptedState& adopted = state.adopted;
     json history = json::array();
@@ -155,6 +163,8 @@ std::string serialise_upgrade_state(const UpgradeState& state) {
                   {"listeners", listeners},
                   {"generation", generation},
                   {"workers", workers},
+                  {"zygote", zygote},
+                  {"zygote_fallback", state.zygote_fallback},
                   {"history", history},
                   {"restarts", restarts},
                   {"rollovers_ok", adopted.rollovers_ok},
@@ -210,7 +220,22 @@ os::Result<UpgradeState> parse_upgrade_state(const std::string& text) {
         worker.err_fd = read.integer<int>(w, "err_fd");
         worker.worker.counters.requests = read.integer<std::uint64_t>(w, "requests");
         worker.worker.counters.rss = read.integer<std::uint64_t>(w, "rss");
+        if (w.is_object() && w.contains("forked")) worker.worker.forked = read.boolean(w, "forked");
         state.workers.push_back(worker);
+    }
+    // Optional (a build without the zygote wrote neither).
+    if (document.contains("zygote") && !document["zygote"].is_null()) {
+        const json& z = read.object(document, "zygote");
+        HandedOverWorker zygote;
+        zygote.worker.pid = read.integer<core::Pid>(z, "pid");
+        zygote.worker.slot = -1;
+        zygote.channel_fd = read.integer<int>(z, "channel_fd");
+        zygote.out_fd = read.integer<int>(z, "out_fd");
+        zygote.err_fd = read.integer<int>(z, "err_fd");
+        state.zygote = zygote;
+    }
+    if (document.contains("zygote_fallback")) {
+        state.zygote_fallback = read.string(document, "zygote_fallback");
     }
     core::AdoptedState& adopted = state.adopted;
     const json& generation = read.object(document, "generation");

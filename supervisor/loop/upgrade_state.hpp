@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,11 @@ struct UpgradeState {
     core::Ticket next_ticket = 1;
     std::vector<HandedOverListener> listeners;
     std::vector<HandedOverWorker> workers;
+    // The live generation's ready zygote (preload), when it has one; its slot is unused. The
+    // field and the workers' "forked" are optional in the JSON form, so format 1 states of
+    // builds without a zygote still read (and mean: no zygote).
+    std::optional<HandedOverWorker> zygote;
+    std::string zygote_fallback;
     // The live generation, history and counters. Its `workers` stay empty (they are in
     // `workers` above, with their fds) and its release's config is the new image's own.
     core::AdoptedState adopted;

@@ -19,7 +19,8 @@ struct WorkerProcess {
     core::GenerationId generation = 0;
     int slot = 0;
     pid_t pid = 0;
-    os::Fd channel_fd;  // the master's end; libuv only polls it
+    bool zygote = false;  // its generation's zygote: its channel carries FORK/FORKED
+    os::Fd channel_fd;    // the master's end; libuv only polls it
     uv_poll_t channel{};
     uv_pipe_t out{};
     uv_pipe_t err{};

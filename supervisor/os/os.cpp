@@ -203,6 +203,31 @@ std::string send_packet(int fd, std::string_view message, pid_t peer) {
     return failed("send(" + std::string(message) + " to pid " + std::to_string(peer) + ")", errno);
 }
 
+std::string send_packet_with_fds(int fd, std::string_view message, const std::vector<int>& fds,
+                                 pid_t peer) {
+    iovec data{const_cast<char*>(message.data()), message.size()};
+    std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()), 0);
+    msghdr header{};
+    header.msg_iov = &data;
+    header.msg_iovlen = 1;
+    header.msg_control = control.data();
+    header.msg_controllen = control.size();
+    cmsghdr* rights = CMSG_FIRSTHDR(&header);
+    rights->cmsg_level = SOL_SOCKET;
+    rights->cmsg_type = SCM_RIGHTS;
+    rights->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(rights), fds.data(), sizeof(int) * fds.size());
+    if (::sendmsg(fd, &header, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0) return {};
+    return failed("sendmsg(" + std::string(message.substr(0, message.find('\n'))) +
+                      " with fds to pid " + std::to_string(peer) + ")",
+                  errno);
+}
+
+std::string become_subreaper() {
+    if (::prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0) return {};
+    return failed("prctl(PR_SET_CHILD_SUBREAPER)", errno);
+}
+
 std::optional<Reaped> reap_child() {
     for (;;) {
         int status = 0;
@@ -376,6 +401,18 @@ unsigned long long resident_bytes(pid_t pid) {
     unsigned long long size = 0, resident = 0;
     if (!(statm >> size >> resident)) return 0;
     return resident * static_cast<unsigned long long>(sysconf(_SC_PAGESIZE));
+}
+
+unsigned long long proportional_bytes(pid_t pid) {
+    std::ifstream rollup("/proc/" + std::to_string(pid) + "/smaps_rollup");
+    std::string line;
+    while (std::getline(rollup, line)) {
+        if (line.rfind("Pss:", 0) != 0) continue;
+        unsigned long long kib = 0;
+        std::sscanf(line.c_str() + 4, "%llu", &kib);
+        return kib * 1024;
+    }
+    return 0;
 }
 
 Result<std::string> find_program(const std::string& name) {

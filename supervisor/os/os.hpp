@@ -121,6 +121,16 @@ Packet receive_packet(int fd);
 // "send(DRAIN=1 to pid 4312) failed: Broken pipe".
 std::string send_packet(int fd, std::string_view message, pid_t peer);
 
+// send() of one packet with `fds` attached (SCM_RIGHTS), without blocking or SIGPIPE; the
+// receiver gets its own copies. Empty on success, otherwise the error text.
+std::string send_packet_with_fds(int fd, std::string_view message, const std::vector<int>& fds,
+                                 pid_t peer);
+
+// prctl(PR_SET_CHILD_SUBREAPER): orphaned descendants (a worker forked by a zygote's
+// short-lived intermediate) are re-parented to this process, so it reaps them. Empty on
+// success, otherwise the error text.
+std::string become_subreaper();
+
 // waitpid(-1, WNOHANG): one exited child, or nullopt when none is waiting to be reaped.
 struct Reaped {
     pid_t pid = 0;
@@ -194,6 +204,10 @@ unsigned long long oom_kill_count();
 
 // Resident set size of a process in bytes (/proc/PID/statm); 0 when unknown.
 unsigned long long resident_bytes(pid_t pid);
+
+// Proportional set size of a process in bytes (/proc/PID/smaps_rollup): its resident pages,
+// each shared page divided by the number of processes sharing it. 0 when unknown.
+unsigned long long proportional_bytes(pid_t pid);
 
 // A program named without a slash is looked up in PATH, as execvp would; with a slash it is
 // returned as is. An error names what was searched.

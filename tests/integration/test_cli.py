@@ -99,7 +99,6 @@ def test_each_flag_takes_one_value_and_the_app_may_come_last():
 # ----- gunicorn's flags, refused -------------------------------------------------------------
 
 REFUSED = [
-    (["--preload"], "preload"),
     (["-k", "gevent"], "-k gthread --threads N"),
     (["--worker-class", "eventlet"], "uvicorn.workers.UvicornWorker"),
     (["--access-logfile", "/var/log/access.log"], "--access-logfile -"),
@@ -119,11 +118,17 @@ def test_gunicorn_flags_molt_lacks_are_refused_with_the_equivalent(flags, equiva
     assert re.search(rf"^molt: (\S+/)?{re.escape(flags[0])}(/\S+)?: ", out.stderr, re.M), out.stderr
 
 
-def test_the_issue_command_line_is_refused_for_preload_not_silently_ignored():
-    out = run_molt("run", "app:app", "--timeout", "30", "--preload", "--max-requests=1000",
-               "--access-logfile=-")
-    assert out.returncode == 2, out
-    assert "--preload: molt cannot preload yet" in out.stderr
+def test_preload_on_the_command_line_means_preload_true(molt, tmp_path):
+    control = tmp_path / "control.sock"
+    args = ["run", ECHO, "--chdir", str(APPS), "--python", PYTHON, "--control", str(control),
+            "--bind", "127.0.0.1:0", "-w", "2", "--timeout", "30", "--preload",
+            "--max-requests=1000", "--access-logfile=-"]
+    m = molt({"control": {"socket": str(control)}}, args=args, start=False)
+    m.start(timeout=60)
+    assert echo(m.port)["worker_config"]["preload"] == "true"
+    gen = m.status()["generations"][0]
+    assert gen["preload"]["mode"] == "true" and gen["preload"]["preloaded"] is True, gen
+    assert m.stop() == 0
 
 
 def test_flags_that_set_keys_are_refused_beside_a_config_file(tmp_path):

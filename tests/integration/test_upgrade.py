@@ -53,6 +53,14 @@ def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
     assert after["live_generation"] == before["live_generation"]
     assert result["requests"] > 100 and result["failed"] == 0, result["output"]
     assert "binary upgrade complete" in m.log()
+    # Its zygote (preload: auto, the default) was adopted too: a crashed worker is re-forked.
+    zygote = before["generations"][0]["preload"]["zygote"]
+    assert zygote and after["generations"][0]["preload"]["zygote"]["pid"] == zygote["pid"]
+    os.kill(workers_before[0], signal.SIGKILL)
+    wait_until(lambda: len(m.workers("ready")) == 2
+               and workers_before[0] not in m.worker_pids(), 20, "the replacement",
+               on_timeout=m.log)
+    assert all(w["forked"] for w in m.workers("ready")), m.status()
     # The adopted generation still rolls over normally afterwards.
     assert m.reload()["ok"] is True
     assert m.live_generation() == before["live_generation"] + 1

@@ -138,6 +138,14 @@ def main() -> int:
         factory = engines.load(cfg.interface, cfg.engine)
     except engines.EngineUnavailable as exc:
         return fail(channel, WorkerExit.IMPORT_FAILED, str(exc))
+    if os.environ.get(Env.ZYGOTE) == "1":
+        from . import zygote
+
+        return zygote.run(
+            cfg, channel, lambda: import_app(cfg),
+            lambda app, child_cfg, child_channel: serve(
+                app, child_cfg, child_channel, listeners, factory,
+                "molt: worker gen=%d slot=%d" % (child_cfg.generation, child_cfg.worker)))
     try:
         app = import_app(cfg)
     except BaseException as exc:  # SystemExit from an app module counts as a failed import too
@@ -156,7 +164,15 @@ def import_app(cfg: config.WorkerConfig) -> Any:
 def serve(app: Any, cfg: config.WorkerConfig, channel: Channel,
           listeners: List[Tuple[socket.socket, str]], factory: EngineFactory,
           title: str) -> int:
-    """The second half: build the engine and run the lifecycle until the drain is done."""
+    """The second half: build the engine and run the lifecycle until the drain is done. A
+    worker forked from its generation's zygote starts here, after the fork: every thread and
+    event loop of the engine is created in this process."""
+    try:
+        run_hook(cfg, "post_fork")
+    except BaseException as exc:
+        traceback.print_exc(file=sys.stderr)
+        return fail(channel, WorkerExit.IMPORT_FAILED,
+                    "hooks.post_fork (%s) failed: %s" % (cfg.hook("post_fork"), one_line(exc)))
     access = accesslog.make(cfg)
     retirement = Retirement(channel, cfg.max_requests, cfg.max_requests_jitter)
     try:
@@ -167,9 +183,21 @@ def serve(app: Any, cfg: config.WorkerConfig, channel: Channel,
     lifecycle = Lifecycle(cfg, channel, engine, access, retirement, title,
                           [name for _, name in listeners])
     code = lifecycle.run()
+    if code == WorkerExit.OK:
+        try:
+            run_hook(cfg, "worker_exit")
+        except BaseException:
+            log.exception("hooks.worker_exit (%s) failed", cfg.hook("worker_exit"))
     if access is not None:
         access.close()
     return code
+
+
+def run_hook(cfg: config.WorkerConfig, name: str) -> None:
+    """Call the configured `hooks.<name>` ("module:function"), if any, with no arguments."""
+    spec = cfg.hook(name)
+    if spec:
+        loader.import_app(spec)()
 
 
 if __name__ == "__main__":

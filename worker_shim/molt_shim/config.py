@@ -22,6 +22,8 @@ DEFAULTS: Dict[str, Any] = {
     "interface": "wsgi",
     "engine": "auto",  # the WSGI engine: "auto" | "python" | "native" (engines/__init__.py)
     "lifespan": "auto",  # the ASGI lifespan protocol: "auto" | "on" | "off" (uvicorn's meaning)
+    "preload": "auto",  # "auto" | "true" | "false": the zygote (zygote.py) forks the workers
+    "hooks": {"post_fork": "", "worker_exit": ""},  # "module:function", or "" for none
     "root_path": "",  # SCRIPT_NAME for WSGI, the scope's root_path for ASGI
     "asgi": {  # uvicorn's settings, uvicorn's defaults
         "loop": "auto",  # "auto" (uvloop when importable) | "asyncio" | "uvloop"
@@ -98,6 +100,14 @@ class WorkerConfig:
     def lifespan(self) -> str:
         value = str(self.raw["lifespan"] or "auto").lower()
         return value if value in ("auto", "on", "off") else "auto"
+
+    @property
+    def preload(self) -> str:
+        value = str(self.raw["preload"]).lower()
+        return value if value in ("auto", "true", "false") else "auto"
+
+    def hook(self, name: str) -> str:
+        return str(self.raw["hooks"].get(name) or "")
 
     @property
     def root_path(self) -> str:

@@ -32,15 +32,23 @@ class Key:
     ERROR = "ERROR"
     RETIRE = "RETIRE"
     STOPPING = "STOPPING"
+    # zygote -> master (the zygote also sends READY and ERROR, with a worker's meaning)
+    FORKED = "FORKED"  # FORK=<id> done: with PID= or FORK_ERROR=
+    PID = "PID"  # the forked worker's pid
+    FORK_ERROR = "FORK_ERROR"  # why FORK=<id> produced no worker
+    PRELOAD_REFUSED = "PRELOAD_REFUSED"  # preload: auto found the import unsafe to fork
     # master -> worker
     DRAIN = "DRAIN"
     REOPEN_LOGS = "REOPEN_LOGS"
+    # master -> zygote: fork worker <id> for SLOT=; channel, stdout, stderr as SCM_RIGHTS
+    FORK = "FORK"
+    SLOT = "SLOT"
 
 
 WORKER_TO_MASTER_KEYS: Tuple[str, ...] = (
     Key.READY, Key.WATCHDOG, Key.REQUESTS, Key.INFLIGHT, Key.OLDEST_MS, Key.RSS, Key.ERROR,
-    Key.RETIRE, Key.STOPPING)
-MASTER_TO_WORKER_KEYS: Tuple[str, ...] = (Key.DRAIN, Key.REOPEN_LOGS)
+    Key.RETIRE, Key.STOPPING, Key.FORKED, Key.PID, Key.FORK_ERROR, Key.PRELOAD_REFUSED)
+MASTER_TO_WORKER_KEYS: Tuple[str, ...] = (Key.DRAIN, Key.REOPEN_LOGS, Key.FORK, Key.SLOT)
 
 
 class Env:
@@ -52,11 +60,12 @@ class Env:
     GENERATION = "MOLT_GENERATION"
     WORKER = "MOLT_WORKER"  # the slot
     WORKER_CONFIG = "MOLT_WORKER_CONFIG"  # JSON
+    ZYGOTE = "MOLT_ZYGOTE"  # "1": this process is its generation's zygote
 
 
 WORKER_ENV_NAMES: Tuple[str, ...] = (
     Env.CHANNEL_FD, Env.LISTEN_FDS, Env.LISTEN_NAMES, Env.GENERATION, Env.WORKER,
-    Env.WORKER_CONFIG)
+    Env.WORKER_CONFIG, Env.ZYGOTE)
 
 # Variables of the master's own environment that never reach a worker: they belong to the
 # master's supervisor (systemd) or to the master itself. The master removes them before it adds

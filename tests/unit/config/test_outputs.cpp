@@ -28,6 +28,8 @@ recycle: {max_requests: 10, max_requests_jitter: 2}
         {"interface", "wsgi"},
         {"engine", "auto"},
         {"lifespan", "auto"},
+        {"preload", "auto"},
+        {"hooks", {{"post_fork", ""}, {"worker_exit", ""}}},
         {"root_path", ""},
         {"asgi",
          {{"loop", "auto"},

@@ -29,6 +29,8 @@ inline std::shared_ptr<const config::Config> make_config(int workers, auto&& twe
     config->timeouts.boot = 10s;
     config->timeouts.graceful = 5s;
     config->timeouts.heartbeat = 30s;
+    // The zygote has its own tests (test_zygote.cpp); everything else runs without it.
+    config->preload = config::Preload::off;
     tweak(*config);
     return config;
 }
@@ -55,6 +57,12 @@ struct Harness {
     // Spawns (counted from 1) that fail the way fork() does at a pids limit.
     std::vector<int> failing_spawns;
     int spawns = 0;
+    // Zygotes get a pid at once; with hold_forks, a fork request waits in pending_forks until
+    // the test answers it (fork_done / fork_failed), as a busy zygote would.
+    bool hold_forks = false;
+    std::vector<SpawnWorker> pending_forks;
+    std::vector<SpawnZygote> zygotes_started;
+    std::vector<Pid> zygote_pids;
 
     explicit Harness(Policy policy = {}) : sup(policy) {}
 
@@ -67,7 +75,14 @@ struct Harness {
             all.push_back(action);
             last.push_back(action);
             Actions more;
-            if (auto* spawn = std::get_if<SpawnWorker>(&action)) {
+            if (auto* zygote = std::get_if<SpawnZygote>(&action)) {
+                zygotes_started.push_back(*zygote);
+                zygote_pids.push_back(next_pid);
+                more = sup.zygote_spawned(now, zygote->generation, next_pid++);
+            } else if (auto* fork = std::get_if<SpawnWorker>(&action);
+                       fork && fork->via_zygote != 0 && hold_forks) {
+                pending_forks.push_back(*fork);
+            } else if (auto* spawn = std::get_if<SpawnWorker>(&action)) {
                 ++spawns;
                 if (std::find(failing_spawns.begin(), failing_spawns.end(), spawns) !=
                     failing_spawns.end()) {
@@ -118,11 +133,29 @@ struct Harness {
         run(sup.tick(now));
     }
     void ready(Pid pid) { run(sup.message(now, pid, "READY=1")); }
+    // The oldest held fork request is answered: the zygote forked it (returns its pid) or not.
+    Pid fork_done() {
+        REQUIRE(!pending_forks.empty());
+        SpawnWorker fork = pending_forks.front();
+        pending_forks.erase(pending_forks.begin());
+        Pid pid = next_pid++;
+        run(sup.spawned(now, fork.worker, pid));
+        return pid;
+    }
+    void fork_failed(const std::string& error) {
+        REQUIRE(!pending_forks.empty());
+        SpawnWorker fork = pending_forks.front();
+        pending_forks.erase(pending_forks.begin());
+        run(sup.spawn_failed(now, fork.worker, error));
+    }
     void say(Pid pid, const std::string& text) { run(sup.message(now, pid, text)); }
     void exit(Pid pid, int code, const std::string& tail = "") {
         ExitStatus status;
         status.code = code;
         run(sup.exited(now, pid, status, tail));
+    }
+    void signal_failed_esrch(Pid pid) {
+        run(sup.signal_failed(now, pid, true, "kill() failed: No such process"));
     }
     void killed(Pid pid, int signal, bool oom = false) {
         ExitStatus status;

@@ -154,6 +154,7 @@ TEST_CASE("every enum value has its name (names are looked up by position)") {
     CHECK(std::string(to_string(Disposition::serving)) == "serving");
     CHECK(std::string(to_string(Disposition::killed)) == "killed");
     CHECK(std::string(to_string(GenerationState::failed)) == "failed");
+    CHECK(std::string(to_string(ZygoteState::gone)) == "gone");
     CHECK(std::string(to_string(MasterState::stopped)) == "stopped");
     CHECK(std::string(to_string(RolloverPhase::finishing)) == "finishing");
     CHECK(std::string(to_string(Signal::terminate)) == "SIGTERM");

@@ -1,0 +1,292 @@
+"""preload: a per-generation zygote imports each release once and forks its workers, and every
+HUP still loads new code. Real master, real Flask/Django/Starlette, real wrk.
+
+Each app appends its pid to IMPORT_LOG when its module is imported, so a test counts imports
+(one per generation when preloaded, one per worker otherwise) instead of timing anything."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from molt_testlib import APPS, Releases, Wrk, flask_release, free_port, http_get, wait_until
+
+MARK_IMPORT = (
+    "import os as _os\n"
+    "with open(_os.environ['IMPORT_LOG'], 'a') as _log:\n"
+    "    _log.write('%d\\n' % _os.getpid())\n"
+)
+
+
+def marked_flask_release(version: str) -> dict:
+    files = flask_release(version)
+    files["app.py"] = MARK_IMPORT + files["app.py"]
+    return files
+
+
+def imports(log: Path) -> list[int]:
+    return [int(line) for line in log.read_text().split()] if log.exists() else []
+
+
+def config_for(releases: Releases, log: Path, **extra) -> dict:
+    config = {
+        "app": "app:app",
+        "chdir": str(releases.current),
+        "workers": 2,
+        "threads": 2,
+        "version_file": "REVISION",
+        "health": {"path": "/healthz"},
+        "timeouts": {"boot": "20s", "graceful": "10s"},
+        "env": {"IMPORT_LOG": str(log)},
+        "preload": "auto",
+    }
+    config.update(extra)
+    return {key: value for key, value in config.items() if value is not None}
+
+
+def body(m, path: str = "/") -> str:
+    status, _, data = m.get(path)
+    assert status == 200, data
+    return data.decode()
+
+
+def generation(m, gen_id: int) -> dict:
+    return next(g for g in m.status()["generations"] if g["id"] == gen_id)
+
+
+def assert_preloaded(m, gen_id: int):
+    gen = generation(m, gen_id)
+    assert gen["preload"]["preloaded"] is True, gen
+    assert gen["preload"]["zygote"]["pid"] > 0, gen
+    assert gen["preload"]["zygote"]["rss_bytes"] > 0, gen
+    assert all(w["forked"] for w in gen["workers"]), gen
+    assert all(w["pss_bytes"] > 0 for w in gen["workers"] if w["state"] == "ready"), gen
+
+
+def rollover(m, expect: str, path: str = "/"):
+    before = m.live_generation()
+    m.signal(signal.SIGHUP)
+    wait_until(lambda: (m.live_generation() or 0) > before
+               and not m.status()["rollover_in_progress"], 40,
+               "the rollover to complete", on_timeout=m.log)
+    assert body(m, path) == expect
+
+
+@pytest.mark.timeout(180)
+def test_flask_preloaded_rollovers_under_load_load_new_code_once_per_generation(molt, tmp_path):
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    for version in ("a", "b"):
+        releases.add(version, files=marked_flask_release(version))
+    releases.activate("a")
+    m = molt(config_for(releases, log))
+    assert body(m) == "version a\n"
+    assert_preloaded(m, m.live_generation())
+    assert len(imports(log)) == 1  # the zygote's, not one per worker
+
+    load = Wrk(m.url("/"), duration=25, connections=32)
+    try:
+        for i in range(4):
+            version = "b" if i % 2 == 0 else "a"
+            releases.activate(version)
+            rollover(m, f"version {version}\n")
+            assert_preloaded(m, m.live_generation())
+    finally:
+        result = load.result()
+    assert result["requests"] > 500, result["output"]
+    assert result["failed"] == 0, result["output"]
+    assert len(imports(log)) == 5  # one import per generation
+    assert m.status()["rollovers"] == {"ok": 4, "failed": 0}
+
+
+@pytest.mark.timeout(180)
+def test_django_preloaded_rollovers_under_load(molt, tmp_path):
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    for version in ("v1", "v2"):
+        target = releases.add(version, source=APPS / "django_site")
+        wsgi = target / "mysite" / "wsgi.py"
+        wsgi.write_text(MARK_IMPORT + wsgi.read_text())
+        views = target / "pages" / "views.py"
+        views.write_text(views.read_text().replace("django says hi", f"django {version}"))
+    releases.activate("v1")
+    m = molt(config_for(releases, log, app="mysite.wsgi:application", version_file=None,
+                        env={"IMPORT_LOG": str(log),
+                             "DJANGO_SETTINGS_MODULE": "mysite.settings"}))
+    assert body(m) == "django v1"
+    assert_preloaded(m, m.live_generation())
+
+    load = Wrk(m.url("/"), duration=15, connections=16)
+    try:
+        for version in ("v2", "v1"):
+            releases.activate(version)
+            rollover(m, f"django {version}")
+    finally:
+        result = load.result()
+    assert result["failed"] == 0, result["output"]
+    assert len(imports(log)) == 3
+
+
+@pytest.mark.timeout(120)
+def test_a_broken_release_fails_once_in_its_zygote_with_its_import_error(molt, tmp_path):
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    releases.add("a", files=marked_flask_release("a"))
+    releases.add("broken", files={"app.py": MARK_IMPORT + "from nowhere_to_be_found import x\n",
+                                  "REVISION": "broken\n"})
+    releases.activate("a")
+    m = molt(config_for(releases, log))
+    load = Wrk(m.url("/"), duration=6, connections=8)
+    try:
+        releases.activate("broken")
+        answer = m.reload()
+    finally:
+        result = load.result()
+    assert answer["ok"] is False
+    assert "zygote" in answer["error"], answer
+    assert "No module named 'nowhere_to_be_found'" in answer["error"], answer
+    assert "exited with status 3" in answer["error"], answer
+    assert len(imports(log)) == 2  # generation 1's zygote and the broken one's, once
+    assert result["failed"] == 0, result["output"]
+    assert body(m) == "version a\n"
+
+
+@pytest.mark.timeout(150)
+def test_kill_9_of_a_worker_and_of_the_zygote_under_load(molt, tmp_path):
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    releases.add("a", files=marked_flask_release("a"))
+    releases.activate("a")
+    connections = 16
+    m = molt(config_for(releases, log))
+    gen = m.live_generation()
+
+    # A worker: its replacement is forked from the zygote, not imported again.
+    victim = next(w for w in m.workers("ready") if w["slot"] == 0)
+    load = Wrk(m.url("/"), duration=6, connections=connections)
+    try:
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_until(lambda: any(w["slot"] == 0 and w["pid"] != victim["pid"]
+                               for w in m.workers("ready")), 20,
+                   "a replacement in slot 0", on_timeout=m.log)
+    finally:
+        result = load.result()
+    replacement = next(w for w in m.workers("ready") if w["slot"] == 0)
+    assert replacement["forked"] is True
+    assert len(imports(log)) == 1
+    # Only the connections the killed worker held can have failed.
+    assert result["failed"] <= connections, result["output"]
+
+    # The zygote: its workers serve on untouched; not one request fails.
+    zygote = generation(m, gen)["preload"]["zygote"]["pid"]
+    serving = sorted(w["pid"] for w in m.workers("ready"))
+    load = Wrk(m.url("/"), duration=5, connections=connections)
+    try:
+        os.kill(zygote, signal.SIGKILL)
+        wait_until(lambda: generation(m, gen)["preload"]["zygote"] is None, 20,
+                   "the master to see the zygote's death", on_timeout=m.log)
+    finally:
+        result = load.result()
+    assert result["failed"] == 0, result["output"]
+    assert sorted(w["pid"] for w in m.workers("ready")) == serving
+    assert "killed by SIGKILL" in generation(m, gen)["preload"]["fallback"]
+    assert "later workers of generation" in m.log()
+
+    # Later replacements import the app themselves.
+    os.kill(serving[0], signal.SIGKILL)
+    wait_until(lambda: len(m.workers("ready")) == 2 and serving[0] not in
+               [w["pid"] for w in m.workers("ready")], 30, "a plain replacement",
+               on_timeout=m.log)
+    assert len(imports(log)) == 2
+    assert body(m) == "version a\n"
+
+
+@pytest.mark.timeout(90)
+def test_a_thread_started_at_import_falls_back_under_auto_and_says_why(molt, tmp_path):
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    files = marked_flask_release("a")
+    files["app.py"] += (
+        "import threading, time\n"
+        "threading.Thread(target=lambda: time.sleep(3600), name='metrics-poller',\n"
+        "                 daemon=True).start()\n"
+    )
+    releases.add("a", files=files)
+    releases.activate("a")
+    m = molt(config_for(releases, log))
+    assert body(m) == "version a\n"
+    gen = generation(m, m.live_generation())
+    assert gen["preload"]["preloaded"] is False
+    assert "metrics-poller" in gen["preload"]["fallback"]
+    assert not any(w["forked"] for w in gen["workers"])
+    assert "preload: auto falls back to importing the app in each worker" in m.log()
+    assert "metrics-poller" in m.log()
+    assert len(imports(log)) == 3  # the zygote's look, then each worker's own import
+
+
+SOCKET_APP = MARK_IMPORT + '''
+import os
+import socket
+
+def _udp():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+SOCK = _udp()  # opened at import: shared by every forked worker unless replaced
+IMPORT_PORT = SOCK.getsockname()[1]
+
+def post_fork():
+    global SOCK
+    SOCK.close()
+    SOCK = _udp()
+
+def worker_exit():
+    with open(os.environ["EXIT_LOG"], "a") as log:
+        log.write("%d " % os.getpid())
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [("%d %d" % (IMPORT_PORT, SOCK.getsockname()[1])).encode()]
+'''
+
+
+@pytest.mark.timeout(90)
+def test_a_socket_opened_at_import_is_named_and_a_post_fork_hook_replaces_it(molt, tmp_path):
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    releases.add("a", files={"app.py": SOCKET_APP, "REVISION": "a\n"})
+    releases.activate("a")
+    exits = tmp_path / "exits.log"
+    m = molt(config_for(releases, log, preload="true", health={"path": "/"},
+                        hooks={"post_fork": "app:post_fork", "worker_exit": "app:worker_exit"},
+                        env={"IMPORT_LOG": str(log), "EXIT_LOG": str(exits)}))
+    assert_preloaded(m, m.live_generation())
+    assert "preload: true: forking although" in m.log()
+    assert "an open socket" in m.log()
+    import_port, worker_port = (int(x) for x in body(m).split())
+    assert worker_port != import_port
+    assert len(imports(log)) == 1
+    # hooks.worker_exit runs in each worker after its drain.
+    old = sorted(w["pid"] for w in m.workers("ready"))
+    assert m.reload()["ok"] is True
+    wait_until(lambda: exits.exists() and sorted(imports(exits)) == old, 20,
+               "worker_exit in both old workers", on_timeout=m.log)
+
+
+@pytest.mark.timeout(90)
+def test_an_asgi_app_preloaded_runs_its_loop_and_lifespan_in_each_worker(molt, tmp_path):
+    metrics = free_port()
+    m = molt({"app": "lifespan_app:app", "interface": "asgi", "chdir": str(APPS),
+              "workers": 2, "preload": "auto", "health": {"path": "/"},
+              "metrics": {"listen": f"tcp://127.0.0.1:{metrics}"}})
+    assert body(m) == "lifespan ran"
+    assert_preloaded(m, m.live_generation())
+    text = http_get(metrics, "/metrics")[2].decode()
+    assert 'molt_generation_preloaded{generation="1"} 1' in text, text
+    assert "molt_zygote_proportional_memory_bytes{generation=\"1\"" in text, text
+    assert 'molt_worker_proportional_memory_bytes{generation="1",slot="1"}' in text, text
+    rollover(m, "lifespan ran")
+    assert_preloaded(m, m.live_generation())
