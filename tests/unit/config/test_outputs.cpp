@@ -29,6 +29,7 @@ recycle: {max_requests: 10, max_requests_jitter: 2}
         {"engine", "auto"},
         {"lifespan", "auto"},
         {"root_path", ""},
+        {"static", json::array()},
         {"asgi",
          {{"loop", "auto"},
           {"limit_concurrency", 0},
