@@ -32,6 +32,7 @@ DEFAULTS: Dict[str, Any] = {
         "ws_per_message_deflate": True,
     },
     "chdir": "",
+    "static": [],  # [{"prefix": "/static/", "dir": "..."}]: served by the engine (static.py)
     "threads": 8,
     "generation": 0,
     "worker": 0,
@@ -109,6 +110,10 @@ class WorkerConfig:
     @property
     def chdir(self) -> str:
         return str(self.raw["chdir"] or "")
+
+    @property
+    def static(self) -> List[Dict[str, Any]]:
+        return list(self.raw.get("static") or [])
 
     @property
     def threads(self) -> int:
