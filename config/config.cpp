@@ -682,6 +682,74 @@ void read_hook(Context& ctx, const Node& node, std::string& out) {
     out = *text;
 }
 
+void read_static_entry(Context& ctx, const Node& node, const std::string& key, Config& config) {
+    ctx.key = key;
+    ctx.marks[key] = node.Mark();
+    if (!node.IsMap()) {
+        ctx.error(node, fmt::format("expected a mapping like {{prefix: /static/, dir: static}}, "
+                                    "got {}",
+                                    describe(node)));
+        return;
+    }
+    const std::size_t errors_before = ctx.errors.size();
+    StaticMount mount;
+    for_each_key(ctx, node, "static[]", key, [&](const auto& spec, const Node& value) {
+        if (spec.path == "static[].prefix") {
+            ctx.set_string(value, mount.prefix);
+            const auto& p = mount.prefix;
+            if (p.empty() || p.front() != '/' || p.back() != '/' ||
+                p.find_first_of(" \t\r\n?#%") != std::string::npos) {
+                ctx.error(value, fmt::format("must be a URL path that starts and ends with `/`, "
+                                             "like /static/, got {}",
+                                             describe(value)));
+            }
+        } else if (spec.path == "static[].dir") {
+            ctx.set_string(value, mount.dir);
+            if (mount.dir.empty()) ctx.error(value, "must not be empty");
+        }
+    });
+    if (ctx.errors.size() != errors_before) return;
+    if (mount.prefix.empty()) ctx.error_at(node.Mark(), key, "missing `prefix`");
+    if (mount.dir.empty()) ctx.error_at(node.Mark(), key, "missing `dir`");
+    for (const auto& other : config.statics) {
+        if (other.prefix == mount.prefix) ctx.error_at(node.Mark(), key, "duplicate `prefix`");
+    }
+    if (ctx.errors.size() == errors_before) config.statics.push_back(std::move(mount));
+}
+
+void read_static(Context& ctx, const Node& node, Config& config) {
+    if (!node.IsSequence()) {
+        ctx.error(node, fmt::format("expected a list of {{prefix, dir}} mappings, got {}",
+                                    describe(node)));
+        return;
+    }
+    const std::string list_key = ctx.key;
+    for (std::size_t i = 0; i < node.size(); ++i) {
+        read_static_entry(ctx, node[i], fmt::format("{}[{}]", list_key, i), config);
+    }
+}
+
+// Each static directory must exist now: relative ones inside the release directory.
+void check_static(Context& ctx, const Config& config) {
+    for (std::size_t i = 0; i < config.statics.size(); ++i) {
+        const auto& mount = config.statics[i];
+        std::error_code release_ec;
+        if (fs::path(mount.dir).is_relative() && !fs::is_directory(config.chdir, release_ec)) {
+            continue;  // the release itself is missing: `chdir` says so already
+        }
+        const fs::path dir = fs::path(mount.dir).is_absolute() ? fs::path(mount.dir)
+                                                               : fs::path(config.chdir) / mount.dir;
+        std::error_code ec;
+        if (!fs::is_directory(dir, ec)) {
+            ctx.late_error(fmt::format("static[{}].dir", i),
+                           fmt::format("\"{}\" is not a directory{}", dir.string(),
+                                       fs::path(mount.dir).is_absolute()
+                                           ? ""
+                                           : " (a relative dir is inside the release, `chdir`)"));
+        }
+    }
+}
+
 void read_app(Context& ctx, const Node& node, Config& config) {
     const auto text = ctx.scalar(node, "module:callable");
     if (!text) return;
@@ -800,9 +868,10 @@ const std::vector<KeySpec>& key_table() {
          "The WSGI data path inside each worker. `native` serves requests with the C++ engine "
          "(the `_molt_native` extension installed with the shim); when it cannot load for the "
          "configured interpreter the worker logs why in one line and uses the Python engine. "
-         "`python` always uses the Python engine. `auto` means `python` for now: the native "
-         "engine passes the shim's conformance suite but stays opt-in until it has had the "
-         "end-to-end soak and the benchmarks. ASGI apps always use the Python side.",
+         "`python` always uses the Python engine. `auto` is `native` whenever the extension "
+         "loads, else `python` (with one info line). Both engines serve the same requests with "
+         "the same answers (the shim's conformance suite runs against each). "
+         "ASGI apps always use the Python side.",
          [](Context& ctx, const Node& n, Config& c) {
              if (auto i = ctx.choice(n, {"auto", "native", "python"})) {
                  c.engine = static_cast<Engine>(*i);
@@ -869,6 +938,23 @@ const std::vector<KeySpec>& key_table() {
              while (text->size() > 1 && text->ends_with('/')) text->pop_back();
              c.root_path = *text == "/" ? "" : *text;
          }},
+        {"static", "list of mappings", [](const Config&) -> std::string { return "`[]`"; },
+         "Static files served by the WSGI engine itself, without calling the app (what "
+         "WhiteNoise or uWSGI's `static-map` do): each entry maps a URL `prefix` to a `dir`. "
+         "GET and HEAD only, with ETag/Last-Modified and conditional requests, single byte "
+         "ranges, and precompressed `.br`/`.gz` siblings chosen by Accept-Encoding. Paths that "
+         "leave the directory (`..`, symlinks out of it) and directories are 404. The native "
+         "engine serves them without taking the GIL. See docs/static.md.",
+         read_static},
+        {"static[].prefix", "URL path", [](const Config&) -> std::string { return "(required)"; },
+         "The URL prefix, starting and ending with `/`, e.g. `/static/`; matched against the "
+         "request path as received (before `root_path` is stripped). The longest prefix wins.",
+         nullptr},
+        {"static[].dir", "path", [](const Config&) -> std::string { return "(required)"; },
+         "The directory served. A relative path is inside the release directory (`chdir`), so "
+         "each generation serves its own release's files. It must exist (`molt check --offline` "
+         "skips that check); a worker whose static directory is missing fails its boot.",
+         nullptr},
         {"chdir", "path",
          [](const Config&) -> std::string { return "the config file's directory"; },
          "The release directory the workers run in. Resolved with realpath when each generation "
@@ -1398,8 +1484,14 @@ void finish(Context& ctx, Config& config) {
     }
     finish_listen(ctx, config);
     if (config.chdir.empty() && ctx.marks.count("chdir") == 0) config.chdir = ctx.base_dir.string();
+    if (!config.statics.empty() && config.interface == Interface::asgi) {
+        ctx.late_error("static",
+                       "is served by the WSGI engines; interface asgi cannot use it "
+                       "(serve the files from the app, e.g. Starlette's StaticFiles)");
+    }
     if (ctx.check_filesystem) {
         if (!config.chdir.empty()) check_chdir(ctx, config);
+        if (!config.chdir.empty()) check_static(ctx, config);
         if (!config.python.empty()) check_python(ctx, config);
         check_user_and_group(ctx, config);
     }
@@ -1618,6 +1710,13 @@ json asgi_json(const Asgi& a) {
             {"date_header", a.date_header}};
 }
 
+// The `static:` entries, the same in the full config and in what each worker is given.
+json static_json(const std::vector<StaticMount>& mounts) {
+    json out = json::array();
+    for (const auto& m : mounts) out.push_back({{"prefix", m.prefix}, {"dir", m.dir}});
+    return out;
+}
+
 // The HTTP limits, the same in the full config and in what each worker is given.
 json http_json(const Http& h) {
     return {{"max_request_line", h.max_request_line}, {"max_header_size", h.max_header_size},
@@ -1639,6 +1738,7 @@ json full_json(const Config& c) {
         {"preload", kPreloadNames[static_cast<std::size_t>(c.preload)]},
         {"hooks", {{"post_fork", c.hooks.post_fork}, {"worker_exit", c.hooks.worker_exit}}},
         {"root_path", c.root_path},
+        {"static", static_json(c.statics)},
         {"asgi", asgi_json(c.asgi)},
         {"chdir", c.chdir},
         {"python", c.python},
@@ -1704,6 +1804,7 @@ std::string worker_config_json(const Config& config, const std::string& release_
         {"hooks",
          {{"post_fork", config.hooks.post_fork}, {"worker_exit", config.hooks.worker_exit}}},
         {"root_path", config.root_path},
+        {"static", static_json(config.statics)},
         {"asgi", asgi_json(config.asgi)},
         {"chdir", release_dir},
         {"threads", config.threads},

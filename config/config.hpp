@@ -123,6 +123,12 @@ struct Hooks {
     std::string worker_exit;  // in each worker, after its drain
 };
 
+// One `static:` entry: URL prefix -> directory, served by the WSGI engine without the app.
+struct StaticMount {
+    std::string prefix;  // starts and ends with '/'
+    std::string dir;     // absolute, or relative to the release directory (per generation)
+};
+
 struct Config {
     std::string source;  // the file it came from, or "<command line>"
 
@@ -133,6 +139,7 @@ struct Config {
     Preload preload = Preload::auto_;
     Hooks hooks;
     std::string root_path;  // the prefix the app is mounted under: SCRIPT_NAME / root_path
+    std::vector<StaticMount> statics;  // `static:`
     Asgi asgi;
     // Absolute (a relative one is joined to the config's directory, lexically: symlinks kept);
     // the master resolves it with realpath per generation.

@@ -41,6 +41,7 @@ NEEDS = [
     ("module", "flask", "python3-flask"),
     ("module", "matplotlib", "python3-matplotlib"),
     ("cmd", "wrk", "wrk"),
+    ("cmd", "nginx", "nginx"),
     ("cmd", "cmake", "cmake"),
 ]
 

@@ -220,3 +220,46 @@ class Uvicorn(Server):
                 return b"resource_tracker" not in f.read()
         except OSError:
             return False
+
+
+class Nginx(Server):
+    """nginx as the C reference: `return 200` with the hello body, and a static directory.
+    Its config is written into the section's work directory; it runs in the foreground
+    (`daemon off`) as a child of this script and is stopped by its pid."""
+
+    name = "nginx"
+
+    def __init__(self, workdir: Path, label: str, workers: int, static_dir: Path,
+                 hello: str = "Hello, world!"):
+        port = testlib.free_port()
+        home = workdir / label
+        (home / "tmp").mkdir(parents=True, exist_ok=True)
+        temp = "".join(f"    {kind}_temp_path {home / 'tmp'};\n"
+                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        self.conf = home / "nginx.conf"
+        # Run as root, nginx's workers would switch to `nobody`, who cannot read the bench's
+        # private work directory: they stay the user that runs the bench.
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(
+            f"{user}worker_processes {workers};\n"
+            "daemon off;\n"
+            f"pid {home / 'nginx.pid'};\n"
+            f"error_log {home / 'error.log'} warn;\n"
+            "events { worker_connections 8192; }\n"
+            "http {\n"
+            "    access_log off;\n"
+            "    sendfile on;\n"
+            "    tcp_nopush on;\n"
+            "    keepalive_timeout 65;\n"
+            "    keepalive_requests 100000000;\n"
+            f"{temp}"
+            "    types { text/plain txt; application/octet-stream bin; }\n"
+            "    server {\n"
+            f"        listen 127.0.0.1:{port};\n"
+            f"        location / {{ default_type text/plain; return 200 \"{hello}\"; }}\n"
+            f"        location /static/ {{ alias {static_dir}/; }}\n"
+            "    }\n"
+            "}\n")
+        argv = ["nginx", "-p", str(home), "-e", str(home / "error.log"), "-c", str(self.conf)]
+        # SIGQUIT is nginx's graceful stop, SIGTERM its fast one.
+        super().__init__(server_process(workdir, label, argv), label, port)

@@ -69,6 +69,14 @@ def application(environ, start_response):
         f = open(os.path.join(os.path.dirname(__file__), "static.txt"), "rb")
         start_response("200 OK", [("Content-Type", "text/plain")])
         return environ["wsgi.file_wrapper"](f, 4096)
+    if path == "/errors":  # wsgi.errors: a line, two lines at once, a partial line + flush
+        errors = environ["wsgi.errors"]
+        errors.write("errors-line-1\n")
+        errors.writelines(["errors-line-2\nerrors-", "line-3\n"])
+        errors.write("errors-partial")
+        errors.flush()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"logged"]
     if path == "/raise":
         raise RuntimeError("boom from the app")
     if path == "/raise-late":

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from harness import SHIM_DIR, Client, get, wait_until
+from harness import HAVE_NATIVE, NATIVE_DIR, NATIVE_ENV, SHIM_DIR, Client, get, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -21,11 +21,32 @@ def ready_line(w):
                       5, "the ready line")[0]
 
 
-@pytest.mark.parametrize("engine", [None, "auto", "python", "PYTHON"])
-def test_auto_and_python_serve_with_the_threaded_engine(listeners, spawn, engine):
+@pytest.mark.parametrize("engine", ["python", "PYTHON"])
+def test_python_serves_with_the_threaded_engine(listeners, spawn, engine):
     w = spawn(engine=engine).wait_ready()
     assert get(listeners.port, "/") == (200, b"hello")
     assert "(engine python: wsgi, 4 threads, parser " in ready_line(w)
+    assert "native" not in w.stderr_text()
+
+
+@pytest.mark.parametrize("engine", [None, "auto"])
+def test_auto_without_the_extension_says_so_once_and_serves_with_python(listeners, spawn,
+                                                                        engine):
+    # The shim imported from the source tree has no extension next to it.
+    w = spawn(engine=engine).wait_ready()
+    assert get(listeners.port, "/") == (200, b"hello")
+    assert "(engine python: wsgi, 4 threads, parser " in ready_line(w)
+    lines = [ln for ln in w.stderr if "native engine unavailable" in ln]
+    assert len(lines) == 1 and lines[0].startswith("INFO engine auto: "), w.stderr_text()
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="the native extension is not built")
+@pytest.mark.parametrize("engine", [None, "auto"])
+def test_auto_means_native_when_the_extension_loads(listeners, spawn, engine):
+    w = spawn(engine=engine, pythonpath=[NATIVE_DIR], env=NATIVE_ENV).wait_ready()
+    assert get(listeners.port, "/") == (200, b"hello")
+    assert "(engine native: wsgi, 4 threads, native engine, parser " in ready_line(w)
+    assert "unavailable" not in w.stderr_text()
 
 
 @pytest.mark.skipif(NATIVE_PRESENT, reason="the native engine is in this tree")

@@ -25,10 +25,16 @@ CORPUS = [
     b"GET http://t/env HTTP/1.1\r\nHost: t\r\n\r\n",
     b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n",
     b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    # `static:` (the fuzz worker serves tests/apps under /s/): ranges, validators, encodings.
+    b"GET /s/static.txt HTTP/1.1\r\nHost: t\r\nRange: bytes=1-3\r\n\r\n",
+    b"GET /s/static.txt HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"x\", W/\"y\"\r\n"
+    b"Accept-Encoding: gzip;q=0.5, br\r\nIf-Modified-Since: Tue, 14 Nov 2023 22:13:20 GMT\r\n\r\n",
+    b"HEAD /s/%2e%2e/s/edge_app.py HTTP/1.1\r\nHost: t\r\nIf-Range: \"a\"\r\nRange: bytes=-5\r\n\r\n",
 ]
 TOKENS = [b"\r\n", b"\n", b"\r", b":", b" ", b"\x00", b"\xff", b"%", b"%zz", b"chunked",
           b"Content-Length: ", b"Transfer-Encoding: ", b"-1", b"99999999999999999999",
-          b"ffffffffffffffff", b"\t", b"HTTP/1.1", b"HTTP/9.9", b"0\r\n\r\n"]
+          b"ffffffffffffffff", b"\t", b"HTTP/1.1", b"HTTP/9.9", b"0\r\n\r\n", b"..", b"/",
+          b"bytes=", b",", b"%2e", b"%00"]
 
 
 def mutate(rng: random.Random) -> bytes:
@@ -95,7 +101,8 @@ def fuzz(port: int, seconds: float, seed: int = SEED) -> "tuple[int, list]":
 
 @pytest.mark.timeout(60)
 def test_fuzz_worker_survives(listeners, spawn):
-    w = spawn(overrides={"http": {"header_timeout_ms": 500}}).wait_ready()
+    w = spawn(overrides={"http": {"header_timeout_ms": 500},
+                         "static": [{"prefix": "/s/", "dir": "."}]}).wait_ready()
     exchanges, bad = fuzz(listeners.port, DURATION_S)
     assert exchanges > 200
     assert bad == []

@@ -310,13 +310,6 @@ def test_unix_listener_environ(srv):
     c.close()
 
 
-def test_auto_means_python(listeners, spawn):
-    w = spawn(overrides={"engine": "auto"}).wait_ready()
-    wait_until(lambda: "ready:" in w.stderr_text(), 5, "ready line")
-    assert "native engine" not in w.stderr_text() and "parser httptools" in w.stderr_text()
-    assert get(listeners.port, "/") == (200, b"hello")
-
-
 def test_native_unavailable_falls_back_with_one_line(listeners, spawn):
     # The shim imported from the source tree has no extension next to it.
     w = spawn(overrides={"engine": "native"}).wait_ready()

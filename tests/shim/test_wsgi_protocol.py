@@ -288,3 +288,19 @@ def test_app_connection_close_honoured(srv):
     ls, _ = srv
     raw = raw_exchange(ls.port, b"GET /conn-close HTTP/1.1\r\nHost: t\r\n\r\n")
     assert raw.count(b"Connection: close") == 1 and raw.endswith(b"bye")
+
+
+def test_wsgi_errors_lines_reach_the_worker_log(srv, engine):
+    ls, w = srv
+    assert get(ls.port, "/errors") == (200, b"logged")
+    want = ["errors-line-1", "errors-line-2", "errors-line-3"]
+    if engine == "native":  # a log line per flush; the Python engine's is sys.stderr itself
+        want.append("errors-partial")
+
+    def logged():
+        text = w.stderr_text()
+        return all(line in text for line in want)
+
+    wait_until(logged, 10, "the wsgi.errors lines in the worker's stderr")
+    lines = [ln for ln in w.stderr if "errors-" in ln]
+    assert [next(x for x in want if x in ln) for ln in lines[:len(want)]] == want

@@ -36,6 +36,7 @@ DEFAULTS: Dict[str, Any] = {
         "date_header": True,
     },
     "chdir": "",
+    "static": [],  # [{"prefix": "/static/", "dir": "..."}]: served by the engine (static.py)
     "threads": 8,
     "generation": 0,
     "worker": 0,
@@ -122,6 +123,10 @@ class WorkerConfig:
     @property
     def chdir(self) -> str:
         return str(self.raw["chdir"] or "")
+
+    @property
+    def static(self) -> List[Dict[str, Any]]:
+        return list(self.raw.get("static") or [])
 
     @property
     def threads(self) -> int:

@@ -126,6 +126,11 @@ std::vector<std::pair<int, std::string>> Server::take_logs() {
     return std::exchange(logs_, {});
 }
 
+std::vector<AccessEntry> Server::take_access() {
+    std::lock_guard<std::mutex> lock(log_mu_);
+    return std::exchange(access_, {});
+}
+
 std::string Server::date_header() {
     // One formatted Date per second and thread; names spelled out so no locale applies.
     thread_local time_t cached_second = 0;
@@ -422,7 +427,10 @@ void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
             Request req = std::move(parser.ready().front());
             parser.ready().pop_front();
             conn->continue_sent = false;
-            const bool keep = handle(*conn, req, ts);
+            const StaticMount* mount =
+                config_.statics.empty() ? nullptr : match_static(config_.statics, req.target);
+            const bool keep =
+                mount != nullptr ? serve_static(*conn, req, *mount) : handle(*conn, req, ts);
             ++conn->served;
             if (!keep) {
                 if (!req.keep_alive && parser.ready().empty() && !parser.in_request()) {

@@ -28,6 +28,7 @@
 
 #include "http_seam.hpp"
 #include "py_handle.hpp"
+#include "static_files.hpp"
 
 namespace molt::native {
 
@@ -41,6 +42,20 @@ struct EngineConfig {
     std::string version_header;  // a full header line ("X-Version: v1\r\n") or ""
     std::string script_name;
     int threads = 1;
+    std::vector<StaticMount> statics;  // longest prefix first
+    MimeTypes mime_types;
+};
+
+// One access-log line of a request answered without Python (a static file): queued by the
+// serving thread, handed to the shim's AccessLog by the main thread at its next tick.
+struct AccessEntry {
+    std::string remote;
+    std::string method;
+    std::string target;
+    std::string protocol;
+    int status;
+    std::uint64_t bytes;
+    double duration_ms;
 };
 
 enum class ConnState { idle, busy, linger, closed };
@@ -121,6 +136,7 @@ class Server {
     };
     Counters counters();
     std::vector<std::pair<int, std::string>> take_logs();
+    std::vector<AccessEntry> take_access();
     bool draining() const { return draining_.load(); }
     // close() left threads running (inside a hung app call): the object must outlive them,
     // that is, it must never be deleted.
@@ -131,6 +147,8 @@ class Server {
 
     // Implemented in wsgi_call.cpp: run the app for one request (takes the GIL).
     bool handle(Connection& conn, Request& req, PyThreadState* thread_state);
+    // Implemented in static_files.cpp: answer a request under a `static:` prefix (no GIL).
+    bool serve_static(Connection& conn, const Request& req, const StaticMount& mount);
 
     // Socket writes for handle() (call with the GIL released). False: the client is gone.
     bool wait_writable(Connection& conn, std::string* why) const;
@@ -197,6 +215,7 @@ class Server {
     std::map<std::uint64_t, double> inflight_;
     std::mutex log_mu_;
     std::vector<std::pair<int, std::string>> logs_;
+    std::vector<AccessEntry> access_;
     double accept_error_logged_ = 0;
 };
 

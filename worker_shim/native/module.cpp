@@ -13,6 +13,7 @@ namespace {
 
 struct ModuleState {
     PyObject* server_type;
+    PyObject* errors_type;
     PyObject* start_response_type;
     PyObject* input_type;
     PyObject* env_keys[static_cast<int>(EnvKey::count)];
@@ -114,6 +115,115 @@ PyObject* server_take_logs(PyObject* self, PyObject*) {
     });
 }
 
+PyObject* server_take_access(PyObject* self, PyObject*) {
+    return guarded(self, [](Server& s) -> PyObject* {
+        const auto entries = s.take_access();
+        PyRef out = PyRef::steal(PyList_New(0));
+        if (!out) return nullptr;
+        for (const AccessEntry& e : entries) {
+            PyRef entry = PyRef::steal(Py_BuildValue(
+                "(NNNNiKd)",
+                PyUnicode_DecodeLatin1(e.remote.data(), static_cast<Py_ssize_t>(e.remote.size()),
+                                       nullptr),
+                PyUnicode_DecodeLatin1(e.method.data(), static_cast<Py_ssize_t>(e.method.size()),
+                                       nullptr),
+                PyUnicode_DecodeLatin1(e.target.data(), static_cast<Py_ssize_t>(e.target.size()),
+                                       nullptr),
+                PyUnicode_DecodeLatin1(e.protocol.data(),
+                                       static_cast<Py_ssize_t>(e.protocol.size()), nullptr),
+                e.status, static_cast<unsigned long long>(e.bytes), e.duration_ms));
+            if (!entry || PyList_Append(out.get(), entry.get()) != 0) return nullptr;
+        }
+        return out.release();
+    });
+}
+
+// --- wsgi.errors: a text stream whose lines go to the worker's log (level ERROR) ------------
+
+struct ErrorsObject {
+    PyObject_HEAD PyObject* server;  // strong: the ServerObject whose log queue it writes to
+    std::string* pending;            // the current partial line (the GIL guards it)
+};
+
+void errors_emit(ErrorsObject* self, bool all) {
+    Server* server = reinterpret_cast<ServerObject*>(self->server)->server;
+    std::string& pending = *self->pending;
+    std::size_t start = 0;
+    for (std::size_t nl; (nl = pending.find('\n', start)) != std::string::npos; start = nl + 1) {
+        if (server != nullptr) server->log(kError, pending.substr(start, nl - start));
+    }
+    pending.erase(0, start);
+    // A line never grows without bound, and flush() sends what there is.
+    if ((all || pending.size() > 65536) && !pending.empty()) {
+        if (server != nullptr) server->log(kError, pending);
+        pending.clear();
+    }
+}
+
+PyObject* errors_write(PyObject* self, PyObject* text) {
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "wsgi.errors.write() takes a str");
+        return nullptr;
+    }
+    PyRef utf8 = PyRef::steal(PyUnicode_AsEncodedString(text, "utf-8", "replace"));
+    if (!utf8) return nullptr;
+    auto* errors = reinterpret_cast<ErrorsObject*>(self);
+    errors->pending->append(PyBytes_AsString(utf8.get()),
+                            static_cast<std::size_t>(PyBytes_Size(utf8.get())));
+    errors_emit(errors, false);
+    return PyLong_FromSsize_t(PyObject_Length(text));
+}
+
+PyObject* errors_writelines(PyObject* self, PyObject* lines) {
+    PyRef it = PyRef::steal(PyObject_GetIter(lines));
+    if (!it) return nullptr;
+    while (PyRef line = PyRef::steal(PyIter_Next(it.get()))) {
+        PyRef written = PyRef::steal(errors_write(self, line.get()));
+        if (!written) return nullptr;
+    }
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+}
+
+PyObject* errors_flush(PyObject* self, PyObject*) {
+    errors_emit(reinterpret_cast<ErrorsObject*>(self), true);
+    Py_RETURN_NONE;
+}
+
+void errors_dealloc(PyObject* self) {
+    auto* errors = reinterpret_cast<ErrorsObject*>(self);
+    if (errors->pending != nullptr) errors_emit(errors, true);
+    delete errors->pending;
+    Py_XDECREF(errors->server);
+    free_heap_object(self);
+}
+
+PyMethodDef errors_methods[] = {
+    {"write", errors_write, METH_O, "Write text; each complete line goes to the worker's log."},
+    {"writelines", errors_writelines, METH_O, "Write every string of an iterable."},
+    {"flush", errors_flush, METH_NOARGS, "Log the pending partial line."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyType_Slot errors_slots[] = {
+    {Py_tp_methods, errors_methods},
+    {Py_tp_dealloc, reinterpret_cast<void*>(errors_dealloc)},
+    {Py_tp_doc, const_cast<char*>("wsgi.errors: lines go to the worker's log at level ERROR.")},
+    {0, nullptr}};
+
+PyType_Spec errors_spec = {"_molt_native.Errors", sizeof(ErrorsObject), 0, Py_TPFLAGS_DEFAULT,
+                           errors_slots};
+
+PyObject* server_errors_stream(PyObject* self, PyObject*) {
+    if (server_of(self) == nullptr) return nullptr;
+    PyObject* module = reinterpret_cast<ServerObject*>(self)->module;
+    auto* errors = alloc_object<ErrorsObject>(state_of(module)->errors_type);
+    if (errors == nullptr) return nullptr;
+    Py_INCREF(self);
+    errors->server = self;
+    errors->pending = new std::string();
+    return reinterpret_cast<PyObject*>(errors);
+}
+
 void close_server(ServerObject* obj) {
     if (obj->server == nullptr) return;
     try {
@@ -153,6 +263,10 @@ PyMethodDef server_methods[] = {
     {"drained", server_drained, METH_NOARGS, "No connection open and no request in flight."},
     {"counters", server_counters, METH_NOARGS, "(requests, inflight, oldest_started, connections)"},
     {"take_logs", server_take_logs, METH_NOARGS, "Queued log lines as [(level, text)]."},
+    {"errors_stream", server_errors_stream, METH_NOARGS,
+     "A wsgi.errors stream writing to this server's log queue."},
+    {"take_access", server_take_access, METH_NOARGS,
+     "Access-log entries of requests answered without Python (static files)."},
     {"close", server_close, METH_NOARGS, "Stop the threads and close every connection."},
     {nullptr, nullptr, 0, nullptr}};
 
@@ -188,6 +302,53 @@ bool config_text(PyObject* cfg, const char* key, std::string* out) {
     return true;
 }
 
+// A str as the bytes it stands for: file-system paths with surrogateescape, the rest latin-1.
+bool text_bytes(PyObject* value, const char* encoding, const char* errors, std::string* out) {
+    if (!PyUnicode_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "make_server config: static entries must be str");
+        return false;
+    }
+    PyRef bytes = PyRef::steal(PyUnicode_AsEncodedString(value, encoding, errors));
+    if (!bytes) return false;
+    out->assign(PyBytes_AsString(bytes.get()), static_cast<std::size_t>(PyBytes_Size(bytes.get())));
+    return true;
+}
+
+// "static": [(prefix, root)] in match order, "mime_types": {extension: type}.
+bool read_statics(PyObject* cfg, EngineConfig* c) {
+    PyObject* mounts = PyDict_GetItemString(cfg, "static");     // borrowed
+    PyObject* types = PyDict_GetItemString(cfg, "mime_types");  // borrowed
+    if (mounts == nullptr) return true;
+    PyRef it = PyRef::steal(PyObject_GetIter(mounts));
+    if (!it) return false;
+    while (PyRef item = PyRef::steal(PyIter_Next(it.get()))) {
+        PyObject* prefix = nullptr;
+        PyObject* root = nullptr;
+        if (!PyArg_ParseTuple(item.get(), "OO", &prefix, &root)) return false;
+        StaticMount mount;
+        if (!text_bytes(prefix, "latin-1", "strict", &mount.prefix) ||
+            !text_bytes(root, "utf-8", "surrogateescape", &mount.root)) {
+            return false;
+        }
+        c->statics.push_back(std::move(mount));
+    }
+    if (PyErr_Occurred()) return false;
+    if (types == nullptr || !PyDict_Check(types)) return true;
+    Py_ssize_t pos = 0;
+    PyObject* key = nullptr;
+    PyObject* value = nullptr;
+    while (PyDict_Next(types, &pos, &key, &value)) {
+        std::string ext;
+        std::string type;
+        if (!text_bytes(key, "latin-1", "strict", &ext) ||
+            !text_bytes(value, "latin-1", "strict", &type)) {
+            return false;
+        }
+        c->mime_types.emplace(std::move(ext), std::move(type));
+    }
+    return true;
+}
+
 bool read_config(PyObject* cfg, EngineConfig* c) {
     if (!PyDict_Check(cfg)) {
         PyErr_SetString(PyExc_TypeError, "make_server config must be a dict");
@@ -211,7 +372,7 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
     c->threads = static_cast<int>(v[8]);
     c->send_timeout = v[9];
     return config_text(cfg, "version_header", &c->version_header) &&
-           config_text(cfg, "script_name", &c->script_name);
+           config_text(cfg, "script_name", &c->script_name) && read_statics(cfg, c);
 }
 
 PyObject* make_server(PyObject* module, PyObject* args, PyObject* kwargs) {
@@ -274,9 +435,12 @@ PyMethodDef module_methods[] = {
 int module_exec(PyObject* module) {
     ModuleState* st = state_of(module);
     st->server_type = PyType_FromSpec(&server_spec);
+    st->errors_type = PyType_FromSpec(&errors_spec);
     st->start_response_type = PyType_FromSpec(&start_response_spec);
     st->input_type = PyType_FromSpec(&input_spec);
-    if (!st->server_type || !st->start_response_type || !st->input_type) return -1;
+    if (!st->server_type || !st->errors_type || !st->start_response_type || !st->input_type) {
+        return -1;
+    }
     for (int i = 0; i < static_cast<int>(EnvKey::count); ++i) {
         st->env_keys[i] = PyUnicode_InternFromString(kEnvKeyNames[i]);
         if (st->env_keys[i] == nullptr) return -1;
@@ -288,6 +452,7 @@ int module_traverse(PyObject* module, visitproc visit, void* arg) {
     ModuleState* st = state_of(module);
     if (st == nullptr) return 0;
     Py_VISIT(st->server_type);
+    Py_VISIT(st->errors_type);
     Py_VISIT(st->start_response_type);
     Py_VISIT(st->input_type);
     for (PyObject* key : st->env_keys) Py_VISIT(key);
@@ -298,6 +463,7 @@ int module_clear(PyObject* module) {
     ModuleState* st = state_of(module);
     if (st == nullptr) return 0;
     Py_CLEAR(st->server_type);
+    Py_CLEAR(st->errors_type);
     Py_CLEAR(st->start_response_type);
     Py_CLEAR(st->input_type);
     for (PyObject*& key : st->env_keys) Py_CLEAR(key);

@@ -81,28 +81,6 @@ PyRef decode_latin1(const std::string& text) {
         PyUnicode_DecodeLatin1(text.data(), static_cast<Py_ssize_t>(text.size()), nullptr));
 }
 
-std::string percent_decode(const std::string& path) {
-    if (path.find('%') == std::string::npos) return path;
-    auto hex = [](char c) -> int {
-        if (c >= '0' && c <= '9') return c - '0';
-        if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-        if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-        return -1;
-    };
-    std::string out;
-    out.reserve(path.size());
-    for (std::size_t i = 0; i < path.size(); ++i) {
-        if (path[i] == '%' && i + 2 < path.size() && hex(path[i + 1]) >= 0 &&
-            hex(path[i + 2]) >= 0) {
-            out.push_back(static_cast<char>(hex(path[i + 1]) * 16 + hex(path[i + 2])));
-            i += 2;
-        } else {
-            out.push_back(path[i]);
-        }
-    }
-    return out;
-}
-
 // The traceback of the exception being handled, as text; clears it.
 std::string take_exception_text() {
     PyObject* type = nullptr;

@@ -31,6 +31,7 @@ recycle: {max_requests: 10, max_requests_jitter: 2}
         {"preload", "auto"},
         {"hooks", {{"post_fork", ""}, {"worker_exit", ""}}},
         {"root_path", ""},
+        {"static", json::array()},
         {"asgi",
          {{"loop", "auto"},
           {"limit_concurrency", 0},

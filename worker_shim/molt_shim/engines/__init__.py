@@ -20,7 +20,9 @@ WSGI_ENGINES: Dict[str, str] = {
     "python": "threaded_wsgi",  # threads on one epoll, in Python
     "native": "native",  # the C++ engine (the _molt_native extension); falls back to python
 }
-AUTO_WSGI = "python"  # what `engine: auto` means today
+# `engine: auto`: the native engine whenever its extension loads for this interpreter; when
+# it cannot, native.create() logs one line and serves with the Python engine.
+AUTO_WSGI = "native"
 ASGI_ENGINE = "uvicorn_asgi"  # ASGI apps are served with uvicorn's protocols, whatever `engine:`
 
 

@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any, Optional, Tuple
 
+from .. import static
+from . import EngineUnavailable
 from .base import Counters, EngineContext, LoopHooks
 
 log = logging.getLogger("molt_shim")
@@ -80,8 +82,10 @@ class NativeEngine:
             warmup_env = listeners[0][2]
         version_header = ("%s: %s\r\n" % (cfg.version_header, cfg.version)
                           if cfg.version_header else "")
+        mounts = static.mounts(cfg.static, cfg.chdir)
         self._cfg = cfg
         self._module = module
+        self._access_log = ctx.access_log
         self._server: Any = module.make_server(
             app=ctx.app, listeners=listeners, warmup_env=warmup_env, file_wrapper=FileWrapper,
             access_log=ctx.access_log, config={
@@ -97,7 +101,13 @@ class NativeEngine:
                 "threads": cfg.threads,
                 "version_header": version_header,
                 "script_name": script_name,
+                "static": [(m.prefix, os.fsdecode(m.root)) for m in mounts],
+                "mime_types": static.MIME_TYPES,
             })
+        # wsgi.errors is native too: its lines join the engine's log queue (level ERROR).
+        errors = self._server.errors_stream()
+        for env in [entry[2] for entry in listeners] + [warmup_env]:
+            env["wsgi.errors"] = errors
         # The engine owns the descriptors from here on (it closes them when draining).
         for sock, _ in ctx.listeners:
             sock.detach()
@@ -178,6 +188,9 @@ class NativeEngine:
             return
         for level, text in server.take_logs():
             log.log(level, "%s", text)
+        if self._access_log is not None:
+            for entry in server.take_access():
+                self._access_log.put(entry)
 
 
 def _python_engine() -> Any:
@@ -194,7 +207,10 @@ def create(ctx: EngineContext) -> Any:
     if engine is not None:
         return engine
     fallback = _python_engine()
-    log.warning("engine native unavailable, using the Python engine: %s", why)
+    if ctx.cfg.engine == "auto":  # expected where the extension is not built: not a warning
+        log.info("engine auto: native engine unavailable, using the Python engine: %s", why)
+    else:
+        log.warning("engine native unavailable, using the Python engine: %s", why)
     return fallback(ctx)
 
 
@@ -205,5 +221,7 @@ def make(ctx: EngineContext) -> Tuple[Optional[NativeEngine], str]:
         return None, why
     try:
         return NativeEngine(ctx, module), ""
+    except EngineUnavailable:
+        raise  # the config is wrong for every engine (a static directory is missing)
     except Exception as exc:  # a config the extension rejects: say so, use the Python engine
         return None, "the native engine did not start: %s: %s" % (type(exc).__name__, exc)

@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Set
 
-from .. import httpparse
+from .. import httpparse, static
 from ..listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
 from ..stats import RequestCounter
 from ..warmup import over_socketpair
@@ -86,6 +86,7 @@ class ThreadedWSGIEngine:
         self.framing = Framing(cfg.version_header_line, self.keepalive > 0)
         self.threads = max(1, cfg.threads)
         self.script_name = cfg.root_path
+        self.static = static.mounts(cfg.static, cfg.chdir)  # `static:`, longest prefix first
         self.base_env = server_environ(self.threads > 1, FileWrapper, self.script_name)
         self.listeners = [Listener(sock, name, self.base_env) for sock, name in ctx.listeners]
         self.listener_fds: Dict[int, Listener] = {}  # filled when serving starts (after READY)
@@ -274,6 +275,10 @@ class ThreadedWSGIEngine:
     # -- one request ----------------------------------------------------------------------------
     def handle(self, conn: Connection, req: Request) -> bool:
         """Run the app for one request; returns whether the connection stays open."""
+        if self.static:
+            mount = static.match(self.static, req.url)
+            if mount is not None:
+                return self.handle_static(conn, req, mount)
         counter = self.counter
         token = counter.begin(req.started) if not conn.warmup else 0
         ex = Response(self.framing, conn, req, req.keep_alive and not conn.reader.upgrade)
@@ -310,6 +315,33 @@ class ThreadedWSGIEngine:
                     log.exception("error in close() of the application's response")
             if req.spool is not None:
                 req.spool.close()
+            if not conn.warmup:
+                counter.end(token)
+            if self.access_log is not None:
+                self.access_log.put((conn.remote(), req.method, req.url.decode("latin-1"),
+                                     "HTTP/" + req.version, ex.code, ex.bytes_sent,
+                                     (time.monotonic() - req.started) * 1000.0))
+        conn.served += 1
+        return ex.keep_alive
+
+    def handle_static(self, conn: Connection, req: Request, mount: static.Mount) -> bool:
+        """Answer a request under a `static:` prefix (molt_shim/static.py's rules)."""
+        counter = self.counter
+        token = counter.begin(req.started) if not conn.warmup else 0
+        ex = Response(self.framing, conn, req, req.keep_alive and not conn.reader.upgrade)
+        plan = static.plan(mount, req.method, req.url, req.env.get)
+        try:
+            ex.start_response("%d %s" % (plan.status, static.REASONS[plan.status]), plan.headers)
+            if plan.fd >= 0:
+                ex.send_file_range(plan.fd, plan.offset, plan.length)
+            else:
+                ex.finish_single(plan.body)
+        except ClientGone as exc:
+            log.info("%s: client disconnected during the response to %s %s: %s", conn.remote(),
+                     req.method, req.target(), exc)
+            ex.keep_alive = False
+        finally:
+            plan.close()
             if not conn.warmup:
                 counter.end(token)
             if self.access_log is not None:

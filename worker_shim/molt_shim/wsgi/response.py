@@ -285,6 +285,17 @@ class Response:
         self._check_length()
         return True
 
+    def send_file_range(self, fd: int, offset: int, size: int) -> None:
+        """The head (start_response gave the Content-Length), then `size` bytes of the open
+        file from `offset` with sendfile; a file that shrank meanwhile closes the connection."""
+        self.sink.send_all(self._head(None))
+        if self.no_body:
+            return
+        sent = self.sink.sendfile_all(fd, offset, size)
+        self.bytes_sent += sent
+        self.remaining -= sent
+        self._check_length()
+
     def internal_error(self) -> None:
         """The app failed before sending anything: a 500 that closes the connection."""
         self.code = 500
