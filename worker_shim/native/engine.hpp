@@ -39,6 +39,10 @@ struct EngineConfig {
     std::string version_header;  // a full header line ("X-Version: v1\r\n") or ""
     std::string script_name;
     int threads = 1;
+    // The trusted-proxy rule (molt_shim.forwarded.ProxyRule.adjust_environ), called only for a
+    // request that carries one of `forwarding_headers` (lower case); null without `proxy:`.
+    PyRef proxy_rule;
+    std::vector<std::string> forwarding_headers;
 };
 
 enum class ConnState { idle, busy, linger, closed };

@@ -17,7 +17,7 @@ import select
 import socket
 import sys
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .base import Counters, EngineContext, LoopHooks
 
@@ -96,6 +96,7 @@ class NativeEngine:
                 "threads": cfg.threads,
                 "version_header": version_header,
                 "script_name": script_name,
+                **_proxy_config(cfg),
             })
         # The engine owns the descriptors from here on (it closes them when draining).
         for sock, _ in ctx.listeners:
@@ -179,6 +180,15 @@ class NativeEngine:
             log.log(level, "%s", text)
 
 
+def _proxy_config(cfg: Any) -> Dict[str, Any]:
+    """The trusted-proxy rule for the extension: the Python rule (one copy of it), called from
+    C++ only for requests that carry one of the headers it reads."""
+    rule = cfg.proxy
+    if rule is None:
+        return {}
+    return {"proxy_rule": rule.adjust_environ, "forwarding_headers": rule.honoured}
+
+
 def _python_engine() -> Any:
     """The Python engine's factory, the fallback when the extension cannot be used."""
     from . import threaded_wsgi
@@ -199,6 +209,12 @@ def create(ctx: EngineContext) -> Any:
 
 def make(ctx: EngineContext) -> Tuple[Optional[NativeEngine], str]:
     """The native engine, or None and the one-line reason it cannot be used."""
+    for _, label in ctx.listeners:
+        if ctx.cfg.proxy_protocol(label):
+            return None, ("listener %s has proxy_protocol, which the native engine does not read"
+                          % label)
+        if ctx.cfg.listener_options(label).get("tls"):
+            return None, "listener %s has tls, which the native engine does not serve" % label
     module, why = load_extension()
     if module is None:
         return None, why

@@ -27,6 +27,9 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from .. import warmup
+from .. import proxyproto, tls
+from ..forwarded import ProxyMiddleware
+from .asgi_proxyproto import ProxyPreamble
 from ..wsgi.request import Limits
 from ..wsgi.response import REASONS, Framing
 from ..httpdate import http_date
@@ -406,6 +409,16 @@ class UvicornASGIEngine:
                                 Framing(cfg.version_header_line, keepalive=True))
         if ctx.access_log is not None:
             self.config.loaded_app = AccessLog(self.config.loaded_app, ctx.access_log, self.ctl)
+        proxy = cfg.proxy
+        if proxy is not None:  # outside the access log: it logs the client the app saw
+            self.config.loaded_app = ProxyMiddleware(self.config.loaded_app, proxy)
+        # Listeners whose connections start with a PROXY protocol header.
+        self.proxy_fds = {sock.fileno() for sock, name in ctx.listeners
+                          if cfg.proxy_protocol(name)}
+        self.proxy_rejects = proxyproto.RejectLog()
+        contexts = tls.listener_contexts(cfg, [name for _, name in ctx.listeners])
+        self.tls_fds = {sock.fileno(): contexts[name] for sock, name in ctx.listeners
+                        if name in contexts}
         self.state = ServerState()
         self.protocol_class = make_protocol_class(self.config.http_protocol_class, self.ctl)
         self.lifespan: Any = None
@@ -530,6 +543,7 @@ class UvicornASGIEngine:
     def _tick(self, now: float) -> None:
         """The counters, the Date header, and each connection's timeout and drain checks."""
         self.observe(now)
+        self.proxy_rejects.flush(now)
         if int(time.time()) != self.last_date:
             self.last_date = int(time.time())
             self.update_date()
@@ -595,29 +609,39 @@ class UvicornASGIEngine:
             return
         self.rejoin(fd)
         conn.setblocking(False)
-        self.adopt(conn)
+        self.adopt(conn, fd in self.proxy_fds, self.tls_fds.get(fd))
 
-    def adopt(self, conn: socket.socket) -> None:
+    def adopt(self, conn: socket.socket, proxy_protocol: bool = False,
+              tls_context: Any = None) -> None:
         # The selector loop builds a transport synchronously (what asyncio's own servers do);
         # connect_accepted_socket() would cost a task and a future per connection. Any other
         # loop gets the public path.
-        protocol = self.factory()
-        self.ctl.unmade.add(protocol)
-        if self.make_transport is None:
-            self.loop.create_task(self._adopt(protocol, conn))
+        inner = self.factory()
+        self.ctl.unmade.add(inner)
+        protocol = inner if not proxy_protocol else ProxyPreamble(
+            inner, self.loop, self.cfg.header_timeout_s, self.proxy_rejects,
+            self.ctl.unmade.discard)
+        if self.make_transport is None or tls_context is not None:
+            self.loop.create_task(self._adopt(protocol, conn, tls_context))
             return
         try:
             self.make_transport(conn, protocol)
         except Exception as exc:
-            self.ctl.unmade.discard(protocol)
+            self.ctl.unmade.discard(inner)
             log.info("could not set up an accepted connection: %s", exc)
             conn.close()
 
-    async def _adopt(self, protocol: asyncio.Protocol, conn: socket.socket) -> None:
+    async def _adopt(self, protocol: asyncio.Protocol, conn: socket.socket,
+                     tls_context: Any = None) -> None:
         try:
-            await self.loop.connect_accepted_socket(lambda: protocol, conn)
+            if tls_context is None:
+                await self.loop.connect_accepted_socket(lambda: protocol, conn)
+            else:  # the handshake runs in the loop, bounded like a request head
+                await self.loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=tls_context,
+                    ssl_handshake_timeout=self.cfg.header_timeout_s)
         except Exception as exc:
-            self.ctl.unmade.discard(protocol)
+            self.ctl.unmade.discard(getattr(protocol, "inner", protocol))
             log.info("could not set up an accepted connection: %s", exc)
             conn.close()
 
