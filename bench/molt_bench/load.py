@@ -9,30 +9,34 @@ import signal
 import statistics
 import subprocess
 import time
+from typing import Optional
 
 from .common import Params, die_with_us, say, testlib
 from .peers import Server
 
 
-def url_of(port: int) -> str:
-    return f"http://127.0.0.1:{port}/"
+def url_of(port: int, scheme: str = "http") -> str:
+    return f"{scheme}://127.0.0.1:{port}/"
 
 
 def start_wrk(p: Params, port: int, duration: float, conns: int,
-              close: bool = False) -> testlib.Wrk:
+              close: bool = False, scheme: str = "http",
+              extra: Optional[list[str]] = None) -> testlib.Wrk:
     """wrk in the background against the server on `port`."""
-    return testlib.Wrk(url_of(port), duration, conns, p.wrk_threads, close=close, timeout=None,
-                       preexec_fn=die_with_us(signal.SIGKILL))
+    return testlib.Wrk(url_of(port, scheme), duration, conns, p.wrk_threads, close=close,
+                       timeout=None, extra=extra, preexec_fn=die_with_us(signal.SIGKILL))
 
 
-def run_wrk(p: Params, port: int, duration: float, conns: int, close: bool = False) -> dict:
-    return start_wrk(p, port, duration, conns, close).result()
+def run_wrk(p: Params, port: int, duration: float, conns: int, close: bool = False,
+            scheme: str = "http", extra: Optional[list[str]] = None) -> dict:
+    return start_wrk(p, port, duration, conns, close, scheme, extra).result()
 
 
-def wrk_command(p: Params, duration: float, conns: int, close: bool = False) -> str:
+def wrk_command(p: Params, duration: float, conns: int, close: bool = False,
+                scheme: str = "http", extra: Optional[list[str]] = None) -> str:
     """The wrk command line for the report, with PORT for the server's port."""
-    return shlex.join(testlib.wrk_argv("http://127.0.0.1:PORT/", duration, conns, p.wrk_threads,
-                                       close, timeout=None))
+    return shlex.join(testlib.wrk_argv(f"{scheme}://127.0.0.1:PORT/", duration, conns,
+                                       p.wrk_threads, close, timeout=None, extra=extra))
 
 
 def median_of(results: list[dict]) -> dict:
@@ -43,25 +47,29 @@ def median_of(results: list[dict]) -> dict:
     return out
 
 
-def throughput(p: Params, servers: list[Server], close: bool, results: dict, key: str):
-    """Interleaved repeats: server A, B, C, A, B, C, ...; the median of each server's runs."""
+def throughput(p: Params, servers: list[Server], close: bool, results: dict, key: str,
+               extra: Optional[list[str]] = None):
+    """Interleaved repeats: server A, B, C, A, B, C, ...; the median of each server's runs.
+    Each server is loaded over its own scheme (`Server.scheme`); `extra`: more wrk options
+    (request headers)."""
     runs: dict[str, list[dict]] = {s.label: [] for s in servers}
     for s in servers:     # a short warm-up each, not counted
-        run_wrk(p, s.port, 1, p.wrk_conns, close)
+        run_wrk(p, s.port, 1, p.wrk_conns, close, s.scheme, extra)
     spread: dict[str, list[list[int]]] = {s.label: [] for s in servers}
     for rep in range(p.repeats):
         for s in servers:
             if close:
-                r = run_wrk(p, s.port, p.duration, p.wrk_conns, close)
+                r = run_wrk(p, s.port, p.duration, p.wrk_conns, close, s.scheme, extra)
             else:  # keep-alive: also see which workers hold the connections, mid-run
-                w = start_wrk(p, s.port, p.duration, p.wrk_conns)
+                w = start_wrk(p, s.port, p.duration, p.wrk_conns, False, s.scheme, extra)
                 time.sleep(p.duration / 2)
                 spread[s.label].append(connections_per_process(s.port))
                 r = w.result()
             runs[s.label].append(r)
             say(f"  {key} {s.label} #{rep + 1}: {r['rps']:.0f} req/s p50 {r['p50']:.2f}ms "
                 f"p99 {r['p99']:.2f}ms errors {r['failed']}")
-            results["commands"]["wrk " + key] = wrk_command(p, p.duration, p.wrk_conns, close)
+            results["commands"]["wrk " + key] = wrk_command(p, p.duration, p.wrk_conns, close,
+                                                            servers[0].scheme, extra)
     results[key] = {label: median_of(rs) for label, rs in runs.items()}
     if not close:
         results[key + "_spread"] = spread
