@@ -127,3 +127,29 @@ def test_proxy_settings_reach_the_workers(molt):
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # no PROXY header: closed, no answer
         s.settimeout(20)
         assert s.recv(100) == b""
+
+
+@pytest.mark.parametrize("app,interface", [("flask_proxy_app:app", "wsgi"),
+                                           ("starlette_proxy_app:app", "asgi")])
+def test_real_frameworks_build_public_urls_behind_a_trusted_proxy(molt, app, interface):
+    m = molt({"app": app, "interface": interface, "chdir": str(APPS), "workers": 1,
+              "proxy": {"trusted": ["127.0.0.1"]}})
+    headers = ("X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n"
+               "X-Forwarded-Host: shop.example\r\n")
+
+    def get(extra: str) -> dict:
+        with socket.create_connection(("127.0.0.1", m.port), timeout=10) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}\r\n"
+                      .encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), data
+        return json.loads(body)
+
+    seen = get(headers)
+    assert seen["url"] == "https://shop.example/"
+    assert seen["remote"] == "203.0.113.7"
+    plain = get("")
+    assert plain["url"] == "http://127.0.0.1/" and plain["remote"] == "127.0.0.1"
