@@ -6,6 +6,7 @@
 // public function here catches at its boundary.
 #include "config/config.hpp"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <grp.h>
@@ -25,6 +26,7 @@
 #include <nlohmann/json.hpp>
 #include <tuple>
 
+#include "config/tls_files.hpp"
 #include "config/units.hpp"
 
 namespace molt::config {
@@ -590,6 +592,50 @@ template <typename Visit>
 void for_each_key(Context& ctx, const Node& map, const std::string& spec_prefix,
                   const std::string& display_prefix, Visit visit);
 
+// `listen[].tls`: the files are loaded with OpenSSL here (unless --offline), so a bad one is a
+// config error with the file's position, not a worker that cannot start.
+void read_tls(Context& ctx, const Node& node, Tls& tls) {
+    if (!node.IsMap()) {
+        ctx.error(node,
+                  fmt::format("expected a mapping with `cert` and `key`, got {}", describe(node)));
+        return;
+    }
+    const std::string key = ctx.key;
+    const std::size_t errors_before = ctx.errors.size();
+    Node cert_node;
+    for_each_key(ctx, node, "listen[].tls", key, [&](const auto& spec, const Node& value) {
+        if (spec.path == "listen[].tls.cert") {
+            cert_node = value;
+            ctx.set_path(value, tls.cert);
+        } else if (spec.path == "listen[].tls.key") {
+            ctx.set_path(value, tls.key);
+        } else if (spec.path == "listen[].tls.client_ca") {
+            auto text = ctx.scalar(value, "a path or \"\"");
+            if (text && !text->empty()) tls.client_ca = ctx.resolve(*text);
+        } else if (spec.path == "listen[].tls.min_version") {
+            auto text = ctx.scalar(value, "\"1.2\" or \"1.3\"");
+            if (text && *text != "1.2" && *text != "1.3") {
+                ctx.error(value,
+                          fmt::format("must be \"1.2\" or \"1.3\", got {}", describe(value)));
+            } else if (text) {
+                tls.min_version = *text;
+            }
+        }
+    });
+    ctx.key = key;
+    if (tls.cert.empty() || tls.key.empty()) {
+        if (ctx.errors.size() == errors_before) ctx.error(node, "needs both `cert` and `key`");
+        tls = Tls{};
+        return;
+    }
+    if (ctx.errors.size() != errors_before || !ctx.check_filesystem) return;
+    if (const auto why = check_tls_files(tls.cert, tls.key, tls.client_ca); !why.empty()) {
+        ctx.key = key + ".cert";
+        ctx.error(cert_node, why);
+        ctx.key = key;
+    }
+}
+
 void read_listen_entry(Context& ctx, const Node& node, const std::string& key) {
     ListenDraft draft;
     draft.key = key;
@@ -621,6 +667,10 @@ void read_listen_entry(Context& ctx, const Node& node, const std::string& key) {
             ctx.set_integer(value, options.backlog, 1);
         } else if (spec.path == "listen[].mode") {
             ctx.set_mode(value, options.mode);
+        } else if (spec.path == "listen[].proxy_protocol") {
+            ctx.set_bool(value, options.proxy_protocol);
+        } else if (spec.path == "listen[].tls") {
+            read_tls(ctx, value, options.tls);
         } else if (spec.path == "listen[].name") {
             draft.explicit_name = true;
             ctx.set_string(value, options.name);
@@ -628,11 +678,16 @@ void read_listen_entry(Context& ctx, const Node& node, const std::string& key) {
         }
     });
     if (!address_given) ctx.error_at(node.Mark(), key, "missing `address`");
+    if (options.proxy_protocol && options.tls.enabled()) {
+        ctx.error_at(node.Mark(), key, "`proxy_protocol` together with `tls` is not supported yet");
+    }
     if (!address || ctx.errors.size() != errors_before) return;
     draft.address = std::move(*address);
     draft.address.backlog = options.backlog;
     draft.address.mode = options.mode;
     draft.address.name = options.name;
+    draft.address.proxy_protocol = options.proxy_protocol;
+    draft.address.tls = std::move(options.tls);
     ctx.listen.push_back(std::move(draft));
 }
 
@@ -748,6 +803,81 @@ void check_static(Context& ctx, const Config& config) {
                                            : " (a relative dir is inside the release, `chdir`)"));
         }
     }
+}
+
+// The forwarding headers `proxy.headers` may name (lower case, as in the shim's rule).
+constexpr std::array<std::string_view, 5> kForwardingHeaders = {
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "forwarded"};
+
+// Whether `text` is an IPv4/IPv6 address, or one with a `/prefix` that fits its family.
+bool is_address_or_cidr(const std::string& text) {
+    const auto slash = text.find('/');
+    const std::string address = text.substr(0, slash);
+    unsigned char buffer[sizeof(in6_addr)];
+    int max_prefix = 0;
+    if (inet_pton(AF_INET, address.c_str(), buffer) == 1) {
+        max_prefix = 32;
+    } else if (inet_pton(AF_INET6, address.c_str(), buffer) == 1) {
+        max_prefix = 128;
+    } else {
+        return false;
+    }
+    if (slash == std::string::npos) return true;
+    const std::string prefix = text.substr(slash + 1);
+    int bits = -1;
+    const auto [end, ec] = std::from_chars(prefix.data(), prefix.data() + prefix.size(), bits);
+    return ec == std::errc() && end == prefix.data() + prefix.size() && bits >= 0 &&
+           bits <= max_prefix;
+}
+
+// A scalar or a list of scalars, each checked by `accept` (which reports its own errors).
+template <typename Accept>
+void read_text_list(Context& ctx, const Node& node, const char* what, Accept accept) {
+    if (node.IsScalar()) {
+        if (auto text = ctx.scalar(node, what)) accept(node, *text);
+        return;
+    }
+    if (!node.IsSequence()) {
+        ctx.error(node, fmt::format("expected {} or a list of them, got {}", what, describe(node)));
+        return;
+    }
+    const std::string list_key = ctx.key;
+    for (std::size_t i = 0; i < node.size(); ++i) {
+        ctx.key = fmt::format("{}[{}]", list_key, i);
+        if (auto text = ctx.scalar(node[i], what)) accept(node[i], *text);
+    }
+    ctx.key = list_key;
+}
+
+void read_proxy_trusted(Context& ctx, const Node& node, Config& config) {
+    config.proxy.trusted.clear();
+    read_text_list(ctx, node, "an address, a CIDR, `unix` or `*`",
+                   [&](const Node& item, const std::string& text) {
+                       if (text == "unix" || text == "*" || is_address_or_cidr(text)) {
+                           config.proxy.trusted.push_back(text);
+                       } else {
+                           ctx.error(item, fmt::format("\"{}\" is not an IP address, a CIDR "
+                                                       "(10.0.0.0/8), `unix` or `*`",
+                                                       excerpt(text)));
+                       }
+                   });
+}
+
+void read_proxy_headers(Context& ctx, const Node& node, Config& config) {
+    config.proxy.headers.clear();
+    read_text_list(ctx, node, "a forwarding header name", [&](const Node& item, std::string text) {
+        std::transform(text.begin(), text.end(), text.begin(),
+                       [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+        if (std::find(kForwardingHeaders.begin(), kForwardingHeaders.end(), text) ==
+            kForwardingHeaders.end()) {
+            ctx.error(item, fmt::format("\"{}\" is not one of x-forwarded-for, x-forwarded-proto, "
+                                        "x-forwarded-host, x-forwarded-port, forwarded",
+                                        excerpt(text)));
+        } else if (std::find(config.proxy.headers.begin(), config.proxy.headers.end(), text) ==
+                   config.proxy.headers.end()) {
+            config.proxy.headers.push_back(text);
+        }
+    });
 }
 
 void read_app(Context& ctx, const Node& node, Config& config) {
@@ -984,6 +1114,32 @@ const std::vector<KeySpec>& key_table() {
          "File mode of a unix socket.", nullptr},
         {"listen[].name", "string", [](const Config&) -> std::string { return "the address text"; },
          "Name matched against systemd's `LISTEN_FDNAMES`, and passed to workers.", nullptr},
+        {"listen[].proxy_protocol", "boolean",
+         [](const Config&) -> std::string { return "`false`"; },
+         "Every connection on this address starts with a PROXY protocol header (v1 or v2, as "
+         "HAProxy and AWS NLB send it), which names the client. A connection without a valid "
+         "header is closed without a response, logged once per burst. Not with `engine: "
+         "native`: a worker with such a listener uses the Python engine (one log line says "
+         "so).",
+         nullptr},
+        {"listen[].tls", "section", nullptr,
+         "TLS on this address (HTTPS). The workers of each generation load the files when they "
+         "start, so replacing them and sending HUP rotates the certificate; the master loads "
+         "them first, and a file it cannot load, or a key that does not match, fails the "
+         "check (and the reload, keeping the old generation). See docs/proxy-tls.md.",
+         nullptr},
+        {"listen[].tls.cert", "path", none,
+         "PEM certificate chain, the server's certificate first (required with `tls`).", nullptr},
+        {"listen[].tls.key", "path", none, "PEM private key of the certificate (required).",
+         nullptr},
+        {"listen[].tls.client_ca", "path", none,
+         "PEM CA certificates for mutual TLS: clients must present a certificate they signed; "
+         "the verified subject reaches WSGI apps as `SSL_CLIENT_S_DN`. Empty: no client "
+         "certificates asked for.",
+         nullptr},
+        {"listen[].tls.min_version", "`\"1.2\"` or `\"1.3\"`",
+         [](const Config&) -> std::string { return "`\"1.2\"`"; }, "Oldest TLS version accepted.",
+         nullptr},
         {"backlog", "integer >= 1",
          [](const Config&) { return std::to_string(ListenAddress{}.backlog); },
          "Default listen queue length for every `listen` entry (the kernel caps it at "
@@ -1221,6 +1377,30 @@ const std::vector<KeySpec>& key_table() {
          "Send a `Date` header with every response (uvicorn's `--date-header`; `false` is its "
          "`--no-date-header`). An app that sets its own `Date` gets both.",
          [](Context& ctx, const Node& n, Config& c) { ctx.set_bool(n, c.asgi.date_header); }},
+        {"proxy", "section", nullptr,
+         "Forwarding headers from a reverse proxy or load balancer (gunicorn's "
+         "`forwarded_allow_ips` and `secure_scheme_headers`, uvicorn's `--proxy-headers`). See "
+         "docs/proxy-tls.md.",
+         nullptr},
+        {"proxy.trusted", "list of addresses, CIDRs, `unix`, `*`",
+         [](const Config&) -> std::string { return "`[]`"; },
+         "The peers whose forwarding headers are believed: IP addresses, CIDRs "
+         "(`10.0.0.0/8`), `unix` for clients of a unix socket, `*` for every peer. From a "
+         "trusted peer the headers set the scheme, client address and port, and host the app "
+         "sees (and the access log shows); the client is the right-most address of the chain "
+         "that is not trusted. From any other peer they change nothing. Empty: trust no one.",
+         read_proxy_trusted},
+        {"proxy.headers", "list of header names",
+         [](const Config&) -> std::
+                               string {
+                                   return "`[x-forwarded-for, x-forwarded-proto, x-forwarded-host, "
+                                          "x-forwarded-port, "
+                                          "forwarded]`";
+                               },
+         "The forwarding headers honoured from trusted peers: `x-forwarded-for`, "
+         "`x-forwarded-proto`, `x-forwarded-host`, `x-forwarded-port`, and RFC 7239 "
+         "`forwarded` (which wins over the `x-forwarded-*` ones when both are sent).",
+         read_proxy_headers},
         {"watch", "path, or list of paths", [](const Config&) -> std::string { return "`[]`"; },
          "File changes under these paths start a rollover (debounced).", read_watch},
         {"version_file", "relative path", none,
@@ -1695,7 +1875,26 @@ json listen_json(const ListenAddress& address) {
             {"backlog", address.backlog},
             {"mode", address.mode},
             {"name", address.name},
-            {"text", address.text}};
+            {"text", address.text},
+            {"proxy_protocol", address.proxy_protocol},
+            {"tls", address.tls.enabled()}};
+}
+
+// What a worker must know per listener, by listener name: the names are what MOLT_LISTEN_NAMES
+// gives it (systemd's LISTEN_FDNAMES when sockets are passed in).
+json listener_options_json(const Config& c) {
+    json options = json::object();
+    for (const auto& address : c.listen) {
+        json tls;  // null: plain HTTP
+        if (address.tls.enabled()) {
+            tls = {{"cert", address.tls.cert},
+                   {"key", address.tls.key},
+                   {"client_ca", address.tls.client_ca},
+                   {"min_version", address.tls.min_version}};
+        }
+        options[address.name] = {{"proxy_protocol", address.proxy_protocol}, {"tls", tls}};
+    }
+    return options;
 }
 
 // The `asgi:` section, the same in the full config and in what each worker is given.
@@ -1715,6 +1914,11 @@ json static_json(const std::vector<StaticMount>& mounts) {
     json out = json::array();
     for (const auto& m : mounts) out.push_back({{"prefix", m.prefix}, {"dir", m.dir}});
     return out;
+}
+
+// The `proxy:` section, the same in the full config and in what each worker is given.
+json proxy_json(const Proxy& p) {
+    return {{"trusted", p.trusted}, {"headers", p.headers}};
 }
 
 // The HTTP limits, the same in the full config and in what each worker is given.
@@ -1740,6 +1944,7 @@ json full_json(const Config& c) {
         {"root_path", c.root_path},
         {"static", static_json(c.statics)},
         {"asgi", asgi_json(c.asgi)},
+        {"proxy", proxy_json(c.proxy)},
         {"chdir", c.chdir},
         {"python", c.python},
         {"env", c.env},
@@ -1806,6 +2011,8 @@ std::string worker_config_json(const Config& config, const std::string& release_
         {"root_path", config.root_path},
         {"static", static_json(config.statics)},
         {"asgi", asgi_json(config.asgi)},
+        {"proxy", proxy_json(config.proxy)},
+        {"listeners", listener_options_json(config)},
         {"chdir", release_dir},
         {"threads", config.threads},
         {"generation", generation},

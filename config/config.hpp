@@ -37,6 +37,15 @@ enum class LogFormat { text, json };
 
 // One `listen:` entry. A plain string ("tcp://0.0.0.0:8000", "unix:/run/app.sock") or a
 // mapping {address: ..., backlog: N, mode: "0660", name: web}.
+// TLS on one listener (`listen[].tls`); off when `cert` is empty.
+struct Tls {
+    std::string cert;       // PEM certificate chain, leaf first
+    std::string key;        // PEM private key
+    std::string client_ca;  // PEM CAs for client certificates; empty: no client certificates
+    std::string min_version = "1.2";  // "1.2" or "1.3"
+    bool enabled() const { return !cert.empty(); }
+};
+
 struct ListenAddress {
     enum class Kind { tcp, unix_path };
     Kind kind = Kind::tcp;
@@ -44,9 +53,11 @@ struct ListenAddress {
     std::uint16_t port = 0;  // tcp: 0 lets the kernel pick (tests use it)
     std::string path;        // unix: filesystem path
     int backlog = 2048;
-    std::uint32_t mode = 0660;  // unix socket file mode
-    std::string name;           // matched against LISTEN_FDNAMES; defaults to the address text
-    std::string text;           // canonical form, e.g. "tcp://127.0.0.1:8000", "unix:/run/a.sock"
+    std::uint32_t mode = 0660;    // unix socket file mode
+    std::string name;             // matched against LISTEN_FDNAMES; defaults to the address text
+    std::string text;             // canonical form, e.g. "tcp://127.0.0.1:8000", "unix:/run/a.sock"
+    bool proxy_protocol = false;  // every connection starts with a PROXY v1/v2 header
+    Tls tls;
 };
 
 struct Timeouts {
@@ -129,6 +140,13 @@ struct StaticMount {
     std::string dir;     // absolute, or relative to the release directory (per generation)
 };
 
+// Which peers may say, through forwarding headers, who the client is (`proxy:`).
+struct Proxy {
+    std::vector<std::string> trusted;  // addresses, CIDRs, "unix", "*"; empty: trust no one
+    std::vector<std::string> headers = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                                        "x-forwarded-port", "forwarded"};
+};
+
 struct Config {
     std::string source;  // the file it came from, or "<command line>"
 
@@ -141,6 +159,7 @@ struct Config {
     std::string root_path;  // the prefix the app is mounted under: SCRIPT_NAME / root_path
     std::vector<StaticMount> statics;  // `static:`
     Asgi asgi;
+    Proxy proxy;
     // Absolute (a relative one is joined to the config's directory, lexically: symlinks kept);
     // the master resolves it with realpath per generation.
     std::string chdir;

@@ -11,6 +11,7 @@ import platform
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -154,12 +155,17 @@ def kill_pid(pid: int, sig: int = signal.SIGKILL):
         pass
 
 
-def probe(port: int, path: str = "/", timeout: float = 2.0) -> tuple[str, bytes]:
+def probe(port: int, path: str = "/", timeout: float = 2.0,
+          https: bool = False) -> tuple[str, bytes]:
     """One request on a new connection; the outcome as a client sees it: '200', '500',
     'refused', 'reset', 'timeout', ... and the body. The answer ends at its Content-Length:
     uWSGI's --http11-socket keeps the connection open even when the request says
     "Connection: close"."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    if https:  # the bench's certificates are made for the run: not verified here
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=timeout, context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"Host": "bench", "Connection": "close"})
         answer = conn.getresponse()

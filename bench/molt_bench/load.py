@@ -9,32 +9,34 @@ import signal
 import statistics
 import subprocess
 import time
+from typing import Optional
 
 from .common import Params, die_with_us, say, testlib
 from .peers import Server
 
 
-def url_of(port: int, path: str = "/") -> str:
-    return f"http://127.0.0.1:{port}{path}"
+def url_of(port: int, path: str = "/", scheme: str = "http") -> str:
+    return f"{scheme}://127.0.0.1:{port}{path}"
 
 
-def start_wrk(p: Params, port: int, duration: float, conns: int,
-              close: bool = False, path: str = "/") -> testlib.Wrk:
+def start_wrk(p: Params, port: int, duration: float, conns: int, close: bool = False,
+              path: str = "/", scheme: str = "http",
+              extra: Optional[list[str]] = None) -> testlib.Wrk:
     """wrk in the background against the server on `port`."""
-    return testlib.Wrk(url_of(port, path), duration, conns, p.wrk_threads, close=close,
-                       timeout=None, preexec_fn=die_with_us(signal.SIGKILL))
+    return testlib.Wrk(url_of(port, path, scheme), duration, conns, p.wrk_threads, close=close,
+                       timeout=None, extra=extra, preexec_fn=die_with_us(signal.SIGKILL))
 
 
 def run_wrk(p: Params, port: int, duration: float, conns: int, close: bool = False,
-            path: str = "/") -> dict:
-    return start_wrk(p, port, duration, conns, close, path).result()
+            path: str = "/", scheme: str = "http", extra: Optional[list[str]] = None) -> dict:
+    return start_wrk(p, port, duration, conns, close, path, scheme, extra).result()
 
 
-def wrk_command(p: Params, duration: float, conns: int, close: bool = False,
-                path: str = "/") -> str:
+def wrk_command(p: Params, duration: float, conns: int, close: bool = False, path: str = "/",
+                scheme: str = "http", extra: Optional[list[str]] = None) -> str:
     """The wrk command line for the report, with PORT for the server's port."""
-    return shlex.join(testlib.wrk_argv("http://127.0.0.1:PORT" + path, duration, conns,
-                                       p.wrk_threads, close, timeout=None))
+    return shlex.join(testlib.wrk_argv(f"{scheme}://127.0.0.1:PORT{path}", duration, conns,
+                                       p.wrk_threads, close, timeout=None, extra=extra))
 
 
 def median_of(results: list[dict]) -> dict:
@@ -46,18 +48,20 @@ def median_of(results: list[dict]) -> dict:
 
 
 def throughput(p: Params, servers: list[Server], close: bool, results: dict, key: str,
-               path: str = "/"):
-    """Interleaved repeats: server A, B, C, A, B, C, ...; the median of each server's runs."""
+               path: str = "/", extra: Optional[list[str]] = None):
+    """Interleaved repeats: server A, B, C, A, B, C, ...; the median of each server's runs.
+    Each server is loaded over its own scheme (`Server.scheme`); `extra`: more wrk options
+    (request headers)."""
     runs: dict[str, list[dict]] = {s.label: [] for s in servers}
     for s in servers:     # a short warm-up each, not counted
-        run_wrk(p, s.port, 1, p.wrk_conns, close, path)
+        run_wrk(p, s.port, 1, p.wrk_conns, close, path, s.scheme, extra)
     spread: dict[str, list[list[int]]] = {s.label: [] for s in servers}
     for rep in range(p.repeats):
         for s in servers:
             if close:
-                r = run_wrk(p, s.port, p.duration, p.wrk_conns, close, path)
+                r = run_wrk(p, s.port, p.duration, p.wrk_conns, close, path, s.scheme, extra)
             else:  # keep-alive: also see which workers hold the connections, mid-run
-                w = start_wrk(p, s.port, p.duration, p.wrk_conns, path=path)
+                w = start_wrk(p, s.port, p.duration, p.wrk_conns, False, path, s.scheme, extra)
                 time.sleep(p.duration / 2)
                 spread[s.label].append(connections_per_process(s.port))
                 r = w.result()
@@ -65,7 +69,7 @@ def throughput(p: Params, servers: list[Server], close: bool, results: dict, key
             say(f"  {key} {s.label} #{rep + 1}: {r['rps']:.0f} req/s p50 {r['p50']:.2f}ms "
                 f"p99 {r['p99']:.2f}ms errors {r['failed']}")
             results["commands"]["wrk " + key] = wrk_command(p, p.duration, p.wrk_conns, close,
-                                                            path)
+                                                            path, servers[0].scheme, extra)
     results[key] = {label: median_of(rs) for label, rs in runs.items()}
     if not close:
         results[key + "_spread"] = spread

@@ -29,6 +29,7 @@ class Server:
     leaves behind outlives its section."""
 
     name = "?"
+    scheme = "http"  # "https" for a server under test over TLS
 
     def __init__(self, process: testlib.ServerProcess, label: str, port: int = 0):
         self.process = process
@@ -65,7 +66,8 @@ class Server:
             if not self.alive():
                 raise RuntimeError(f"{self.label} exited with {self.process.proc.returncode}: "
                                    f"{self.log_tail()}")
-            return len(self.workers()) >= count and probe(self.port)[0] == "200"
+            return len(self.workers()) >= count and probe(
+                self.port, https=self.scheme == "https")[0] == "200"
         wait_until(ready, timeout, f"{self.label} to serve with {count} workers")
 
     def reload(self):
@@ -172,13 +174,13 @@ class Gunicorn(Server):
     name = "gunicorn"
 
     def __init__(self, workdir: Path, label: str, app: str, chdir: Path, workers: int,
-                 threads: int = 0, worker_class: str = ""):
+                 threads: int = 0, worker_class: str = "", extra: Optional[list[str]] = None):
         port = testlib.free_port()
         kind = ["-k", "gthread", "--threads", str(threads)] if threads else []
         if worker_class:
             kind = ["-k", worker_class]
         argv = ["gunicorn", *kind, "-w", str(workers), "-b", f"127.0.0.1:{port}",
-                "--chdir", str(chdir), app]
+                "--chdir", str(chdir), *(extra or []), app]
         super().__init__(server_process(workdir, label, argv), label, port)
 
 
@@ -186,11 +188,16 @@ class Uwsgi(Server):
     name = "uWSGI"
 
     def __init__(self, workdir: Path, label: str, app: str, chdir: Path, workers: int,
-                 threads: int = 1, keepalive: bool = True):
+                 threads: int = 1, keepalive: bool = True, https: Optional[tuple] = None):
         port = testlib.free_port()
         # --http11-socket keeps every connection open, even when the request says
         # "Connection: close"; --http-socket closes after each response.
         socket_option = ["--http11-socket" if keepalive else "--http-socket", f"127.0.0.1:{port}"]
+        if https:  # (cert, key): uWSGI's own TLS on the socket
+            # It closes after each response whatever the request asked (no keep-alive over
+            # TLS without its router); say so, as for --http-socket below.
+            socket_option = ["--https-socket", f"127.0.0.1:{port},{https[0]},{https[1]}",
+                             "--add-header", "Connection: close"]
         if not keepalive:
             # Say so, or wrk takes the HTTP/1.1 answer for keep-alive and counts every close
             # as a read error.

@@ -58,6 +58,7 @@ def wrap_listeners(cfg: config.WorkerConfig) -> List[Tuple[socket.socket, str]]:
             label = bound or name or str(fd)
         else:
             label = "%s (%s)" % (name, bound) if bound else name
+        cfg.label_names[label] = name  # per-listener settings are keyed by name
         out.append((sock, label))
     return out
 

@@ -35,6 +35,8 @@ DEFAULTS: Dict[str, Any] = {
         "server_header": False,  # uvicorn's --server-header (it defaults to on; molt to off)
         "date_header": True,
     },
+    "proxy": {"trusted": [], "headers": ["x-forwarded-for", "x-forwarded-proto",
+                                         "x-forwarded-host", "x-forwarded-port", "forwarded"]},
     "chdir": "",
     "static": [],  # [{"prefix": "/static/", "dir": "..."}]: served by the engine (static.py)
     "threads": 8,
@@ -83,6 +85,7 @@ class WorkerConfig:
     channel_fd: int = -1
     listen_fds: List[int] = field(default_factory=list)
     listen_names: List[str] = field(default_factory=list)
+    label_names: Dict[str, str] = field(default_factory=dict)  # listener label -> its name
 
     # Typed accessors for the values used on hot paths or in several modules.
     @property
@@ -119,6 +122,23 @@ class WorkerConfig:
     @property
     def asgi(self) -> Dict[str, Any]:
         return self.raw["asgi"]
+
+    @property
+    def proxy(self) -> Any:
+        """The trusted-proxy rule (forwarded.ProxyRule), or None when no peer is trusted."""
+        from . import forwarded
+
+        return forwarded.from_config(self.raw)
+
+    def listener_options(self, name: str) -> Dict[str, Any]:
+        """Per-listener settings (`proxy_protocol`, `tls`), by the listener's name or the
+        label the engines know it by."""
+        listeners = self.raw.get("listeners") or {}
+        options = listeners.get(self.label_names.get(name, name)) or listeners.get(name) or {}
+        return options if isinstance(options, dict) else {}
+
+    def proxy_protocol(self, name: str) -> bool:
+        return bool(self.listener_options(name).get("proxy_protocol"))
 
     @property
     def chdir(self) -> str:

@@ -44,6 +44,10 @@ struct EngineConfig {
     int threads = 1;
     std::vector<StaticMount> statics;  // longest prefix first
     MimeTypes mime_types;
+    // The trusted-proxy rule (molt_shim.forwarded.ProxyRule.adjust_environ), called only for a
+    // request that carries one of `forwarding_headers` (lower case); null without `proxy:`.
+    PyRef proxy_rule;
+    std::vector<std::string> forwarding_headers;
 };
 
 // One access-log line of a request answered without Python (a static file): queued by the

@@ -349,6 +349,28 @@ bool read_statics(PyObject* cfg, EngineConfig* c) {
     return true;
 }
 
+// The optional trusted-proxy rule: a callable and the header names that make it worth calling.
+bool read_proxy_config(PyObject* cfg, EngineConfig* c) {
+    PyObject* rule = PyDict_GetItemString(cfg, "proxy_rule");  // borrowed
+    if (rule == nullptr || rule == Py_None) return true;
+    PyObject* names = PyDict_GetItemString(cfg, "forwarding_headers");  // borrowed
+    if (!PyCallable_Check(rule) || names == nullptr || !PyTuple_Check(names)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "make_server config: proxy_rule must be callable, forwarding_headers a "
+                        "tuple of str");
+        return false;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_Size(names); ++i) {
+        PyRef bytes =
+            PyRef::steal(PyUnicode_AsEncodedString(PyTuple_GetItem(names, i), "latin-1", "strict"));
+        if (!bytes) return false;
+        c->forwarding_headers.emplace_back(PyBytes_AsString(bytes.get()),
+                                           static_cast<std::size_t>(PyBytes_Size(bytes.get())));
+    }
+    c->proxy_rule = PyRef::borrow(rule);
+    return true;
+}
+
 bool read_config(PyObject* cfg, EngineConfig* c) {
     if (!PyDict_Check(cfg)) {
         PyErr_SetString(PyExc_TypeError, "make_server config must be a dict");
@@ -372,7 +394,8 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
     c->threads = static_cast<int>(v[8]);
     c->send_timeout = v[9];
     return config_text(cfg, "version_header", &c->version_header) &&
-           config_text(cfg, "script_name", &c->script_name) && read_statics(cfg, c);
+           config_text(cfg, "script_name", &c->script_name) && read_statics(cfg, c) &&
+           read_proxy_config(cfg, c);
 }
 
 PyObject* make_server(PyObject* module, PyObject* args, PyObject* kwargs) {

@@ -7,6 +7,7 @@
 #include "wsgi_call.hpp"
 
 #include <errno.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -603,6 +604,38 @@ bool set_text(PyObject* env, PyObject* key, const std::string& value) {
     return text && PyDict_SetItem(env, key, text.get()) == 0;
 }
 
+// Whether the request carries a header the trusted-proxy rule reads (case-insensitive).
+bool has_forwarding_header(const EngineConfig& config, const Request& req) {
+    for (const auto& [name, value] : req.headers) {
+        for (const auto& wanted : config.forwarding_headers) {
+            if (strcasecmp(name.c_str(), wanted.c_str()) == 0) return true;
+        }
+    }
+    return false;
+}
+
+// Applies the trusted-proxy rule to the environ when the request may need it. Returns the
+// client the access log should show when a trusted proxy named one, else "". The rule never
+// fails a request: an exception from it is logged and the environ kept as the socket made it.
+std::string apply_proxy_rule(Server& srv, Connection& conn, Request& req, PyObject* env) {
+    const EngineConfig& config = srv.config();
+    if (!config.proxy_rule || !has_forwarding_header(config, req)) return "";
+    PyRef seen = PyRef::steal(PyObject_CallFunctionObjArgs(config.proxy_rule.get(), env, nullptr));
+    if (!seen) {
+        srv.log(kError,
+                conn.remote() + ": error in the trusted-proxy rule\n" + take_exception_text());
+        return "";
+    }
+    if (!PyUnicode_Check(seen.get())) return "";
+    PyRef bytes = PyRef::steal(PyUnicode_AsEncodedString(seen.get(), "latin-1", "replace"));
+    if (!bytes) {
+        PyErr_Clear();
+        return "";
+    }
+    return std::string(PyBytes_AsString(bytes.get()),
+                       static_cast<std::size_t>(PyBytes_Size(bytes.get())));
+}
+
 PyRef build_environ(Server& srv, Connection& conn, Request& req) {
     const PyShared& sh = srv.shared();
     PyRef env = PyRef::steal(PyDict_Copy(srv.base_env(conn)));
@@ -712,10 +745,12 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
     PyRef sr_ref = PyRef::steal(reinterpret_cast<PyObject*>(sr));
     PyRef result;
     bool ok = false;
+    std::string remote_seen;  // the client a trusted proxy named, for the access log
     if (sr != nullptr) {
         sr->exchange = &ex;
         PyRef env = build_environ(*this, conn, req);
         if (env) {
+            remote_seen = apply_proxy_rule(*this, conn, req, env.get());
             result =
                 PyRef::steal(PyObject_CallFunctionObjArgs(app(), env.get(), sr_ref.get(), nullptr));
             ok = result && respond(ex, result.get());
@@ -744,9 +779,10 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
     if (sr != nullptr) sr->exchange = nullptr;
     if (!conn.warmup) end_request(token);
     if (access_log() != nullptr) {
+        const std::string remote = remote_seen.empty() ? conn.remote() : remote_seen;
         PyRef entry = PyRef::steal(Py_BuildValue(
-            "(s#s#s#sind)", conn.remote().data(), static_cast<Py_ssize_t>(conn.remote().size()),
-            method.data(), static_cast<Py_ssize_t>(method.size()), req.target.data(),
+            "(s#s#s#sind)", remote.data(), static_cast<Py_ssize_t>(remote.size()), method.data(),
+            static_cast<Py_ssize_t>(method.size()), req.target.data(),
             static_cast<Py_ssize_t>(req.target.size()),
             ("HTTP/" + std::to_string(req.version_major) + "." + std::to_string(req.version_minor))
                 .c_str(),

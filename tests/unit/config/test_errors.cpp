@@ -281,5 +281,25 @@ TEST_CASE("ConfigError::to_string leaves out what is unknown") {
     CHECK(error.to_string() == "molt.yaml: bad");
 }
 
+TEST_CASE("proxy and listener edge settings are checked") {
+    CHECK(only_error("app: a:b\nproxy: {trusted: [127.0.0.1, 10.0.0.0/33]}\n") ==
+          "/srv/app/molt.yaml:2:30: proxy.trusted[1]: \"10.0.0.0/33\" is not an IP address, a "
+          "CIDR (10.0.0.0/8), `unix` or `*`");
+    CHECK(only_error("app: a:b\nproxy: {headers: [x-real-ip]}\n") ==
+          "/srv/app/molt.yaml:2:19: proxy.headers[0]: \"x-real-ip\" is not one of "
+          "x-forwarded-for, x-forwarded-proto, x-forwarded-host, x-forwarded-port, forwarded");
+    CHECK(errors_of("app: a:b\nproxy: {trusted: [unix, \"*\", \"::1\", fd00::/8]}\n").empty());
+    CHECK(only_error("app: a:b\nlisten:\n  - address: tcp://0.0.0.0:1\n    tls: {cert: c.pem}\n") ==
+          "/srv/app/molt.yaml:4:10: listen[0].tls: needs both `cert` and `key`");
+    CHECK(only_error("app: a:b\nlisten:\n  - address: tcp://0.0.0.0:1\n"
+                     "    tls: {cert: c, key: k, min_version: \"1.1\"}\n") ==
+          "/srv/app/molt.yaml:4:41: listen[0].tls.min_version: must be \"1.2\" or \"1.3\", got "
+          "\"1.1\"");
+    CHECK(only_error("app: a:b\nlisten:\n  - address: tcp://0.0.0.0:1\n"
+                     "    proxy_protocol: true\n    tls: {cert: c, key: k}\n") ==
+          "/srv/app/molt.yaml:3:5: listen[0]: `proxy_protocol` together with `tls` is not "
+          "supported yet");
+}
+
 }  // namespace
 }  // namespace molt::config::test

@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Any, Dict, Optional
 
+from .. import proxyproto, tls
 from ..wsgi.request import Limits, RequestReader, connection_environ
 from ..wsgi.response import ClientGone
 
@@ -40,10 +41,12 @@ class Connection:
     Both `send_all` and `sendfile_all` make it the response's `Sink` (wsgi/response.py)."""
 
     __slots__ = ("sock", "fd", "peer", "listener_env", "reader", "state", "idle_since",
-                 "linger_until", "in_epoll", "warmup", "_env", "served", "send_timeout")
+                 "linger_until", "in_epoll", "warmup", "_env", "served", "send_timeout",
+                 "preamble", "rejected", "tls")
 
     def __init__(self, sock: socket.socket, peer: Any, listener_env: Dict[str, Any],
-                 limits: Limits, send_timeout: float = SEND_TIMEOUT_S) -> None:
+                 limits: Limits, send_timeout: float = SEND_TIMEOUT_S,
+                 proxy_protocol: bool = False) -> None:
         self.sock = sock
         # http.send_timeout: the longest a response waits for its client to take more bytes
         # (nginx's send_timeout). A client that reads nothing costs its serving thread this
@@ -60,12 +63,43 @@ class Connection:
         self.warmup = False
         self._env: Optional[Dict[str, Any]] = None
         self.served = 0
+        # On a PROXY listener: the header reader until the header is complete.
+        self.preamble: Optional[proxyproto.HeaderReader] = (
+            proxyproto.HeaderReader() if proxy_protocol else None)
+        self.rejected = ""  # why the PROXY header was refused: close without a response
+        self.tls = isinstance(sock, tls.ServerSocket)
+
+    def feed(self, data: bytes) -> bool:
+        """Bytes from the client to the request reader, past the PROXY header on a PROXY
+        listener. False: the header is invalid (`rejected` says why); close, answer nothing."""
+        preamble = self.preamble
+        if preamble is None:
+            self.reader.feed(data)
+            return True
+        try:
+            verdict = preamble.feed(data)
+        except proxyproto.Invalid as exc:
+            self.rejected = str(exc)
+            return False
+        if verdict == proxyproto.NEED_MORE:
+            return True
+        header, rest = verdict
+        self.preamble = None
+        if header.source is not None:
+            self.peer = header.source
+            self._env = None
+        if rest:
+            self.reader.feed(rest)
+        return True
 
     def base_env(self) -> Dict[str, Any]:
         """The environ every request of this connection shares (built on first use)."""
         env = self._env
         if env is None:
-            env = self._env = connection_environ(self.listener_env, self.peer)
+            env = connection_environ(self.listener_env, self.peer)
+            if self.tls:  # built on the first request: the handshake is done
+                env.update(tls.connection_environ(self.sock))
+            self._env = env
         return env
 
     def remote(self) -> str:
@@ -101,6 +135,8 @@ class Connection:
                 raise ClientGone(str(exc)) from None
 
     def sendfile_all(self, fd: int, offset: int, size: int) -> int:
+        if self.tls:
+            return tls.copy_file(self.send_all, fd, offset, size)
         total = 0
         while size > 0:
             try:

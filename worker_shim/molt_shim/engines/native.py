@@ -17,7 +17,7 @@ import select
 import socket
 import sys
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .. import static
 from . import EngineUnavailable
@@ -103,6 +103,7 @@ class NativeEngine:
                 "script_name": script_name,
                 "static": [(m.prefix, os.fsdecode(m.root)) for m in mounts],
                 "mime_types": static.MIME_TYPES,
+                **_proxy_config(cfg),
             })
         # wsgi.errors is native too: its lines join the engine's log queue (level ERROR).
         errors = self._server.errors_stream()
@@ -193,6 +194,15 @@ class NativeEngine:
                 self._access_log.put(entry)
 
 
+def _proxy_config(cfg: Any) -> Dict[str, Any]:
+    """The trusted-proxy rule for the extension: the Python rule (one copy of it), called from
+    C++ only for requests that carry one of the headers it reads."""
+    rule = cfg.proxy
+    if rule is None:
+        return {}
+    return {"proxy_rule": rule.adjust_environ, "forwarding_headers": rule.honoured}
+
+
 def _python_engine() -> Any:
     """The Python engine's factory, the fallback when the extension cannot be used."""
     from . import threaded_wsgi
@@ -216,6 +226,12 @@ def create(ctx: EngineContext) -> Any:
 
 def make(ctx: EngineContext) -> Tuple[Optional[NativeEngine], str]:
     """The native engine, or None and the one-line reason it cannot be used."""
+    for _, label in ctx.listeners:
+        if ctx.cfg.proxy_protocol(label):
+            return None, ("listener %s has proxy_protocol, which the native engine does not read"
+                          % label)
+        if ctx.cfg.listener_options(label).get("tls"):
+            return None, "listener %s has tls, which the native engine does not serve" % label
     module, why = load_extension()
     if module is None:
         return None, why

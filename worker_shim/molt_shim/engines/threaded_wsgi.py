@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Set
 
-from .. import httpparse, static
+from .. import httpparse, proxyproto, static, tls
 from ..listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
 from ..stats import RequestCounter
 from ..warmup import over_socketpair
@@ -58,14 +58,24 @@ class Overdue(enum.Enum):
 
 
 class Listener:
-    __slots__ = ("sock", "fd", "name", "env")
+    __slots__ = ("sock", "fd", "name", "env", "proxy_protocol", "tls")
 
-    def __init__(self, sock: socket.socket, name: str, base: Dict[str, Any]) -> None:
+    def __init__(self, sock: socket.socket, name: str, base: Dict[str, Any],
+                 proxy_protocol: bool = False, tls_context: Any = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.name = name
+        self.proxy_protocol = proxy_protocol
+        self.tls = tls_context  # ssl.SSLContext, or None
         is_tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.env = listener_environ(base, sock.getsockname() if is_tcp else None, is_tcp)
+
+    def wrap(self, sock: socket.socket) -> socket.socket:
+        """An accepted (non-blocking) connection, TLS-wrapped on a TLS listener; the handshake
+        happens in its first reads."""
+        if self.tls is None:
+            return sock
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
 class ThreadedWSGIEngine:
@@ -87,8 +97,12 @@ class ThreadedWSGIEngine:
         self.threads = max(1, cfg.threads)
         self.script_name = cfg.root_path
         self.static = static.mounts(cfg.static, cfg.chdir)  # `static:`, longest prefix first
+        self.proxy = cfg.proxy  # forwarded.ProxyRule, or None
         self.base_env = server_environ(self.threads > 1, FileWrapper, self.script_name)
-        self.listeners = [Listener(sock, name, self.base_env) for sock, name in ctx.listeners]
+        contexts = tls.listener_contexts(cfg, [name for _, name in ctx.listeners])
+        self.listeners = [Listener(sock, name, self.base_env, cfg.proxy_protocol(name),
+                                   contexts.get(name)) for sock, name in ctx.listeners]
+        self.proxy_rejects = proxyproto.RejectLog()
         self.listener_fds: Dict[int, Listener] = {}  # filled when serving starts (after READY)
         self.listen_lock = threading.Lock()  # listener (re-)registration against the drain
         self.rejoin_failed: Set[Listener] = set()  # listeners the sweep must register again
@@ -252,7 +266,14 @@ class ThreadedWSGIEngine:
                     log.info("%s: client closed the connection inside a request head", conn.remote())
                 self.lot.close_now(conn)
                 return
-            reader.feed(data)
+            if not conn.feed(data):
+                self._reject(conn)
+                return
+
+    def _reject(self, conn: Connection) -> None:
+        """A connection on a PROXY listener without a valid header: closed, no response."""
+        self.proxy_rejects.reject(conn.remote(), conn.rejected)
+        self.lot.close_now(conn)
 
     def send_error(self, conn: Connection, status: int, reason: str,
                    blocking: bool = True) -> None:
@@ -283,8 +304,11 @@ class ThreadedWSGIEngine:
         token = counter.begin(req.started) if not conn.warmup else 0
         ex = Response(self.framing, conn, req, req.keep_alive and not conn.reader.upgrade)
         result: Any = None
+        remote: Optional[str] = None  # the client a trusted proxy named, for the access log
         try:
             env = request_environ(conn.base_env(), req, self.script_name)
+            if self.proxy is not None:
+                remote = self.proxy.adjust_environ(env)
             result = self.app(env, ex.start_response)
             if ((type(result) is list or type(result) is tuple) and len(result) == 1
                     and not ex.headers_sent):
@@ -318,7 +342,7 @@ class ThreadedWSGIEngine:
             if not conn.warmup:
                 counter.end(token)
             if self.access_log is not None:
-                self.access_log.put((conn.remote(), req.method, req.url.decode("latin-1"),
+                self.access_log.put((remote or conn.remote(), req.method, req.url.decode("latin-1"),
                                      "HTTP/" + req.version, ex.code, ex.bytes_sent,
                                      (time.monotonic() - req.started) * 1000.0))
         conn.served += 1
@@ -436,7 +460,9 @@ class ThreadedWSGIEngine:
                     error = None
                     try:
                         sock.setblocking(False)  # TCP_NODELAY comes from the listener
-                        conn = Connection(sock, peer, lst.env, self.limits, self.send_timeout)
+                        sock = lst.wrap(sock)
+                        conn = Connection(sock, peer, lst.env, self.limits, self.send_timeout,
+                                          lst.proxy_protocol)
                     except BaseException:
                         sock.close()
                         raise
@@ -467,8 +493,10 @@ class ThreadedWSGIEngine:
             elif not first:
                 self.lot.close_now(conn)  # connected and left without a byte
             else:
-                conn.reader.feed(first)
-                self.serve(conn, must_read=False)
+                if conn.feed(first):
+                    self.serve(conn, must_read=False)
+                else:
+                    self._reject(conn)
         except BaseException:  # a bug, or SystemExit from the app: never leak the connection
             log.exception("internal error while serving %s", conn.remote())
             self.lot.close_now(conn)
@@ -529,6 +557,7 @@ class ThreadedWSGIEngine:
         return Overdue.IDLE_TIMEOUT if now - conn.idle_since >= limit else Overdue.NOTHING
 
     def _sweep(self, now: float) -> None:
+        self.proxy_rejects.flush(now)
         for lst in list(self.rejoin_failed):
             self._listen(lst, True)
         for conn in list(self.lot.parked.values()):
@@ -583,7 +612,8 @@ class ThreadedWSGIEngine:
             except OSError:  # EAGAIN: nothing queued (or a client already gone)
                 return
             sock.setblocking(False)
-            conn = Connection(sock, peer, lst.env, self.limits, self.send_timeout)
+            conn = Connection(lst.wrap(sock), peer, lst.env, self.limits, self.send_timeout,
+                              lst.proxy_protocol)
             self.lot.add(conn)
             self.lot.park(conn)
 

@@ -29,6 +29,9 @@ from uvicorn.server import ServerState
 
 from .. import warmup
 from ..framing_guard import FramingGuard
+from .. import proxyproto, tls
+from ..forwarded import ProxyMiddleware
+from .asgi_proxyproto import ProxyPreamble
 from ..wsgi.request import Limits
 from ..wsgi.response import REASONS, Framing
 from ..httpdate import http_date
@@ -593,6 +596,16 @@ class UvicornASGIEngine:
                                 cfg.send_timeout_s)
         if ctx.access_log is not None:
             self.config.loaded_app = AccessLog(self.config.loaded_app, ctx.access_log, self.ctl)
+        proxy = cfg.proxy
+        if proxy is not None:  # outside the access log: it logs the client the app saw
+            self.config.loaded_app = ProxyMiddleware(self.config.loaded_app, proxy)
+        # Listeners whose connections start with a PROXY protocol header.
+        self.proxy_fds = {sock.fileno() for sock, name in ctx.listeners
+                          if cfg.proxy_protocol(name)}
+        self.proxy_rejects = proxyproto.RejectLog()
+        contexts = tls.listener_contexts(cfg, [name for _, name in ctx.listeners])
+        self.tls_fds = {sock.fileno(): contexts[name] for sock, name in ctx.listeners
+                        if name in contexts}
         self.state = ServerState()
         self.protocol_class = make_protocol_class(self.config.http_protocol_class, self.ctl)
         self.lifespan: Any = None
@@ -706,7 +719,10 @@ class UvicornASGIEngine:
         self.warmup_requests = self.state.total_requests
         for lsock, _ in self.listeners:
             lsock.setblocking(False)
-            backlog = None if self.make_transport is not None else tcp_backlog(lsock)
+            # PROXY and TLS listeners keep molt's own accept (adopt() reads the PROXY header
+            # and bounds the handshake); so do Unix sockets and asyncio's selector loop.
+            special = lsock.fileno() in self.proxy_fds or lsock.fileno() in self.tls_fds
+            backlog = None if self.make_transport is not None or special else tcp_backlog(lsock)
             if backlog is None:
                 self.watch(lsock)
                 continue
@@ -748,6 +764,7 @@ class UvicornASGIEngine:
         if unmade:
             for protocol in [p for p, made in unmade.items() if now - made > UNMADE_MAX_S]:
                 del unmade[protocol]
+        self.proxy_rejects.flush(now)
         if int(time.time()) != self.last_date:
             self.last_date = int(time.time())
             self.update_date()
@@ -813,29 +830,39 @@ class UvicornASGIEngine:
             return
         self.rejoin(fd)
         conn.setblocking(False)
-        self.adopt(conn)
+        self.adopt(conn, fd in self.proxy_fds, self.tls_fds.get(fd))
 
-    def adopt(self, conn: socket.socket) -> None:
+    def adopt(self, conn: socket.socket, proxy_protocol: bool = False,
+              tls_context: Any = None) -> None:
         # The selector loop builds a transport synchronously (what asyncio's own servers do);
         # connect_accepted_socket() would cost a task and a future per connection. Any other
         # loop gets the public path.
-        protocol = self.factory()
-        self.ctl.unmade[protocol] = time.monotonic()
-        if self.make_transport is None:
-            self.loop.create_task(self._adopt(protocol, conn))
+        inner = self.factory()
+        self.ctl.unmade[inner] = time.monotonic()
+        protocol = inner if not proxy_protocol else ProxyPreamble(
+            inner, self.loop, self.cfg.header_timeout_s, self.proxy_rejects,
+            lambda made: self.ctl.unmade.pop(made, None))
+        if self.make_transport is None or tls_context is not None:
+            self.loop.create_task(self._adopt(protocol, conn, tls_context))
             return
         try:
             self.make_transport(conn, protocol)
         except Exception as exc:
-            self.ctl.unmade.pop(protocol, None)
+            self.ctl.unmade.pop(inner, None)
             log.info("could not set up an accepted connection: %s", exc)
             conn.close()
 
-    async def _adopt(self, protocol: asyncio.Protocol, conn: socket.socket) -> None:
+    async def _adopt(self, protocol: asyncio.Protocol, conn: socket.socket,
+                     tls_context: Any = None) -> None:
         try:
-            await self.loop.connect_accepted_socket(lambda: protocol, conn)
+            if tls_context is None:
+                await self.loop.connect_accepted_socket(lambda: protocol, conn)
+            else:  # the handshake runs in the loop, bounded like a request head
+                await self.loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=tls_context,
+                    ssl_handshake_timeout=self.cfg.header_timeout_s)
         except Exception as exc:
-            self.ctl.unmade.pop(protocol, None)
+            self.ctl.unmade.pop(getattr(protocol, "inner", protocol), None)
             log.info("could not set up an accepted connection: %s", exc)
             conn.close()
 

@@ -1,0 +1,16 @@
+"""A WSGI app that answers with the scheme and the TLS keys of its environ (TLS tests)."""
+import json
+
+KEYS = ("wsgi.url_scheme", "HTTPS", "SSL_PROTOCOL", "SSL_CLIENT_S_DN", "SSL_CLIENT_I_DN",
+        "SSL_CLIENT_VERIFY", "REMOTE_ADDR", "SERVER_PORT")
+
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/big":
+        body = b"x" * 1_000_000
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+    body = json.dumps({k: environ.get(k) for k in KEYS}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]

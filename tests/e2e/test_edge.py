@@ -1,0 +1,155 @@
+"""The edge through the real master: certificates validated at `molt check` and at HUP, a
+certificate rotated by HUP under wrk load over HTTPS with zero failed requests, and the
+`proxy:` and `listen[].proxy_protocol` settings reaching the workers."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from molt_testlib import APPS, PYTHON, Wrk, molt_bin, wait_until
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import tlscerts  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def certs(tmp_path):
+    d = tmp_path / "certs"
+    d.mkdir()
+    return tlscerts.make(str(d))
+
+
+def live_cert(certs, tmp_path) -> tuple[Path, Path]:
+    """The certificate and key the config points at (copies, so a test can replace them)."""
+    cert, key = tmp_path / "live.pem", tmp_path / "live.key"
+    shutil.copy(certs.cert, cert)
+    shutil.copy(certs.key, key)
+    return cert, key
+
+
+def subject_cn(port: int, ca: str) -> str:
+    """The common name of the certificate a new TLS connection gets."""
+    ctx = ssl.create_default_context(cafile=ca)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            return dict(x[0] for x in s.getpeercert()["subject"])["commonName"]
+
+
+def test_check_reports_bad_certificate_files_with_their_position(tmp_path, certs):
+    other_key = tmp_path / "other.key"
+    subprocess.run(["openssl", "genrsa", "-out", str(other_key), "2048"], check=True,
+                   capture_output=True, timeout=60)
+    cases = {
+        "mismatch": (certs.cert, str(other_key), "does not match the certificate"),
+        "missing": (str(tmp_path / "nope.pem"), certs.key, "cannot load the certificate chain"),
+        "not a key": (certs.cert, certs.cert, "cannot load the private key"),
+    }
+    for name, (cert, key, message) in cases.items():
+        config = tmp_path / "molt.yaml"
+        config.write_text(f"app: hello_app:application\nchdir: {APPS}\npython: {PYTHON}\n"
+                          "listen:\n  - address: tcp://127.0.0.1:0\n"
+                          f"    tls: {{cert: {cert}, key: {key}}}\n")
+        out = subprocess.run([molt_bin(), "check", "-c", str(config)], capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 78, (name, out)
+        assert f"{config}:6:17: listen[0].tls.cert: " in out.stderr, (name, out.stderr)
+        assert message in out.stderr, (name, out.stderr)
+        offline = subprocess.run([molt_bin(), "check", "--offline", "-c", str(config)],
+                                 capture_output=True, text=True, timeout=30)
+        assert offline.returncode == 0, (name, offline)
+
+
+def test_rotation_by_hup_under_https_load(molt, tmp_path, certs):
+    cert, key = live_cert(certs, tmp_path)
+    m = molt({"app": "hello_app:application", "chdir": str(APPS), "workers": 2, "threads": 4,
+              "listen": [{"address": "tcp://127.0.0.1:0",
+                          "tls": {"cert": str(cert), "key": str(key)}}]})
+    port = m.port
+    assert subject_cn(port, certs.ca) == "localhost"
+    new_cert, new_key = tlscerts.server_cert(certs.dir, certs.ca, certs.ca_key, "rotated",
+                                             cn="rotated")
+    generation = m.live_generation()
+    wrk = Wrk(f"https://127.0.0.1:{port}/", duration=12, connections=16, threads=2)
+    try:
+        wait_until(lambda: wrk.proc.poll() is None, 5, "wrk running")
+        # Replace both files, then HUP: the new generation loads them.
+        shutil.copy(new_cert, cert)
+        shutil.copy(new_key, key)
+        answer = m.reload()
+        assert answer["ok"] is True, answer
+        assert m.live_generation() > generation
+        assert subject_cn(port, certs.ca) == "rotated"
+    finally:
+        result = wrk.result()
+    assert result["requests"] > 0
+    assert result["failed"] == 0, result
+
+
+def test_a_bad_certificate_at_hup_keeps_the_old_generation(molt, tmp_path, certs):
+    cert, key = live_cert(certs, tmp_path)
+    m = molt({"app": "hello_app:application", "chdir": str(APPS), "workers": 1,
+              "listen": [{"address": "tcp://127.0.0.1:0",
+                          "tls": {"cert": str(cert), "key": str(key)}}]})
+    generation = m.live_generation()
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True,
+                   capture_output=True, timeout=60)  # a key that no longer matches
+    answer = m.reload()
+    assert answer["ok"] is False
+    assert "does not match the certificate" in answer["error"]
+    assert m.live_generation() == generation
+    assert subject_cn(m.port, certs.ca) == "localhost"
+
+
+def test_proxy_settings_reach_the_workers(molt):
+    m = molt({"app": "edge_app:application", "chdir": str(APPS), "workers": 1,
+              "proxy": {"trusted": ["127.0.0.1"], "headers": ["x-forwarded-for"]},
+              "listen": [{"address": "tcp://127.0.0.1:0", "proxy_protocol": True}]})
+    with socket.create_connection(("127.0.0.1", m.port), timeout=10) as s:
+        s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 4000 80\r\n"
+                  b"GET /env HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    env = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    # X-Forwarded-Proto is not in proxy.headers: the scheme stays http.
+    assert (env["REMOTE_ADDR"], env["wsgi.url_scheme"]) == ("203.0.113.7", "http")
+    with socket.create_connection(("127.0.0.1", m.port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # no PROXY header: closed, no answer
+        s.settimeout(20)
+        assert s.recv(100) == b""
+
+
+@pytest.mark.parametrize("app,interface", [("flask_proxy_app:app", "wsgi"),
+                                           ("starlette_proxy_app:app", "asgi")])
+def test_real_frameworks_build_public_urls_behind_a_trusted_proxy(molt, app, interface):
+    m = molt({"app": app, "interface": interface, "chdir": str(APPS), "workers": 1,
+              "proxy": {"trusted": ["127.0.0.1"]}})
+    headers = ("X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n"
+               "X-Forwarded-Host: shop.example\r\n")
+
+    def get(extra: str) -> dict:
+        with socket.create_connection(("127.0.0.1", m.port), timeout=10) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}\r\n"
+                      .encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), data
+        return json.loads(body)
+
+    seen = get(headers)
+    assert seen["url"] == "https://shop.example/"
+    assert seen["remote"] == "203.0.113.7"
+    plain = get("")
+    assert plain["url"] == "http://127.0.0.1/" and plain["remote"] == "127.0.0.1"

@@ -1,0 +1,121 @@
+"""TLS on a listener (`listen[].tls`) through each engine, with curl and openssl s_client:
+handshake, ALPN, mutual TLS accepted and refused, the verified subject in the environ, a file
+response through TLS, and a client that opens TLS and sends nothing (closed by the timeout,
+holding no thread meanwhile)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from harness import REPO, wait_until
+
+sys.path.insert(0, os.path.join(REPO, "tests"))
+import tlscerts  # noqa: E402
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return tlscerts.make(str(tmp_path_factory.mktemp("certs")))
+
+
+def spawn_tls(spawn, listeners, certs, interface="wsgi", client_ca=False, threads=4):
+    tls = {"cert": certs.cert, "key": certs.key, "client_ca": certs.ca if client_ca else "",
+           "min_version": "1.2"}
+    overrides = {"listeners": {listeners.names[0]: {"tls": tls}}}
+    if interface == "asgi":
+        return spawn("asgi_proxy_app:app", interface="asgi", overrides=overrides).wait_ready()
+    return spawn("tls_app:application", overrides=overrides, threads=threads).wait_ready()
+
+
+def curl(listeners, certs, path="/", client=False, extra=()):
+    args = ["curl", "-sS", "--max-time", "20", "--cacert", certs.ca,
+            "--resolve", "localhost:%d:127.0.0.1" % listeners.port]
+    if client:
+        args += ["--cert", certs.client_cert, "--key", certs.client_key]
+    args += list(extra) + ["https://localhost:%d%s" % (listeners.port, path)]
+    return subprocess.run(args, capture_output=True, timeout=30)
+
+
+@pytest.mark.usefixtures("engine")
+def test_https_through_the_wsgi_engines(listeners, spawn, certs, engine):
+    w = spawn_tls(spawn, listeners, certs)
+    if engine == "native":
+        assert "has tls, which the native engine does not serve" in w.stderr_text()
+    out = curl(listeners, certs, "/env", extra=["-w", "\n%{http_version}"])
+    assert out.returncode == 0, out.stderr
+    body, version = out.stdout.decode().rsplit("\n", 1)
+    env = json.loads(body)
+    assert (env["wsgi.url_scheme"], env["HTTPS"], env["SSL_CLIENT_S_DN"]) == ("https", "on", None)
+    assert env["SSL_PROTOCOL"] in ("TLSv1.2", "TLSv1.3") and version == "1.1"
+    # A large response goes through the TLS layer whole; plain HTTP on the other listener.
+    big = curl(listeners, certs, "/big")
+    assert big.returncode == 0 and big.stdout == b"x" * 1_000_000
+    plain = subprocess.run(["curl", "-sS", "--max-time", "20", "--unix-socket",
+                            listeners.unix_path, "http://localhost/env"], capture_output=True)
+    assert json.loads(plain.stdout)["wsgi.url_scheme"] == "http"
+
+
+def test_alpn_and_handshake_with_s_client(listeners, spawn, certs):
+    spawn_tls(spawn, listeners, certs)
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", "127.0.0.1:%d" % listeners.port, "-alpn",
+         "h2,http/1.1", "-CAfile", certs.ca, "-servername", "localhost", "-verify_return_error", "-ign_eof"],
+        input=b"GET /env HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        capture_output=True, timeout=30)
+    text = out.stdout.decode(errors="replace")
+    assert "ALPN protocol: http/1.1" in text, text
+    assert "Verify return code: 0 (ok)" in text
+    assert '"wsgi.url_scheme": "https"' in text
+    # TLS 1.1 is below min_version: refused.
+    old = subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % listeners.port,
+                          "-tls1_1"], input=b"", capture_output=True, timeout=30)
+    assert b"Cipher is (NONE)" in old.stdout or old.returncode != 0
+
+
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+def test_mutual_tls(listeners, spawn, certs, interface):
+    spawn_tls(spawn, listeners, certs, interface, client_ca=True)
+    refused = curl(listeners, certs, "/env")
+    assert refused.returncode != 0  # no client certificate: the handshake fails
+    ok = curl(listeners, certs, "/env", client=True)
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    if interface == "wsgi":
+        assert data["SSL_CLIENT_S_DN"] == "/O=Example/CN=client one"
+        assert data["SSL_CLIENT_I_DN"] == "/O=molt tests/CN=molt test CA"
+        assert data["SSL_CLIENT_VERIFY"] == "SUCCESS"
+    else:
+        assert data["scheme"] == "https"
+
+
+def test_asgi_https(listeners, spawn, certs):
+    spawn_tls(spawn, listeners, certs, "asgi")
+    out = curl(listeners, certs, "/")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["scheme"] == "https"
+
+
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+def test_silent_tls_client_costs_no_thread_and_times_out(listeners, spawn, certs, interface):
+    spawn_tls(spawn, listeners, certs, interface, threads=1)
+    silent = []
+    for _ in range(3):  # more silent clients than the worker has threads
+        s = socket.create_connection(("127.0.0.1", listeners.port))
+        silent.append(s)
+    half = socket.create_connection(("127.0.0.1", listeners.port))
+    half.sendall(b"\x16\x03\x01\x00\xff")  # a ClientHello's record header, and nothing more
+    silent.append(half)
+    out = curl(listeners, certs, "/")
+    assert out.returncode == 0, out.stderr  # served while the silent ones wait
+    for s in silent:  # the handshake timeout (http.header_timeout, 2s here) closes them
+        s.settimeout(30)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        s.close()
