@@ -44,14 +44,17 @@ inline constexpr std::string_view rss = "RSS";              // resident set size
 inline constexpr std::string_view error = "ERROR";          // one-line boot failure reason
 inline constexpr std::string_view retire = "RETIRE";        // asks to be replaced, with why
 inline constexpr std::string_view stopping = "STOPPING";    // stopped accepting (drain began)
+// Request durations by status class, cumulative: core/request_stats.hpp has the wire form.
+inline constexpr std::string_view durations = "DURATIONS";
+inline constexpr std::string_view exceptions = "EXCEPTIONS";  // exceptions raised by the app
 // master -> worker
 inline constexpr std::string_view drain = "DRAIN";              // stop accepting, finish, exit 0
 inline constexpr std::string_view reopen_logs = "REOPEN_LOGS";  // reopen log files
 }  // namespace key
 
-inline constexpr std::array<std::string_view, 9> worker_to_master_keys = {
-    key::ready, key::watchdog, key::requests, key::inflight, key::oldest_ms,
-    key::rss,   key::error,    key::retire,   key::stopping};
+inline constexpr std::array<std::string_view, 11> worker_to_master_keys = {
+    key::ready, key::watchdog, key::requests, key::inflight,  key::oldest_ms, key::rss,
+    key::error, key::retire,   key::stopping, key::durations, key::exceptions};
 inline constexpr std::array<std::string_view, 2> master_to_worker_keys = {key::drain,
                                                                           key::reopen_logs};
 

@@ -102,7 +102,6 @@ REFUSED = [
     (["--preload"], "preload"),
     (["-k", "gevent"], "-k gthread --threads N"),
     (["--worker-class", "eventlet"], "uvicorn.workers.UvicornWorker"),
-    (["--access-logfile", "/var/log/access.log"], "--access-logfile -"),
     (["-D"], "systemd"),
     (["--daemon"], "systemd"),
     (["--worker-connections", "1000"], "--threads N"),

@@ -32,6 +32,8 @@ class Key:
     ERROR = "ERROR"
     RETIRE = "RETIRE"
     STOPPING = "STOPPING"
+    DURATIONS = "DURATIONS"  # request durations by status class (molt_shim/request_metrics.py)
+    EXCEPTIONS = "EXCEPTIONS"  # exceptions raised by the app so far
     # master -> worker
     DRAIN = "DRAIN"
     REOPEN_LOGS = "REOPEN_LOGS"
@@ -39,7 +41,7 @@ class Key:
 
 WORKER_TO_MASTER_KEYS: Tuple[str, ...] = (
     Key.READY, Key.WATCHDOG, Key.REQUESTS, Key.INFLIGHT, Key.OLDEST_MS, Key.RSS, Key.ERROR,
-    Key.RETIRE, Key.STOPPING)
+    Key.RETIRE, Key.STOPPING, Key.DURATIONS, Key.EXCEPTIONS)
 MASTER_TO_WORKER_KEYS: Tuple[str, ...] = (Key.DRAIN, Key.REOPEN_LOGS)
 
 

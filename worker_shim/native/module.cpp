@@ -92,9 +92,11 @@ PyObject* server_drained(PyObject* self, PyObject*) {
 PyObject* server_counters(PyObject* self, PyObject*) {
     return guarded(self, [](Server& s) {
         const Server::Counters c = s.counters();
-        return Py_BuildValue("(KKdK)", static_cast<unsigned long long>(c.requests),
+        return Py_BuildValue("(KKdKs#K)", static_cast<unsigned long long>(c.requests),
                              static_cast<unsigned long long>(c.inflight), c.oldest_started,
-                             static_cast<unsigned long long>(c.connections));
+                             static_cast<unsigned long long>(c.connections), c.durations.data(),
+                             static_cast<Py_ssize_t>(c.durations.size()),
+                             static_cast<unsigned long long>(c.exceptions));
     });
 }
 
@@ -151,7 +153,8 @@ PyMethodDef server_methods[] = {
     {"tick", server_tick, METH_NOARGS, "The sweep: idle, header-timeout and linger closes."},
     {"stop_accepting", server_stop_accepting, METH_NOARGS, "Begin the drain."},
     {"drained", server_drained, METH_NOARGS, "No connection open and no request in flight."},
-    {"counters", server_counters, METH_NOARGS, "(requests, inflight, oldest_started, connections)"},
+    {"counters", server_counters, METH_NOARGS,
+     "(requests, inflight, oldest_started, connections, durations, exceptions)"},
     {"take_logs", server_take_logs, METH_NOARGS, "Queued log lines as [(level, text)]."},
     {"close", server_close, METH_NOARGS, "Stop the threads and close every connection."},
     {nullptr, nullptr, 0, nullptr}};
@@ -209,6 +212,14 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
     c->keepalive = v[6];
     c->drain_idle = v[7];
     c->threads = static_cast<int>(v[8]);
+    // Optional (older callers do not pass it): off unless given and true.
+    auto flag = [cfg](const char* key) {
+        PyObject* value = PyDict_GetItemString(cfg, key);  // borrowed
+        return value != nullptr && PyObject_IsTrue(value) == 1;
+    };
+    c->request_metrics = flag("request_metrics");
+    c->access_request_headers = flag("access_request_headers");
+    c->access_response_headers = flag("access_response_headers");
     return config_text(cfg, "version_header", &c->version_header) &&
            config_text(cfg, "script_name", &c->script_name);
 }

@@ -734,9 +734,11 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
     PyRef sr_ref = PyRef::steal(reinterpret_cast<PyObject*>(sr));
     PyRef result;
     bool ok = false;
+    bool raised = false;
+    PyRef env;  // kept for the access log's request headers
     if (sr != nullptr) {
         sr->exchange = &ex;
-        PyRef env = build_environ(*this, conn, req);
+        env = build_environ(*this, conn, req);
         if (env) {
             result =
                 PyRef::steal(PyObject_CallFunctionObjArgs(app(), env.get(), sr_ref.get(), nullptr));
@@ -751,6 +753,7 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
                            " " + target + ": " + ex.gone_why);
             if (ex.code == 0) ex.code = 499;
         } else {
+            raised = true;
             log(kError, conn.remote() + ": error in the application handling " + method + " " +
                             target + "\n" + take_exception_text());
             if (!ex.headers_sent) internal_error(ex);
@@ -764,15 +767,27 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
     }
     result = PyRef();
     if (sr != nullptr) sr->exchange = nullptr;
-    if (!conn.warmup) end_request(token);
+    if (conn.warmup) return ex.keep_alive;  // neither counted nor logged
+    const double elapsed = monotonic() - req.started;
+    end_request(token, ex.code, elapsed, raised);
     if (access_log() != nullptr) {
+        // Headers only when the format names one (accesslog.py formats them on its thread).
+        PyObject* request_headers =
+            config().access_request_headers && env ? env.get() : Py_None;  // borrowed
+        PyRef response_headers =
+            config().access_response_headers
+                ? PyRef::steal(PyUnicode_DecodeLatin1(
+                      ex.header_block.data(), static_cast<Py_ssize_t>(ex.header_block.size()),
+                      "replace"))
+                : PyRef::borrow(Py_None);
         PyRef entry = PyRef::steal(Py_BuildValue(
-            "(s#s#s#sind)", conn.remote().data(), static_cast<Py_ssize_t>(conn.remote().size()),
+            "(s#s#s#sindOO)", conn.remote().data(), static_cast<Py_ssize_t>(conn.remote().size()),
             method.data(), static_cast<Py_ssize_t>(method.size()), req.target.data(),
             static_cast<Py_ssize_t>(req.target.size()),
             ("HTTP/" + std::to_string(req.version_major) + "." + std::to_string(req.version_minor))
                 .c_str(),
-            ex.code, static_cast<Py_ssize_t>(ex.bytes_sent), (monotonic() - req.started) * 1000.0));
+            ex.code, static_cast<Py_ssize_t>(ex.bytes_sent), elapsed * 1000.0, request_headers,
+            response_headers ? response_headers.get() : Py_None));
         PyRef put = entry
                         ? PyRef::steal(PyObject_CallMethod(access_log(), "put", "(O)", entry.get()))
                         : PyRef();

@@ -96,6 +96,11 @@ class NativeEngine:
                 "threads": cfg.threads,
                 "version_header": version_header,
                 "script_name": script_name,
+                "request_metrics": cfg.request_metrics,
+                "access_request_headers": bool(getattr(ctx.access_log, "wants_request_headers",
+                                                       False)),
+                "access_response_headers": bool(getattr(ctx.access_log,
+                                                        "wants_response_headers", False)),
             })
         # The engine owns the descriptors from here on (it closes them when draining).
         for sock, _ in ctx.listeners:
@@ -114,7 +119,7 @@ class NativeEngine:
         try:
             server_end.setblocking(False)
             self._server.submit_warmup(server_end.detach())
-            raw = warmup.run_client(client_end, warmup.build_request(path, host), timeout_s)
+            raw = warmup.run_client(client_end, warmup.build_request(path, host, self._cfg.health_headers), timeout_s)
         except (OSError, TimeoutError) as exc:
             return "warm-up GET %s failed: %s" % (path, exc)
         finally:

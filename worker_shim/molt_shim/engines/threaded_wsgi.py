@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from .. import httpparse
 from ..listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
+from ..request_metrics import RequestMetrics
 from ..stats import RequestCounter
 from ..warmup import over_socketpair
 from ..wsgi.request import Limits, Request, listener_environ, request_environ, server_environ
@@ -78,7 +79,8 @@ class ThreadedWSGIEngine:
         self.app = ctx.app
         self.cfg = cfg
         self.access_log = ctx.access_log
-        self.counter = RequestCounter(ctx.on_request_count)
+        self.counter = RequestCounter(ctx.on_request_count,
+                                      RequestMetrics() if ctx.cfg.request_metrics else None)
         self.limits = Limits.from_config(cfg.http)
         self.header_timeout = cfg.header_timeout_s
         self.keepalive = max(0.0, cfg.timeout_s("keepalive"))
@@ -121,7 +123,8 @@ class ThreadedWSGIEngine:
         return None
 
     def warm_up(self, path: str, host: str, timeout_s: float) -> Optional[str]:
-        return over_socketpair(self._adopt_warmup, path, host, timeout_s)
+        return over_socketpair(self._adopt_warmup, path, host, timeout_s,
+                               self.cfg.health_headers)
 
     def describe(self) -> str:
         return "wsgi, %d threads, parser %s" % (self.threads, httpparse.parser_name())
@@ -277,6 +280,7 @@ class ThreadedWSGIEngine:
         token = counter.begin(req.started) if not conn.warmup else 0
         ex = Response(self.framing, conn, req, req.keep_alive and not conn.reader.upgrade)
         result: Any = None
+        raised = False
         try:
             env = request_environ(conn.base_env(), req, self.script_name)
             result = self.app(env, ex.start_response)
@@ -298,6 +302,7 @@ class ThreadedWSGIEngine:
         except Exception:
             log.exception("%s: error in the application handling %s %s", conn.remote(),
                           req.method, req.target())
+            raised = True
             ex.keep_alive = False
             if not ex.headers_sent:
                 ex.internal_error()
@@ -310,11 +315,14 @@ class ThreadedWSGIEngine:
             if req.spool is not None:
                 req.spool.close()
             if not conn.warmup:
-                counter.end(token)
-            if self.access_log is not None:
-                self.access_log.put((conn.remote(), req.method, req.url.decode("latin-1"),
-                                     "HTTP/" + req.version, ex.code, ex.bytes_sent,
-                                     (time.monotonic() - req.started) * 1000.0))
+                elapsed = time.monotonic() - req.started
+                counter.end(token, ex.code, elapsed, raised)
+                access = self.access_log
+                if access is not None:
+                    access.put((conn.remote(), req.method, req.url.decode("latin-1"),
+                                "HTTP/" + req.version, ex.code, ex.bytes_sent, elapsed * 1000.0,
+                                req.env if access.wants_request_headers else None,
+                                ex.header_block if access.wants_response_headers else None))
         conn.served += 1
         return ex.keep_alive
 

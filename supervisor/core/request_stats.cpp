@@ -1,0 +1,76 @@
+#include "supervisor/core/request_stats.hpp"
+
+#include <charconv>
+
+namespace molt::core {
+
+namespace {
+
+std::optional<std::uint64_t> number(std::string_view text) {
+    std::uint64_t value = 0;
+    auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (error != std::errc() || end != text.data() + text.size() || text.empty()) {
+        return std::nullopt;
+    }
+    return value;
+}
+
+// Splits `text` at the first `sep`: returns the part before it and leaves the rest in `text`.
+std::string_view take(std::string_view& text, char sep) {
+    auto at = text.find(sep);
+    std::string_view head = text.substr(0, at);
+    text = at == std::string_view::npos ? std::string_view() : text.substr(at + 1);
+    return head;
+}
+
+bool parse_class(std::string_view entry, RequestStats& out) {
+    std::string_view name = take(entry, ':');
+    std::size_t cls = 0;
+    while (cls < kStatusClasses.size() && kStatusClasses[cls] != name) ++cls;
+    if (cls == kStatusClasses.size()) return false;
+    auto sum = number(take(entry, ':'));
+    if (!sum) return false;
+    ClassDurations& durations = out.by_class[cls];
+    durations.sum_us = *sum;
+    for (std::size_t bucket = 0; !entry.empty(); ++bucket) {
+        auto count = number(take(entry, ','));
+        if (!count || bucket >= kBucketCount) return false;
+        durations.buckets[bucket] = *count;
+    }
+    return true;
+}
+
+}  // namespace
+
+std::uint64_t ClassDurations::count() const {
+    std::uint64_t total = 0;
+    for (auto n : buckets) total += n;
+    return total;
+}
+
+void RequestStats::add(const RequestStats& other) {
+    for (std::size_t cls = 0; cls < by_class.size(); ++cls) {
+        for (std::size_t b = 0; b < kBucketCount; ++b) {
+            by_class[cls].buckets[b] += other.by_class[cls].buckets[b];
+        }
+        by_class[cls].sum_us += other.by_class[cls].sum_us;
+    }
+    exceptions += other.exceptions;
+}
+
+bool RequestStats::empty() const {
+    for (const auto& cls : by_class) {
+        if (cls.count() != 0) return false;
+    }
+    return exceptions == 0;
+}
+
+std::optional<RequestStats> parse_durations(std::string_view text) {
+    RequestStats out;
+    while (!text.empty()) {
+        if (!parse_class(take(text, ';'), out)) return std::nullopt;
+    }
+    return out;
+}
+
+}  // namespace molt::core
