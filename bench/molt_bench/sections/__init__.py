@@ -3,7 +3,7 @@ loads and records what it saw in `results`; `report(doc)` writes its part of the
 from `results` (and nothing when the section did not run)."""
 from __future__ import annotations
 
-from . import asgi, broken, hup, idle, memory, rollover, wsgi
+from . import asgi, broken, hup, idle, memory, observe, rollover, wsgi
 
 # What `bench/run --only` names, in the order a full run measures them.
 MEASURES = {
@@ -13,8 +13,9 @@ MEASURES = {
     "hup": hup.measure,
     "memory": memory.measure,
     "broken": broken.measure,
+    "observe": observe.measure,
 }
 
 # The report's sections, in the report's order (figures 1 to 8).
 REPORTERS = [wsgi.report, asgi.report, rollover.report, hup.report, memory.report, idle.report,
-             broken.report]
+             broken.report, observe.report]
