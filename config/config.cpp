@@ -1061,7 +1061,12 @@ const std::vector<KeySpec>& key_table() {
          "log on. Empty: the lines go through the master into its log. gunicorn's "
          "`--access-logfile PATH`.",
          [](Context& ctx, const Node& n, Config& c) {
-             ctx.set_path(n, c.logging.access_log_file);
+             // "" is the default spelled out: no file of their own.
+             if (n.IsScalar() && n.Scalar().empty()) {
+                 c.logging.access_log_file.clear();
+             } else {
+                 ctx.set_path(n, c.logging.access_log_file);
+             }
          }},
         {"logging.file", "path", [](const Config&) -> std::string { return "(stderr)"; },
          "The master's log file, reopened on SIGUSR1. Empty: stderr, which systemd sends to the "
