@@ -24,20 +24,27 @@ std::string_view take(std::string_view& text, char sep) {
 }
 
 bool parse_class(std::string_view entry, RequestStats& out) {
-    std::string_view name = take(entry, ':');
+    // <class>:<sum_us>:<b0>,<b1>,... with at least one bucket and no empty field.
+    auto first = entry.find(':');
+    auto second = first == std::string_view::npos ? first : entry.find(':', first + 1);
+    if (second == std::string_view::npos || second + 1 == entry.size()) return false;
+    std::string_view name = entry.substr(0, first);
     std::size_t cls = 0;
     while (cls < kStatusClasses.size() && kStatusClasses[cls] != name) ++cls;
     if (cls == kStatusClasses.size()) return false;
-    auto sum = number(take(entry, ':'));
+    auto sum = number(entry.substr(first + 1, second - first - 1));
     if (!sum) return false;
     ClassDurations& durations = out.by_class[cls];
     durations.sum_us = *sum;
-    for (std::size_t bucket = 0; !entry.empty(); ++bucket) {
-        auto count = number(take(entry, ','));
+    std::string_view buckets = entry.substr(second + 1);
+    for (std::size_t bucket = 0;; ++bucket) {
+        auto comma = buckets.find(',');
+        auto count = number(buckets.substr(0, comma));
         if (!count || bucket >= kBucketCount) return false;
         durations.buckets[bucket] = *count;
+        if (comma == std::string_view::npos) return true;
+        buckets = buckets.substr(comma + 1);
     }
-    return true;
 }
 
 }  // namespace
