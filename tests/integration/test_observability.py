@@ -285,3 +285,23 @@ def test_health_host_reaches_a_django_style_host_check_under_asgi(molt, tmp_path
     molt(dict(BASE, **ENGINES["asgi"], workers=1, env={"OBSERVE_WARMUPS": str(seen)},
               health={"path": "/healthz", "host": "asgi.example"}))
     assert seen.read_text().splitlines() == ["asgi.example -"]
+
+
+def test_the_three_copies_of_the_buckets_agree(molt):
+    """The master sums bucket by bucket: its bounds, the Python engines' and the native
+    engine's must be the same list."""
+    import re
+    import sys
+
+    from molt_testlib import REPO
+
+    sys.path.insert(0, str(REPO / "worker_shim"))
+    from molt_shim.request_metrics import BUCKETS_S
+
+    _, port = start(molt, "python")
+    master = sorted({float(dict(ls)["le"]) for (n, ls) in scrape(port)
+                     if n == "molt_request_duration_seconds_bucket"})
+    assert master == list(BUCKETS_S) + [float("inf")]
+    native = (REPO / "worker_shim" / "native" / "engine.hpp").read_text()
+    listed = re.search(r"kDurationBuckets\[\] = \{([^}]*)\}", native).group(1)
+    assert [float(x) for x in listed.replace("\n", " ").split(",")] == list(BUCKETS_S)

@@ -2,8 +2,8 @@
 
 One copy of the bookkeeping for the Python engines (threaded_wsgi, uvicorn_asgi); the native
 engine keeps the same buckets in C++ (worker_shim/native/engine.hpp, `kDurationBuckets`) and
-the master the same again (supervisor/core/request_stats.hpp). tests/integration/
-test_contract.py checks that the three agree.
+the master the same again (supervisor/core/request_stats.hpp).
+tests/integration/test_observability.py checks that the three agree.
 
 Counts are cumulative over the worker's life, so a lost heartbeat loses nothing: the master
 keeps the last value per worker, adds a worker's last value to its totals when it exits, and
