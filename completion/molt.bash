@@ -64,7 +64,7 @@ _molt() {
             return
             ;;
         --access-logfile)
-            COMPREPLY=($(compgen -W "-" -- "$cur"))
+            COMPREPLY=($(compgen -W "-" -f -- "$cur"))
             return
             ;;
         --user)

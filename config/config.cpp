@@ -500,6 +500,8 @@ const std::vector<std::string> kAccessLogPlaceholders = {
     "method",     "path",   "query",   "status",   "bytes",      "duration_ms", "remote",
     "generation", "worker", "version", "protocol", "user_agent", "referer"};
 
+bool is_header_token(std::string_view text);
+
 // "" when the access log format only uses known {placeholders}; Python str.format rules:
 // "{{" and "}}" are literal braces.
 std::string check_access_log_format(std::string_view format) {
@@ -513,6 +515,21 @@ std::string check_access_log_format(std::string_view format) {
             if (close == std::string_view::npos)
                 return "unclosed `{` (write `{{` for a literal brace)";
             const std::string name(format.substr(i + 1, close - i - 1));
+            // {request_header[x-request-id]} and {response_header[content-type]}: any header.
+            for (std::string_view kind : {"request_header[", "response_header["}) {
+                if (name.rfind(kind, 0) != 0) continue;
+                const std::string header = name.substr(kind.size(), name.size() - kind.size() - 1);
+                if (name.back() != ']' || !is_header_token(header)) {
+                    return fmt::format(
+                        "`{{{}}}`: write `{{{}NAME]}}` with a header name like "
+                        "x-request-id",
+                        name, kind);
+                }
+            }
+            if (name.rfind("request_header[", 0) == 0 || name.rfind("response_header[", 0) == 0) {
+                i = close;
+                continue;
+            }
             if (std::find(kAccessLogPlaceholders.begin(), kAccessLogPlaceholders.end(), name) ==
                 kAccessLogPlaceholders.end()) {
                 if (auto near = closest(name, kAccessLogPlaceholders)) {
@@ -932,6 +949,54 @@ void read_health_path(Context& ctx, const Node& node, Config& config) {
     config.health.path = *text;
 }
 
+// A header value without control characters (no CR/LF smuggling); names: is_header_token.
+bool is_header_value(const std::string& value) {
+    return std::none_of(value.begin(), value.end(),
+                        [](unsigned char c) { return (c < 0x20 && c != '\t') || c == 0x7f; });
+}
+
+void read_health_host(Context& ctx, const Node& node, Config& config) {
+    const auto text = ctx.scalar(node, "a host name like myproject.example");
+    if (!text) return;
+    if (text->empty() || !is_header_value(*text) || text->find(' ') != std::string::npos) {
+        ctx.error(node, fmt::format("must be a host name (optionally with :port), got {}",
+                                    describe(node)));
+        return;
+    }
+    config.health.host = *text;
+}
+
+void read_health_headers(Context& ctx, const Node& node, Config& config) {
+    if (node.IsNull()) return;
+    if (!node.IsMap()) {
+        ctx.error(node,
+                  fmt::format("expected a mapping of Header-Name: value, got {}", describe(node)));
+        return;
+    }
+    for (const auto& item : node) {
+        const std::string name = item.first.IsScalar() ? item.first.Scalar() : "";
+        const std::string key = "health.headers." + name;
+        std::string lower = name;
+        std::transform(lower.begin(), lower.end(), lower.begin(),
+                       [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+        if (!is_header_token(name)) {
+            ctx.error_at(item.first.Mark(), "health.headers",
+                         fmt::format("invalid header name {}", describe(item.first)));
+        } else if (lower == "host" || lower == "content-length" || lower == "connection" ||
+                   lower == "transfer-encoding") {
+            ctx.error_at(item.first.Mark(), key,
+                         lower == "host" ? "set it with health.host"
+                                         : "is set by molt for the warm-up request");
+        } else if (!item.second.IsScalar() || !is_header_value(item.second.Scalar())) {
+            ctx.error_at(item.second.IsNull() ? item.first.Mark() : item.second.Mark(), key,
+                         fmt::format("expected a header value without control characters, got {}",
+                                     describe(item.second)));
+        } else {
+            config.health.headers[name] = item.second.Scalar();
+        }
+    }
+}
+
 void read_version_file(Context& ctx, const Node& node, Config& config) {
     const auto text = ctx.scalar(node, "a path relative to the release directory");
     if (!text) return;
@@ -1192,6 +1257,15 @@ const std::vector<KeySpec>& key_table() {
          "A GET request each worker runs against its own app before `READY=1`; if it fails, "
          "the worker's boot fails. Empty: no warm-up request.",
          read_health_path},
+        {"health.host", "host name", [](const Config& c) { return quoted(c.health.host); },
+         "The warm-up request's `Host` header. Django checks it against `ALLOWED_HOSTS`: set one "
+         "of your real host names here.",
+         read_health_host},
+        {"health.headers", "mapping of strings",
+         [](const Config&) -> std::string { return "`{}`"; },
+         "Extra headers of the warm-up request, e.g. `{X-Forwarded-Proto: https}` for an app "
+         "that redirects plain HTTP. `Host` is `health.host`.",
+         read_health_headers},
         {"rollover", "section", nullptr, "How a reload replaces workers.", nullptr},
         {"rollover.batch", "integer >= 0",
          [](const Config& c) { return std::to_string(c.rollover.batch); },
@@ -1254,9 +1328,12 @@ const std::vector<KeySpec>& key_table() {
          [](Context& ctx, const Node& n, Config& c) { ctx.set_bool(n, c.logging.access_log); }},
         {"logging.access_log_format", "string",
          [](const Config& c) { return quoted(c.logging.access_log_format); },
-         "The access log line. Placeholders: `{method}` `{path}` `{query}` `{status}` `{bytes}` "
-         "`{duration_ms}` `{remote}` `{generation}` `{worker}` `{version}` `{protocol}` "
-         "`{user_agent}` `{referer}`; `{{` and `}}` are literal braces.",
+         "The access log line under `logging.format: text`. Placeholders: `{method}` `{path}` "
+         "(with the query string) `{query}` `{status}` `{bytes}` `{duration_ms}` `{remote}` "
+         "`{generation}` `{worker}` `{version}` `{protocol}` `{user_agent}` `{referer}`, and any "
+         "header: `{request_header[x-request-id]}`, `{response_header[content-type]}` (`-` when "
+         "absent); `{{` and `}}` are literal braces. Under `format: json` each line is a JSON "
+         "object with fixed fields, plus the headers named here (see logging.md).",
          [](Context& ctx, const Node& n, Config& c) {
              auto text = ctx.scalar(n, "a string");
              if (!text) return;
@@ -1264,6 +1341,20 @@ const std::vector<KeySpec>& key_table() {
                  ctx.error(n, why);
              } else {
                  c.logging.access_log_format = std::move(*text);
+             }
+         }},
+        {"logging.access_log_file", "path",
+         [](const Config&) -> std::string { return "(the master's log)"; },
+         "A file the workers append access lines to themselves (the master never touches "
+         "them), reopened on SIGUSR1 after logrotate renamed it. Setting it turns the access "
+         "log on. Empty: the lines go through the master into its log. gunicorn's "
+         "`--access-logfile PATH`.",
+         [](Context& ctx, const Node& n, Config& c) {
+             // "" is the default spelled out: no file of their own.
+             if (n.IsScalar() && n.Scalar().empty()) {
+                 c.logging.access_log_file.clear();
+             } else {
+                 ctx.set_path(n, c.logging.access_log_file);
              }
          }},
         {"logging.file", "path", [](const Config&) -> std::string { return "(stderr)"; },
@@ -1957,7 +2048,8 @@ json full_json(const Config& c) {
           {"heartbeat_ms", ms(t.heartbeat)},
           {"request_ms", ms(t.request)},
           {"keepalive_ms", ms(t.keepalive)}}},
-        {"health", {{"path", c.health.path}}},
+        {"health",
+         {{"path", c.health.path}, {"host", c.health.host}, {"headers", c.health.headers}}},
         {"rollover", {{"batch", c.rollover.batch}}},
         {"recycle",
          {{"max_requests", c.recycle.max_requests},
@@ -1971,6 +2063,7 @@ json full_json(const Config& c) {
           {"format", kFormatNames[static_cast<std::size_t>(c.logging.format)]},
           {"access_log", c.logging.access_log},
           {"access_log_format", c.logging.access_log_format},
+          {"access_log_file", c.logging.access_log_file},
           {"file", c.logging.file}}},
         {"http", http_json(h)},
         {"watch", c.watch},
@@ -2019,6 +2112,8 @@ std::string worker_config_json(const Config& config, const std::string& release_
         {"worker", worker},
         {"version", version},
         {"health_path", config.health.path},
+        {"health_host", config.health.host},
+        {"health_headers", config.health.headers},
         {"timeouts",
          {{"boot_ms", ms(t.boot)},
           {"graceful_ms", ms(t.graceful)},
@@ -2030,10 +2125,15 @@ std::string worker_config_json(const Config& config, const std::string& release_
          {{"max_requests", config.recycle.max_requests},
           {"max_requests_jitter", config.recycle.max_requests_jitter}}},
         {"http", http_json(h)},
+        // Workers count per request only when someone can read it (metrics.listen).
+        {"metrics", {{"requests", config.metrics.listen.has_value()}}},
         {"logging",
          {{"level", kLevelNames[static_cast<std::size_t>(config.logging.level)]},
-          {"access_log", config.logging.access_log},
-          {"access_log_format", config.logging.access_log_format}}},
+          {"format", kFormatNames[static_cast<std::size_t>(config.logging.format)]},
+          // A file of its own turns the access log on.
+          {"access_log", config.logging.access_log || !config.logging.access_log_file.empty()},
+          {"access_log_format", config.logging.access_log_format},
+          {"access_log_file", config.logging.access_log_file}}},
     };
     // Replace, not throw, on invalid UTF-8: a worker must always get a parseable document.
     return document.dump(-1, ' ', false, json::error_handler_t::replace);

@@ -69,7 +69,9 @@ struct Timeouts {
 };
 
 struct Health {
-    std::string path;  // warm-up request path; empty = no warm-up request
+    std::string path;                // warm-up request path; empty = no warm-up request
+    std::string host = "localhost";  // its Host header (Django's ALLOWED_HOSTS must allow it)
+    std::map<std::string, std::string> headers;  // extra request headers, name -> value
 };
 
 struct Rollover {
@@ -101,7 +103,8 @@ struct Logging {
     std::string access_log_format =
         "{remote} \"{method} {path} {protocol}\" {status} {bytes} {duration_ms}ms gen={generation} "
         "worker={worker}";
-    std::string file;  // master log file; empty = stderr (journald)
+    std::string access_log_file;  // workers append access lines here; empty = the master's log
+    std::string file;             // master log file; empty = stderr (journald)
 };
 
 // HTTP limits enforced by the worker shim.

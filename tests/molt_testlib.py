@@ -86,8 +86,10 @@ def read_to_eof(sock: socket.socket, timeout: Optional[float] = None) -> bytes:
 
 
 def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float = 5.0,
-             unix: Optional[str] = None) -> tuple[int, dict, bytes]:
+             unix: Optional[str] = None,
+             headers: Optional[dict] = None) -> tuple[int, dict, bytes]:
     """One HTTP/1.1 request on a fresh connection; returns (status, headers, body)."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     if unix:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -95,7 +97,8 @@ def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float
     else:
         sock = socket.create_connection((host, port), timeout=timeout)
     with sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\n\r\n"
+                     .encode())
         data = read_to_eof(sock)
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")

@@ -39,10 +39,9 @@ Translation worker_class(const std::string& value) {
 
 Translation access_logfile(const std::string& value) {
     if (value == "-") return set("logging.access_log", "true");
-    return refuse(
-        "molt writes access lines into its own log, not a file of their own: use "
-        "--access-logfile - (config `logging.access_log: true`), and --error-logfile FILE "
-        "(config `logging.file`) to send that log to a file");
+    // A file of their own, written by the workers and reopened on SIGUSR1, as gunicorn's
+    // (a file turns the access log on).
+    return set("logging.access_log_file", value);
 }
 
 Translation error_logfile(const std::string& value) {
@@ -88,8 +87,10 @@ const std::vector<RunFlag>& run_flags() {
          "Requests a worker serves before it is replaced; 0: never"},
         {"--max-requests-jitter", "N", "recycle.max_requests_jitter",
          "A random 0..N added to --max-requests per worker"},
-        {"--access-logfile", "-", "logging.access_log",
-         "-: log one line per request (molt has no separate access log file)", access_logfile},
+        {"--access-logfile", "PATH", "logging.access_log_file",
+         "-: one line per request in molt's log; PATH: the workers append them to PATH "
+         "(reopened on SIGUSR1)",
+         access_logfile},
         {"--error-logfile,--log-file", "FILE", "logging.file",
          "The master's log file, reopened on SIGUSR1; -: stderr", error_logfile},
         {"--log-level", "LEVEL", "logging.level", "debug, info, warning or error"},

@@ -50,6 +50,9 @@ inline constexpr std::string_view pid = "PID";        // the forked worker's pid
 inline constexpr std::string_view fork_error = "FORK_ERROR";  // why FORK=<id> produced no worker
 inline constexpr std::string_view preload_refused =
     "PRELOAD_REFUSED";  // preload: auto found the import unsafe to fork (says why); exits 0
+// Request durations by status class, cumulative: core/request_stats.hpp has the wire form.
+inline constexpr std::string_view durations = "DURATIONS";
+inline constexpr std::string_view exceptions = "EXCEPTIONS";  // exceptions raised by the app
 // master -> worker
 inline constexpr std::string_view drain = "DRAIN";              // stop accepting, finish, exit 0
 inline constexpr std::string_view reopen_logs = "REOPEN_LOGS";  // reopen log files
@@ -59,10 +62,10 @@ inline constexpr std::string_view fork = "FORK";
 inline constexpr std::string_view slot = "SLOT";
 }  // namespace key
 
-inline constexpr std::array<std::string_view, 13> worker_to_master_keys = {
-    key::ready, key::watchdog,   key::requests,       key::inflight, key::oldest_ms,
-    key::rss,   key::error,      key::retire,         key::stopping, key::forked,
-    key::pid,   key::fork_error, key::preload_refused};
+inline constexpr std::array<std::string_view, 15> worker_to_master_keys = {
+    key::ready, key::watchdog,   key::requests,        key::inflight,  key::oldest_ms,
+    key::rss,   key::error,      key::retire,          key::stopping,  key::forked,
+    key::pid,   key::fork_error, key::preload_refused, key::durations, key::exceptions};
 inline constexpr std::array<std::string_view, 4> master_to_worker_keys = {
     key::drain, key::reopen_logs, key::fork, key::slot};
 

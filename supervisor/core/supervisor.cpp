@@ -402,6 +402,16 @@ Actions Supervisor::message(Time now, Pid pid, const std::string& text) {
         if (auto it = fields.find(key::rss); it != fields.end()) {
             worker->counters.rss = to_u64(it->second);
         }
+        if (auto it = fields.find(key::durations); it != fields.end()) {
+            // A malformed value keeps the last good one: counters must never go backwards.
+            if (auto stats = parse_durations(it->second)) {
+                stats->exceptions = worker->counters.stats.exceptions;
+                worker->counters.stats = *stats;
+            }
+        }
+        if (auto it = fields.find(key::exceptions); it != fields.end()) {
+            worker->counters.stats.exceptions = to_u64(it->second);
+        }
         if (config.recycle.max_rss > 0 && worker->counters.rss > config.recycle.max_rss) {
             retire(now, *worker, RetireReason::max_rss,
                    fmt::format("uses {} bytes, above recycle.max_rss", worker->counters.rss));
@@ -1320,8 +1330,16 @@ void Supervisor::set_state(Time now, Worker& worker, WorkerState next, const std
 
 void Supervisor::set_state(Time now, Generation& gen, GenerationState next,
                            const std::string& why) {
-    (void)now;
     if (gen.state == next) return;
+    // The phase that ends now, for /metrics (molt_generation_phase_seconds).
+    if (next == GenerationState::live) last_phases_.boot = now - gen.started_at;
+    if (next == GenerationState::draining) {
+        gen.draining_at = now;
+        if (gen.live_at) last_phases_.live = now - *gen.live_at;
+    }
+    if (next == GenerationState::gone && gen.draining_at) {
+        last_phases_.drain = now - *gen.draining_at;
+    }
     log(next == GenerationState::failed ? LogLevel::error : LogLevel::info,
         fmt::format("generation {}: {} -> {} ({})", gen.id, to_string(gen.state), to_string(next),
                     why),

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "config/config.hpp"
+#include "supervisor/core/request_stats.hpp"
 
 namespace molt::core {
 
@@ -126,6 +127,7 @@ struct Heartbeat {
     std::uint64_t inflight = 0;
     std::uint64_t oldest_ms = 0;
     std::uint64_t rss = 0;
+    RequestStats stats;  // DURATIONS= and EXCEPTIONS=, cumulative over the worker's life
 };
 
 struct Worker {
@@ -175,10 +177,20 @@ struct Generation {
     int admitted = 0;  // rollover in batches: slots [0, admitted) are handed over to it
     Time started_at{0};
     std::optional<Time> live_at;
+    std::optional<Time> draining_at;  // when it stopped being live (or failed to become so)
     std::optional<Time> ended_at;
     std::string failure;               // why it failed, with the worker's own error text
     std::map<int, int> slot_restarts;  // slot -> replacements so far
     Zygote zygote;
+};
+
+// How long the latest generations spent in each phase, for /metrics: `boot` from the start
+// to live, `live` from live to draining, `drain` from draining to gone. Each is the last one
+// completed (a generation still draining does not change `drain` yet).
+struct PhaseDurations {
+    std::optional<Duration> boot;
+    std::optional<Duration> live;
+    std::optional<Duration> drain;
 };
 
 // One line of `molt ctl history`.
@@ -380,6 +392,7 @@ class Supervisor {
     const std::map<RestartReason, std::uint64_t>& restarts() const { return restarts_; }
     std::uint64_t rollovers(bool ok) const { return ok ? rollovers_ok_ : rollovers_failed_; }
     std::optional<RolloverFinished> last_rollover() const { return last_rollover_; }
+    const PhaseDurations& last_phases() const { return last_phases_; }
     std::string status_line() const;
     // A zygote process that exists (or is being started): booting, ready or stopping.
     static bool zygote_alive(const Zygote& zygote) {
@@ -489,6 +502,7 @@ class Supervisor {
     std::uint64_t rollovers_ok_ = 0;
     std::uint64_t rollovers_failed_ = 0;
     std::optional<RolloverFinished> last_rollover_;
+    PhaseDurations last_phases_;
     std::string last_status_;
     Actions out_;
 };

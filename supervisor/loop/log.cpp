@@ -108,6 +108,16 @@ void Log::write(core::LogLevel level, std::string_view text, std::uint64_t gen, 
     emit(fmt::format("{} {}\n", prefix, text));
 }
 
+namespace {
+
+// A non-empty JSON object on one line (a worker's structured line), checked without building it.
+bool is_json_object(std::string_view line) {
+    return line.size() > 2 && line.front() == '{' && line.back() == '}' && line[1] != '}' &&
+           nlohmann::json::accept(line);
+}
+
+}  // namespace
+
 void Log::worker_line(std::uint64_t gen, int slot, int pid, std::string_view stream,
                       std::string_view line) {
     // A negative slot is the generation's zygote (preload), which has no slot.
@@ -118,8 +128,17 @@ void Log::worker_line(std::uint64_t gen, int slot, int pid, std::string_view str
                            {"stream", std::string(stream)},
                            {"gen", gen},
                            {"worker", slot},
-                           {"pid", pid},
-                           {"msg", std::string(line)}};
+                           {"pid", pid}};
+        if (stream == "stdout" && is_json_object(line)) {
+            // The worker's structured line (the access log under `format: json`): its fields
+            // join ours in one flat object. Spliced, not re-serialised: the master checks it
+            // is one valid object and copies the bytes.
+            std::string head = out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+            head.pop_back();  // the closing brace
+            emit(head + "," + std::string(line.substr(1)) + "\n");
+            return;
+        }
+        out["msg"] = std::string(line);
         emit(out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
         return;
     }

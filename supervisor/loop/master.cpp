@@ -441,7 +441,9 @@ void Master::on_worker_exit(pid_t pid, int status) {
         close_worker_handles(worker);
     }
     for (const auto& [id, w] : core_.workers()) {
-        if (w.pid == pid) retired_requests_ += w.counters.requests;
+        if (w.pid != pid) continue;
+        retired_requests_ += w.counters.requests;
+        retired_stats_[interface_of(w.generation)].add(w.counters.stats);
     }
     feed(core_.exited(now(), pid, exit, tail));
 }

@@ -63,12 +63,20 @@ class Master {
     nlohmann::json status_json() const;
     nlohmann::json history_json() const;
     std::string metrics_text() const;
+    // "wsgi" or "asgi": the interface a generation's workers serve (status.cpp).
+    std::string interface_of(core::GenerationId generation) const;
     const core::Supervisor& core() const { return core_; }
     Log& log() { return log_; }
     uv_loop_t* loop() { return &loop_; }
 
   private:
     friend struct WorkerProcess;
+
+    // Parts of metrics_text() (status.cpp), one family group each.
+    void request_metrics_text(std::string& out) const;
+    void worker_load_metrics_text(std::string& out) const;
+    void listen_queue_metrics_text(std::string& out) const;
+    void phase_metrics_text(std::string& out, core::Time now) const;
 
     core::Time now();
     std::string start_services();  // the error that prevents starting, if any
@@ -154,6 +162,9 @@ class Master {
     std::map<core::Ticket, core::RolloverFinished> finished_;  // results not yet collected
     unsigned long long oom_kills_seen_ = 0;
     std::uint64_t retired_requests_ = 0;  // requests served by workers that have exited
+    // Request metrics of workers that have exited, by interface ("wsgi", "asgi"): added to
+    // the live workers' at scrape time, so the counters never go backwards.
+    std::map<std::string, core::RequestStats> retired_stats_;
     std::optional<int> exit_code_;
     core::Time started_at_{0};
     std::uint64_t wall_started_at_ = 0;

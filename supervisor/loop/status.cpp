@@ -50,7 +50,157 @@ json zygote_json(const core::Generation& gen, unsigned long long pss) {
     return out;
 }
 
+void family(std::string& out, const char* name, const char* type, const char* help) {
+    out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+}
+
+double seconds(core::Duration d) {
+    return static_cast<double>(d.count()) / 1000.0;
+}
+
 }  // namespace
+
+std::string Master::interface_of(core::GenerationId generation) const {
+    auto it = core_.generations().find(generation);
+    const config::Config& config = it != core_.generations().end() && it->second.release.config
+                                       ? *it->second.release.config
+                                       : *config_;
+    return config.interface == config::Interface::asgi ? "asgi" : "wsgi";
+}
+
+// The request duration histogram, responses by status class and app exceptions: the live
+// workers' cumulative counts from their last heartbeats plus those of every worker that has
+// exited, per interface.
+void Master::request_metrics_text(std::string& out) const {
+    std::map<std::string, core::RequestStats> totals = retired_stats_;
+    totals[interface_of(core_.live_generation().value_or(0))];  // present from the start
+    for (const auto& [id, w] : core_.workers()) {
+        totals[interface_of(w.generation)].add(w.counters.stats);
+    }
+    family(out, "molt_request_duration_seconds", "histogram",
+           "Time from a request's first byte to the app's return, by interface and status class.");
+    for (const auto& [interface, stats] : totals) {
+        for (std::size_t cls = 0; cls < core::kStatusClasses.size(); ++cls) {
+            const core::ClassDurations& d = stats.by_class[cls];
+            const std::string labels = fmt::format("interface=\"{}\",status_class=\"{}\"",
+                                                   interface, core::kStatusClasses[cls]);
+            std::uint64_t cumulative = 0;
+            for (std::size_t b = 0; b < core::kBucketCount; ++b) {
+                cumulative += d.buckets[b];
+                std::string le = b < core::kDurationBuckets.size()
+                                     ? fmt::format("{}", core::kDurationBuckets[b])
+                                     : std::string("+Inf");
+                out += fmt::format("molt_request_duration_seconds_bucket{{{},le=\"{}\"}} {}\n",
+                                   labels, le, cumulative);
+            }
+            out += fmt::format("molt_request_duration_seconds_sum{{{}}} {:.6f}\n", labels,
+                               static_cast<double>(d.sum_us) / 1e6);
+            out +=
+                fmt::format("molt_request_duration_seconds_count{{{}}} {}\n", labels, cumulative);
+        }
+    }
+    family(out, "molt_responses_total", "counter", "Responses by interface and status class.");
+    for (const auto& [interface, stats] : totals) {
+        for (std::size_t cls = 0; cls < core::kStatusClasses.size(); ++cls) {
+            out += fmt::format("molt_responses_total{{interface=\"{}\",status_class=\"{}\"}} {}\n",
+                               interface, core::kStatusClasses[cls], stats.by_class[cls].count());
+        }
+    }
+    family(out, "molt_app_exceptions_total", "counter",
+           "Exceptions the app raised while handling a request (each also got a 500 or a "
+           "closed connection).");
+    for (const auto& [interface, stats] : totals) {
+        out += fmt::format("molt_app_exceptions_total{{interface=\"{}\"}} {}\n", interface,
+                           stats.exceptions);
+    }
+}
+
+// Per worker: requests served, requests running now (busy threads for WSGI) and how many it
+// can run at once, so saturation is sum(busy) / sum(capacity).
+void Master::worker_load_metrics_text(std::string& out) const {
+    family(out, "molt_worker_requests_total", "counter",
+           "Requests served by each worker (from its heartbeats; it starts at 0 with the worker).");
+    for (const auto& [id, w] : core_.workers()) {
+        if (w.pid <= 0) continue;
+        out += fmt::format("molt_worker_requests_total{{generation=\"{}\",slot=\"{}\"}} {}\n",
+                           w.generation, w.slot, w.counters.requests);
+    }
+    family(out, "molt_worker_busy", "gauge",
+           "Requests each worker is running now (its busy threads, for WSGI), from its last "
+           "heartbeat.");
+    for (const auto& [id, w] : core_.workers()) {
+        if (w.pid <= 0) continue;
+        out += fmt::format("molt_worker_busy{{generation=\"{}\",slot=\"{}\"}} {}\n", w.generation,
+                           w.slot, w.counters.inflight);
+    }
+    family(out, "molt_worker_capacity", "gauge",
+           "Requests each worker can run at once: `threads` for WSGI, `asgi.limit_concurrency` "
+           "for ASGI (absent when unlimited).");
+    for (const auto& [id, w] : core_.workers()) {
+        auto gen = core_.generations().find(w.generation);
+        if (w.pid <= 0 || gen == core_.generations().end() || !gen->second.release.config) {
+            continue;
+        }
+        const config::Config& config = *gen->second.release.config;
+        std::uint64_t capacity = config.interface == config::Interface::asgi
+                                     ? config.asgi.limit_concurrency
+                                     : static_cast<std::uint64_t>(config.threads);
+        if (capacity == 0) continue;
+        out += fmt::format("molt_worker_capacity{{generation=\"{}\",slot=\"{}\"}} {}\n",
+                           w.generation, w.slot, capacity);
+    }
+}
+
+// The accept queue of every listener the master holds, read now (one getsockopt or one
+// netlink round trip each): connections waiting for a worker, and the backlog limit.
+void Master::listen_queue_metrics_text(std::string& out) const {
+    std::string depth, limit;
+    for (const auto& l : listeners_) {
+        auto queue = os::listen_queue(l.fd.get());
+        if (!os::ok(queue)) continue;
+        const auto& q = std::get<os::ListenQueue>(queue);
+        depth +=
+            fmt::format("molt_listen_queue_depth{{listener=\"{}\"}} {}\n", label(l.bound), q.depth);
+        limit +=
+            fmt::format("molt_listen_queue_limit{{listener=\"{}\"}} {}\n", label(l.bound), q.limit);
+    }
+    family(out, "molt_listen_queue_depth", "gauge",
+           "Connections the kernel accepted that no worker has taken yet, per listener.");
+    out += depth;
+    family(out, "molt_listen_queue_limit", "gauge",
+           "The listen backlog: above it the kernel drops or refuses new connections.");
+    out += limit;
+}
+
+// How long generations spend booting, live and draining: the ones the master holds now
+// (phases still running count up to now) and the last completed phase of each kind.
+void Master::phase_metrics_text(std::string& out, core::Time now) const {
+    family(out, "molt_generation_phase_seconds", "gauge",
+           "Per generation held now: seconds from start to live (boot), live to draining "
+           "(live), draining to now (drain); a running phase counts up to now.");
+    for (const auto& [id, gen] : core_.generations()) {
+        auto line = [&](const char* phase, core::Duration d) {
+            out += fmt::format(
+                "molt_generation_phase_seconds{{generation=\"{}\",phase=\"{}\"}} "
+                "{:.3f}\n",
+                id, phase, seconds(d));
+        };
+        line("boot", (gen.live_at ? *gen.live_at : gen.draining_at.value_or(now)) - gen.started_at);
+        if (gen.live_at) line("live", gen.draining_at.value_or(now) - *gen.live_at);
+        if (gen.draining_at) line("drain", gen.ended_at.value_or(now) - *gen.draining_at);
+    }
+    family(out, "molt_last_generation_phase_seconds", "gauge",
+           "The last completed boot (start to live), live (live to draining) and drain "
+           "(draining to gone) of any generation.");
+    const core::PhaseDurations& last = core_.last_phases();
+    for (auto [phase, d] : {std::pair{"boot", last.boot}, std::pair{"live", last.live},
+                            std::pair{"drain", last.drain}}) {
+        if (d) {
+            out += fmt::format("molt_last_generation_phase_seconds{{phase=\"{}\"}} {:.3f}\n", phase,
+                               seconds(*d));
+        }
+    }
+}
 
 json Master::status_json() const {
     auto* self = const_cast<Master*>(this);
@@ -161,7 +311,7 @@ std::string Master::metrics_text() const {
     core::Time now = self->now();
     std::string out;
     auto family = [&](const char* name, const char* type, const char* help) {
-        out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+        loop::family(out, name, type, help);
     };
 
     family("molt_build_info", "gauge", "The molt version that runs the master.");
@@ -221,6 +371,11 @@ std::string Master::metrics_text() const {
     out += fmt::format("molt_requests_total {}\n", requests);
     family("molt_requests_in_flight", "gauge", "Requests in flight, from the last heartbeats.");
     out += fmt::format("molt_requests_in_flight {}\n", inflight);
+
+    request_metrics_text(out);
+    worker_load_metrics_text(out);
+    listen_queue_metrics_text(out);
+    phase_metrics_text(out, now);
 
     family("molt_worker_resident_memory_bytes", "gauge", "Resident memory of each worker.");
     for (const auto& [id, w] : core_.workers()) {

@@ -255,6 +255,16 @@ struct Listener {
     bool remove_on_exit = false;  // a Unix socket file the master created
 };
 
+// How full a listening socket's accept queue is: connections the kernel completed that no
+// worker has accepted yet, and the backlog limit. TCP: getsockopt(TCP_INFO) on the listener
+// (tcpi_unacked, tcpi_sacked); Unix: a sock_diag netlink query (UDIAG_SHOW_RQLEN) for the
+// socket's inode. One syscall or one netlink round trip each, run at scrape time only.
+struct ListenQueue {
+    std::uint64_t depth = 0;
+    std::uint64_t limit = 0;
+};
+Result<ListenQueue> listen_queue(int fd);
+
 // Binds and listens on every address. Fails as a whole, with every problem named, so that a
 // second molt on the same address stops at start with a clear error.
 Result<std::vector<Listener>> open_listeners(const std::vector<config::ListenAddress>& addresses);

@@ -58,3 +58,23 @@ def test_quick_asgi_section_end_to_end(tmp_path):
     subprocess.run([str(RUN), "--from-results", str(work / "results.json"), "--out", str(again)],
                    check=True, capture_output=True, timeout=60, env=env)
     assert again.read_text() == text
+
+
+@pytest.mark.timeout(170)
+def test_quick_observe_section_end_to_end(tmp_path):
+    """The cost-of-observability section: three molt masters, metrics off, on, and on with
+    the access log written to a file, measured in the same run."""
+    work, report = tmp_path / "work", tmp_path / "benchmarks.md"
+    env = dict(os.environ, MOLT_BIN=molt_bin())
+    done = subprocess.run([str(RUN), "--quick", "--only", "observe", "--work", str(work),
+                           "--keep", "--out", str(report)],
+                          capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((work / "results.json").read_text())
+    rows = results["observe_keepalive"]
+    assert len(rows) == 3 and all(r["rps"] > 0 and r["errors"] == 0 for r in rows.values())
+    # Only the third master wrote an access log file, one line per request it served.
+    assert results["observe_access_lines"] > 0
+    text = report.read_text()
+    assert "## The cost of metrics and the access log" in text
+    assert "÷ metrics off" in text

@@ -101,7 +101,6 @@ def test_each_flag_takes_one_value_and_the_app_may_come_last():
 REFUSED = [
     (["-k", "gevent"], "-k gthread --threads N"),
     (["--worker-class", "eventlet"], "uvicorn.workers.UvicornWorker"),
-    (["--access-logfile", "/var/log/access.log"], "--access-logfile -"),
     (["-D"], "systemd"),
     (["--daemon"], "systemd"),
     (["--worker-connections", "1000"], "--threads N"),

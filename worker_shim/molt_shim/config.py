@@ -45,6 +45,7 @@ DEFAULTS: Dict[str, Any] = {
     "version": "",
     "health_path": "",
     "health_host": "localhost",
+    "health_headers": {},
     "timeouts": {
         "boot_ms": 60000,
         "graceful_ms": 30000,
@@ -64,7 +65,11 @@ DEFAULTS: Dict[str, Any] = {
         "send_timeout_ms": 30000,
         "version_header": "",
     },
-    "logging": {"level": "info", "access_log": False, "access_log_format": DEFAULT_ACCESS_LOG_FORMAT},
+    # Per-request metrics (the duration histogram, status classes, exceptions): on when the
+    # master serves metrics (metrics.listen), so a worker counts only what someone can read.
+    "metrics": {"requests": False},
+    "logging": {"level": "info", "format": "text", "access_log": False,
+                "access_log_format": DEFAULT_ACCESS_LOG_FORMAT, "access_log_file": ""},
 }
 
 
@@ -169,6 +174,14 @@ class WorkerConfig:
         return str(self.raw["health_path"] or "")
 
     @property
+    def request_metrics(self) -> bool:
+        return bool(self.raw["metrics"]["requests"])
+
+    @property
+    def health_headers(self) -> Dict[str, str]:
+        return {str(k): str(v) for k, v in dict(self.raw["health_headers"] or {}).items()}
+
+    @property
     def health_host(self) -> str:
         return str(self.raw["health_host"] or "localhost")
 
@@ -207,6 +220,14 @@ class WorkerConfig:
     @property
     def access_log(self) -> bool:
         return bool(self.raw["logging"]["access_log"])
+
+    @property
+    def log_format(self) -> str:
+        return str(self.raw["logging"]["format"] or "text")
+
+    @property
+    def access_log_file(self) -> str:
+        return str(self.raw["logging"]["access_log_file"] or "")
 
     @property
     def access_log_format(self) -> str:

@@ -37,6 +37,8 @@ class Key:
     PID = "PID"  # the forked worker's pid
     FORK_ERROR = "FORK_ERROR"  # why FORK=<id> produced no worker
     PRELOAD_REFUSED = "PRELOAD_REFUSED"  # preload: auto found the import unsafe to fork
+    DURATIONS = "DURATIONS"  # request durations by status class (molt_shim/request_metrics.py)
+    EXCEPTIONS = "EXCEPTIONS"  # exceptions raised by the app so far
     # master -> worker
     DRAIN = "DRAIN"
     REOPEN_LOGS = "REOPEN_LOGS"
@@ -47,7 +49,8 @@ class Key:
 
 WORKER_TO_MASTER_KEYS: Tuple[str, ...] = (
     Key.READY, Key.WATCHDOG, Key.REQUESTS, Key.INFLIGHT, Key.OLDEST_MS, Key.RSS, Key.ERROR,
-    Key.RETIRE, Key.STOPPING, Key.FORKED, Key.PID, Key.FORK_ERROR, Key.PRELOAD_REFUSED)
+    Key.RETIRE, Key.STOPPING, Key.FORKED, Key.PID, Key.FORK_ERROR, Key.PRELOAD_REFUSED,
+    Key.DURATIONS, Key.EXCEPTIONS)
 MASTER_TO_WORKER_KEYS: Tuple[str, ...] = (Key.DRAIN, Key.REOPEN_LOGS, Key.FORK, Key.SLOT)
 
 

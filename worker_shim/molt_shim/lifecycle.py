@@ -67,8 +67,14 @@ def fail(channel: Channel, code: WorkerExit, reason: str) -> WorkerExit:
 
 def heartbeat(counters: Counters) -> Dict[str, object]:
     oldest = int((time.monotonic() - counters.oldest_started) * 1000) if counters.inflight else 0
-    return {Key.WATCHDOG: 1, Key.REQUESTS: counters.requests, Key.INFLIGHT: counters.inflight,
-            Key.OLDEST_MS: max(0, oldest), Key.RSS: rss_bytes()}
+    beat: Dict[str, object] = {
+        Key.WATCHDOG: 1, Key.REQUESTS: counters.requests, Key.INFLIGHT: counters.inflight,
+        Key.OLDEST_MS: max(0, oldest), Key.RSS: rss_bytes()}
+    if counters.durations:
+        beat[Key.DURATIONS] = counters.durations
+    if counters.exceptions:
+        beat[Key.EXCEPTIONS] = counters.exceptions
+    return beat
 
 
 class Retirement:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, Mapping, Optional, Tuple
 
 
-def build_request(path: str, host: str) -> bytes:
-    return ("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: molt-warmup\r\nConnection: close\r\n\r\n"
-            % (path, host)).encode("latin-1")
+def build_request(path: str, host: str, headers: Mapping[str, str] = {}) -> bytes:
+    """`health.host` is its Host header and `health.headers` are added (the master validated
+    them: no CR/LF, not Host, Content-Length, Connection or Transfer-Encoding)."""
+    extra = "".join("%s: %s\r\n" % item for item in headers.items())
+    return ("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: molt-warmup\r\n%sConnection: close\r\n\r\n"
+            % (path, host, extra)).encode("latin-1")
 
 
 def parse_response(raw: bytes) -> Tuple[int, bytes]:
@@ -56,13 +59,13 @@ def verdict(path: str, raw: bytes) -> Optional[str]:
 
 
 def over_socketpair(hand_over: Callable[[socket.socket], None], path: str, host: str,
-                    timeout: float) -> Optional[str]:
+                    timeout: float, headers: Mapping[str, str] = {}) -> Optional[str]:
     """The warm-up for an engine that serves from threads: `hand_over` gives the server end
     of a socketpair to the engine's connection handling; this thread plays the client."""
     server_end, client_end = socket.socketpair()
     try:
         hand_over(server_end)
-        raw = run_client(client_end, build_request(path, host), timeout)
+        raw = run_client(client_end, build_request(path, host, headers), timeout)
     except (OSError, TimeoutError) as exc:
         return "warm-up GET %s failed: %s" % (path, exc)
     finally:

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iterator>
 
 namespace molt::native {
 
@@ -161,10 +162,40 @@ std::uint64_t Server::begin_request(double started) {
     return token;
 }
 
-void Server::end_request(std::uint64_t token) {
+void Server::end_request(std::uint64_t token, int status, double seconds, bool raised) {
     std::lock_guard<std::mutex> lock(stats_mu_);
     inflight_.erase(token);
     ++requests_;
+    if (config_.request_metrics) metrics_.observe(status, seconds, raised);
+}
+
+void RequestMetrics::observe(int status, double seconds, bool raised) {
+    // No status at all (the app raised before answering) counts as a 5xx, as in Python.
+    const int cls = status <= 0 ? 4 : std::min(4, std::max(0, status / 100 - 1));
+    const double* end = std::end(kDurationBuckets);
+    const auto bucket =
+        std::lower_bound(std::begin(kDurationBuckets), end, seconds) - std::begin(kDurationBuckets);
+    ++buckets[cls][bucket];
+    sum_us[cls] += static_cast<std::uint64_t>(seconds * 1e6);
+    if (raised) ++exceptions;
+}
+
+std::string RequestMetrics::encode() const {
+    static const char* const names[kStatusClasses] = {"1xx", "2xx", "3xx", "4xx", "5xx"};
+    std::string out;
+    for (int cls = 0; cls < kStatusClasses; ++cls) {
+        int last = kBucketCount;
+        while (last > 0 && buckets[cls][last - 1] == 0) --last;
+        if (last == 0) continue;
+        if (!out.empty()) out += ';';
+        out += names[cls];
+        out += ':' + std::to_string(sum_us[cls]) + ':';
+        for (int i = 0; i < last; ++i) {
+            if (i) out += ',';
+            out += std::to_string(buckets[cls][i]);
+        }
+    }
+    return out;
 }
 
 Server::Counters Server::counters() {
@@ -177,6 +208,8 @@ Server::Counters Server::counters() {
         for (const auto& [token, started] : inflight_) {
             out.oldest_started = std::min(out.oldest_started, started);
         }
+        if (config_.request_metrics) out.durations = metrics_.encode();
+        out.exceptions = metrics_.exceptions;
     }
     std::lock_guard<std::mutex> lock(mu_);
     out.connections = conns_.size();

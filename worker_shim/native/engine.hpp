@@ -48,6 +48,9 @@ struct EngineConfig {
     // request that carries one of `forwarding_headers` (lower case); null without `proxy:`.
     PyRef proxy_rule;
     std::vector<std::string> forwarding_headers;
+    bool request_metrics = false;          // the duration histogram, status classes and exceptions
+    bool access_request_headers = false;   // the access log format names a request header
+    bool access_response_headers = false;  // ... a response header
 };
 
 // One access-log line of a request answered without Python (a static file): queued by the
@@ -60,6 +63,23 @@ struct AccessEntry {
     int status;
     std::uint64_t bytes;
     double duration_ms;
+};
+
+// The request duration histogram's upper bounds in seconds, the same as the Python engines'
+// (molt_shim/request_metrics.py, BUCKETS_S) and the master's (core/request_stats.hpp); the
+// wire form is documented there.
+constexpr double kDurationBuckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                       0.25,  0.5,    1.0,   2.5,  5.0,   10.0};
+constexpr int kBucketCount = sizeof(kDurationBuckets) / sizeof(kDurationBuckets[0]) + 1;
+constexpr int kStatusClasses = 5;  // 1xx .. 5xx
+
+// Cumulative request durations and app exceptions of one worker (guarded by stats_mu_).
+struct RequestMetrics {
+    std::uint64_t buckets[kStatusClasses][kBucketCount] = {};
+    std::uint64_t sum_us[kStatusClasses] = {};
+    std::uint64_t exceptions = 0;
+    void observe(int status, double seconds, bool raised);
+    std::string encode() const;  // the heartbeat's DURATIONS= value
 };
 
 enum class ConnState { idle, busy, linger, closed };
@@ -137,6 +157,8 @@ class Server {
         std::uint64_t inflight;
         double oldest_started;
         std::uint64_t connections;
+        std::string durations;  // "" when request metrics are off
+        std::uint64_t exceptions;
     };
     Counters counters();
     std::vector<std::pair<int, std::string>> take_logs();
@@ -199,7 +221,8 @@ class Server {
     }
     std::unordered_map<std::string, PyRef> header_keys;  // GIL held: header name -> environ key
     std::uint64_t begin_request(double started);
-    void end_request(std::uint64_t token);
+    // status: the response's (0: none); raised: the app raised. Feeds metrics_ when on.
+    void end_request(std::uint64_t token, int status, double seconds, bool raised);
 
   private:
     int ep_ = -1;
@@ -217,6 +240,7 @@ class Server {
     std::uint64_t requests_ = 0;
     std::uint64_t next_token_ = 1;
     std::map<std::uint64_t, double> inflight_;
+    RequestMetrics metrics_;
     std::mutex log_mu_;
     std::vector<std::pair<int, std::string>> logs_;
     std::vector<AccessEntry> access_;

@@ -93,9 +93,11 @@ PyObject* server_drained(PyObject* self, PyObject*) {
 PyObject* server_counters(PyObject* self, PyObject*) {
     return guarded(self, [](Server& s) {
         const Server::Counters c = s.counters();
-        return Py_BuildValue("(KKdK)", static_cast<unsigned long long>(c.requests),
+        return Py_BuildValue("(KKdKs#K)", static_cast<unsigned long long>(c.requests),
                              static_cast<unsigned long long>(c.inflight), c.oldest_started,
-                             static_cast<unsigned long long>(c.connections));
+                             static_cast<unsigned long long>(c.connections), c.durations.data(),
+                             static_cast<Py_ssize_t>(c.durations.size()),
+                             static_cast<unsigned long long>(c.exceptions));
     });
 }
 
@@ -122,7 +124,7 @@ PyObject* server_take_access(PyObject* self, PyObject*) {
         if (!out) return nullptr;
         for (const AccessEntry& e : entries) {
             PyRef entry = PyRef::steal(Py_BuildValue(
-                "(NNNNiKd)",
+                "(NNNNiKdOO)",
                 PyUnicode_DecodeLatin1(e.remote.data(), static_cast<Py_ssize_t>(e.remote.size()),
                                        nullptr),
                 PyUnicode_DecodeLatin1(e.method.data(), static_cast<Py_ssize_t>(e.method.size()),
@@ -131,7 +133,8 @@ PyObject* server_take_access(PyObject* self, PyObject*) {
                                        nullptr),
                 PyUnicode_DecodeLatin1(e.protocol.data(),
                                        static_cast<Py_ssize_t>(e.protocol.size()), nullptr),
-                e.status, static_cast<unsigned long long>(e.bytes), e.duration_ms));
+                e.status, static_cast<unsigned long long>(e.bytes), e.duration_ms, Py_None,
+                Py_None));  // no request/response header placeholders for static
             if (!entry || PyList_Append(out.get(), entry.get()) != 0) return nullptr;
         }
         return out.release();
@@ -261,7 +264,8 @@ PyMethodDef server_methods[] = {
     {"tick", server_tick, METH_NOARGS, "The sweep: idle, header-timeout and linger closes."},
     {"stop_accepting", server_stop_accepting, METH_NOARGS, "Begin the drain."},
     {"drained", server_drained, METH_NOARGS, "No connection open and no request in flight."},
-    {"counters", server_counters, METH_NOARGS, "(requests, inflight, oldest_started, connections)"},
+    {"counters", server_counters, METH_NOARGS,
+     "(requests, inflight, oldest_started, connections, durations, exceptions)"},
     {"take_logs", server_take_logs, METH_NOARGS, "Queued log lines as [(level, text)]."},
     {"errors_stream", server_errors_stream, METH_NOARGS,
      "A wsgi.errors stream writing to this server's log queue."},
@@ -393,6 +397,14 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
     c->drain_idle = v[7];
     c->threads = static_cast<int>(v[8]);
     c->send_timeout = v[9];
+    // Optional (older callers do not pass it): off unless given and true.
+    auto flag = [cfg](const char* key) {
+        PyObject* value = PyDict_GetItemString(cfg, key);  // borrowed
+        return value != nullptr && PyObject_IsTrue(value) == 1;
+    };
+    c->request_metrics = flag("request_metrics");
+    c->access_request_headers = flag("access_request_headers");
+    c->access_response_headers = flag("access_response_headers");
     return config_text(cfg, "version_header", &c->version_header) &&
            config_text(cfg, "script_name", &c->script_name) && read_statics(cfg, c) &&
            read_proxy_config(cfg, c);

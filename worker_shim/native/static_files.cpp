@@ -423,7 +423,9 @@ bool Server::serve_static(Connection& conn, const Request& req, const StaticMoun
                        " " + req.target.substr(0, 200) + ": " + why);
         keep = false;
     }
-    if (!conn.warmup) end_request(token);
+    if (conn.warmup) return keep;  // neither counted nor logged
+    const double elapsed = monotonic() - req.started;
+    end_request(token, plan.status, elapsed, false);
     if (access_log() != nullptr) {
         AccessEntry entry{
             conn.remote(),
@@ -432,7 +434,7 @@ bool Server::serve_static(Connection& conn, const Request& req, const StaticMoun
             "HTTP/" + std::to_string(req.version_major) + "." + std::to_string(req.version_minor),
             plan.status,
             sent,
-            (monotonic() - req.started) * 1000.0};
+            elapsed * 1000.0};
         std::lock_guard<std::mutex> lock(log_mu_);
         if (access_.size() < 100000) access_.push_back(std::move(entry));
     }

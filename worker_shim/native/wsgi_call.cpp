@@ -746,9 +746,11 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
     PyRef result;
     bool ok = false;
     std::string remote_seen;  // the client a trusted proxy named, for the access log
+    bool raised = false;
+    PyRef env;  // kept for the access log's request headers
     if (sr != nullptr) {
         sr->exchange = &ex;
-        PyRef env = build_environ(*this, conn, req);
+        env = build_environ(*this, conn, req);
         if (env) {
             remote_seen = apply_proxy_rule(*this, conn, req, env.get());
             result =
@@ -764,6 +766,7 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
                            " " + target + ": " + ex.gone_why);
             if (ex.code == 0) ex.code = 499;
         } else {
+            raised = true;
             log(kError, conn.remote() + ": error in the application handling " + method + " " +
                             target + "\n" + take_exception_text());
             if (!ex.headers_sent) internal_error(ex);
@@ -777,16 +780,28 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
     }
     result = PyRef();
     if (sr != nullptr) sr->exchange = nullptr;
-    if (!conn.warmup) end_request(token);
+    if (conn.warmup) return ex.keep_alive;  // neither counted nor logged
+    const double elapsed = monotonic() - req.started;
+    end_request(token, ex.code, elapsed, raised);
     if (access_log() != nullptr) {
         const std::string remote = remote_seen.empty() ? conn.remote() : remote_seen;
+        // Headers only when the format names one (accesslog.py formats them on its thread).
+        PyObject* request_headers =
+            config().access_request_headers && env ? env.get() : Py_None;  // borrowed
+        PyRef response_headers =
+            config().access_response_headers
+                ? PyRef::steal(PyUnicode_DecodeLatin1(
+                      ex.header_block.data(), static_cast<Py_ssize_t>(ex.header_block.size()),
+                      "replace"))
+                : PyRef::borrow(Py_None);
         PyRef entry = PyRef::steal(Py_BuildValue(
-            "(s#s#s#sind)", remote.data(), static_cast<Py_ssize_t>(remote.size()), method.data(),
+            "(s#s#s#sindOO)", remote.data(), static_cast<Py_ssize_t>(remote.size()), method.data(),
             static_cast<Py_ssize_t>(method.size()), req.target.data(),
             static_cast<Py_ssize_t>(req.target.size()),
             ("HTTP/" + std::to_string(req.version_major) + "." + std::to_string(req.version_minor))
                 .c_str(),
-            ex.code, static_cast<Py_ssize_t>(ex.bytes_sent), (monotonic() - req.started) * 1000.0));
+            ex.code, static_cast<Py_ssize_t>(ex.bytes_sent), elapsed * 1000.0, request_headers,
+            response_headers ? response_headers.get() : Py_None));
         PyRef put = entry
                         ? PyRef::steal(PyObject_CallMethod(access_log(), "put", "(O)", entry.get()))
                         : PyRef();

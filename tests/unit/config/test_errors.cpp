@@ -65,7 +65,7 @@ TEST_CASE("dotted keys are not expanded") {
 
 TEST_CASE("unknown keys without a near miss list the choices of small sections") {
     CHECK(only_error("app: a:b\nhealth: {zzz: 1}\n") ==
-          "/srv/app/molt.yaml:2:10: health.zzz: unknown key; expected one of: path");
+          "/srv/app/molt.yaml:2:10: health.zzz: unknown key; expected one of: path, host, headers");
     CHECK(only_error("app: a:b\nzzzzzz: 1\n") ==
           "/srv/app/molt.yaml:2:1: zzzzzz: unknown key; see docs/config.md for every key");
 }

@@ -53,6 +53,8 @@ recycle: {max_requests: 10, max_requests_jitter: 2}
         {"worker", 2},
         {"version", "v42"},
         {"health_path", "/healthz"},
+        {"health_host", "localhost"},
+        {"health_headers", json::object()},
         {"timeouts",
          {{"boot_ms", 60000},
           {"graceful_ms", 30000},
@@ -70,8 +72,13 @@ recycle: {max_requests: 10, max_requests_jitter: 2}
           {"header_timeout_ms", 10000},
           {"send_timeout_ms", 30000},
           {"version_header", "X-Version"}}},
+        {"metrics", {{"requests", false}}},
         {"logging",
-         {{"level", "warning"}, {"access_log", true}, {"access_log_format", "{status}"}}},
+         {{"level", "warning"},
+          {"format", "text"},
+          {"access_log", true},
+          {"access_log_format", "{status}"},
+          {"access_log_file", ""}}},
     };
     const auto text = worker_config_json(c, "/srv/proj/releases/42", "v42", 7, 2);
     CHECK(json::parse(text) == expected);

@@ -37,6 +37,10 @@ class Counters:
     inflight: int  # requests whose app has not returned yet
     oldest_started: float  # time.monotonic() at which the oldest in-flight one started
     connections: int  # open client connections (for the drain's log line)
+    # molt_shim.request_metrics: the DURATIONS= value and the app exceptions, cumulative;
+    # empty and 0 when the engine does not count them (metrics off).
+    durations: str = ""
+    exceptions: int = 0
 
 
 @dataclass

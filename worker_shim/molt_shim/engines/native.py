@@ -104,6 +104,11 @@ class NativeEngine:
                 "static": [(m.prefix, os.fsdecode(m.root)) for m in mounts],
                 "mime_types": static.MIME_TYPES,
                 **_proxy_config(cfg),
+                "request_metrics": cfg.request_metrics,
+                "access_request_headers": bool(getattr(ctx.access_log, "wants_request_headers",
+                                                       False)),
+                "access_response_headers": bool(getattr(ctx.access_log,
+                                                        "wants_response_headers", False)),
             })
         # wsgi.errors is native too: its lines join the engine's log queue (level ERROR).
         errors = self._server.errors_stream()
@@ -126,7 +131,7 @@ class NativeEngine:
         try:
             server_end.setblocking(False)
             self._server.submit_warmup(server_end.detach())
-            raw = warmup.run_client(client_end, warmup.build_request(path, host), timeout_s)
+            raw = warmup.run_client(client_end, warmup.build_request(path, host, self._cfg.health_headers), timeout_s)
         except (OSError, TimeoutError) as exc:
             return "warm-up GET %s failed: %s" % (path, exc)
         finally:

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from .. import httpparse, proxyproto, static, tls
 from ..listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
+from ..request_metrics import RequestMetrics
 from ..stats import RequestCounter
 from ..warmup import over_socketpair
 from ..wsgi.request import Limits, Request, listener_environ, request_environ, server_environ
@@ -88,7 +89,8 @@ class ThreadedWSGIEngine:
         self.app = ctx.app
         self.cfg = cfg
         self.access_log = ctx.access_log
-        self.counter = RequestCounter(ctx.on_request_count)
+        self.counter = RequestCounter(ctx.on_request_count,
+                                      RequestMetrics() if ctx.cfg.request_metrics else None)
         self.limits = Limits.from_config(cfg.http)
         self.header_timeout = cfg.header_timeout_s
         self.send_timeout = cfg.send_timeout_s
@@ -137,7 +139,8 @@ class ThreadedWSGIEngine:
         return None
 
     def warm_up(self, path: str, host: str, timeout_s: float) -> Optional[str]:
-        return over_socketpair(self._adopt_warmup, path, host, timeout_s)
+        return over_socketpair(self._adopt_warmup, path, host, timeout_s,
+                               self.cfg.health_headers)
 
     def describe(self) -> str:
         return "wsgi, %d threads, parser %s" % (self.threads, httpparse.parser_name())
@@ -305,6 +308,7 @@ class ThreadedWSGIEngine:
         ex = Response(self.framing, conn, req, req.keep_alive and not conn.reader.upgrade)
         result: Any = None
         remote: Optional[str] = None  # the client a trusted proxy named, for the access log
+        raised = False
         try:
             env = request_environ(conn.base_env(), req, self.script_name)
             if self.proxy is not None:
@@ -328,6 +332,7 @@ class ThreadedWSGIEngine:
         except Exception:
             log.exception("%s: error in the application handling %s %s", conn.remote(),
                           req.method, req.target())
+            raised = True
             ex.keep_alive = False
             if not ex.headers_sent:
                 ex.internal_error()
@@ -339,19 +344,13 @@ class ThreadedWSGIEngine:
                     log.exception("error in close() of the application's response")
             if req.spool is not None:
                 req.spool.close()
-            if not conn.warmup:
-                counter.end(token)
-            if self.access_log is not None:
-                self.access_log.put((remote or conn.remote(), req.method, req.url.decode("latin-1"),
-                                     "HTTP/" + req.version, ex.code, ex.bytes_sent,
-                                     (time.monotonic() - req.started) * 1000.0))
+            self.account(conn, req, ex, token, raised, remote)
         conn.served += 1
         return ex.keep_alive
 
     def handle_static(self, conn: Connection, req: Request, mount: static.Mount) -> bool:
         """Answer a request under a `static:` prefix (molt_shim/static.py's rules)."""
-        counter = self.counter
-        token = counter.begin(req.started) if not conn.warmup else 0
+        token = self.counter.begin(req.started) if not conn.warmup else 0
         ex = Response(self.framing, conn, req, req.keep_alive and not conn.reader.upgrade)
         plan = static.plan(mount, req.method, req.url, req.env.get)
         try:
@@ -366,14 +365,24 @@ class ThreadedWSGIEngine:
             ex.keep_alive = False
         finally:
             plan.close()
-            if not conn.warmup:
-                counter.end(token)
-            if self.access_log is not None:
-                self.access_log.put((conn.remote(), req.method, req.url.decode("latin-1"),
-                                     "HTTP/" + req.version, ex.code, ex.bytes_sent,
-                                     (time.monotonic() - req.started) * 1000.0))
+            self.account(conn, req, ex, token, False, None)
         conn.served += 1
         return ex.keep_alive
+
+    def account(self, conn: Connection, req: Request, ex: Response, token: Any, raised: bool,
+                remote: Optional[str]) -> None:
+        """A finished request in the counters, the request metrics and the access log; the
+        warm-up's requests are in none of them."""
+        if conn.warmup:
+            return
+        elapsed = time.monotonic() - req.started
+        self.counter.end(token, ex.code, elapsed, raised)
+        access = self.access_log
+        if access is not None:
+            access.put((remote or conn.remote(), req.method, req.url.decode("latin-1"),
+                        "HTTP/" + req.version, ex.code, ex.bytes_sent, elapsed * 1000.0,
+                        req.env if access.wants_request_headers else None,
+                        ex.header_block if access.wants_response_headers else None))
 
     # -- warm-up: a real connection, through the same code path -----------------------------------
     def _adopt_warmup(self, sock: socket.socket) -> None:

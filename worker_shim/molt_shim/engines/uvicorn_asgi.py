@@ -22,7 +22,7 @@ import select
 import socket
 import struct
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
@@ -35,6 +35,7 @@ from .asgi_proxyproto import ProxyPreamble
 from ..wsgi.request import Limits
 from ..wsgi.response import REASONS, Framing
 from ..httpdate import http_date
+from ..request_metrics import RequestMetrics
 from ..listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
 from . import EngineUnavailable
 from .base import Counters, EngineContext, LoopHooks
@@ -514,12 +515,15 @@ def _with_h11_limits(protocol: type, base: type, ctl: DrainControl) -> type:
     return LimitedH11
 
 
-class AccessLog:
-    """ASGI middleware for the access log (only installed when the log is on)."""
+class Observe:
+    """ASGI middleware for the request metrics and the access log, installed only when one of
+    them is on (the only molt Python that runs per request on this engine)."""
 
-    def __init__(self, app: Any, access: Any, ctl: DrainControl) -> None:
+    def __init__(self, app: Any, access: Any, metrics: Optional[RequestMetrics],
+                 ctl: DrainControl) -> None:
         self.app = app
         self.access = access
+        self.metrics = metrics
         self.ctl = ctl
 
     async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
@@ -527,27 +531,41 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         started = time.monotonic()
-        info = [0, 0]
+        info: List[Any] = [0, 0, None]  # status, body bytes, response headers
         inner_send = send
 
         async def send(message: Dict[str, Any]) -> None:  # noqa: F811
             if message["type"] == "http.response.start":
                 info[0] = message["status"]
+                info[2] = message.get("headers")
             elif message["type"] == "http.response.body":
                 info[1] += len(message.get("body", b""))
             await inner_send(message)
 
         try:
             await self.app(scope, receive, send)
+        except Exception:  # not CancelledError: a client that went away is no app error
+            if self.metrics is not None:
+                self.metrics.exceptions += 1
+            if not info[0]:
+                info[0] = 500  # uvicorn answers 500 when the app raised before answering
+            raise
         finally:
-            client = scope.get("client")
-            remote = "%s:%s" % tuple(client) if client else "unix"
-            path = scope.get("path", "")
-            if scope.get("query_string"):
-                path += "?" + scope["query_string"].decode("latin-1")
-            self.access.put((remote, scope.get("method", ""), path,
-                             "HTTP/" + scope.get("http_version", "1.1"), info[0], info[1],
-                             (time.monotonic() - started) * 1000.0))
+            elapsed = time.monotonic() - started
+            if self.metrics is not None:
+                self.metrics.observe(info[0], elapsed)
+            if self.access is not None:
+                client = scope.get("client")
+                remote = "%s:%s" % tuple(client) if client else "unix"
+                path = scope.get("path", "")
+                if scope.get("query_string"):
+                    path += "?" + scope["query_string"].decode("latin-1")
+                access = self.access
+                access.put((remote, scope.get("method", ""), path,
+                            "HTTP/" + scope.get("http_version", "1.1"), info[0], info[1],
+                            elapsed * 1000.0,
+                            scope.get("headers") if access.wants_request_headers else None,
+                            info[2] if access.wants_response_headers else None))
 
 
 class UvicornASGIEngine:
@@ -594,8 +612,10 @@ class UvicornASGIEngine:
                                 Limits.from_config(cfg.http),
                                 Framing(cfg.version_header_line, keepalive=True),
                                 cfg.send_timeout_s)
-        if ctx.access_log is not None:
-            self.config.loaded_app = AccessLog(self.config.loaded_app, ctx.access_log, self.ctl)
+        self.metrics = RequestMetrics() if cfg.request_metrics else None
+        if ctx.access_log is not None or self.metrics is not None:
+            self.config.loaded_app = Observe(self.config.loaded_app, ctx.access_log,
+                                             self.metrics, self.ctl)
         proxy = cfg.proxy
         if proxy is not None:  # outside the access log: it logs the client the app saw
             self.config.loaded_app = ProxyMiddleware(self.config.loaded_app, proxy)
@@ -794,8 +814,11 @@ class UvicornASGIEngine:
             if not app_running(cycle) or (queued(conn, cycle) and not self.conn_open(conn)):
                 del first_seen[cycle]
         oldest = min(seen for seen, _ in first_seen.values()) if first_seen else now
+        metrics = self.metrics
         self.last = Counters(state.total_requests - self.warmup_requests, len(first_seen),
-                             oldest, len(state.connections))
+                             oldest, len(state.connections),
+                             metrics.encode() if metrics is not None else "",
+                             metrics.exceptions if metrics is not None else 0)
 
     def conn_open(self, conn: Any) -> bool:
         return (conn in self.state.connections and conn.transport is not None
@@ -880,7 +903,7 @@ class UvicornASGIEngine:
         try:
             await self.loop.connect_accepted_socket(self.factory, server_end)
             reader, writer = await asyncio.open_connection(sock=client_end)
-            writer.write(warmup.build_request(path, host))
+            writer.write(warmup.build_request(path, host, self.cfg.health_headers))
             raw = await asyncio.wait_for(reader.read(), timeout_s)
             writer.close()
         except asyncio.TimeoutError:
