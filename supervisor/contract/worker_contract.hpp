@@ -6,6 +6,9 @@
 #pragma once
 
 #include <array>
+#include <functional>
+#include <map>
+#include <string>
 #include <string_view>
 
 namespace molt::contract {
@@ -33,6 +36,22 @@ constexpr const char* describe(int exit_code) {
 }
 
 // Message keys (sd_notify syntax, KEY=VALUE lines, one message per SEQPACKET packet).
+// A message's sd_notify-style "KEY=VALUE" lines; a line without `=` is ignored, a repeated
+// key keeps its last value.
+inline std::map<std::string, std::string, std::less<>> parse_message(std::string_view text) {
+    std::map<std::string, std::string, std::less<>> fields;
+    while (!text.empty()) {
+        auto end = text.find('\n');
+        auto line = text.substr(0, end);
+        if (auto eq = line.find('='); eq != std::string_view::npos) {
+            fields[std::string(line.substr(0, eq))] = std::string(line.substr(eq + 1));
+        }
+        if (end == std::string_view::npos) break;
+        text.remove_prefix(end + 1);
+    }
+    return fields;
+}
+
 namespace key {
 // worker -> master
 inline constexpr std::string_view ready = "READY";          // booted and warm: counts as ready

@@ -24,21 +24,7 @@ std::string ms(Duration d) {
     return fmt::format("{}ms", d.count());
 }
 
-// sd_notify-style "KEY=VALUE" lines.
-std::map<std::string, std::string, std::less<>> parse_message(std::string_view text) {
-    std::map<std::string, std::string, std::less<>> fields;
-    while (!text.empty()) {
-        auto end = text.find('\n');
-        auto line = text.substr(0, end);
-        auto eq = line.find('=');
-        if (eq != std::string_view::npos) {
-            fields[std::string(line.substr(0, eq))] = std::string(line.substr(eq + 1));
-        }
-        if (end == std::string_view::npos) break;
-        text.remove_prefix(end + 1);
-    }
-    return fields;
-}
+using contract::parse_message;
 
 std::uint64_t to_u64(const std::string& text) {
     std::uint64_t value = 0;

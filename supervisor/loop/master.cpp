@@ -492,15 +492,10 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
         return core_.spawn_failed(now(), spawn.worker, error);
     };
     // Every fd made here is owned: whatever fails below, each closes exactly once.
-    auto channel = os::make_channel();
-    if (!os::ok(channel)) return fail(os::error_of(channel));
-    auto out = os::make_pipe();
-    if (!os::ok(out)) return fail(os::error_of(out));
-    auto err = os::make_pipe();
-    if (!os::ok(err)) return fail(os::error_of(err));
-    auto& [master_end, worker_end] = std::get<os::SocketPair>(channel);
-    auto& out_pipe = std::get<os::Pipe>(out);
-    auto& err_pipe = std::get<os::Pipe>(err);
+    auto ends = os::make_child_ends();
+    if (!os::ok(ends)) return fail(os::error_of(ends));
+    auto& [channel, out_pipe, err_pipe] = std::get<os::ChildEnds>(ends);
+    auto& [master_end, worker_end] = channel;
 
     WorkerLaunch launch{spawn, listeners_, options_.shim_dir, os::environment()};
     auto request = worker_spawn_request(
@@ -520,15 +515,10 @@ core::Actions Master::spawn_zygote(const core::SpawnZygote& zygote) {
     auto fail = [&](const std::string& error) {
         return core_.zygote_spawn_failed(now(), zygote.generation, error);
     };
-    auto channel = os::make_channel();
-    if (!os::ok(channel)) return fail(os::error_of(channel));
-    auto out = os::make_pipe();
-    if (!os::ok(out)) return fail(os::error_of(out));
-    auto err = os::make_pipe();
-    if (!os::ok(err)) return fail(os::error_of(err));
-    auto& [master_end, zygote_end] = std::get<os::SocketPair>(channel);
-    auto& out_pipe = std::get<os::Pipe>(out);
-    auto& err_pipe = std::get<os::Pipe>(err);
+    auto ends = os::make_child_ends();
+    if (!os::ok(ends)) return fail(os::error_of(ends));
+    auto& [channel, out_pipe, err_pipe] = std::get<os::ChildEnds>(ends);
+    auto& [master_end, zygote_end] = channel;
 
     // The zygote is started exactly as the generation's slot-0 worker would be (environment,
     // fds, directory, user/group), and told that it is the zygote.
@@ -554,15 +544,10 @@ core::Actions Master::ask_zygote(const core::SpawnWorker& spawn) {
     };
     auto zygote = processes_.find(spawn.via_zygote);
     if (zygote == processes_.end()) return fail("the zygote is gone");
-    auto channel = os::make_channel();
-    if (!os::ok(channel)) return fail(os::error_of(channel));
-    auto out = os::make_pipe();
-    if (!os::ok(out)) return fail(os::error_of(out));
-    auto err = os::make_pipe();
-    if (!os::ok(err)) return fail(os::error_of(err));
-    auto& [master_end, worker_end] = std::get<os::SocketPair>(channel);
-    auto& out_pipe = std::get<os::Pipe>(out);
-    auto& err_pipe = std::get<os::Pipe>(err);
+    auto ends = os::make_child_ends();
+    if (!os::ok(ends)) return fail(os::error_of(ends));
+    auto& [channel, out_pipe, err_pipe] = std::get<os::ChildEnds>(ends);
+    auto& [master_end, worker_end] = channel;
     std::string message = fmt::format("{}={}\n{}={}", contract::key::fork, spawn.worker,
                                       contract::key::slot, spawn.slot);
     std::string error = os::send_packet_with_fds(
@@ -580,15 +565,7 @@ core::Actions Master::ask_zygote(const core::SpawnWorker& spawn) {
 }
 
 void Master::on_forked(WorkerProcess& zygote, const std::string& packet) {
-    std::map<std::string, std::string> fields;
-    std::string_view rest = packet;
-    while (!rest.empty()) {
-        auto line = rest.substr(0, rest.find('\n'));
-        if (auto eq = line.find('='); eq != std::string_view::npos) {
-            fields[std::string(line.substr(0, eq))] = std::string(line.substr(eq + 1));
-        }
-        rest.remove_prefix(std::min(rest.size(), line.size() + 1));
-    }
+    auto fields = contract::parse_message(packet);
     core::WorkerId id =
         std::strtoull(fields[std::string(contract::key::forked)].c_str(), nullptr, 10);
     auto it = pending_forks_.find(id);

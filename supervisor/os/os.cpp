@@ -153,6 +153,17 @@ Result<Pipe> make_pipe() {
     return Pipe{Fd(fds[0]), Fd(fds[1])};
 }
 
+Result<ChildEnds> make_child_ends() {
+    auto channel = make_channel();
+    if (!ok(channel)) return Error{error_of(channel)};
+    auto out = make_pipe();
+    if (!ok(out)) return Error{error_of(out)};
+    auto err = make_pipe();
+    if (!ok(err)) return Error{error_of(err)};
+    return ChildEnds{std::move(std::get<SocketPair>(channel)), std::move(std::get<Pipe>(out)),
+                     std::move(std::get<Pipe>(err))};
+}
+
 std::string set_nonblocking(int fd) {
     int flags = ::fcntl(fd, F_GETFL);
     if (flags < 0) return failed(fmt_call("fcntl", fd, "F_GETFL"), errno);

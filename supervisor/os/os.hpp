@@ -100,6 +100,15 @@ struct Pipe {
 };
 Result<Pipe> make_pipe();  // close-on-exec
 
+// What the master makes for every worker process (spawned, or forked by a zygote): its channel
+// and the pipes its stdout and stderr go to.
+struct ChildEnds {
+    SocketPair channel;
+    Pipe out;
+    Pipe err;
+};
+Result<ChildEnds> make_child_ends();
+
 // fcntl flags; empty on success, the error text otherwise.
 std::string set_nonblocking(int fd);
 std::string set_close_on_exec(int fd, bool on);

@@ -76,5 +76,5 @@ def test_quick_observe_section_end_to_end(tmp_path):
     # Only the third master wrote an access log file, one line per request it served.
     assert results["observe_access_lines"] > 0
     text = report.read_text()
-    assert "## The cost of metrics and the access log" in text
+    assert "## 12. The cost of metrics and the access log" in text
     assert "÷ metrics off" in text

@@ -19,6 +19,6 @@ MEASURES = {
     "observe": observe.measure,
 }
 
-# The report's sections, in the report's order (figures 1 to 8).
+# The report's sections, in the report's order (figures 1 to 12).
 REPORTERS = [wsgi.report, asgi.report, rollover.report, hup.report, memory.report, idle.report,
              broken.report, preload.report, engines.report, edge.report, observe.report]

@@ -67,7 +67,7 @@ def report(doc: Report):
     results, c, add = doc.results, doc.c, doc.add
     if "https_keepalive" not in results:
         return
-    add("## The edge: HTTPS, and trusted-proxy handling")
+    add("## 11. The edge: HTTPS, and trusted-proxy handling")
     add("")
     add("The WSGI hello world of figure 1 over TLS (a 2048-bit RSA certificate made for the "
         "run), 4 workers: molt with `listen[].tls`, gunicorn gthread with `--certfile/--keyfile`, "

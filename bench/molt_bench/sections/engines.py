@@ -178,7 +178,7 @@ def report(doc: Report):
     data = results.get("engines")
     if not data:
         return
-    add("## WSGI engines: native and Python against uWSGI, gunicorn and nginx")
+    add("## 10. WSGI engines: native and Python against uWSGI, gunicorn and nginx")
     add("")
     add("4 workers each (molt and uWSGI 4 threads per worker, gunicorn gthread 4 threads), "
         "the same wrk for every server, interleaved, median of the runs (spread in "

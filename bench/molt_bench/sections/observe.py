@@ -63,7 +63,7 @@ def report(doc: Report):
     rows = results.get("observe_keepalive")
     if not rows:
         return
-    add("## The cost of metrics and the access log")
+    add("## 12. The cost of metrics and the access log")
     add("")
     add("The same molt and app three times, measured in turn (interleaved repeats): without "
         "`metrics.listen` (workers time nothing), with it (a duration histogram and status "
