@@ -1307,6 +1307,14 @@ const std::vector<KeySpec>& key_table() {
         {"metrics.listen", "address", none,
          "Address serving metrics in Prometheus text format. Empty: no metrics endpoint.",
          read_metrics_listen},
+        {"metrics.app_multiprocess", "boolean",
+         [](const Config& c) { return fmt::format("`{}`", c.metrics.app_multiprocess); },
+         "Give each generation its own `PROMETHEUS_MULTIPROC_DIR` (for `prometheus_client` in "
+         "multiprocess mode), mark dead workers, remove the directory when the generation is "
+         "gone, and serve the app's metrics on `metrics.listen` beside molt's own.",
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_bool(n, c.metrics.app_multiprocess);
+         }},
         {"logging", "section", nullptr, "Logs.", nullptr},
         {"logging.level", "`debug`, `info`, `warning` or `error`",
          [](const Config&) -> std::string { return "`info`"; },

@@ -92,6 +92,7 @@ struct Control {
 
 struct Metrics {
     std::optional<ListenAddress> listen;
+    bool app_multiprocess = false;  // PROMETHEUS_MULTIPROC_DIR per generation, served on listen
 };
 
 struct Logging {

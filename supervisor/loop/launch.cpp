@@ -72,7 +72,13 @@ std::vector<std::string> worker_environment(const WorkerLaunch& launch) {
     std::string extra = configured != config.env.end() ? configured->second : inherited_pythonpath;
     std::string pythonpath = launch.shim_dir + (extra.empty() ? "" : ":" + extra);
     for (const auto& [key, value] : config.env) {
-        if (key != "PYTHONPATH") env.push_back(key + "=" + value);
+        if (key == "PYTHONPATH") continue;
+        // molt owns the app's metrics directory when it marks dead workers and cleans up.
+        if (key == "PROMETHEUS_MULTIPROC_DIR" && !launch.app_metrics_dir.empty()) continue;
+        env.push_back(key + "=" + value);
+    }
+    if (!launch.app_metrics_dir.empty()) {
+        env.push_back("PROMETHEUS_MULTIPROC_DIR=" + launch.app_metrics_dir);
     }
 
     std::vector<std::string> fds, names;

@@ -30,7 +30,8 @@ struct WorkerLaunch {
     const std::vector<os::Listener>& listeners;
     std::string shim_dir;                         // goes first on PYTHONPATH
     std::vector<std::string> master_environment;  // "KEY=VALUE", as os::environment() gives it
-    bool zygote = false;  // the generation's zygote (MOLT_ZYGOTE=1), not a worker
+    bool zygote = false;          // the generation's zygote (MOLT_ZYGOTE=1), not a worker
+    std::string app_metrics_dir;  // PROMETHEUS_MULTIPROC_DIR (metrics.app_multiprocess), or ""
 };
 
 // The environment of one worker: the child environment, the config's `env:` over it, the

@@ -121,6 +121,7 @@ Master::Master(std::shared_ptr<const config::Config> config, MasterOptions optio
 }
 
 Master::~Master() {
+    remove_app_metrics_root();
     uv_loop_close(&loop_);
 }
 
@@ -436,6 +437,7 @@ void Master::on_worker_exit(pid_t pid, int status) {
     if (auto it = processes_.find(pid); it != processes_.end()) {
         WorkerProcess* worker = it->second.release();
         processes_.erase(it);
+        app_metrics_process_dead(worker->generation, pid);
         worker->drain_output();
         tail = worker->stderr_tail;
         close_worker_handles(worker);
@@ -446,6 +448,7 @@ void Master::on_worker_exit(pid_t pid, int status) {
         retired_stats_[interface_of(w.generation)].add(w.counters.stats);
     }
     feed(core_.exited(now(), pid, exit, tail));
+    sweep_app_metrics_dirs();
 }
 
 // libuv runs due timers before it polls for I/O. After the master was stopped, the heartbeats
@@ -497,7 +500,12 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
     auto& [channel, out_pipe, err_pipe] = std::get<os::ChildEnds>(ends);
     auto& [master_end, worker_end] = channel;
 
-    WorkerLaunch launch{spawn, listeners_, options_.shim_dir, os::environment()};
+    WorkerLaunch launch{spawn,
+                        listeners_,
+                        options_.shim_dir,
+                        os::environment(),
+                        false,
+                        app_metrics_dir(*spawn.release.config, spawn.generation)};
     auto request = worker_spawn_request(
         launch, {worker_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
     if (!os::ok(request)) return fail(os::error_of(request));
@@ -523,7 +531,9 @@ core::Actions Master::spawn_zygote(const core::SpawnZygote& zygote) {
     // The zygote is started exactly as the generation's slot-0 worker would be (environment,
     // fds, directory, user/group), and told that it is the zygote.
     core::SpawnWorker as_worker{0, zygote.generation, 0, zygote.release, 0};
-    WorkerLaunch launch{as_worker, listeners_, options_.shim_dir, os::environment(), true};
+    WorkerLaunch launch{
+        as_worker,         listeners_, options_.shim_dir,
+        os::environment(), true,       app_metrics_dir(*zygote.release.config, zygote.generation)};
     auto request = worker_spawn_request(
         launch, {zygote_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
     if (!os::ok(request)) return fail(os::error_of(request));

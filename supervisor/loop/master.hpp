@@ -63,6 +63,14 @@ class Master {
     nlohmann::json status_json() const;
     nlohmann::json history_json() const;
     std::string metrics_text() const;
+    // metrics.app_multiprocess (app_metrics.cpp): what a scrape of the app's own metrics reads,
+    // the python that can read it and the directories of the generations that still exist;
+    // nullopt when it is off.
+    struct AppMetricsScrape {
+        std::string python;
+        std::vector<std::string> dirs;
+    };
+    std::optional<AppMetricsScrape> app_metrics_scrape();
     // "wsgi" or "asgi": the interface a generation's workers serve (status.cpp).
     std::string interface_of(core::GenerationId generation) const;
     const core::Supervisor& core() const { return core_; }
@@ -70,6 +78,11 @@ class Master {
     uv_loop_t* loop() { return &loop_; }
 
   private:
+    std::string app_metrics_dir(const config::Config& config, core::GenerationId generation);
+    void app_metrics_process_dead(core::GenerationId generation, pid_t pid);
+    void sweep_app_metrics_dirs();
+    void remove_app_metrics_root();
+    std::string app_metrics_root_;  // made on first use, removed at exit
     friend struct WorkerProcess;
 
     // Parts of metrics_text() (status.cpp), one family group each.

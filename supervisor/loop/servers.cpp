@@ -1,6 +1,7 @@
 #include "supervisor/loop/servers.hpp"
 
 #include <fmt/format.h>
+#include <signal.h>
 
 #include <nlohmann/json.hpp>
 
@@ -346,11 +347,140 @@ void MetricsServer::handle(const std::shared_ptr<Connection>& connection,
             body.size(), body));
         return;
     }
-    std::string body = master_.metrics_text();
+    auto scrape = master_.app_metrics_scrape();
+    if (!scrape || scrape->dirs.empty()) {
+        answer_metrics(connection, "");
+        return;
+    }
+    scrape_app_metrics(connection, *scrape);
+}
+
+void MetricsServer::answer_metrics(const std::shared_ptr<Connection>& connection,
+                                   const std::string& app_metrics) {
+    // molt's own families are read when the answer goes out, after the app's scrape.
+    std::string body = master_.metrics_text() + app_metrics;
     connection->answer(
         fmt::format("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
                     "Content-Length: {}\r\nConnection: close\r\n\r\n{}",
                     body.size(), body));
+}
+
+namespace {
+
+// Run by the configured python: prometheus_client merges the files of every generation that
+// still exists (as MultiProcessCollector does for one directory).
+constexpr const char* kAppMetricsScript = R"(import glob, sys
+from prometheus_client import generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+files = [f for d in sys.argv[1:] for f in glob.glob(d + "/*.db")]
+class Collector:
+    def collect(self):
+        return MultiProcessCollector.merge(files, accumulate=True)
+sys.stdout.write(generate_latest(Collector()).decode())
+)";
+
+// One scrape of the app's metrics in a child process, never blocking the loop: its output is
+// read through a pipe, and a timer bounds it (then molt's own metrics go out alone).
+struct AppScrape {
+    uv_process_t process{};
+    uv_pipe_t out{};
+    uv_timer_t timer{};
+    std::string output;
+    std::weak_ptr<Connection> connection;
+    MetricsServer* server = nullptr;
+    int open_handles = 3;
+    bool answered = false;
+
+    void finish() {
+        if (answered) return;
+        answered = true;
+        if (auto c = connection.lock()) server->answer_app_metrics(c, output);
+        uv_timer_stop(&timer);
+        close_all();
+    }
+    void close_all() {
+        auto closed = [](uv_handle_t* handle) {
+            auto* self = static_cast<AppScrape*>(handle->data);
+            if (--self->open_handles == 0) delete self;
+        };
+        for (auto* handle :
+             {reinterpret_cast<uv_handle_t*>(&process), reinterpret_cast<uv_handle_t*>(&out),
+              reinterpret_cast<uv_handle_t*>(&timer)}) {
+            if (!uv_is_closing(handle)) uv_close(handle, closed);
+        }
+    }
+};
+
+constexpr std::uint64_t kAppScrapeTimeoutMs = 3000;
+
+}  // namespace
+
+void MetricsServer::answer_app_metrics(const std::shared_ptr<Connection>& connection,
+                                       const std::string& app_metrics) {
+    answer_metrics(connection, app_metrics);
+}
+
+void MetricsServer::scrape_app_metrics(const std::shared_ptr<Connection>& connection,
+                                       const Master::AppMetricsScrape& scrape) {
+    auto* job = new AppScrape;
+    job->connection = connection;
+    job->server = this;
+    uv_loop_t* loop = master_.loop();
+    uv_pipe_init(loop, &job->out, 0);
+    uv_timer_init(loop, &job->timer);
+    job->out.data = job->timer.data = job->process.data = job;
+
+    std::vector<std::string> args = {scrape.python, "-c", kAppMetricsScript};
+    for (const auto& dir : scrape.dirs) args.push_back(dir);
+    std::vector<char*> argv;
+    for (auto& arg : args) argv.push_back(arg.data());
+    argv.push_back(nullptr);
+    uv_stdio_container_t stdio[3];
+    stdio[0].flags = UV_IGNORE;
+    stdio[1].flags = static_cast<uv_stdio_flags>(UV_CREATE_PIPE | UV_WRITABLE_PIPE);
+    stdio[1].data.stream = reinterpret_cast<uv_stream_t*>(&job->out);
+    stdio[2].flags = UV_INHERIT_FD;
+    stdio[2].data.fd = 2;
+    uv_process_options_t options{};
+    options.file = args[0].c_str();
+    options.args = argv.data();
+    options.stdio = stdio;
+    options.stdio_count = 3;
+    int rc = uv_spawn(loop, &job->process, &options);
+    if (rc != 0) {
+        master_.log().warning(fmt::format("metrics.app_multiprocess: cannot run {}: {}",
+                                          scrape.python, uv_strerror(rc)));
+        job->finish();
+        return;
+    }
+    uv_timer_start(
+        &job->timer,
+        [](uv_timer_t* timer) {
+            auto* self = static_cast<AppScrape*>(timer->data);
+            uv_process_kill(&self->process, SIGKILL);
+            self->output.clear();  // cut short: molt's own metrics go out alone
+            self->finish();
+        },
+        kAppScrapeTimeoutMs, 0);
+    uv_read_start(
+        reinterpret_cast<uv_stream_t*>(&job->out),
+        [](uv_handle_t*, size_t suggested, uv_buf_t* buf) {
+            buf->base = new char[suggested];
+            buf->len = suggested;
+        },
+        [](uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf) {
+            std::unique_ptr<char[]> owned(buf->base);
+            auto* self = static_cast<AppScrape*>(stream->data);
+            if (nread > 0) {
+                self->output.append(buf->base, static_cast<size_t>(nread));
+            } else if (nread < 0) {
+                // The script's stdout closed: it is done. Its exit is not waited for here:
+                // the master's reaper (waitpid(-1)) takes every child; a failed script wrote
+                // its traceback to stderr and nothing here.
+                uv_read_stop(stream);
+                self->finish();
+            }
+        });
 }
 
 }  // namespace molt::loop

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "config/config.hpp"
+#include "supervisor/loop/master.hpp"
 
 namespace molt::loop {
 
@@ -93,9 +94,16 @@ class MetricsServer : public OneShotServer {
   public:
     explicit MetricsServer(Master& master);
     std::string listen(const config::ListenAddress& address);
+    // The app's metrics (metrics.app_multiprocess) are read; molt's own go out with them.
+    void answer_app_metrics(const std::shared_ptr<Connection>& connection,
+                            const std::string& app_metrics);
 
   private:
     void handle(const std::shared_ptr<Connection>& connection, const std::string& request) override;
+    void answer_metrics(const std::shared_ptr<Connection>& connection,
+                        const std::string& app_metrics);
+    void scrape_app_metrics(const std::shared_ptr<Connection>& connection,
+                            const Master::AppMetricsScrape& scrape);
 
     uv_tcp_t tcp_{};
     uv_pipe_t pipe_{};

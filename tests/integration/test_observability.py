@@ -305,3 +305,59 @@ def test_the_three_copies_of_the_buckets_agree(molt):
     native = (REPO / "worker_shim" / "native" / "engine.hpp").read_text()
     listed = re.search(r"kDurationBuckets\[\] = \{([^}]*)\}", native).group(1)
     assert [float(x) for x in listed.replace("\n", " ").split(",")] == list(BUCKETS_S)
+
+
+# ----- the app's own metrics (metrics.app_multiprocess) ----------------------------------------
+
+def app_metrics_dirs(root: Path) -> list[str]:
+    """The generation directories under the master's one directory (there is one at most)."""
+    masters = list(root.glob("molt-app-metrics.*"))
+    assert len(masters) <= 1, masters
+    return sorted(p.name for p in masters[0].iterdir()) if masters else []
+
+
+def test_prometheus_client_multiprocess_app_across_rollovers_and_a_kill(molt, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    metrics_port = free_port()
+    config = dict(BASE, app="multiproc_metrics_app:app", workers=2,
+                  metrics={"listen": f"tcp://127.0.0.1:{metrics_port}", "app_multiprocess": True})
+    m = molt(config, env=dict(os.environ, RUNTIME_DIRECTORY=str(run_dir)))
+
+    def hits(samples):
+        return value(samples, "app_hits_total")
+
+    for rollover in range(6):
+        generation = m.live_generation()
+        # Only the live generation's directory is left: the old one went with its workers.
+        wait_until(lambda: app_metrics_dirs(run_dir) == [f"generation-{generation}"], 15,
+                   "the old generation's directory to be removed")
+        samples = scrape(metrics_port)
+        assert hits(samples) == 0, samples  # a new generation counts from zero
+        assert any(n.startswith("molt_") for n, _ in samples), samples
+        sent = 3 + rollover
+        for _ in range(sent):
+            assert http_get(m.port, "/hit")[0] == 200
+        samples = scrape(metrics_port)
+        assert hits(samples) == sent, samples
+        assert any(n == "molt_worker_requests_total" for n, _ in samples), samples
+        if rollover < 5:
+            assert m.reload()["ok"]
+
+    # kill -9 of a worker: its counts stay (they were served), its live gauge goes.
+    victim = m.worker_pids()[0]
+    gen_dir = next(run_dir.glob("molt-app-metrics.*")) / f"generation-{m.live_generation()}"
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in m.worker_pids() and len(m.worker_pids()) == 2, 30,
+               "the killed worker to be replaced")
+    wait_until(lambda: not list(gen_dir.glob(f"gauge_live*_{victim}.db")), 15,
+               "the dead worker to be marked dead")
+    samples = scrape(metrics_port)
+    assert hits(samples) == sent
+    serving = value(samples, "app_serving_processes")
+    assert serving == len([p for p in m.worker_pids()
+                           if list(gen_dir.glob(f"gauge_live*_{p}.db"))]), samples
+
+    # At exit nothing is left.
+    assert m.stop() == 0
+    assert list(run_dir.iterdir()) == []
