@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <system_error>
 
+#include "supervisor/loop/launch.hpp"
 #include "supervisor/loop/master.hpp"
 
 namespace molt::loop {
@@ -39,6 +40,11 @@ std::string Master::app_metrics_dir(const config::Config& config, core::Generati
                           std::string(base) + ": " + std::strerror(errno));
             return {};
         }
+        // mkdtemp makes it 0700; workers that run as user: must be able to pass through it.
+        std::error_code mode_error;
+        fs::permissions(pattern,
+                        fs::perms::owner_all | fs::perms::group_exec | fs::perms::others_exec,
+                        mode_error);
         app_metrics_root_ = pattern;
     }
     std::string dir = generation_dir(app_metrics_root_, generation);
@@ -48,6 +54,11 @@ std::string Master::app_metrics_dir(const config::Config& config, core::Generati
         log().warning("metrics.app_multiprocess: " + dir + ": " + error.message());
         return {};
     }
+    // Workers that run as user:/group: must be able to write their files there.
+    os::SpawnRequest identity;
+    std::string failure = resolve_identity(config, identity);
+    if (failure.empty()) failure = os::change_owner(dir, identity.uid, identity.gid);
+    if (!failure.empty()) log().warning("metrics.app_multiprocess: " + failure);
     return dir;
 }
 

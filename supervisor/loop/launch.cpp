@@ -23,6 +23,8 @@ std::string joined(const std::vector<std::string>& items) {
     return text;
 }
 
+}  // namespace
+
 // user: and group: resolved to ids; group: wins over the user's primary group.
 std::string resolve_identity(const config::Config& config, os::SpawnRequest& request) {
     if (!config.user.empty()) {
@@ -40,8 +42,6 @@ std::string resolve_identity(const config::Config& config, os::SpawnRequest& req
     }
     return {};
 }
-
-}  // namespace
 
 std::vector<std::string> child_environment(const std::vector<std::string>& master_environment) {
     std::vector<std::string> env;

@@ -15,6 +15,10 @@ namespace molt::loop {
 // The master's environment without what belongs to the master alone (contract::is_scrubbed:
 // systemd's NOTIFY_SOCKET, LISTEN_* and WATCHDOG_*, and molt's own MOLT_*). Every child the
 // master starts (a worker, the binary-upgrade check) starts from this.
+// user: and group: resolved to ids (group: wins over the user's primary group) into `request`;
+// empty, or why a name does not resolve.
+std::string resolve_identity(const config::Config& config, os::SpawnRequest& request);
+
 std::vector<std::string> child_environment(const std::vector<std::string>& master_environment);
 
 // The fds the caller made for this one worker.

@@ -578,4 +578,14 @@ Result<std::vector<std::string>> inaccessible_as(const std::string& user, const 
     return refused;
 }
 
+std::string change_owner(const std::string& path, std::optional<uid_t> uid,
+                         std::optional<gid_t> gid) {
+    if (!uid && !gid) return {};
+    if (::chown(path.c_str(), uid ? *uid : static_cast<uid_t>(-1),
+                gid ? *gid : static_cast<gid_t>(-1)) < 0) {
+        return failed("chown(\"" + path + "\")", errno);
+    }
+    return {};
+}
+
 }  // namespace molt::os

@@ -253,6 +253,9 @@ Result<std::vector<std::string>> inaccessible_as(const std::string& user, const 
 // Resolve user/group names to ids; errors name the missing user.
 Result<uid_t> lookup_user(const std::string& name, gid_t* primary_group);
 Result<gid_t> lookup_group(const std::string& name);
+// chown(path, uid, gid), leaving an id that is not given as it is; empty, or the error text.
+std::string change_owner(const std::string& path, std::optional<uid_t> uid,
+                         std::optional<gid_t> gid);
 
 // ----- listeners -------------------------------------------------------------------------
 
