@@ -427,6 +427,21 @@ class Releases:
             (target / rel).write_text(text)
         return target
 
+    def config(self, **extra) -> dict:
+        """A molt config for the Flask releases of this layout (`app:app`, 2 workers x 2
+        threads, REVISION as the version, /healthz warm-up); `extra` overrides keys."""
+        config = {
+            "app": "app:app",
+            "chdir": str(self.current),
+            "workers": 2,
+            "threads": 2,
+            "version_file": "REVISION",
+            "health": {"path": "/healthz"},
+            "timeouts": {"boot": "20s", "graceful": "10s"},
+        }
+        config.update(extra)
+        return config
+
     def activate(self, name: str):
         """Flips `current` atomically, the way a deploy tool does."""
         tmp = self.root / f".current-{name}"

@@ -31,17 +31,7 @@ def imports(log: Path) -> list[int]:
 
 
 def config_for(releases: Releases, log: Path, **extra) -> dict:
-    config = {
-        "app": "app:app",
-        "chdir": str(releases.current),
-        "workers": 2,
-        "threads": 2,
-        "version_file": "REVISION",
-        "health": {"path": "/healthz"},
-        "timeouts": {"boot": "20s", "graceful": "10s"},
-        "env": {"IMPORT_LOG": str(log)},
-        "preload": "auto",
-    }
+    config = releases.config(env={"IMPORT_LOG": str(log)}, preload="auto")
     config.update(extra)
     return {key: value for key, value in config.items() if value is not None}
 

@@ -15,20 +15,6 @@ def deploy_layout(tmp_path, versions=("a", "b")):
     return release_tree(tmp_path / "site", flask_release, versions)
 
 
-def base_config(releases: Releases, **extra) -> dict:
-    config = {
-        "app": "app:app",
-        "chdir": str(releases.current),
-        "workers": 2,
-        "threads": 2,
-        "version_file": "REVISION",
-        "health": {"path": "/healthz"},
-        "timeouts": {"boot": "20s", "graceful": "10s"},
-    }
-    config.update(extra)
-    return config
-
-
 def body(m) -> str:
     status, _, data = m.get("/")
     assert status == 200
@@ -59,7 +45,7 @@ def rollovers_under_load(m, releases: Releases, count: int, duration: int) -> di
 @pytest.mark.timeout(240)
 def test_ten_hup_rollovers_under_keepalive_load_fail_no_request(molt, tmp_path):
     releases = deploy_layout(tmp_path)
-    m = molt(base_config(releases))
+    m = molt(releases.config())
     assert body(m) == "version a\n"
     result = rollovers_under_load(m, releases, 10, 40)
     assert result["requests"] > 1000, result["output"]
@@ -72,7 +58,7 @@ def test_ten_hup_rollovers_under_keepalive_load_fail_no_request(molt, tmp_path):
 def test_a_release_that_fails_to_import_leaves_the_old_one_serving(molt, tmp_path):
     releases = deploy_layout(tmp_path)
     releases.add("broken", files={"app.py": "import flask\nraise RuntimeError('db url missing')\n"})
-    m = molt(base_config(releases))
+    m = molt(releases.config())
     load = Wrk(m.url("/"), duration=8, connections=16)
     try:
         releases.activate("broken")
@@ -94,7 +80,7 @@ def test_a_release_that_fails_to_import_leaves_the_old_one_serving(molt, tmp_pat
 def test_a_release_that_hangs_in_import_times_out_and_the_old_one_keeps_serving(molt, tmp_path):
     releases = deploy_layout(tmp_path)
     releases.add("hangs", files={"app.py": "import time\ntime.sleep(3600)\n"})
-    m = molt(base_config(releases, timeouts={"boot": "2s", "graceful": "10s"}))
+    m = molt(releases.config(timeouts={"boot": "2s", "graceful": "10s"}))
     load = Wrk(m.url("/"), duration=6, connections=16)
     try:
         releases.activate("hangs")
@@ -116,7 +102,7 @@ def test_a_release_that_hangs_in_import_times_out_and_the_old_one_keeps_serving(
 def test_a_failed_release_followed_by_a_good_one(molt, tmp_path):
     releases = deploy_layout(tmp_path, versions=("a", "b"))
     releases.add("broken", files={"app.py": "syntax error here\n"})
-    m = molt(base_config(releases))
+    m = molt(releases.config())
     releases.activate("broken")
     assert m.reload()["ok"] is False
     releases.activate("b")
@@ -129,7 +115,7 @@ def test_a_failed_release_followed_by_a_good_one(molt, tmp_path):
 @pytest.mark.timeout(120)
 def test_kill_9_of_a_worker_under_load_is_replaced_within_a_second(molt, tmp_path):
     releases = deploy_layout(tmp_path)
-    m = molt(base_config(releases, workers=2))
+    m = molt(releases.config(workers=2))
     load = Wrk(m.url("/"), duration=6, connections=8)
     try:
         victim = m.workers("ready")[0]
@@ -152,7 +138,7 @@ def test_kill_9_of_a_worker_under_load_is_replaced_within_a_second(molt, tmp_pat
 @pytest.mark.timeout(60)
 def test_workers_never_outlive_a_master_killed_with_sigkill(molt, tmp_path):
     releases = deploy_layout(tmp_path)
-    m = molt(base_config(releases))
+    m = molt(releases.config())
     pids = m.worker_pids()
     assert len(pids) == 2
     m.proc.kill()
@@ -176,7 +162,7 @@ def test_workers_never_outlive_a_master_killed_with_sigkill(molt, tmp_path):
 @pytest.mark.timeout(120)
 def test_rollover_in_batches_keeps_serving(molt, tmp_path):
     releases = deploy_layout(tmp_path)
-    m = molt(base_config(releases, workers=3, rollover={"batch": 1}))
+    m = molt(releases.config(workers=3, rollover={"batch": 1}))
     load = Wrk(m.url("/"), duration=10, connections=16)
     try:
         releases.activate("b")

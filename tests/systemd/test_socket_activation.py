@@ -74,16 +74,7 @@ def test_tcp_socket_from_systemd_serves_across_hup_and_ctl_rollovers(activated, 
     releases = flask_layout(tmp_path)
     port = free_port()
     unused = free_port()  # the config's own address: molt must not bind it
-    config = {
-        "app": "app:app",
-        "chdir": str(releases.current),
-        "workers": 2,
-        "threads": 2,
-        "version_file": "REVISION",
-        "health": {"path": "/healthz"},
-        "timeouts": {"boot": "20s", "graceful": "10s"},
-        "listen": [{"address": f"tcp://127.0.0.1:{unused}", "name": "web"}],
-    }
+    config = releases.config(listen=[{"address": f"tcp://127.0.0.1:{unused}", "name": "web"}])
     m = activated(config, [f"127.0.0.1:{port}"], fdnames=["web"]).start()
     assert "master pid=" not in m.log()  # nothing runs until a client connects
 
