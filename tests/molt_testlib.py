@@ -64,6 +64,20 @@ def process_running(pid: int) -> bool:
         return False
 
 
+def all_threads_stopped(pid: int) -> bool:
+    """Every thread of `pid` has taken its SIGSTOP: kill() returns before a thread that was
+    running gets to it, and such a thread can still make one more system call (an accept)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+    except OSError:
+        return False
+    return bool(states) and all(state == "T" for state in states)
+
+
 # ----- sockets and HTTP ---------------------------------------------------------------------
 def free_port() -> int:
     """A port nobody listens on right now (bind 0, read it, close it)."""

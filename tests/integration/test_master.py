@@ -487,7 +487,7 @@ def test_metrics_parse_and_move_with_rollovers_and_crashes(molt):
     m.reload()
     victim = m.workers("ready")[0]["pid"]
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: len(m.workers("ready")) == 2 and victim not in m.worker_pids(), 15,
+    wait_until(lambda: victim not in m.worker_pids() and len(m.workers("ready")) == 2, 15,
                "the crashed worker's replacement")
     after = scrape(metrics_port)
     assert after['molt_generation{}'] == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from molt_testlib import APPS, http_get, wait_until
+from molt_testlib import APPS, all_threads_stopped, http_get, wait_until
 
 # Heartbeats every 500 ms (timeouts.heartbeat / 6), so the master's view moves quickly.
 BASE = {"chdir": str(APPS), "timeouts": {"heartbeat": "3s"}, "health": {"path": "/healthz"}}
@@ -150,7 +150,9 @@ def test_busy_workers_against_capacity_while_requests_block(molt, engine, tmp_pa
 
 def test_listen_queue_depth_rises_while_the_workers_are_stopped(molt, tmp_path):
     sock_path = tmp_path / "app.sock"
-    m, port = start(molt, "python",
+    # Stopped workers stay silent: a heartbeat timeout longer than the test keeps the master
+    # from killing them (and their replacements from taking the queue) on a slow machine.
+    m, port = start(molt, "python", timeouts={"heartbeat": "120s"},
                     listen=["tcp://127.0.0.1:0", f"unix:{sock_path}"])
     tcp_label = next(a for a in m.status()["master"]["listen"] if a.startswith("tcp://"))
     unix_label = next(a for a in m.status()["master"]["listen"] if a.startswith("unix:"))
@@ -164,6 +166,7 @@ def test_listen_queue_depth_rises_while_the_workers_are_stopped(molt, tmp_path):
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
+        wait_until(lambda: all(all_threads_stopped(pid) for pid in pids), 10, "stopped workers")
         for _ in range(5):  # the kernel completes the handshake; nobody accepts
             waiting.append(socket.create_connection(("127.0.0.1", m.port), timeout=5))
         for _ in range(3):

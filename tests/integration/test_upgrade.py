@@ -57,8 +57,8 @@ def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
     zygote = before["generations"][0]["preload"]["zygote"]
     assert zygote and after["generations"][0]["preload"]["zygote"]["pid"] == zygote["pid"]
     os.kill(workers_before[0], signal.SIGKILL)
-    wait_until(lambda: len(m.workers("ready")) == 2
-               and workers_before[0] not in m.worker_pids(), 20, "the replacement",
+    wait_until(lambda: workers_before[0] not in m.worker_pids()
+               and len(m.workers("ready")) == 2, 20, "the replacement",
                on_timeout=m.log)
     assert all(w["forked"] for w in m.workers("ready")), m.status()
     # The adopted generation still rolls over normally afterwards.
