@@ -772,7 +772,10 @@ bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state)
             if (!ex.headers_sent) internal_error(ex);
         }
     }
-    if (result && PyObject_HasAttrString(result.get(), "close")) {
+    // A plain list or tuple (most apps' answer) has no close(): asking would build and clear
+    // an AttributeError on every request.
+    if (result && !PyList_CheckExact(result.get()) && !PyTuple_CheckExact(result.get()) &&
+        PyObject_HasAttrString(result.get(), "close")) {
         PyRef closed = PyRef::steal(PyObject_CallMethod(result.get(), "close", nullptr));
         if (!closed) {
             log(kError, "error in close() of the application's response\n" + take_exception_text());
