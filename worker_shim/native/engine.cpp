@@ -334,30 +334,28 @@ void Server::listen() {
     }
 }
 
-Connection* Server::add_connection(int fd, int listener_index, bool tcp_peer) {
+Connection* Server::add_connection(int fd, int listener_index, const sockaddr_storage& addr) {
+    // addr: the peer as accept4() returned it (AF_UNIX for a Unix socket, named or not).
+    const bool tcp_peer = addr.ss_family != AF_UNIX;
     auto conn = std::make_unique<Connection>(fd, listener_index, config_.limits);
     conn->tcp = tcp_peer;
     conn->idle_since = monotonic();
     if (tcp_peer) {
-        sockaddr_storage addr{};
-        socklen_t len = sizeof addr;
-        if (getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-            char host[INET6_ADDRSTRLEN] = "";
-            int port = 0;
-            if (addr.ss_family == AF_INET) {
-                auto* a = reinterpret_cast<sockaddr_in*>(&addr);
-                inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
-                port = ntohs(a->sin_port);
-            } else if (addr.ss_family == AF_INET6) {
-                auto* a = reinterpret_cast<sockaddr_in6*>(&addr);
-                inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
-                port = ntohs(a->sin6_port);
-            } else {
-                conn->tcp = false;
-            }
-            conn->remote_addr = host;
-            conn->remote_port = std::to_string(port);
+        char host[INET6_ADDRSTRLEN] = "";
+        int port = 0;
+        if (addr.ss_family == AF_INET) {
+            const auto* a = reinterpret_cast<const sockaddr_in*>(&addr);
+            inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+            port = ntohs(a->sin_port);
+        } else if (addr.ss_family == AF_INET6) {
+            const auto* a = reinterpret_cast<const sockaddr_in6*>(&addr);
+            inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+            port = ntohs(a->sin6_port);
+        } else {
+            conn->tcp = false;
         }
+        conn->remote_addr = host;
+        conn->remote_port = std::to_string(port);
     }
     Connection* raw = conn.get();
     conns_[fd] = std::move(conn);
@@ -376,14 +374,16 @@ void Server::accept_from(int index, PyThreadState* ts) {
         ListenerSlot& lst = listeners_[static_cast<std::size_t>(index)];
         if (!lst.open) return;                                            // closed by the drain
         if (epoll_ctl(ep_, EPOLL_CTL_DEL, lst.fd, nullptr) != 0) return;  // another thread accepts
-        const int fd = accept4(lst.fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        // The peer's address comes with accept4(): no getpeername()/getsockname() per
+        // connection (two of the nine syscalls of a `Connection: close` request).
+        sockaddr_storage peer{};
+        socklen_t peer_len = sizeof peer;
+        const int fd = accept4(lst.fd, reinterpret_cast<sockaddr*>(&peer), &peer_len,
+                               SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             accept_errno = errno;
         } else {
-            sockaddr_storage local{};
-            socklen_t len = sizeof local;
-            getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len);
-            conn = add_connection(fd, index, local.ss_family != AF_UNIX);
+            conn = add_connection(fd, index, peer);
         }
     }
     if (conn == nullptr) {
@@ -444,7 +444,9 @@ bool Server::rejoin(int index) {
 
 void Server::submit_warmup(int fd) {
     std::lock_guard<std::mutex> lock(mu_);
-    Connection* conn = add_connection(fd, -1, false);
+    sockaddr_storage unix_peer{};
+    unix_peer.ss_family = AF_UNIX;
+    Connection* conn = add_connection(fd, -1, unix_peer);
     conn->warmup = true;
     park_locked(conn, ConnState::idle, true);
 }
@@ -796,12 +798,12 @@ void Server::stop_accepting() {
         // With EPOLLEXCLUSIVE a new connection woke this worker only: take what is queued
         // (bounded) and answer it with Connection: close. Later arrivals wake the others.
         for (int k = 0; k < kDrainBacklogMax; ++k) {
-            const int fd = accept4(lst.fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            sockaddr_storage peer{};
+            socklen_t peer_len = sizeof peer;
+            const int fd = accept4(lst.fd, reinterpret_cast<sockaddr*>(&peer), &peer_len,
+                                   SOCK_NONBLOCK | SOCK_CLOEXEC);
             if (fd < 0) break;
-            sockaddr_storage local{};
-            socklen_t len = sizeof local;
-            getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len);
-            Connection* conn = add_connection(fd, static_cast<int>(i), local.ss_family != AF_UNIX);
+            Connection* conn = add_connection(fd, static_cast<int>(i), peer);
             park_locked(conn, ConnState::idle, true);
         }
         // Closing our descriptor leaves the shared socket (and its queue) to the other

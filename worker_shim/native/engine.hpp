@@ -13,6 +13,7 @@
 // table; `log_mu_` the log queue. No thread ever waits for the GIL while it holds one of them.
 #pragma once
 
+#include <sys/socket.h>
 #include <sys/uio.h>
 
 #include <atomic>
@@ -198,7 +199,7 @@ class Server {
     void discard(Connection* conn);
     Connection* take_parked(int fd);
     std::string overdue(const Connection& conn, double now) const;
-    Connection* add_connection(int fd, int listener_index, bool tcp_peer);
+    Connection* add_connection(int fd, int listener_index, const sockaddr_storage& peer);
 
     EngineConfig config_;
     PyRef app_;
