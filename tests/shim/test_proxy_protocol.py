@@ -104,8 +104,9 @@ def test_reject_log_once_per_burst():
 
 
 # -- through the engines ------------------------------------------------------------------------
-def spawn_pp(spawn, listeners, interface="wsgi", trusted=None):
+def spawn_pp(spawn, listeners, interface="wsgi", trusted=None, extra=None):
     overrides = {"listeners": {name: {"proxy_protocol": True} for name in listeners.names}}
+    overrides.update(extra or {})
     if trusted is not None:
         overrides["proxy"] = {"trusted": trusted}
     if interface == "asgi":
@@ -228,3 +229,35 @@ def test_forwarding_headers_are_trusted_by_the_proxied_address(listeners, spawn)
         assert json.loads(body)["REMOTE_ADDR"] == "203.0.113.7"
     finally:
         c.close()
+
+
+@pytest.mark.usefixtures("engine")
+def test_header_dribbled_byte_by_byte(listeners, spawn):
+    """A header that arrives in many small reads, then the request: the engine reads the
+    header's bytes and no more, whatever the reads look like."""
+    spawn_pp(spawn, listeners)
+    for header, want in ((b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\n", "203.0.113.7"),
+                         (v2_tcp6(), "2001:db8::7")):
+        s = socket.create_connection(("127.0.0.1", listeners.port))
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i in range(len(header)):
+                s.sendall(header[i:i + 1])
+            s.sendall(b"GET /env HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.settimeout(20)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        finally:
+            s.close()
+        assert data.startswith(b"HTTP/1.1 200"), data
+        assert json.loads(data.split(b"\r\n\r\n", 1)[1])["REMOTE_ADDR"] == want
+
+
+@pytest.mark.usefixtures("engine")
+def test_access_log_shows_the_proxied_client(listeners, spawn):
+    w = spawn_pp(spawn, listeners, extra={"logging": {"access_log": True, "level": "info"}})
+    assert ask(listeners, b"PROXY TCP4 203.0.113.9 10.0.0.1 6000 80\r\n", "wsgi",
+               path="/env?logged") == ["203.0.113.9", "6000"]
+    wait_until(lambda: any("203.0.113.9" in line and "/env?logged" in line
+                           for line in w.stdout), 10, "the access log line")
