@@ -12,6 +12,10 @@ def application(environ, start_response):
         f.seek(0)
         start_response("200 OK", [("Content-Length", size)])
         return environ["wsgi.file_wrapper"](f)
+    if environ["PATH_INFO"] == "/echo":  # a request body read through TLS
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
     if environ["PATH_INFO"] == "/big":
         body = b"x" * 1_000_000
         start_response("200 OK", [("Content-Length", str(len(body)))])

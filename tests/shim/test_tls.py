@@ -5,6 +5,7 @@ holding no thread meanwhile)."""
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 
@@ -36,13 +37,13 @@ def spawn_tls(spawn, listeners, certs, interface="wsgi", client_ca=False, thread
     return w
 
 
-def curl(listeners, certs, path="/", client=False, extra=()):
+def curl(listeners, certs, path="/", client=False, extra=(), input=None):
     args = ["curl", "-sS", "--max-time", "20", "--cacert", certs.ca,
             "--resolve", "localhost:%d:127.0.0.1" % listeners.port]
     if client:
         args += ["--cert", certs.client_cert, "--key", certs.client_key]
     args += list(extra) + ["https://localhost:%d%s" % (listeners.port, path)]
-    return subprocess.run(args, capture_output=True, timeout=30)
+    return subprocess.run(args, capture_output=True, timeout=30, input=input)
 
 
 @pytest.mark.usefixtures("engine")
@@ -81,6 +82,33 @@ def test_files_through_tls(listeners, spawn, certs, tmp_path):
     assert static.returncode == 0 and static.stdout == data, static.stderr
     ranged = curl(listeners, certs, "/static/blob.bin", extra=["-r", "100-199"])
     assert ranged.returncode == 0 and ranged.stdout == data[100:200], ranged.stderr
+
+
+@pytest.mark.usefixtures("engine")
+def test_pipelined_requests_and_bodies_through_tls(listeners, spawn, certs):
+    """Two requests in one TLS record, then three records sent back to back: all five are
+    answered, none is left waiting where epoll cannot see it. Then request bodies,
+    small and large, with Content-Length and chunked, read through TLS."""
+    spawn_tls(spawn, listeners, certs)
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    with socket.create_connection(("127.0.0.1", listeners.port), timeout=20) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            one = b"GET /env HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            last = b"GET /env HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            s.sendall(one * 2)  # one TLS record
+            s.sendall(one)  # then three records, sent back to back
+            s.sendall(one)
+            s.sendall(last)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 5, data
+    body = os.urandom(300_000)
+    posted = curl(listeners, certs, "/echo", extra=["--data-binary", "@-"], input=body)
+    assert posted.returncode == 0 and posted.stdout == body, posted.stderr
+    chunked = curl(listeners, certs, "/echo", input=body[:5000],
+                   extra=["--data-binary", "@-", "-H", "Transfer-Encoding: chunked"])
+    assert chunked.returncode == 0 and chunked.stdout == body[:5000], chunked.stderr
 
 
 @pytest.mark.usefixtures("engine")
