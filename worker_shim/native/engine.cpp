@@ -703,8 +703,11 @@ Server::Preamble Server::read_proxy_header(Connection* conn, PyThreadState* ts) 
         const std::size_t have = conn->preamble.size();
         std::string candidate = conn->preamble + std::string(buf, static_cast<std::size_t>(n));
         length = proxy_header_length(candidate);
-        const std::size_t take = length == 0 ? static_cast<std::size_t>(n) : length - have;
-        if (::recv(conn->fd, buf, take, 0) != static_cast<ssize_t>(take)) return Preamble::close;
+        const std::size_t take = length == 0     ? static_cast<std::size_t>(n)
+                                 : length > have ? length - have
+                                                 : 0;
+        if (take > 0 && ::recv(conn->fd, buf, take, 0) != static_cast<ssize_t>(take))
+            return Preamble::close;
         conn->preamble.append(buf, take);
     }
     conn->proxy_pending = false;

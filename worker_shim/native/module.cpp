@@ -388,10 +388,22 @@ bool read_listener_options(PyObject* options, ListenerSlot* slot) {
     PyObject* tls = PyDict_GetItemString(options, "tls");  // borrowed
     if (tls == nullptr || tls == Py_None) return true;
     TlsOptions opts;
-    if (!PyDict_Check(tls) || !config_text(tls, "cert", &opts.cert) ||
-        !config_text(tls, "key", &opts.key) || !config_text(tls, "client_ca", &opts.client_ca) ||
+    if (!PyDict_Check(tls)) {
+        PyErr_SetString(PyExc_TypeError, "make_server: tls must be a dict");
+        return false;
+    }
+    // File paths as the bytes they stand for (surrogateescape), like the static roots.
+    auto path = [tls](const char* key, std::string* out) {
+        PyObject* value = PyDict_GetItemString(tls, key);  // borrowed
+        if (value == nullptr) {
+            PyErr_Format(PyExc_KeyError, "make_server: tls lacks %s", key);
+            return false;
+        }
+        return text_bytes(value, "utf-8", "surrogateescape", out);
+    };
+    if (!path("cert", &opts.cert) || !path("key", &opts.key) ||
+        !path("client_ca", &opts.client_ca) ||
         !config_text(tls, "min_version", &opts.min_version)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "make_server: tls must be a dict");
         return false;
     }
     try {
