@@ -134,9 +134,12 @@ def test_alpn_and_handshake_with_s_client(listeners, spawn, certs):
 def test_mutual_tls(listeners, spawn, certs, interface, engine):
     if interface == "asgi" and engine != "python":
         pytest.skip("ASGI has one engine")
-    spawn_tls(spawn, listeners, certs, interface, client_ca=True)
+    w = spawn_tls(spawn, listeners, certs, interface, client_ca=True)
     refused = curl(listeners, certs, "/env")
     assert refused.returncode != 0  # no client certificate: the handshake fails
+    if engine == "native":  # one info line with OpenSSL's reason
+        wait_until(lambda: "TLS error" in w.stderr_text() and "certificate" in w.stderr_text(),
+                   10, "the handshake failure's log line")
     ok = curl(listeners, certs, "/env", client=True)
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
