@@ -1183,9 +1183,7 @@ const std::vector<KeySpec>& key_table() {
          [](const Config&) -> std::string { return "`false`"; },
          "Every connection on this address starts with a PROXY protocol header (v1 or v2, as "
          "HAProxy and AWS NLB send it), which names the client. A connection without a valid "
-         "header is closed without a response, logged once per burst. Not with `engine: "
-         "native`: a worker with such a listener uses the Python engine (one log line says "
-         "so).",
+         "header is closed without a response, logged once per burst. Every engine reads it.",
          nullptr},
         {"listen[].tls", "section", nullptr,
          "TLS on this address (HTTPS). The workers of each generation load the files when they "
@@ -1199,8 +1197,8 @@ const std::vector<KeySpec>& key_table() {
          nullptr},
         {"listen[].tls.client_ca", "path", none,
          "PEM CA certificates for mutual TLS: clients must present a certificate they signed; "
-         "the verified subject reaches WSGI apps as `SSL_CLIENT_S_DN`. Empty: no client "
-         "certificates asked for.",
+         "the verified subject reaches WSGI apps as `SSL_CLIENT_S_DN`, ASGI apps in "
+         "`scope[\"extensions\"][\"tls\"]`. Empty: no client certificates asked for.",
          nullptr},
         {"listen[].tls.min_version", "`\"1.2\"` or `\"1.3\"`",
          [](const Config&) -> std::string { return "`\"1.2\"`"; }, "Oldest TLS version accepted.",

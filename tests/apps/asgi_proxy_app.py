@@ -15,8 +15,12 @@ async def app(scope, receive, send):
     hosts = [v.decode("latin-1") for k, v in scope["headers"] if k == b"host"]
     client = scope.get("client")
     server = scope.get("server")
-    body = json.dumps({"scheme": scope["scheme"], "client": list(client) if client else None,
-                       "server": list(server) if server else None, "host": hosts}).encode()
+    answer = {"scheme": scope["scheme"], "client": list(client) if client else None,
+              "server": list(server) if server else None, "host": hosts}
+    tls = scope.get("extensions", {}).get("tls")
+    if tls is not None:  # a TLS connection: the ASGI TLS extension (tests/shim/test_tls.py)
+        answer["tls"] = tls
+    body = json.dumps(answer).encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})

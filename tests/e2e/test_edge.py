@@ -68,11 +68,15 @@ def test_check_reports_bad_certificate_files_with_their_position(tmp_path, certs
         assert offline.returncode == 0, (name, offline)
 
 
-def test_rotation_by_hup_under_https_load(molt, tmp_path, certs):
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_rotation_by_hup_under_https_load(molt, tmp_path, certs, engine):
     cert, key = live_cert(certs, tmp_path)
     m = molt({"app": "hello_app:application", "chdir": str(APPS), "workers": 2, "threads": 4,
+              "engine": engine,
               "listen": [{"address": "tcp://127.0.0.1:0",
                           "tls": {"cert": str(cert), "key": str(key)}}]})
+    # The engine asked for serves TLS itself (no fallback to the other one).
+    wait_until(lambda: f"(engine {engine}:" in m.log(), 10, "the workers' ready lines")
     port = m.port
     assert subject_cn(port, certs.ca) == "localhost"
     new_cert, new_key = tlscerts.server_cert(certs.dir, certs.ca, certs.ca_key, "rotated",
@@ -88,6 +92,7 @@ def test_rotation_by_hup_under_https_load(molt, tmp_path, certs):
         assert answer["ok"] is True, answer
         assert m.live_generation() > generation
         assert subject_cn(port, certs.ca) == "rotated"
+        wait_until(lambda: m.log().count(f"(engine {engine}:") >= 4, 10, "new ready lines")
     finally:
         result = wrk.result()
     assert result["requests"] > 0

@@ -104,15 +104,25 @@ def test_reject_log_once_per_burst():
 
 
 # -- through the engines ------------------------------------------------------------------------
-def spawn_pp(spawn, listeners, interface="wsgi", trusted=None):
+def spawn_pp(spawn, listeners, interface="wsgi", trusted=None, extra=None):
     overrides = {"listeners": {name: {"proxy_protocol": True} for name in listeners.names}}
+    overrides.update(extra or {})
     if trusted is not None:
         overrides["proxy"] = {"trusted": trusted}
     if interface == "asgi":
         return spawn("asgi_proxy_app:app", interface="asgi", health_path="/healthz",
                      overrides=overrides).wait_ready()
-    return spawn("edge_app:application", health_path="/healthz",
-                 overrides=overrides).wait_ready()
+    w = spawn("edge_app:application", health_path="/healthz", overrides=overrides).wait_ready()
+    assert_engine_serves(w)
+    return w
+
+
+def assert_engine_serves(w):
+    """The engine asked for serves the listener itself (no fallback to another engine)."""
+    if w.config.get("engine") == "native":
+        wait_until(lambda: "ready: " in w.stderr_text(), 10, "the worker's ready line")
+        text = w.stderr_text()
+        assert "native engine" in text and "using the Python engine" not in text, text
 
 
 def ask(listeners, preamble, interface, unix=False, path="/env"):
@@ -163,9 +173,7 @@ def expected(interface, addr, port):
 def test_client_address_from_each_header_form(interface, listeners, spawn, engine):
     if interface == "asgi" and engine != "python":
         pytest.skip("ASGI has one engine")
-    w = spawn_pp(spawn, listeners, interface)
-    if engine == "native" and interface == "wsgi":
-        assert any("proxy_protocol" in line for line in w.stderr), w.stderr_text()
+    spawn_pp(spawn, listeners, interface)
     for unix in (False, True):
         assert ask(listeners, b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\n", interface,
                    unix) == expected(interface, "203.0.113.7", 5555)
@@ -183,7 +191,10 @@ def test_client_address_from_each_header_form(interface, listeners, spawn, engin
 
 
 @pytest.mark.parametrize("interface", ["wsgi", "asgi"])
-def test_invalid_headers_are_closed_without_a_response(interface, listeners, spawn):
+@pytest.mark.usefixtures("engine")
+def test_invalid_headers_are_closed_without_a_response(interface, listeners, spawn, engine):
+    if interface == "asgi" and engine != "python":
+        pytest.skip("ASGI has one engine")
     w = spawn_pp(spawn, listeners, interface)
     for unix in (False, True):
         assert refused(listeners, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", unix) == b""
@@ -199,6 +210,7 @@ def test_invalid_headers_are_closed_without_a_response(interface, listeners, spa
         expected(interface, "203.0.113.7", 5555)
 
 
+@pytest.mark.usefixtures("engine")
 def test_forwarding_headers_are_trusted_by_the_proxied_address(listeners, spawn):
     """The PROXY header's client is the peer the trusted-proxy rule judges."""
     spawn_pp(spawn, listeners, "wsgi", trusted=["10.0.0.0/8"])
@@ -217,3 +229,35 @@ def test_forwarding_headers_are_trusted_by_the_proxied_address(listeners, spawn)
         assert json.loads(body)["REMOTE_ADDR"] == "203.0.113.7"
     finally:
         c.close()
+
+
+@pytest.mark.usefixtures("engine")
+def test_header_dribbled_byte_by_byte(listeners, spawn):
+    """A header that arrives in many small reads, then the request: the engine reads the
+    header's bytes and no more, whatever the reads look like."""
+    spawn_pp(spawn, listeners)
+    for header, want in ((b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\n", "203.0.113.7"),
+                         (v2_tcp6(), "2001:db8::7")):
+        s = socket.create_connection(("127.0.0.1", listeners.port))
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i in range(len(header)):
+                s.sendall(header[i:i + 1])
+            s.sendall(b"GET /env HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.settimeout(20)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        finally:
+            s.close()
+        assert data.startswith(b"HTTP/1.1 200"), data
+        assert json.loads(data.split(b"\r\n\r\n", 1)[1])["REMOTE_ADDR"] == want
+
+
+@pytest.mark.usefixtures("engine")
+def test_access_log_shows_the_proxied_client(listeners, spawn):
+    w = spawn_pp(spawn, listeners, extra={"logging": {"access_log": True, "level": "info"}})
+    assert ask(listeners, b"PROXY TCP4 203.0.113.9 10.0.0.1 6000 80\r\n", "wsgi",
+               path="/env?logged") == ["203.0.113.9", "6000"]
+    wait_until(lambda: any("203.0.113.9" in line and "/env?logged" in line
+                           for line in w.stdout), 10, "the access log line")

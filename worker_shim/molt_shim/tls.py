@@ -92,6 +92,48 @@ def connection_environ(sock: Any) -> Dict[str, str]:
     return env
 
 
+TLS_VERSION_NUMBERS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+# RFC 4514 attribute types (the rest keep Python's long name, which RFC 4514 also allows
+# only as a dotted OID; certificates in practice use these).
+_RFC4514 = {"commonName": "CN", "localityName": "L", "stateOrProvinceName": "ST",
+            "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+            "streetAddress": "STREET", "domainComponent": "DC", "userId": "UID",
+            "emailAddress": "emailAddress"}
+
+
+def _rfc4514_value(value: str) -> str:
+    out = "".join("\\" + ch if ch in ',+"\\<>;' else ch for ch in value)
+    if out[:1] in ("#", " "):
+        out = "\\" + out
+    if out.endswith(" ") and not out.endswith("\\ "):
+        out = out[:-1] + "\\ "
+    return out
+
+
+def rfc4514(name: Any) -> str:
+    """A subject as RFC 4514 writes it ("CN=client one,O=Example": last RDN first), the form
+    the ASGI TLS extension's client_cert_name uses."""
+    return ",".join("+".join("%s=%s" % (_RFC4514.get(k, k), _rfc4514_value(v)) for k, v in rdn)
+                    for rdn in reversed(tuple(name)))
+
+
+def asgi_extension(ssl_object: Any) -> Dict[str, Any]:
+    """scope["extensions"]["tls"] of one connection, per the ASGI TLS extension: the verified
+    client certificate (PEM, and its subject in RFC 4514 form), the TLS version. The subject is
+    the one WSGI apps get as SSL_CLIENT_S_DN (there in OpenSSL's "/O=.../CN=..." form)."""
+    cert = ssl_object.getpeercert() or None
+    der = ssl_object.getpeercert(binary_form=True) if cert else None
+    return {
+        "server_cert": None,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+        "client_cert_name": rfc4514(cert.get("subject", ())) if cert else None,
+        "client_cert_error": None,  # a client_ca listener completes no handshake without one
+        "tls_version": TLS_VERSION_NUMBERS.get(ssl_object.version() or ""),
+        "cipher_suite": None,  # Python's ssl module names the cipher, not its number
+    }
+
+
 def copy_file(send_all: Any, fd: int, offset: int, size: int) -> int:
     """sendfile() for a TLS connection: the bytes must go through the TLS layer."""
     total = 0

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <openssl/err.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -357,6 +358,22 @@ Connection* Server::add_connection(int fd, int listener_index, const sockaddr_st
         conn->remote_addr = host;
         conn->remote_port = std::to_string(port);
     }
+    if (listener_index >= 0) {
+        const ListenerSlot& lst = listeners_[static_cast<std::size_t>(listener_index)];
+        conn->proxy_pending = lst.proxy_protocol;
+        if (lst.tls) {
+            // The handshake runs inside the first reads (SSL_read performs it), driven by
+            // epoll like any read: a client that opens TLS and sends nothing holds no thread,
+            // and the first-request timeout (http.header_timeout) closes it.
+            conn->ssl.reset(SSL_new(lst.tls.get()));
+            if (!conn->ssl || SSL_set_fd(conn->ssl.get(), fd) != 1) {
+                ERR_clear_error();
+                ::close(fd);
+                return nullptr;  // out of memory: the caller treats it like a failed accept
+            }
+            SSL_set_accept_state(conn->ssl.get());
+        }
+    }
     Connection* raw = conn.get();
     conns_[fd] = std::move(conn);
     return raw;
@@ -384,6 +401,7 @@ void Server::accept_from(int index, PyThreadState* ts) {
             accept_errno = errno;
         } else {
             conn = add_connection(fd, index, peer);
+            if (conn == nullptr) accept_errno = ENOMEM;
         }
     }
     if (conn == nullptr) {
@@ -402,6 +420,12 @@ void Server::accept_from(int index, PyThreadState* ts) {
             }
         }
         rejoin(index);
+        return;
+    }
+    if (conn->proxy_pending || conn->ssl) {
+        // The first bytes are a PROXY header or a TLS handshake: serve() reads them.
+        rejoin(index);
+        serve(conn, true, ts);
         return;
     }
     char buf[kRecvSize];
@@ -456,6 +480,18 @@ void Server::submit_warmup(int fd) {
 void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
     // Read, run the app, write, until the connection would block; then park it.
     RequestParser& parser = conn->parser;
+    if (conn->proxy_pending) {
+        const Preamble step = read_proxy_header(conn, ts);
+        if (step == Preamble::wait) {
+            park(conn);
+            return;
+        }
+        if (step == Preamble::close) {
+            close_now(conn);
+            return;
+        }
+        must_read = true;  // the request usually came with the header
+    }
     char buf[kRecvSize];
     for (;;) {
         while (!parser.ready().empty()) {
@@ -504,7 +540,7 @@ void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
             }
             const double deadline = monotonic() + config_.header_timeout;
             for (;;) {
-                n = ::recv(conn->fd, buf, sizeof buf, 0);
+                n = recv_some(*conn, buf, sizeof buf);
                 if (n >= 0) break;
                 if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
                     n = 0;  // reset by the peer: same outcome as EOF for a request body
@@ -518,16 +554,19 @@ void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
                     return;
                 }
             }
-        } else if (!parser.in_request() && !must_read) {
+        } else if (!parser.in_request() && !must_read && !transport_pending(conn->ssl.get())) {
             park(conn);
             return;
         } else {
             must_read = false;
-            n = ::recv(conn->fd, buf, sizeof buf, 0);
+            n = recv_some(*conn, buf, sizeof buf);
             read_errno = errno;
             if (n < 0) {
                 if (read_errno == EAGAIN || read_errno == EWOULDBLOCK || read_errno == EINTR) {
                     park(conn);
+                } else if (read_errno == EPROTO && conn->ssl) {
+                    log(kInfo, conn->remote() + ": TLS error: " + tls_error_text());
+                    close_now(conn);
                 } else {
                     log(kInfo, conn->remote() + ": connection error: " + std::strerror(read_errno));
                     close_now(conn);
@@ -573,10 +612,8 @@ bool Server::send_all(Connection& conn, const iovec* iov_in, int count, std::str
             ++first;
             continue;
         }
-        msghdr msg{};
-        msg.msg_iov = &iov[first];
-        msg.msg_iovlen = iov.size() - first;
-        const ssize_t sent = ::sendmsg(conn.fd, &msg, MSG_NOSIGNAL);
+        const ssize_t sent = transport_sendv(conn.fd, conn.ssl.get(), &iov[first],
+                                             static_cast<int>(iov.size() - first));
         if (sent < 0) {
             if (errno == EINTR) continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -603,6 +640,7 @@ bool Server::send_all(Connection& conn, const iovec* iov_in, int count, std::str
 
 bool Server::send_file(Connection& conn, int file_fd, std::int64_t offset, std::uint64_t size,
                        std::uint64_t* sent_total, std::string* why) {
+    if (conn.ssl) return copy_file(conn, file_fd, offset, size, sent_total, why);
     off_t off = static_cast<off_t>(offset);
     while (size > 0) {
         const ssize_t n =
@@ -622,6 +660,92 @@ bool Server::send_file(Connection& conn, int file_fd, std::int64_t offset, std::
         *sent_total += static_cast<std::uint64_t>(n);
     }
     return true;
+}
+
+// sendfile() cannot encrypt: on a TLS connection the file's bytes go through send_all().
+bool Server::copy_file(Connection& conn, int file_fd, std::int64_t offset, std::uint64_t size,
+                       std::uint64_t* sent_total, std::string* why) {
+    char buf[kRecvSize];
+    while (size > 0) {
+        const ssize_t n = ::pread(file_fd, buf, std::min<std::uint64_t>(size, sizeof buf),
+                                  static_cast<off_t>(offset));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+            *why = std::strerror(errno);
+            return false;
+        }
+        if (n == 0) break;  // the file shrank under us
+        iovec iov{buf, static_cast<std::size_t>(n)};
+        if (!send_all(conn, &iov, 1, why)) return false;
+        offset += n;
+        size -= static_cast<std::uint64_t>(n);
+        *sent_total += static_cast<std::uint64_t>(n);
+    }
+    return true;
+}
+
+ssize_t Server::recv_some(Connection& conn, char* buf, std::size_t size) const {
+    return transport_recv(conn.fd, conn.ssl.get(), buf, size, config_.send_timeout);
+}
+
+// --- the PROXY protocol header -----------------------------------------------------------------
+
+// Reads the header's bytes and no more: what follows belongs to the client (an HTTP request,
+// or a TLS handshake that OpenSSL must read from the socket itself). The bytes are peeked,
+// and only those proxy_header_length() counts as header are consumed, so a parked connection
+// wakes again only for new bytes. The complete header goes to the Python parser.
+Server::Preamble Server::read_proxy_header(Connection* conn, PyThreadState* ts) {
+    char buf[kProxyHeaderMax];
+    std::size_t length = 0;
+    while (length == 0) {
+        const ssize_t n = ::recv(conn->fd, buf, sizeof buf - conn->preamble.size(), MSG_PEEK);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return Preamble::wait;
+        if (n <= 0) return Preamble::close;  // gone before its header was complete
+        const std::size_t have = conn->preamble.size();
+        std::string candidate = conn->preamble + std::string(buf, static_cast<std::size_t>(n));
+        length = proxy_header_length(candidate);
+        const std::size_t take = length == 0     ? static_cast<std::size_t>(n)
+                                 : length > have ? length - have
+                                                 : 0;
+        if (take > 0 && ::recv(conn->fd, buf, take, 0) != static_cast<ssize_t>(take))
+            return Preamble::close;
+        conn->preamble.append(buf, take);
+    }
+    conn->proxy_pending = false;
+    GilHeld gil(ts);
+    PyRef data = PyRef::steal(
+        PyBytes_FromStringAndSize(conn->preamble.data(), static_cast<Py_ssize_t>(length)));
+    PyRef remote = PyRef::steal(PyUnicode_DecodeLatin1(
+        conn->remote().data(), static_cast<Py_ssize_t>(conn->remote().size()), "replace"));
+    PyRef source;
+    if (data && remote) {
+        source = PyRef::steal(PyObject_CallFunctionObjArgs(config_.proxy_header.get(), remote.get(),
+                                                           data.get(), nullptr));
+    }
+    std::string().swap(conn->preamble);
+    if (!source) {  // the reader logs its own failures; this is a bug in calling it
+        PyErr_Clear();
+        log(kError, conn->remote() + ": the PROXY header reader failed");
+        return Preamble::close;
+    }
+    if (source.get() == Py_False) return Preamble::close;  // invalid: the reader logged it
+    set_proxied_peer(conn, source.get());
+    return Preamble::done;
+}
+
+// The client the header named, as the reader gives it: (address, port), port "" for a unix
+// socket path; or None (LOCAL, UNKNOWN): the socket's peer stays.
+void Server::set_proxied_peer(Connection* conn, PyObject* source) {
+    const char* addr = nullptr;
+    const char* port = nullptr;
+    if (source == Py_None || !PyArg_ParseTuple(source, "ss", &addr, &port)) {
+        PyErr_Clear();
+        return;
+    }
+    conn->remote_addr = addr;
+    conn->remote_port = port;
+    conn->tcp = *port != '\0';
 }
 
 // --- parking and closing -----------------------------------------------------------------------
@@ -683,6 +807,13 @@ void Server::close_now(Connection* conn) {
 }
 
 void Server::close_graceful(Connection* conn) {
+    // TLS: close_notify first, one attempt (a client that reads nothing does not get it).
+    SSL* ssl = conn->ssl.get();
+    if (ssl != nullptr && SSL_is_init_finished(ssl)) {
+        ERR_clear_error();
+        SSL_shutdown(ssl);
+        ERR_clear_error();
+    }
     // shutdown(SHUT_WR), then read-discard until the peer closes, so no RST is sent.
     if (::shutdown(conn->fd, SHUT_WR) != 0) {
         close_now(conn);
@@ -725,7 +856,8 @@ void Server::send_error(Connection* conn, int status, const std::string& reason,
             return;
         }
     } else {
-        (void)::send(conn->fd, all.data(), all.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+        iovec iov{const_cast<char*>(all.data()), all.size()};
+        (void)transport_sendv(conn->fd, conn->ssl.get(), &iov, 1);  // the socket never blocks
     }
     close_graceful(conn);
 }
@@ -769,7 +901,10 @@ void Server::tick() {
             // The client may have sent its next request already (the keep-alive race): closing
             // would lose it. The pending epoll event then delivers it as usual.
             char byte;
-            if (::recv(conn->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0) verdict.clear();
+            if (transport_pending(conn->ssl.get()) ||
+                ::recv(conn->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0) {
+                verdict.clear();
+            }
         }
         if (verdict.empty()) {
             park(conn, conn->state, false);
@@ -804,7 +939,7 @@ void Server::stop_accepting() {
                                    SOCK_NONBLOCK | SOCK_CLOEXEC);
             if (fd < 0) break;
             Connection* conn = add_connection(fd, static_cast<int>(i), peer);
-            park_locked(conn, ConnState::idle, true);
+            if (conn != nullptr) park_locked(conn, ConnState::idle, true);
         }
         // Closing our descriptor leaves the shared socket (and its queue) to the other
         // workers; shutdown() would break them all.

@@ -30,6 +30,7 @@
 #include "http_seam.hpp"
 #include "py_handle.hpp"
 #include "static_files.hpp"
+#include "transport.hpp"
 
 namespace molt::native {
 
@@ -52,6 +53,9 @@ struct EngineConfig {
     bool request_metrics = false;          // the duration histogram, status classes and exceptions
     bool access_request_headers = false;   // the access log format names a request header
     bool access_response_headers = false;  // ... a response header
+    // PROXY listeners: molt_shim.engines.native's reader of a complete header (the Python
+    // parser, one copy of the rule); null when no listener has `proxy_protocol`.
+    PyRef proxy_header;
 };
 
 // One access-log line of a request answered without Python (a static file): queued by the
@@ -103,6 +107,14 @@ struct Connection {
     bool warmup = false;
     bool continue_sent = false;
     std::uint64_t served = 0;
+    // PROXY listener: the header is still being read (`preamble` holds its bytes so far).
+    bool proxy_pending = false;
+    std::string preamble;
+    // TLS listener: the session over `fd` (null: plain), and what the environ says about it,
+    // filled in at the first request (the handshake is done by then).
+    SslPtr ssl;
+    bool tls_known = false;
+    TlsPeer tls;
 
     std::string remote() const;
 };
@@ -112,6 +124,8 @@ struct ListenerSlot {
     std::string name;
     bool open = true;
     PyRef base_env;  // the environ every request on this listener starts from
+    bool proxy_protocol = false;
+    std::shared_ptr<SSL_CTX> tls;  // listen[].tls, loaded when the worker starts; null: plain
 };
 
 // The module-level Python objects handle() needs (owned by the module state).
@@ -177,6 +191,8 @@ class Server {
     // Implemented in static_files.cpp: answer a request under a `static:` prefix (no GIL).
     bool serve_static(Connection& conn, const Request& req, const StaticMount& mount);
 
+    // A connection's reads, through TLS on a TLS listener (socket semantics, see transport.hpp).
+    ssize_t recv_some(Connection& conn, char* buf, std::size_t size) const;
     // Socket writes for handle() (call with the GIL released). False: the client is gone.
     bool wait_writable(Connection& conn, std::string* why) const;
     bool send_all(Connection& conn, const iovec* iov, int count, std::string* why);
@@ -200,6 +216,11 @@ class Server {
     Connection* take_parked(int fd);
     std::string overdue(const Connection& conn, double now) const;
     Connection* add_connection(int fd, int listener_index, const sockaddr_storage& peer);
+    enum class Preamble { wait, done, close };
+    Preamble read_proxy_header(Connection* conn, PyThreadState* ts);
+    void set_proxied_peer(Connection* conn, PyObject* source);
+    bool copy_file(Connection& conn, int file_fd, std::int64_t offset, std::uint64_t size,
+                   std::uint64_t* sent, std::string* why);
 
     EngineConfig config_;
     PyRef app_;

@@ -375,6 +375,58 @@ bool read_proxy_config(PyObject* cfg, EngineConfig* c) {
     return true;
 }
 
+// A listener's options, {"proxy_protocol": bool, "tls": {cert, key, client_ca, min_version}};
+// the certificates are loaded here, when the worker starts (one generation, one set of them).
+bool read_listener_options(PyObject* options, ListenerSlot* slot) {
+    if (options == nullptr || options == Py_None) return true;
+    if (!PyDict_Check(options)) {
+        PyErr_SetString(PyExc_TypeError, "make_server: listener options must be a dict");
+        return false;
+    }
+    PyObject* proxy = PyDict_GetItemString(options, "proxy_protocol");  // borrowed
+    slot->proxy_protocol = proxy != nullptr && PyObject_IsTrue(proxy) == 1;
+    PyObject* tls = PyDict_GetItemString(options, "tls");  // borrowed
+    if (tls == nullptr || tls == Py_None) return true;
+    TlsOptions opts;
+    if (!PyDict_Check(tls)) {
+        PyErr_SetString(PyExc_TypeError, "make_server: tls must be a dict");
+        return false;
+    }
+    // File paths as the bytes they stand for (surrogateescape), like the static roots.
+    auto path = [tls](const char* key, std::string* out) {
+        PyObject* value = PyDict_GetItemString(tls, key);  // borrowed
+        if (value == nullptr) {
+            PyErr_Format(PyExc_KeyError, "make_server: tls lacks %s", key);
+            return false;
+        }
+        return text_bytes(value, "utf-8", "surrogateescape", out);
+    };
+    if (!path("cert", &opts.cert) || !path("key", &opts.key) ||
+        !path("client_ca", &opts.client_ca) ||
+        !config_text(tls, "min_version", &opts.min_version)) {
+        return false;
+    }
+    try {
+        slot->tls = std::shared_ptr<SSL_CTX>(make_tls_context(opts).release(), SslCtxFree());
+    } catch (const std::exception& exc) {
+        PyErr_Format(PyExc_OSError, "listener %s: %s", slot->name.c_str(), exc.what());
+        return false;
+    }
+    return true;
+}
+
+// The reader of complete PROXY headers (molt_shim.engines.native), for PROXY listeners.
+bool read_proxy_header_reader(PyObject* cfg, EngineConfig* c) {
+    PyObject* reader = PyDict_GetItemString(cfg, "proxy_header");  // borrowed
+    if (reader == nullptr || reader == Py_None) return true;
+    if (!PyCallable_Check(reader)) {
+        PyErr_SetString(PyExc_TypeError, "make_server config: proxy_header must be callable");
+        return false;
+    }
+    c->proxy_header = PyRef::borrow(reader);
+    return true;
+}
+
 bool read_config(PyObject* cfg, EngineConfig* c) {
     if (!PyDict_Check(cfg)) {
         PyErr_SetString(PyExc_TypeError, "make_server config must be a dict");
@@ -407,7 +459,7 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
     c->access_response_headers = flag("access_response_headers");
     return config_text(cfg, "version_header", &c->version_header) &&
            config_text(cfg, "script_name", &c->script_name) && read_statics(cfg, c) &&
-           read_proxy_config(cfg, c);
+           read_proxy_config(cfg, c) && read_proxy_header_reader(cfg, c);
 }
 
 PyObject* make_server(PyObject* module, PyObject* args, PyObject* kwargs) {
@@ -433,8 +485,17 @@ PyObject* make_server(PyObject* module, PyObject* args, PyObject* kwargs) {
         int fd = -1;
         const char* name = nullptr;
         PyObject* env = nullptr;
-        if (!PyArg_ParseTuple(item.get(), "isO!", &fd, &name, &PyDict_Type, &env)) return nullptr;
-        slots.push_back(ListenerSlot{fd, name, true, PyRef::borrow(env)});
+        PyObject* options = nullptr;
+        if (!PyArg_ParseTuple(item.get(), "isO!|O", &fd, &name, &PyDict_Type, &env, &options))
+            return nullptr;
+        ListenerSlot slot{fd, name, true, PyRef::borrow(env), false, nullptr};
+        if (!read_listener_options(options, &slot)) return nullptr;
+        if (slot.proxy_protocol && !config.proxy_header) {
+            PyErr_SetString(PyExc_TypeError,
+                            "make_server: a proxy_protocol listener needs config proxy_header");
+            return nullptr;
+        }
+        slots.push_back(std::move(slot));
     }
     if (PyErr_Occurred()) return nullptr;
     ModuleState* st = state_of(module);

@@ -155,10 +155,7 @@ bool build_head(Exchange& ex, std::optional<std::uint64_t> final_len, std::strin
 // with the GIL held (it cannot block, and a response that fits the socket buffer, nearly all
 // of them, then costs no GIL hand-off); only what is left is sent with the GIL released.
 bool send_released(Exchange& ex, iovec* iov, int count) {
-    msghdr msg{};
-    msg.msg_iov = iov;
-    msg.msg_iovlen = static_cast<std::size_t>(count);
-    ssize_t sent = ::sendmsg(ex.conn.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    ssize_t sent = transport_sendv(ex.conn.fd, ex.conn.ssl.get(), iov, count);  // non-blocking
     if (sent < 0) {
         if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
             ex.gone_why = std::strerror(errno);
@@ -636,6 +633,28 @@ std::string apply_proxy_rule(Server& srv, Connection& conn, Request& req, PyObje
                        static_cast<std::size_t>(PyBytes_Size(bytes.get())));
 }
 
+// A TLS connection's keys, as molt_shim/tls.py (connection_environ) sets them for the Python
+// engine: HTTPS, the scheme, the protocol and a verified client certificate's names.
+bool set_tls_environ(Connection& conn, PyObject* env) {
+    if (!conn.tls_known) {  // the handshake is done: a request came through it
+        conn.tls = tls_peer(conn.ssl.get());
+        conn.tls_known = true;
+    }
+    auto set = [env](const char* key, const std::string& value) {  // names are UTF-8
+        PyRef text = PyRef::steal(
+            PyUnicode_DecodeUTF8(value.data(), static_cast<Py_ssize_t>(value.size()), "replace"));
+        return text && PyDict_SetItemString(env, key, text.get()) == 0;
+    };
+    const TlsPeer& peer = conn.tls;
+    if (!set("HTTPS", "on") || !set("wsgi.url_scheme", "https") ||
+        (!peer.protocol.empty() && !set("SSL_PROTOCOL", peer.protocol))) {
+        return false;
+    }
+    if (!peer.verified) return true;
+    return set("SSL_CLIENT_S_DN", peer.subject) && set("SSL_CLIENT_I_DN", peer.issuer) &&
+           set("SSL_CLIENT_VERIFY", "SUCCESS");
+}
+
 PyRef build_environ(Server& srv, Connection& conn, Request& req) {
     const PyShared& sh = srv.shared();
     PyRef env = PyRef::steal(PyDict_Copy(srv.base_env(conn)));
@@ -679,6 +698,7 @@ PyRef build_environ(Server& srv, Connection& conn, Request& req) {
         !set_text(env.get(), sh.key(EnvKey::remote_port), conn.tcp ? conn.remote_port : "")) {
         return PyRef();
     }
+    if (conn.ssl && !set_tls_environ(conn, env.get())) return PyRef();
     auto* input = alloc_object<InputObject>(srv.shared().input_type);
     if (input == nullptr) return PyRef();
     input->body = new Body(std::move(req.body));

@@ -37,11 +37,15 @@ def measure(p: Params, work: Path, results: dict):
     tls = {"cert": certs.cert, "key": certs.key}
     molt_https = MoltServer(work / "edge", "molt", app, app_dir, 4, threads=4, extra={
         "listen": [{"address": "tcp://127.0.0.1:0", "tls": tls}]})
+    # The same molt on its Python engine (`molt` above is `engine: auto`: the native one).
+    molt_python = MoltServer(work / "edge", "molt-python-engine", app, app_dir, 4, threads=4,
+                             extra={"engine": "python",
+                                    "listen": [{"address": "tcp://127.0.0.1:0", "tls": tls}]})
     gunicorn = Gunicorn(work / "edge", "gunicorn-gthread", app, app_dir, 4, threads=4,
                         extra=["--certfile", certs.cert, "--keyfile", certs.key])
     uwsgi = Uwsgi(work / "edge", "uwsgi", app, app_dir, 4, threads=4,
                   https=(certs.cert, certs.key))
-    https: list[Server] = [molt_https, gunicorn, uwsgi]
+    https: list[Server] = [molt_https, molt_python, gunicorn, uwsgi]
     for s in https:
         s.scheme = "https"
     plain = MoltServer(work / "edge", "molt-no-proxy", app, app_dir, 4, threads=4)
@@ -70,8 +74,9 @@ def report(doc: Report):
     add("## 11. The edge: HTTPS, and trusted-proxy handling")
     add("")
     add("The WSGI hello world of figure 1 over TLS (a 2048-bit RSA certificate made for the "
-        "run), 4 workers: molt with `listen[].tls`, gunicorn gthread with `--certfile/--keyfile`, "
-        "uWSGI with `--https-socket`.")
+        "run), 4 workers: molt with `listen[].tls` (`molt`: the native engine, which `engine: "
+        "auto` picks; `molt-python-engine`: `engine: python`), gunicorn gthread with "
+        "`--certfile/--keyfile`, uWSGI with `--https-socket`.")
     add("")
     doc.commands("edge", results["https_keepalive"], c.get("wrk https_keepalive", ""),
                  c.get("wrk https_close", ""))

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from .. import static
+from .. import proxyproto, static
 from . import EngineUnavailable
 from .base import Counters, EngineContext, LoopHooks
 
@@ -76,7 +76,7 @@ class NativeEngine:
         for sock, label in ctx.listeners:
             is_tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
             env = listener_environ(base, sock.getsockname() if is_tcp else None, is_tcp)
-            listeners.append((sock.fileno(), label, env))
+            listeners.append((sock.fileno(), label, env, _listener_options(cfg, label)))
         warmup_env = dict(base, SERVER_NAME="localhost", SERVER_PORT="80")
         if listeners:
             warmup_env = listeners[0][2]
@@ -86,6 +86,7 @@ class NativeEngine:
         self._cfg = cfg
         self._module = module
         self._access_log = ctx.access_log
+        self._proxy_rejects = proxyproto.RejectLog()
         self._server: Any = module.make_server(
             app=ctx.app, listeners=listeners, warmup_env=warmup_env, file_wrapper=FileWrapper,
             access_log=ctx.access_log, config={
@@ -104,6 +105,7 @@ class NativeEngine:
                 "static": [(m.prefix, os.fsdecode(m.root)) for m in mounts],
                 "mime_types": static.MIME_TYPES,
                 **_proxy_config(cfg),
+                "proxy_header": _proxy_header_reader(self._proxy_rejects),
                 "request_metrics": cfg.request_metrics,
                 "access_request_headers": bool(getattr(ctx.access_log, "wants_request_headers",
                                                        False)),
@@ -189,6 +191,7 @@ class NativeEngine:
 
     # -- log lines queued by native threads ------------------------------------------------------
     def flush_logs(self) -> None:
+        self._proxy_rejects.flush()
         server = self._server
         if server is None:
             return
@@ -206,6 +209,46 @@ def _proxy_config(cfg: Any) -> Dict[str, Any]:
     if rule is None:
         return {}
     return {"proxy_rule": rule.adjust_environ, "forwarding_headers": rule.honoured}
+
+
+def _listener_options(cfg: Any, label: str) -> Dict[str, Any]:
+    """`proxy_protocol` and `tls` of one listener, in the form the extension reads."""
+    options = cfg.listener_options(label)
+    tls = options.get("tls")
+    return {
+        "proxy_protocol": bool(cfg.proxy_protocol(label)),
+        "tls": None if not tls else {
+            "cert": str(tls["cert"]), "key": str(tls["key"]),
+            "client_ca": str(tls.get("client_ca") or ""),
+            "min_version": str(tls.get("min_version") or "1.2")},
+    }
+
+
+def _proxy_header_reader(rejects: proxyproto.RejectLog) -> Any:
+    """What the extension calls with a complete PROXY header (the bytes its framing counted,
+    see native/transport.cpp): the Python parser decides, one copy of the rule. Returns the
+    client as (address, port), port "" for a unix socket path; None to keep the socket's peer
+    (LOCAL, UNKNOWN); False when the header is invalid (logged once per burst: close)."""
+
+    def read(remote: str, data: bytes) -> Any:
+        try:
+            verdict = proxyproto.HeaderReader().feed(data)
+            if verdict == proxyproto.NEED_MORE:
+                raise proxyproto.Invalid("PROXY header truncated")
+        except proxyproto.Invalid as exc:
+            rejects.reject(remote, str(exc))
+            return False
+        except Exception:  # a bug in the parser must not end the serving thread
+            log.exception("%s: error reading the PROXY header", remote)
+            return False
+        source = verdict[0].source
+        if source is None:
+            return None
+        if isinstance(source, tuple):
+            return (str(source[0]), str(source[1]))
+        return (str(source), "")
+
+    return read
 
 
 def _python_engine() -> Any:
@@ -231,12 +274,6 @@ def create(ctx: EngineContext) -> Any:
 
 def make(ctx: EngineContext) -> Tuple[Optional[NativeEngine], str]:
     """The native engine, or None and the one-line reason it cannot be used."""
-    for _, label in ctx.listeners:
-        if ctx.cfg.proxy_protocol(label):
-            return None, ("listener %s has proxy_protocol, which the native engine does not read"
-                          % label)
-        if ctx.cfg.listener_options(label).get("tls"):
-            return None, "listener %s has tls, which the native engine does not serve" % label
     module, why = load_extension()
     if module is None:
         return None, why

@@ -183,9 +183,25 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
         _idle_mark: Any = None      # (cycle, first seen) while draining and idle
         _send_mark: Any = None      # (unsent bytes, since) while a response waits for its client
         _guard: Any = None          # molt's FramingGuard over every byte the client sends
+        _tls_extension: Any = None  # scope["extensions"]["tls"] on a TLS connection
+
+        @property
+        def scope(self) -> Any:
+            return self.__dict__.get("_molt_scope")
+
+        @scope.setter
+        def scope(self, value: Any) -> None:
+            # uvicorn builds each request's scope in its parser callbacks (`self.scope = {...}`):
+            # the one place to add what the connection knows and uvicorn does not.
+            if value is not None and self._tls_extension is not None:
+                value.setdefault("extensions", {})["tls"] = dict(self._tls_extension)
+            self.__dict__["_molt_scope"] = value
 
         def connection_made(self, transport: Any) -> None:
             self._real_transport = transport
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self._tls_extension = tls.asgi_extension(ssl_object)
             self._born = time.monotonic()
             self._guard = FramingGuard(ctl.limits.max_request_line, ctl.limits.max_header_size)
             ctl.unmade.pop(self, None)
