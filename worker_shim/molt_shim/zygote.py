@@ -16,6 +16,7 @@ import array
 import atexit
 import ctypes
 import gc
+import importlib
 import logging
 import os
 import select
@@ -162,13 +163,27 @@ def import_what_warm_up_needs() -> None:
 def import_what_workers_need(cfg: config.WorkerConfig) -> None:
     """What a worker would otherwise load after the fork, in every worker: the native
     engine's extension (its dlopen() and relocations alone were ~900 page faults per worker,
-    each one a private copy of a shared page), the trusted-proxy rule's module and the warm-up
-    client. Loaded here, they are shared pages of the zygote."""
+    each one a private copy of a shared page), the ASGI engine's parsers, loop module and
+    uvicorn's protocols, the trusted-proxy rule's module and the warm-up client. Loaded here, they are shared
+    pages of the zygote."""
     from . import forwarded, warmup  # noqa: F401
 
     native = sys.modules.get(__package__ + ".engines.native")
     if native is not None:
         native.load_extension()  # a failure is each worker's to report, as without preload
+    if __package__ + ".engines.uvicorn_asgi" in sys.modules:
+        # The ASGI engine's parsers and loop module, and what uvicorn's Config.load() imports
+        # (its protocols, websockets and the lifespan: 40 modules). Imported, not run: no
+        # loop and no fd exists until the worker makes its own after the fork.
+        wanted = ["httptools", "h11", "uvicorn.protocols.http.auto",
+                  "uvicorn.protocols.websockets.auto", "uvicorn.lifespan.on"]
+        if str(cfg.asgi.get("loop") or "auto") in ("auto", "uvloop"):
+            wanted.append("uvloop")
+        for name in wanted:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the worker says so, exactly as without preload
+                pass
 
 
 Fork = Tuple[str, int, List[int]]  # a fork request: its id, the slot, the worker's 3 fds
