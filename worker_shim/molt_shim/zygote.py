@@ -164,8 +164,8 @@ def import_what_workers_need(cfg: config.WorkerConfig) -> None:
     """What a worker would otherwise load after the fork, in every worker: the native
     engine's extension (its dlopen() and relocations alone were ~900 page faults per worker,
     each one a private copy of a shared page), the ASGI engine's parsers, loop module and
-    uvicorn's protocols, the trusted-proxy rule's module and the warm-up client. Loaded here, they are shared
-    pages of the zygote."""
+    uvicorn's protocols, the trusted-proxy rule's module and the warm-up client. Loaded
+    here, they are shared pages of the zygote."""
     from . import forwarded, warmup  # noqa: F401
 
     native = sys.modules.get(__package__ + ".engines.native")
