@@ -194,6 +194,44 @@ def test_kill_9_of_a_worker_and_of_the_zygote_under_load(molt, tmp_path):
     assert body(m) == "version a\n"
 
 
+def pipe_fds(pid: int) -> list[int]:
+    fds = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("pipe:"):
+                fds.append(int(name))
+        except OSError:
+            pass  # closed while listed
+    return sorted(fds)
+
+
+@pytest.mark.timeout(90)
+def test_workers_forked_in_one_batch_hold_only_their_own_ends(molt, tmp_path):
+    """A generation's fork requests are served together by one intermediate: each worker
+    must hold its own channel and output pipes only, not the batch's other workers' (their
+    pipes would then never see EOF when that worker dies). A replacement, forked alone,
+    has exactly the same pipes."""
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    releases.add("a", files=marked_flask_release("a"))
+    releases.activate("a")
+    m = molt(config_for(releases, log, workers=4))
+    assert_preloaded(m, m.live_generation())
+    batch = {w["pid"]: pipe_fds(w["pid"]) for w in m.workers("ready")}
+    assert len(batch) == 4
+    assert len({tuple(fds) for fds in batch.values()}) == 1, batch
+
+    victim = next(iter(batch))
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in m.worker_pids() and len(m.workers("ready")) == 4, 20,
+               "a forked replacement", on_timeout=m.log)
+    replacement = next(w for w in m.workers("ready") if w["pid"] not in batch)
+    assert replacement["forked"] is True
+    assert pipe_fds(replacement["pid"]) == batch[victim]
+    assert len(imports(log)) == 1
+    assert body(m) == "version a\n"
+
+
 @pytest.mark.timeout(90)
 def test_a_thread_started_at_import_falls_back_under_auto_and_says_why(molt, tmp_path):
     log = tmp_path / "imports.log"

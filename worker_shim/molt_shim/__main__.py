@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Any, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from . import accesslog, config, engines, loader, proctitle
 from .contract import Env, WorkerExit, is_scrubbed
@@ -144,9 +144,10 @@ def main() -> int:
 
         return zygote.run(
             cfg, channel, lambda: import_app(cfg),
-            lambda app, child_cfg, child_channel: serve(
+            lambda app, child_cfg, child_channel, adopted: serve(
                 app, child_cfg, child_channel, listeners, factory,
-                "molt: worker gen=%d slot=%d" % (child_cfg.generation, child_cfg.worker)))
+                "molt: worker gen=%d slot=%d" % (child_cfg.generation, child_cfg.worker),
+                adopted))
     try:
         app = import_app(cfg)
     except BaseException as exc:  # SystemExit from an app module counts as a failed import too
@@ -164,10 +165,11 @@ def import_app(cfg: config.WorkerConfig) -> Any:
 
 def serve(app: Any, cfg: config.WorkerConfig, channel: Channel,
           listeners: List[Tuple[socket.socket, str]], factory: EngineFactory,
-          title: str) -> int:
+          title: str, before_ready: Optional[Callable[[], bool]] = None) -> int:
     """The second half: build the engine and run the lifecycle until the drain is done. A
     worker forked from its generation's zygote starts here, after the fork: every thread and
-    event loop of the engine is created in this process."""
+    event loop of the engine is created in this process (and `before_ready` is its wait to be
+    the master's child)."""
     try:
         run_hook(cfg, "post_fork")
     except BaseException as exc:
@@ -182,7 +184,7 @@ def serve(app: Any, cfg: config.WorkerConfig, channel: Channel,
     except engines.EngineUnavailable as exc:
         return fail(channel, WorkerExit.IMPORT_FAILED, str(exc))
     lifecycle = Lifecycle(cfg, channel, engine, access, retirement, title,
-                          [name for _, name in listeners])
+                          [name for _, name in listeners], before_ready)
     code = lifecycle.run()
     if code == WorkerExit.OK:
         try:

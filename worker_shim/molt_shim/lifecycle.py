@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Deque, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Sequence, Tuple
 
 from . import proctitle
 from .contract import Key, WorkerExit
@@ -130,7 +130,8 @@ class Lifecycle:
     """Drives one engine from start to exit; implements engines.base.LoopHooks for its loop."""
 
     def __init__(self, cfg: Any, channel: Channel, engine: Engine, access_log: Any,
-                 retirement: Retirement, title: str, listener_names: Sequence[str]) -> None:
+                 retirement: Retirement, title: str, listener_names: Sequence[str],
+                 before_ready: Optional[Callable[[], bool]] = None) -> None:
         self.cfg = cfg
         self.channel = channel
         self.engine = engine
@@ -138,6 +139,7 @@ class Lifecycle:
         self.retirement = retirement
         self.title = title
         self.listener_names = listener_names
+        self.before_ready = before_ready  # False: do not serve, exit 1 (a forked worker)
         self.phase = Phase.STARTING
         self._events: Deque[Tuple[Event, str]] = deque()
         self._signals = SignalQueue(self._events)
@@ -169,6 +171,10 @@ class Lifecycle:
             self._enter(Phase.FAILED, error)
             engine.close()
             return fail(self.channel, code, error)
+        if self.before_ready is not None and not self.before_ready():
+            log.error("forked worker: the master is gone (or is no subreaper); exiting")
+            engine.close()
+            return 1  # type: ignore[return-value]  # as any crash: nobody is there to read it
         self.channel.send(**{Key.READY: 1})
         self._enter(Phase.SERVING)
         log.info("ready: %s (engine %s: %s) on %s", cfg.app, engine.name, engine.describe(),

@@ -16,8 +16,10 @@ import array
 import atexit
 import ctypes
 import gc
+import importlib
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -97,13 +99,20 @@ def describe_socket(fd: int) -> str:
 
 
 def run(cfg: config.WorkerConfig, channel: Channel, import_app: Callable[[], Any],
-        become_worker: Callable[[Any, config.WorkerConfig, Channel], int]) -> int:
-    """The zygote's whole life. `become_worker(app, cfg, channel)` is serve() for one worker."""
+        become_worker: Callable[..., int]) -> int:
+    """The zygote's whole life. `become_worker(app, cfg, channel, before_ready)` is serve()
+    for one worker."""
     proctitle.set_title("molt: zygote gen=%d" % cfg.generation, "molt g%d zygote" % cfg.generation)
     master = os.getppid()
     # ctypes is loaded before the first fork: each worker would otherwise pay for it.
     libc = ctypes.CDLL(None, use_errno=True)
     started = time.monotonic()
+    # CPython's recipe for fork without exec (the gc module's docs): no collection in the
+    # parent, so it leaves no freed holes that the children's allocations would fill (each
+    # such write un-shares a page), and gc.freeze() right before forking. It also makes the
+    # import itself faster: the collector's passes over a growing heap are a third of a large
+    # app's import time (docs/architecture.md, "Preload: where the time goes").
+    gc.disable()
     try:
         app = import_app()
     except BaseException as exc:  # SystemExit from an app module counts as a failed import too
@@ -111,6 +120,7 @@ def run(cfg: config.WorkerConfig, channel: Channel, import_app: Callable[[], Any
         return fail(channel, WorkerExit.IMPORT_FAILED,
                     "%s (importing %s)" % (one_line(exc), cfg.app))
     import_what_warm_up_needs()
+    import_what_workers_need(cfg)
     hazards = fork_hazards(cfg)
     if hazards:
         why = "the import of %s left %s" % (cfg.app, "; ".join(hazards))
@@ -122,13 +132,14 @@ def run(cfg: config.WorkerConfig, channel: Channel, import_app: Callable[[], Any
         log.warning("preload: true: forking although %s; hooks.post_fork must replace them",
                     why)
     # Keep the collector off the shared pages: objects that exist now are never traversed
-    # again, so a worker's collections do not dirty (and un-share) them.
-    gc.collect()
+    # again, so a worker's collections do not dirty (and un-share) them. Each worker enables
+    # the collector again right after the fork.
     gc.freeze()
     log.info("zygote: imported %s in %.0f ms; forking workers", cfg.app,
              (time.monotonic() - started) * 1000)
     channel.send(**{Key.READY: 1})
-    return serve_forks(cfg, channel, master, libc, lambda c, ch: become_worker(app, c, ch))
+    return serve_forks(cfg, channel, master, libc,
+                       lambda c, ch, adopted: become_worker(app, c, ch, adopted))
 
 
 def import_what_warm_up_needs() -> None:
@@ -149,12 +160,46 @@ def import_what_warm_up_needs() -> None:
                   one_line(exc))
 
 
-def receive(sock: socket.socket) -> Optional[Tuple[bytes, List[int]]]:
-    """One packet and the fds attached to it; None once the master is gone."""
+def import_what_workers_need(cfg: config.WorkerConfig) -> None:
+    """What a worker would otherwise load after the fork, in every worker: the native
+    engine's extension (its dlopen() and relocations alone were ~900 page faults per worker,
+    each one a private copy of a shared page), the ASGI engine's parsers, loop module and
+    uvicorn's protocols, the trusted-proxy rule's module and the warm-up client. Loaded
+    here, they are shared pages of the zygote."""
+    from . import forwarded, warmup  # noqa: F401
+
+    native = sys.modules.get(__package__ + ".engines.native")
+    if native is not None:
+        native.load_extension()  # a failure is each worker's to report, as without preload
+    if __package__ + ".engines.uvicorn_asgi" in sys.modules:
+        # The ASGI engine's parsers and loop module, and what uvicorn's Config.load() imports
+        # (its protocols, websockets and the lifespan: 40 modules). Imported, not run: no
+        # loop and no fd exists until the worker makes its own after the fork.
+        wanted = ["httptools", "h11", "uvicorn.protocols.http.auto",
+                  "uvicorn.protocols.websockets.auto", "uvicorn.lifespan.on"]
+        if str(cfg.asgi.get("loop") or "auto") in ("auto", "uvloop"):
+            wanted.append("uvloop")
+        for name in wanted:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the worker says so, exactly as without preload
+                pass
+
+
+Fork = Tuple[str, int, List[int]]  # a fork request: its id, the slot, the worker's 3 fds
+EMPTY = (b"", [])  # what receive() gives when nothing is queued (non-blocking)
+
+
+def receive(sock: socket.socket, block: bool) -> Optional[Tuple[bytes, List[int]]]:
+    """One packet and the fds attached to it; EMPTY when `block` is off and none is queued;
+    None once the master is gone."""
     fds = array.array("i")
     try:
         data, ancdata, _flags, _addr = sock.recvmsg(
-            MAX_PACKET, socket.CMSG_SPACE(FDS_PER_FORK * fds.itemsize))
+            MAX_PACKET, socket.CMSG_SPACE(FDS_PER_FORK * fds.itemsize),
+            0 if block else socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return EMPTY
     except OSError:
         return None
     for level, kind, payload in ancdata:
@@ -168,49 +213,100 @@ def receive(sock: socket.socket) -> Optional[Tuple[bytes, List[int]]]:
 
 
 def serve_forks(cfg: config.WorkerConfig, channel: Channel, master: int, libc: Any,
-                become_worker: Callable[[config.WorkerConfig, Channel], int]) -> int:
+                become_worker: Callable[..., int]) -> int:
+    """Wait for fork requests; answer every request queued at that moment with one fork of an
+    intermediate, which forks all of their workers (a generation's start asks for all its
+    slots at once). The zygote does not wait for the intermediate: it reaps it at the next
+    request or within REAP_S, so a request that arrives meanwhile is forked at once."""
     sock = channel.sock
     if sock is None:
         return WorkerExit.OK
     sock.setblocking(True)
+    intermediates: List[int] = []
     while True:
-        got = receive(sock)
+        reap(intermediates)
+        if intermediates and not select.select([sock], [], [], REAP_S)[0]:
+            continue
+        batch: List[Fork] = []
+        got = receive(sock, block=True)
+        while got is not None and got is not EMPTY:
+            data, fds = got
+            message = decode(data)
+            request = message.get(Key.FORK, "")
+            if not request:
+                close_all(fds)
+            elif len(fds) != FDS_PER_FORK:
+                close_all(fds)
+                channel.send(**{Key.FORKED: request,
+                                Key.FORK_ERROR: "expected %d fds, got %d" % (FDS_PER_FORK,
+                                                                              len(fds))})
+            else:
+                slot = int(message.get(Key.SLOT, "0") or 0)
+                batch.append((request, slot, fds))
+            got = receive(sock, block=False)
+        try:
+            if batch:
+                intermediate = fork_workers(cfg, channel, master, libc, batch, become_worker)
+                if intermediate:
+                    intermediates.append(intermediate)
+        finally:
+            for _request, _slot, fds in batch:
+                close_all(fds)
         if got is None:
             return WorkerExit.OK  # the master is gone: so is the generation
-        data, fds = got
-        message = decode(data)
-        request = message.get(Key.FORK, "")
+
+
+REAP_S = 0.05  # how soon an intermediate is reaped when no request comes
+
+
+def reap(intermediates: List[int]) -> None:
+    for pid in list(intermediates):
         try:
-            if not request:
-                continue
-            if len(fds) != FDS_PER_FORK:
-                channel.send(**{Key.FORKED: request,
-                                Key.FORK_ERROR: "expected %d fds, got %d" % (FDS_PER_FORK, len(fds))})
-                continue
-            slot = int(message.get(Key.SLOT, "0") or 0)
-            fork_worker(cfg, channel, master, libc, request, slot, fds, become_worker)
-        finally:
-            for fd in fds:
-                os.close(fd)
+            done, _status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            intermediates.remove(pid)
 
 
-def fork_worker(cfg: config.WorkerConfig, channel: Channel, master: int, libc: Any,
-                request: str, slot: int, fds: List[int],
-                become_worker: Callable[[config.WorkerConfig, Channel], int]) -> None:
+def close_all(fds: List[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+def fork_workers(cfg: config.WorkerConfig, channel: Channel, master: int, libc: Any,
+                 batch: List[Fork],
+                 become_worker: Callable[..., int]) -> int:
+    """Fork the intermediate, which forks one worker per request, says each pid and exits at
+    once, so that the workers are re-parented to the master (the subreaper). Returns the
+    intermediate's pid (0 when it could not be forked: every request got FORK_ERROR)."""
     for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
         stream.flush()
     try:
         intermediate = os.fork()
     except OSError as exc:
-        channel.send(**{Key.FORKED: request, Key.FORK_ERROR: "fork() failed: %s" % exc.strerror})
-        return
-    if intermediate == 0:
-        # The intermediate: fork the worker, say its pid, exit at once so that it is
-        # re-parented to the master (the subreaper).
-        code = 0
-        try:
-            pid = os.fork()
+        for request, _slot, _fds in batch:
+            channel.send(**{Key.FORKED: request,
+                            Key.FORK_ERROR: "fork() failed: %s" % exc.strerror})
+        return 0
+    if intermediate != 0:
+        return intermediate
+    code = 0
+    try:
+        for n, (request, slot, fds) in enumerate(batch):
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                channel.send(**{Key.FORKED: request,
+                                Key.FORK_ERROR: "fork() failed: %s" % exc.strerror})
+                continue
             if pid == 0:
+                for _other, _slot, theirs in batch[n + 1:]:  # later workers' ends
+                    close_all(theirs)
                 try:
                     code = worker_main(cfg, channel, master, libc, slot, fds, become_worker)
                 except BaseException:
@@ -220,47 +316,65 @@ def fork_worker(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
                     atexit._run_exitfuncs()  # what finish_process() does for any worker
                 except Exception:
                     pass
-            else:
-                channel.send(**{Key.FORKED: request, Key.PID: pid})
-        except OSError as exc:
-            channel.send(**{Key.FORKED: request,
-                            Key.FORK_ERROR: "fork() failed: %s" % exc.strerror})
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:
-                    pass
-            os._exit(code)
-    os.waitpid(intermediate, 0)
+                return_to_exit(code)
+            close_all(fds)  # this worker has them; later workers must not
+            channel.send(**{Key.FORKED: request, Key.PID: pid})
+    finally:
+        return_to_exit(code)
+    return 0  # not reached
+
+
+def return_to_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 
 def worker_main(cfg: config.WorkerConfig, channel: Channel, master: int, libc: Any, slot: int,
-                fds: List[int], become_worker: Callable[[config.WorkerConfig, Channel], int]) -> int:
-    """In the forked worker: take the fds the master made for it to the contract positions,
-    wait to be the master's child, then become an ordinary worker."""
+                fds: List[int], become_worker: Callable[..., int]) -> int:
+    """In the forked worker: take the fds the master made for it to the contract positions
+    and become an ordinary worker. It makes sure it is the master's child only just before
+    READY (see adopted_by): the intermediate may still be forking the batch's other workers."""
+    gc.enable()  # the zygote's import ran without the collector (see run())
     if channel.sock is not None:
         channel.sock.detach()  # the zygote's channel fd number is reused just below
     channel_fd, out_fd, err_fd = fds
     os.dup2(channel_fd, cfg.channel_fd)
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
-    for fd in fds:
-        os.close(fd)
-    fds.clear()
-    # The parent-death signal is bound to the parent at the time it is set, and the
-    # intermediate is about to exit: set it once the master is the parent.
-    deadline = time.monotonic() + 10.0
-    while os.getppid() != master:
-        if os.getppid() == 1 or time.monotonic() > deadline:
-            return 1  # the master is gone (or no subreaper): nobody would supervise us
-        time.sleep(0.0002)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != master:
-        return 1
+    close_all(fds)
     os.environ[Env.WORKER] = str(slot)
     os.environ.pop(Env.ZYGOTE, None)
     cfg.raw["worker"] = slot
     title = "molt: worker gen=%d slot=%d" % (cfg.generation, slot)
     proctitle.set_title(title, "molt g%d s%d" % (cfg.generation, slot))
-    return become_worker(cfg, Channel(cfg.channel_fd))
+    return become_worker(cfg, Channel(cfg.channel_fd), lambda: adopted_by(master, libc))
+
+
+def adopted_by(master: int, libc: Any) -> bool:
+    """Wait to be the master's child (the intermediate has exited), then ask to die with it.
+    The parent-death signal is bound to the parent at the time it is set, so it can only be
+    set now. False: the master is gone (or is no subreaper), nobody would supervise us."""
+    parent = os.getppid()
+    if parent not in (master, 1):
+        # The intermediate: its pidfd turns readable once it has exited, and by then its
+        # children are re-parented (the kernel does that first), so nothing spins here.
+        try:
+            pidfd = os.pidfd_open(parent)
+        except (OSError, AttributeError):  # gone already, or no pidfd (Linux < 5.3)
+            pidfd = -1
+        if pidfd >= 0:
+            try:
+                select.select([pidfd], [], [], 10.0)
+            finally:
+                os.close(pidfd)
+    deadline = time.monotonic() + 10.0
+    while os.getppid() != master:
+        if os.getppid() == 1 or time.monotonic() > deadline:
+            return False
+        time.sleep(0.0002)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    return os.getppid() == master
