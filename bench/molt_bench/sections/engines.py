@@ -12,6 +12,7 @@ import signal
 import socket
 import selectors
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Optional
@@ -57,14 +58,28 @@ def server_rss_kib(s: Server) -> int:
     return sum(rss_kib(pid) for pid in [s.pid] + descendants(s.pid))
 
 
+def queued_connections(port: int) -> int:
+    """Connections in the listen queue of 127.0.0.1:port now (Recv-Q of the listening socket):
+    connected, and not taken by any worker."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
+                         check=False).stdout.split()
+    return int(out[1]) if len(out) > 1 and out[1].isdigit() else 0
+
+
 def one_run(p: Params, s: Server, path: str, close: bool, script: Optional[Path]) -> dict:
     extra = ["-s", str(script)] if script else None
     cpu_before = server_cpu_ticks(s)
-    r = testlib.Wrk(f"http://127.0.0.1:{s.port}{path}", p.duration, p.wrk_conns, p.wrk_threads,
-                    close=close, timeout=None, extra=extra,
-                    preexec_fn=die_with_us(signal.SIGKILL)).result()
+    load = testlib.Wrk(f"http://127.0.0.1:{s.port}{path}", p.duration, p.wrk_conns,
+                       p.wrk_threads, close=close, timeout=None, extra=extra,
+                       preexec_fn=die_with_us(signal.SIGKILL))
+    # wrk's latencies are those of answered requests only: a server that holds fewer
+    # keep-alive connections than wrk opens leaves the rest queued, unanswered and untimed.
+    time.sleep(p.duration / 2)
+    queued = queued_connections(s.port)
+    r = load.result()
     cpu = (server_cpu_ticks(s) - cpu_before) * TICK_S
     r["cpu_us_per_request"] = cpu / r["requests"] * 1e6 if r["requests"] else float("nan")
+    r["queued"] = queued
     return r
 
 
@@ -170,7 +185,8 @@ def summary(runs: list[dict]) -> dict:
     rps = [r["rps"] for r in runs]
     return {"rps": med("rps"), "p50": med("p50"), "p99": med("p99"),
             "cpu_us": med("cpu_us_per_request"), "min_rps": min(rps), "max_rps": max(rps),
-            "errors": sum(r["failed"] for r in runs), "runs": len(runs)}
+            "errors": sum(r["failed"] for r in runs), "runs": len(runs),
+            "queued": max(r.get("queued", 0) for r in runs)}
 
 
 def report(doc: Report):
@@ -185,7 +201,10 @@ def report(doc: Report):
         "brackets). nginx answers `return 200` with the same 13-byte body, and serves the "
         "same 1 MiB file from the same directory as molt's `static:`. The app is "
         "`bench/apps/engines_app.py`. CPU is the server's whole process tree (utime + stime) "
-        "divided by the requests of the run.")
+        "divided by the requests of the run. *Left queued* is the listen queue halfway "
+        "through a run (the most of any run): connections wrk opened that no worker took. "
+        "wrk times answered requests only, so a server that leaves connections queued shows "
+        "a p99 that is not at the same load.")
     add("")
     doc.commands("engines", [k[len("engines "):] for k in doc.c if k.startswith("engines ")])
     for key, title, _, _, _, labels in CASES:
@@ -194,12 +213,14 @@ def report(doc: Report):
             continue
         add(f"### {title}")
         add("")
-        add("| server | req/s (min–max) | p50 ms | p99 ms | CPU µs/request | errors |")
-        add("|---|---|---|---|---|---|")
+        add("| server | req/s (min–max) | p50 ms | p99 ms | CPU µs/request | errors | "
+            "left queued |")
+        add("|---|---|---|---|---|---|---|")
         for label in labels:
             r = rows[label]
             add(f"| {label} | {r['rps']:,.0f} ({r['min_rps']:,.0f}–{r['max_rps']:,.0f}) | "
-                f"{fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | {r['cpu_us']:.1f} | {r['errors']} |")
+                f"{fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | {r['cpu_us']:.1f} | {r['errors']} | "
+                f"{r.get('queued', 0)} |")
         add("")
     mem = data.get("idle_kib_per_connection", {})
     if mem:
