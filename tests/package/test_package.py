@@ -137,6 +137,23 @@ def test_the_package_has_the_debian_layout(deb, package_files):
     for library in ("libuv1", "libyaml-cpp", "libsystemd0", "libstdc++6"):
         assert library in control, control
     assert run("dpkg-deb", "-I", str(deb), "conffiles").stdout.split() == ["/etc/molt/molt.yaml"]
+    assert not any("__pycache__" in str(p) for p in package_files)  # compiled at install
+
+
+def test_the_shim_is_byte_compiled_at_install_and_cleaned_at_removal(deb):
+    shim = Path("/usr/lib/molt/molt_shim")
+    dpkg("--purge", "molt")
+    try:
+        result = dpkg("-i", str(deb))
+        assert result.returncode == 0, result.stdout + result.stderr
+        # With the interpreter the workers run (python: /usr/bin/python3).
+        tag = run("/usr/bin/python3", "-c", "import sys; print(sys.implementation.cache_tag)"
+                  ).stdout.strip()
+        assert (shim / "__pycache__" / f"__main__.{tag}.pyc").is_file()
+        assert (shim / "__pycache__" / f"zygote.{tag}.pyc").is_file()
+    finally:
+        assert dpkg("--purge", "molt").returncode == 0
+    assert not shim.exists()
 
 
 @pytest.mark.timeout(300)
