@@ -363,6 +363,28 @@ def _with_limits(protocol: type, base: type, ctl: DrainControl) -> type:
     class Limited(protocol):  # type: ignore[misc, valid-type]
         _head_done = False  # the current request's head is complete: more fields are trailers
 
+        def data_received(self, data: bytes) -> None:
+            # MoltHTTPProtocol.data_received with molt_parse inlined for the common case (no
+            # violation): this runs for every packet a client sends.
+            if self._rejected:
+                return
+            violation = self._guard.scan(data)
+            if violation is None:
+                self._unset_keepalive_if_required()
+                try:
+                    self.parser.feed_data(data)
+                except httptools.HttpParserUpgrade:
+                    self.handle_upgrade()
+                except httptools.HttpParserError as exc:
+                    if not self._rejected:
+                        self.reject(400, "malformed request: %s" % exc)
+                return
+            offset, (status, reason) = violation
+            if offset:
+                self.molt_parse(data[:offset])
+            if not self._rejected:
+                self.reject(status, "malformed request: %s" % reason)
+
         def molt_parse(self, data: bytes) -> None:
             # uvicorn's own data_received, except that a parse error gets the WSGI side's 400,
             # and a request already answered by reject() is not answered again.
@@ -383,8 +405,10 @@ def _with_limits(protocol: type, base: type, ctl: DrainControl) -> type:
             self._body_size = 0
             self._head_done = False
 
+        # on_url and on_header are uvicorn's own (the same in 0.17 and 0.30) with the limits
+        # added, inlined rather than calling super(): they run for every request.
         def on_url(self, url: bytes) -> None:
-            super().on_url(url)
+            self.url += url
             if len(self.url) > limits.max_request_line:
                 self.reject(414, "request line longer than %d bytes" % limits.max_request_line)
                 raise Rejected()
@@ -395,8 +419,11 @@ def _with_limits(protocol: type, base: type, ctl: DrainControl) -> type:
                 # the app reads: a client could add Host or X-Forwarded-For after a proxy
                 # cleaned the head. Trailers are dropped, as in the WSGI engines.
                 return
-            super().on_header(name, value)
             self._head_size += len(name) + len(value) + 4
+            name = name.lower()
+            if name == b"expect" and value.lower() == b"100-continue":
+                self.expect_100_continue = True
+            self.headers.append((name, value))
             if len(self.headers) > limits.max_headers:
                 self.reject(431, "more than %d header fields" % limits.max_headers)
                 raise Rejected()
