@@ -405,8 +405,8 @@ def _with_limits(protocol: type, base: type, ctl: DrainControl) -> type:
             self._body_size = 0
             self._head_done = False
 
-        # on_url and on_header are uvicorn's own (the same in 0.17 and 0.30) with the limits
-        # added, inlined rather than calling super(): they run for every request.
+        # on_url and on_header are uvicorn's own (the same from 0.17 to current releases)
+        # with the limits added, inlined rather than calling super(): they run per request.
         def on_url(self, url: bytes) -> None:
             self.url += url
             if len(self.url) > limits.max_request_line:
