@@ -95,7 +95,9 @@ class Worker:
         }
         if engine is not None:  # absent: the shim's default ("auto")
             cfg["engine"] = engine
-        if engine == "native":
+        # The native engine, and the ASGI engine's framing guard, load the extension from
+        # the build tree's lib/molt (beside the molt_shim it imports from there).
+        if engine == "native" or (interface == "asgi" and HAVE_NATIVE):
             pythonpath = [NATIVE_DIR] + (pythonpath or [])
             env = dict(NATIVE_ENV, **(env or {}))
         for key, value in (overrides or {}).items():

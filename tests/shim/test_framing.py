@@ -21,20 +21,24 @@ pytestmark = pytest.mark.timeout(120)
 
 # Every WSGI engine, and the ASGI interface. Both apps answer "/" with a body ending in
 # "hello" and echo a POST to /echo.
-SERVERS = ["python"] + (["native"] if HAVE_NATIVE else []) + ["asgi"]  # conftest.WSGI_ENGINES
+# "asgi" runs the native framing guard when the extension is built, "asgi-python-guard" the
+# Python one (the ASGI engine's fallback).
+SERVERS = (["python"] + (["native"] if HAVE_NATIVE else []) + ["asgi"]  # conftest.WSGI_ENGINES
+           + (["asgi-python-guard"] if HAVE_NATIVE else []))
 
 
 @pytest.fixture(scope="module", params=SERVERS)
 def srv(request) -> Iterator[Tuple[Listeners, Worker]]:
     ls = Listeners(tempfile.mkdtemp(prefix="molt-framing-"))
-    if request.param == "asgi":
-        w = Worker(ls, "asgi_app:app", interface="asgi",
+    if request.param.startswith("asgi"):
+        env = {"MOLT_SHIM_GUARD": "python"} if request.param == "asgi-python-guard" else None
+        w = Worker(ls, "asgi_app:app", interface="asgi", env=env,
                    overrides={"http": {"version_header": ""}})
     else:
         w = Worker(ls, "edge_app:application", engine=request.param,
                    overrides={"http": {"version_header": ""}})
     w.wait_ready()
-    w.interface = "asgi" if request.param == "asgi" else "wsgi"
+    w.interface = "asgi" if request.param.startswith("asgi") else "wsgi"
     yield ls, w
     w.stop()
     ls.close()

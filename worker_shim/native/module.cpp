@@ -6,6 +6,7 @@
 #include <exception>
 #include <string>
 
+#include "framing_guard.hpp"
 #include "wsgi_call.hpp"
 
 namespace molt::native {
@@ -16,6 +17,7 @@ struct ModuleState {
     PyObject* errors_type;
     PyObject* start_response_type;
     PyObject* input_type;
+    PyObject* guard_type;
     PyObject* env_keys[static_cast<int>(EnvKey::count)];
 };
 
@@ -517,6 +519,71 @@ PyObject* make_server(PyObject* module, PyObject* args, PyObject* kwargs) {
     return obj.release();
 }
 
+// --- FramingGuard for the ASGI engine: the same C++ rules, one scan() per data_received ----
+// The Python guard (molt_shim/framing_guard.py) costs 5-10 us per request line by line; the
+// ASGI engine's protocol runs it on every byte a client sends, so it takes this one when the
+// extension loads. scan() answers as the Python guard's does: None, or
+// (offset, (status, reason)).
+
+struct GuardObject {
+    PyObject_HEAD FramingGuard* guard;
+};
+
+PyObject* guard_scan(PyObject* self, PyObject* data) {
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "FramingGuard.scan() takes bytes");
+        return nullptr;
+    }
+    FramingGuard* guard = reinterpret_cast<GuardObject*>(self)->guard;
+    std::optional<FramingViolation> found;
+    try {
+        found = guard->scan(PyBytes_AsString(data), static_cast<std::size_t>(PyBytes_Size(data)));
+    } catch (const std::exception& exc) {
+        PyErr_Format(PyExc_RuntimeError, "framing guard: %s", exc.what());
+        return nullptr;
+    }
+    if (!found) Py_RETURN_NONE;
+    return Py_BuildValue(
+        "(n(iN))", static_cast<Py_ssize_t>(found->offset), found->status,
+        PyUnicode_DecodeUTF8(found->reason.data(), static_cast<Py_ssize_t>(found->reason.size()),
+                             "replace"));
+}
+
+void guard_dealloc(PyObject* self) {
+    delete reinterpret_cast<GuardObject*>(self)->guard;
+    free_heap_object(self);
+}
+
+PyMethodDef guard_methods[] = {
+    {"scan", guard_scan, METH_O,
+     "scan(data) -> None, or (offset, (status, reason)) for the first framing violation."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyType_Slot guard_slots[] = {
+    {Py_tp_methods, guard_methods},
+    {Py_tp_dealloc, reinterpret_cast<void*>(guard_dealloc)},
+    {Py_tp_doc, const_cast<char*>("molt's HTTP/1.1 framing guard; made by framing_guard().")},
+    {0, nullptr}};
+
+PyType_Spec guard_spec = {"_molt_native.FramingGuard", sizeof(GuardObject), 0, Py_TPFLAGS_DEFAULT,
+                          guard_slots};
+
+PyObject* make_framing_guard(PyObject* module, PyObject* args) {
+    unsigned long long max_request_line = 0;
+    unsigned long long max_header_size = 0;
+    if (!PyArg_ParseTuple(args, "KK", &max_request_line, &max_header_size)) return nullptr;
+    auto* obj = alloc_object<GuardObject>(state_of(module)->guard_type);
+    if (obj == nullptr) return nullptr;
+    try {
+        obj->guard = new FramingGuard(max_request_line, max_header_size);
+    } catch (const std::exception& exc) {
+        Py_DECREF(reinterpret_cast<PyObject*>(obj));  // guard_dealloc deletes nullptr: fine
+        PyErr_Format(PyExc_RuntimeError, "framing guard: %s", exc.what());
+        return nullptr;
+    }
+    return reinterpret_cast<PyObject*>(obj);
+}
+
 PyObject* parser_name_py(PyObject*, PyObject*) {
     return PyUnicode_FromString(parser_name().c_str());
 }
@@ -526,6 +593,8 @@ PyMethodDef module_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "make_server(app, listeners, warmup_env, file_wrapper, access_log, config) -> Server"},
     {"parser_name", parser_name_py, METH_NOARGS, "The HTTP parser library and its version."},
+    {"framing_guard", make_framing_guard, METH_VARARGS,
+     "framing_guard(max_request_line, max_header_size) -> FramingGuard"},
     {nullptr, nullptr, 0, nullptr}};
 
 int module_exec(PyObject* module) {
@@ -534,7 +603,9 @@ int module_exec(PyObject* module) {
     st->errors_type = PyType_FromSpec(&errors_spec);
     st->start_response_type = PyType_FromSpec(&start_response_spec);
     st->input_type = PyType_FromSpec(&input_spec);
-    if (!st->server_type || !st->errors_type || !st->start_response_type || !st->input_type) {
+    st->guard_type = PyType_FromSpec(&guard_spec);
+    if (!st->server_type || !st->errors_type || !st->start_response_type || !st->input_type ||
+        !st->guard_type) {
         return -1;
     }
     for (int i = 0; i < static_cast<int>(EnvKey::count); ++i) {
@@ -551,6 +622,7 @@ int module_traverse(PyObject* module, visitproc visit, void* arg) {
     Py_VISIT(st->errors_type);
     Py_VISIT(st->start_response_type);
     Py_VISIT(st->input_type);
+    Py_VISIT(st->guard_type);
     for (PyObject* key : st->env_keys) Py_VISIT(key);
     return 0;
 }
@@ -562,6 +634,7 @@ int module_clear(PyObject* module) {
     Py_CLEAR(st->errors_type);
     Py_CLEAR(st->start_response_type);
     Py_CLEAR(st->input_type);
+    Py_CLEAR(st->guard_type);
     for (PyObject*& key : st->env_keys) Py_CLEAR(key);
     return 0;
 }
