@@ -168,10 +168,12 @@ def import_what_workers_need(cfg: config.WorkerConfig) -> None:
     here, they are shared pages of the zygote."""
     from . import forwarded, warmup  # noqa: F401
 
-    native = sys.modules.get(__package__ + ".engines.native")
-    if native is not None:
-        native.load_extension()  # a failure is each worker's to report, as without preload
-    if __package__ + ".engines.uvicorn_asgi" in sys.modules:
+    asgi = __package__ + ".engines.uvicorn_asgi" in sys.modules
+    if asgi or __package__ + ".engines.native" in sys.modules:
+        # The native engine runs in it; the ASGI engine runs its framing guard.
+        from .engines.native import load_extension
+        load_extension()  # a failure is each worker's to report, as without preload
+    if asgi:
         # The ASGI engine's parsers and loop module, and what uvicorn's Config.load() imports
         # (its protocols, websockets and the lifespan: 40 modules). Imported, not run: no
         # loop and no fd exists until the worker makes its own after the fork.
