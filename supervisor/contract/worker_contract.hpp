@@ -72,6 +72,9 @@ inline constexpr std::string_view preload_refused =
 // Request durations by status class, cumulative: core/request_stats.hpp has the wire form.
 inline constexpr std::string_view durations = "DURATIONS";
 inline constexpr std::string_view exceptions = "EXCEPTIONS";  // exceptions raised by the app
+// zygote -> master: STANDBY= done, the standby's pid (or STANDBY_ERROR= saying why not)
+inline constexpr std::string_view standby_pid = "STANDBY_PID";
+inline constexpr std::string_view standby_error = "STANDBY_ERROR";
 // master -> worker
 inline constexpr std::string_view drain = "DRAIN";              // stop accepting, finish, exit 0
 inline constexpr std::string_view reopen_logs = "REOPEN_LOGS";  // reopen log files
@@ -79,14 +82,21 @@ inline constexpr std::string_view reopen_logs = "REOPEN_LOGS";  // reopen log fi
 // attached as SCM_RIGHTS in that order
 inline constexpr std::string_view fork = "FORK";
 inline constexpr std::string_view slot = "SLOT";
+// master -> zygote, before its import: fork a standby (the next generation's zygote, paused
+// before the import) on the channel, stdout and stderr sent as SCM_RIGHTS.
+inline constexpr std::string_view standby = "STANDBY";
+// master -> standby: become this generation's zygote. JSON: {"cwd": the release directory,
+// "env": the variables that differ, "drop": the variables to remove}.
+inline constexpr std::string_view start = "START";
 }  // namespace key
 
-inline constexpr std::array<std::string_view, 15> worker_to_master_keys = {
-    key::ready, key::watchdog,   key::requests,        key::inflight,  key::oldest_ms,
-    key::rss,   key::error,      key::retire,          key::stopping,  key::forked,
-    key::pid,   key::fork_error, key::preload_refused, key::durations, key::exceptions};
-inline constexpr std::array<std::string_view, 4> master_to_worker_keys = {
-    key::drain, key::reopen_logs, key::fork, key::slot};
+inline constexpr std::array<std::string_view, 17> worker_to_master_keys = {
+    key::ready,       key::watchdog,     key::requests,        key::inflight,  key::oldest_ms,
+    key::rss,         key::error,        key::retire,          key::stopping,  key::forked,
+    key::pid,         key::fork_error,   key::preload_refused, key::durations, key::exceptions,
+    key::standby_pid, key::standby_error};
+inline constexpr std::array<std::string_view, 6> master_to_worker_keys = {
+    key::drain, key::reopen_logs, key::fork, key::slot, key::standby, key::start};
 
 // The environment a worker is started with.
 namespace env {

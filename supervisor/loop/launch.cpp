@@ -1,5 +1,7 @@
 #include "supervisor/loop/launch.hpp"
 
+#include <algorithm>
+#include <nlohmann/json.hpp>
 #include <string_view>
 
 #include "config/config.hpp"
@@ -21,6 +23,15 @@ std::string joined(const std::vector<std::string>& items) {
     std::string text;
     for (std::size_t i = 0; i < items.size(); ++i) text += (i ? "," : "") + items[i];
     return text;
+}
+
+// JSON text, or nullopt when a value is not UTF-8 (JSON cannot carry it unchanged).
+std::optional<std::string> dumped(const nlohmann::json& value) {
+    try {
+        return value.dump();
+    } catch (const nlohmann::json::exception&) {
+        return std::nullopt;
+    }
 }
 
 }  // namespace
@@ -122,6 +133,58 @@ os::Result<os::SpawnRequest> worker_spawn_request(const WorkerLaunch& launch,
     request.cwd = os::is_regular_file(dir) ? dir.substr(0, dir.rfind('/')) : dir;
     if (auto error = resolve_identity(config, request); !error.empty()) return os::Error{error};
     return request;
+}
+
+bool is_per_generation_variable(std::string_view entry) {
+    std::string_view name = name_of(entry);
+    return name.substr(0, 5) == "MOLT_" || name == "PROMETHEUS_MULTIPROC_DIR";
+}
+
+std::optional<std::string> standby_key(const os::SpawnRequest& request,
+                                       const std::string& resolved_program) {
+    std::vector<std::string> env;
+    for (const auto& entry : request.env) {
+        if (name_of(entry) == "PYTHONPATH") {
+            std::string_view paths = std::string_view(entry).substr(entry.find('=') + 1);
+            for (std::size_t start = 0; start <= paths.size();) {
+                std::size_t end = std::min(paths.find(':', start), paths.size());
+                if (end > start && paths[start] != '/') return std::nullopt;
+                start = end + 1;
+            }
+        }
+        if (!is_per_generation_variable(entry)) env.push_back(entry);
+    }
+    std::sort(env.begin(), env.end());
+    nlohmann::json key{{"program", request.program},
+                       {"resolved_program", resolved_program},
+                       {"argv", request.argv},
+                       {"env", env},
+                       {"uid", request.uid ? static_cast<long long>(*request.uid) : -1},
+                       {"gid", request.gid ? static_cast<long long>(*request.gid) : -1},
+                       {"user", request.user}};
+    return dumped(key);
+}
+
+std::optional<std::string> standby_start(const os::SpawnRequest& request,
+                                         const std::vector<std::string>& standby_env) {
+    nlohmann::json set = nlohmann::json::object();
+    std::vector<std::string> names;
+    for (const auto& entry : request.env) {
+        if (!is_per_generation_variable(entry)) continue;
+        std::string_view name = name_of(entry);
+        set[std::string(name)] = entry.substr(name.size() + 1);
+        names.emplace_back(name);
+    }
+    nlohmann::json drop = nlohmann::json::array();
+    for (const auto& entry : standby_env) {
+        std::string name(name_of(entry));
+        if (is_per_generation_variable(entry) &&
+            std::find(names.begin(), names.end(), name) == names.end()) {
+            drop.push_back(name);
+        }
+    }
+    nlohmann::json start{{"cwd", request.cwd}, {"env", set}, {"drop", drop}};
+    return dumped(start);
 }
 
 }  // namespace molt::loop

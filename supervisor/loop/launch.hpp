@@ -4,6 +4,7 @@
 // worker inherits live here once (molt::contract names them).
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,5 +47,26 @@ std::vector<std::string> worker_environment(const WorkerLaunch& launch);
 // user or the group).
 os::Result<os::SpawnRequest> worker_spawn_request(const WorkerLaunch& launch,
                                                   const WorkerStreams& streams);
+
+// The standby (loop/standby.cpp, molt_shim/standby.py): an interpreter forked by a zygote
+// before its import, which the next generation's zygote launch can use instead of starting
+// one, when nothing that acts at an interpreter's start differs.
+//
+// Per-generation variables: molt's MOLT_* and the app metrics directory. The standby is told
+// their new values with START=; nothing reads them before the zygote's boot.
+bool is_per_generation_variable(std::string_view entry);
+// What a standby must share with the zygote launch it stands in for: the program (and the
+// file it resolves to: a `python:` inside the release, a virtualenv's, may be another one
+// after a deploy), its arguments, the user and group and the environment apart from the
+// per-generation variables. nullopt when no standby may stand in for this launch: a relative
+// PYTHONPATH entry would have been resolved in the directory the standby started in, or a
+// value is not UTF-8.
+std::optional<std::string> standby_key(const os::SpawnRequest& request,
+                                       const std::string& resolved_program);
+// START='s JSON: what turns a standby forked with `standby_env` into the zygote that
+// `request` would have started: its working directory, the per-generation variables to
+// set and the ones to remove (nullopt when a value is not UTF-8).
+std::optional<std::string> standby_start(const os::SpawnRequest& request,
+                                         const std::vector<std::string>& standby_env);
 
 }  // namespace molt::loop

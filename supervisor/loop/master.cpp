@@ -88,15 +88,6 @@ void on_handle_closed(uv_handle_t* handle) {
     if (--worker->open_handles == 0) delete worker;
 }
 
-void close_worker_handles(WorkerProcess* worker) {
-    for (uv_handle_t* handle : {reinterpret_cast<uv_handle_t*>(&worker->channel),
-                                reinterpret_cast<uv_handle_t*>(&worker->out),
-                                reinterpret_cast<uv_handle_t*>(&worker->err)}) {
-        if (!uv_is_closing(handle)) uv_close(handle, on_handle_closed);
-    }
-    worker->channel_fd.reset();
-}
-
 void alloc_buffer(uv_handle_t* /*handle*/, size_t suggested, uv_buf_t* buf) {
     buf->base = new char[suggested];
     buf->len = suggested;
@@ -114,6 +105,15 @@ void on_output(uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf) {
 }
 
 }  // namespace
+
+void close_worker_handles(WorkerProcess* worker) {
+    for (uv_handle_t* handle : {reinterpret_cast<uv_handle_t*>(&worker->channel),
+                                reinterpret_cast<uv_handle_t*>(&worker->out),
+                                reinterpret_cast<uv_handle_t*>(&worker->err)}) {
+        if (!uv_is_closing(handle)) uv_close(handle, on_handle_closed);
+    }
+    worker->channel_fd.reset();
+}
 
 Master::Master(std::shared_ptr<const config::Config> config, MasterOptions options)
     : config_(std::move(config)), options_(std::move(options)) {
@@ -406,6 +406,10 @@ void Master::reap_children() {
 }
 
 void Master::on_worker_exit(pid_t pid, int status) {
+    if (auto it = processes_.find(pid); it != processes_.end() && it->second->standby) {
+        standby_exited(*it->second, status);
+        return;
+    }
     if (!processes_.count(pid)) {
         // Not (yet) known: a forked worker whose zygote's FORKED= is still unread, or an
         // orphan of an app's subprocess re-parented to this subreaper. Kept for on_forked().
@@ -433,6 +437,7 @@ void Master::on_worker_exit(pid_t pid, int status) {
     }
     if (auto it = processes_.find(pid); it != processes_.end() && it->second->zygote) {
         forget_forks_of(pid);  // whatever it did not answer, it never will
+        if (pending_standby_ && pending_standby_->zygote == pid) pending_standby_.reset();
     }
     if (auto it = processes_.find(pid); it != processes_.end()) {
         WorkerProcess* worker = it->second.release();
@@ -471,6 +476,9 @@ void Master::on_worker_packet(WorkerProcess& worker) {
         if (packet.status == os::Packet::Status::packet) {
             if (worker.zygote && starts_with(packet.data, contract::key::forked)) {
                 on_forked(worker, packet.data);
+            } else if (worker.zygote && (starts_with(packet.data, contract::key::standby_pid) ||
+                                         starts_with(packet.data, contract::key::standby_error))) {
+                on_standby_answer(worker, packet.data);
             } else {
                 feed(core_.message(now(), worker.pid, std::move(packet.data)));
             }
@@ -537,12 +545,17 @@ core::Actions Master::spawn_zygote(const core::SpawnZygote& zygote) {
     auto request = worker_spawn_request(
         launch, {zygote_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
     if (!os::ok(request)) return fail(os::error_of(request));
-    auto pid = os::spawn_process(std::get<os::SpawnRequest>(request));
-    if (!os::ok(pid)) return fail(os::error_of(pid));
-    pid_t child = std::get<pid_t>(pid);
-    track_process(zygote.generation, -1, child, std::move(master_end), out_pipe.read_end.release(),
-                  err_pipe.read_end.release())
-        .zygote = true;
+    const os::SpawnRequest& spawn_request = std::get<os::SpawnRequest>(request);
+    pid_t child = start_standby(zygote.generation, spawn_request);
+    if (child == 0) {
+        auto pid = os::spawn_process(spawn_request);
+        if (!os::ok(pid)) return fail(os::error_of(pid));
+        child = std::get<pid_t>(pid);
+        track_process(zygote.generation, -1, child, std::move(master_end),
+                      out_pipe.read_end.release(), err_pipe.read_end.release())
+            .zygote = true;
+    }
+    ask_for_standby(child, spawn_request);
     return core_.zygote_spawned(now(), zygote.generation, child);
 }
 
@@ -759,6 +772,7 @@ void Master::begin_shutdown(int code) {
     if (!config_->pidfile.empty()) {
         if (auto error = os::remove_file(config_->pidfile); !error.empty()) log_.warning(error);
     }
+    end_standby("");  // nothing outlives the master
     for (auto& [pid, worker] : processes_) close_worker_handles(worker.release());
     processes_.clear();
     pending_forks_.clear();

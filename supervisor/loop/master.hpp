@@ -111,6 +111,12 @@ class Master {
     core::Actions ask_zygote(const core::SpawnWorker& spawn);
     void on_forked(WorkerProcess& zygote, const std::string& packet);
     void forget_forks_of(pid_t zygote);
+    // The standby (standby.cpp).
+    pid_t start_standby(core::GenerationId generation, const os::SpawnRequest& launch);
+    void ask_for_standby(pid_t zygote, const os::SpawnRequest& launch);
+    void on_standby_answer(WorkerProcess& zygote, const std::string& packet);
+    void standby_exited(WorkerProcess& standby, int status);
+    void end_standby(const std::string& why);
     core::Actions prepare_release(const core::PrepareRelease& prepare);
     std::optional<std::string> resolve_release(const config::Config& config,
                                                const std::optional<std::string>& override_dir,
@@ -150,6 +156,23 @@ class Master {
         os::Fd err;
     };
     std::map<core::WorkerId, PendingFork> pending_forks_;
+    // The standby: an interpreter a zygote forked before its import, which the next zygote
+    // launch with the same key (launch.hpp, standby_key) becomes instead of a new process.
+    struct Standby {
+        pid_t pid = 0;  // 0: none
+        std::string key;
+        std::vector<std::string> env;  // what it was started with: its zygote's environment
+    };
+    Standby standby_;
+    // Asked of a zygote, not answered yet (one at a time).
+    struct PendingStandby {
+        pid_t zygote = 0;
+        Standby standby;
+        os::Fd channel;
+        os::Fd out;
+        os::Fd err;
+    };
+    std::optional<PendingStandby> pending_standby_;
     // Children reaped before the master knew them: a forked worker can exit before its
     // zygote's FORKED= is read. Bounded; the oldest are forgotten first.
     std::map<pid_t, int> reaped_unknown_;

@@ -279,6 +279,9 @@ json Master::status_json() const {
         {"last_rollover", last},
         {"rollovers", {{"ok", core_.rollovers(true)}, {"failed", core_.rollovers(false)}}},
         {"rollback_target", target ? json(*target) : json(nullptr)},
+        // The next zygote-to-be (standby.cpp), forked before its zygote's import.
+        {"standby", standby_.pid ? json{{"pid", standby_.pid}, {"pss_bytes", pss_of(standby_.pid)}}
+                                 : json(nullptr)},
     };
 }
 

@@ -173,7 +173,8 @@ std::vector<int> Master::handed_over_fds() const {
     auto state = upgrade_state();
     pid_t zygote = state.zygote ? state.zygote->worker.pid : 0;
     for (const auto& [pid, p] : processes_) {
-        if (p->zygote && pid != zygote) continue;  // not handed over: it dies with its channel
+        // Not handed over (a zygote not ready, the standby): each exits when its channel closes.
+        if ((p->zygote && pid != zygote) || p->standby) continue;
         for (int fd : {p->channel_fd.get(), p->out_fd(), p->err_fd()}) {
             if (fd >= 0) fds.push_back(fd);
         }

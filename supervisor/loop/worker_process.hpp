@@ -19,8 +19,9 @@ struct WorkerProcess {
     core::GenerationId generation = 0;
     int slot = 0;
     pid_t pid = 0;
-    bool zygote = false;  // its generation's zygote: its channel carries FORK/FORKED
-    os::Fd channel_fd;    // the master's end; libuv only polls it
+    bool zygote = false;   // its generation's zygote: its channel carries FORK/FORKED
+    bool standby = false;  // the standby (standby.cpp): in no generation until START=
+    os::Fd channel_fd;     // the master's end; libuv only polls it
     uv_poll_t channel{};
     uv_pipe_t out{};
     uv_pipe_t err{};
@@ -44,5 +45,9 @@ struct WorkerProcess {
     // failure report has the worker's last words.
     void drain_output();
 };
+
+// Stops watching its channel and pipes; the WorkerProcess deletes itself once libuv has closed
+// them.
+void close_worker_handles(WorkerProcess* worker);
 
 }  // namespace molt::loop

@@ -5,6 +5,7 @@ Each app appends its pid to IMPORT_LOG when its module is imported, so a test co
 (one per generation when preloaded, one per worker otherwise) instead of timing anything."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -319,3 +320,165 @@ def test_an_asgi_app_preloaded_runs_its_loop_and_lifespan_in_each_worker(molt, t
     assert 'molt_worker_proportional_memory_bytes{generation="1",slot="1"}' in text, text
     rollover(m, "lifespan ran")
     assert_preloaded(m, m.live_generation())
+
+
+# ----- the standby: the next zygote, forked by this one before its import ---------------------
+
+WHERE_APP = MARK_IMPORT + '''
+import json
+import os
+import sys
+
+IMPORTED_IN = os.getcwd()
+PATH = [p for p in sys.path]
+
+
+def app(environ, start_response):
+    config = json.loads(os.environ["MOLT_WORKER_CONFIG"])
+    body = json.dumps({
+        "imported_in": IMPORTED_IN, "cwd": os.getcwd(), "path": PATH,
+        "generation": os.environ.get("MOLT_GENERATION"), "config_generation":
+        config["generation"], "release_env": os.environ.get("RELEASE_SETTING"),
+        "zygote": os.environ.get("MOLT_ZYGOTE"),
+        "version": open("REVISION").read().strip()}).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
+'''
+
+
+def where(m) -> dict:
+    return json.loads(body(m))
+
+
+def standby_pid(m) -> int:
+    standby = m.status()["standby"]
+    return standby["pid"] if standby else 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_the_next_zygote_is_the_standby_and_its_app_sees_what_a_spawned_ones_sees(molt, tmp_path):
+    """Every zygote forks a standby before its import; a HUP whose launch is the same hands it
+    the new release instead of starting an interpreter. The app cannot tell: its directory,
+    sys.path and molt's variables are the new generation's, as in a spawned zygote."""
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    for version in ("a", "b", "c"):
+        releases.add(version, files={"app.py": WHERE_APP, "REVISION": version + "\n"})
+    releases.activate("a")
+    m = molt(config_for(releases, log, health=None, env={"IMPORT_LOG": str(log),
+                                                         "RELEASE_SETTING": "one"}))
+    spawned = where(m)
+    assert spawned["version"] == "a"
+    first = wait_until(lambda: standby_pid(m), 20, "a standby", on_timeout=m.log)
+    assert first not in imports(log)  # it never imports a release before it is told to
+
+    load = Wrk(m.url("/"), duration=8, connections=8)
+    try:
+        for version, gen in (("b", 2), ("c", 3)):
+            expected_zygote = standby_pid(m)
+            releases.activate(version)
+            assert m.reload()["ok"] is True
+            assert generation(m, gen)["preload"]["zygote"]["pid"] == expected_zygote
+            assert_preloaded(m, gen)
+            seen = where(m)
+            assert seen["version"] == version
+            release = str((releases.root / "releases" / version).resolve())
+            assert seen["cwd"] == seen["imported_in"] == release
+            assert seen["path"][0] == release
+            assert str((releases.root / "releases" / "a").resolve()) not in seen["path"]
+            assert len(seen["path"]) == len(spawned["path"])
+            assert seen["generation"] == str(gen) and seen["config_generation"] == gen
+            assert seen["zygote"] is None and seen["release_env"] == "one"
+            wait_until(lambda: standby_pid(m) not in (0, expected_zygote), 20,
+                       "the next standby", on_timeout=m.log)
+    finally:
+        result = load.result()
+    assert result["failed"] == 0, result["output"]
+    assert "the standby (pid %d) becomes the zygote" % first in m.log()
+    assert sorted(imports(log)) == sorted(set(imports(log)))  # one import per zygote
+    assert len(imports(log)) == 3
+
+
+@pytest.mark.timeout(120)
+def test_a_changed_environment_starts_a_new_interpreter_and_a_new_standby(molt, tmp_path):
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    releases.add("a", files={"app.py": WHERE_APP, "REVISION": "a\n"})
+    releases.activate("a")
+    m = molt(config_for(releases, log, health=None, env={"IMPORT_LOG": str(log),
+                                                         "RELEASE_SETTING": "one"}))
+    old = wait_until(lambda: standby_pid(m), 20, "a standby", on_timeout=m.log)
+    m.config["env"]["RELEASE_SETTING"] = "two"  # acts at an interpreter's start: not standby's
+    m.write_config()
+    assert m.reload()["ok"] is True
+    assert generation(m, 2)["preload"]["zygote"]["pid"] != old
+    assert where(m)["release_env"] == "two"
+    assert "the new zygote's launch differs from the standby's" in m.log()
+    wait_until(lambda: not alive(old), 10, "the unused standby to be gone", on_timeout=m.log)
+    new = wait_until(lambda: standby_pid(m), 20, "a new standby", on_timeout=m.log)
+    assert new != old
+    assert m.reload()["ok"] is True  # and the new one is used
+    assert generation(m, 3)["preload"]["zygote"]["pid"] == new
+
+
+@pytest.mark.timeout(120)
+def test_a_standby_killed_is_replaced_by_the_next_zygote_and_nothing_outlives_the_master(
+        molt, tmp_path):
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    for version in ("a", "b"):
+        releases.add(version, files=marked_flask_release(version))
+    releases.activate("a")
+    m = molt(config_for(releases, log))
+    victim = wait_until(lambda: standby_pid(m), 20, "a standby", on_timeout=m.log)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: m.status()["standby"] is None, 10, "the master to see it die",
+               on_timeout=m.log)
+    assert "the standby (pid %d) killed by SIGKILL" % victim in m.log()
+    assert body(m) == "version a\n"  # nobody else noticed
+    releases.activate("b")
+    assert m.reload()["ok"] is True
+    assert body(m) == "version b\n"
+    standby = wait_until(lambda: standby_pid(m), 20, "a new standby", on_timeout=m.log)
+    zygote = generation(m, 2)["preload"]["zygote"]["pid"]
+    m.signal(signal.SIGKILL)
+    wait_until(lambda: not alive(standby) and not alive(zygote), 10,
+               "the standby and the zygote to die with the master")
+
+
+@pytest.mark.timeout(90)
+def test_no_standby_is_forked_when_the_release_ships_a_module_the_shim_imports(molt, tmp_path):
+    """A release that vendors uvicorn: the zygote imports the release's copy before the app,
+    and a standby would carry it into the next release. So none is forked, every HUP starts
+    a new interpreter, and the next release imports its own copy."""
+    import shutil
+
+    import uvicorn
+
+    releases = Releases(tmp_path / "site")
+    for version in ("a", "b"):
+        target = releases.add(version, source=APPS, files={"REVISION": version + "\n"})
+        shutil.copytree(Path(uvicorn.__file__).parent, target / "uvicorn",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (target / "uvicorn" / "VENDORED").write_text(version)
+    releases.activate("a")
+    m = molt({"app": "lifespan_app:app", "interface": "asgi", "chdir": str(releases.current),
+              "workers": 2, "preload": "auto", "version_file": "REVISION"})
+    assert body(m) == "lifespan ran"
+    wait_until(lambda: "no standby: modules imported before the app came from the release "
+               "directory (uvicorn" in m.log(), 20, "the zygote to refuse a standby",
+               on_timeout=m.log)
+    assert m.status()["standby"] is None
+    releases.activate("b")
+    assert m.reload()["ok"] is True
+    assert body(m) == "lifespan ran"
+    assert generation(m, 2)["version"] == "b"
+    assert m.status()["standby"] is None

@@ -24,6 +24,7 @@ def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     # The master prefixes every line with gen/worker, so the line itself stays short.
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log.handlers.clear()  # a standby sets up its logging again when it starts
     log.addHandler(handler)
     log.setLevel(getattr(logging, level, logging.INFO))
     log.propagate = False
@@ -116,12 +117,24 @@ def raise_malloc_mmap_threshold() -> None:
 
 
 def main() -> int:
-    """Boot: config, environment, listeners, the engine's code, the app; then serve."""
+    """Boot: config, environment, listeners, the engine's code, the app; then serve. A standby
+    (standby.py) boots twice: once as the zygote it was forked from, up to the fork, and again
+    as its own generation's zygote once the master sends it START=."""
     raise_malloc_mmap_threshold()
     faulthandler.enable(all_threads=True)  # SIGABRT (heartbeat timeout): dump every thread
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, fast_exit)
     signal.signal(signal.SIGQUIT, fast_exit)
+    while True:
+        code = boot()
+        if code != STANDBY_STARTED:
+            return int(code)
+
+
+STANDBY_STARTED = "standby started"  # boot() in a standby told to start: boot again
+
+
+def boot() -> Any:
     try:
         cfg = config.load(os.environ)
     except (ValueError, TypeError) as exc:
@@ -132,16 +145,23 @@ def main() -> int:
     setup_logging(cfg.log_level)
     channel = Channel(cfg.channel_fd)
     scrub_environment()
-    listeners = wrap_listeners(cfg)
     title = "molt: worker gen=%d slot=%d" % (cfg.generation, cfg.worker)
     proctitle.set_title(title, "molt g%d s%d" % (cfg.generation, cfg.worker))
     try:
         factory = engines.load(cfg.interface, cfg.engine)
     except engines.EngineUnavailable as exc:
         return fail(channel, WorkerExit.IMPORT_FAILED, str(exc))
-    if os.environ.get(Env.ZYGOTE) == "1":
-        from . import zygote
+    zygote_asked = os.environ.get(Env.ZYGOTE) == "1"
+    if zygote_asked:
+        from . import standby, zygote
 
+        # Everything up to here is the same for every release: the next zygote is forked
+        # now, before the import, when the master asks for it.
+        zygote.import_shim_modules()
+        if standby.fork_if_asked(channel):
+            return STANDBY_STARTED
+    listeners = wrap_listeners(cfg)
+    if zygote_asked:
         return zygote.run(
             cfg, channel, lambda: import_app(cfg),
             lambda app, child_cfg, child_channel, adopted: serve(

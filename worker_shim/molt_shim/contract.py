@@ -39,19 +39,29 @@ class Key:
     PRELOAD_REFUSED = "PRELOAD_REFUSED"  # preload: auto found the import unsafe to fork
     DURATIONS = "DURATIONS"  # request durations by status class (molt_shim/request_metrics.py)
     EXCEPTIONS = "EXCEPTIONS"  # exceptions raised by the app so far
+    # zygote -> master: STANDBY= done, the standby's pid (or STANDBY_ERROR= saying why not)
+    STANDBY_PID = "STANDBY_PID"
+    STANDBY_ERROR = "STANDBY_ERROR"
     # master -> worker
     DRAIN = "DRAIN"
     REOPEN_LOGS = "REOPEN_LOGS"
     # master -> zygote: fork worker <id> for SLOT=; channel, stdout, stderr as SCM_RIGHTS
     FORK = "FORK"
     SLOT = "SLOT"
+    # master -> zygote, before its import: fork a standby (the next generation's zygote,
+    # paused before the import) on the channel, stdout and stderr sent as SCM_RIGHTS
+    STANDBY = "STANDBY"
+    # master -> standby: become this generation's zygote. JSON: {"cwd": the release
+    # directory, "env": the variables that differ, "drop": the variables to remove}
+    START = "START"
 
 
 WORKER_TO_MASTER_KEYS: Tuple[str, ...] = (
     Key.READY, Key.WATCHDOG, Key.REQUESTS, Key.INFLIGHT, Key.OLDEST_MS, Key.RSS, Key.ERROR,
     Key.RETIRE, Key.STOPPING, Key.FORKED, Key.PID, Key.FORK_ERROR, Key.PRELOAD_REFUSED,
-    Key.DURATIONS, Key.EXCEPTIONS)
-MASTER_TO_WORKER_KEYS: Tuple[str, ...] = (Key.DRAIN, Key.REOPEN_LOGS, Key.FORK, Key.SLOT)
+    Key.DURATIONS, Key.EXCEPTIONS, Key.STANDBY_PID, Key.STANDBY_ERROR)
+MASTER_TO_WORKER_KEYS: Tuple[str, ...] = (Key.DRAIN, Key.REOPEN_LOGS, Key.FORK, Key.SLOT,
+                                          Key.STANDBY, Key.START)
 
 
 class Env:

@@ -1,5 +1,6 @@
 """The zygote (`preload:`): imports the release once, then only forks the generation's workers.
 
+    [on STANDBY=, before the import: fork the next zygote-to-be, standby.py]
     import the app -> look for what is unsafe to fork -> gc.freeze() -> READY=1
     -> on FORK=<id> (SLOT=, the worker's channel + stdout + stderr as SCM_RIGHTS):
        fork an intermediate, which forks the worker, reports FORKED=<id> PID=<pid> and exits
@@ -160,32 +161,38 @@ def import_what_warm_up_needs() -> None:
                   one_line(exc))
 
 
-def import_what_workers_need(cfg: config.WorkerConfig) -> None:
-    """What a worker would otherwise load after the fork, in every worker: the native
-    engine's extension (its dlopen() and relocations alone were ~900 page faults per worker,
-    each one a private copy of a shared page), the ASGI engine's parsers, loop module and
-    uvicorn's protocols, the trusted-proxy rule's module and the warm-up client. Loaded
-    here, they are shared pages of the zygote."""
+def import_shim_modules() -> None:
+    """What a worker would otherwise load after the fork, in every worker, and that is the
+    same for every release (so the standby, forked before the import, has it too): the
+    native engine's extension (its dlopen() and relocations alone were ~900 page faults per
+    worker, each one a private copy of a shared page), the trusted-proxy rule's module and
+    the warm-up client. Loaded here, they are shared pages of the zygote."""
     from . import forwarded, warmup  # noqa: F401
 
-    asgi = __package__ + ".engines.uvicorn_asgi" in sys.modules
-    if asgi or __package__ + ".engines.native" in sys.modules:
+    if (__package__ + ".engines.uvicorn_asgi" in sys.modules
+            or __package__ + ".engines.native" in sys.modules):
         # The native engine runs in it; the ASGI engine runs its framing guard.
         from .engines.native import load_extension
         load_extension()  # a failure is each worker's to report, as without preload
-    if asgi:
-        # The ASGI engine's parsers and loop module, and what uvicorn's Config.load() imports
-        # (its protocols, websockets and the lifespan: 40 modules). Imported, not run: no
-        # loop and no fd exists until the worker makes its own after the fork.
-        wanted = ["httptools", "h11", "uvicorn.protocols.http.auto",
-                  "uvicorn.protocols.websockets.auto", "uvicorn.lifespan.on"]
-        if str(cfg.asgi.get("loop") or "auto") in ("auto", "uvloop"):
-            wanted.append("uvloop")
-        for name in wanted:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - the worker says so, exactly as without preload
-                pass
+
+
+def import_what_workers_need(cfg: config.WorkerConfig) -> None:
+    """After the import, what every ASGI worker would load after the fork from the
+    interpreter's path: the engine's parsers and loop module, and what uvicorn's
+    Config.load() imports (its protocols, websockets and the lifespan: 40 modules).
+    Imported, not run: no loop and no fd exists until the worker makes its own after the
+    fork."""
+    if __package__ + ".engines.uvicorn_asgi" not in sys.modules:
+        return
+    wanted = ["httptools", "h11", "uvicorn.protocols.http.auto",
+              "uvicorn.protocols.websockets.auto", "uvicorn.lifespan.on"]
+    if str(cfg.asgi.get("loop") or "auto") in ("auto", "uvloop"):
+        wanted.append("uvloop")
+    for name in wanted:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the worker says so, exactly as without preload
+            pass
 
 
 Fork = Tuple[str, int, List[int]]  # a fork request: its id, the slot, the worker's 3 fds
@@ -224,7 +231,7 @@ def serve_forks(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
     if sock is None:
         return WorkerExit.OK
     sock.setblocking(True)
-    intermediates: List[int] = []
+    from .standby import intermediates  # the standby's, if one was forked before the import
     while True:
         reap(intermediates)
         if intermediates and not select.select([sock], [], [], REAP_S)[0]:
@@ -235,7 +242,10 @@ def serve_forks(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
             data, fds = got
             message = decode(data)
             request = message.get(Key.FORK, "")
-            if not request:
+            if Key.STANDBY in message:  # too late: this process has imported its release
+                close_all(fds)
+                channel.send(**{Key.STANDBY_ERROR: "asked after the zygote's import"})
+            elif not request:
                 close_all(fds)
             elif len(fds) != FDS_PER_FORK:
                 close_all(fds)

@@ -2,7 +2,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 
 #include "supervisor/loop/launch.hpp"
 
@@ -98,4 +100,63 @@ TEST_CASE("the spawn request places the listeners, then the channel, and names a
     auto refused = loop::worker_spawn_request(launch, {40, 41, 42});
     REQUIRE_FALSE(os::ok(refused));
     CHECK(os::error_of(refused) == "no user named no-such-user-molt-test");
+}
+
+TEST_CASE("a standby stands in only for a launch that differs in per-generation variables") {
+    os::SpawnRequest launch;
+    launch.program = "/usr/bin/python3";
+    launch.argv = {"python3", "-m", "molt_shim"};
+    launch.env = {"PATH=/usr/bin", "PYTHONPATH=/usr/lib/molt:/srv/lib", "MOLT_GENERATION=1",
+                  "MOLT_WORKER_CONFIG={\"generation\": 1}", "PROMETHEUS_MULTIPROC_DIR=/run/m/1"};
+    launch.cwd = "/srv/releases/a";
+    auto key = loop::standby_key(launch, "/usr/bin/python3.11");
+    REQUIRE(key);
+
+    os::SpawnRequest next = launch;
+    next.env = {"MOLT_WORKER_CONFIG={\"generation\": 2}", "PATH=/usr/bin",
+                "PYTHONPATH=/usr/lib/molt:/srv/lib", "MOLT_GENERATION=2",
+                "PROMETHEUS_MULTIPROC_DIR=/run/m/2"};  // another order: the same launch
+    next.cwd = "/srv/releases/b";
+    CHECK(loop::standby_key(next, "/usr/bin/python3.11") == key);
+    // The same `python:` resolving to another interpreter (a virtualenv inside the release).
+    CHECK(loop::standby_key(next, "/usr/bin/python3.12") != key);
+
+    for (auto change : std::vector<std::function<void(os::SpawnRequest&)>>{
+             [](os::SpawnRequest& r) { r.env.push_back("DJANGO_SETTINGS_MODULE=site.prod"); },
+             [](os::SpawnRequest& r) { r.env[0] = "PATH=/usr/local/bin:/usr/bin"; },
+             [](os::SpawnRequest& r) { r.program = "/usr/bin/python3.11"; },
+             [](os::SpawnRequest& r) { r.argv.push_back("-X"); },
+             [](os::SpawnRequest& r) { r.uid = 1000; },
+             [](os::SpawnRequest& r) { r.gid = 1000; }}) {
+        os::SpawnRequest other = next;
+        change(other);
+        CHECK(loop::standby_key(other, "/usr/bin/python3.11") != key);
+    }
+    // A relative PYTHONPATH entry was resolved in the directory the standby started in.
+    os::SpawnRequest relative = launch;
+    relative.env[1] = "PYTHONPATH=/usr/lib/molt:lib";
+    CHECK_FALSE(loop::standby_key(relative, "/usr/bin/python3.11"));
+    // JSON cannot carry a value that is not UTF-8 unchanged.
+    os::SpawnRequest binary = launch;
+    binary.env.push_back("BLOB=\xff\xfe");
+    CHECK_FALSE(loop::standby_key(binary, "/usr/bin/python3.11"));
+}
+
+TEST_CASE("START= gives a standby the new directory and per-generation variables") {
+    os::SpawnRequest next;
+    next.env = {"PATH=/usr/bin", "MOLT_GENERATION=2", "MOLT_ZYGOTE=1",
+                "PROMETHEUS_MULTIPROC_DIR=/run/m/2"};
+    next.cwd = "/srv/releases/b";
+    auto start = loop::standby_start(
+        next, {"PATH=/usr/bin", "MOLT_GENERATION=1", "MOLT_ZYGOTE=1", "MOLT_WORKER=0",
+               "PROMETHEUS_MULTIPROC_DIR=/run/m/1"});
+    REQUIRE(start);
+    auto json = nlohmann::json::parse(*start);
+    CHECK(json["cwd"] == "/srv/releases/b");
+    CHECK(json["env"] == nlohmann::json{{"MOLT_GENERATION", "2"},
+                                        {"MOLT_ZYGOTE", "1"},
+                                        {"PROMETHEUS_MULTIPROC_DIR", "/run/m/2"}});
+    CHECK(json["drop"] == nlohmann::json::array({"MOLT_WORKER"}));
+    CHECK_FALSE(loop::is_per_generation_variable("PATH=/usr/bin"));
+    CHECK(loop::is_per_generation_variable("MOLT_CHANNEL_FD=5"));
 }
