@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..common import APPS, Params, descendants, pss_kib, probe, PYTHON, release_dir, say, wait_until
 from ..load import run_wrk
@@ -137,16 +138,22 @@ def measure_memory(p: Params, work: Path, big: Path, out: dict, results: dict):
         say(f"  {label}: whole tree PSS {statistics.median(v):.0f} MiB")
 
 
-def hup_to_serving(s: Server, d: Path, repeats: int, first_version: int) -> list[float]:
+def hup_to_serving(s: Server, d: Path, repeats: int, first_version: int,
+                   before_hup: Callable[[int], None] = lambda i: None) -> list[float]:
     took = []
     for i in range(repeats):
         version = str(first_version + i)
         (d / "VERSION").write_text(version + "\n")
+        before_hup(i)
         t0 = time.monotonic()
         s.reload()
         wait_serving(s, version)
         took.append(time.monotonic() - t0)
         wait_until(lambda: len(s.workers()) == WORKERS, 120, f"{s.label} to settle")
+        if isinstance(s, MoltServer) and s.config.get("preload") != "false":
+            # As between two deploys: the next zygote's standby is there.
+            wait_until(lambda: (s.try_status() or {}).get("standby"), 20,
+                       f"{s.label}'s standby", interval=0.01)
         time.sleep(0.5)
     return took
 
@@ -208,20 +215,31 @@ def measure_respawn(p: Params, work: Path, big: Path, out: dict, results: dict):
 
 
 def measure_hello(p: Params, work: Path, out: dict, results: dict):
+    """HUPs whose launch is unchanged (the standby becomes the zygote) interleaved, on the
+    same server, with HUPs whose `env:` changed (a new interpreter, the path without the
+    standby): the standby's effect, side by side."""
     d = release_dir(work / "pre-hello-releases", "hello", APPS / "release_app.py")
     s = molt(work / "pre-hello", "molt-preload", "app:application", d, "auto")
+    took, fresh = [], []
     try:
         s.start()
         s.wait_ready(WORKERS, timeout=120)
         results["commands"]["preload hello " + s.label] = shlex.join(s.argv)
-        took = hup_to_serving(s, d, 2 if p.quick else 5, 200)
+
+        def change_env(i: int):
+            s.config["env"] = {"BENCH_LAUNCH": str(i)}
+            s.molt.write_config()
+        for i in range(2 if p.quick else 5):
+            took += hup_to_serving(s, d, 1, 200 + 2 * i)
+            fresh += hup_to_serving(s, d, 1, 201 + 2 * i, change_env)
     finally:
         s.stop()
     code = ("import time,sys; t=time.perf_counter(); sys.path.insert(0,'.'); import app; "
             "print(time.perf_counter()-t)")
     imports = [float(subprocess.run([PYTHON, "-c", code], cwd=d, capture_output=True, text=True,
                                     timeout=30).stdout) for _ in range(3)]
-    out["hello"] = {"hup_s": spread(took), "import_s": statistics.median(imports)}
+    out["hello"] = {"hup_s": spread(took), "new_interpreter_hup_s": spread(fresh),
+                    "import_s": statistics.median(imports)}
 
 
 def measure_throughput(p: Params, work: Path, big: Path, out: dict, results: dict):
@@ -311,8 +329,16 @@ def report(doc: Report):
     if "hello" in r:
         h = r["hello"]
         overhead = h["hup_s"]["median"] - h["import_s"]
-        add(f"* hello world, preloaded: HUP to serving {h['hup_s']['median'] * 1000:.0f} ms, "
+        add(f"* hello world, preloaded: HUP to serving {h['hup_s']['median'] * 1000:.0f} ms "
+            f"(min {h['hup_s']['min'] * 1000:.0f}, max {h['hup_s']['max'] * 1000:.0f}), "
             f"its import {h['import_s'] * 1000:.0f} ms: overhead **{overhead * 1000:.0f} ms**")
+        if "new_interpreter_hup_s" in h:
+            f = h["new_interpreter_hup_s"]
+            add(f"* the same server, HUPs interleaved with those above whose `env:` changed "
+                f"(so the zygote is a new interpreter, not the standby): "
+                f"{f['median'] * 1000:.0f} ms (min {f['min'] * 1000:.0f}, max "
+                f"{f['max'] * 1000:.0f}); the standby takes **"
+                f"{(f['median'] - h['hup_s']['median']) * 1000:.0f} ms** off a HUP")
         targets.append(("hello-world rollover overhead over the import < 20 ms",
                         overhead < 0.02, f"{overhead * 1000:.0f} ms"))
     if "rps" in r:
