@@ -502,6 +502,9 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
     auto fail = [&](const std::string& error) {
         return core_.spawn_failed(now(), spawn.worker, error);
     };
+    if (spawn.release.config->preload == config::Preload::off) {
+        end_standby("preload is off: no zygote will need it");
+    }
     // Every fd made here is owned: whatever fails below, each closes exactly once.
     auto ends = os::make_child_ends();
     if (!os::ok(ends)) return fail(os::error_of(ends));

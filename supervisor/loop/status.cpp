@@ -416,6 +416,13 @@ std::string Master::metrics_text() const {
             "molt_zygote_proportional_memory_bytes{{generation=\"{}\",pid=\"{}\"}} {}\n", id,
             gen.zygote.pid, pss_of(gen.zygote.pid));
     }
+    family("molt_standby_proportional_memory_bytes", "gauge",
+           "Proportional set size of the standby (the next zygote, forked before the import); "
+           "absent when there is none.");
+    if (standby_.pid > 0) {
+        out += fmt::format("molt_standby_proportional_memory_bytes{{pid=\"{}\"}} {}\n",
+                           standby_.pid, pss_of(standby_.pid));
+    }
     family("molt_master_resident_memory_bytes", "gauge", "Resident memory of the master.");
     out += fmt::format("molt_master_resident_memory_bytes {}\n", os::resident_bytes(getpid()));
     return out;

@@ -482,3 +482,24 @@ def test_no_standby_is_forked_when_the_release_ships_a_module_the_shim_imports(m
     assert body(m) == "lifespan ran"
     assert generation(m, 2)["version"] == "b"
     assert m.status()["standby"] is None
+
+
+@pytest.mark.timeout(90)
+def test_the_standby_is_in_the_metrics_and_goes_when_preload_is_turned_off(molt, tmp_path):
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    releases.add("a", files=marked_flask_release("a"))
+    releases.activate("a")
+    metrics = free_port()
+    m = molt(config_for(releases, log, metrics={"listen": f"tcp://127.0.0.1:{metrics}"}))
+    standby = wait_until(lambda: standby_pid(m), 20, "a standby", on_timeout=m.log)
+    text = http_get(metrics, "/metrics")[2].decode()
+    assert f'molt_standby_proportional_memory_bytes{{pid="{standby}"}} ' in text, text
+    m.config["preload"] = "false"
+    m.write_config()
+    assert m.reload()["ok"] is True
+    assert "preload is off: no zygote will need it" in m.log()
+    wait_until(lambda: not alive(standby), 10, "the standby to be gone", on_timeout=m.log)
+    assert m.status()["standby"] is None
+    assert "molt_standby_proportional_memory_bytes{" not in http_get(metrics, "/metrics")[2].decode()
+    assert body(m) == "version a\n"
