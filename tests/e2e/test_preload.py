@@ -355,6 +355,15 @@ def standby_pid(m) -> int:
     return standby["pid"] if standby else 0
 
 
+def site(tmp_path: Path, **files_by_version: dict) -> tuple[Path, Releases]:
+    """The import log and a release tree with these releases, the first one current."""
+    releases = Releases(tmp_path / "site")
+    for version, files in files_by_version.items():
+        releases.add(version, files=files)
+    releases.activate(next(iter(files_by_version)))
+    return tmp_path / "imports.log", releases
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -368,11 +377,8 @@ def test_the_next_zygote_is_the_standby_and_its_app_sees_what_a_spawned_ones_see
     """Every zygote forks a standby before its import; a HUP whose launch is the same hands it
     the new release instead of starting an interpreter. The app cannot tell: its directory,
     sys.path and molt's variables are the new generation's, as in a spawned zygote."""
-    log = tmp_path / "imports.log"
-    releases = Releases(tmp_path / "site")
-    for version in ("a", "b", "c"):
-        releases.add(version, files={"app.py": WHERE_APP, "REVISION": version + "\n"})
-    releases.activate("a")
+    log, releases = site(tmp_path, **{v: {"app.py": WHERE_APP, "REVISION": v + "\n"}
+                                      for v in ("a", "b", "c")})
     m = molt(config_for(releases, log, health=None, env={"IMPORT_LOG": str(log),
                                                          "RELEASE_SETTING": "one"}))
     spawned = where(m)
@@ -409,10 +415,7 @@ def test_the_next_zygote_is_the_standby_and_its_app_sees_what_a_spawned_ones_see
 
 @pytest.mark.timeout(120)
 def test_a_changed_environment_starts_a_new_interpreter_and_a_new_standby(molt, tmp_path):
-    log = tmp_path / "imports.log"
-    releases = Releases(tmp_path / "site")
-    releases.add("a", files={"app.py": WHERE_APP, "REVISION": "a\n"})
-    releases.activate("a")
+    log, releases = site(tmp_path, a={"app.py": WHERE_APP, "REVISION": "a\n"})
     m = molt(config_for(releases, log, health=None, env={"IMPORT_LOG": str(log),
                                                          "RELEASE_SETTING": "one"}))
     old = wait_until(lambda: standby_pid(m), 20, "a standby", on_timeout=m.log)
@@ -432,11 +435,7 @@ def test_a_changed_environment_starts_a_new_interpreter_and_a_new_standby(molt, 
 @pytest.mark.timeout(120)
 def test_a_standby_killed_is_replaced_by_the_next_zygote_and_nothing_outlives_the_master(
         molt, tmp_path):
-    log = tmp_path / "imports.log"
-    releases = Releases(tmp_path / "site")
-    for version in ("a", "b"):
-        releases.add(version, files=marked_flask_release(version))
-    releases.activate("a")
+    log, releases = site(tmp_path, a=marked_flask_release("a"), b=marked_flask_release("b"))
     m = molt(config_for(releases, log))
     victim = wait_until(lambda: standby_pid(m), 20, "a standby", on_timeout=m.log)
     os.kill(victim, signal.SIGKILL)
@@ -486,10 +485,7 @@ def test_no_standby_is_forked_when_the_release_ships_a_module_the_shim_imports(m
 
 @pytest.mark.timeout(90)
 def test_the_standby_is_in_the_metrics_and_goes_when_preload_is_turned_off(molt, tmp_path):
-    log = tmp_path / "imports.log"
-    releases = Releases(tmp_path / "site")
-    releases.add("a", files=marked_flask_release("a"))
-    releases.activate("a")
+    log, releases = site(tmp_path, a=marked_flask_release("a"))
     metrics = free_port()
     m = molt(config_for(releases, log, metrics={"listen": f"tcp://127.0.0.1:{metrics}"}))
     standby = wait_until(lambda: standby_pid(m), 20, "a standby", on_timeout=m.log)
