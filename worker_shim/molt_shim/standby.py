@@ -31,10 +31,8 @@ from . import proctitle
 from .contract import Key, WorkerExit
 from .lifecycle import fail
 from .protocol import Channel, decode
-from .zygote import (EMPTY, FDS_PER_FORK, adopted_by, close_all, receive, return_to_exit)
-
-# The intermediate that forked a standby: the zygote reaps it with its other intermediates.
-intermediates: List[int] = []
+from .zygote import (EMPTY, FDS_PER_FORK, adopted_by, close_all, intermediates, receive,
+                     return_to_exit)
 
 
 def fork_if_asked(channel: Channel) -> bool:
@@ -73,7 +71,7 @@ def fork_if_asked(channel: Channel) -> bool:
         return False
     if intermediate != 0:
         close_all(fds)
-        intermediates.append(intermediate)
+        intermediates.append(intermediate)  # the zygote reaps it with its batches'
         return False
     try:
         pid = os.fork()

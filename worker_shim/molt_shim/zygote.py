@@ -195,6 +195,9 @@ def import_what_workers_need(cfg: config.WorkerConfig) -> None:
             pass
 
 
+# Intermediates not reaped yet: each batch's, and the standby's (standby.py) if one was forked
+# before the import.
+intermediates: List[int] = []
 Fork = Tuple[str, int, List[int]]  # a fork request: its id, the slot, the worker's 3 fds
 EMPTY = (b"", [])  # what receive() gives when nothing is queued (non-blocking)
 
@@ -231,7 +234,6 @@ def serve_forks(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
     if sock is None:
         return WorkerExit.OK
     sock.setblocking(True)
-    from .standby import intermediates  # the standby's, if one was forked before the import
     while True:
         reap(intermediates)
         if intermediates and not select.select([sock], [], [], REAP_S)[0]:
