@@ -159,6 +159,7 @@ struct Config {
     Engine engine = Engine::auto_;
     Lifespan lifespan = Lifespan::auto_;
     Preload preload = Preload::auto_;
+    bool preload_standby = true;  // each zygote forks the next one before its import
     Hooks hooks;
     std::string root_path;  // the prefix the app is mounted under: SCRIPT_NAME / root_path
     std::vector<StaticMount> statics;  // `static:`

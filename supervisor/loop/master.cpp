@@ -549,6 +549,7 @@ core::Actions Master::spawn_zygote(const core::SpawnZygote& zygote) {
         launch, {zygote_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
     if (!os::ok(request)) return fail(os::error_of(request));
     const os::SpawnRequest& spawn_request = std::get<os::SpawnRequest>(request);
+    if (!zygote.release.config->preload_standby) end_standby("preload_standby is false");
     pid_t child = start_standby(zygote.generation, spawn_request);
     if (child == 0) {
         auto pid = os::spawn_process(spawn_request);
@@ -558,7 +559,7 @@ core::Actions Master::spawn_zygote(const core::SpawnZygote& zygote) {
                       out_pipe.read_end.release(), err_pipe.read_end.release())
             .zygote = true;
     }
-    ask_for_standby(child, spawn_request);
+    if (zygote.release.config->preload_standby) ask_for_standby(child, spawn_request);
     return core_.zygote_spawned(now(), zygote.generation, child);
 }
 

@@ -484,18 +484,24 @@ def test_no_standby_is_forked_when_the_release_ships_a_module_the_shim_imports(m
 
 
 @pytest.mark.timeout(90)
-def test_the_standby_is_in_the_metrics_and_goes_when_preload_is_turned_off(molt, tmp_path):
+@pytest.mark.parametrize("turned_off", [{"preload_standby": False}, {"preload": "false"}],
+                         ids=["preload_standby-false", "preload-false"])
+def test_the_standby_is_in_the_metrics_and_goes_when_turned_off(molt, tmp_path, turned_off):
     log, releases = site(tmp_path, a=marked_flask_release("a"))
     metrics = free_port()
     m = molt(config_for(releases, log, metrics={"listen": f"tcp://127.0.0.1:{metrics}"}))
     standby = wait_until(lambda: standby_pid(m), 20, "a standby", on_timeout=m.log)
     text = http_get(metrics, "/metrics")[2].decode()
     assert f'molt_standby_proportional_memory_bytes{{pid="{standby}"}} ' in text, text
-    m.config["preload"] = "false"
+    m.config.update(turned_off)
     m.write_config()
     assert m.reload()["ok"] is True
-    assert "preload is off: no zygote will need it" in m.log()
+    why = ("preload_standby is false" if "preload_standby" in turned_off
+           else "preload is off: no zygote will need it")
+    assert f"standby (pid {standby}) ended: {why}" in m.log()
     wait_until(lambda: not alive(standby), 10, "the standby to be gone", on_timeout=m.log)
+    assert m.reload()["ok"] is True  # and no new one comes
     assert m.status()["standby"] is None
     assert "molt_standby_proportional_memory_bytes{" not in http_get(metrics, "/metrics")[2].decode()
+    assert "becomes the zygote" not in m.log()
     assert body(m) == "version a\n"

@@ -11,9 +11,10 @@ boots on as that generation's zygote:
     zygote N: config, engine module, extension -> [STANDBY=: fork the standby] -> import N
     standby:  adopted by the master -> wait for START= -> chdir, environment -> boot as zygote N+1
 
-It shares every page it holds with zygote N (and, until they write to them, N's workers), so
-it costs the tree only what it writes after the fork (about 2.7 MiB, docs/architecture.md,
-"The standby"). It is forked like a worker (an intermediate that exits,
+It shares the pages it holds with zygote N and N's workers; it costs the tree the pages that
+zygote N writes after the fork, which only the standby then holds in their old form (about
+3 MiB; `preload_standby: false` turns it off; docs/architecture.md, "The standby"). It is
+forked like a worker (an intermediate that exits,
 so the master, the subreaper, is its parent and reaper), holds the fds the master sent with
 the request, and dies with the master (PR_SET_PDEATHSIG) or when its channel closes.
 """

@@ -98,9 +98,11 @@ def tree_pss_mib(s: Server) -> float:
     return (pss_kib(s.pid) + sum(pss_kib(p) for p in descendants(s.pid))) / 1024
 
 
-def molt(work: Path, label: str, app: str, d: Path, preload: str, workers: int = WORKERS):
+def molt(work: Path, label: str, app: str, d: Path, preload: str, workers: int = WORKERS,
+         standby: bool = True):
     return MoltServer(work, label, app, d, workers, threads=THREADS,
-                      extra={"preload": preload, "timeouts": {"boot": "120s"}})
+                      extra={"preload": preload, "preload_standby": standby,
+                             "timeouts": {"boot": "120s"}})
 
 
 def spread(values: list[float]) -> dict:
@@ -118,11 +120,13 @@ def wait_serving(s: Server, version: str, timeout: float = 120):
 def measure_memory(p: Params, work: Path, big: Path, out: dict, results: dict):
     servers: list[Server] = [
         molt(work / "pre-mem", "molt-preload", "app:application", big, "auto"),
+        molt(work / "pre-mem", "molt-preload-no-standby", "app:application", big, "auto",
+             standby=False),
         Uwsgi(work / "pre-mem", "uwsgi", "app:application", big, WORKERS, threads=THREADS),
         Gunicorn(work / "pre-mem", "gunicorn-preload", "app:application", big, WORKERS,
                  threads=THREADS),
     ]
-    servers[2].process.argv.insert(1, "--preload")
+    servers[3].process.argv.insert(1, "--preload")
     runs: dict = {s.label: [] for s in servers}
     for _ in range(p.repeats):
         for s in servers:  # one at a time: each has the machine to itself
@@ -311,13 +315,17 @@ def report(doc: Report):
         add("| server | whole-tree PSS MiB (median) | min | max |")
         add("|---|---:|---:|---:|")
         for label, v in r["tree_pss_mib"].items():
-            add(f"| {label} | {v['median']:.0f} | {v['min']:.0f} | {v['max']:.0f} |")
+            add(f"| {label} | {v['median']:.1f} | {v['min']:.1f} | {v['max']:.1f} |")
         add("")
         pss = r["tree_pss_mib"]
         if "molt-preload" in pss and "uwsgi" in pss:
             m, u = pss["molt-preload"]["median"], pss["uwsgi"]["median"]
             targets.append(("preloaded whole-tree PSS <= uWSGI's", m <= u,
-                            f"{m:.0f} vs {u:.0f} MiB ({ratio(m, u)})"))
+                            f"{m:.1f} vs {u:.1f} MiB ({ratio(m, u)})"))
+        if "molt-preload-no-standby" in pss and "uwsgi" in pss:
+            m, u = pss["molt-preload-no-standby"]["median"], pss["uwsgi"]["median"]
+            targets.append(("preloaded whole-tree PSS <= uWSGI's, with `preload_standby: false`",
+                            m <= u, f"{m:.1f} vs {u:.1f} MiB ({ratio(m, u)})"))
     if "hup_s" in r:
         add("| server | HUP to new release serving, ms (median) | min | max | ÷ import wall |")
         add("|---|---:|---:|---:|---:|")
