@@ -351,6 +351,18 @@ void print_status(const json& s) {
                                  g.value("release_dir", "?"), took);
         if (g.contains("failure"))
             std::cout << "  failure: " << g["failure"].get<std::string>() << "\n";
+        const json zygote = g.contains("preload") ? g["preload"].value("zygote", json()) : json();
+        if (zygote.is_object()) {
+            std::cout << fmt::format("  zygote pid {} {}, {} fork(s), PSS {}\n",
+                                     zygote.value("pid", 0), zygote.value("state", "?"),
+                                     zygote.value("forks", 0),
+                                     human_bytes(zygote.value("pss_bytes", std::uint64_t{0})));
+        }
+    }
+    if (s.contains("standby") && s["standby"].is_object()) {
+        std::cout << fmt::format("standby pid {}, PSS {}: the next reload's zygote\n",
+                                 s["standby"].value("pid", 0),
+                                 human_bytes(s["standby"].value("pss_bytes", std::uint64_t{0})));
     }
     const json& last = s["last_rollover"];
     if (!last.is_null()) {

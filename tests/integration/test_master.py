@@ -330,6 +330,11 @@ def test_ctl_status_table_and_json(molt):
     assert "generation 1 live" in table.stdout
     assert "SLOT" in table.stdout and "RESTARTS" in table.stdout
     data = json.loads(m.ctl("status", "--json").stdout)
+    zygote = data["generations"][0]["preload"]["zygote"]
+    assert f"  zygote pid {zygote['pid']} ready, 2 fork(s), PSS " in table.stdout, table.stdout
+    wait_until(lambda: m.status()["standby"], 20, "a standby", on_timeout=m.log)
+    table = m.ctl("status").stdout
+    assert f"standby pid {m.status()['standby']['pid']}, PSS " in table, table
     assert data["live_generation"] == 1
     assert len(data["generations"][0]["workers"]) == 2
     assert all(w["rss_bytes"] > 1_000_000 for w in data["generations"][0]["workers"])
