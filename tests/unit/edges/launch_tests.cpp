@@ -147,9 +147,8 @@ TEST_CASE("START= gives a standby the new directory and per-generation variables
     next.env = {"PATH=/usr/bin", "MOLT_GENERATION=2", "MOLT_ZYGOTE=1",
                 "PROMETHEUS_MULTIPROC_DIR=/run/m/2"};
     next.cwd = "/srv/releases/b";
-    auto start = loop::standby_start(
-        next, {"PATH=/usr/bin", "MOLT_GENERATION=1", "MOLT_ZYGOTE=1", "MOLT_WORKER=0",
-               "PROMETHEUS_MULTIPROC_DIR=/run/m/1"});
+    auto start = loop::standby_start(next, {"PATH=/usr/bin", "MOLT_GENERATION=1", "MOLT_ZYGOTE=1",
+                                            "MOLT_WORKER=0", "PROMETHEUS_MULTIPROC_DIR=/run/m/1"});
     REQUIRE(start);
     auto json = nlohmann::json::parse(*start);
     CHECK(json["cwd"] == "/srv/releases/b");
