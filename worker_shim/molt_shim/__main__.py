@@ -127,14 +127,12 @@ def main() -> int:
     signal.signal(signal.SIGQUIT, fast_exit)
     while True:
         code = boot()
-        if code != STANDBY_STARTED:
-            return int(code)
+        if code is not None:
+            return code
 
 
-STANDBY_STARTED = "standby started"  # boot() in a standby told to start: boot again
-
-
-def boot() -> Any:
+def boot() -> Optional[int]:
+    """One boot, to the exit code; None in a standby told to start (it boots again)."""
     try:
         cfg = config.load(os.environ)
     except (ValueError, TypeError) as exc:
@@ -159,7 +157,7 @@ def boot() -> Any:
         # now, before the import, when the master asks for it.
         zygote.import_shim_modules()
         if standby.fork_if_asked(channel):
-            return STANDBY_STARTED
+            return None
     listeners = wrap_listeners(cfg)
     if zygote_asked:
         return zygote.run(
