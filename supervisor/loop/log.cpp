@@ -120,11 +120,13 @@ bool is_json_object(std::string_view line) {
 
 void Log::worker_line(std::uint64_t gen, int slot, int pid, std::string_view stream,
                       std::string_view line) {
-    // A negative slot: -1 the generation's zygote (preload), which has no slot; -2 the standby.
+    std::string_view source = slot == kZygoteSlot    ? "zygote"
+                              : slot == kStandbySlot ? "standby"
+                                                     : "worker";
     if (format_ == config::LogFormat::json) {
         nlohmann::json out{{"ts", timestamp()},
                            {"level", stream == "stderr" ? "warning" : "info"},
-                           {"source", slot < 0 ? (slot == -1 ? "zygote" : "standby") : "worker"},
+                           {"source", std::string(source)},
                            {"stream", std::string(stream)},
                            {"gen", gen},
                            {"worker", slot},
@@ -143,8 +145,8 @@ void Log::worker_line(std::uint64_t gen, int slot, int pid, std::string_view str
         return;
     }
     if (slot < 0) {
-        emit(fmt::format("{} {} gen={} pid={} {}: {}\n", timestamp(),
-                         slot == -1 ? "zygote " : "standby", gen, pid, stream, line));
+        emit(fmt::format("{} {:<7} gen={} pid={} {}: {}\n", timestamp(), source, gen, pid, stream,
+                         line));
         return;
     }
     emit(fmt::format("{} worker  gen={} worker={} pid={} {}: {}\n", timestamp(), gen, slot, pid,

@@ -11,6 +11,10 @@
 
 namespace molt::loop {
 
+// The slot a process without one is logged (and tracked) under.
+inline constexpr int kZygoteSlot = -1;   // a generation's zygote (preload)
+inline constexpr int kStandbySlot = -2;  // the standby (standby.cpp)
+
 class Log {
   public:
     void configure(const config::Logging& logging);
@@ -18,7 +22,8 @@ class Log {
     std::string reopen();
 
     void write(core::LogLevel level, std::string_view text, std::uint64_t gen = 0, int pid = 0);
-    // One line of a worker's stdout or stderr, tagged with where it came from.
+    // One line of a worker's stdout or stderr, tagged with where it came from: `slot` is the
+    // worker's, or kZygoteSlot / kStandbySlot for the processes that have none.
     void worker_line(std::uint64_t gen, int slot, int pid, std::string_view stream,
                      std::string_view line);
 

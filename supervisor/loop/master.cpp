@@ -502,9 +502,7 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
     auto fail = [&](const std::string& error) {
         return core_.spawn_failed(now(), spawn.worker, error);
     };
-    if (spawn.release.config->preload == config::Preload::off) {
-        end_standby("preload is off: no zygote will need it");
-    }
+    standby_usable_by(*spawn.release.config);  // ends it when it is not
     // Every fd made here is owned: whatever fails below, each closes exactly once.
     auto ends = os::make_child_ends();
     if (!os::ok(ends)) return fail(os::error_of(ends));
@@ -549,17 +547,17 @@ core::Actions Master::spawn_zygote(const core::SpawnZygote& zygote) {
         launch, {zygote_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
     if (!os::ok(request)) return fail(os::error_of(request));
     const os::SpawnRequest& spawn_request = std::get<os::SpawnRequest>(request);
-    if (!zygote.release.config->preload_standby) end_standby("preload_standby is false");
-    pid_t child = start_standby(zygote.generation, spawn_request);
+    bool standby = standby_usable_by(*zygote.release.config);
+    pid_t child = standby ? start_standby(zygote.generation, spawn_request) : 0;
     if (child == 0) {
         auto pid = os::spawn_process(spawn_request);
         if (!os::ok(pid)) return fail(os::error_of(pid));
         child = std::get<pid_t>(pid);
-        track_process(zygote.generation, -1, child, std::move(master_end),
+        track_process(zygote.generation, kZygoteSlot, child, std::move(master_end),
                       out_pipe.read_end.release(), err_pipe.read_end.release())
             .zygote = true;
     }
-    if (zygote.release.config->preload_standby) ask_for_standby(child, spawn_request);
+    if (standby) ask_for_standby(child, spawn_request);
     return core_.zygote_spawned(now(), zygote.generation, child);
 }
 

@@ -112,6 +112,7 @@ class Master {
     void on_forked(WorkerProcess& zygote, const std::string& packet);
     void forget_forks_of(pid_t zygote);
     // The standby (standby.cpp).
+    bool standby_usable_by(const config::Config& config);
     pid_t start_standby(core::GenerationId generation, const os::SpawnRequest& launch);
     void ask_for_standby(pid_t zygote, const os::SpawnRequest& launch);
     void on_standby_answer(WorkerProcess& zygote, const std::string& packet);

@@ -28,7 +28,6 @@ namespace molt::loop {
 
 namespace {
 
-constexpr int kStandbySlot = -2;               // how its output is labelled (log.cpp)
 constexpr std::size_t kMaxPacket = 64 * 1024;  // what the shim reads in one packet
 
 std::optional<std::string> key_of(const os::SpawnRequest& launch) {
@@ -37,6 +36,19 @@ std::optional<std::string> key_of(const os::SpawnRequest& launch) {
 }
 
 }  // namespace
+
+// A config that can use no standby (no zygote, or preload_standby: false) ends the one there is.
+bool Master::standby_usable_by(const config::Config& config) {
+    if (config.preload == config::Preload::off) {
+        end_standby("preload is off: no zygote will need it");
+        return false;
+    }
+    if (!config.preload_standby) {
+        end_standby("preload_standby is false");
+        return false;
+    }
+    return true;
+}
 
 // Returns the standby's pid when it became `generation`'s zygote (0: spawn one instead).
 pid_t Master::start_standby(core::GenerationId generation, const os::SpawnRequest& launch) {
@@ -69,7 +81,7 @@ pid_t Master::start_standby(core::GenerationId generation, const os::SpawnReques
     process.standby = false;
     process.zygote = true;
     process.generation = generation;
-    process.slot = -1;
+    process.slot = kZygoteSlot;
     standby_ = {};
     log_.write(core::LogLevel::info,
                fmt::format("the standby (pid {}) becomes the zygote: no interpreter to start", pid),

@@ -264,7 +264,7 @@ int Master::adopt(UpgradeState state) {
                 problems.push_back(error);
             }
         }
-        track_process(adopted.generation, -1, z.worker.pid, os::Fd(z.channel_fd), z.out_fd,
+        track_process(adopted.generation, kZygoteSlot, z.worker.pid, os::Fd(z.channel_fd), z.out_fd,
                       z.err_fd)
             .zygote = true;
         adopted.zygote = z.worker.pid;
