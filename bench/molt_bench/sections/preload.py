@@ -365,8 +365,10 @@ def report(doc: Report):
         rps = r["rps"]
         if "molt-preload" in rps and "molt-no-preload" in rps:
             a, b = rps["molt-preload"]["median"], rps["molt-no-preload"]["median"]
-            add(f"* throughput, 4 workers, keep-alive: preloaded {a:.0f} req/s, not preloaded "
-                f"{b:.0f} req/s ({ratio(a, b)})")
+            pa, pb = rps["molt-preload"], rps["molt-no-preload"]
+            add(f"* throughput, 4 workers, keep-alive: preloaded {a:.0f} req/s "
+                f"({pa['min']:.0f}-{pa['max']:.0f}), not preloaded {b:.0f} req/s "
+                f"({pb['min']:.0f}-{pb['max']:.0f}): {ratio(a, b)}")
             targets.append(("preloaded throughput unchanged (within 5 %)", a >= 0.95 * b,
                             ratio(a, b)))
     add("")
