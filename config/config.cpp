@@ -674,6 +674,8 @@ void read_listen_entry(Context& ctx, const Node& node, const std::string& key) {
     const std::size_t errors_before = ctx.errors.size();
     std::optional<ListenAddress> address;
     bool address_given = false;
+    std::string defer_accept_key;  // set when given: it is an error on a unix address
+    YAML::Mark defer_accept_mark;
     ListenAddress options;
     for_each_key(ctx, node, "listen[]", key, [&](const auto& spec, const Node& value) {
         if (spec.path == "listen[].address") {
@@ -686,6 +688,10 @@ void read_listen_entry(Context& ctx, const Node& node, const std::string& key) {
             ctx.set_mode(value, options.mode);
         } else if (spec.path == "listen[].proxy_protocol") {
             ctx.set_bool(value, options.proxy_protocol);
+        } else if (spec.path == "listen[].defer_accept") {
+            defer_accept_key = ctx.key;
+            defer_accept_mark = value.Mark();
+            ctx.set_duration(value, options.defer_accept);
         } else if (spec.path == "listen[].tls") {
             read_tls(ctx, value, options.tls);
         } else if (spec.path == "listen[].name") {
@@ -698,9 +704,13 @@ void read_listen_entry(Context& ctx, const Node& node, const std::string& key) {
     if (options.proxy_protocol && options.tls.enabled()) {
         ctx.error_at(node.Mark(), key, "`proxy_protocol` together with `tls` is not supported yet");
     }
+    if (!defer_accept_key.empty() && address && address->kind != ListenAddress::Kind::tcp) {
+        ctx.error_at(defer_accept_mark, defer_accept_key, "applies to TCP addresses only");
+    }
     if (!address || ctx.errors.size() != errors_before) return;
     draft.address = std::move(*address);
     draft.address.backlog = options.backlog;
+    draft.address.defer_accept = options.defer_accept;
     draft.address.mode = options.mode;
     draft.address.name = options.name;
     draft.address.proxy_protocol = options.proxy_protocol;
@@ -1193,6 +1203,15 @@ const std::vector<KeySpec>& key_table() {
          "Every connection on this address starts with a PROXY protocol header (v1 or v2, as "
          "HAProxy and AWS NLB send it), which names the client. A connection without a valid "
          "header is closed without a response, logged once per burst. Every engine reads it.",
+         nullptr},
+        {"listen[].defer_accept", "duration",
+         [](const Config&) { return format_duration(ListenAddress{}.defer_accept); },
+         "TCP only: the kernel hands a connection to a worker only once its first bytes have "
+         "arrived (`TCP_DEFER_ACCEPT`, nginx's `deferred`), so a worker never wakes for a "
+         "connection that has nothing to read yet; a client that sends nothing is accepted "
+         "after about this long (whole seconds, rounded up), and `http.header_timeout` runs "
+         "from then. `0` turns it off. Sockets passed by systemd keep their own setting "
+         "(`DeferAcceptSec=`).",
          nullptr},
         {"listen[].tls", "section", nullptr,
          "TLS on this address (HTTPS). The workers of each generation load the files when they "
@@ -1983,6 +2002,7 @@ json listen_json(const ListenAddress& address) {
             {"name", address.name},
             {"text", address.text},
             {"proxy_protocol", address.proxy_protocol},
+            {"defer_accept_ms", ms(address.defer_accept)},
             {"tls", address.tls.enabled()}};
 }
 

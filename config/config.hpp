@@ -57,6 +57,9 @@ struct ListenAddress {
     std::string name;             // matched against LISTEN_FDNAMES; defaults to the address text
     std::string text;             // canonical form, e.g. "tcp://127.0.0.1:8000", "unix:/run/a.sock"
     bool proxy_protocol = false;  // every connection starts with a PROXY v1/v2 header
+    // tcp: TCP_DEFER_ACCEPT, whole seconds; 0 = off. A connection reaches accept() only
+    // once its first bytes have arrived (or after this long).
+    Duration defer_accept{std::chrono::seconds(1)};
     Tls tls;
 };
 

@@ -291,7 +291,11 @@ void ControlServer::handle(const std::shared_ptr<Connection>& connection,
 
 // ----- metrics -----------------------------------------------------------------------------
 
-std::string MetricsServer::listen(const config::ListenAddress& address) {
+std::string MetricsServer::listen(const config::ListenAddress& configured) {
+    // Every connection is accepted at once, idle or not: the eviction of idle connections
+    // under a flood (eviction below) must see them, and a scrape is no hot path.
+    config::ListenAddress address = configured;
+    address.defer_accept = config::Duration{0};
     auto opened = os::open_listeners({address});
     if (!os::ok(opened)) return "metrics.listen: " + os::error_of(opened);
     os::Listener& listener = std::get<0>(opened).front();

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -12,6 +13,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 
 #include "supervisor/os/os.hpp"
@@ -57,6 +59,19 @@ Result<Fd> open_tcp(const config::ListenAddress& address) {
             int err = errno;
             error = failed("bind(" + address.text + ")", err);
             if (err == EADDRINUSE) error += " (is another molt or server already listening there?)";
+            fd.reset();
+            continue;
+        }
+        // A worker is woken for a connection only once its request has arrived: without
+        // this, most `Connection: close` requests found nothing to read at accept() and
+        // cost the worker a park in epoll and a second wake-up (docs/architecture.md,
+        // "Deferred accept").
+        using std::chrono::ceil;
+        using std::chrono::seconds;
+        int defer = static_cast<int>(ceil<seconds>(address.defer_accept).count());
+        if (defer > 0 &&
+            ::setsockopt(fd.get(), IPPROTO_TCP, TCP_DEFER_ACCEPT, &defer, sizeof defer) < 0) {
+            error = failed("setsockopt(" + address.text + ", TCP_DEFER_ACCEPT)", errno);
             fd.reset();
             continue;
         }

@@ -247,6 +247,49 @@ def test_unix_and_ipv6_listeners_with_mode_and_cleanup(molt, tmp_path):
     assert not path.exists(), "the socket file is removed on a clean exit"
 
 
+def listening_socket_of(pid: int, address: tuple) -> socket.socket:
+    """A duplicate of process `pid`'s listening socket on `address` (pidfd_getfd(2), as root),
+    to read its options from here."""
+    import ctypes
+
+    syscall = ctypes.CDLL(None, use_errno=True).syscall
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                continue
+            fd = syscall(438, pidfd, int(name), 0)  # SYS_pidfd_getfd
+            assert fd >= 0, os.strerror(ctypes.get_errno())
+            sock = socket.socket(fileno=fd)
+            if (sock.family == socket.AF_INET and sock.getsockname() == address
+                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                return sock
+            sock.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError(f"no listening socket on {address} in pid {pid}")
+
+
+def test_tcp_listeners_defer_accept_until_the_request_arrives(molt):
+    # TCP_DEFER_ACCEPT (default 1 s): a worker is woken only once a connection has bytes to
+    # read. Set by the master on the sockets it opens, 0 turns it off, and a client that is
+    # slow to send loses nothing.
+    m = molt(dict(HELLO, listen=["tcp://127.0.0.1:0",
+                                 {"address": "tcp://127.0.0.2:0", "defer_accept": 0}]))
+    deferred, immediate = [(a[len("tcp://"):].rsplit(":", 1)[0], int(a.rsplit(":", 1)[1]))
+                           for a in m.status()["master"]["listen"]]
+    for address, want in ((deferred, 1), (immediate, 0)):
+        with listening_socket_of(m.pid, address) as sock:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == want, address
+    with socket.create_connection(deferred, timeout=10) as slow:
+        time.sleep(0.5)  # connected, nothing sent yet: the kernel holds it
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := slow.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"Hello, world!")
+
+
 def test_a_stale_unix_socket_file_is_replaced(molt, tmp_path):
     path = tmp_path / "stale.sock"
     s = socket.socket(socket.AF_UNIX)

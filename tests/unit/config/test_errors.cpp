@@ -299,6 +299,10 @@ TEST_CASE("proxy and listener edge settings are checked") {
                      "    proxy_protocol: true\n    tls: {cert: c, key: k}\n") ==
           "/srv/app/molt.yaml:3:5: listen[0]: `proxy_protocol` together with `tls` is not "
           "supported yet");
+    CHECK(only_error("app: a:b\nlisten:\n  - {address: unix:/run/a.sock, defer_accept: 1s}\n") ==
+          "/srv/app/molt.yaml:3:47: listen[0].defer_accept: applies to TCP addresses only");
+    CHECK(only_error("app: a:b\nlisten:\n  - {address: tcp://0.0.0.0:1, defer_accept: soon}\n")
+              .find("listen[0].defer_accept: ") != std::string::npos);
 }
 
 }  // namespace

@@ -59,6 +59,8 @@ env: {A: 1, B: "two", C: true, D: ""}
 listen:
   - tcp://[::1]:8001
   - {address: 'unix:run/web.sock', backlog: 16, mode: 660, name: web}
+  - {address: 'tcp://127.0.0.1:8002', defer_accept: 0}
+  - {address: 'tcp://127.0.0.1:8003', defer_accept: 1500ms}
 backlog: 64
 workers: 4
 threads: 8
@@ -88,10 +90,13 @@ pidfile: /run/molt.pid
     CHECK(c.python == "/srv/app/venv/bin/python");
     CHECK(c.env ==
           std::map<std::string, std::string>{{"A", "1"}, {"B", "two"}, {"C", "true"}, {"D", ""}});
-    REQUIRE(c.listen.size() == 2);
+    REQUIRE(c.listen.size() == 4);
     CHECK(c.listen[0].text == "tcp://[::1]:8001");
     CHECK(c.listen[0].host == "::1");
-    CHECK(c.listen[0].backlog == 64);  // the global default
+    CHECK(c.listen[0].backlog == 64);                            // the global default
+    CHECK(c.listen[0].defer_accept == std::chrono::seconds(1));  // the default
+    CHECK(c.listen[2].defer_accept == Duration{0});
+    CHECK(c.listen[3].defer_accept == std::chrono::milliseconds(1500));
     CHECK(c.listen[1].text == "unix:/srv/app/run/web.sock");
     CHECK(c.listen[1].path == "/srv/app/run/web.sock");
     CHECK(c.listen[1].backlog == 16);
