@@ -140,3 +140,45 @@ def test_connection_churn_every_response_intact(listeners, spawn, timeouts):
         assert w.alive()
         assert "internal error" not in w.stderr_text()
         assert "Traceback" not in w.stderr_text()
+
+
+def test_slow_requests_do_not_hold_up_the_workers_other_connections(listeners, spawn):
+    # One worker, 4 threads. The native engine's thread that waits for events serves what it
+    # gets itself, and another takes the epoll over only once a request has been running for
+    # a while (poll_token.hpp): three requests that sleep 2 s each must still run at once,
+    # and quick requests on other connections meanwhile must not wait for any of them.
+    spawn(threads=4).wait_ready()
+    slow_done = []
+
+    def slow() -> None:
+        started = time.monotonic()
+        c = Client(listeners.port, timeout=10)
+        try:
+            status, _, body = c.request("/slow?s=2")
+            assert (status, body) == (200, b"slow done")
+            slow_done.append(time.monotonic() - started)
+        finally:
+            c.close()
+
+    started = time.monotonic()
+    sleepers = [threading.Thread(target=slow) for _ in range(3)]
+    for t in sleepers:
+        t.start()
+        time.sleep(0.05)  # each arrives while the one before is inside the app
+    quick = []
+    for _ in range(20):
+        t0 = time.monotonic()
+        c = Client(listeners.port, timeout=10)
+        try:
+            status, _, body = c.request("/")
+            assert (status, body) == (200, b"hello")
+        finally:
+            c.close()
+        quick.append(time.monotonic() - t0)
+    for t in sleepers:
+        t.join(15)
+    assert len(slow_done) == 3
+    # Sequential sleeps would take 6 s; at once, a little over 2.
+    assert time.monotonic() - started < 4.5, slow_done
+    # Each quick request waited for none of the sleepers (each one would have been 2 s).
+    assert max(quick) < 1.0, quick

@@ -27,10 +27,13 @@ namespace molt::native {
 namespace {
 
 constexpr std::size_t kRecvSize = 65536;
-constexpr double kLingerS = 2.0;  // how long a closing connection is read-discarded
-constexpr int kDrainBacklogMax = 64;
-constexpr double kCloseWaitS = 2.0;  // how long close() waits for a thread inside the app  // what
-                                     // a draining worker still accepts from the queue
+constexpr double kLingerS = 2.0;      // how long a closing connection is read-discarded
+constexpr int kDrainBacklogMax = 64;  // what a draining worker still accepts from the queue
+constexpr double kCloseWaitS = 2.0;   // how long close() waits for a thread inside the app
+// How long a serving thread may be inside one event before another thread takes over the
+// epoll: quick requests then cost no hand-off, a slow one delays the worker's other
+// connections by at most this (poll_token.hpp).
+constexpr std::chrono::microseconds kPromoteAfter{1000};
 constexpr std::uint32_t kArm = EPOLLIN | EPOLLONESHOT;
 constexpr std::uint32_t kListen = EPOLLIN | EPOLLEXCLUSIVE;
 const char kContinue100[] = "HTTP/1.1 100 Continue\r\n\r\n";
@@ -106,6 +109,7 @@ Server::Server(EngineConfig config, PyRef app, std::vector<ListenerSlot> listene
     ev.events = EPOLLIN;  // level-triggered: once written, every thread sees it
     ev.data.fd = stop_fd_;
     epoll_ctl(ep_, EPOLL_CTL_ADD, stop_fd_, &ev);
+    poll_token_ = std::make_unique<PollToken>(stop_fd_, kPromoteAfter);
 }
 
 Server::~Server() {
@@ -242,51 +246,59 @@ void Server::thread_main() {
     // This thread's own Python thread state, made once; GilHeld uses it per request.
     PyGILState_STATE gil = PyGILState_Ensure();
     PyThreadState* ts = PyEval_SaveThread();
-    for (;;) {
-        epoll_event ev{};
-        int n = epoll_wait(ep_, &ev, 1, 0);  // take waiting work without sleeping
-        if (n == 0) {
-            std::lock_guard<std::mutex> lock(poll_mu_);  // the one sleeper of this process
-            n = epoll_wait(ep_, &ev, 1, -1);
-        }
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            log(kError, std::string("epoll_wait failed: ") + std::strerror(errno));
-            break;
-        }
-        if (n == 0) continue;
-        const int fd = ev.data.fd;
-        if (fd == stop_fd_) break;
-        try {
-            Connection* conn = take_parked(fd);
-            if (conn != nullptr) {
-                if (conn->state == ConnState::linger) {
-                    discard(conn);
-                } else {
-                    conn->state = ConnState::busy;
-                    serve(conn, true, ts);
-                }
-                continue;
+    bool stop = false;
+    while (!stop && poll_token_->acquire()) {
+        for (;;) {  // holding the token: wait for an event, serve it, again
+            epoll_event ev{};
+            const int n = epoll_wait(ep_, &ev, 1, -1);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                log(kError, std::string("epoll_wait failed: ") + std::strerror(errno));
+                poll_token_->release();
+                stop = true;
+                break;
             }
-            int listener = -1;
-            {
-                std::lock_guard<std::mutex> lock(mu_);
-                for (std::size_t i = 0; i < listeners_.size(); ++i) {
-                    if (listeners_[i].open && listeners_[i].fd == fd)
-                        listener = static_cast<int>(i);
-                }
+            if (n == 0) continue;
+            if (ev.data.fd == stop_fd_) {
+                stop = true;
+                break;
             }
-            if (listener >= 0) accept_from(listener, ts);
-            // else: a stale event for a connection the sweep took; nothing to do
-        } catch (const std::exception& exc) {  // a bug here must not end the serving thread
-            log(kError, std::string("internal error while serving: ") + exc.what());
-        } catch (...) {
-            log(kError, "internal error while serving: unknown exception");
+            const std::uint64_t turn = poll_token_->serving();
+            serve_event(ev.data.fd, ts);
+            if (!poll_token_->done_serving(turn)) break;  // another thread took over meanwhile
         }
     }
     PyEval_RestoreThread(ts);
     PyGILState_Release(gil);
     running_.fetch_sub(1);
+}
+
+void Server::serve_event(int fd, PyThreadState* ts) {
+    try {
+        Connection* conn = take_parked(fd);
+        if (conn != nullptr) {
+            if (conn->state == ConnState::linger) {
+                discard(conn);
+            } else {
+                conn->state = ConnState::busy;
+                serve(conn, true, ts);
+            }
+            return;
+        }
+        int listener = -1;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            for (std::size_t i = 0; i < listeners_.size(); ++i) {
+                if (listeners_[i].open && listeners_[i].fd == fd) listener = static_cast<int>(i);
+            }
+        }
+        if (listener >= 0) accept_from(listener, ts);
+        // else: a stale event for a connection the sweep took; nothing to do
+    } catch (const std::exception& exc) {  // a bug here must not end the serving thread
+        log(kError, std::string("internal error while serving: ") + exc.what());
+    } catch (...) {
+        log(kError, "internal error while serving: unknown exception");
+    }
 }
 
 void Server::close() {

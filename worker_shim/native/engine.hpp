@@ -2,7 +2,9 @@
 //
 // Threading model (the same leader/followers shape as the Python engine, without the GIL on
 // the I/O path): `threads` native threads share one epoll. The thread that takes an event does
-// the whole job, accept or read, parse, run the app and write, with no hand-off between threads.
+// the whole job, accept or read, parse, run the app and write, with no hand-off between threads,
+// and then waits for the next event itself; another thread takes over the epoll only when a
+// request takes longer than kPromoteAfter (poll_token.hpp).
 // It holds the GIL only inside handle() (environ, the app call, start_response), and releases
 // it again around every send. Connections are EPOLLONESHOT (one event, one owner); listeners
 // are EPOLLEXCLUSIVE and a worker leaves a listener's wait queue while it accepts, so new
@@ -28,6 +30,7 @@
 #include <vector>
 
 #include "http_seam.hpp"
+#include "poll_token.hpp"
 #include "py_handle.hpp"
 #include "static_files.hpp"
 #include "transport.hpp"
@@ -204,6 +207,7 @@ class Server {
 
   private:
     void thread_main();
+    void serve_event(int fd, PyThreadState* ts);  // one epoll event: a connection or a listener
     void serve(Connection* conn, bool must_read, PyThreadState* ts);
     void accept_from(int listener_index, PyThreadState* ts);
     bool rejoin(int listener_index);
@@ -253,10 +257,11 @@ class Server {
     std::unordered_map<int, std::unique_ptr<Connection>> conns_;
     std::unordered_map<int, Connection*> parked_;
     std::vector<int> rejoin_failed_;
-    // At most one idle serving thread sleeps in epoll_wait; the others wait here. Without it
-    // more threads run at once and meet at the GIL: 2.5x the context switches and about 25%
-    // more CPU per request (docs/architecture.md, "Native engine: where the time goes").
-    std::mutex poll_mu_;
+    // At most one serving thread waits in epoll_wait, and it serves what it gets itself; the
+    // others take over only when it is slow (poll_token.hpp). Without it more threads run at
+    // once and meet at the GIL: 2.5x the context switches and about 25% more CPU per request
+    // (docs/architecture.md, "Native engine: where the time goes").
+    std::unique_ptr<PollToken> poll_token_;
     std::atomic<bool> draining_{false};
     std::vector<std::thread> threads_;
     std::atomic<int> running_{0};

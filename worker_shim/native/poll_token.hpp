@@ -1,0 +1,54 @@
+// Which of a worker's serving threads waits for events, and when another one takes over.
+//
+// One thread at a time holds the token: it sleeps in epoll_wait and serves the event it gets
+// itself, then goes back to epoll_wait, so a quick request costs no hand-off between threads
+// (no futex wake-up, no context switch). Only when the holder has been serving for longer
+// than `promote_after` does a timer wake one of the other threads, which takes the token (and
+// the epoll) over; the first thread, once done, waits for the token in turn. So a slow app
+// call (a database query, a sleep) still does not stop the worker from serving its other
+// connections, after at most `promote_after`. The others wait in poll() on that timer and
+// on the server's stop eventfd: an idle worker has no thread waking up.
+//
+// Before this, the holder handed the token over as soon as it had an event (a mutex around
+// epoll_wait), which cost 1.5 futex calls and about one context switch per request
+// (docs/architecture.md, "One poller, promoted on a timer").
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+
+namespace molt::native {
+
+class PollToken {
+  public:
+    // stop_fd: readable once the server stops (level-triggered, never read).
+    PollToken(int stop_fd, std::chrono::microseconds promote_after);
+    ~PollToken();
+    PollToken(const PollToken&) = delete;
+    PollToken& operator=(const PollToken&) = delete;
+
+    // Blocks until this thread holds the token; false when the server stops first.
+    bool acquire();
+    // The holder got an event and serves it now: from here on another thread may take the
+    // token after `promote_after`. Returns the holder's turn, for done_serving().
+    std::uint64_t serving();
+    // Done with that event: true while the thread still holds the token (it waits for the
+    // next event itself), false when another thread took it over meanwhile.
+    bool done_serving(std::uint64_t turn);
+    // The holder leaves (its epoll_wait failed): another thread takes the token at once.
+    void release();
+
+  private:
+    void arm(std::chrono::nanoseconds after);
+
+    const int stop_fd_;
+    const std::chrono::microseconds promote_after_;
+    int timer_fd_ = -1;
+    std::mutex mu_;
+    bool held_ = false;       // a thread holds the token
+    bool serving_ = false;    // ... and is serving an event, not waiting in epoll_wait
+    std::uint64_t turn_ = 0;  // counts the token's changes of hands
+};
+
+}  // namespace molt::native
