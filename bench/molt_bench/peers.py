@@ -237,7 +237,7 @@ class Nginx(Server):
     name = "nginx"
 
     def __init__(self, workdir: Path, label: str, workers: int, static_dir: Path,
-                 hello: str = "Hello, world!"):
+                 hello: str = "Hello, world!", deferred: bool = False):
         port = testlib.free_port()
         home = workdir / label
         (home / "tmp").mkdir(parents=True, exist_ok=True)
@@ -262,7 +262,7 @@ class Nginx(Server):
             f"{temp}"
             "    types { text/plain txt; application/octet-stream bin; }\n"
             "    server {\n"
-            f"        listen 127.0.0.1:{port};\n"
+            f"        listen 127.0.0.1:{port}{' deferred' if deferred else ''};\n"
             f"        location / {{ default_type text/plain; return 200 \"{hello}\"; }}\n"
             f"        location /static/ {{ alias {static_dir}/; }}\n"
             "    }\n"

@@ -31,7 +31,8 @@ CASES = [
     ("hello_ka", "Hello world, keep-alive", "/", False, None,
      ["molt-native", "molt-python", "uwsgi", "gunicorn-gthread", "nginx"]),
     ("hello_close", "Hello world, `Connection: close`", "/", True, None,
-     ["molt-native", "molt-python", "uwsgi-close", "gunicorn-gthread", "nginx"]),
+     ["molt-native", "molt-python", "uwsgi-close", "gunicorn-gthread", "nginx",
+      "nginx-deferred"]),
     ("body_64k", "64 KiB response, keep-alive", "/64k", False, None,
      ["molt-native", "molt-python", "uwsgi", "gunicorn-gthread"]),
     ("post_16k", "16 KiB POST, keep-alive", "/post", False, "post16k.lua",
@@ -142,6 +143,10 @@ def measure(p: Params, work: Path, results: dict):
         Uwsgi(home, "uwsgi-close", APP, app_dir, 4, threads=4, keepalive=False),
         Gunicorn(home, "gunicorn-gthread", APP, app_dir, 4, threads=4),
         Nginx(home, "nginx", 4, app_dir / "static"),
+        # molt's listeners defer accept by default (listen[].defer_accept); nginx's do with
+        # `listen ... deferred`, off by default. The target is against nginx's default; this
+        # one shows the same kernel help given to nginx.
+        Nginx(home, "nginx-deferred", 4, app_dir / "static", deferred=True),
     ]
     by_label = {s.label: s for s in servers}
     try:
@@ -199,7 +204,9 @@ def report(doc: Report):
     add("4 workers each (molt and uWSGI 4 threads per worker, gunicorn gthread 4 threads), "
         "the same wrk for every server, interleaved, median of the runs (spread in "
         "brackets). nginx answers `return 200` with the same 13-byte body, and serves the "
-        "same 1 MiB file from the same directory as molt's `static:`. The app is "
+        "same 1 MiB file from the same directory as molt's `static:`; *nginx-deferred* is "
+        "the same nginx with `listen ... deferred` (`TCP_DEFER_ACCEPT`, which molt's "
+        "listeners have by default). The app is "
         "`bench/apps/engines_app.py`. CPU is the server's whole process tree (utime + stime) "
         "divided by the requests of the run. *Left queued* is the listen queue halfway "
         "through a run (the most of any run): connections wrk opened that no worker took. "
@@ -242,6 +249,10 @@ def report(doc: Report):
 
     target("native engine, hello keep-alive ≥ 0.8× nginx", "hello_ka", "nginx", 0.8)
     target("native engine, `Connection: close` ≥ 0.9× nginx", "hello_close", "nginx", 0.9)
+    a, b = rps("hello_close", "molt-native"), rps("hello_close", "nginx-deferred")
+    if a and b:
+        doc.target("native engine, `Connection: close` against nginx `listen ... deferred` "
+                   "(no target)", None, ratio(a, b))
     target("native engine, 64 KiB response ≥ 1.5× uWSGI", "body_64k", "uwsgi", 1.5)
     target("native engine, 16 KiB POST ≥ 1.5× uWSGI", "post_16k", "uwsgi", 1.5)
     flask = data.get("flask", {})
