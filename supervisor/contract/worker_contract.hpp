@@ -108,11 +108,14 @@ inline constexpr std::string_view worker = "MOLT_WORKER";                // the 
 inline constexpr std::string_view worker_config = "MOLT_WORKER_CONFIG";  // JSON
 // "1": this process is its generation's zygote (imports, then forks workers on FORK=)
 inline constexpr std::string_view zygote = "MOLT_ZYGOTE";
+// 160 hex digits: the generation's TLS session-ticket keys, the same in each of its workers so
+// that a client resumes its session on whichever worker it reaches. Only with a TLS listener.
+inline constexpr std::string_view tls_ticket_keys = "MOLT_TLS_TICKET_KEYS";
 }  // namespace env
 
-inline constexpr std::array<std::string_view, 7> worker_env_names = {
+inline constexpr std::array<std::string_view, 8> worker_env_names = {
     env::channel_fd, env::listen_fds,    env::listen_names, env::generation,
-    env::worker,     env::worker_config, env::zygote};
+    env::worker,     env::worker_config, env::zygote,       env::tls_ticket_keys};
 
 // Variables of the master's own environment that never reach a worker: they belong to the
 // master's supervisor (systemd) or to the master itself. A variable is removed when its name

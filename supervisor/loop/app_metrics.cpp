@@ -89,17 +89,7 @@ void Master::sweep_app_metrics_dirs() {
         if (name.rfind(kGenerationPrefix, 0) != 0) continue;
         core::GenerationId id =
             std::strtoull(name.c_str() + std::strlen(kGenerationPrefix), nullptr, 10);
-        bool exists = false;
-        if (auto it = core_.generations().find(id); it != core_.generations().end()) {
-            auto state = it->second.state;
-            exists = state == core::GenerationState::starting ||
-                     state == core::GenerationState::live ||
-                     state == core::GenerationState::draining;
-        }
-        for (const auto& [worker_id, worker] : core_.workers()) {
-            if (worker.generation == id) exists = true;
-        }
-        if (!exists) fs::remove_all(entry.path(), error);
+        if (!generation_exists(id)) fs::remove_all(entry.path(), error);
     }
 }
 

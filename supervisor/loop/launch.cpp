@@ -109,6 +109,9 @@ std::vector<std::string> worker_environment(const WorkerLaunch& launch) {
     env.push_back(assignment(contract::env::worker, std::to_string(spawn.slot)));
     env.push_back(assignment(contract::env::worker_config, config_json));
     if (launch.zygote) env.push_back(assignment(contract::env::zygote, "1"));
+    if (!launch.tls_ticket_keys.empty()) {
+        env.push_back(assignment(contract::env::tls_ticket_keys, launch.tls_ticket_keys));
+    }
     return env;
 }
 

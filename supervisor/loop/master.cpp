@@ -514,7 +514,8 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
                         options_.shim_dir,
                         os::environment(),
                         false,
-                        app_metrics_dir(*spawn.release.config, spawn.generation)};
+                        app_metrics_dir(*spawn.release.config, spawn.generation),
+                        tls_ticket_keys(*spawn.release.config, spawn.generation)};
     auto request = worker_spawn_request(
         launch, {worker_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
     if (!os::ok(request)) return fail(os::error_of(request));
@@ -540,9 +541,13 @@ core::Actions Master::spawn_zygote(const core::SpawnZygote& zygote) {
     // The zygote is started exactly as the generation's slot-0 worker would be (environment,
     // fds, directory, user/group), and told that it is the zygote.
     core::SpawnWorker as_worker{0, zygote.generation, 0, zygote.release, 0};
-    WorkerLaunch launch{
-        as_worker,         listeners_, options_.shim_dir,
-        os::environment(), true,       app_metrics_dir(*zygote.release.config, zygote.generation)};
+    WorkerLaunch launch{as_worker,
+                        listeners_,
+                        options_.shim_dir,
+                        os::environment(),
+                        true,
+                        app_metrics_dir(*zygote.release.config, zygote.generation),
+                        tls_ticket_keys(*zygote.release.config, zygote.generation)};
     auto request = worker_spawn_request(
         launch, {zygote_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
     if (!os::ok(request)) return fail(os::error_of(request));

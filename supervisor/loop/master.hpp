@@ -83,6 +83,12 @@ class Master {
     void sweep_app_metrics_dirs();
     void remove_app_metrics_root();
     std::string app_metrics_root_;  // made on first use, removed at exit
+    // A generation still has processes, or may start some (tls_tickets.cpp, app_metrics.cpp).
+    bool generation_exists(core::GenerationId generation) const;
+    // MOLT_TLS_TICKET_KEYS for a generation's workers: random, made on the generation's first
+    // launch and forgotten with it; "" when no listener has TLS (tls_tickets.cpp).
+    std::string tls_ticket_keys(const config::Config& config, core::GenerationId generation);
+    std::map<core::GenerationId, std::string> tls_ticket_keys_;
     friend struct WorkerProcess;
 
     // Parts of metrics_text() (status.cpp), one family group each.

@@ -54,6 +54,7 @@ def application(environ, start_response):
         data["headers"] = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
         data["NOTIFY_SOCKET"] = os.environ.get("NOTIFY_SOCKET")
         data["LISTEN_FDS"] = os.environ.get("LISTEN_FDS")
+        data["MOLT_TLS_TICKET_KEYS"] = os.environ.get("MOLT_TLS_TICKET_KEYS")
         data["sys_path_0"] = sys.path[0]
         data["cwd"] = os.getcwd()
         start_response("200 OK", [("Content-Type", "application/json")])

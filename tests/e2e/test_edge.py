@@ -99,6 +99,52 @@ def test_rotation_by_hup_under_https_load(molt, tmp_path, certs, engine):
     assert result["failed"] == 0, result
 
 
+def resumed_sessions(port: int, ca: str, version: str, connections: int = 16) -> tuple:
+    """One client making `connections` HTTPS connections one after the other, each offering
+    the session of the one before (as browsers and wrk do): (how many resumed, the worker pids
+    that answered, the last /env answer)."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2 if version == "1.2" else ssl.TLSVersion.TLSv1_3
+    session, resumed, pids, env = None, 0, set(), {}
+    for i in range(connections):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+                path = "/pid" if i < connections - 1 else "/env"
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+                          .encode())
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+                body = answer.split(b"\r\n\r\n", 1)[1]
+                if path == "/pid":
+                    pids.add(int(body))
+                else:
+                    env = json.loads(body)
+                resumed += s.session_reused
+                session = s.session
+    return resumed, pids, env
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+def test_tls_sessions_resume_on_every_worker_of_a_generation(molt, tmp_path, certs, version):
+    # The master gives one random session-ticket key to all the workers of a generation
+    # (MOLT_TLS_TICKET_KEYS), so a client that reconnects resumes its TLS session on whichever
+    # worker takes the connection. Before, each worker had its own key and the accept
+    # rotation sent each new connection to another worker: no session ever resumed.
+    cert, key = live_cert(certs, tmp_path)
+    m = molt({"app": "edge_app:application", "chdir": str(APPS), "workers": 4, "threads": 2,
+              "engine": "native",
+              "listen": [{"address": "tcp://127.0.0.1:0",
+                          "tls": {"cert": str(cert), "key": str(key)}}]})
+    for generation in (1, 2):
+        resumed, pids, env = resumed_sessions(m.port, certs.ca, version)
+        assert len(pids) >= 2, pids  # the connections were spread over the workers
+        assert resumed == 15, (generation, resumed, pids)  # every one after the first
+        assert env["MOLT_TLS_TICKET_KEYS"] is None  # the key is the engine's, not the app's
+        if generation == 1:
+            assert m.reload()["ok"] is True  # a new generation: a new key, the same rule
+
+
 def test_a_bad_certificate_at_hup_keeps_the_old_generation(molt, tmp_path, certs):
     cert, key = live_cert(certs, tmp_path)
     m = molt({"app": "hello_app:application", "chdir": str(APPS), "workers": 1,

@@ -37,6 +37,8 @@ def scrub_environment() -> None:
     for key in list(os.environ):
         if is_scrubbed(key) and not key.startswith("MOLT_"):
             del os.environ[key]
+    # A secret of the engine's (config.load has read it), not for the app or its children.
+    os.environ.pop(Env.TLS_TICKET_KEYS, None)
 
 
 def wrap_listeners(cfg: config.WorkerConfig) -> List[Tuple[socket.socket, str]]:

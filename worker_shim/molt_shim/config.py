@@ -91,6 +91,8 @@ class WorkerConfig:
     listen_fds: List[int] = field(default_factory=list)
     listen_names: List[str] = field(default_factory=list)
     label_names: Dict[str, str] = field(default_factory=dict)  # listener label -> its name
+    # The generation's TLS session-ticket keys (Env.TLS_TICKET_KEYS; 80 bytes), or b"".
+    tls_ticket_keys: bytes = b""
 
     # Typed accessors for the values used on hot paths or in several modules.
     @property
@@ -267,5 +269,9 @@ def load(environ: Mapping[str, str]) -> WorkerConfig:
     names = [n for n in environ.get(Env.LISTEN_NAMES, "").split(",")]
     names = (names + [""] * len(fds))[: len(fds)]
     channel = environ.get(Env.CHANNEL_FD, "")
+    try:
+        ticket_keys = bytes.fromhex(environ.get(Env.TLS_TICKET_KEYS, ""))
+    except ValueError:
+        raise ValueError("%s is not hexadecimal" % Env.TLS_TICKET_KEYS) from None
     return WorkerConfig(raw=raw, channel_fd=int(channel) if channel else -1,
-                        listen_fds=fds, listen_names=names)
+                        listen_fds=fds, listen_names=names, tls_ticket_keys=ticket_keys)

@@ -74,11 +74,14 @@ class Env:
     WORKER = "MOLT_WORKER"  # the slot
     WORKER_CONFIG = "MOLT_WORKER_CONFIG"  # JSON
     ZYGOTE = "MOLT_ZYGOTE"  # "1": this process is its generation's zygote
+    # 160 hex digits: the generation's TLS session-ticket keys, the same in each of its workers
+    # so that a client resumes its session on whichever worker it reaches. Only with TLS.
+    TLS_TICKET_KEYS = "MOLT_TLS_TICKET_KEYS"
 
 
 WORKER_ENV_NAMES: Tuple[str, ...] = (
     Env.CHANNEL_FD, Env.LISTEN_FDS, Env.LISTEN_NAMES, Env.GENERATION, Env.WORKER,
-    Env.WORKER_CONFIG, Env.ZYGOTE)
+    Env.WORKER_CONFIG, Env.ZYGOTE, Env.TLS_TICKET_KEYS)
 
 # Variables of the master's own environment that never reach a worker: they belong to the
 # master's supervisor (systemd) or to the master itself. The master removes them before it adds

@@ -408,6 +408,12 @@ bool read_listener_options(PyObject* options, ListenerSlot* slot) {
         !config_text(tls, "min_version", &opts.min_version)) {
         return false;
     }
+    if (PyObject* keys = PyDict_GetItemString(tls, "ticket_keys")) {  // borrowed; optional
+        char* data = nullptr;
+        Py_ssize_t size = 0;
+        if (PyBytes_AsStringAndSize(keys, &data, &size) != 0) return false;
+        opts.ticket_keys.assign(data, static_cast<std::size_t>(size));
+    }
     try {
         slot->tls = std::shared_ptr<SSL_CTX>(make_tls_context(opts).release(), SslCtxFree());
     } catch (const std::exception& exc) {

@@ -134,6 +134,11 @@ SslCtxPtr make_tls_context(const TlsOptions& options) {
     SSL_CTX_set_alpn_select_cb(ctx.get(), select_alpn, nullptr);
     static const unsigned char kSessionContext[] = "molt";
     SSL_CTX_set_session_id_context(ctx.get(), kSessionContext, sizeof kSessionContext - 1);
+    if (options.ticket_keys.size() == 80 &&
+        SSL_CTX_set_tlsext_ticket_keys(ctx.get(), const_cast<char*>(options.ticket_keys.data()),
+                                       80) != 1) {
+        fail("cannot set the session-ticket keys");
+    }
     if (!options.client_ca.empty()) {
         if (SSL_CTX_load_verify_locations(ctx.get(), options.client_ca.c_str(), nullptr) != 1) {
             fail("cannot load the client CA " + options.client_ca);

@@ -23,6 +23,9 @@ struct TlsOptions {
     std::string key;
     std::string client_ca;    // "": no client certificates asked for
     std::string min_version;  // "1.2" or "1.3"
+    // The generation's session-ticket keys (80 bytes, MOLT_TLS_TICKET_KEYS), the same in every
+    // worker so a ticket resumes on any of them; empty: OpenSSL's own random key.
+    std::string ticket_keys;
 };
 
 struct SslCtxFree {

@@ -220,7 +220,8 @@ def _listener_options(cfg: Any, label: str) -> Dict[str, Any]:
         "tls": None if not tls else {
             "cert": str(tls["cert"]), "key": str(tls["key"]),
             "client_ca": str(tls.get("client_ca") or ""),
-            "min_version": str(tls.get("min_version") or "1.2")},
+            "min_version": str(tls.get("min_version") or "1.2"),
+            "ticket_keys": cfg.tls_ticket_keys},
     }
 
 
