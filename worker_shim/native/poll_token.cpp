@@ -18,27 +18,38 @@ PollToken::~PollToken() {
 }
 
 bool PollToken::acquire() {
-    bool promoted = false;  // the timer fired: the holder has been serving for too long
+    bool counted = false;  // this thread is one of waiting_
     for (;;) {
         {
             std::lock_guard<std::mutex> lock(mu_);
-            // Free, or its holder is still inside the event it took when the timer was set.
-            // (Several followers may wake for one expiry: the first takes the token, the
-            // others find it taken by a thread that is not serving, and sleep again.)
-            if (!held_ || (promoted && serving_)) {
+            if (counted) --waiting_;
+            counted = false;
+            const auto now = Clock::now();
+            // Free, or its holder has been inside one event for promote_after_. (Several
+            // followers may wake for one expiry: the first takes the token, the others find
+            // it taken by a thread that is not serving yet, and sleep again.)
+            if (!held_ || (serving_ && now - serving_since_ >= promote_after_)) {
                 held_ = true;
                 serving_ = false;
                 ++turn_;
                 return true;
             }
+            // The holder may have started serving while no thread waited, and then armed no
+            // timer: set it for what is left of its time.
+            if (serving_) arm(serving_since_ + promote_after_ - now);
+            ++waiting_;
+            counted = true;
         }
         const bool timer = timer_fd_ >= 0;
         pollfd fds[2] = {{stop_fd_, POLLIN, 0}, {timer_fd_, POLLIN, 0}};
         // Without a timer (timerfd_create failed) a follower looks every 10 ms instead.
-        if (::poll(fds, timer ? 2 : 1, timer ? -1 : 10) < 0 && errno != EINTR) return false;
-        if (fds[0].revents != 0) return false;
-        promoted = !timer || (fds[1].revents & POLLIN) != 0;
-        if (timer && promoted) {
+        const int n = ::poll(fds, timer ? 2 : 1, timer ? -1 : 10);
+        if ((n < 0 && errno != EINTR) || fds[0].revents != 0) {
+            std::lock_guard<std::mutex> lock(mu_);
+            --waiting_;
+            return false;
+        }
+        if (timer && (fds[1].revents & POLLIN) != 0) {
             std::uint64_t expirations = 0;
             (void)!::read(timer_fd_, &expirations, sizeof expirations);
         }
@@ -48,7 +59,10 @@ bool PollToken::acquire() {
 std::uint64_t PollToken::serving() {
     std::lock_guard<std::mutex> lock(mu_);
     serving_ = true;
-    arm(promote_after_);
+    serving_since_ = Clock::now();
+    // Nobody to take over (threads: 1, or every other thread is inside an event): no timer,
+    // and no system call. A thread that starts waiting later sets it (acquire()).
+    if (waiting_ > 0) arm(promote_after_);
     return turn_;
 }
 
@@ -72,6 +86,7 @@ void PollToken::release() {
 
 void PollToken::arm(std::chrono::nanoseconds after) {
     if (timer_fd_ < 0) return;
+    if (after.count() <= 0) after = std::chrono::nanoseconds(1);  // 0 would disarm it
     itimerspec spec{};
     spec.it_value.tv_sec = static_cast<time_t>(after.count() / 1000000000);
     spec.it_value.tv_nsec = static_cast<long>(after.count() % 1000000000);

@@ -7,7 +7,8 @@
 // the epoll) over; the first thread, once done, waits for the token in turn. So a slow app
 // call (a database query, a sleep) still does not stop the worker from serving its other
 // connections, after at most `promote_after`. The others wait in poll() on that timer and
-// on the server's stop eventfd: an idle worker has no thread waking up.
+// on the server's stop eventfd: an idle worker has no thread waking up. The timer is armed only
+// while another thread waits for the token, so `threads: 1` pays no system call for it.
 //
 // Before this, the holder handed the token over as soon as it had an event (a mutex around
 // epoll_wait), which cost 1.5 futex calls and about one context switch per request
@@ -40,15 +41,18 @@ class PollToken {
     void release();
 
   private:
+    using Clock = std::chrono::steady_clock;
     void arm(std::chrono::nanoseconds after);
 
     const int stop_fd_;
     const std::chrono::microseconds promote_after_;
     int timer_fd_ = -1;
     std::mutex mu_;
-    bool held_ = false;       // a thread holds the token
-    bool serving_ = false;    // ... and is serving an event, not waiting in epoll_wait
-    std::uint64_t turn_ = 0;  // counts the token's changes of hands
+    bool held_ = false;                // a thread holds the token
+    bool serving_ = false;             // ... and is serving an event, not waiting in epoll_wait
+    std::uint64_t turn_ = 0;           // counts the token's changes of hands
+    Clock::time_point serving_since_;  // when the holder took the event it serves
+    int waiting_ = 0;                  // threads in acquire(), waiting for the token
 };
 
 }  // namespace molt::native
