@@ -3,7 +3,7 @@ noise, targets, notes) and the table helpers the sections share. Each section's 
 written by its reporter in sections/ (one per section, in report order)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> str:
@@ -17,8 +17,39 @@ def fmt_ms(v: float) -> str:
     return f"{v:.2f}" if v < 10 else f"{v:.1f}"
 
 
-def verdict(ok: Optional[bool]) -> str:
-    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+# A target's verdict: True (met), False (missed), None (no target), or MEDIAN_ONLY.
+MEDIAN_ONLY = "median only"
+
+
+def verdict(ok: Union[bool, str, None]) -> str:
+    if ok is None:
+        return "n/a"
+    if ok == MEDIAN_ONLY:
+        return "**met in the median only**"
+    return "**met**" if ok else "**missed**"
+
+
+def ratio_verdict(mine: list[float], peer: list[float], factor: float, strictly: bool = False):
+    """Whether molt's req/s reach `factor` × the peer's: met when every interleaved run pair
+    does (the margin is larger than the spread), MEDIAN_ONLY when the medians do but some
+    pair does not, missed otherwise. `strictly`: above the factor, not at it."""
+    import statistics
+
+    def reaches(a: float, b: float) -> bool:
+        return a / b > factor if strictly else a / b >= factor
+
+    if not mine or not peer:
+        return None
+    if not reaches(statistics.median(mine), statistics.median(peer)):
+        return False
+    if len(mine) == len(peer) and all(reaches(a, b) for a, b in zip(mine, peer)):
+        return True
+    return MEDIAN_ONLY
+
+
+def run_rps(row: dict) -> list[float]:
+    """The req/s of each run behind a throughput row (load.median_of's `runs`)."""
+    return [r["rps"] for r in row.get("runs", [])]
 
 
 class Report:
@@ -30,12 +61,12 @@ class Report:
         self.c = results["commands"]
         self.charts = charts
         self.lines: list[str] = []
-        self.targets: list[tuple[str, Optional[bool], str]] = []
+        self.targets: list[tuple[str, Union[bool, str, None], str]] = []
 
     def add(self, line: str):
         self.lines.append(line)
 
-    def target(self, name: str, ok: Optional[bool], value: str):
+    def target(self, name: str, ok: Union[bool, str, None], value: str):
         self.targets.append((name, ok, value))
 
     def commands(self, section: str, labels, *more: str):

@@ -19,7 +19,7 @@ from typing import Optional
 
 from ..common import APPS, Params, cpu_ticks, descendants, die_with_us, rss_kib, say, testlib
 from ..peers import Gunicorn, MoltServer, Nginx, Server, Uwsgi
-from ..report import Report, fmt_ms, ratio
+from ..report import Report, fmt_ms, ratio, ratio_verdict, run_rps
 
 APP = "engines_app:application"
 STATIC_NAME = "file-1mib.bin"
@@ -190,7 +190,8 @@ def summary(runs: list[dict]) -> dict:
     rps = [r["rps"] for r in runs]
     return {"rps": med("rps"), "p50": med("p50"), "p99": med("p99"),
             "cpu_us": med("cpu_us_per_request"), "min_rps": min(rps), "max_rps": max(rps),
-            "errors": sum(r["failed"] for r in runs), "runs": len(runs),
+            "runs": [{"rps": x} for x in rps],
+            "errors": sum(r["failed"] for r in runs),
             "queued": max(r.get("queued", 0) for r in runs)}
 
 
@@ -245,7 +246,9 @@ def report(doc: Report):
     def target(name: str, key: str, peer: str, factor: float):
         a, b = rps(key, "molt-native"), rps(key, peer)
         if a and b:
-            doc.target(name, a / b >= factor, ratio(a, b))
+            rows = data[key]
+            doc.target(name, ratio_verdict(run_rps(rows["molt-native"]), run_rps(rows[peer]),
+                                           factor), ratio(a, b))
 
     target("native engine, hello keep-alive ≥ 0.8× nginx", "hello_ka", "nginx", 0.8)
     target("native engine, `Connection: close` ≥ 0.9× nginx", "hello_close", "nginx", 0.9)

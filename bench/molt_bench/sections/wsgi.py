@@ -11,7 +11,7 @@ from . import idle
 from ..common import APPS, Params, say
 from ..load import throughput
 from ..peers import Gunicorn, MoltServer, Server, Uwsgi
-from ..report import Report
+from ..report import Report, ratio_verdict, run_rps
 
 
 def measure(p: Params, work: Path, results: dict):
@@ -79,14 +79,20 @@ def report(doc: Report):
     r_gth = ka["molt"]["rps"] / ka["gunicorn-gthread"]["rps"]
     r_uw = ka["molt"]["rps"] / ka["uwsgi"]["rps"]
     cl = results.get("wsgi_close", {})
-    targets.append(("WSGI keep-alive: molt ≥ 1.5× gunicorn gthread", r_gth >= 1.5,
-                    f"{r_gth:.2f}×"))
-    targets.append(("WSGI keep-alive: molt ahead of uWSGI", r_uw > 1.0, f"{r_uw:.2f}×"))
+    def judged(rows: dict, peer: str, factor: float, strictly: bool = False):
+        return ratio_verdict(run_rps(rows["molt"]), run_rps(rows[peer]), factor, strictly)
+
+    targets.append(("WSGI keep-alive: molt ≥ 1.5× gunicorn gthread",
+                    judged(ka, "gunicorn-gthread", 1.5), f"{r_gth:.2f}×"))
+    targets.append(("WSGI keep-alive: molt ahead of uWSGI", judged(ka, "uwsgi", 1.0, True),
+                    f"{r_uw:.2f}×"))
     if cl:
         r1 = cl["molt"]["rps"] / cl["gunicorn-gthread"]["rps"]
         r2 = cl["molt"]["rps"] / cl["uwsgi"]["rps"]
-        targets.append(("WSGI close: molt ≥ 1.5× gunicorn gthread", r1 >= 1.5, f"{r1:.2f}×"))
-        targets.append(("WSGI close: molt ahead of uWSGI", r2 > 1.0, f"{r2:.2f}×"))
+        targets.append(("WSGI close: molt ≥ 1.5× gunicorn gthread",
+                        judged(cl, "gunicorn-gthread", 1.5), f"{r1:.2f}×"))
+        targets.append(("WSGI close: molt ahead of uWSGI", judged(cl, "uwsgi", 1.0, True),
+                        f"{r2:.2f}×"))
     if charts.get("throughput"):
         add("![throughput](bench-throughput.png)")
         add("")
