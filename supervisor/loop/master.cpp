@@ -498,6 +498,17 @@ void Master::on_worker_packet(WorkerProcess& worker) {
 
 // ----- actions -----------------------------------------------------------------------------
 
+WorkerLaunch Master::launch_of(const core::SpawnWorker& spawn, bool zygote) {
+    const config::Config& config = *spawn.release.config;
+    return {spawn,
+            listeners_,
+            options_.shim_dir,
+            os::environment(),
+            zygote,
+            app_metrics_dir(config, spawn.generation),
+            tls_ticket_keys(config, spawn.generation)};
+}
+
 core::Actions Master::spawn(const core::SpawnWorker& spawn) {
     auto fail = [&](const std::string& error) {
         return core_.spawn_failed(now(), spawn.worker, error);
@@ -509,15 +520,9 @@ core::Actions Master::spawn(const core::SpawnWorker& spawn) {
     auto& [channel, out_pipe, err_pipe] = std::get<os::ChildEnds>(ends);
     auto& [master_end, worker_end] = channel;
 
-    WorkerLaunch launch{spawn,
-                        listeners_,
-                        options_.shim_dir,
-                        os::environment(),
-                        false,
-                        app_metrics_dir(*spawn.release.config, spawn.generation),
-                        tls_ticket_keys(*spawn.release.config, spawn.generation)};
     auto request = worker_spawn_request(
-        launch, {worker_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
+        launch_of(spawn, false),
+        {worker_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
     if (!os::ok(request)) return fail(os::error_of(request));
     auto pid = os::spawn_process(std::get<os::SpawnRequest>(request));
     if (!os::ok(pid)) return fail(os::error_of(pid));
@@ -541,15 +546,9 @@ core::Actions Master::spawn_zygote(const core::SpawnZygote& zygote) {
     // The zygote is started exactly as the generation's slot-0 worker would be (environment,
     // fds, directory, user/group), and told that it is the zygote.
     core::SpawnWorker as_worker{0, zygote.generation, 0, zygote.release, 0};
-    WorkerLaunch launch{as_worker,
-                        listeners_,
-                        options_.shim_dir,
-                        os::environment(),
-                        true,
-                        app_metrics_dir(*zygote.release.config, zygote.generation),
-                        tls_ticket_keys(*zygote.release.config, zygote.generation)};
     auto request = worker_spawn_request(
-        launch, {zygote_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
+        launch_of(as_worker, true),
+        {zygote_end.get(), out_pipe.write_end.get(), err_pipe.write_end.get()});
     if (!os::ok(request)) return fail(os::error_of(request));
     const os::SpawnRequest& spawn_request = std::get<os::SpawnRequest>(request);
     bool standby = standby_usable_by(*zygote.release.config);

@@ -20,6 +20,8 @@
 
 namespace molt::loop {
 
+struct WorkerLaunch;  // launch.hpp
+
 struct WorkerProcess;
 struct UpgradeState;
 class ControlServer;
@@ -89,6 +91,9 @@ class Master {
     // launch and forgotten with it; "" when no listener has TLS (tls_tickets.cpp).
     std::string tls_ticket_keys(const config::Config& config, core::GenerationId generation);
     std::map<core::GenerationId, std::string> tls_ticket_keys_;
+    // Everything a spawn of `spawn` needs from the master (listeners, shim, environment, the
+    // generation's metrics directory and ticket keys): one place for a worker and a zygote.
+    WorkerLaunch launch_of(const core::SpawnWorker& spawn, bool zygote);
     friend struct WorkerProcess;
 
     // Parts of metrics_text() (status.cpp), one family group each.

@@ -16,8 +16,8 @@ namespace molt::loop {
 
 namespace {
 
-// OpenSSL's SSL_CTX_set_tlsext_ticket_keys: 16 bytes of key name, 16 of HMAC secret and 32
-// of AES key (80 in all, as OpenSSL reads them).
+// OpenSSL's SSL_CTX_set_tlsext_ticket_keys: 16 bytes of key name, 32 of HMAC secret and 32
+// of AES key (the shim checks the same length, config.TICKET_KEY_BYTES).
 constexpr std::size_t kTicketKeyBytes = 80;
 
 }  // namespace

@@ -191,3 +191,13 @@ def test_silent_tls_client_costs_no_thread_and_times_out(listeners, spawn, certs
         except ConnectionResetError:
             pass
         s.close()
+
+
+@pytest.mark.parametrize("value", ["abc", "zz" * 80, "00" * 79])
+def test_a_malformed_ticket_key_fails_the_boot_and_says_so(listeners, spawn, value):
+    # MOLT_TLS_TICKET_KEYS comes from the master; anything but 160 hex digits is refused at
+    # once with its name, never silently replaced by a key of the worker's own.
+    w = spawn(env={"MOLT_TLS_TICKET_KEYS": value})
+    assert w.wait_exit() == 3
+    error = w.wait_message("ERROR")["ERROR"]
+    assert "MOLT_TLS_TICKET_KEYS must be 160 hex digits" in error, error

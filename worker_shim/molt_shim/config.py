@@ -254,6 +254,9 @@ def _int_list(text: str) -> List[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+TICKET_KEY_BYTES = 80  # OpenSSL's session-ticket key layout: name 16, HMAC 32, AES 32
+
+
 def load(environ: Mapping[str, str]) -> WorkerConfig:
     raw_json = environ.get(Env.WORKER_CONFIG, "") or "{}"
     given = json.loads(raw_json)
@@ -272,6 +275,8 @@ def load(environ: Mapping[str, str]) -> WorkerConfig:
     try:
         ticket_keys = bytes.fromhex(environ.get(Env.TLS_TICKET_KEYS, ""))
     except ValueError:
-        raise ValueError("%s is not hexadecimal" % Env.TLS_TICKET_KEYS) from None
+        ticket_keys = b"?"  # reported below with the wrong length
+    if len(ticket_keys) not in (0, TICKET_KEY_BYTES):
+        raise ValueError("%s must be %d hex digits" % (Env.TLS_TICKET_KEYS, 2 * TICKET_KEY_BYTES))
     return WorkerConfig(raw=raw, channel_fd=int(channel) if channel else -1,
                         listen_fds=fds, listen_names=names, tls_ticket_keys=ticket_keys)

@@ -134,9 +134,9 @@ SslCtxPtr make_tls_context(const TlsOptions& options) {
     SSL_CTX_set_alpn_select_cb(ctx.get(), select_alpn, nullptr);
     static const unsigned char kSessionContext[] = "molt";
     SSL_CTX_set_session_id_context(ctx.get(), kSessionContext, sizeof kSessionContext - 1);
-    if (options.ticket_keys.size() == 80 &&
+    if (!options.ticket_keys.empty() &&  // its length is checked by the shim's config.load
         SSL_CTX_set_tlsext_ticket_keys(ctx.get(), const_cast<char*>(options.ticket_keys.data()),
-                                       80) != 1) {
+                                       static_cast<long>(options.ticket_keys.size())) != 1) {
         fail("cannot set the session-ticket keys");
     }
     if (!options.client_ca.empty()) {
