@@ -32,6 +32,7 @@ from ..framing_guard import FramingGuard
 from .. import proxyproto, tls
 from ..forwarded import ProxyMiddleware
 from .asgi_proxyproto import ProxyPreamble
+from .asgi_cycle import with_cycle
 from ..wsgi.request import Limits
 from ..wsgi.response import REASONS, Framing
 from ..httpdate import http_date
@@ -54,11 +55,6 @@ CLOSE_HEADER = (b"connection", b"close")
 WS_SERVICE_RESTART = 1012  # RFC 6455 close code for a drained WebSocket
 
 
-class Rejected(Exception):
-    """Raised from a parser callback after the request was answered with an error status: it
-    stops httptools, and data_received() knows the answer has been given."""
-
-
 class DrainControl:
     def __init__(self, idle_window: float, header_timeout: float, keepalive: float,
                  limits: Limits, framing: Framing, send_timeout: float = 30.0) -> None:
@@ -73,6 +69,10 @@ class DrainControl:
         self.limits = limits
         self.framing = framing  # the WSGI side's error responses, byte for byte
         self.new_guard = guard_factory()
+        # The server's own response headers, joined (the engine's update_date() sets them),
+        # and whether they include `connection: close`.
+        self.default_head = b""
+        self.default_close = False
         self.warming = False
         # Protocols of accepted connections whose connection_made() has not run yet (asyncio
         # calls it on the next loop iteration): the drain is not done while there are any.
@@ -225,6 +225,9 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
             super().connection_lost(exc)
+            self.break_cycles()
+
+        def break_cycles(self) -> None:
             # Break the connection's reference cycles (protocol <-> parser, protocol <->
             # GracefulTransport), so that refcounting frees it when its last request ends
             # rather than the cycle collector: in close mode that collector ran a gen-1 pass
@@ -237,6 +240,10 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             if getattr(self, "parser", None) is not None:
                 self.parser = None
 
+        def wake_cycle(self, cycle: Any) -> None:
+            """receive() looks again (uvicorn's cycles wait on an asyncio.Event)."""
+            cycle.message_event.set()
+
         def reject(self, status: int, reason: str) -> None:
             """Answer with the WSGI engine's error response for `status` and close."""
             self._rejected = True
@@ -247,7 +254,7 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
                 # The app already runs (a streamed body went over the limit): it sees
                 # http.disconnect, and what it sends from now on is dropped.
                 cycle.disconnected = True
-                cycle.message_event.set()
+                self.wake_cycle(cycle)
                 if cycle.response_started:
                     self.transport.close()
                     return
@@ -372,115 +379,13 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             elif now - mark[1] >= ctl.idle_window:
                 self.transport.close()
 
-    if hasattr(base, "on_url"):  # httptools: the http.* limits run in its parser callbacks
-        return _with_limits(MoltHTTPProtocol, base, ctl)
+    MoltHTTPProtocol.ctl = ctl
+    if hasattr(base, "on_url"):  # httptools: molt's own request cycle (asgi_cycle.py)
+        return with_cycle(MoltHTTPProtocol, ctl)
     if hasattr(base, "handle_events"):  # h11 (the fallback): on the events h11 hands over
         return _with_h11_limits(MoltHTTPProtocol, base, ctl)
     MoltHTTPProtocol.__name__ = "Molt" + base.__name__
     return MoltHTTPProtocol
-
-
-def _with_limits(protocol: type, base: type, ctl: DrainControl) -> type:
-    """The http.* limits, with the WSGI engine's rules and responses (wsgi/request.py): 414
-    over max_request_line, 431 over max_headers or max_header_size, 413 over max_body_size
-    (announced by Content-Length, or streamed), 400 for what httptools cannot parse. The
-    cost is one Python call per header, URL chunk and body chunk, in callbacks uvicorn makes
-    anyway."""
-    import httptools
-
-    limits = ctl.limits
-
-    class Limited(protocol):  # type: ignore[misc, valid-type]
-        _head_done = False  # the current request's head is complete: more fields are trailers
-
-        def data_received(self, data: bytes) -> None:
-            # MoltHTTPProtocol.data_received with molt_parse inlined for the common case (no
-            # violation): this runs for every packet a client sends.
-            if self._rejected:
-                return
-            violation = self._guard.scan(data)
-            if violation is None:
-                self._unset_keepalive_if_required()
-                try:
-                    self.parser.feed_data(data)
-                except httptools.HttpParserUpgrade:
-                    self.handle_upgrade()
-                except httptools.HttpParserError as exc:
-                    if not self._rejected:
-                        self.reject(400, "malformed request: %s" % exc)
-                return
-            offset, (status, reason) = violation
-            if offset:
-                self.molt_parse(data[:offset])
-            if not self._rejected:
-                self.reject(status, "malformed request: %s" % reason)
-
-        def molt_parse(self, data: bytes) -> None:
-            # uvicorn's own data_received, except that a parse error gets the WSGI side's 400,
-            # and a request already answered by reject() is not answered again.
-            if self._rejected:
-                return
-            self._unset_keepalive_if_required()
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                self.handle_upgrade()
-            except httptools.HttpParserError as exc:
-                if not self._rejected:
-                    self.reject(400, "malformed request: %s" % exc)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._head_size = 0
-            self._body_size = 0
-            self._head_done = False
-
-        # on_url and on_header are uvicorn's own (the same from 0.17 to current releases)
-        # with the limits added, inlined rather than calling super(): they run per request.
-        def on_url(self, url: bytes) -> None:
-            self.url += url
-            if len(self.url) > limits.max_request_line:
-                self.reject(414, "request line longer than %d bytes" % limits.max_request_line)
-                raise Rejected()
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            if self._head_done:
-                # A trailer field. uvicorn would append it to scope["headers"], the very list
-                # the app reads: a client could add Host or X-Forwarded-For after a proxy
-                # cleaned the head. Trailers are dropped, as in the WSGI engines.
-                return
-            self._head_size += len(name) + len(value) + 4
-            name = name.lower()
-            if name == b"expect" and value.lower() == b"100-continue":
-                self.expect_100_continue = True
-            self.headers.append((name, value))
-            if len(self.headers) > limits.max_headers:
-                self.reject(431, "more than %d header fields" % limits.max_headers)
-                raise Rejected()
-            if self._head_size > limits.max_header_size:
-                self.reject(431, "header section larger than %d bytes" % limits.max_header_size)
-                raise Rejected()
-
-        def on_headers_complete(self) -> None:
-            self._head_done = True
-            if limits.max_body_size:
-                for name, value in self.headers:
-                    if (name == b"content-length" and value.strip().isdigit()
-                            and int(value) > limits.max_body_size):
-                        self.reject(413, "Content-Length %d over max_body_size %d"
-                                    % (int(value), limits.max_body_size))
-                        raise Rejected()
-            super().on_headers_complete()
-
-        def on_body(self, body: bytes) -> None:
-            self._body_size += len(body)
-            if limits.max_body_size and self._body_size > limits.max_body_size:
-                self.reject(413, "request body over max_body_size %d" % limits.max_body_size)
-                raise Rejected()
-            super().on_body(body)
-
-    Limited.__name__ = "Molt" + base.__name__
-    return Limited
 
 
 class H11Limits:
@@ -795,7 +700,11 @@ class UvicornASGIEngine:
         # answering with the Date of the second they connected (as uvicorn 0.17 itself does).
         date = [(b"date", http_date(time.time()).encode())] if self.date_header else []
         close = [CLOSE_HEADER] if self.ctl.draining or self.ctl.close_every_response else []
-        self.state.default_headers[:] = date + list(self.config.encoded_headers) + close
+        headers = date + list(self.config.encoded_headers) + close
+        self.state.default_headers[:] = headers
+        # The same, joined once, for molt's own request cycle (asgi_cycle.Cycle).
+        self.ctl.default_head = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+        self.ctl.default_close = bool(close)
 
     def factory(self) -> asyncio.Protocol:
         return self.protocol_class(config=self.config, server_state=self.state, _loop=self.loop)

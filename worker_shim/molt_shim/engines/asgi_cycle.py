@@ -1,0 +1,448 @@
+"""molt's own HTTP/1.1 request cycle for ASGI, on httptools (the ASGI engine's default parser).
+
+uvicorn's HttpToolsProtocol spends about 17 us of Python per keep-alive request (measured with
+a fake transport, bench notes in docs/architecture.md); molt's limits on top of it took 7 us
+more. This module keeps uvicorn's connection plumbing (connection_made, the WebSocket upgrade,
+flow control) and replaces what runs per request:
+
+* the http.* limits are part of the parser callbacks, not a layer around them: the
+  Content-Length over `max_body_size` is seen in on_header, not by a second pass over the head;
+* a request's state is one slotted `Cycle`; a request body waiter (a future) is made only when
+  the app waits for a body that has not arrived, never an asyncio.Event per request;
+* the response head waits for the first body message and both go out in one write (one send()
+  and one TCP segment, where uvicorn makes two); a head whose body does not follow within the
+  same loop iteration is written on its own (call_soon), so a streaming app's client gets its
+  headers as soon as with uvicorn;
+* the server's default headers (Date, Server, the version header, and `connection: close`
+  while draining) are joined once per second by the engine, not per response, and are not
+  re-validated per response (molt makes them);
+* the keep-alive timeout is read by the engine's 100 ms tick, not a call_later() armed and
+  cancelled per request.
+
+The app runs in a Task of its own, as in uvicorn (asyncio.current_task(), which anyio and
+sniffio need, is the request's task). What the ticks read (`cycle`, `pipeline`, `scope`,
+`cycle.on_response`, `cycle.response_complete`, ...) keeps uvicorn's names, so the timeouts,
+the drain and the counters in uvicorn_asgi.py serve both this and uvicorn's h11 protocol.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from typing import Any, Dict, Optional
+
+import httptools
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
+from uvicorn.protocols.http.httptools_impl import (HEADER_RE, HEADER_VALUE_RE, STATUS_LINE)
+
+log = logging.getLogger("molt_shim")
+app_log = logging.getLogger("uvicorn.error")  # the app's exceptions, where uvicorn logs them
+
+CLOSE_HEADER = (b"connection", b"close")
+CLOSE_LINE = b"connection: close\r\n"
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A response body up to this size is copied behind its head (one write); a larger one goes
+# out with writelines() (no copy).
+JOIN_MAX = 16 * 1024
+METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+DISCONNECT = "http.disconnect"
+
+
+class Rejected(Exception):
+    """Raised from a parser callback after the request was answered with an error status: it
+    stops httptools, and data_received() knows the answer has been given."""
+
+
+class Cycle:
+    """One request and its response: what uvicorn's RequestResponseCycle holds, in slots, and
+    the ASGI `receive` and `send` of the request."""
+
+    __slots__ = ("protocol", "scope", "transport", "flow", "keep_alive", "asked_close",
+                 "waiting_for_100_continue", "body", "more_body", "request_read", "waiter",
+                 "disconnected", "response_started", "response_complete", "chunked",
+                 "remaining", "head", "on_response", "task")
+
+    def __init__(self, protocol: Any, scope: Dict[str, Any], keep_alive: bool,
+                 asked_close: bool, expect_100: bool) -> None:
+        self.protocol = protocol
+        self.scope = scope
+        self.transport = protocol.transport
+        self.flow = protocol.flow
+        self.keep_alive = keep_alive
+        self.asked_close = asked_close  # the request said Connection: close
+        self.waiting_for_100_continue = expect_100
+        self.body = b""
+        self.more_body = True
+        self.request_read = False  # the app has received the request's last body message
+        self.waiter: Any = None  # the future receive() waits on, while it waits
+        self.disconnected = False
+        self.response_started = False
+        self.response_complete = False
+        self.chunked: Optional[bool] = None
+        self.remaining = 0  # response body bytes still due under Content-Length
+        self.head: Optional[bytes] = None  # the response head, until its first body goes
+        self.on_response: Any = protocol.on_response_complete  # None once the app returned
+        self.task: Any = None
+
+    def wake(self) -> None:
+        """A body chunk, the request's end, a disconnect or the response's end: receive()
+        looks again."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- ASGI ---------------------------------------------------------------------------------
+    async def receive(self) -> Dict[str, Any]:
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(CONTINUE_100)
+            self.waiting_for_100_continue = False
+        if not (self.disconnected or self.response_complete or self.body) \
+                and (self.more_body or self.request_read):
+            self.flow.resume_reading()
+            self.waiter = self.protocol.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        if self.disconnected or self.response_complete:
+            return {"type": DISCONNECT}
+        body = self.body
+        self.body = b""
+        if not self.more_body:
+            self.request_read = True
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+    async def send(self, message: Dict[str, Any]) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        kind = message["type"]
+        if not self.response_started:
+            if kind != "http.response.start":
+                raise RuntimeError("Expected ASGI message 'http.response.start', but got '%s'."
+                                   % kind)
+            self.start_response(message)
+        elif not self.response_complete:
+            if kind != "http.response.body":
+                raise RuntimeError("Expected ASGI message 'http.response.body', but got '%s'."
+                                   % kind)
+            self.send_body(message.get("body", b""), message.get("more_body", False))
+        else:
+            raise RuntimeError("Unexpected ASGI message '%s' sent, after response already "
+                               "completed." % kind)
+
+    def start_response(self, message: Dict[str, Any]) -> None:
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        status = message["status"]
+        protocol = self.protocol
+        ctl = protocol.ctl
+        content = [STATUS_LINE[status], ctl.default_head]
+        close_sent = ctl.default_close
+        if close_sent:
+            self.keep_alive = False
+        for name, value in message.get("headers", ()):
+            if HEADER_RE.search(name):
+                raise RuntimeError("Invalid HTTP header name.")
+            if HEADER_VALUE_RE.search(value):
+                raise RuntimeError("Invalid HTTP header value.")
+            name = name.lower()
+            if name == b"content-length" and self.chunked is None:
+                self.remaining = int(value.decode())
+                self.chunked = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.remaining = 0
+                self.chunked = True
+            elif name == b"connection" and value.lower() == b"close":
+                self.keep_alive = False
+                close_sent = True
+            content.extend((name, b": ", value, b"\r\n"))
+        if self.asked_close and not close_sent:
+            content.append(CLOSE_LINE)
+        if self.chunked is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+            self.chunked = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        self.head = b"".join(content)
+        protocol.loop.call_soon(self.flush_head)
+
+    def flush_head(self) -> None:
+        """The head alone, when no body message followed it within the loop iteration."""
+        head = self.head
+        if head is not None:
+            self.head = None
+            if not self.disconnected and not self.transport.is_closing():
+                self.transport.write(head)
+
+    def send_body(self, body: bytes, more_body: bool) -> None:
+        if self.scope["method"] == "HEAD":
+            self.remaining = 0
+            body = b""
+        elif self.chunked:
+            if body:
+                body = b"%x\r\n%b\r\n" % (len(body), body)
+            if not more_body:
+                body += b"0\r\n\r\n"
+        else:
+            if len(body) > self.remaining:
+                raise RuntimeError("Response content longer than Content-Length")
+            self.remaining -= len(body)
+        head = self.head
+        if head is not None:
+            self.head = None
+            if len(body) <= JOIN_MAX:
+                self.transport.write(head + body)
+            else:
+                self.transport.writelines((head, body))
+        elif body:
+            self.transport.write(body)
+        if not more_body:
+            if self.remaining != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.response_complete = True
+            self.wake()
+            if not self.keep_alive:
+                self.transport.close()
+            self.on_response()
+
+    async def send_500(self) -> None:
+        await self.send({"type": "http.response.start", "status": 500,
+                         "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                     CLOSE_HEADER]})
+        await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+
+
+def with_cycle(protocol: type, ctl: Any) -> type:
+    """`protocol` (molt's timeouts and drain over uvicorn's HttpToolsProtocol) with molt's
+    request cycle and the http.* limits (the WSGI engine's rules and responses, wsgi/request.py:
+    414 over max_request_line, 431 over max_headers or max_header_size, 413 over max_body_size,
+    announced or streamed, 400 for what httptools cannot parse)."""
+    limits = ctl.limits
+    max_request_line = limits.max_request_line
+    max_headers = limits.max_headers
+    max_header_size = limits.max_header_size
+    max_body_size = limits.max_body_size
+    parse_url = httptools.parse_url
+    unquote = urllib.parse.unquote
+
+    class MoltHttpToolsProtocol(protocol):  # type: ignore[misc, valid-type]
+        scope = None  # a plain attribute here: on_message_begin adds the TLS extension itself
+        url = b""
+        _head_size = 0
+        _body_size = 0
+        _head_done = False
+        _expect_100 = False
+        _asked_close = False
+        _idle_since = 0.0  # when the last response ended (the keep-alive timeout runs from it)
+
+        # -- bytes in -------------------------------------------------------------------------
+        def data_received(self, data: bytes) -> None:
+            # molt's framing check first (the WSGI engines run the same guard): the parser
+            # sees only the bytes before the first violation, and the violation's 400 (505,
+            # 501) is the answer whatever httptools would make of the rest.
+            if self._rejected:
+                return
+            violation = self._guard.scan(data)
+            if violation is None:
+                self.molt_parse(data)
+                return
+            offset, (status, reason) = violation
+            if offset:
+                self.molt_parse(data[:offset])
+            if not self._rejected:
+                self.reject(status, "malformed request: %s" % reason)
+
+        def molt_parse(self, data: bytes) -> None:
+            if self._rejected:
+                return
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                self.handle_upgrade()
+            except httptools.HttpParserError as exc:
+                if not self._rejected:
+                    self.reject(400, "malformed request: %s" % exc)
+
+        # -- the parser's callbacks -------------------------------------------------------------
+        def on_message_begin(self) -> None:
+            self.url = b""
+            self._head_size = 0
+            self._body_size = 0
+            self._head_done = False
+            self._expect_100 = False
+            self._asked_close = False
+            self.headers = []
+            scope = {"type": "http",
+                     "asgi": {"version": self.config.asgi_version, "spec_version": "2.3"},
+                     "http_version": "1.1", "server": self.server, "client": self.client,
+                     "scheme": self.scheme, "root_path": self.root_path,
+                     "headers": self.headers}
+            if self._tls_extension is not None:
+                scope["extensions"] = {"tls": dict(self._tls_extension)}
+            self.scope = scope
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+            if len(self.url) > max_request_line:
+                self.reject(414, "request line longer than %d bytes" % max_request_line)
+                raise Rejected()
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if self._head_done:
+                # A trailer field: uvicorn would append it to scope["headers"], the list the
+                # app reads (a client could add Host or X-Forwarded-For after a proxy cleaned
+                # the head). Dropped, as in the WSGI engines.
+                return
+            self._head_size += len(name) + len(value) + 4
+            name = name.lower()
+            headers = self.headers
+            headers.append((name, value))
+            if len(headers) > max_headers:
+                self.reject(431, "more than %d header fields" % max_headers)
+                raise Rejected()
+            if self._head_size > max_header_size:
+                self.reject(431, "header section larger than %d bytes" % max_header_size)
+                raise Rejected()
+            if name == b"connection":
+                if value.lower() == b"close":
+                    self._asked_close = True
+            elif name == b"expect":
+                if value.lower() == b"100-continue":
+                    self._expect_100 = True
+            elif name == b"content-length" and max_body_size:
+                if value.strip().isdigit() and int(value) > max_body_size:
+                    self.reject(413, "Content-Length %d over max_body_size %d"
+                                % (int(value), max_body_size))
+                    raise Rejected()
+
+        def on_headers_complete(self) -> None:
+            self._head_done = True
+            parser = self.parser
+            scope = self.scope
+            method = parser.get_method()
+            scope["method"] = METHODS.get(method) or method.decode("ascii")
+            http_version = parser.get_http_version()
+            if http_version != "1.1":
+                scope["http_version"] = http_version
+            if parser.should_upgrade():
+                return  # handle_upgrade() takes the connection, after feed_data()
+            parsed = parse_url(self.url)
+            raw_path = parsed.path
+            path = raw_path.decode("ascii")
+            if "%" in path:
+                path = unquote(path)
+            scope["path"] = path
+            scope["raw_path"] = raw_path
+            scope["query_string"] = parsed.query or b""
+            limit = self.limit_concurrency
+            if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+                app = service_unavailable
+                app_log.warning("Exceeded concurrency limit.")
+            else:
+                app = self.app
+            previous = self.cycle
+            cycle = self.cycle = Cycle(self, scope, http_version != "1.0" and not self._asked_close,
+                                       self._asked_close, self._expect_100)
+            if previous is None or previous.response_complete:
+                self.start_cycle(cycle, app)
+            else:  # pipelined: it starts when the response before it is complete
+                self.flow.pause_reading()
+                self.pipeline.appendleft((cycle, app))
+
+        def on_body(self, body: bytes) -> None:
+            self._body_size += len(body)
+            if max_body_size and self._body_size > max_body_size:
+                self.reject(413, "request body over max_body_size %d" % max_body_size)
+                raise Rejected()
+            cycle = self.cycle
+            if self.parser.should_upgrade() or cycle.response_complete:
+                return
+            cycle.body += body
+            if len(cycle.body) > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+            cycle.wake()
+
+        def on_message_complete(self) -> None:
+            cycle = self.cycle
+            if self.parser.should_upgrade() or cycle is None or cycle.response_complete:
+                return
+            cycle.more_body = False
+            cycle.wake()
+
+        # -- the app ------------------------------------------------------------------------------
+        def start_cycle(self, cycle: Cycle, app: Any) -> None:
+            task = self.loop.create_task(self.run_asgi(cycle, app))
+            cycle.task = task
+            self.tasks.add(task)
+
+        async def run_asgi(self, cycle: Cycle, app: Any) -> None:
+            """uvicorn's run_asgi: what the app's return or exception means for the
+            connection, with the same log lines."""
+            try:
+                result = await app(cycle.scope, cycle.receive, cycle.send)
+            except BaseException as exc:
+                app_log.error("Exception in ASGI application\n", exc_info=exc)
+                if not cycle.response_started:
+                    await cycle.send_500()
+                elif cycle.head is not None:  # the head has not gone: the 500 can still go
+                    cycle.head = None
+                    cycle.response_started = False
+                    cycle.chunked = None
+                    await cycle.send_500()
+                else:
+                    self.transport.close()
+            else:
+                if result is not None:
+                    app_log.error("ASGI callable should return None, but returned '%s'.", result)
+                    self.transport.close()
+                elif not cycle.response_started and not cycle.disconnected:
+                    app_log.error("ASGI callable returned without starting response.")
+                    await cycle.send_500()
+                elif not cycle.response_complete and not cycle.disconnected:
+                    app_log.error("ASGI callable returned without completing response.")
+                    self.transport.close()
+            finally:
+                cycle.on_response = None
+                self.tasks.discard(cycle.task)
+                cycle.task = None
+
+        def on_response_complete(self) -> None:
+            self.server_state.total_requests += 1
+            if self.transport.is_closing():
+                return
+            self._idle_since = time.monotonic()
+            self.flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self.start_cycle(cycle, app)
+
+        # -- the connection -----------------------------------------------------------------------
+        def wake_cycle(self, cycle: Cycle) -> None:
+            cycle.wake()
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            self.connections.discard(self)
+            cycle = self.cycle
+            if cycle is not None:
+                if not cycle.response_complete:
+                    cycle.disconnected = True
+                cycle.wake()
+            if self.flow is not None:
+                self.flow.resume_writing()
+            if exc is None:
+                self.transport.close()
+            self.break_cycles()
+            self.cycle = None  # the cycle points back at its protocol
+
+        def molt_check(self, now: float) -> None:
+            super().molt_check(now)
+            # The keep-alive timeout (timeouts.keepalive), at the tick's resolution.
+            cycle = self.cycle
+            if (cycle is not None and cycle.response_complete and not self.pipeline
+                    and not self.head_in_progress() and self.transport is not None
+                    and not self.transport.is_closing()
+                    and now - self._idle_since > self.timeout_keep_alive):
+                self.transport.close()
+
+    return MoltHttpToolsProtocol
