@@ -284,3 +284,65 @@ def test_lifespan_modes_on_an_app_that_supports_it(listeners, spawn, mode, body)
     spawn("lifespan_app:app", interface="asgi", health_path="/", env=env,
           overrides={"lifespan": mode}).wait_ready()
     assert get(listeners.port, "/")[1] == body
+
+
+# -- molt's own request cycle (engines/asgi_cycle.py) ------------------------------------------
+
+def spawn_cycle_app(spawn, **kw):
+    return spawn("asgi_cycle_app:app", interface="asgi", health_path="/", **kw)
+
+
+def test_a_response_head_is_not_held_back_while_its_body_is_made(listeners, spawn):
+    # The head waits for the first body message only within one loop iteration.
+    spawn_cycle_app(spawn).wait_ready()
+    c = Client(listeners.port)
+    c.send(b"GET /head-then-wait?3 HTTP/1.1\r\nHost: t\r\n\r\n")
+    c.sock.settimeout(2.0)  # well inside the app's 3 s
+    head = c.sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"transfer-encoding: chunked" in head
+    assert b"late body" not in head
+    c.sock.settimeout(10)
+    rest = head
+    while not rest.endswith(b"0\r\n\r\n"):
+        chunk = c.sock.recv(65536)
+        assert chunk, "connection closed before the body"
+        rest += chunk
+    assert b"9\r\nlate body\r\n0\r\n\r\n" in rest
+    c.close()
+
+
+@pytest.mark.parametrize("path", ["/crlf-in-header", "/raise-after-start"])
+def test_an_app_failing_before_its_head_went_out_gets_a_500(listeners, spawn, path):
+    w = spawn_cycle_app(spawn).wait_ready()
+    c = Client(listeners.port)
+    status, headers, body = c.request(path)
+    assert (status, body) == (500, b"Internal Server Error")
+    assert headers["connection"] == "close"
+    assert c.read_all(5) == b""  # and the connection is closed after it
+    c.close()
+    wait_until(lambda: "Exception in ASGI application" in w.stderr_text(), 5, "the app's error")
+    assert b"x-evil" not in body
+    assert get(listeners.port, "/") == (200, b"hello")  # the worker serves on
+
+
+def test_header_pairs_given_as_lists_are_framed(listeners, spawn):
+    spawn_cycle_app(spawn).wait_ready()
+    c = Client(listeners.port)
+    for _ in range(2):  # the second time through the framed-header cache
+        status, headers, body = c.request("/list-headers")
+        assert (status, headers["content-length"], body) == (200, "2", b"ok")
+    c.close()
+
+
+def test_asgi_keepalive_closes_an_idle_connection_and_not_a_busy_one(listeners, spawn):
+    spawn_cycle_app(spawn, overrides={"timeouts": {"keepalive_ms": 600}}).wait_ready()
+    idle = Client(listeners.port)
+    busy = Client(listeners.port)
+    assert idle.request("/")[0] == 200
+    for _ in range(8):  # busy for 1.2 s, a request every 150 ms: never idle for 600 ms
+        assert busy.request("/")[0] == 200
+        time.sleep(0.15)
+    assert idle.read_all(5) == b""  # closed by the keep-alive timeout meanwhile
+    assert busy.request("/")[0] == 200
+    idle.close()
+    busy.close()

@@ -48,6 +48,41 @@ METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATC
 DISCONNECT = "http.disconnect"
 
 
+CONTENT_LENGTH = "content-length"
+CHUNKED = "chunked"
+CLOSE = "close"
+# Response header fields apps send again and again (content-type, a fixed content-length,
+# cache-control ...), validated and framed once: (name, value) -> (the framed line, its kind).
+# Bounded: cookies and other one-off values would grow it without end.
+KNOWN_HEADERS: Dict[Any, Any] = {}
+KNOWN_HEADERS_MAX = 4096
+
+
+def header_line(pair: Any) -> Any:
+    """One response header field of an app's: (b"name: value\\r\\n", what it means to the
+    framing), or RuntimeError, with uvicorn's checks and messages."""
+    name, value = pair
+    if HEADER_RE.search(name):
+        raise RuntimeError("Invalid HTTP header name.")
+    if HEADER_VALUE_RE.search(value):
+        raise RuntimeError("Invalid HTTP header value.")
+    name = name.lower()
+    kind = None
+    if name == b"content-length":
+        kind = CONTENT_LENGTH
+        int(value.decode())  # a bad value raises here, before the head is made
+    elif name == b"transfer-encoding" and value.lower() == b"chunked":
+        kind = CHUNKED
+    elif name == b"connection" and value.lower() == b"close":
+        kind = CLOSE
+    entry = (b"%s: %s\r\n" % (name, value), kind)
+    if type(pair) is tuple and type(name) is bytes and type(value) is bytes:
+        if len(KNOWN_HEADERS) >= KNOWN_HEADERS_MAX:
+            KNOWN_HEADERS.clear()
+        KNOWN_HEADERS[pair] = entry
+    return entry
+
+
 class Rejected(Exception):
     """Raised from a parser callback after the request was answered with an error status: it
     stops httptools, and data_received() knows the answer has been given."""
@@ -133,37 +168,45 @@ class Cycle:
                                "completed." % kind)
 
     def start_response(self, message: Dict[str, Any]) -> None:
-        self.response_started = True
-        self.waiting_for_100_continue = False
         status = message["status"]
         protocol = self.protocol
         ctl = protocol.ctl
         content = [STATUS_LINE[status], ctl.default_head]
         close_sent = ctl.default_close
-        if close_sent:
-            self.keep_alive = False
-        for name, value in message.get("headers", ()):
-            if HEADER_RE.search(name):
-                raise RuntimeError("Invalid HTTP header name.")
-            if HEADER_VALUE_RE.search(value):
-                raise RuntimeError("Invalid HTTP header value.")
-            name = name.lower()
-            if name == b"content-length" and self.chunked is None:
-                self.remaining = int(value.decode())
-                self.chunked = False
-            elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                self.remaining = 0
-                self.chunked = True
-            elif name == b"connection" and value.lower() == b"close":
-                self.keep_alive = False
+        keep_alive = self.keep_alive and not close_sent
+        chunked: Optional[bool] = None
+        remaining = 0
+        known = KNOWN_HEADERS
+        for pair in message.get("headers", ()):
+            try:
+                line, kind = known[pair]
+            except (KeyError, TypeError):  # new, or not a tuple
+                line, kind = header_line(pair)
+            content.append(line)
+            if kind is None:
+                continue
+            if kind is CONTENT_LENGTH:
+                if chunked is None:
+                    remaining = int(pair[1].decode())
+                    chunked = False
+            elif kind is CHUNKED:
+                remaining = 0
+                chunked = True
+            else:  # CLOSE
+                keep_alive = False
                 close_sent = True
-            content.extend((name, b": ", value, b"\r\n"))
         if self.asked_close and not close_sent:
             content.append(CLOSE_LINE)
-        if self.chunked is None and self.scope["method"] != "HEAD" and status not in (204, 304):
-            self.chunked = True
+        if chunked is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+            chunked = True
             content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
+        # Only a valid head starts the response: an app whose headers raise gets a 500.
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        self.keep_alive = keep_alive
+        self.chunked = chunked
+        self.remaining = remaining
         self.head = b"".join(content)
         protocol.loop.call_soon(self.flush_head)
 
@@ -327,14 +370,18 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 scope["http_version"] = http_version
             if parser.should_upgrade():
                 return  # handle_upgrade() takes the connection, after feed_data()
-            parsed = parse_url(self.url)
-            raw_path = parsed.path
+            url = self.url
+            if url[:1] == b"/" and b"?" not in url and b"#" not in url:
+                raw_path, query = url, b""  # origin-form without a query: nothing to split
+            else:
+                parsed = parse_url(url)
+                raw_path, query = parsed.path, parsed.query or b""
             path = raw_path.decode("ascii")
             if "%" in path:
                 path = unquote(path)
             scope["path"] = path
             scope["raw_path"] = raw_path
-            scope["query_string"] = parsed.query or b""
+            scope["query_string"] = query
             limit = self.limit_concurrency
             if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
                 app = service_unavailable
@@ -388,7 +435,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 elif cycle.head is not None:  # the head has not gone: the 500 can still go
                     cycle.head = None
                     cycle.response_started = False
-                    cycle.chunked = None
+                    cycle.keep_alive = False
                     await cycle.send_500()
                 else:
                     self.transport.close()
