@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import urllib.parse
+from collections import deque
 from typing import Any, Dict, Optional
 
 import httptools
@@ -208,10 +209,16 @@ class Cycle:
         self.chunked = chunked
         self.remaining = remaining
         self.head = b"".join(content)
-        protocol.loop.call_soon(self.flush_head)
+        # Heads whose body has not followed by the end of this loop iteration go out alone:
+        # one call_soon() per iteration for all of them.
+        unsent = ctl.unsent_heads
+        if not unsent:
+            protocol.loop.call_soon(ctl.flush_heads)
+        unsent.append(self)
 
     def flush_head(self) -> None:
-        """The head alone, when no body message followed it within the loop iteration."""
+        """The head alone, when no body message followed it within the loop iteration
+        (DrainControl.flush_heads)."""
         head = self.head
         if head is not None:
             self.head = None
@@ -278,6 +285,36 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         _expect_100 = False
         _asked_close = False
         _idle_since = 0.0  # when the last response ended (the keep-alive timeout runs from it)
+        # What uvicorn's __init__ looks up per connection (two getLogger() calls, each taking
+        # logging's lock, and a walk of the handler hierarchy), once.
+        logger = app_log
+        access_logger = logging.getLogger("uvicorn.access")
+        access_log = access_logger.hasHandlers()
+        timeout_keep_alive_task = None
+        transport: Any = None
+        flow: Any = None
+        server: Any = None
+        client: Any = None
+        scheme: Any = None
+        headers: Any = None
+        cycle: Any = None
+
+        def __init__(self, config: Any, server_state: Any, _loop: Any = None) -> None:
+            # uvicorn's HttpToolsProtocol.__init__ (0.17 to current), less what is the same for
+            # every connection (above).
+            self.config = config
+            self.app = config.loaded_app
+            self.loop = _loop
+            self.parser = httptools.HttpRequestParser(self)
+            self.ws_protocol_class = config.ws_protocol_class
+            self.root_path = config.root_path
+            self.limit_concurrency = config.limit_concurrency
+            self.timeout_keep_alive = config.timeout_keep_alive
+            self.server_state = server_state
+            self.connections = server_state.connections
+            self.tasks = server_state.tasks
+            self.default_headers = server_state.default_headers
+            self.pipeline = deque()
 
         # -- bytes in -------------------------------------------------------------------------
         def data_received(self, data: bytes) -> None:

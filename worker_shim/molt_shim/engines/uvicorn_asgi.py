@@ -73,6 +73,7 @@ class DrainControl:
         # and whether they include `connection: close`.
         self.default_head = b""
         self.default_close = False
+        self.unsent_heads: List[Any] = []  # asgi_cycle.Cycle whose head waits for its body
         self.warming = False
         # Protocols of accepted connections whose connection_made() has not run yet (asyncio
         # calls it on the next loop iteration): the drain is not done while there are any.
@@ -91,6 +92,15 @@ class DrainControl:
             self.h11_idle: Any = h11.IDLE
         except ImportError:  # no h11: uvicorn runs httptools only
             self.h11_idle = None
+
+
+    def flush_heads(self) -> None:
+        """End of a loop iteration (call_soon): every response head still waiting for its
+        first body message goes out alone."""
+        cycles = self.unsent_heads
+        self.unsent_heads = []
+        for cycle in cycles:
+            cycle.flush_head()
 
 
 def guard_factory() -> Any:
