@@ -140,6 +140,20 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])    # utime + stime
 
 
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_ticks(pid: int) -> int:
+    """CPU time (utime + stime, clock ticks) of a process and its descendants."""
+    total = 0
+    for each in [pid] + descendants(pid):
+        try:
+            total += cpu_ticks(each)
+        except OSError:
+            pass
+    return total
+
+
 def ctxt(pid: int) -> tuple[int, int]:
     s = proc_status(pid)
     return int(s.get("voluntary_ctxt_switches", 0)), int(s.get("nonvoluntary_ctxt_switches", 0))

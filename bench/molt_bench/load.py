@@ -11,7 +11,7 @@ import subprocess
 import time
 from typing import Optional
 
-from .common import Params, die_with_us, say, testlib
+from .common import TICK_S, Params, die_with_us, say, testlib, tree_cpu_ticks
 from .peers import Server
 
 
@@ -40,9 +40,9 @@ def wrk_command(p: Params, duration: float, conns: int, close: bool = False, pat
 
 
 def median_of(results: list[dict]) -> dict:
-    out = {k: statistics.median([r[k] for r in results]) for k in ("rps", "p50", "p99")}
-    out["runs"] = [{k: r[k] for k in ("rps", "p50", "p99", "socket_errors", "non2xx")}
-                   for r in results]
+    keys = ("rps", "p50", "p99") + (("cpu_us",) if all("cpu_us" in r for r in results) else ())
+    out = {k: statistics.median([r[k] for r in results]) for k in keys}
+    out["runs"] = [{k: r[k] for k in keys + ("socket_errors", "non2xx")} for r in results]
     out["errors"] = sum(r["failed"] for r in results)
     return out
 
@@ -58,6 +58,7 @@ def throughput(p: Params, servers: list[Server], close: bool, results: dict, key
     spread: dict[str, list[list[int]]] = {s.label: [] for s in servers}
     for rep in range(p.repeats):
         for s in servers:
+            cpu_before = tree_cpu_ticks(s.pid)
             if close:
                 r = run_wrk(p, s.port, p.duration, p.wrk_conns, close, path, s.scheme, extra)
             else:  # keep-alive: also see which workers hold the connections, mid-run
@@ -65,9 +66,13 @@ def throughput(p: Params, servers: list[Server], close: bool, results: dict, key
                 time.sleep(p.duration / 2)
                 spread[s.label].append(connections_per_process(s.port))
                 r = w.result()
+            # The server's whole process tree, per request answered: steadier from run to run
+            # than requests/s on a shared machine (wrk's own CPU is not in it).
+            cpu_s = (tree_cpu_ticks(s.pid) - cpu_before) * TICK_S
+            r["cpu_us"] = cpu_s / r["requests"] * 1e6 if r["requests"] else float("nan")
             runs[s.label].append(r)
             say(f"  {key} {s.label} #{rep + 1}: {r['rps']:.0f} req/s p50 {r['p50']:.2f}ms "
-                f"p99 {r['p99']:.2f}ms errors {r['failed']}")
+                f"p99 {r['p99']:.2f}ms cpu {r['cpu_us']:.1f}us/req errors {r['failed']}")
             results["commands"]["wrk " + key] = wrk_command(p, p.duration, p.wrk_conns, close,
                                                             path, servers[0].scheme, extra)
     results[key] = {label: median_of(rs) for label, rs in runs.items()}

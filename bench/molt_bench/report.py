@@ -135,16 +135,34 @@ class Report:
         if key not in results:
             return
         rows = results[key]
+        cpu = all("cpu_us" in r for r in rows.values())
         add(f"### {title}")
         add("")
-        add("| server | requests/s | p50 ms | p99 ms | molt ÷ server (req/s) | errors | runs (req/s) |")
-        add("|---|---:|---:|---:|---:|---:|---|")
+        if cpu:
+            add("| server | requests/s | p50 ms | p99 ms | molt ÷ server (req/s) | CPU µs/request "
+                "| server ÷ molt (CPU) | errors | runs (req/s; CPU µs) |")
+            add("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        else:
+            add("| server | requests/s | p50 ms | p99 ms | molt ÷ server (req/s) | errors "
+                "| runs (req/s) |")
+            add("|---|---:|---:|---:|---:|---:|---|")
         for label, r in rows.items():
             runs_text = ", ".join(f"{x['rps']:,.0f}" for x in r["runs"])
-            add(f"| {label} | {r['rps']:,.0f} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
-                f"{ratio(rows[base]['rps'], r['rps']) if label != base else '—'} | {r['errors']} | "
-                f"{runs_text} |")
+            share = ratio(rows[base]["rps"], r["rps"]) if label != base else "—"
+            if cpu:
+                runs_text += "; " + ", ".join(f"{x['cpu_us']:.1f}" for x in r["runs"])
+                cheaper = ratio(r["cpu_us"], rows[base]["cpu_us"]) if label != base else "—"
+                add(f"| {label} | {r['rps']:,.0f} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
+                    f"{share} | {r['cpu_us']:.1f} | {cheaper} | {r['errors']} | {runs_text} |")
+            else:
+                add(f"| {label} | {r['rps']:,.0f} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
+                    f"{share} | {r['errors']} | {runs_text} |")
         add("")
+        if cpu:
+            add("CPU µs/request: the user and system time of the server's whole process tree "
+                "during each run, over the requests wrk completed (wrk's own CPU is not in it); "
+                "it moves much less from run to run than requests/s on this shared machine.")
+            add("")
 
     def spread_note(self, key: str):
         results, add = self.results, self.add

@@ -3,14 +3,8 @@ import asyncio
 
 
 async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    if scope["type"] != "http":
+        return  # lifespan: auto serves an app that returns from the lifespan scope
     path = scope["path"]
     if path == "/head-then-wait":
         # The head must reach the client while the body is still being made.

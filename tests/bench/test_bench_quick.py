@@ -34,6 +34,7 @@ def test_quick_asgi_section_end_to_end(tmp_path):
         for label, figures in results[key].items():
             assert len(figures["runs"]) == 1, (key, label)     # quick: one repetition
             assert figures["rps"] > 0, (key, label, figures)
+            assert figures["cpu_us"] > 0, (key, label, figures)  # the server tree's CPU
     for label, figures in results["asgi_ws_echo"].items():
         assert figures["rate"] > 0 and figures["errors"] == 0, (label, figures)
     assert results["asgi_loop"] in ("uvloop", "asyncio")
@@ -51,6 +52,7 @@ def test_quick_asgi_section_end_to_end(tmp_path):
     assert text.index("## Targets") < text.index("## Machine and versions")
     assert "| molt |" in text and "| uvicorn |" in text and "| gunicorn-uvicorn |" in text
     assert "ASGI keep-alive: molt ≥ 1.2× the better peer" in text
+    assert "| CPU µs/request | server ÷ molt (CPU) |" in text
     assert "## 1. WSGI" not in text and "failed in this run" not in text
 
     # The reporters alone, from the saved results: the same report again.

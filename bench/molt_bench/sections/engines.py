@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..common import APPS, Params, cpu_ticks, descendants, die_with_us, rss_kib, say, testlib
+from ..common import (APPS, TICK_S, Params, descendants, die_with_us, rss_kib, say, testlib,
+                      tree_cpu_ticks)
 from ..peers import Gunicorn, MoltServer, Nginx, Server, Uwsgi
 from ..report import Report, fmt_ms, ratio, ratio_verdict, run_rps
 
 APP = "engines_app:application"
 STATIC_NAME = "file-1mib.bin"
 IDLE_CONNECTIONS = 400
-TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 # (key, title, path, Connection: close, wrk Lua script or None, server labels measured)
 CASES = [
@@ -44,17 +44,6 @@ CASES = [
 ]
 
 
-def server_cpu_ticks(s: Server) -> int:
-    """CPU time (utime + stime, clock ticks) of the server's whole process tree."""
-    total = 0
-    for pid in [s.pid] + descendants(s.pid):
-        try:
-            total += cpu_ticks(pid)
-        except OSError:
-            pass
-    return total
-
-
 def server_rss_kib(s: Server) -> int:
     return sum(rss_kib(pid) for pid in [s.pid] + descendants(s.pid))
 
@@ -69,7 +58,7 @@ def queued_connections(port: int) -> int:
 
 def one_run(p: Params, s: Server, path: str, close: bool, script: Optional[Path]) -> dict:
     extra = ["-s", str(script)] if script else None
-    cpu_before = server_cpu_ticks(s)
+    cpu_before = tree_cpu_ticks(s.pid)
     load = testlib.Wrk(f"http://127.0.0.1:{s.port}{path}", p.duration, p.wrk_conns,
                        p.wrk_threads, close=close, timeout=None, extra=extra,
                        preexec_fn=die_with_us(signal.SIGKILL))
@@ -78,7 +67,7 @@ def one_run(p: Params, s: Server, path: str, close: bool, script: Optional[Path]
     time.sleep(p.duration / 2)
     queued = queued_connections(s.port)
     r = load.result()
-    cpu = (server_cpu_ticks(s) - cpu_before) * TICK_S
+    cpu = (tree_cpu_ticks(s.pid) - cpu_before) * TICK_S
     r["cpu_us_per_request"] = cpu / r["requests"] * 1e6 if r["requests"] else float("nan")
     r["queued"] = queued
     return r

@@ -316,23 +316,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             self.default_headers = server_state.default_headers
             self.pipeline = deque()
 
-        # -- bytes in -------------------------------------------------------------------------
-        def data_received(self, data: bytes) -> None:
-            # molt's framing check first (the WSGI engines run the same guard): the parser
-            # sees only the bytes before the first violation, and the violation's 400 (505,
-            # 501) is the answer whatever httptools would make of the rest.
-            if self._rejected:
-                return
-            violation = self._guard.scan(data)
-            if violation is None:
-                self.molt_parse(data)
-                return
-            offset, (status, reason) = violation
-            if offset:
-                self.molt_parse(data[:offset])
-            if not self._rejected:
-                self.reject(status, "malformed request: %s" % reason)
-
+        # -- bytes in (after MoltHTTPProtocol.data_received's framing check) ---------------
         def molt_parse(self, data: bytes) -> None:
             if self._rejected:
                 return
