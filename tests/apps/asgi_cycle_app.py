@@ -1,5 +1,6 @@
 """Raw ASGI app for molt's request cycle (engines/asgi_cycle.py): each route one behaviour."""
 import asyncio
+import sys
 
 
 async def app(scope, receive, send):
@@ -12,6 +13,26 @@ async def app(scope, receive, send):
                     "headers": [(b"content-type", b"text/plain")]})
         await asyncio.sleep(float(scope["query_string"] or b"2"))
         await send({"type": "http.response.body", "body": b"late body"})
+        return
+    if path == "/two-receivers":
+        # A disconnect listener (Starlette's StreamingResponse has one) and a second receive()
+        # that is cancelled while both wait: the listener must still hear the disconnect.
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+
+        async def listener():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            print("listener saw http.disconnect", file=sys.stderr, flush=True)
+
+        heard = asyncio.ensure_future(listener())
+        await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(receive(), 0.05)
+        except asyncio.TimeoutError:
+            pass
+        await asyncio.wait_for(heard, 10)
         return
     if path == "/crlf-in-header":
         await send({"type": "http.response.start", "status": 200,

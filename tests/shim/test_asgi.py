@@ -313,7 +313,7 @@ def test_a_response_head_is_not_held_back_while_its_body_is_made(listeners, spaw
 
 @pytest.mark.parametrize("path", ["/crlf-in-header", "/raise-after-start"])
 def test_an_app_failing_before_its_head_went_out_gets_a_500(listeners, spawn, path):
-    w = spawn_cycle_app(spawn).wait_ready()
+    w = spawn_cycle_app(spawn, overrides={"logging": {"access_log": True}}).wait_ready()
     c = Client(listeners.port)
     status, headers, body = c.request(path)
     assert (status, body) == (500, b"Internal Server Error")
@@ -323,6 +323,27 @@ def test_an_app_failing_before_its_head_went_out_gets_a_500(listeners, spawn, pa
     wait_until(lambda: "Exception in ASGI application" in w.stderr_text(), 5, "the app's error")
     assert b"x-evil" not in body
     assert get(listeners.port, "/") == (200, b"hello")  # the worker serves on
+    # The access log says what the client got.
+    line = wait_until(lambda: [ln for ln in w.stdout if '"GET %s HTTP/1.1"' % path in ln], 5,
+                      "the access log line")[0]
+    assert '"GET %s HTTP/1.1" 500' % path in line, line
+
+
+def test_every_waiting_receive_hears_the_disconnect(listeners, spawn):
+    w = spawn_cycle_app(spawn).wait_ready()
+    c = Client(listeners.port)
+    c.send(b"GET /two-receivers HTTP/1.1\r\nHost: t\r\n\r\n")
+    c.sock.settimeout(5)
+    got = b""
+    while b"first" not in got:
+        chunk = c.sock.recv(65536)
+        assert chunk, "closed before the first chunk"
+        got += chunk
+    time.sleep(0.3)  # the second receive() has been cancelled by now
+    c.close()
+    wait_until(lambda: "listener saw http.disconnect" in w.stderr_text(), 10,
+               "the disconnect listener woken")
+    assert get(listeners.port, "/") == (200, b"hello")
 
 
 def test_header_pairs_given_as_lists_are_framed(listeners, spawn):

@@ -26,11 +26,12 @@ the drain and the counters in uvicorn_asgi.py serve both this and uvicorn's h11 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import urllib.parse
 from collections import deque
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
@@ -54,9 +55,11 @@ CHUNKED = "chunked"
 CLOSE = "close"
 # Response header fields apps send again and again (content-type, a fixed content-length,
 # cache-control ...), validated and framed once: (name, value) -> (the framed line, its kind).
-# Bounded: cookies and other one-off values would grow it without end.
+# Bounded in entries and in size: a long value (a cookie, a CSP nonce, a Link list) is usually a
+# one-off and is framed each time, not kept.
 KNOWN_HEADERS: Dict[Any, Any] = {}
 KNOWN_HEADERS_MAX = 4096
+KNOWN_HEADER_MAX_BYTES = 256
 
 
 def header_line(pair: Any) -> Any:
@@ -77,7 +80,8 @@ def header_line(pair: Any) -> Any:
     elif name == b"connection" and value.lower() == b"close":
         kind = CLOSE
     entry = (b"%s: %s\r\n" % (name, value), kind)
-    if type(pair) is tuple and type(name) is bytes and type(value) is bytes:
+    if (type(pair) is tuple and type(name) is bytes and type(value) is bytes
+            and len(name) + len(value) <= KNOWN_HEADER_MAX_BYTES):
         if len(KNOWN_HEADERS) >= KNOWN_HEADERS_MAX:
             KNOWN_HEADERS.clear()
         KNOWN_HEADERS[pair] = entry
@@ -94,7 +98,7 @@ class Cycle:
     the ASGI `receive` and `send` of the request."""
 
     __slots__ = ("protocol", "scope", "transport", "flow", "keep_alive", "asked_close",
-                 "waiting_for_100_continue", "body", "more_body", "request_read", "waiter",
+                 "waiting_for_100_continue", "body", "more_body", "request_read", "waiters",
                  "disconnected", "response_started", "response_complete", "chunked",
                  "remaining", "head", "on_response", "task")
 
@@ -110,7 +114,10 @@ class Cycle:
         self.body = b""
         self.more_body = True
         self.request_read = False  # the app has received the request's last body message
-        self.waiter: Any = None  # the future receive() waits on, while it waits
+        # The futures of the receive() calls waiting now: more than one at a time is usual
+        # (Starlette's StreamingResponse listens for http.disconnect while the app, or its
+        # BaseHTTPMiddleware, also calls receive()); None while nobody waits.
+        self.waiters: Optional[List[Any]] = None
         self.disconnected = False
         self.response_started = False
         self.response_complete = False
@@ -123,9 +130,11 @@ class Cycle:
     def wake(self) -> None:
         """A body chunk, the request's end, a disconnect or the response's end: receive()
         looks again."""
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        waiters = self.waiters
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     # -- ASGI ---------------------------------------------------------------------------------
     async def receive(self) -> Dict[str, Any]:
@@ -135,11 +144,14 @@ class Cycle:
         if not (self.disconnected or self.response_complete or self.body) \
                 and (self.more_body or self.request_read):
             self.flow.resume_reading()
-            self.waiter = self.protocol.loop.create_future()
+            waiter = self.protocol.loop.create_future()
+            if self.waiters is None:
+                self.waiters = []
+            self.waiters.append(waiter)
             try:
-                await self.waiter
-            finally:
-                self.waiter = None
+                await waiter
+            finally:  # this call's own future only: another receive() may still wait
+                self.waiters.remove(waiter)
         if self.disconnected or self.response_complete:
             return {"type": DISCONNECT}
         body = self.body
@@ -230,10 +242,8 @@ class Cycle:
             self.remaining = 0
             body = b""
         elif self.chunked:
-            if body:
-                body = b"%x\r\n%b\r\n" % (len(body), body)
-            if not more_body:
-                body += b"0\r\n\r\n"
+            framed = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+            body = framed if more_body else framed + b"0\r\n\r\n"
         else:
             if len(body) > self.remaining:
                 raise RuntimeError("Response content longer than Content-Length")
@@ -261,6 +271,13 @@ class Cycle:
                          "headers": [(b"content-type", b"text/plain; charset=utf-8"),
                                      CLOSE_HEADER]})
         await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+
+
+def head_pending(send: Any) -> bool:
+    """Whether `send` is a Cycle's whose response head has not gone out yet (an app that
+    raises now still gets the server's 500)."""
+    cycle = getattr(send, "__self__", None)
+    return isinstance(cycle, Cycle) and cycle.head is not None
 
 
 def with_cycle(protocol: type, ctl: Any) -> type:
@@ -302,9 +319,11 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         def __init__(self, config: Any, server_state: Any, _loop: Any = None) -> None:
             # uvicorn's HttpToolsProtocol.__init__ (0.17 to current), less what is the same for
             # every connection (above).
+            if not config.loaded:
+                config.load()
             self.config = config
             self.app = config.loaded_app
-            self.loop = _loop
+            self.loop = _loop or asyncio.get_event_loop()
             self.parser = httptools.HttpRequestParser(self)
             self.ws_protocol_class = config.ws_protocol_class
             self.root_path = config.root_path
@@ -424,7 +443,12 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 self.reject(413, "request body over max_body_size %d" % max_body_size)
                 raise Rejected()
             cycle = self.cycle
-            if self.parser.should_upgrade() or cycle.response_complete:
+            if cycle.response_complete:
+                # Answered before its body was in (a 401, a 413 of the app's): the keep-alive
+                # timeout runs from the last byte the client sent, as in uvicorn.
+                self._idle_since = time.monotonic()
+                return
+            if self.parser.should_upgrade():
                 return
             cycle.body += body
             if len(cycle.body) > HIGH_WATER_LIMIT:
@@ -502,6 +526,11 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 self.transport.close()
             self.break_cycles()
             self.cycle = None  # the cycle points back at its protocol
+            # Requests queued behind it never run now (the engine's observe() stops counting
+            # them once their on_response is gone), and they point back at the protocol too.
+            for queued_cycle, _ in self.pipeline:
+                queued_cycle.on_response = None
+            self.pipeline.clear()
 
         def molt_check(self, now: float) -> None:
             super().molt_check(now)

@@ -32,7 +32,7 @@ from ..framing_guard import FramingGuard
 from .. import proxyproto, tls
 from ..forwarded import ProxyMiddleware
 from .asgi_proxyproto import ProxyPreamble
-from .asgi_cycle import with_cycle
+from .asgi_cycle import head_pending, with_cycle
 from ..wsgi.request import Limits
 from ..wsgi.response import REASONS, Framing
 from ..httpdate import http_date
@@ -521,20 +521,21 @@ class Observe:
         inner_send = send
 
         async def send(message: Dict[str, Any]) -> None:  # noqa: F811
+            await inner_send(message)  # first: a head the server refuses is the app's 500
             if message["type"] == "http.response.start":
                 info[0] = message["status"]
                 info[2] = message.get("headers")
             elif message["type"] == "http.response.body":
                 info[1] += len(message.get("body", b""))
-            await inner_send(message)
 
         try:
             await self.app(scope, receive, send)
         except Exception:  # not CancelledError: a client that went away is no app error
             if self.metrics is not None:
                 self.metrics.exceptions += 1
-            if not info[0]:
-                info[0] = 500  # uvicorn answers 500 when the app raised before answering
+            if not info[0] or head_pending(inner_send):
+                # The server answers 500 when the app raised before its head went out.
+                info[0] = 500
             raise
         finally:
             elapsed = time.monotonic() - started
