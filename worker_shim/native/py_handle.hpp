@@ -6,6 +6,9 @@
 // syscall made while Python could run sits inside GilReleased.
 #pragma once
 
+#include <chrono>
+#include <thread>
+
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -56,16 +59,50 @@ class GilReleased {
 
 // "This serving thread runs Python here": takes the GIL with the thread's own thread state
 // (made once when the thread starts) and gives it back at scope exit.
+//
+// Fairness: CPython asks a GIL holder to hand over only when a waiter saw no hand-over for its
+// switch interval (5 ms), and every acquisition counts as one. A serving thread that takes the
+// GIL back for each request of a busy connection, a few microseconds after giving it up, could
+// so keep the main thread (heartbeats) waiting for seconds: seen as a worker killed for a
+// missing heartbeat under wrk (tests/reliability, max_rss). A thread that has taken it back to
+// back for kStreak steps aside for kStepAside once, so a waiting thread gets it.
 class GilHeld {
   public:
+    using Clock = std::chrono::steady_clock;
+    static constexpr auto kIdleGap = std::chrono::milliseconds(1);  // longer: a new streak
+    static constexpr auto kStreak = std::chrono::milliseconds(20);
+    static constexpr auto kStepAside = std::chrono::microseconds(100);
+
     explicit GilHeld(PyThreadState* thread_state) : state_(thread_state) {
+        step_aside_after_a_streak();
         PyEval_RestoreThread(state_);
     }
-    ~GilHeld() { PyEval_SaveThread(); }
+    ~GilHeld() {
+        PyEval_SaveThread();
+        last_release() = Clock::now();
+    }
     GilHeld(const GilHeld&) = delete;
     GilHeld& operator=(const GilHeld&) = delete;
 
   private:
+    static Clock::time_point& last_release() {
+        thread_local Clock::time_point at{};
+        return at;
+    }
+    static Clock::time_point& streak_start() {
+        thread_local Clock::time_point at{};
+        return at;
+    }
+    static void step_aside_after_a_streak() {
+        const Clock::time_point now = Clock::now();
+        if (now - last_release() > kIdleGap) {
+            streak_start() = now;  // this thread waited for work: others had their turn
+        } else if (now - streak_start() > kStreak) {
+            std::this_thread::sleep_for(kStepAside);
+            streak_start() = Clock::now();
+        }
+    }
+
     PyThreadState* state_;
 };
 
