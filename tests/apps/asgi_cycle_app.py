@@ -32,6 +32,7 @@ async def app(scope, receive, send):
             await asyncio.wait_for(receive(), 0.05)
         except asyncio.TimeoutError:
             pass
+        print("second receive cancelled", file=sys.stderr, flush=True)
         await asyncio.wait_for(heard, 10)
         return
     if path == "/crlf-in-header":

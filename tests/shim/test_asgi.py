@@ -339,7 +339,8 @@ def test_every_waiting_receive_hears_the_disconnect(listeners, spawn):
         chunk = c.sock.recv(65536)
         assert chunk, "closed before the first chunk"
         got += chunk
-    time.sleep(0.3)  # the second receive() has been cancelled by now
+    wait_until(lambda: "second receive cancelled" in w.stderr_text(), 10,
+               "the second receive() cancelled while the listener waits")
     c.close()
     wait_until(lambda: "listener saw http.disconnect" in w.stderr_text(), 10,
                "the disconnect listener woken")

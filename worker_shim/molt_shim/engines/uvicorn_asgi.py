@@ -93,7 +93,6 @@ class DrainControl:
         except ImportError:  # no h11: uvicorn runs httptools only
             self.h11_idle = None
 
-
     def flush_heads(self) -> None:
         """End of a loop iteration (call_soon): every response head still waiting for its
         first body message goes out alone."""
