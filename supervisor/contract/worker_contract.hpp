@@ -6,6 +6,7 @@
 #pragma once
 
 #include <array>
+#include <cstddef>
 #include <functional>
 #include <map>
 #include <string>
@@ -111,11 +112,19 @@ inline constexpr std::string_view zygote = "MOLT_ZYGOTE";
 // 160 hex digits: the generation's TLS session-ticket keys, the same in each of its workers so
 // that a client resumes its session on whichever worker it reaches. Only with a TLS listener.
 inline constexpr std::string_view tls_ticket_keys = "MOLT_TLS_TICKET_KEYS";
+// The master's accept board, shared memory where each worker says how many connections it
+// holds, so that a generation's workers keep their share of them (native engine). The fd
+// follows the channel.
+inline constexpr std::string_view accept_board_fd = "MOLT_ACCEPT_BOARD_FD";
 }  // namespace env
 
-inline constexpr std::array<std::string_view, 8> worker_env_names = {
-    env::channel_fd, env::listen_fds,    env::listen_names, env::generation,
-    env::worker,     env::worker_config, env::zygote,       env::tls_ticket_keys};
+inline constexpr std::array<std::string_view, 9> worker_env_names = {
+    env::channel_fd,    env::listen_fds, env::listen_names,    env::generation,     env::worker,
+    env::worker_config, env::zygote,     env::tls_ticket_keys, env::accept_board_fd};
+
+// The accept board's size: one 64-byte entry per worker process, for both generations of a
+// rollover.
+inline constexpr std::size_t accept_board_bytes = 256 * 64;
 
 // Variables of the master's own environment that never reach a worker: they belong to the
 // master's supervisor (systemd) or to the master itself. A variable is removed when its name

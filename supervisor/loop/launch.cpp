@@ -112,6 +112,9 @@ std::vector<std::string> worker_environment(const WorkerLaunch& launch) {
     if (!launch.tls_ticket_keys.empty()) {
         env.push_back(assignment(contract::env::tls_ticket_keys, launch.tls_ticket_keys));
     }
+    if (launch.accept_board >= 0) {
+        env.push_back(assignment(contract::env::accept_board_fd, std::to_string(channel + 1)));
+    }
     return env;
 }
 
@@ -128,6 +131,7 @@ os::Result<os::SpawnRequest> worker_spawn_request(const WorkerLaunch& launch,
     static_assert(contract::first_listen_fd == 3);
     for (const auto& listener : launch.listeners) request.fds.push_back(listener.fd.get());
     request.fds.push_back(streams.channel);
+    if (launch.accept_board >= 0) request.fds.push_back(launch.accept_board);
     request.env = worker_environment(launch);
     request.stdout_fd = streams.out;
     request.stderr_fd = streams.err;

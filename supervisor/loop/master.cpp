@@ -506,7 +506,23 @@ WorkerLaunch Master::launch_of(const core::SpawnWorker& spawn, bool zygote) {
             os::environment(),
             zygote,
             app_metrics_dir(config, spawn.generation),
-            tls_ticket_keys(config, spawn.generation)};
+            tls_ticket_keys(config, spawn.generation),
+            accept_board()};
+}
+
+int Master::accept_board() {
+    // Made once, when the first worker starts; without it workers accept as they come.
+    if (!accept_board_ && !accept_board_failed_) {
+        auto board = os::make_shared_memory("molt-accept-board", contract::accept_board_bytes);
+        if (os::ok(board)) {
+            accept_board_ = std::move(std::get<os::Fd>(board));
+        } else {
+            accept_board_failed_ = true;
+            log_.warning("no accept board, workers will not balance connections: " +
+                         os::error_of(board));
+        }
+    }
+    return accept_board_.get();
 }
 
 core::Actions Master::spawn(const core::SpawnWorker& spawn) {

@@ -156,6 +156,11 @@ class Master {
     core::Supervisor core_;
     Log log_;
     std::vector<os::Listener> listeners_;
+    // Shared memory where a generation's workers keep their share of connections
+    // (worker_shim/native/accept_balance.hpp); made at the first launch.
+    os::Fd accept_board_;
+    bool accept_board_failed_ = false;
+    int accept_board();
     std::map<pid_t, std::unique_ptr<WorkerProcess>> processes_;
     // A worker a zygote was asked to fork: the master's ends of its channel and output pipes,
     // kept until the zygote answers FORKED= (then tracked like a spawned worker's).

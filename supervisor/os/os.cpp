@@ -5,6 +5,7 @@
 #include <grp.h>
 #include <pwd.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -162,6 +163,15 @@ Result<ChildEnds> make_child_ends() {
     if (!ok(err)) return Error{error_of(err)};
     return ChildEnds{std::move(std::get<SocketPair>(channel)), std::move(std::get<Pipe>(out)),
                      std::move(std::get<Pipe>(err))};
+}
+
+Result<Fd> make_shared_memory(const char* name, std::size_t bytes) {
+    Fd fd(memfd_create(name, MFD_CLOEXEC));
+    if (!fd) return Error{failed("memfd_create(" + std::string(name) + ")", errno)};
+    if (::ftruncate(fd.get(), static_cast<off_t>(bytes)) != 0) {
+        return Error{failed(fmt_call("ftruncate", fd.get(), std::to_string(bytes).c_str()), errno)};
+    }
+    return fd;
 }
 
 std::string set_nonblocking(int fd) {

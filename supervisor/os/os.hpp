@@ -109,6 +109,9 @@ struct ChildEnds {
 };
 Result<ChildEnds> make_child_ends();
 
+// Zero-filled shared memory of `bytes` (a memfd, close-on-exec), for the workers to map.
+Result<Fd> make_shared_memory(const char* name, std::size_t bytes);
+
 // fcntl flags; empty on success, the error text otherwise.
 std::string set_nonblocking(int fd);
 std::string set_close_on_exec(int fd, bool on);

@@ -93,6 +93,7 @@ class WorkerConfig:
     label_names: Dict[str, str] = field(default_factory=dict)  # listener label -> its name
     # The generation's TLS session-ticket keys (Env.TLS_TICKET_KEYS; 80 bytes), or b"".
     tls_ticket_keys: bytes = b""
+    accept_board_fd: int = -1  # Env.ACCEPT_BOARD_FD, or -1
 
     # Typed accessors for the values used on hot paths or in several modules.
     @property
@@ -278,5 +279,7 @@ def load(environ: Mapping[str, str]) -> WorkerConfig:
         ticket_keys = b"?"  # reported below with the wrong length
     if len(ticket_keys) not in (0, TICKET_KEY_BYTES):
         raise ValueError("%s must be %d hex digits" % (Env.TLS_TICKET_KEYS, 2 * TICKET_KEY_BYTES))
+    board = environ.get(Env.ACCEPT_BOARD_FD, "")
     return WorkerConfig(raw=raw, channel_fd=int(channel) if channel else -1,
-                        listen_fds=fds, listen_names=names, tls_ticket_keys=ticket_keys)
+                        listen_fds=fds, listen_names=names, tls_ticket_keys=ticket_keys,
+                        accept_board_fd=int(board) if board.isdigit() else -1)

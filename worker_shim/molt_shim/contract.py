@@ -77,11 +77,14 @@ class Env:
     # 160 hex digits: the generation's TLS session-ticket keys, the same in each of its workers
     # so that a client resumes its session on whichever worker it reaches. Only with TLS.
     TLS_TICKET_KEYS = "MOLT_TLS_TICKET_KEYS"
+    # The master's accept board, shared memory where each worker says how many connections it
+    # holds, so that a generation's workers keep their share of them (native engine).
+    ACCEPT_BOARD_FD = "MOLT_ACCEPT_BOARD_FD"
 
 
 WORKER_ENV_NAMES: Tuple[str, ...] = (
     Env.CHANNEL_FD, Env.LISTEN_FDS, Env.LISTEN_NAMES, Env.GENERATION, Env.WORKER,
-    Env.WORKER_CONFIG, Env.ZYGOTE, Env.TLS_TICKET_KEYS)
+    Env.WORKER_CONFIG, Env.ZYGOTE, Env.TLS_TICKET_KEYS, Env.ACCEPT_BOARD_FD)
 
 # Variables of the master's own environment that never reach a worker: they belong to the
 # master's supervisor (systemd) or to the master itself. The master removes them before it adds

@@ -34,6 +34,9 @@ constexpr double kCloseWaitS = 2.0;   // how long close() waits for a thread ins
 // epoll: quick requests then cost no hand-off, a slow one delays the worker's other
 // connections by at most this (poll_token.hpp).
 constexpr std::chrono::microseconds kPromoteAfter{1000};
+// How often a worker out of the accept queue (accept_balance.hpp) checks whether to come back.
+constexpr int kAsideRecheckMs = 10;
+constexpr int kAsideStrandedChecks = 5;
 constexpr std::uint32_t kArm = EPOLLIN | EPOLLONESHOT;
 constexpr std::uint32_t kListen = EPOLLIN | EPOLLEXCLUSIVE;
 const char kContinue100[] = "HTTP/1.1 100 Continue\r\n\r\n";
@@ -110,9 +113,12 @@ Server::Server(EngineConfig config, PyRef app, std::vector<ListenerSlot> listene
     ev.data.fd = stop_fd_;
     epoll_ctl(ep_, EPOLL_CTL_ADD, stop_fd_, &ev);
     poll_token_ = std::make_unique<PollToken>(stop_fd_, kPromoteAfter);
+    board_ =
+        std::make_unique<AcceptBoard>(config_.accept_board_fd, config_.generation, config_.threads);
 }
 
 Server::~Server() {
+    stop_board_watcher();
     // close() has joined the threads; what is left is descriptors.
     for (auto& [fd, conn] : conns_) ::close(fd);
     for (auto& lst : listeners_) {
@@ -161,6 +167,7 @@ std::string Server::date_header() {
 // --- counters --------------------------------------------------------------------------------
 
 std::uint64_t Server::begin_request(double started) {
+    board_->request_started();
     std::lock_guard<std::mutex> lock(stats_mu_);
     const std::uint64_t token = next_token_++;
     inflight_.emplace(token, started);
@@ -168,6 +175,7 @@ std::uint64_t Server::begin_request(double started) {
 }
 
 void Server::end_request(std::uint64_t token, int status, double seconds, bool raised) {
+    board_->request_finished();
     std::lock_guard<std::mutex> lock(stats_mu_);
     inflight_.erase(token);
     ++requests_;
@@ -239,7 +247,20 @@ void Server::start() {
         running_.fetch_add(1);
         threads_.emplace_back([this] { thread_main(); });
     }
+    if (board_->active()) board_watcher_ = std::thread([this] { watch_board(); });
     pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+}
+
+void Server::watch_board() {
+    // Off the request path: wakes when a sibling calls this worker back into the accept queue
+    // (it took more than its share while this one stood aside), and every kAsideRecheckMs
+    // while a listener is aside, to look again.
+    while (!board_stop_.load()) {
+        board_->wait_for_call(stepped_aside_.load(std::memory_order_relaxed) ? kAsideRecheckMs
+                                                                             : -1);
+        if (board_stop_.load()) break;
+        reconsider_aside();
+    }
 }
 
 void Server::thread_main() {
@@ -301,7 +322,15 @@ void Server::serve_event(int fd, PyThreadState* ts) {
     }
 }
 
+void Server::stop_board_watcher() {
+    if (!board_watcher_.joinable()) return;
+    board_stop_.store(true);
+    board_->interrupt_wait();
+    board_watcher_.join();
+}
+
 void Server::close() {
+    stop_board_watcher();
     if (!threads_.empty()) {
         const std::uint64_t one = 1;
         (void)!::write(stop_fd_, &one, sizeof one);
@@ -345,6 +374,7 @@ void Server::listen() {
         ev.data.fd = lst.fd;
         epoll_ctl(ep_, EPOLL_CTL_ADD, lst.fd, &ev);
     }
+    update_in_queue_locked();
 }
 
 Connection* Server::add_connection(int fd, int listener_index, const sockaddr_storage& addr) {
@@ -388,6 +418,7 @@ Connection* Server::add_connection(int fd, int listener_index, const sockaddr_st
     }
     Connection* raw = conn.get();
     conns_[fd] = std::move(conn);
+    board_->set_connections(conns_.size());
     return raw;
 }
 
@@ -461,6 +492,12 @@ bool Server::rejoin(int index) {
     std::lock_guard<std::mutex> lock(mu_);
     ListenerSlot& lst = listeners_[static_cast<std::size_t>(index)];
     if (!lst.open) return false;
+    if (lst.taking_stranded && !connection_queued(lst.fd)) lst.taking_stranded = false;
+    lst.aside = !lst.taking_stranded && board_->should_step_aside();
+    if (lst.aside) {
+        update_in_queue_locked();
+        return true;
+    }
     epoll_event ev{};
     ev.events = kListen;
     ev.data.fd = lst.fd;
@@ -475,7 +512,48 @@ bool Server::rejoin(int index) {
     }
     rejoin_failed_.erase(std::remove(rejoin_failed_.begin(), rejoin_failed_.end(), index),
                          rejoin_failed_.end());
+    update_in_queue_locked();
     return true;
+}
+
+bool Server::connection_queued(int listener_fd) {
+    pollfd p{listener_fd, POLLIN, 0};
+    return ::poll(&p, 1, 0) > 0;
+}
+
+void Server::update_in_queue_locked() {
+    bool in_queue = false;
+    bool aside = false;
+    for (const auto& lst : listeners_) {
+        in_queue = in_queue || (lst.open && !lst.aside);
+        aside = aside || (lst.open && lst.aside);
+    }
+    board_->set_in_queue(in_queue);
+    stepped_aside_.store(aside, std::memory_order_relaxed);
+}
+
+void Server::reconsider_aside() {
+    if (!stepped_aside_.load(std::memory_order_relaxed)) return;
+    std::vector<int> back;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        const bool still = board_->should_step_aside();
+        for (std::size_t i = 0; i < listeners_.size(); ++i) {
+            ListenerSlot& lst = listeners_[i];
+            if (!lst.open || !lst.aside) continue;
+            // A connection can wait in the queue with nobody woken for it (each arrival wakes
+            // one worker, and this one may have been it). A queue that stays non-empty for
+            // kAsideStrandedChecks checks in a row is taken here, once, whatever the board
+            // says; a shorter wait is the siblings not having run yet on a busy machine.
+            lst.waited = connection_queued(lst.fd) ? lst.waited + 1 : 0;
+            lst.taking_stranded = lst.waited >= kAsideStrandedChecks;  // until the queue is empty
+            if (!still || lst.taking_stranded) {
+                lst.waited = 0;
+                back.push_back(static_cast<int>(i));
+            }
+        }
+    }
+    for (int index : back) rejoin(index);
 }
 
 void Server::submit_warmup(int fd) {
@@ -816,6 +894,7 @@ void Server::close_now(Connection* conn) {
     if (conn->in_epoll) epoll_ctl(ep_, EPOLL_CTL_DEL, fd, nullptr);
     ::close(fd);
     conns_.erase(fd);  // deletes conn
+    board_->set_connections(conns_.size());
 }
 
 void Server::close_graceful(Connection* conn) {
@@ -889,6 +968,8 @@ std::string Server::overdue(const Connection& conn, double now) const {
 
 void Server::tick() {
     GilReleased unlocked;
+    board_->stamp();
+    reconsider_aside();
     const double now = monotonic();
     std::vector<int> retry;
     std::vector<Connection*> due;
@@ -937,6 +1018,8 @@ void Server::tick() {
 void Server::stop_accepting() {
     GilReleased unlocked;
     if (draining_.exchange(true)) return;
+    stop_board_watcher();
+    board_->leave();  // no longer a sibling that can take connections
     std::lock_guard<std::mutex> lock(mu_);
     for (std::size_t i = 0; i < listeners_.size(); ++i) {
         ListenerSlot& lst = listeners_[i];

@@ -29,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include "accept_balance.hpp"
 #include "http_seam.hpp"
 #include "poll_token.hpp"
 #include "py_handle.hpp"
@@ -59,6 +60,9 @@ struct EngineConfig {
     // PROXY listeners: molt_shim.engines.native's reader of a complete header (the Python
     // parser, one copy of the rule); null when no listener has `proxy_protocol`.
     PyRef proxy_header;
+    // The generation's accept board (accept_balance.hpp): the shared memory's fd, or -1.
+    int accept_board_fd = -1;
+    std::uint32_t generation = 0;
 };
 
 // One access-log line of a request answered without Python (a static file): queued by the
@@ -129,6 +133,9 @@ struct ListenerSlot {
     PyRef base_env;  // the environ every request on this listener starts from
     bool proxy_protocol = false;
     std::shared_ptr<SSL_CTX> tls;  // listen[].tls, loaded when the worker starts; null: plain
+    bool aside = false;  // out of the accept queue while this worker holds more than its share
+    int waited = 0;      // while aside: checks in a row that found a connection queued
+    bool taking_stranded = false;  // queued connections nobody took: in until the queue empties
 };
 
 // The module-level Python objects handle() needs (owned by the module state).
@@ -210,7 +217,14 @@ class Server {
     void serve_event(int fd, PyThreadState* ts);  // one epoll event: a connection or a listener
     void serve(Connection* conn, bool must_read, PyThreadState* ts);
     void accept_from(int listener_index, PyThreadState* ts);
+    // Back into the accept queue, unless this worker holds more than its share of the
+    // generation's connections and a sibling can take them (accept_balance.hpp).
     bool rejoin(int listener_index);
+    void reconsider_aside();  // a listener stepped aside: back in when that no longer holds
+    void watch_board();       // the board watcher thread
+    void stop_board_watcher();
+    void update_in_queue_locked();
+    static bool connection_queued(int listener_fd);  // the listener's accept queue is not empty
     void park(Connection* conn, ConnState state = ConnState::idle, bool restart_clock = true);
     void park_locked(Connection* conn, ConnState state, bool restart_clock);
     void close_now(Connection* conn);
@@ -262,6 +276,10 @@ class Server {
     // once and meet at the GIL: 2.5x the context switches and about 25% more CPU per request
     // (docs/architecture.md, "Native engine: where the time goes").
     std::unique_ptr<PollToken> poll_token_;
+    std::unique_ptr<AcceptBoard> board_;
+    std::atomic<bool> stepped_aside_{false};  // some listener is aside: the watcher re-checks
+    std::thread board_watcher_;
+    std::atomic<bool> board_stop_{false};
     std::atomic<bool> draining_{false};
     std::vector<std::thread> threads_;
     std::atomic<int> running_{0};

@@ -463,6 +463,15 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
         return value != nullptr && PyObject_IsTrue(value) == 1;
     };
     c->request_metrics = flag("request_metrics");
+    // Optional: the generation's accept board (absent: every worker accepts as it comes).
+    double board_fd = -1, generation = 0;
+    if (PyDict_GetItemString(cfg, "accept_board_fd") != nullptr &&
+        (!config_number(cfg, "accept_board_fd", &board_fd) ||
+         !config_number(cfg, "generation", &generation))) {
+        return false;
+    }
+    c->accept_board_fd = static_cast<int>(board_fd);
+    c->generation = static_cast<std::uint32_t>(generation);
     c->access_request_headers = flag("access_request_headers");
     c->access_response_headers = flag("access_response_headers");
     return config_text(cfg, "version_header", &c->version_header) &&

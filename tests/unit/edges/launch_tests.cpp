@@ -96,6 +96,15 @@ TEST_CASE("the spawn request places the listeners, then the channel, and names a
     CHECK(r.cwd == "/tmp");
     CHECK(r.argv == std::vector<std::string>{"/bin/sh", "-m", "molt_shim"});
 
+    // The accept board, when the master has one, follows the channel (fd 6 here).
+    CHECK_FALSE(has_name(r.env, "MOLT_ACCEPT_BOARD_FD"));
+    launch.accept_board = 43;
+    auto with_board = loop::worker_spawn_request(launch, {40, 41, 42});
+    REQUIRE(os::ok(with_board));
+    const auto& b = std::get<os::SpawnRequest>(with_board);
+    CHECK(b.fds == std::vector<int>{listeners[0].fd.get(), listeners[1].fd.get(), 40, 43});
+    CHECK(has(b.env, "MOLT_ACCEPT_BOARD_FD=6"));
+
     config->user = "no-such-user-molt-test";
     auto refused = loop::worker_spawn_request(launch, {40, 41, 42});
     REQUIRE_FALSE(os::ok(refused));

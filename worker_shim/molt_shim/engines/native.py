@@ -100,6 +100,8 @@ class NativeEngine:
                 "keepalive_s": max(0.0, cfg.timeout_s("keepalive")),
                 "drain_idle_s": cfg.drain_idle_s,
                 "threads": cfg.threads,
+                "accept_board_fd": cfg.accept_board_fd,
+                "generation": cfg.generation,
                 "version_header": version_header,
                 "script_name": script_name,
                 "static": [(m.prefix, os.fsdecode(m.root)) for m in mounts],

@@ -1,0 +1,94 @@
+"""A generation's workers keep their share of the connections (the native engine's accept
+board, worker_shim/native/accept_balance.hpp), behind the real master: a worker that was
+paused while connections arrived takes the new ones until the two are even, and a paused
+worker holds up nobody's connections."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import struct
+import time
+from collections import Counter
+
+from molt_testlib import APPS, all_threads_stopped, wait_until
+
+
+def ask(port: int) -> tuple[socket.socket, int]:
+    """A keep-alive connection and the pid of the worker that answered its first request."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, "closed before the response"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return sock, int(body)
+
+
+def board_entries(worker_pid: int) -> dict[int, dict]:
+    """The accept board as a worker maps it: pid -> its entry."""
+    for fd in glob.glob(f"/proc/{worker_pid}/fd/*"):
+        try:
+            if "molt-accept-board" not in os.readlink(fd):
+                continue
+        except OSError:
+            continue
+        data = open(fd, "rb").read()
+        entries = {}
+        for i in range(len(data) // 64):
+            pid, gen, conns, busy, threads, in_queue, stamp = struct.unpack_from("iIiiiiq", data,
+                                                                                  64 * i)
+            if pid:
+                entries[pid] = dict(generation=gen, connections=conns, busy=busy,
+                                    threads=threads, in_queue=in_queue, stamp_ms=stamp)
+        return entries
+    raise AssertionError(f"worker {worker_pid} has no accept board")
+
+
+def monotonic_ms() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
+
+
+def test_a_paused_worker_holds_up_nobody_and_then_takes_its_share(molt):
+    # Stopped workers stay silent: a long heartbeat keeps the master from replacing them.
+    m = molt({"app": "pid_app:application", "chdir": str(APPS), "python": "/usr/bin/python3",
+              "workers": 2, "threads": 2, "engine": "native", "listen": ["tcp://127.0.0.1:0"],
+              "timeouts": {"heartbeat": "120s"}})
+    a, b = m.worker_pids()
+    wait_until(lambda: set(board_entries(a)) >= {a, b}, 10, "both workers on the board")
+    held = []
+    os.kill(b, signal.SIGSTOP)
+    try:
+        wait_until(lambda: all_threads_stopped(b), 10, "the stopped worker")
+        # Every connection is answered although b can take none: a steps aside for b only
+        # while b looks alive, and takes connections nobody takes.
+        for _ in range(6):
+            sock, pid = ask(m.port)
+            held.append(sock)
+            assert pid == a
+    finally:
+        os.kill(b, signal.SIGCONT)
+    wait_until(lambda: board_entries(a)[a]["connections"] == 6, 10, "a holding six")
+    wait_until(lambda: monotonic_ms() - board_entries(a)[b]["stamp_ms"] < 200, 10,
+               "b alive again on the board")
+    # a holds six, b none: the new connections go to b until they are about even.
+    served = Counter()
+    for _ in range(6):
+        sock, pid = ask(m.port)
+        held.append(sock)
+        served[pid] += 1
+    assert served[b] >= 5, served
+    entries = board_entries(a)
+    assert abs(entries[a]["connections"] - entries[b]["connections"]) <= 3, entries
+    for sock in held:
+        sock.close()
+    wait_until(lambda: all(e["connections"] == 0 for e in board_entries(a).values()), 15,
+               "the connections closed on the board")

@@ -1,0 +1,123 @@
+#include <doctest/doctest.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+#include "worker_shim/native/accept_balance.hpp"
+
+using molt::native::AcceptBoard;
+using molt::native::should_step_aside;
+
+namespace {
+
+// A board of `entries` 64-byte entries, as the master makes it (zero-filled memfd).
+int make_board(std::size_t entries) {
+    const int fd = memfd_create("test-accept-board", MFD_CLOEXEC);
+    REQUIRE(fd >= 0);
+    REQUIRE(ftruncate(fd, static_cast<off_t>(entries * 64)) == 0);
+    return fd;
+}
+
+void hold(AcceptBoard& board, int connections) {
+    board.set_connections(static_cast<std::size_t>(connections));
+}
+
+}  // namespace
+
+TEST_CASE("a worker steps aside only for a sibling holding fewer by more than the slack") {
+    CHECK_FALSE(should_step_aside(40, std::nullopt));  // nobody else can accept
+    CHECK_FALSE(should_step_aside(2, 0));
+    CHECK(should_step_aside(3, 0));
+    CHECK_FALSE(should_step_aside(10, 8));
+    CHECK(should_step_aside(11, 8));
+    // The slack grows with the counts: a quarter of the sibling's.
+    CHECK_FALSE(should_step_aside(500, 400));
+    CHECK(should_step_aside(501, 400));
+}
+
+TEST_CASE("siblings of one generation on a shared board") {
+    const int fd = make_board(8);
+    AcceptBoard a(fd, 1, 2), b(fd, 1, 2), other_generation(fd, 2, 2);
+    REQUIRE(a.active());
+    REQUIRE(b.active());
+    for (AcceptBoard* w : {&a, &b, &other_generation}) w->set_in_queue(true);
+    hold(a, 5);
+    hold(other_generation, 0);
+
+    SUBCASE("a sibling with fewer that can accept") {
+        hold(b, 3);
+        CHECK_FALSE(a.should_step_aside());
+        hold(b, 2);
+        CHECK(a.should_step_aside());
+        CHECK_FALSE(b.should_step_aside());
+    }
+    SUBCASE("a sibling with every thread busy cannot take a connection now") {
+        hold(b, 0);
+        b.request_started();
+        CHECK(a.should_step_aside());
+        b.request_started();
+        CHECK_FALSE(a.should_step_aside());
+        b.request_finished();
+        CHECK(a.should_step_aside());
+    }
+    SUBCASE("a draining sibling is no longer one") {
+        hold(b, 0);
+        b.leave();
+        CHECK_FALSE(a.should_step_aside());
+    }
+    SUBCASE("a sibling standing aside with fewer is called back") {
+        hold(b, 0);
+        b.set_in_queue(false);
+        CHECK(a.should_step_aside());  // it will be back: a steps aside for it
+        const auto started = std::chrono::steady_clock::now();
+        b.wait_for_call(10000);  // returns at once: the call came before the wait
+        CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(5));
+    }
+    SUBCASE("a call wakes a waiting watcher") {
+        hold(b, 0);
+        b.set_in_queue(false);
+        bool woke = false;
+        std::thread watcher([&] {
+            b.wait_for_call(10000);
+            woke = true;
+        });
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        a.should_step_aside();
+        watcher.join();
+        CHECK(woke);
+    }
+    close(fd);
+}
+
+TEST_CASE("without a usable board a worker accepts as it comes") {
+    AcceptBoard none(-1, 1, 4);
+    CHECK_FALSE(none.active());
+    none.set_connections(100);
+    CHECK_FALSE(none.should_step_aside());
+
+    const int odd = memfd_create("test-accept-board", MFD_CLOEXEC);
+    REQUIRE(ftruncate(odd, 100) == 0);  // not whole entries
+    AcceptBoard malformed(odd, 1, 4);
+    CHECK_FALSE(malformed.active());
+    close(odd);
+
+    const int fd = make_board(2);
+    AcceptBoard first(fd, 1, 1), second(fd, 1, 1), third(fd, 1, 1);
+    CHECK(first.active());
+    CHECK(second.active());
+    CHECK_FALSE(third.active());  // the board is full
+    close(fd);
+}
+
+TEST_CASE("an entry is free again once its worker left") {
+    const int fd = make_board(1);
+    {
+        AcceptBoard first(fd, 1, 1);
+        CHECK(first.active());
+    }
+    AcceptBoard next(fd, 1, 1);
+    CHECK(next.active());
+    close(fd);
+}

@@ -1,0 +1,176 @@
+#include "accept_balance.hpp"
+
+#include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <csignal>
+#include <ctime>
+
+namespace molt::native {
+
+namespace {
+
+// A sibling whose main thread has not stamped its entry for this long is not counted: it is
+// stopped, hung or dead (a worker killed with -9 leaves its entry behind), and nobody waits
+// for it. The tick stamps every 100 ms.
+constexpr std::int64_t kAliveMs = 500;
+// An entry not stamped for this long, whose process is gone, may be taken by a new worker.
+constexpr std::int64_t kReclaimMs = 5000;
+constexpr std::size_t kMaxBoardBytes = 1 << 20;
+
+std::int64_t now_ms() {
+    timespec ts{};
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<std::int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+}  // namespace
+
+// One worker's entry, written only by its owner (the claim aside) and read by its siblings.
+// The atomics are lock-free, so they work across processes on a shared mapping.
+struct alignas(64) AcceptBoard::Entry {
+    std::atomic<std::int32_t> pid;  // 0: free
+    std::atomic<std::uint32_t> generation;
+    std::atomic<std::int32_t> connections;
+    std::atomic<std::int32_t> busy;  // serving threads inside a request
+    std::atomic<std::int32_t> threads;
+    std::atomic<std::int32_t> in_queue;  // 1: a listener of this worker is in its epoll
+    std::atomic<std::int64_t> stamp_ms;  // CLOCK_MONOTONIC (system-wide), milliseconds
+    std::atomic<std::uint32_t> call;     // futex word: 1 when a sibling called this one back
+};
+static_assert(sizeof(AcceptBoard::Entry) == 64, "one cache line per worker");
+static_assert(std::atomic<std::int32_t>::is_always_lock_free &&
+                  std::atomic<std::int64_t>::is_always_lock_free,
+              "the board's atomics must work across processes");
+
+int balance_slack(int least) {
+    return std::max(2, least / 4);
+}
+
+bool should_step_aside(int mine, std::optional<int> least_accepting) {
+    return least_accepting.has_value() && mine > *least_accepting + balance_slack(*least_accepting);
+}
+
+AcceptBoard::AcceptBoard(int board_fd, std::uint32_t generation, int threads)
+    : generation_(generation), threads_(std::max(1, threads)) {
+    if (board_fd < 0) return;
+    struct stat st {};
+    if (fstat(board_fd, &st) != 0 || st.st_size < static_cast<off_t>(sizeof(Entry)) ||
+        static_cast<std::size_t>(st.st_size) > kMaxBoardBytes || st.st_size % sizeof(Entry) != 0) {
+        return;
+    }
+    void* map = mmap(nullptr, static_cast<std::size_t>(st.st_size), PROT_READ | PROT_WRITE,
+                     MAP_SHARED, board_fd, 0);
+    if (map == MAP_FAILED) return;
+    map_ = map;
+    map_size_ = static_cast<std::size_t>(st.st_size);
+    entries_ = static_cast<Entry*>(map);
+    capacity_ = map_size_ / sizeof(Entry);
+    const std::int32_t me = static_cast<std::int32_t>(getpid());
+    const std::int64_t now = now_ms();
+    for (std::size_t i = 0; i < capacity_ && mine_ == nullptr; ++i) {
+        Entry& e = entries_[i];
+        std::int32_t owner = e.pid.load();
+        const bool reclaimable = owner != 0 && now - e.stamp_ms.load() > kReclaimMs &&
+                                 kill(owner, 0) != 0 && errno == ESRCH;
+        if (owner != 0 && !reclaimable) continue;
+        // Not visible as a sibling until claimed and filled in: generation 0 is never a worker's.
+        if (!e.pid.compare_exchange_strong(owner, me)) continue;
+        e.generation.store(0);
+        e.connections.store(0);
+        e.busy.store(0);
+        e.threads.store(threads_);
+        e.in_queue.store(0);
+        e.stamp_ms.store(now);
+        e.call.store(0);
+        e.generation.store(generation_);
+        mine_ = &e;
+    }
+}
+
+AcceptBoard::~AcceptBoard() {
+    leave();
+    if (map_ != nullptr) munmap(map_, map_size_);
+}
+
+void AcceptBoard::set_connections(std::size_t n) {
+    if (mine_ != nullptr)
+        mine_->connections.store(static_cast<std::int32_t>(n), std::memory_order_relaxed);
+}
+
+void AcceptBoard::request_started() {
+    if (mine_ != nullptr) mine_->busy.fetch_add(1, std::memory_order_relaxed);
+}
+
+void AcceptBoard::request_finished() {
+    if (mine_ != nullptr) mine_->busy.fetch_sub(1, std::memory_order_relaxed);
+}
+
+void AcceptBoard::set_in_queue(bool in) {
+    if (mine_ != nullptr) mine_->in_queue.store(in ? 1 : 0, std::memory_order_relaxed);
+}
+
+void AcceptBoard::stamp() {
+    if (mine_ != nullptr) mine_->stamp_ms.store(now_ms(), std::memory_order_relaxed);
+}
+
+void AcceptBoard::leave() {
+    if (mine_ == nullptr) return;
+    mine_->generation.store(0);
+    mine_->pid.store(0);
+    mine_ = nullptr;
+}
+
+std::optional<int> AcceptBoard::least_accepting_sibling(int mine) {
+    std::optional<int> least;
+    if (mine_ == nullptr) return least;
+    const std::int64_t now = now_ms();
+    for (std::size_t i = 0; i < capacity_; ++i) {
+        Entry& e = entries_[i];
+        if (&e == mine_ || e.pid.load(std::memory_order_relaxed) == 0 ||
+            e.generation.load(std::memory_order_relaxed) != generation_) {
+            continue;
+        }
+        const bool free_and_alive =
+            e.busy.load(std::memory_order_relaxed) < e.threads.load(std::memory_order_relaxed) &&
+            now - e.stamp_ms.load(std::memory_order_relaxed) <= kAliveMs;
+        if (!free_and_alive) continue;
+        const int n = e.connections.load(std::memory_order_relaxed);
+        if (!least || n < *least) least = n;
+        if (e.in_queue.load(std::memory_order_relaxed) == 0 && native::should_step_aside(mine, n) &&
+            e.call.exchange(1) == 0) {
+            // It stands aside holding fewer than this worker would step aside for: call it
+            // back (and this one steps aside for it). Its watcher looks again and rejoins,
+            // since no sibling then holds fewer than it by the slack.
+            syscall(SYS_futex, &e.call, FUTEX_WAKE, 1, nullptr, nullptr, 0);
+        }
+    }
+    return least;
+}
+
+bool AcceptBoard::should_step_aside() {
+    if (mine_ == nullptr) return false;
+    const int mine = mine_->connections.load(std::memory_order_relaxed);
+    return native::should_step_aside(mine, least_accepting_sibling(mine));
+}
+
+void AcceptBoard::wait_for_call(int timeout_ms) {
+    if (mine_ == nullptr) return;
+    timespec ts{timeout_ms / 1000, (timeout_ms % 1000) * 1000000L};
+    // Returns at once if a call came since the last wait (the word is 1 already).
+    syscall(SYS_futex, &mine_->call, FUTEX_WAIT, 0, timeout_ms < 0 ? nullptr : &ts, nullptr, 0);
+    mine_->call.store(0);
+}
+
+void AcceptBoard::interrupt_wait() {
+    if (mine_ == nullptr) return;
+    mine_->call.store(1);
+    syscall(SYS_futex, &mine_->call, FUTEX_WAKE, 1, nullptr, nullptr, 0);
+}
+
+}  // namespace molt::native

@@ -1,0 +1,79 @@
+// Keeping a generation's connections spread over its workers.
+//
+// Every worker of a generation accepts from the same listening socket. The kernel hands a new
+// connection to whichever worker is waiting in epoll_wait at that moment (EPOLLEXCLUSIVE), and
+// when every worker is busy, to whichever comes back first. On a machine with fewer cores than
+// workers, a burst of connections (a load balancer opening its pool, wrk starting) lands on the
+// workers that happen to be running: [40, 24, 0, 0] over four workers was common, and a worker
+// holding 40 keep-alive connections serves them behind one GIL while two others idle. Measured
+// with 4 workers x 4 threads, wrk -c64 keep-alive: 44-56k req/s unbalanced against 64-72k.
+//
+// The board is one shared page per master (a memfd it passes to every worker,
+// MOLT_ACCEPT_BOARD_FD): each worker publishes, in its own entry, its generation, how many
+// connections it holds, whether it is in the accept queue and how many of its threads are busy. A
+// worker that holds more connections than a sibling that could accept right now (in the queue, a
+// thread free, alive) by more than the slack steps out of the accept queue, and steps back in when
+// that is no longer so: a worker that takes connections while siblings with fewer stand aside calls
+// them back (a futex on their entry, which their watcher thread waits on), and a worker aside
+// looks again every few ms, and takes a connection that waits in the queue with nobody taking
+// it. The rule is `should_step_aside`, pure; the rest is bookkeeping.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+
+namespace molt::native {
+
+// The connections a worker may hold above the least-loaded sibling before it steps aside:
+// 2, or a quarter of that sibling's count when that is more. Exact balance is not the aim: a
+// worker with a few more keep-alive connections serves more requests per wake-up (less CPU
+// per request); one holding most of them serves them all behind one GIL.
+int balance_slack(int least);
+
+// A worker holding `mine` connections should stay out of the accept queue when the sibling
+// with the fewest connections among those that can accept now (in the queue, a thread free,
+// alive; none: nullopt) holds fewer by more than the slack.
+bool should_step_aside(int mine, std::optional<int> least_accepting);
+
+// One worker's view of the shared board. Without a board (no fd, a malformed one, or no free
+// entry) every call is a no-op and should_step_aside() says no: the worker accepts as before.
+class AcceptBoard {
+  public:
+    // board_fd: the memfd, or -1. generation: this worker's.
+    AcceptBoard(int board_fd, std::uint32_t generation, int threads);
+    ~AcceptBoard();
+    AcceptBoard(const AcceptBoard&) = delete;
+    AcceptBoard& operator=(const AcceptBoard&) = delete;
+
+    bool active() const { return mine_ != nullptr; }
+    void set_connections(std::size_t n);
+    void request_started();
+    void request_finished();
+    void set_in_queue(bool in);
+    void stamp();  // alive: called by the main thread's tick, every 100 ms
+    void leave();  // the drain began, or the worker is exiting: no longer a sibling
+    // Whether this worker should stay out of the accept queue now. Siblings standing aside
+    // that now hold fewer connections than this one by more than the slack are called back.
+    bool should_step_aside();
+    // The watcher thread: wait until a sibling calls this worker back, interrupt_wait() is
+    // called, or timeout_ms passes (-1: no timeout).
+    void wait_for_call(int timeout_ms);
+    void interrupt_wait();
+
+    struct Entry;  // defined in accept_balance.cpp, one cache line each
+
+  private:
+    std::optional<int> least_accepting_sibling(int mine);
+
+    void* map_ = nullptr;
+    std::size_t map_size_ = 0;
+    Entry* entries_ = nullptr;
+    std::size_t capacity_ = 0;
+    Entry* mine_ = nullptr;
+    std::uint32_t generation_;
+    int threads_;
+};
+
+}  // namespace molt::native
