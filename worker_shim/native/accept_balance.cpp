@@ -1,5 +1,6 @@
 #include "accept_balance.hpp"
 
+#include <fcntl.h>
 #include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -88,13 +89,24 @@ AcceptBoard::AcceptBoard(int board_fd, std::uint32_t generation, int threads)
         e.in_queue.store(0);
         e.stamp_ms.store(now);
         e.call.store(0);
-        e.generation.store(generation_);
-        mine_ = &e;
+        mine_ = &e;  // generation 0 until publish(): no sibling counts it yet
+    }
+    // The mapping is enough: a program the app runs gets no handle on the board.
+    fcntl(board_fd, F_SETFD, fcntl(board_fd, F_GETFD) | FD_CLOEXEC);
+}
+
+void AcceptBoard::publish() {
+    if (mine_ != nullptr) {
+        mine_->stamp_ms.store(now_ms());
+        mine_->generation.store(generation_);
     }
 }
 
 AcceptBoard::~AcceptBoard() {
-    leave();
+    if (mine_ != nullptr) {
+        leave();
+        mine_->pid.store(0);
+    }
     if (map_ != nullptr) munmap(map_, map_size_);
 }
 
@@ -103,11 +115,11 @@ void AcceptBoard::set_connections(std::size_t n) {
         mine_->connections.store(static_cast<std::int32_t>(n), std::memory_order_relaxed);
 }
 
-void AcceptBoard::request_started() {
+void AcceptBoard::thread_busy() {
     if (mine_ != nullptr) mine_->busy.fetch_add(1, std::memory_order_relaxed);
 }
 
-void AcceptBoard::request_finished() {
+void AcceptBoard::thread_free() {
     if (mine_ != nullptr) mine_->busy.fetch_sub(1, std::memory_order_relaxed);
 }
 
@@ -122,8 +134,7 @@ void AcceptBoard::stamp() {
 void AcceptBoard::leave() {
     if (mine_ == nullptr) return;
     mine_->generation.store(0);
-    mine_->pid.store(0);
-    mine_ = nullptr;
+    mine_->in_queue.store(0);
 }
 
 std::optional<int> AcceptBoard::least_accepting_sibling(int mine) {

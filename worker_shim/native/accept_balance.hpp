@@ -8,15 +8,16 @@
 // holding 40 keep-alive connections serves them behind one GIL while two others idle. Measured
 // with 4 workers x 4 threads, wrk -c64 keep-alive: 44-56k req/s unbalanced against 64-72k.
 //
-// The board is one shared page per master (a memfd it passes to every worker,
-// MOLT_ACCEPT_BOARD_FD): each worker publishes, in its own entry, its generation, how many
-// connections it holds, whether it is in the accept queue and how many of its threads are busy. A
-// worker that holds more connections than a sibling that could accept right now (in the queue, a
-// thread free, alive) by more than the slack steps out of the accept queue, and steps back in when
-// that is no longer so: a worker that takes connections while siblings with fewer stand aside calls
-// them back (a futex on their entry, which their watcher thread waits on), and a worker aside
-// looks again every few ms, and takes a connection that waits in the queue with nobody taking
-// it. The rule is `should_step_aside`, pure; the rest is bookkeeping.
+// The board is one shared memfd per master (MOLT_ACCEPT_BOARD_FD): each worker publishes, in
+// its own entry, its generation, how many connections it holds, whether it is in the accept
+// queue and how many of its threads are busy. A worker that holds more connections than a
+// sibling that could accept right now (listening, a thread free, alive; in the queue, or
+// standing aside and then called back) by more than the slack steps out of the accept queue,
+// and steps back in when that is no longer so: a worker that takes connections while siblings
+// with fewer stand aside calls them back (a futex on their entry, which their watcher thread
+// waits on), and a worker aside looks again every few ms, and takes connections that wait in
+// the queue with nobody taking them. The rule is `should_step_aside`, pure; the rest is
+// bookkeeping.
 #pragma once
 
 #include <atomic>
@@ -48,12 +49,17 @@ class AcceptBoard {
     AcceptBoard& operator=(const AcceptBoard&) = delete;
 
     bool active() const { return mine_ != nullptr; }
+    // Visible to the siblings from now on: the worker has its listeners in its epoll. Before,
+    // they would step aside for a worker that cannot accept yet (it is still booting).
+    void publish();
     void set_connections(std::size_t n);
-    void request_started();
-    void request_finished();
+    void thread_busy();  // a serving thread took an event
+    void thread_free();  // ... and is done with it
     void set_in_queue(bool in);
     void stamp();  // alive: called by the main thread's tick, every 100 ms
-    void leave();  // the drain began, or the worker is exiting: no longer a sibling
+    // The drain began: no longer a sibling. The entry stays this worker's until the board is
+    // destroyed (after the serving threads, which still count requests into it).
+    void leave();
     // Whether this worker should stay out of the accept queue now. Siblings standing aside
     // that now hold fewer connections than this one by more than the slack are called back.
     bool should_step_aside();
@@ -71,7 +77,7 @@ class AcceptBoard {
     std::size_t map_size_ = 0;
     Entry* entries_ = nullptr;
     std::size_t capacity_ = 0;
-    Entry* mine_ = nullptr;
+    Entry* mine_ = nullptr;  // set once, in the constructor
     std::uint32_t generation_;
     int threads_;
 };

@@ -167,7 +167,6 @@ std::string Server::date_header() {
 // --- counters --------------------------------------------------------------------------------
 
 std::uint64_t Server::begin_request(double started) {
-    board_->request_started();
     std::lock_guard<std::mutex> lock(stats_mu_);
     const std::uint64_t token = next_token_++;
     inflight_.emplace(token, started);
@@ -175,7 +174,6 @@ std::uint64_t Server::begin_request(double started) {
 }
 
 void Server::end_request(std::uint64_t token, int status, double seconds, bool raised) {
-    board_->request_finished();
     std::lock_guard<std::mutex> lock(stats_mu_);
     inflight_.erase(token);
     ++requests_;
@@ -285,7 +283,11 @@ void Server::thread_main() {
                 break;
             }
             const std::uint64_t turn = poll_token_->serving();
+            // Busy from the event to its end (a body read or a 100-continue wait included):
+            // a sibling steps aside only for a worker with a thread free to take its turn.
+            board_->thread_busy();
             serve_event(ev.data.fd, ts);
+            board_->thread_free();
             if (!poll_token_->done_serving(turn)) break;  // another thread took over meanwhile
         }
     }
@@ -374,6 +376,7 @@ void Server::listen() {
         ev.data.fd = lst.fd;
         epoll_ctl(ep_, EPOLL_CTL_ADD, lst.fd, &ev);
     }
+    board_->publish();  // a sibling from now on: it accepts
     update_in_queue_locked();
 }
 
@@ -529,7 +532,10 @@ void Server::update_in_queue_locked() {
         aside = aside || (lst.open && lst.aside);
     }
     board_->set_in_queue(in_queue);
-    stepped_aside_.store(aside, std::memory_order_relaxed);
+    // The watcher re-checks every kAsideRecheckMs while a listener is aside: wake it to
+    // start doing so (it waits without a timeout while this worker is in the queue).
+    if (aside && !stepped_aside_.exchange(true)) board_->interrupt_wait();
+    if (!aside) stepped_aside_.store(false, std::memory_order_relaxed);
 }
 
 void Server::reconsider_aside() {
@@ -877,6 +883,7 @@ void Server::park_locked(Connection* conn, ConnState state, bool restart_clock) 
         const int fd = conn->fd;
         ::close(fd);
         conns_.erase(fd);
+        board_->set_connections(conns_.size());
         return;
     }
     conn->in_epoll = true;

@@ -42,7 +42,10 @@ TEST_CASE("siblings of one generation on a shared board") {
     AcceptBoard a(fd, 1, 2), b(fd, 1, 2), other_generation(fd, 2, 2);
     REQUIRE(a.active());
     REQUIRE(b.active());
-    for (AcceptBoard* w : {&a, &b, &other_generation}) w->set_in_queue(true);
+    for (AcceptBoard* w : {&a, &b, &other_generation}) {
+        w->publish();
+        w->set_in_queue(true);
+    }
     hold(a, 5);
     hold(other_generation, 0);
 
@@ -55,11 +58,19 @@ TEST_CASE("siblings of one generation on a shared board") {
     }
     SUBCASE("a sibling with every thread busy cannot take a connection now") {
         hold(b, 0);
-        b.request_started();
+        b.thread_busy();
         CHECK(a.should_step_aside());
-        b.request_started();
+        b.thread_busy();
         CHECK_FALSE(a.should_step_aside());
-        b.request_finished();
+        b.thread_free();
+        CHECK(a.should_step_aside());
+    }
+    SUBCASE("a booting sibling (not listening yet) is not one") {
+        AcceptBoard booting(fd, 1, 2);
+        hold(b, 5);
+        CHECK_FALSE(a.should_step_aside());
+        booting.publish();
+        booting.set_in_queue(true);
         CHECK(a.should_step_aside());
     }
     SUBCASE("a draining sibling is no longer one") {
