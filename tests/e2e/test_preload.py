@@ -256,6 +256,32 @@ def test_a_thread_started_at_import_falls_back_under_auto_and_says_why(molt, tmp
     assert len(imports(log)) == 3  # the zygote's look, then each worker's own import
 
 
+@pytest.mark.timeout(90)
+def test_preload_true_forks_with_a_thread_alive_and_replaces_a_killed_worker(molt, tmp_path):
+    # The zygote's intermediate skips the interpreter's after-fork work only while the zygote
+    # runs no other thread (zygote.fork_intermediate); with one alive it is plain os.fork().
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    files = marked_flask_release("a")
+    files["app.py"] += (
+        "import threading, time\n"
+        "threading.Thread(target=lambda: time.sleep(3600), name='metrics-poller',\n"
+        "                 daemon=True).start()\n"
+    )
+    releases.add("a", files=files)
+    releases.activate("a")
+    m = molt(config_for(releases, log, preload="true"))
+    assert_preloaded(m, m.live_generation())
+    assert "preload: true: forking although" in m.log()
+    victim = m.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in m.worker_pids() and len(m.workers("ready")) == 2, 20,
+               "a forked replacement", on_timeout=m.log)
+    assert all(w["forked"] for w in m.workers("ready"))
+    assert body(m) == "version a\n"
+    assert len(imports(log)) == 1
+
+
 SOCKET_APP = MARK_IMPORT + '''
 import os
 import socket

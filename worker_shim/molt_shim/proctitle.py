@@ -1,19 +1,27 @@
 """Best-effort process title: setproctitle when installed, else the kernel's comm name."""
 from __future__ import annotations
 
+from typing import Any
+
+# Looked for once: a failed import is not cached, and a zygote's every worker would otherwise
+# search sys.path (and list the release directory) for it again after the fork.
+try:
+    import setproctitle as _setproctitle  # type: ignore
+except Exception:  # not installed, or broken
+    _setproctitle: Any = None
+
 
 def set_title(full: str, short: str) -> None:
     """`full` goes to setproctitle; `short` (<= 15 bytes, the kernel's comm limit) to comm.
 
     Writing /proc/self/comm is what prctl(PR_SET_NAME) does, without loading ctypes (a
     noticeable part of a worker's start-up, which every rollover waits for)."""
-    try:
-        import setproctitle  # type: ignore
-
-        setproctitle.setproctitle(full)
-        return
-    except Exception:
-        pass
+    if _setproctitle is not None:
+        try:
+            _setproctitle.setproctitle(full)
+            return
+        except Exception:
+            pass
     try:
         with open("/proc/self/comm", "w") as comm:
             comm.write(short[:15])

@@ -300,8 +300,9 @@ def fork_workers(cfg: config.WorkerConfig, channel: Channel, master: int, libc: 
     intermediate's pid (0 when it could not be forked: every request got FORK_ERROR)."""
     for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
         stream.flush()
+    forks = Forks()
     try:
-        intermediate = os.fork()
+        intermediate = forks.intermediate()
     except OSError as exc:
         for request, _slot, _fds in batch:
             channel.send(**{Key.FORKED: request,
@@ -313,7 +314,7 @@ def fork_workers(cfg: config.WorkerConfig, channel: Channel, master: int, libc: 
     try:
         for n, (request, slot, fds) in enumerate(batch):
             try:
-                pid = os.fork()
+                pid = forks.worker()
             except OSError as exc:
                 channel.send(**{Key.FORKED: request,
                                 Key.FORK_ERROR: "fork() failed: %s" % exc.strerror})
@@ -336,6 +337,55 @@ def fork_workers(cfg: config.WorkerConfig, channel: Channel, master: int, libc: 
     finally:
         return_to_exit(code)
     return 0  # not reached
+
+
+class Forks:
+    """The two forks of a batch: the zygote's of the intermediate, the intermediate's of each
+    worker, with the interpreter's fork work done once per worker instead of twice.
+
+    os.fork() runs PyOS_BeforeFork (the registered `before` hooks, the import lock) in the
+    parent and, in the child, PyOS_AfterFork_Child: the GIL and thread states made anew, then
+    every `after_in_child` hook (threading's bookkeeping, random's reseed, logging's and
+    concurrent.futures' locks). That child work allocates and writes shared pages, ~230
+    copy-on-write faults, about 6 ms here, and the intermediate, which only forks and exits,
+    paid it for nothing on every respawn. So when the zygote runs no other thread: the zygote
+    runs the `before` side and forks the intermediate with libc's fork(); the intermediate
+    inherits the interpreter exactly as it is between before and after, forks each worker the
+    same way, and each worker runs PyOS_AfterFork_Child itself, so it ends up as after
+    os.fork(). With another thread alive (preload: true over fork hazards) both are os.fork()."""
+
+    def __init__(self) -> None:
+        self.raw = threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1
+        self.api = ctypes.PyDLL(None, use_errno=True) if self.raw else None  # the GIL held
+
+    def _fork(self) -> int:
+        pid = self.api.fork()
+        if pid < 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+        return pid
+
+    def intermediate(self) -> int:
+        if not self.raw:
+            return os.fork()
+        self.api.PyOS_BeforeFork()
+        try:
+            pid = self._fork()
+        except OSError:
+            self.api.PyOS_AfterFork_Parent()
+            raise
+        if pid != 0:
+            self.api.PyOS_AfterFork_Parent()
+        return pid
+
+    def worker(self) -> int:
+        """In the intermediate."""
+        if not self.raw:
+            return os.fork()
+        pid = self._fork()
+        if pid == 0:
+            self.api.PyOS_AfterFork_Child()
+        return pid
 
 
 def return_to_exit(code: int) -> None:
