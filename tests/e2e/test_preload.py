@@ -233,9 +233,8 @@ def test_workers_forked_in_one_batch_hold_only_their_own_ends(molt, tmp_path):
     assert body(m) == "version a\n"
 
 
-@pytest.mark.timeout(90)
-def test_a_thread_started_at_import_falls_back_under_auto_and_says_why(molt, tmp_path):
-    log = tmp_path / "imports.log"
+def release_with_a_thread_at_import(tmp_path) -> Releases:
+    """Release "a", whose import starts a thread (named metrics-poller) that stays alive."""
     releases = Releases(tmp_path / "site")
     files = marked_flask_release("a")
     files["app.py"] += (
@@ -245,6 +244,13 @@ def test_a_thread_started_at_import_falls_back_under_auto_and_says_why(molt, tmp
     )
     releases.add("a", files=files)
     releases.activate("a")
+    return releases
+
+
+@pytest.mark.timeout(90)
+def test_a_thread_started_at_import_falls_back_under_auto_and_says_why(molt, tmp_path):
+    log = tmp_path / "imports.log"
+    releases = release_with_a_thread_at_import(tmp_path)
     m = molt(config_for(releases, log))
     assert body(m) == "version a\n"
     gen = generation(m, m.live_generation())
@@ -261,15 +267,7 @@ def test_preload_true_forks_with_a_thread_alive_and_replaces_a_killed_worker(mol
     # The zygote's intermediate skips the interpreter's after-fork work only while the zygote
     # runs no other thread (zygote.fork_intermediate); with one alive it is plain os.fork().
     log = tmp_path / "imports.log"
-    releases = Releases(tmp_path / "site")
-    files = marked_flask_release("a")
-    files["app.py"] += (
-        "import threading, time\n"
-        "threading.Thread(target=lambda: time.sleep(3600), name='metrics-poller',\n"
-        "                 daemon=True).start()\n"
-    )
-    releases.add("a", files=files)
-    releases.activate("a")
+    releases = release_with_a_thread_at_import(tmp_path)
     m = molt(config_for(releases, log, preload="true"))
     assert_preloaded(m, m.live_generation())
     assert "preload: true: forking although" in m.log()
