@@ -50,7 +50,7 @@ static_assert(std::atomic<std::int32_t>::is_always_lock_free &&
               "the board's atomics must work across processes");
 
 int balance_slack(int least) {
-    return std::max(2, least / 4);
+    return least + 2;
 }
 
 bool should_step_aside(int mine, std::optional<int> least_accepting) {

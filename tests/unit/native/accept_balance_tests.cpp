@@ -30,11 +30,11 @@ TEST_CASE("a worker steps aside only for a sibling holding fewer by more than th
     CHECK_FALSE(should_step_aside(40, std::nullopt));  // nobody else can accept
     CHECK_FALSE(should_step_aside(2, 0));
     CHECK(should_step_aside(3, 0));
-    CHECK_FALSE(should_step_aside(10, 8));
-    CHECK(should_step_aside(11, 8));
-    // The slack grows with the counts: a quarter of the sibling's.
-    CHECK_FALSE(should_step_aside(500, 400));
-    CHECK(should_step_aside(501, 400));
+    // More than twice the sibling's count, plus 2.
+    CHECK_FALSE(should_step_aside(10, 4));
+    CHECK(should_step_aside(11, 4));
+    CHECK_FALSE(should_step_aside(500, 249));
+    CHECK(should_step_aside(501, 249));
 }
 
 TEST_CASE("siblings of one generation on a shared board") {
@@ -50,9 +50,9 @@ TEST_CASE("siblings of one generation on a shared board") {
     hold(other_generation, 0);
 
     SUBCASE("a sibling with fewer that can accept") {
-        hold(b, 3);
-        CHECK_FALSE(a.should_step_aside());
         hold(b, 2);
+        CHECK_FALSE(a.should_step_aside());
+        hold(b, 1);
         CHECK(a.should_step_aside());
         CHECK_FALSE(b.should_step_aside());
     }
