@@ -148,6 +148,7 @@ UpgradeState Master::upgrade_state() const {
     }
     const core::Generation& gen = core_.generations().at(*core_.live_generation());
     state.zygote_fallback = gen.zygote.fallback;
+    state.accept_board_fd = accept_board_.get();
     if (gen.zygote.state == core::ZygoteState::ready) {
         if (auto it = processes_.find(gen.zygote.pid); it != processes_.end()) {
             const WorkerProcess& p = *it->second;
@@ -170,6 +171,7 @@ UpgradeState Master::upgrade_state() const {
 std::vector<int> Master::handed_over_fds() const {
     std::vector<int> fds;
     for (const auto& l : listeners_) fds.push_back(l.fd.get());
+    if (accept_board_) fds.push_back(accept_board_.get());
     auto state = upgrade_state();
     pid_t zygote = state.zygote ? state.zygote->worker.pid : 0;
     for (const auto& [pid, p] : processes_) {
@@ -270,6 +272,12 @@ int Master::adopt(UpgradeState state) {
         adopted.zygote = z.worker.pid;
     }
     adopted.zygote_fallback = state.zygote_fallback;
+    if (state.accept_board_fd >= 0) {
+        if (auto error = os::set_close_on_exec(state.accept_board_fd, true); !error.empty()) {
+            problems.push_back(error);
+        }
+        accept_board_ = os::Fd(state.accept_board_fd);
+    }
     if (auto error = os::become_subreaper(); !error.empty()) log_.warning(error);
     // A worker would inherit an fd still open across its exec: worth a line, not a stop.
     for (const auto& problem : problems) log_.warning("after the binary upgrade: " + problem);

@@ -165,6 +165,7 @@ std::string serialise_upgrade_state(const UpgradeState& state) {
                   {"workers", workers},
                   {"zygote", zygote},
                   {"zygote_fallback", state.zygote_fallback},
+                  {"accept_board_fd", state.accept_board_fd},
                   {"history", history},
                   {"restarts", restarts},
                   {"rollovers_ok", adopted.rollovers_ok},
@@ -236,6 +237,9 @@ os::Result<UpgradeState> parse_upgrade_state(const std::string& text) {
     }
     if (document.contains("zygote_fallback")) {
         state.zygote_fallback = read.string(document, "zygote_fallback");
+    }
+    if (document.contains("accept_board_fd")) {
+        state.accept_board_fd = read.integer<int>(document, "accept_board_fd");
     }
     core::AdoptedState& adopted = state.adopted;
     const json& generation = read.object(document, "generation");

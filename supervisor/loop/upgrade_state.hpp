@@ -52,6 +52,9 @@ struct UpgradeState {
     // builds without a zygote still read (and mean: no zygote).
     std::optional<HandedOverWorker> zygote;
     std::string zygote_fallback;
+    // The accept board (worker_shim/native/accept_balance.hpp), or -1: the adopted workers
+    // and the ones the new image starts keep balancing on the same one. Optional in the JSON.
+    int accept_board_fd = -1;
     // The live generation, history and counters. Its `workers` stay empty (they are in
     // `workers` above, with their fds) and its release's config is the new image's own.
     core::AdoptedState adopted;

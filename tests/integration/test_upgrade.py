@@ -25,6 +25,18 @@ def upgradable(tmp_path):
     m.kill_everything()
 
 
+def accept_board(pid: int) -> int:
+    """The inode of the accept board (a memfd) a worker holds."""
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{name}"
+        try:
+            if "molt-accept-board" in os.readlink(path):
+                return os.stat(path).st_ino
+        except OSError:
+            continue
+    raise AssertionError(f"worker {pid} holds no accept board")
+
+
 def replace_binary(path, content: bytes, mode=0o755):
     """Atomic replacement, as dpkg does it: the running image keeps the old inode."""
     new = path.with_suffix(".new")
@@ -38,6 +50,7 @@ def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
     m, binary = upgradable
     before = m.status()
     workers_before = sorted(m.worker_pids())
+    board = accept_board(workers_before[0])
     load = Wrk(m.url("/"), duration=6, connections=16)
     try:
         # A new build: the same program with different bytes, so its build digest differs.
@@ -61,9 +74,12 @@ def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
                and len(m.workers("ready")) == 2, 20, "the replacement",
                on_timeout=m.log)
     assert all(w["forked"] for w in m.workers("ready")), m.status()
-    # The adopted generation still rolls over normally afterwards.
+    # The adopted generation still rolls over normally afterwards, and the new generation's
+    # workers balance their connections on the board the adopted ones used (handed over).
     assert m.reload()["ok"] is True
     assert m.live_generation() == before["live_generation"] + 1
+    live = m.workers("ready", generation=m.live_generation())
+    assert live and {accept_board(w["pid"]) for w in live} == {board}
 
 
 @pytest.mark.timeout(60)

@@ -31,6 +31,7 @@ loop::UpgradeState sample() {
     worker.out_fd = 8;
     worker.err_fd = 9;
     state.workers.push_back(worker);
+    state.accept_board_fd = 10;
     auto& adopted = state.adopted;
     adopted.generation = 2;
     adopted.release = {nullptr, "/srv/app/releases/2", "2", "ffee"};
@@ -78,6 +79,7 @@ TEST_CASE("the upgrade state reads back what was written") {
     CHECK(state.workers[0].worker.pid == 4312);
     CHECK(state.workers[0].worker.counters.requests == 77);
     CHECK(state.workers[0].err_fd == 9);
+    CHECK(state.accept_board_fd == 10);
     CHECK(state.adopted.trigger == core::Trigger::watch);
     CHECK(state.adopted.release.release_dir == "/srv/app/releases/2");
     REQUIRE(state.adopted.history.size() == 2);
@@ -86,6 +88,14 @@ TEST_CASE("the upgrade state reads back what was written") {
     CHECK_FALSE(state.adopted.history[1].live_at.has_value());
     CHECK(state.adopted.restarts.at(core::RestartReason::heartbeat) == 2);
     CHECK(state.adopted.rollovers_ok == 1);
+}
+
+TEST_CASE("a state written before the accept board hands none over") {
+    std::string text =
+        replaced(loop::serialise_upgrade_state(sample()), "\"accept_board_fd\":10,", "");
+    auto parsed = loop::parse_upgrade_state(text);
+    REQUIRE(os::ok(parsed));
+    CHECK(std::get<loop::UpgradeState>(parsed).accept_board_fd == -1);
 }
 
 TEST_CASE("the upgrade state stores enums by name, with its format") {
