@@ -549,8 +549,9 @@ void Server::reconsider_aside() {
             if (!lst.open || !lst.aside) continue;
             // A connection can wait in the queue with nobody woken for it (each arrival wakes
             // one worker, and this one may have been it). A queue that stays non-empty for
-            // kAsideStrandedChecks checks in a row is taken here, once, whatever the board
-            // says; a shorter wait is the siblings not having run yet on a busy machine.
+            // kAsideStrandedChecks checks in a row is taken by this worker, whatever the board
+            // says, until it is empty; a shorter wait is the siblings not having run yet on a
+            // busy machine.
             lst.waited = connection_queued(lst.fd) ? lst.waited + 1 : 0;
             lst.taking_stranded = lst.waited >= kAsideStrandedChecks;  // until the queue is empty
             if (!still || lst.taking_stranded) {
