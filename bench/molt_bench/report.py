@@ -47,6 +47,14 @@ def ratio_verdict(mine: list[float], peer: list[float], factor: float, strictly:
     return MEDIAN_ONLY
 
 
+def below_verdict(spread: dict, limit: float):
+    """Whether a measured time stays under `limit` (a spread: median, min, max): met when
+    every run does, MEDIAN_ONLY when the median does but some run does not, missed otherwise."""
+    if spread["median"] >= limit:
+        return False
+    return True if spread["max"] < limit else MEDIAN_ONLY
+
+
 def run_rps(row: dict) -> list[float]:
     """The req/s of each run behind a throughput row (load.median_of's `runs`)."""
     return [r["rps"] for r in row.get("runs", [])]
