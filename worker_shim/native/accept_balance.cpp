@@ -38,7 +38,7 @@ struct alignas(64) AcceptBoard::Entry {
     std::atomic<std::int32_t> pid;  // 0: free
     std::atomic<std::uint32_t> generation;
     std::atomic<std::int32_t> connections;
-    std::atomic<std::int32_t> busy;  // serving threads inside a request
+    std::atomic<std::int32_t> busy;  // serving threads inside an event
     std::atomic<std::int32_t> threads;
     std::atomic<std::int32_t> in_queue;  // 1: a listener of this worker is in its epoll
     std::atomic<std::int64_t> stamp_ms;  // CLOCK_MONOTONIC (system-wide), milliseconds
@@ -49,16 +49,12 @@ static_assert(std::atomic<std::int32_t>::is_always_lock_free &&
                   std::atomic<std::int64_t>::is_always_lock_free,
               "the board's atomics must work across processes");
 
-int balance_slack(int least) {
-    return least + 2;
-}
-
 bool should_step_aside(int mine, std::optional<int> least_accepting) {
-    return least_accepting.has_value() && mine > *least_accepting + balance_slack(*least_accepting);
+    return least_accepting.has_value() && mine > 2 * *least_accepting + 2;
 }
 
 AcceptBoard::AcceptBoard(int board_fd, std::uint32_t generation, int threads)
-    : generation_(generation), threads_(std::max(1, threads)) {
+    : generation_(generation) {
     if (board_fd < 0) return;
     struct stat st {};
     if (fstat(board_fd, &st) != 0 || st.st_size < static_cast<off_t>(sizeof(Entry)) ||
@@ -85,7 +81,7 @@ AcceptBoard::AcceptBoard(int board_fd, std::uint32_t generation, int threads)
         e.generation.store(0);
         e.connections.store(0);
         e.busy.store(0);
-        e.threads.store(threads_);
+        e.threads.store(std::max(1, threads));
         e.in_queue.store(0);
         e.stamp_ms.store(now);
         e.call.store(0);
@@ -137,7 +133,7 @@ void AcceptBoard::leave() {
     mine_->in_queue.store(0);
 }
 
-std::optional<int> AcceptBoard::least_accepting_sibling(int mine) {
+std::optional<int> AcceptBoard::scan_siblings(int mine) {
     std::optional<int> least;
     if (mine_ == nullptr) return least;
     const std::int64_t now = now_ms();
@@ -155,9 +151,9 @@ std::optional<int> AcceptBoard::least_accepting_sibling(int mine) {
         if (!least || n < *least) least = n;
         if (e.in_queue.load(std::memory_order_relaxed) == 0 && native::should_step_aside(mine, n) &&
             e.call.exchange(1) == 0) {
-            // It stands aside holding fewer than this worker would step aside for: call it
-            // back (and this one steps aside for it). Its watcher looks again and rejoins,
-            // since no sibling then holds fewer than it by the slack.
+            // It stands aside holding so few that this worker steps aside for it: call it
+            // back. Its watcher looks again and rejoins, since no sibling then holds few
+            // enough for it to stand aside.
             syscall(SYS_futex, &e.call, FUTEX_WAKE, 1, nullptr, nullptr, 0);
         }
     }
@@ -167,7 +163,7 @@ std::optional<int> AcceptBoard::least_accepting_sibling(int mine) {
 bool AcceptBoard::should_step_aside() {
     if (mine_ == nullptr) return false;
     const int mine = mine_->connections.load(std::memory_order_relaxed);
-    return native::should_step_aside(mine, least_accepting_sibling(mine));
+    return native::should_step_aside(mine, scan_siblings(mine));
 }
 
 void AcceptBoard::wait_for_call(int timeout_ms) {

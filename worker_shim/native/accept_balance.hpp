@@ -27,17 +27,13 @@
 
 namespace molt::native {
 
-// The connections a worker may hold above the least-loaded sibling before it steps aside:
-// that sibling's count plus 2, so a worker steps aside once it holds more than twice the
-// sibling's, plus 2. Exact balance is not the aim: on fewer cores than workers, a worker with
-// more keep-alive connections serves more requests per wake-up (measured: [16, 16, 16, 16]
-// used about 5 % more CPU per request than [21, 18, 16, 9]); one holding most of them serves
-// them behind one GIL while its siblings idle ([55, 3, 3, 3]).
-int balance_slack(int least);
-
-// A worker holding `mine` connections should stay out of the accept queue when the sibling
-// with the fewest connections among those that can accept now (in the queue, a thread free,
-// alive; none: nullopt) holds fewer by more than the slack.
+// A worker holding `mine` connections should stay out of the accept queue when it holds more
+// than twice the connections of the sibling with the fewest among those that can accept now
+// (listening, a thread free, alive; none: nullopt), plus 2. Exact balance is not the aim: on
+// fewer cores than workers, a worker with more keep-alive connections serves more requests
+// per wake-up (measured: [16, 16, 16, 16] used about 5 % more CPU per request than [21, 18,
+// 16, 9]); one holding most of them serves them behind one GIL while its siblings idle ([55,
+// 3, 3, 3]).
 bool should_step_aside(int mine, std::optional<int> least_accepting);
 
 // One worker's view of the shared board. Without a board (no fd, a malformed one, or no free
@@ -73,7 +69,9 @@ class AcceptBoard {
     struct Entry;  // defined in accept_balance.cpp, one cache line each
 
   private:
-    std::optional<int> least_accepting_sibling(int mine);
+    // The fewest connections a free, alive sibling holds; on the way, siblings standing aside
+    // that this worker would step aside for are called back.
+    std::optional<int> scan_siblings(int mine);
 
     void* map_ = nullptr;
     std::size_t map_size_ = 0;
@@ -81,7 +79,6 @@ class AcceptBoard {
     std::size_t capacity_ = 0;
     Entry* mine_ = nullptr;  // set once, in the constructor
     std::uint32_t generation_;
-    int threads_;
 };
 
 }  // namespace molt::native
