@@ -369,13 +369,12 @@ class Forks:
         if not self.raw:
             return os.fork()
         self.api.PyOS_BeforeFork()
+        pid = -1
         try:
             pid = self._fork()
-        except OSError:
-            self.api.PyOS_AfterFork_Parent()
-            raise
-        if pid != 0:
-            self.api.PyOS_AfterFork_Parent()
+        finally:
+            if pid != 0:  # the zygote, whether or not the fork failed
+                self.api.PyOS_AfterFork_Parent()
         return pid
 
     def worker(self) -> int:
