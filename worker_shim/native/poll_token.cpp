@@ -18,40 +18,49 @@ PollToken::~PollToken() {
 }
 
 bool PollToken::acquire() {
-    bool counted = false;  // this thread is one of waiting_
+    std::unique_lock<std::mutex> lock(mu_);
+    bool watching = false;  // this thread is the watcher
     for (;;) {
-        {
-            std::lock_guard<std::mutex> lock(mu_);
-            if (counted) --waiting_;
-            counted = false;
-            const auto now = Clock::now();
-            // Free, or its holder has been inside one event for promote_after_. (Several
-            // followers may wake for one expiry: the first takes the token, the others find
-            // it taken by a thread that is not serving yet, and sleep again.)
-            if (!held_ || (serving_ && now - serving_since_ >= promote_after_)) {
-                held_ = true;
-                serving_ = false;
-                ++turn_;
-                return true;
-            }
-            // The holder may have started serving while no thread waited, and then armed no
-            // timer: set it for what is left of its time.
-            if (serving_) arm(serving_since_ + promote_after_ - now);
-            ++waiting_;
-            counted = true;
-        }
-        const bool timer = timer_fd_ >= 0;
-        pollfd fds[2] = {{stop_fd_, POLLIN, 0}, {timer_fd_, POLLIN, 0}};
-        // Without a timer (timerfd_create failed) a follower looks every 10 ms instead.
-        const int n = ::poll(fds, timer ? 2 : 1, timer ? -1 : 10);
-        if ((n < 0 && errno != EINTR) || fds[0].revents != 0) {
-            std::lock_guard<std::mutex> lock(mu_);
-            --waiting_;
+        if (stopped_) {
+            if (watching) watcher_ = false;
             return false;
         }
-        if (timer && (fds[1].revents & POLLIN) != 0) {
+        const auto now = Clock::now();
+        // Free, or its holder has been inside one event for promote_after_.
+        if (!held_ || (serving_ && now - serving_since_ >= promote_after_)) {
+            held_ = true;
+            serving_ = false;
+            ++turn_;
+            if (watching) {
+                watcher_ = false;
+                if (sleeping_ > 0) turn_cv_.notify_one();  // the next watcher
+            }
+            return true;
+        }
+        if (watcher_ && !watching) {  // another thread watches: sleep until it leaves
+            ++sleeping_;
+            turn_cv_.wait(lock);
+            --sleeping_;
+            continue;
+        }
+        watcher_ = watching = true;
+        // The holder may have started serving while nobody watched, and then set no timer,
+        // or this thread woke for a timer set for an earlier event: set it for what is left
+        // of the holder's time, unless it is set already.
+        if (serving_ && timer_due_ <= now) arm(serving_since_ + promote_after_ - now, now);
+        lock.unlock();
+        const bool timer = timer_fd_ >= 0;
+        pollfd fds[2] = {{stop_fd_, POLLIN, 0}, {timer_fd_, POLLIN, 0}};
+        // Without a timer (timerfd_create failed) the watcher looks every 10 ms instead.
+        const int n = ::poll(fds, timer ? 2 : 1, timer ? -1 : 10);
+        if (timer && n > 0 && (fds[1].revents & POLLIN) != 0) {
             std::uint64_t expirations = 0;
             (void)!::read(timer_fd_, &expirations, sizeof expirations);
+        }
+        lock.lock();
+        if ((n < 0 && errno != EINTR) || (n > 0 && fds[0].revents != 0)) {
+            stopped_ = true;
+            turn_cv_.notify_all();
         }
     }
 }
@@ -61,17 +70,20 @@ std::uint64_t PollToken::serving() {
     serving_ = true;
     serving_since_ = Clock::now();
     // Nobody to take over (threads: 1, or every other thread is inside an event): no timer,
-    // and no system call. A thread that starts waiting later sets it (acquire()).
-    if (waiting_ > 0) arm(promote_after_);
+    // and no system call; a thread that starts watching later sets it (acquire()). A timer
+    // still set for an earlier event fires no later than this one's would, and the watcher it
+    // wakes sets it again for what is left: under load the timer is set about once per
+    // promote_after, not once per event.
+    if (watcher_ && timer_due_ <= serving_since_) arm(promote_after_, serving_since_);
     return turn_;
 }
 
 bool PollToken::done_serving(std::uint64_t turn) {
     std::lock_guard<std::mutex> lock(mu_);
     if (turn != turn_) return false;
-    // The timer is left armed: if it fires while this thread waits in epoll_wait, one
-    // follower wakes, finds the holder not serving and sleeps again. Disarming it here
-    // would cost a system call on every request.
+    // The timer is left set: if it fires while this thread waits in epoll_wait, the watcher
+    // wakes, finds the holder not serving and sleeps again. Disarming it here would cost a
+    // system call on every request.
     serving_ = false;
     return true;
 }
@@ -81,12 +93,13 @@ void PollToken::release() {
     held_ = false;
     serving_ = false;
     ++turn_;
-    arm(std::chrono::nanoseconds(1));
+    arm(std::chrono::nanoseconds(1), Clock::now());
 }
 
-void PollToken::arm(std::chrono::nanoseconds after) {
+void PollToken::arm(std::chrono::nanoseconds after, Clock::time_point now) {
     if (timer_fd_ < 0) return;
     if (after.count() <= 0) after = std::chrono::nanoseconds(1);  // 0 would disarm it
+    timer_due_ = now + after;
     itimerspec spec{};
     spec.it_value.tv_sec = static_cast<time_t>(after.count() / 1000000000);
     spec.it_value.tv_nsec = static_cast<long>(after.count() % 1000000000);

@@ -3,19 +3,27 @@
 // One thread at a time holds the token: it sleeps in epoll_wait and serves the event it gets
 // itself, then goes back to epoll_wait, so a quick request costs no hand-off between threads
 // (no futex wake-up, no context switch). Only when the holder has been serving for longer
-// than `promote_after` does a timer wake one of the other threads, which takes the token (and
-// the epoll) over; the first thread, once done, waits for the token in turn. So a slow app
-// call (a database query, a sleep) still does not stop the worker from serving its other
-// connections, after at most `promote_after`. The others wait in poll() on that timer and
-// on the server's stop eventfd: an idle worker has no thread waking up. The timer is armed only
-// while another thread waits for the token, so `threads: 1` pays no system call for it.
+// than `promote_after` does a timer wake the watcher, which takes the token (and the epoll)
+// over; the first thread, once done, waits for the token in turn. So a slow app call (a
+// database query, a sleep) still does not stop the worker from serving its other connections,
+// after at most `promote_after`.
+//
+// Of the threads waiting for the token, one, the watcher, waits in poll() on that timer and on
+// the server's stop eventfd; the others sleep on a condition variable until the watcher leaves
+// (it took the token, or the server stops). So a timer expiry wakes one thread, not all of
+// them. The timer is set only while a watcher waits (`threads: 1` pays no system call for
+// it), and only when it is not set already: one set for an earlier event fires early, and
+// the watcher it wakes sets it again for what is left of the holder's time. Under load it is
+// set about once per `promote_after`, not once per event.
 //
 // Before this, the holder handed the token over as soon as it had an event (a mutex around
 // epoll_wait), which cost 1.5 futex calls and about one context switch per request
-// (docs/architecture.md, "One poller, promoted on a timer").
+// (docs/architecture.md, "One poller, promoted on a timer"); and then, every waiting thread
+// polled the timer, set again at every event (one timerfd_settime per request).
 #pragma once
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <mutex>
 
@@ -42,7 +50,7 @@ class PollToken {
 
   private:
     using Clock = std::chrono::steady_clock;
-    void arm(std::chrono::nanoseconds after);
+    void arm(std::chrono::nanoseconds after, Clock::time_point now);
 
     const int stop_fd_;
     const std::chrono::microseconds promote_after_;
@@ -52,7 +60,11 @@ class PollToken {
     bool serving_ = false;             // ... and is serving an event, not waiting in epoll_wait
     std::uint64_t turn_ = 0;           // counts the token's changes of hands
     Clock::time_point serving_since_;  // when the holder took the event it serves
-    int waiting_ = 0;                  // threads in acquire(), waiting for the token
+    bool watcher_ = false;             // a thread in acquire() polls the timer
+    int sleeping_ = 0;                 // threads in acquire() waiting on turn_cv_
+    std::condition_variable turn_cv_;  // wakes a sleeper when the watcher leaves
+    bool stopped_ = false;             // the watcher saw the stop eventfd
+    Clock::time_point timer_due_;      // when the timer fires, or fired last
 };
 
 }  // namespace molt::native
