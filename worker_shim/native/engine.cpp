@@ -37,7 +37,14 @@ constexpr std::chrono::microseconds kPromoteAfter{1000};
 // How often a worker out of the accept queue (accept_balance.hpp) checks whether to come back.
 constexpr int kAsideRecheckMs = 10;
 constexpr int kAsideStrandedChecks = 5;
-constexpr std::uint32_t kArm = EPOLLIN | EPOLLONESHOT;
+// Connections are edge-triggered and registered once: parking one after a read that emptied
+// its socket costs no system call (the next bytes raise an edge). Ownership is `parked_` (a
+// thread serves only a connection it took out of it), so an event for a connection that is
+// being served is not served twice; it is remembered instead (Connection::wake_pending,
+// serve_event()), and the park that follows re-arms the connection (EPOLL_CTL_MOD), which
+// delivers an event at once if bytes are queued. A park after a read that may have left bytes
+// queued (a full buffer, a TLS record) re-arms too.
+constexpr std::uint32_t kConnectionEvents = EPOLLIN | EPOLLET;
 constexpr std::uint32_t kListen = EPOLLIN | EPOLLEXCLUSIVE;
 const char kContinue100[] = "HTTP/1.1 100 Continue\r\n\r\n";
 
@@ -316,7 +323,14 @@ void Server::serve_event(int fd, PyThreadState* ts) {
             }
         }
         if (listener >= 0) accept_from(listener, ts);
-        // else: a stale event for a connection the sweep took; nothing to do
+        // else: an event for a connection a thread (or the sweep) is serving, or a stale one
+        // for a connection closed since. The first must not be lost (edge-triggered: no
+        // other comes for the data already there): its park re-arms it.
+        if (listener < 0) {
+            std::lock_guard<std::mutex> lock(mu_);
+            auto it = conns_.find(fd);
+            if (it != conns_.end()) it->second->wake_pending = true;
+        }
     } catch (const std::exception& exc) {  // a bug here must not end the serving thread
         log(kError, std::string("internal error while serving: ") + exc.what());
     } catch (...) {
@@ -782,7 +796,12 @@ bool Server::copy_file(Connection& conn, int file_fd, std::int64_t offset, std::
 }
 
 ssize_t Server::recv_some(Connection& conn, char* buf, std::size_t size) const {
-    return transport_recv(conn.fd, conn.ssl.get(), buf, size, config_.send_timeout);
+    const ssize_t n = transport_recv(conn.fd, conn.ssl.get(), buf, size, config_.send_timeout);
+    // The socket had nothing more: it would block, or a plain read took less than it asked
+    // for. (A TLS read returns one record's bytes and may leave others queued.)
+    conn.drained = n < 0 ? errno == EAGAIN || errno == EWOULDBLOCK
+                         : !conn.ssl && n > 0 && static_cast<std::size_t>(n) < size;
+    return n;
 }
 
 // --- the PROXY protocol header -----------------------------------------------------------------
@@ -871,8 +890,14 @@ void Server::park_locked(Connection* conn, ConnState state, bool restart_clock) 
         if (state == ConnState::linger) conn->linger_until = now + kLingerS;
     }
     parked_[conn->fd] = conn;  // before arming: the event may fire at once
+    // Registered, its last read left nothing queued and no event came meanwhile: the next
+    // bytes raise an edge. Otherwise re-arm it, which delivers an event if bytes are queued.
+    const bool quiet = conn->in_epoll && conn->drained && !conn->wake_pending;
+    conn->drained = false;  // true again only after a read that says so
+    conn->wake_pending = false;
+    if (quiet) return;
     epoll_event ev{};
-    ev.events = kArm;
+    ev.events = kConnectionEvents;
     ev.data.fd = conn->fd;
     int rc = epoll_ctl(ep_, conn->in_epoll ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, conn->fd, &ev);
     if (rc != 0 && errno == ENOENT) rc = epoll_ctl(ep_, EPOLL_CTL_ADD, conn->fd, &ev);
@@ -928,6 +953,7 @@ void Server::discard(Connection* conn) {
         if (n == 0) break;
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+                conn->drained = errno != EINTR;
                 park(conn, ConnState::linger, false);
                 return;
             }

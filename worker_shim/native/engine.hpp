@@ -6,7 +6,8 @@
 // and then waits for the next event itself; another thread takes over the epoll only when a
 // request takes longer than kPromoteAfter (poll_token.hpp).
 // It holds the GIL only inside handle() (environ, the app call, start_response), and releases
-// it again around every send. Connections are EPOLLONESHOT (one event, one owner); listeners
+// it again around every send. Connections are edge-triggered, registered once, and served only
+// by the thread that took them out of `parked_` (one owner); listeners
 // are EPOLLEXCLUSIVE and a worker leaves a listener's wait queue while it accepts, so new
 // connections go round-robin over the workers with a thread free. Python's main thread runs
 // the lifecycle and calls tick() (the sweep), counters(), stop_accepting() and drained().
@@ -111,6 +112,11 @@ struct Connection {
     double linger_until = 0;
     bool must_close = false;
     bool in_epoll = false;
+    // An event came while the connection was not parked (a thread or the sweep had it): the
+    // next park re-arms it in the epoll instead of relying on a later edge.
+    bool wake_pending = false;
+    // The last read found the socket empty (recv_some()): a park needs no re-arm.
+    bool drained = false;
     bool warmup = false;
     bool continue_sent = false;
     std::uint64_t served = 0;
