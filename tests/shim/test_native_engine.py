@@ -10,6 +10,8 @@ import os
 import re
 import socket
 import tempfile
+import threading
+import time
 
 import pytest
 
@@ -74,6 +76,49 @@ def test_pipelining_in_one_send(srv):
                     for x in (b"a", b"b", b"c")) + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     assert [c.response()[2] for _ in range(4)] == [b"a", b"b", b"c", b"hello"]
     c.close()
+
+
+@needs_native
+def test_pipelined_burst_larger_than_one_read(listeners, spawn):
+    """Connections are edge-triggered: a read that filled the engine's 64 KiB buffer may
+    leave bytes queued that no new edge will announce. While the only thread is inside a
+    slow app call, 1024 requests of exactly 64 bytes (one full read, ending between two
+    requests) and one more arrive together, under one edge: the last one is answered too."""
+    w = native_worker(listeners, threads=1).wait_ready()
+    try:
+        one = b"GET /?pad=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx HTTP/1.1\r\nHost: t\r\n\r\n"
+        assert len(one) == 64
+        c = Client(listeners.port)
+        c.send(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.1)
+        c.send(one * 1024 + b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+        c.sock.settimeout(3)
+        assert c.response()[2] == b"slow done"
+        assert [c.response()[2] for _ in range(1024)] == [b"hello"] * 1024
+        assert c.response()[2].isdigit()
+        c.close()
+    finally:
+        w.stop()
+
+
+@needs_native
+def test_bytes_that_arrive_while_another_thread_serves_their_connection(listeners, spawn):
+    """The connection is inside a slow app call, so a second thread has taken over the
+    epoll (after 1 ms) and gets the edge of the next request's bytes, for a connection it
+    must not serve. The event is remembered and the connection re-armed when the first
+    request ends: the second is answered, not left waiting for an edge that never comes."""
+    w = native_worker(listeners, threads=2).wait_ready()
+    try:
+        c = Client(listeners.port)
+        c.send(b"GET /slow?s=0.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.2)  # inside the app call, the other thread in epoll_wait
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        c.sock.settimeout(3)
+        assert c.response()[2] == b"slow done"
+        assert c.response()[2] == b"hello"
+        c.close()
+    finally:
+        w.stop()
 
 
 @needs_native
