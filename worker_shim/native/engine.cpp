@@ -305,7 +305,26 @@ void Server::thread_main() {
 
 void Server::serve_event(int fd, PyThreadState* ts) {
     try {
-        Connection* conn = take_parked(fd);
+        Connection* conn = nullptr;
+        int listener = -1;
+        {
+            // One critical section: a connection that is not parked now is being served (by a
+            // thread or the sweep), and the mark must be set before that owner parks it, or
+            // its park would not re-arm it and the edge would be lost.
+            std::lock_guard<std::mutex> lock(mu_);
+            if (auto parked = parked_.find(fd); parked != parked_.end()) {
+                conn = parked->second;
+                parked_.erase(parked);
+            } else if (auto busy = conns_.find(fd); busy != conns_.end()) {
+                busy->second->wake_pending = true;
+                return;
+            } else {
+                for (std::size_t i = 0; i < listeners_.size(); ++i) {
+                    if (listeners_[i].open && listeners_[i].fd == fd)
+                        listener = static_cast<int>(i);
+                }
+            }
+        }
         if (conn != nullptr) {
             if (conn->state == ConnState::linger) {
                 discard(conn);
@@ -315,22 +334,8 @@ void Server::serve_event(int fd, PyThreadState* ts) {
             }
             return;
         }
-        int listener = -1;
-        {
-            std::lock_guard<std::mutex> lock(mu_);
-            for (std::size_t i = 0; i < listeners_.size(); ++i) {
-                if (listeners_[i].open && listeners_[i].fd == fd) listener = static_cast<int>(i);
-            }
-        }
         if (listener >= 0) accept_from(listener, ts);
-        // else: an event for a connection a thread (or the sweep) is serving, or a stale one
-        // for a connection closed since. The first must not be lost (edge-triggered: no
-        // other comes for the data already there): its park re-arms it.
-        if (listener < 0) {
-            std::lock_guard<std::mutex> lock(mu_);
-            auto it = conns_.find(fd);
-            if (it != conns_.end()) it->second->wake_pending = true;
-        }
+        // else: a stale event for a connection closed since; nothing to do
     } catch (const std::exception& exc) {  // a bug here must not end the serving thread
         log(kError, std::string("internal error while serving: ") + exc.what());
     } catch (...) {
@@ -799,8 +804,12 @@ ssize_t Server::recv_some(Connection& conn, char* buf, std::size_t size) const {
     const ssize_t n = transport_recv(conn.fd, conn.ssl.get(), buf, size, config_.send_timeout);
     // The socket had nothing more: it would block, or a plain read took less than it asked
     // for. (A TLS read returns one record's bytes and may leave others queued.)
-    conn.drained = n < 0 ? errno == EAGAIN || errno == EWOULDBLOCK
+    // (A TLS read that gave up waiting to write reports EAGAIN too, with bytes maybe queued.)
+    const int read_errno = errno;
+    conn.drained = n < 0 ? (read_errno == EAGAIN || read_errno == EWOULDBLOCK) &&
+                               !transport_waits_to_write(conn.ssl.get())
                          : !conn.ssl && n > 0 && static_cast<std::size_t>(n) < size;
+    errno = read_errno;
     return n;
 }
 

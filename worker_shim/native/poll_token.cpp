@@ -31,10 +31,10 @@ bool PollToken::acquire() {
             held_ = true;
             serving_ = false;
             ++turn_;
-            if (watching) {
-                watcher_ = false;
-                if (sleeping_ > 0) turn_cv_.notify_one();  // the next watcher
-            }
+            if (watching) watcher_ = false;
+            // Whoever takes the token (the watcher, or a sleeper that found the holder overdue
+            // or the token free), a sleeper must watch next.
+            if (!watcher_ && sleeping_ > 0) turn_cv_.notify_one();
             return true;
         }
         if (watcher_ && !watching) {  // another thread watches: sleep until it leaves
@@ -53,14 +53,19 @@ bool PollToken::acquire() {
         pollfd fds[2] = {{stop_fd_, POLLIN, 0}, {timer_fd_, POLLIN, 0}};
         // Without a timer (timerfd_create failed) the watcher looks every 10 ms instead.
         const int n = ::poll(fds, timer ? 2 : 1, timer ? -1 : 10);
+        const int poll_errno = errno;
         if (timer && n > 0 && (fds[1].revents & POLLIN) != 0) {
             std::uint64_t expirations = 0;
             (void)!::read(timer_fd_, &expirations, sizeof expirations);
         }
         lock.lock();
-        if ((n < 0 && errno != EINTR) || (n > 0 && fds[0].revents != 0)) {
+        if (n > 0 && fds[0].revents != 0) {  // the server stops: every waiting thread returns
             stopped_ = true;
             turn_cv_.notify_all();
+        } else if (n < 0 && poll_errno != EINTR) {  // this thread gives up; another watches
+            watcher_ = false;
+            if (sleeping_ > 0) turn_cv_.notify_one();
+            return false;
         }
     }
 }

@@ -216,6 +216,10 @@ ssize_t transport_sendv(int fd, SSL* ssl, const iovec* iov, int count) {
     return rc;
 }
 
+bool transport_waits_to_write(SSL* ssl) {
+    return ssl != nullptr && SSL_want_write(ssl);
+}
+
 bool transport_pending(SSL* ssl) {
     return ssl != nullptr && SSL_pending(ssl) > 0;
 }

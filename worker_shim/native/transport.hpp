@@ -55,6 +55,8 @@ ssize_t transport_recv(int fd, SSL* ssl, char* buf, std::size_t size, double wri
 ssize_t transport_sendv(int fd, SSL* ssl, const iovec* iov, int count);
 // Decrypted bytes are waiting inside OpenSSL: epoll will not report them, so read before parking.
 bool transport_pending(SSL* ssl);
+// The last TLS read stopped because OpenSSL had to write first (and gave up waiting).
+bool transport_waits_to_write(SSL* ssl);
 // The reason of the last TLS failure on this thread (for the log line), and clears it.
 std::string tls_error_text();
 
