@@ -803,8 +803,8 @@ bool Server::copy_file(Connection& conn, int file_fd, std::int64_t offset, std::
 ssize_t Server::recv_some(Connection& conn, char* buf, std::size_t size) const {
     const ssize_t n = transport_recv(conn.fd, conn.ssl.get(), buf, size, config_.send_timeout);
     // The socket had nothing more: it would block, or a plain read took less than it asked
-    // for. (A TLS read returns one record's bytes and may leave others queued.)
-    // (A TLS read that gave up waiting to write reports EAGAIN too, with bytes maybe queued.)
+    // for. Not after a TLS read that returned bytes (one record's: others may be queued), nor
+    // one that gave up waiting to write (it reports EAGAIN too, with bytes maybe queued).
     const int read_errno = errno;
     conn.drained = n < 0 ? (read_errno == EAGAIN || read_errno == EWOULDBLOCK) &&
                                !transport_waits_to_write(conn.ssl.get())
