@@ -250,3 +250,19 @@ def test_out_of_file_descriptors_backs_off_and_recovers(listeners, spawn):
     assert get(listeners.port, "/")[1] == b"hello"  # served again
     assert w.stderr_text().count("Too many open files") <= 12  # rate-limited, no spin
     assert w.alive()
+
+
+def test_process_title_without_setproctitle_is_the_comm_name():
+    """Without setproctitle (not in Debian's archive), the title goes to /proc/self/comm,
+    cut to the kernel's 15 bytes, as `ps`, `top` and `pidstat` show it."""
+    import subprocess
+    import sys
+
+    from harness import SHIM_DIR
+    code = ("import molt_shim.proctitle as p; p._setproctitle = None; "
+            "p.set_title('molt: worker gen=7 slot=3', 'molt g7 s3 xyz-more'); "
+            "print(open('/proc/self/comm').read().rstrip(chr(10)))")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=SHIM_DIR),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "molt g7 s3 xyz-"
