@@ -10,8 +10,6 @@ import os
 import re
 import socket
 import tempfile
-import threading
-import time
 
 import pytest
 
@@ -78,21 +76,32 @@ def test_pipelining_in_one_send(srv):
     c.close()
 
 
+# The sweep re-arms a connection with unread bytes at its keep-alive timeout: far beyond the
+# clients' 5 s here, so only the rule under test can answer in time.
+NO_SWEEP_RESCUE = {"http": HTTP, "timeouts": {"keepalive_ms": 60000}}
+
+
+def in_the_app(w: Worker) -> None:
+    """Until a heartbeat says a request is inside the app call."""
+    wait_until(lambda: [m for m in w.find("WATCHDOG") if m["INFLIGHT"] == "1"], 10,
+               "a request in the app")
+
+
 @needs_native
 def test_pipelined_burst_larger_than_one_read(listeners, spawn):
     """Connections are edge-triggered: a read that filled the engine's 64 KiB buffer may
     leave bytes queued that no new edge will announce. While the only thread is inside a
     slow app call, 1024 requests of exactly 64 bytes (one full read, ending between two
     requests) and one more arrive together, under one edge: the last one is answered too."""
-    w = native_worker(listeners, threads=1).wait_ready()
+    w = native_worker(listeners, threads=1, overrides=NO_SWEEP_RESCUE).wait_ready()
     try:
         one = b"GET /?pad=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx HTTP/1.1\r\nHost: t\r\n\r\n"
         assert len(one) == 64
         c = Client(listeners.port)
-        c.send(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: t\r\n\r\n")
-        time.sleep(0.1)
+        c.send(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        in_the_app(w)
         c.send(one * 1024 + b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
-        c.sock.settimeout(3)
+        c.sock.settimeout(5)
         assert c.response()[2] == b"slow done"
         assert [c.response()[2] for _ in range(1024)] == [b"hello"] * 1024
         assert c.response()[2].isdigit()
@@ -107,13 +116,13 @@ def test_bytes_that_arrive_while_another_thread_serves_their_connection(listener
     epoll (after 1 ms) and gets the edge of the next request's bytes, for a connection it
     must not serve. The event is remembered and the connection re-armed when the first
     request ends: the second is answered, not left waiting for an edge that never comes."""
-    w = native_worker(listeners, threads=2).wait_ready()
+    w = native_worker(listeners, threads=2, overrides=NO_SWEEP_RESCUE).wait_ready()
     try:
         c = Client(listeners.port)
-        c.send(b"GET /slow?s=0.5 HTTP/1.1\r\nHost: t\r\n\r\n")
-        time.sleep(0.2)  # inside the app call, the other thread in epoll_wait
+        c.send(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        in_the_app(w)  # a heartbeat later: the other thread took the epoll 1 ms after the event
         c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        c.sock.settimeout(3)
+        c.sock.settimeout(5)
         assert c.response()[2] == b"slow done"
         assert c.response()[2] == b"hello"
         c.close()
