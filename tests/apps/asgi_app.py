@@ -1,8 +1,10 @@
 """Starlette ASGI app: lifespan, HTTP routes, a WebSocket echo."""
 import asyncio
+import json
 import os
 
 from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 
@@ -41,7 +43,11 @@ async def slow(request):
 
 
 async def echo(request):
-    return PlainTextResponse((await request.body()).decode("latin-1"))
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # the server cut the request (a framing violation in its body)
+        return PlainTextResponse("", status_code=400)
+    return PlainTextResponse(body.decode("latin-1"))
 
 
 async def headers(request):
@@ -73,9 +79,31 @@ async def ws_echo(websocket):
         pass
 
 
-app = Starlette(
+starlette_app = Starlette(
     routes=[Route("/", home), Route("/healthz", healthz), Route("/state", state),
             Route("/slow", slow), Route("/echo", echo, methods=["POST"]), Route("/big", big),
             Route("/headers", headers, methods=["POST"]),
             WebSocketRoute("/ws", ws_echo)],
     on_startup=[startup], on_shutdown=[shutdown])
+
+
+SCOPE_TEXT = ("type", "http_version", "method", "scheme", "path", "root_path")
+SCOPE_BYTES = ("raw_path", "query_string")
+
+
+async def app(scope, receive, send):
+    """The Starlette app; a path that ends in /scope answers with the scope the server made
+    (the tests of the ASGI parsers compare it)."""
+    if scope["type"] == "http" and scope["path"].endswith("/scope"):
+        seen = {k: scope.get(k) for k in SCOPE_TEXT}
+        seen.update({k: scope[k].decode("latin-1") for k in SCOPE_BYTES})
+        seen["headers"] = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]]
+        seen["client"], seen["server"] = scope.get("client"), scope.get("server")
+        seen["asgi"] = scope.get("asgi")
+        body = json.dumps(seen).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await starlette_app(scope, receive, send)

@@ -8,7 +8,7 @@ import websockets
 
 import time
 
-from harness import APPS_DIR, Client, LoadPool, get, read_to_eof, wait_until
+from harness import APPS_DIR, HAVE_NATIVE, Client, LoadPool, get, read_to_eof, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -119,6 +119,57 @@ def test_asgi_slowloris_gets_408_and_silent_idle_is_closed(listeners, spawn):
     idle = Client(listeners.port)  # never sends a byte
     assert idle.read_all(10) == b""
     idle.close()
+    assert get(listeners.port, "/") == (200, b"asgi hello")
+    assert w.alive()
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="the native extension is not built")
+@pytest.mark.parametrize("parser, protocol", [(None, "MoltNativeHttpProtocol"),
+                                              ("httptools", "MoltHttpToolsProtocol")])
+def test_asgi_parsers(listeners, spawn, parser, protocol):
+    """With the extension the ASGI engine parses with the native parser, and with
+    MOLT_SHIM_PARSER=httptools on httptools: both give the app the same scope, pipelined
+    requests their answers in order (a malformed one its 400 after them), a WebSocket its
+    upgrade, and a request target that is not ASCII a 400."""
+    env = {"MOLT_SHIM_PARSER": parser} if parser else None
+    w = spawn_asgi(spawn, env=env).wait_ready()
+    wait_until(lambda: protocol in w.stderr_text(), 5, "ready line")
+    c = Client(listeners.port)
+    status, _, body = c.request("/scope?a=1&b=%20", headers="X-Thing: Yes\r\n")
+    scope = json.loads(body)
+    assert (status, scope["path"], scope["raw_path"], scope["query_string"]) == \
+        (200, "/scope", "/scope", "a=1&b=%20")
+    assert ["x-thing", "Yes"] in scope["headers"] and scope["http_version"] == "1.1"
+    assert scope["client"][0] == "127.0.0.1" and scope["server"][1] == listeners.port
+    assert scope["asgi"]["version"] == "3.0" and scope["method"] == "GET"
+    status, _, body = c.request("/a%20b/scope")
+    assert json.loads(body)["path"] == "/a b/scope" and json.loads(body)["raw_path"] == "/a%20b/scope"
+    c.close()
+    c = Client(listeners.port)
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nPOST /echo HTTP/1.1\r\nHost: t\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert c.response()[2] == b"asgi hello"
+    assert c.response("POST")[2] == b"abcde"
+    c.close()
+    # A malformed request behind one whose app is still running: that response first, then
+    # the 400, then the close (the fuzz run found the 400 written into, or after, the first).
+    c = Client(listeners.port)
+    c.send(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nBad Header\r\n\r\n")
+    assert c.response()[::2] == (200, b"slow done")
+    assert c.response()[0] == 400
+    assert c.read_all(5) == b""
+    c.close()
+
+    async def ws_roundtrip():
+        async with websockets.connect("ws://127.0.0.1:%d/ws" % listeners.port) as ws:
+            await ws.send("x")
+            return await asyncio.wait_for(ws.recv(), 5)
+
+    assert asyncio.run(ws_roundtrip()) == "echo:x"
+    c = Client(listeners.port)
+    c.send(b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert c.read_all(10).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    c.close()
     assert get(listeners.port, "/") == (200, b"asgi hello")
     assert w.alive()
 

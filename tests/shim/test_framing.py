@@ -21,8 +21,8 @@ pytestmark = pytest.mark.timeout(120)
 
 # Every WSGI engine, and the ASGI interface. Both apps answer "/" with a body ending in
 # "hello" and echo a POST to /echo.
-# "asgi" runs the native framing guard when the extension is built, "asgi-python-guard" the
-# Python one (the ASGI engine's fallback).
+# "asgi" runs the native parser (its framing guard included) when the extension is built,
+# "asgi-python-guard" the Python guard ahead of httptools (the ASGI engine's fallback).
 SERVERS = (["python"] + (["native"] if HAVE_NATIVE else []) + ["asgi"]  # conftest.WSGI_ENGINES
            + (["asgi-python-guard"] if HAVE_NATIVE else []))
 

@@ -6,10 +6,7 @@ import time
 
 import pytest
 
-from harness import get
-
-# Every test runs once per WSGI engine (conftest.WSGI_ENGINES).
-pytestmark = pytest.mark.usefixtures("engine")
+from harness import HAVE_NATIVE, get
 
 SEED = 20261121
 DURATION_S = 10.0
@@ -100,6 +97,7 @@ def fuzz(port: int, seconds: float, seed: int = SEED) -> "tuple[int, list]":
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.usefixtures("engine")  # once per WSGI engine (conftest.WSGI_ENGINES)
 def test_fuzz_worker_survives(listeners, spawn):
     w = spawn(overrides={"http": {"header_timeout_ms": 500},
                          "static": [{"prefix": "/s/", "dir": "."}]}).wait_ready()
@@ -110,5 +108,25 @@ def test_fuzz_worker_survives(listeners, spawn):
     assert get(listeners.port, "/") == (200, b"hello")
     text = w.stderr_text()
     assert "internal error" not in text, text[text.find("internal error"):][:3000]
+    w.drain()
+    assert w.wait_exit() == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("parser", (["native"] if HAVE_NATIVE else []) + ["httptools"])
+def test_fuzz_asgi_worker_survives(listeners, spawn, parser):
+    """The ASGI engine's parsers (the extension's, and httptools behind the Python guard) under
+    the same fuzz: every answer is HTTP/1.1 and nothing reaches the loop's error handler."""
+    env = {"MOLT_SHIM_PARSER": parser} if parser == "httptools" else None
+    w = spawn(app="asgi_app:app", interface="asgi", health_path="/healthz", env=env,
+              overrides={"http": {"header_timeout_ms": 500}}).wait_ready()
+    exchanges, bad = fuzz(listeners.port, DURATION_S)
+    assert exchanges > 200
+    assert bad == []
+    assert w.alive()
+    assert get(listeners.port, "/") == (200, b"asgi hello")
+    text = w.stderr_text()
+    for sign in ("Fatal error", "Exception in ASGI application", "Traceback"):
+        assert sign not in text, text[text.find(sign):][:3000]
     w.drain()
     assert w.wait_exit() == 0

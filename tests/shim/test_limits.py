@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from harness import Client, Listeners, Worker, get, raw_exchange, wait_until
+from harness import HAVE_NATIVE, Client, Listeners, Worker, get, raw_exchange, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -15,9 +15,11 @@ HTTP = {"header_timeout_ms": 1500, "max_body_size": 1024, "version_header": "X-M
 APPS = {"wsgi": ("edge_app:application", "/healthz"), "asgi": ("asgi_app:app", "/healthz")}
 
 
-@pytest.fixture(scope="module", params=["wsgi", "asgi", "asgi-h11"])
+@pytest.fixture(scope="module",
+                params=["wsgi", "asgi"] + (["asgi-httptools"] if HAVE_NATIVE else []) + ["asgi-h11"])
 def server(request):
-    """A WSGI worker, an ASGI worker on httptools, and one on the h11 fallback."""
+    """A WSGI worker, an ASGI worker on the native parser (httptools without the extension),
+    one on httptools, and one on the h11 fallback."""
     interface, _, parser = request.param.partition("-")
     app, health = APPS[interface]
     ls = Listeners(tempfile.mkdtemp(prefix="molt-limits-"))

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.timeout(60)
 
 HEADER_TIMEOUT_MS = 1500
 KEEPALIVE_MS = 6000
-SERVERS = ["python"] + (["native"] if HAVE_NATIVE else []) + ["asgi"]  # conftest.WSGI_ENGINES
+# The WSGI engines (conftest.WSGI_ENGINES), and ASGI on its native parser and on httptools.
+SERVERS = (["python"] + (["native"] if HAVE_NATIVE else []) + ["asgi"]
+           + (["asgi-httptools"] if HAVE_NATIVE else []))
 
 
 @pytest.fixture(scope="module", params=SERVERS)
@@ -30,8 +32,9 @@ def srv(request) -> Iterator[Tuple[Listeners, Worker]]:
     ls = Listeners(tempfile.mkdtemp(prefix="molt-timeouts-"))
     overrides = {"http": {"header_timeout_ms": HEADER_TIMEOUT_MS, "version_header": ""},
                  "timeouts": {"keepalive_ms": KEEPALIVE_MS}}
-    if request.param == "asgi":
-        w = Worker(ls, "asgi_app:app", interface="asgi", overrides=overrides)
+    if request.param.startswith("asgi"):
+        env = {"MOLT_SHIM_PARSER": "httptools"} if request.param == "asgi-httptools" else None
+        w = Worker(ls, "asgi_app:app", interface="asgi", overrides=overrides, env=env)
     else:
         w = Worker(ls, "edge_app:application", engine=request.param, overrides=overrides)
     yield ls, w.wait_ready()

@@ -208,6 +208,8 @@ struct RequestParser::Impl {
             req.content_length = std::stoull(digits);
         } else if (name == "expect" && lower(value) == "100-continue") {
             req.expect_continue = true;
+        } else if (name == "connection" && lower(value) == "close") {
+            req.asked_close = true;
         }
         req.headers.emplace_back(std::move(field), std::move(value));
         field.clear();
@@ -234,6 +236,7 @@ struct RequestParser::Impl {
         // RFC 9112 §6.1: a chunked HTTP/1.0 request is served, then the connection closed.
         req.keep_alive = http_should_keep_alive(&parser) != 0 &&
                          !(req.chunked && parser.http_major == 1 && parser.http_minor == 0);
+        req.upgrade = parser.upgrade != 0;  // the library sets it before this callback
         req.started = monotonic_now();
         owner.head_done_ = true;
         const std::uint64_t limit = owner.limits_.max_body_size;
@@ -241,12 +244,28 @@ struct RequestParser::Impl {
             return fail(413, "Content-Length " + std::to_string(*req.content_length) +
                                  " exceeds max_body_size " + std::to_string(limit));
         }
+        if (owner.delivery_ == Delivery::streamed) {
+            owner.streamed_body_ = 0;
+            owner.events_.push_back(StreamEvent{StreamEvent::Kind::head, std::move(req), {}});
+        }
         return 0;
     }
 
     int body(const char* at, std::size_t n) {
-        Request& req = *owner.current_;
         const std::uint64_t limit = owner.limits_.max_body_size;
+        if (owner.delivery_ == Delivery::streamed) {
+            if (limit && owner.streamed_body_ + n > limit) {
+                return fail(413, "body exceeds max_body_size " + std::to_string(limit));
+            }
+            owner.streamed_body_ += n;
+            auto& events = owner.events_;
+            if (events.empty() || events.back().kind != StreamEvent::Kind::body) {
+                events.push_back(StreamEvent{StreamEvent::Kind::body, {}, {}});
+            }
+            events.back().chunk.append(at, n);
+            return 0;
+        }
+        Request& req = *owner.current_;
         if (limit && req.body.size() + n > limit) {
             return fail(413, "body exceeds max_body_size " + std::to_string(limit));
         }
@@ -258,7 +277,11 @@ struct RequestParser::Impl {
     }
 
     int message_complete() {
-        owner.ready_.push_back(std::move(*owner.current_));
+        if (owner.delivery_ == Delivery::streamed) {
+            owner.events_.push_back(StreamEvent{StreamEvent::Kind::end, {}, {}});
+        } else {
+            owner.ready_.push_back(std::move(*owner.current_));
+        }
         owner.current_.reset();
         owner.head_done_ = false;
         if (parser.upgrade) owner.upgrade_ = true;
@@ -275,9 +298,10 @@ struct RequestParser::Impl {
     std::uint64_t head_size = 0;
 };
 
-RequestParser::RequestParser(const HttpLimits& limits)
+RequestParser::RequestParser(const HttpLimits& limits, Delivery delivery)
     : impl_(std::make_unique<Impl>(*this)),
       limits_(limits),
+      delivery_(delivery),
       framing_(limits.max_request_line, limits.max_header_size) {}
 
 RequestParser::~RequestParser() = default;

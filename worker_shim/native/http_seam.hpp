@@ -56,6 +56,8 @@ struct Request {
     int version_minor = 1;
     bool keep_alive = true;
     bool expect_continue = false;
+    bool asked_close = false;  // a Connection header whose value is exactly "close"
+    bool upgrade = false;      // the library saw an upgrade (or CONNECT): no more requests follow
     bool chunked = false;
     std::optional<std::uint64_t> content_length;
     std::vector<std::pair<std::string, std::string>> headers;  // as sent, in order
@@ -74,9 +76,21 @@ std::pair<std::string, std::string> split_target(const std::string& target);
 // The name and version of the parser library, for log lines.
 std::string parser_name();
 
+// How requests are handed over: whole (head and body together in ready(): the WSGI engine, which
+// calls the app once the body is in) or streamed (events(): the head as soon as it is complete,
+// then its body as it arrives, then its end: ASGI's receive()).
+enum class Delivery { whole, streamed };
+
+struct StreamEvent {
+    enum class Kind { head, body, end };
+    Kind kind;
+    Request head;       // Kind::head: the request without its body
+    std::string chunk;  // Kind::body
+};
+
 class RequestParser {
   public:
-    explicit RequestParser(const HttpLimits& limits);
+    explicit RequestParser(const HttpLimits& limits, Delivery delivery = Delivery::whole);
     ~RequestParser();
     RequestParser(const RequestParser&) = delete;
     RequestParser& operator=(const RequestParser&) = delete;
@@ -85,13 +99,16 @@ class RequestParser {
     // upgrade request nothing more is parsed.
     void feed(const char* data, std::size_t len);
 
-    std::deque<Request>& ready() { return ready_; }
+    std::deque<Request>& ready() { return ready_; }      // Delivery::whole
+    std::deque<StreamEvent>& events() { return events_; }  // Delivery::streamed
     const std::optional<HttpError>& error() const { return error_; }
     bool upgrade() const { return upgrade_; }
     // A request has begun (its head may still be incomplete).
     bool in_request() const { return current_ != nullptr; }
-    // The current request's head is complete and its body is being read.
+    // The current request's head is complete and its body is being read (Delivery::whole).
     const Request* in_body() const { return head_done_ ? current_.get() : nullptr; }
+    // A request's head has begun and is not complete yet.
+    bool in_head() const { return current_ != nullptr && !head_done_; }
 
     struct Impl;
 
@@ -100,8 +117,11 @@ class RequestParser {
 
     std::unique_ptr<Impl> impl_;
     const HttpLimits limits_;
+    const Delivery delivery_;
     FramingGuard framing_;
     std::deque<Request> ready_;
+    std::deque<StreamEvent> events_;
+    std::uint64_t streamed_body_ = 0;  // body bytes of the current request (Delivery::streamed)
     std::unique_ptr<Request> current_;
     bool head_done_ = false;
     bool upgrade_ = false;

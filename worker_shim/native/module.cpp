@@ -6,6 +6,7 @@
 #include <exception>
 #include <string>
 
+#include "asgi_parser.hpp"
 #include "framing_guard.hpp"
 #include "wsgi_call.hpp"
 
@@ -18,7 +19,9 @@ struct ModuleState {
     PyObject* start_response_type;
     PyObject* input_type;
     PyObject* guard_type;
+    PyObject* asgi_parser_type;
     PyObject* env_keys[static_cast<int>(EnvKey::count)];
+    AsgiStrings asgi_strings;
 };
 
 ModuleState* state_of(PyObject* module) {
@@ -599,6 +602,11 @@ PyObject* make_framing_guard(PyObject* module, PyObject* args) {
     return reinterpret_cast<PyObject*>(obj);
 }
 
+PyObject* make_asgi_parser(PyObject* module, PyObject* args) {
+    ModuleState* st = state_of(module);
+    return new_asgi_parser(st->asgi_parser_type, module, &st->asgi_strings, args);
+}
+
 PyObject* parser_name_py(PyObject*, PyObject*) {
     return PyUnicode_FromString(parser_name().c_str());
 }
@@ -610,6 +618,9 @@ PyMethodDef module_methods[] = {
     {"parser_name", parser_name_py, METH_NOARGS, "The HTTP parser library and its version."},
     {"framing_guard", make_framing_guard, METH_VARARGS,
      "framing_guard(max_request_line, max_header_size) -> FramingGuard"},
+    {"asgi_parser", make_asgi_parser, METH_VARARGS,
+     "asgi_parser((max_request_line, max_header_size, max_headers, max_body_size), base, asgi, "
+     "unquote) -> AsgiParser"},
     {nullptr, nullptr, 0, nullptr}};
 
 int module_exec(PyObject* module) {
@@ -619,8 +630,9 @@ int module_exec(PyObject* module) {
     st->start_response_type = PyType_FromSpec(&start_response_spec);
     st->input_type = PyType_FromSpec(&input_spec);
     st->guard_type = PyType_FromSpec(&guard_spec);
+    st->asgi_parser_type = PyType_FromSpec(&asgi_parser_spec);
     if (!st->server_type || !st->errors_type || !st->start_response_type || !st->input_type ||
-        !st->guard_type) {
+        !st->guard_type || !st->asgi_parser_type || !st->asgi_strings.init()) {
         return -1;
     }
     for (int i = 0; i < static_cast<int>(EnvKey::count); ++i) {
@@ -638,8 +650,9 @@ int module_traverse(PyObject* module, visitproc visit, void* arg) {
     Py_VISIT(st->start_response_type);
     Py_VISIT(st->input_type);
     Py_VISIT(st->guard_type);
+    Py_VISIT(st->asgi_parser_type);
     for (PyObject* key : st->env_keys) Py_VISIT(key);
-    return 0;
+    return st->asgi_strings.visit(visit, arg);
 }
 
 int module_clear(PyObject* module) {
@@ -650,7 +663,9 @@ int module_clear(PyObject* module) {
     Py_CLEAR(st->start_response_type);
     Py_CLEAR(st->input_type);
     Py_CLEAR(st->guard_type);
+    Py_CLEAR(st->asgi_parser_type);
     for (PyObject*& key : st->env_keys) Py_CLEAR(key);
+    st->asgi_strings.clear();
     return 0;
 }
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import urllib.parse
 from collections import deque
@@ -249,6 +250,9 @@ class Cycle:
                 raise RuntimeError("Response content longer than Content-Length")
             self.remaining -= len(body)
         head = self.head
+        if self.transport.is_closing():  # closed under the app (a timeout, a reset): dropped
+            head = self.head = None
+            body = b""
         if head is not None:
             self.head = None
             if len(body) <= JOIN_MAX:
@@ -302,6 +306,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         _expect_100 = False
         _asked_close = False
         _idle_since = 0.0  # when the last response ended (the keep-alive timeout runs from it)
+        _deferred_error: Any = None  # (status, reason): answered once the responses before it are
         # What uvicorn's __init__ looks up per connection (two getLogger() calls, each taking
         # logging's lock, and a walk of the handler hierarchy), once.
         logger = app_log
@@ -324,7 +329,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             self.config = config
             self.app = config.loaded_app
             self.loop = _loop or asyncio.get_event_loop()
-            self.parser = httptools.HttpRequestParser(self)
+            self.parser = self.new_parser()
             self.ws_protocol_class = config.ws_protocol_class
             self.root_path = config.root_path
             self.limit_concurrency = config.limit_concurrency
@@ -334,6 +339,9 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             self.tasks = server_state.tasks
             self.default_headers = server_state.default_headers
             self.pipeline = deque()
+
+        def new_parser(self) -> Any:
+            return httptools.HttpRequestParser(self)
 
         # -- bytes in (after MoltHTTPProtocol.data_received's framing check) ---------------
         def molt_parse(self, data: bytes) -> None:
@@ -422,6 +430,11 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             scope["path"] = path
             scope["raw_path"] = raw_path
             scope["query_string"] = query
+            self.begin_cycle(scope, http_version, self._asked_close, self._expect_100)
+
+        def begin_cycle(self, scope: Dict[str, Any], http_version: str, asked_close: bool,
+                        expect_100: bool) -> None:
+            """A complete request head: its cycle starts now, or after the one before it."""
             limit = self.limit_concurrency
             if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
                 app = service_unavailable
@@ -429,8 +442,8 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             else:
                 app = self.app
             previous = self.cycle
-            cycle = self.cycle = Cycle(self, scope, http_version != "1.0" and not self._asked_close,
-                                       self._asked_close, self._expect_100)
+            cycle = self.cycle = Cycle(self, scope, http_version != "1.0" and not asked_close,
+                                       asked_close, expect_100)
             if previous is None or previous.response_complete:
                 self.start_cycle(cycle, app)
             else:  # pipelined: it starts when the response before it is complete
@@ -508,6 +521,20 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
                 self.start_cycle(cycle, app)
+            elif self._deferred_error is not None:
+                self.answer_error(*self._deferred_error)
+
+        def reject(self, status: int, reason: str) -> None:
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete and not cycle.more_body:
+                # The bad bytes follow requests that were read whole: their responses go out
+                # first, then the error and the close (on_response_complete), as the WSGI
+                # engines answer a pipeline. Answering now would put the error's bytes in the
+                # middle of a response, or after the close's FIN (found by the ASGI fuzz run).
+                self._rejected = True
+                self._deferred_error = (status, reason)
+                return
+            super().reject(status, reason)
 
         # -- the connection -----------------------------------------------------------------------
         def wake_cycle(self, cycle: Cycle) -> None:
@@ -542,4 +569,82 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                     and now - self._idle_since > self.timeout_keep_alive):
                 self.transport.close()
 
-    return MoltHttpToolsProtocol
+    new_native_parser = native_parser_factory()
+    if new_native_parser is None:
+        return MoltHttpToolsProtocol
+    parser_limits = (max_request_line, max_header_size, max_headers, max_body_size)
+
+    class MoltNativeHttpProtocol(MoltHttpToolsProtocol):
+        """The same request cycle, fed by the native extension's parser (asgi_parser.hpp): the
+        native engine's HTTP/1.1 parsing, framing guard and limits, one call per
+        data_received() that hands back each request's scope ready-made, where httptools calls
+        back into Python for every part of a head and the scope is built here."""
+
+        guards_framing = True  # MoltHTTPProtocol makes no FramingGuard: the parser has one
+        _upgrading = False  # the last head was an upgrade: its body and end are not a request
+
+        def new_parser(self) -> Any:
+            return None  # made in connection_made(): the scope's per-connection fields are known
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            if self.transport is None or self.transport.is_closing():
+                return
+            base = {"type": "http", "server": self.server, "client": self.client,
+                    "scheme": self.scheme, "root_path": self.root_path}
+            asgi = {"version": self.config.asgi_version, "spec_version": "2.3"}
+            self.parser = new_native_parser(parser_limits, base, asgi, unquote)
+
+        def data_received(self, data: bytes) -> None:
+            parser = self.parser
+            if self._rejected or parser is None:
+                return
+            for event in parser.feed(data):
+                if event.__class__ is tuple:
+                    self.on_head(*event)
+                elif self._upgrading:
+                    continue
+                elif event is None:
+                    self.on_message_complete()
+                else:
+                    self.on_body(event)
+                if self._rejected:
+                    return
+            error = parser.error
+            if error is not None:
+                self.reject(*error)
+            elif parser.upgrade:
+                self.handle_upgrade()
+
+        def on_head(self, scope: Dict[str, Any], asked_close: bool, expect_100: bool,
+                    upgrade: bool) -> None:
+            if self._tls_extension is not None:
+                scope["extensions"] = {"tls": dict(self._tls_extension)}
+            self.scope = scope
+            self.headers = scope["headers"]
+            self._body_size = 0
+            if upgrade:  # handle_upgrade() takes the connection, after this feed
+                self._upgrading = True
+                query = scope["query_string"]
+                self.url = scope["raw_path"] + b"?" + query if query else scope["raw_path"]
+                return
+            self.begin_cycle(scope, scope["http_version"], asked_close, expect_100)
+
+        def head_in_progress(self) -> bool:
+            parser = self.parser
+            return parser is not None and parser.in_head
+
+    return MoltNativeHttpProtocol
+
+
+def native_parser_factory() -> Any:
+    """The native extension's asgi_parser(), or None: without the extension, or when
+    MOLT_SHIM_PARSER=httptools or MOLT_SHIM_GUARD=python asks for the Python-side parsing
+    (the framing table and the limit tests run both)."""
+    if (os.environ.get("MOLT_SHIM_PARSER") == "httptools"
+            or os.environ.get("MOLT_SHIM_GUARD") == "python"):
+        return None
+    from .native import load_extension
+
+    module, _ = load_extension()
+    return getattr(module, "asgi_parser", None)

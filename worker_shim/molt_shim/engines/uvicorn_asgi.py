@@ -231,6 +231,7 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
         _send_mark: Any = None      # (unsent bytes, since) while a response waits for its client
         _guard: Any = None          # molt's FramingGuard over every byte the client sends
         _tls_extension: Any = None  # scope["extensions"]["tls"] on a TLS connection
+        guards_framing = False  # True: the parser runs the framing guard itself
 
         @property
         def scope(self) -> Any:
@@ -250,7 +251,9 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             if ssl_object is not None:
                 self._tls_extension = tls.asgi_extension(ssl_object)
             self._born = time.monotonic()
-            self._guard = ctl.new_guard(ctl.limits.max_request_line, ctl.limits.max_header_size)
+            if not self.guards_framing:
+                self._guard = ctl.new_guard(ctl.limits.max_request_line,
+                                            ctl.limits.max_header_size)
             ctl.unmade.pop(self, None)
             super().connection_made(GracefulTransport(transport, self))
             if ctl.draining:
@@ -280,8 +283,6 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
         def reject(self, status: int, reason: str) -> None:
             """Answer with the WSGI engine's error response for `status` and close."""
             self._rejected = True
-            log.warning("%s: %d %s: %s", "%s:%s" % tuple(self.client) if self.client else "unix",
-                        status, REASONS.get(status, ""), reason)
             cycle = self.cycle
             if cycle is not None and cycle.scope is self.scope:
                 # The app already runs (a streamed body went over the limit): it sees
@@ -289,10 +290,19 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
                 cycle.disconnected = True
                 self.wake_cycle(cycle)
                 if cycle.response_started:
+                    self.log_rejected(status, reason)
                     self.transport.close()
                     return
+            self.answer_error(status, reason)
+
+        def answer_error(self, status: int, reason: str) -> None:
+            self.log_rejected(status, reason)
             self.transport.write(ctl.framing.error_response(status))
             self.transport.close()
+
+        def log_rejected(self, status: int, reason: str) -> None:
+            log.warning("%s: %d %s: %s", "%s:%s" % tuple(self.client) if self.client else "unix",
+                        status, REASONS.get(status, ""), reason)
 
         def data_received(self, data: bytes) -> None:
             # molt's own framing check first (the WSGI engines run the same FramingGuard): the
@@ -357,7 +367,9 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
                 if now - self._born > ctl.first_request_timeout:
                     self.transport.close()
                 return
-            if not in_progress:
+            if not in_progress or self.in_flight():
+                # A head is late only while the server waits for it: a pipelined head behind a
+                # response still being made waits for the server, not the other way round.
                 self._head_mark = None
                 return
             mark = self._head_mark
