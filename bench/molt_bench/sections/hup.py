@@ -86,10 +86,9 @@ def measure(p: Params, work: Path, results: dict):
                     live = [g for g in status["generations"] if g["id"] == s.live_generation()]
                     if live and "rollover_ms" in live[0]:
                         rollover_ms.append(live[0]["rollover_ms"])
-                # Let the old generation finish draining before the next HUP.
-                # uvicorn's supervisor and molt's zygote (preload) are one more process.
-                extra = {"uvicorn": 1, "molt": 1}.get(s.name, 0)
-                wait_until(lambda: len(descendants(s.pid)) <= 4 + extra,
+                # Let the old generation finish draining before the next HUP: its workers
+                # gone (counting processes broke when molt's zygote got a standby beside it).
+                wait_until(lambda: not old & set(descendants(s.pid)),
                            30, f"{label} old workers to exit", interval=0.02)
                 time.sleep(0.3)
             out[label] = {"first_new_response_s": statistics.median(first), "runs": first,
