@@ -40,6 +40,16 @@ async def app(scope, receive, send):
                     "headers": [(b"x-injected", b"a\r\nx-evil: 1")]})
         await send({"type": "http.response.body", "body": b"never"})
         return
+    if path == "/crlf-in-header-name":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"x-injected\r\nx-evil", b"1")]})
+        await send({"type": "http.response.body", "body": b"never"})
+        return
+    if path == "/space-in-header-name":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"x-evil bad", b"1")]})
+        await send({"type": "http.response.body", "body": b"never"})
+        return
     if path == "/raise-after-start":
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/plain")]})

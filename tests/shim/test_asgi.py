@@ -362,7 +362,8 @@ def test_a_response_head_is_not_held_back_while_its_body_is_made(listeners, spaw
     c.close()
 
 
-@pytest.mark.parametrize("path", ["/crlf-in-header", "/raise-after-start"])
+@pytest.mark.parametrize("path", ["/crlf-in-header", "/crlf-in-header-name",
+                                  "/space-in-header-name", "/raise-after-start"])
 def test_an_app_failing_before_its_head_went_out_gets_a_500(listeners, spawn, path):
     w = spawn_cycle_app(spawn, overrides={"logging": {"access_log": True}}).wait_ready()
     c = Client(listeners.port)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 import urllib.parse
 from collections import deque
@@ -36,7 +37,7 @@ from typing import Any, Dict, List, Optional
 
 import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
-from uvicorn.protocols.http.httptools_impl import (HEADER_RE, HEADER_VALUE_RE, STATUS_LINE)
+from uvicorn.protocols.http.httptools_impl import HEADER_VALUE_RE, STATUS_LINE
 
 log = logging.getLogger("molt_shim")
 app_log = logging.getLogger("uvicorn.error")  # the app's exceptions, where uvicorn logs them
@@ -50,6 +51,11 @@ JOIN_MAX = 16 * 1024
 METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 DISCONNECT = "http.disconnect"
 
+
+# A response header name must be a token (RFC 9110 5.1). Not uvicorn's HEADER_RE: a typo in it
+# (the class closes at its first "]") makes it match only a separator followed by the literal
+# text `={} \t\\"]`, so a name with CR/LF in it passed, and could inject a header.
+HEADER_NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 CONTENT_LENGTH = "content-length"
 CHUNKED = "chunked"
@@ -67,7 +73,7 @@ def header_line(pair: Any) -> Any:
     """One response header field of an app's: (b"name: value\\r\\n", what it means to the
     framing), or RuntimeError, with uvicorn's checks and messages."""
     name, value = pair
-    if HEADER_RE.search(name):
+    if not HEADER_NAME_RE.fullmatch(name):
         raise RuntimeError("Invalid HTTP header name.")
     if HEADER_VALUE_RE.search(value):
         raise RuntimeError("Invalid HTTP header value.")
