@@ -167,22 +167,25 @@ PyObject* parser_feed(PyObject* self_, PyObject* data) {
         return nullptr;
     }
     auto& events = self->parser->events();
+    struct Consumed {  // every event is taken, or dropped with the error that stopped us
+        std::vector<StreamEvent>& events;
+        ~Consumed() { events.clear(); }
+    } consumed{events};
     PyRef out = PyRef::steal(PyList_New(0));
     if (!out) return nullptr;
-    for (; !events.empty(); events.pop_front()) {
-        const StreamEvent& event = events.front();
+    for (const StreamEvent& event : events) {
         PyRef item;
         switch (event.kind) {
             case StreamEvent::Kind::head: {
                 PyRef scope = PyRef::steal(scope_of(self, event.head));
                 if (!scope) {
                     if (PyErr_Occurred()) return nullptr;
-                    events.clear();  // target_not_ascii: the 400 is the answer
-                    return out.release();
+                    return out.release();  // target_not_ascii: the 400 is the answer
                 }
                 const Request& req = event.head;
-                item = PyRef::steal(PyTuple_Pack(4, scope.get(), flag(req.asked_close),
-                                                 flag(req.expect_continue), flag(req.upgrade)));
+                item = PyRef::steal(PyTuple_Pack(5, scope.get(), flag(req.asked_close),
+                                                 flag(req.expect_continue), flag(req.upgrade),
+                                                 flag(req.complete_at_head)));
                 break;
             }
             case StreamEvent::Kind::body:
@@ -236,8 +239,9 @@ void parser_dealloc(PyObject* self_) {
 
 PyMethodDef parser_methods[] = {
     {"feed", parser_feed, METH_O,
-     "feed(data) -> [event]: (scope, asked_close, expect_100, upgrade) for a complete head, "
-     "bytes for body, None for the request's end."},
+     "feed(data) -> [event]: (scope, asked_close, expect_100, upgrade, complete) for a "
+     "complete head (complete: it has no body, and no end event follows), bytes for body, "
+     "None for the request's end."},
     {"should_upgrade", parser_should_upgrade, METH_NOARGS, "The same as `upgrade`."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -3,8 +3,9 @@
 // delivery, handing Python a ready scope for each request head.
 //
 // The ASGI protocol (molt_shim/engines/asgi_cycle.py) calls feed() once per data_received();
-// it answers with a list of events: (scope, asked_close, expect_100, upgrade) for a complete
-// head, bytes for a piece of its body, None for its end. After a violation (`error`) or an
+// it answers with a list of events: (scope, asked_close, expect_100, upgrade, complete) for a
+// complete head, bytes for a piece of its body, None for its end (none follows a head that
+// said complete: no body). After a violation (`error`) or an
 // upgrade nothing more is parsed. httptools, the parser this replaces when the extension
 // loads, calls back into Python for the start of the message, the URL, every header field and
 // the end of the head, and the scope was then built in Python: measured, three of the eleven

@@ -246,6 +246,9 @@ struct RequestParser::Impl {
         }
         if (owner.delivery_ == Delivery::streamed) {
             owner.streamed_body_ = 0;
+            req.complete_at_head =
+                !req.upgrade && !req.chunked && (!req.content_length || *req.content_length == 0);
+            owner.head_complete_ = req.complete_at_head;
             owner.events_.push_back(StreamEvent{StreamEvent::Kind::head, std::move(req), {}});
         }
         return 0;
@@ -278,7 +281,9 @@ struct RequestParser::Impl {
 
     int message_complete() {
         if (owner.delivery_ == Delivery::streamed) {
-            owner.events_.push_back(StreamEvent{StreamEvent::Kind::end, {}, {}});
+            if (!owner.head_complete_) {
+                owner.events_.push_back(StreamEvent{StreamEvent::Kind::end, {}, {}});
+            }
         } else {
             owner.ready_.push_back(std::move(*owner.current_));
         }

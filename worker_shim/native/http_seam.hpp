@@ -58,6 +58,9 @@ struct Request {
     bool expect_continue = false;
     bool asked_close = false;  // a Connection header whose value is exactly "close"
     bool upgrade = false;      // the library saw an upgrade (or CONNECT): no more requests follow
+    // Delivery::streamed: the head said there is no body (no Content-Length or 0, not
+    // chunked, no upgrade), so no end event follows its head event.
+    bool complete_at_head = false;
     bool chunked = false;
     std::optional<std::uint64_t> content_length;
     std::vector<std::pair<std::string, std::string>> headers;  // as sent, in order
@@ -100,7 +103,8 @@ class RequestParser {
     void feed(const char* data, std::size_t len);
 
     std::deque<Request>& ready() { return ready_; }      // Delivery::whole
-    std::deque<StreamEvent>& events() { return events_; }  // Delivery::streamed
+    // Delivery::streamed: what feed() parsed, in order; the caller takes them all and clears.
+    std::vector<StreamEvent>& events() { return events_; }
     const std::optional<HttpError>& error() const { return error_; }
     bool upgrade() const { return upgrade_; }
     // A request has begun (its head may still be incomplete).
@@ -120,8 +124,9 @@ class RequestParser {
     const Delivery delivery_;
     FramingGuard framing_;
     std::deque<Request> ready_;
-    std::deque<StreamEvent> events_;
+    std::vector<StreamEvent> events_;  // a vector: a deque allocated a node for most events
     std::uint64_t streamed_body_ = 0;  // body bytes of the current request (Delivery::streamed)
+    bool head_complete_ = false;       // its head event said complete: no end event
     std::unique_ptr<Request> current_;
     bool head_done_ = false;
     bool upgrade_ = false;

@@ -623,7 +623,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 self.handle_upgrade()
 
         def on_head(self, scope: Dict[str, Any], asked_close: bool, expect_100: bool,
-                    upgrade: bool) -> None:
+                    upgrade: bool, complete: bool) -> None:
             if self._tls_extension is not None:
                 scope["extensions"] = {"tls": dict(self._tls_extension)}
             self.scope = scope
@@ -635,6 +635,8 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 self.url = scope["raw_path"] + b"?" + query if query else scope["raw_path"]
                 return
             self.begin_cycle(scope, scope["http_version"], asked_close, expect_100)
+            if complete:  # no body: no end event follows (on_message_complete's work)
+                self.cycle.more_body = False
 
         def head_in_progress(self) -> bool:
             parser = self.parser
