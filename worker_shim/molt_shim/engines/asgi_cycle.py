@@ -1,4 +1,6 @@
-"""molt's own HTTP/1.1 request cycle for ASGI, on httptools (the ASGI engine's default parser).
+"""molt's own HTTP/1.1 request cycle for ASGI, fed by the native extension's parser
+(MoltNativeHttpProtocol, at the end: one call per data_received() returns each request's scope)
+or, without the extension, by httptools and its callbacks (MoltHttpToolsProtocol).
 
 uvicorn's HttpToolsProtocol spends about 17 us of Python per keep-alive request (measured with
 a fake transport, bench notes in docs/architecture.md); molt's limits on top of it took 7 us
