@@ -159,6 +159,27 @@ def test_asgi_parsers(listeners, spawn, parser, protocol):
     assert c.response()[0] == 400
     assert c.read_all(5) == b""
     c.close()
+    # The same when the bad bytes are in the body of a request queued behind it.
+    c = Client(listeners.port)
+    c.send(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: t\r\n\r\nPOST /echo HTTP/1.1\r\nHost: t\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\n0\r\n\r\n")
+    assert c.response()[::2] == (200, b"slow done")
+    assert c.response()[0] == 400
+    assert c.read_all(5) == b""
+    c.close()
+    # A request before an upgrade in the same packet is served (the upgrade then takes the
+    # connection): its body is its own, not the upgrade's.
+    c = Client(listeners.port)
+    c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"
+           b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    c.sock.settimeout(5)
+    seen = b""
+    while b"\r\n\r\nhello" not in seen:
+        chunk = c.sock.recv(65536)
+        assert chunk, seen
+        seen += chunk
+    c.close()
 
     async def ws_roundtrip():
         async with websockets.connect("ws://127.0.0.1:%d/ws" % listeners.port) as ws:

@@ -134,6 +134,15 @@ CASES: List[Tuple[str, bytes, bytes]] = [
      b"0\r\n\r\n", TE),
 ]
 
+# An Upgrade field without `Connection: upgrade` is no upgrade: the parser keeps the connection,
+# so the guard must keep reading what follows (it stopped at any Upgrade field).
+UPGRADE_ALONE = b"GET / HTTP/1.1\r\nHost: t\r\nUpgrade: foo\r\n\r\n"
+PIPELINED_AFTER_UPGRADE_FIELD = [
+    ("bare-lf", UPGRADE_ALONE + b"GET / HTTP/1.1\nHost: t\n\n"),
+    ("space-before-colon", UPGRADE_ALONE + b"GET / HTTP/1.1\r\nHost : t\r\n\r\n"),
+    ("obs-fold", UPGRADE_ALONE + b"GET / HTTP/1.1\r\nHost: t\r\nX-A: 1\r\n b\r\n\r\n"),
+]
+
 
 def exchange(port: int, data: bytes) -> bytes:
     c = Client(port)
@@ -150,6 +159,17 @@ def test_malformed_request_gets_its_error_and_a_close(srv, request_bytes, answer
     assert exchange(ls.port, request_bytes) == answer
     assert w.alive()
     assert get(ls.port, "/") == (200, HELLO[w.interface])
+
+
+@pytest.mark.parametrize("request_bytes", [c[1] for c in PIPELINED_AFTER_UPGRADE_FIELD],
+                         ids=[c[0] for c in PIPELINED_AFTER_UPGRADE_FIELD])
+def test_a_request_behind_an_upgrade_field_alone_is_still_guarded(srv, request_bytes):
+    ls, w = srv
+    raw = exchange(ls.port, request_bytes)
+    first, _, rest = raw.partition(b"HTTP/1.1 400 Bad Request\r\n")
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(HELLO[w.interface]), raw
+    assert b"HTTP/1.1" not in rest, raw  # the 400, then the close: nothing after it
+    assert w.alive()
 
 
 def test_the_table_is_big_enough():

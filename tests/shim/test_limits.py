@@ -79,6 +79,21 @@ def test_a_request_over_a_limit_gets_the_same_answer_on_both_interfaces(
     assert w.alive()
 
 
+@pytest.mark.parametrize("limit, request_bytes, status_line", ROWS, ids=[r[0] for r in ROWS])
+def test_the_same_answer_on_a_connection_that_served_a_request_before(
+        server, limit, request_bytes, status_line):
+    # A kept-alive connection (a proxy reuses its upstream connections): the request before
+    # was served, its response is complete, and the bad one still gets its own error.
+    ls, w = server
+    c = Client(ls.port)
+    assert c.request("/")[0] == 200
+    c.send(request_bytes)
+    raw = c.read_all(10)
+    c.close()
+    assert without_date(raw) == error_response(status_line), raw[:400]
+    assert w.alive()
+
+
 def test_a_body_at_the_limit_is_served(server):
     ls, w = server
     c = Client(ls.port)

@@ -71,3 +71,16 @@ def test_the_header_timeout_answers_before_the_keepalive(srv, data, answer):
     finally:
         idle.close()
     assert w.alive()
+
+
+
+def test_an_upgrade_whose_body_never_comes_is_answered_at_its_head(srv):
+    """ASGI: an upgrade request whose announced body never comes is handled at its head (here
+    refused: not a WebSocket), on both parsers, not left open with no request cycle."""
+    ls, w = srv
+    if not w.config["interface"] == "asgi":
+        pytest.skip("WSGI answers an upgrade request once its body is in, then closes")
+    raw = answer_until_closed(ls.port, b"GET / HTTP/1.1\r\nHost: t\r\nUpgrade: x\r\n"
+                              b"Connection: Upgrade\r\nContent-Length: 1000000\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 400 Bad Request\r\n"), raw
+    assert raw.endswith(b"Unsupported upgrade request."), raw

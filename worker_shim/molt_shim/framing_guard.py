@@ -134,6 +134,7 @@ class FramingGuard:
         lengths: List[bytes] = []
         codings: List[bytes] = []
         upgrade = False
+        connection_upgrade = False
         for line in lines[1:]:
             if line[:1] in (b" ", b"\t"):
                 return 400, "obsolete line folding in a header field"
@@ -150,6 +151,9 @@ class FramingGuard:
                 codings.append(value)
             elif name == b"upgrade":
                 upgrade = True
+            elif name == b"connection" and b"upgrade" in (
+                    token.strip(b" \t").lower() for token in value.split(b",")):
+                connection_upgrade = True
         if hosts > 1:
             return 400, "more than one Host field"
         if hosts == 0 and version == b"HTTP/1.1":
@@ -162,8 +166,11 @@ class FramingGuard:
             if b",".join(codings).lower() != b"chunked":
                 return 501, "unsupported Transfer-Encoding (only one `chunked`)"
             self.state = _State.CHUNK_SIZE
-        elif upgrade:
-            self.state = _State.UNGUARDED  # answered, then closed: WSGI cannot upgrade
+        elif upgrade and connection_upgrade:
+            # What the parser takes for an upgrade (both fields): it parses nothing after the
+            # head. An Upgrade field alone is an ordinary field: the connection stays open, so
+            # what follows is guarded like any other request.
+            self.state = _State.UNGUARDED
         elif lengths and int(lengths[0]):
             self.left = int(lengths[0])
             self.state = _State.BODY

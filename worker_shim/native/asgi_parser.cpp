@@ -93,7 +93,11 @@ PyObject* headers_of(const Request& req) {
 // 400, as on httptools (where the path's decode raises inside a parser callback).
 PyObject* scope_of(AsgiParserObject* self, const Request& req) {
     const AsgiStrings& s = *self->strings;
-    const auto [path, query] = split_target(req.target);
+    auto [path, query] = split_target(req.target);
+    // A fragment (which no client should send) is not part of the query, as httptools'
+    // parse_url reads it; the WSGI environ keeps it, as the Python WSGI engine does.
+    const auto fragment = query.find('#');
+    if (fragment != std::string::npos) query.resize(fragment);
     PyRef path_text = PyRef::steal(
         PyUnicode_DecodeASCII(path.data(), static_cast<Py_ssize_t>(path.size()), "strict"));
     if (!path_text) {
@@ -153,20 +157,38 @@ PyObject* flag(bool value) {
     return value ? Py_True : Py_False;
 }
 
+// The object's parser; null with RuntimeError for an instance not made by asgi_parser() (the
+// type can be called from Python, and would then have none).
+RequestParser* parser_of(PyObject* self) {
+    RequestParser* parser = as_parser(self)->parser;
+    if (parser == nullptr) PyErr_SetString(PyExc_RuntimeError, "AsgiParser: not made by asgi_parser()");
+    return parser;
+}
+
+PyObject* events_of(AsgiParserObject* self, RequestParser* parser);
+
 PyObject* parser_feed(PyObject* self_, PyObject* data) {
     AsgiParserObject* self = as_parser(self_);
+    RequestParser* parser = parser_of(self_);
+    if (parser == nullptr) return nullptr;
     if (!PyBytes_Check(data)) {
         PyErr_SetString(PyExc_TypeError, "AsgiParser.feed() takes bytes");
         return nullptr;
     }
     if (self->target_not_ascii) return PyList_New(0);
-    try {
-        self->parser->feed(PyBytes_AsString(data), static_cast<std::size_t>(PyBytes_Size(data)));
+    try {  // no C++ exception (bad_alloc) may cross into CPython
+        parser->feed(PyBytes_AsString(data), static_cast<std::size_t>(PyBytes_Size(data)));
+        return events_of(self, parser);
     } catch (const std::exception& exc) {
+        parser->events().clear();
         PyErr_Format(PyExc_RuntimeError, "ASGI parser: %s", exc.what());
         return nullptr;
     }
-    auto& events = self->parser->events();
+}
+
+// The events feed() parsed, as Python objects; the parser's list is left empty.
+PyObject* events_of(AsgiParserObject* self, RequestParser* parser) {
+    auto& events = parser->events();
     struct Consumed {  // every event is taken, or dropped with the error that stopped us
         std::vector<StreamEvent>& events;
         ~Consumed() { events.clear(); }
@@ -202,21 +224,24 @@ PyObject* parser_feed(PyObject* self_, PyObject* data) {
 
 PyObject* parser_error(PyObject* self_, void*) {
     AsgiParserObject* self = as_parser(self_);
-    const auto& error = self->parser->error();
+    RequestParser* parser = parser_of(self_);
+    if (parser == nullptr) return nullptr;
+    if (self->target_not_ascii) {  // the first error: nothing after that head was parsed
+        return Py_BuildValue("(is)", 400, "malformed request: a request target that is not ASCII");
+    }
+    const auto& error = parser->error();
     if (error) {
         return Py_BuildValue("(iN)", error->status,
                              PyUnicode_DecodeUTF8(error->reason.data(),
                                                   static_cast<Py_ssize_t>(error->reason.size()),
                                                   "replace"));
     }
-    if (self->target_not_ascii) {
-        return Py_BuildValue("(is)", 400, "malformed request: a request target that is not ASCII");
-    }
     Py_RETURN_NONE;
 }
 
 PyObject* parser_upgrade(PyObject* self_, void*) {
-    return PyBool_FromLong(as_parser(self_)->parser->upgrade());
+    RequestParser* parser = parser_of(self_);
+    return parser == nullptr ? nullptr : PyBool_FromLong(parser->upgrade());
 }
 
 PyObject* parser_should_upgrade(PyObject* self_, PyObject*) {
@@ -224,7 +249,8 @@ PyObject* parser_should_upgrade(PyObject* self_, PyObject*) {
 }
 
 PyObject* parser_in_head(PyObject* self_, void*) {
-    return PyBool_FromLong(as_parser(self_)->parser->in_head());
+    RequestParser* parser = parser_of(self_);
+    return parser == nullptr ? nullptr : PyBool_FromLong(parser->in_head());
 }
 
 void parser_dealloc(PyObject* self_) {

@@ -66,6 +66,22 @@ std::string lower(std::string text) {
     return text;
 }
 
+// Whether a comma-separated field value (Connection) lists `token`, case-insensitively, as
+// the parser library reads it.
+bool has_token(const std::string& value, const char* token) {
+    std::size_t start = 0;
+    while (start <= value.size()) {
+        std::size_t end = value.find(',', start);
+        if (end == std::string::npos) end = value.size();
+        std::size_t a = start, b = end;
+        while (a < b && (value[a] == ' ' || value[a] == '\t')) ++a;
+        while (b > a && (value[b - 1] == ' ' || value[b - 1] == '\t')) --b;
+        if (lower(value.substr(a, b - a)) == token) return true;
+        start = end + 1;
+    }
+    return false;
+}
+
 }  // namespace
 
 const char* FramingGuard::name(State state) {
@@ -207,6 +223,7 @@ std::optional<FramingGuard::Verdict> FramingGuard::head(const std::vector<std::s
     }
     int hosts = 0;
     bool upgrade = false;
+    bool connection_upgrade = false;
     std::vector<std::string> lengths;
     std::string codings;
     bool has_codings = false;
@@ -228,6 +245,8 @@ std::optional<FramingGuard::Verdict> FramingGuard::head(const std::vector<std::s
             has_codings = true;
         } else if (field->name == "upgrade") {
             upgrade = true;
+        } else if (field->name == "connection" && has_token(field->value, "upgrade")) {
+            connection_upgrade = true;
         }
     }
     if (hosts > 1) return Verdict{400, "more than one Host field"};
@@ -246,8 +265,12 @@ std::optional<FramingGuard::Verdict> FramingGuard::head(const std::vector<std::s
             return Verdict{501, "unsupported Transfer-Encoding (only one `chunked`)"};
         }
         state_ = State::chunk_size;
-    } else if (upgrade) {
-        state_ = State::unguarded;  // answered, then closed: WSGI cannot upgrade
+    } else if (upgrade && connection_upgrade) {
+        // What the parser library takes for an upgrade (both fields): it parses nothing after
+        // the head, and the engine answers, then closes or hands the connection over. An
+        // Upgrade field alone is an ordinary field: the connection stays open, so what follows
+        // is guarded like any other request.
+        state_ = State::unguarded;
     } else if (!lengths.empty()) {
         left_ = std::stoull(lengths[0]);
         if (left_) state_ = State::body;

@@ -553,6 +553,10 @@ PyObject* guard_scan(PyObject* self, PyObject* data) {
         return nullptr;
     }
     FramingGuard* guard = reinterpret_cast<GuardObject*>(self)->guard;
+    if (guard == nullptr) {  // an instance not made by framing_guard()
+        PyErr_SetString(PyExc_RuntimeError, "FramingGuard: not made by framing_guard()");
+        return nullptr;
+    }
     std::optional<FramingViolation> found;
     try {
         found = guard->scan(PyBytes_AsString(data), static_cast<std::size_t>(PyBytes_Size(data)));

@@ -314,7 +314,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         _expect_100 = False
         _asked_close = False
         _idle_since = 0.0  # when the last response ended (the keep-alive timeout runs from it)
-        _deferred_error: Any = None  # (status, reason): answered once the responses before it are
+        _deferred_error: Any = None  # a status, answered once the responses before it are out
         # What uvicorn's __init__ looks up per connection (two getLogger() calls, each taking
         # logging's lock, and a walk of the handler hierarchy), once.
         logger = app_log
@@ -350,6 +350,10 @@ def with_cycle(protocol: type, ctl: Any) -> type:
 
         def new_parser(self) -> Any:
             return httptools.HttpRequestParser(self)
+
+        def upgrading(self) -> bool:
+            """The request being parsed is an upgrade: its body is not the cycle's."""
+            return self.parser.should_upgrade()
 
         # -- bytes in (after MoltHTTPProtocol.data_received's framing check) ---------------
         def molt_parse(self, data: bytes) -> None:
@@ -469,7 +473,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 # timeout runs from the last byte the client sent, as in uvicorn.
                 self._idle_since = time.monotonic()
                 return
-            if self.parser.should_upgrade():
+            if self.upgrading():
                 return
             cycle.body += body
             if len(cycle.body) > HIGH_WATER_LIMIT:
@@ -478,7 +482,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
 
         def on_message_complete(self) -> None:
             cycle = self.cycle
-            if self.parser.should_upgrade() or cycle is None or cycle.response_complete:
+            if self.upgrading() or cycle is None or cycle.response_complete:
                 return
             cycle.more_body = False
             cycle.wake()
@@ -530,19 +534,34 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 cycle, app = self.pipeline.pop()
                 self.start_cycle(cycle, app)
             elif self._deferred_error is not None:
-                self.answer_error(*self._deferred_error)
+                self.send_error_response(self._deferred_error)
+
+        def error_in_body(self) -> bool:
+            """Whether the bytes being rejected belong to the body of the newest request (the
+            one self.cycle serves); otherwise they begin a request the app never saw. httptools
+            starts a new scope at the first byte of a request."""
+            cycle = self.cycle
+            return cycle is not None and cycle.scope is self.scope and cycle.more_body
 
         def reject(self, status: int, reason: str) -> None:
             cycle = self.cycle
-            if cycle is not None and not cycle.response_complete and not cycle.more_body:
-                # The bad bytes follow requests that were read whole: their responses go out
-                # first, then the error and the close (on_response_complete), as the WSGI
-                # engines answer a pipeline. Answering now would put the error's bytes in the
-                # middle of a response, or after the close's FIN (found by the ASGI fuzz run).
-                self._rejected = True
-                self._deferred_error = (status, reason)
+            if self.error_in_body():
+                if not (self.pipeline and self.pipeline[0][0] is cycle):
+                    super().reject(status, reason)  # its app runs: it sees http.disconnect
+                    return
+                # Queued behind a response still being made: that request never runs.
+                self.pipeline.popleft()
+                cycle.on_response = None
+            self._rejected = True
+            if cycle is not None and not cycle.response_complete:
+                # Requests read before the bad bytes are answered first, then the error and
+                # the close (on_response_complete), as the WSGI engines answer a pipeline.
+                # Answering now would put the error's bytes in the middle of a response, or
+                # after the close's FIN (found by the ASGI fuzz run).
+                self.log_rejected(status, reason)
+                self._deferred_error = status
                 return
-            super().reject(status, reason)
+            self.answer_error(status, reason)
 
         # -- the connection -----------------------------------------------------------------------
         def wake_cycle(self, cycle: Cycle) -> None:
@@ -590,6 +609,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
 
         guards_framing = True  # MoltHTTPProtocol makes no FramingGuard: the parser has one
         _upgrading = False  # the last head was an upgrade: its body and end are not a request
+        _body_open = False  # the newest request's head is in, its body is still coming
 
         def new_parser(self) -> Any:
             return None  # made in connection_made(): the scope's per-connection fields are known
@@ -613,6 +633,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 elif self._upgrading:
                     continue
                 elif event is None:
+                    self._body_open = False
                     self.on_message_complete()
                 else:
                     self.on_body(event)
@@ -621,7 +642,9 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             error = parser.error
             if error is not None:
                 self.reject(*error)
-            elif parser.upgrade:
+            elif self._upgrading:
+                # At its head, as on httptools (which stops there): an announced body is
+                # the new protocol's to read, or never comes.
                 self.handle_upgrade()
 
         def on_head(self, scope: Dict[str, Any], asked_close: bool, expect_100: bool,
@@ -631,6 +654,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             self.scope = scope
             self.headers = scope["headers"]
             self._body_size = 0
+            self._body_open = not complete and not upgrade
             if upgrade:  # handle_upgrade() takes the connection, after this feed
                 self._upgrading = True
                 query = scope["query_string"]
@@ -639,6 +663,16 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             self.begin_cycle(scope, scope["http_version"], asked_close, expect_100)
             if complete:  # no body: no end event follows (on_message_complete's work)
                 self.cycle.more_body = False
+
+        def upgrading(self) -> bool:
+            # data_received() drops an upgrade's body and end itself. The parser's own flag
+            # would be wrong here: it has parsed the whole packet, so it is already set while
+            # the events of a request before the upgrade are handled.
+            return False
+
+        def error_in_body(self) -> bool:
+            # The scope is set only when a head is complete: a bad head has none of its own.
+            return self._body_open
 
         def head_in_progress(self) -> bool:
             parser = self.parser

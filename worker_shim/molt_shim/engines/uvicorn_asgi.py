@@ -284,9 +284,11 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             """Answer with the WSGI engine's error response for `status` and close."""
             self._rejected = True
             cycle = self.cycle
-            if cycle is not None and cycle.scope is self.scope:
+            if cycle is not None and cycle.scope is self.scope and not cycle.response_complete:
                 # The app already runs (a streamed body went over the limit): it sees
-                # http.disconnect, and what it sends from now on is dropped.
+                # http.disconnect, and what it sends from now on is dropped. (A complete
+                # response is the request before, on a kept-alive connection: h11 keeps its
+                # scope until the next head is whole, so the error is a new request's.)
                 cycle.disconnected = True
                 self.wake_cycle(cycle)
                 if cycle.response_started:
@@ -297,6 +299,11 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
 
         def answer_error(self, status: int, reason: str) -> None:
             self.log_rejected(status, reason)
+            self.send_error_response(status)
+
+        def send_error_response(self, status: int) -> None:
+            if self.transport.is_closing():  # already closing (a response said close): the
+                return                        # bytes that came after it are not answered
             self.transport.write(ctl.framing.error_response(status))
             self.transport.close()
 
