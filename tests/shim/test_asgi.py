@@ -13,6 +13,16 @@ from harness import APPS_DIR, HAVE_NATIVE, Client, LoadPool, get, read_to_eof, w
 pytestmark = pytest.mark.timeout(60)
 
 
+def ws_echo(port: int, text: str) -> str:
+    """One WebSocket round trip to the app's echo route."""
+    async def roundtrip():
+        async with websockets.connect("ws://127.0.0.1:%d/ws" % port) as ws:
+            await ws.send(text)
+            return await asyncio.wait_for(ws.recv(), 5)
+
+    return asyncio.run(roundtrip())
+
+
 def spawn_asgi(spawn, **kw):
     return spawn("asgi_app:app", interface="asgi", health_path="/healthz", **kw)
 
@@ -30,12 +40,7 @@ def test_lifespan_http_and_websocket(listeners, spawn, tmp_path):
     assert (status, body) == (200, b"ping")
     c.close()
 
-    async def ws_roundtrip():
-        async with websockets.connect("ws://127.0.0.1:%d/ws" % listeners.port) as ws:
-            await ws.send("hi")
-            return await asyncio.wait_for(ws.recv(), 5)
-
-    assert asyncio.run(ws_roundtrip()) == "echo:hi"
+    assert ws_echo(listeners.port, "hi") == "echo:hi"
     beat = wait_until(lambda: [m for m in w.find("WATCHDOG") if int(m["REQUESTS"]) >= 3], 10,
                       "ASGI heartbeat counting requests")[0]
     assert beat["INFLIGHT"] == "0"
@@ -181,12 +186,7 @@ def test_asgi_parsers(listeners, spawn, parser, protocol):
         seen += chunk
     c.close()
 
-    async def ws_roundtrip():
-        async with websockets.connect("ws://127.0.0.1:%d/ws" % listeners.port) as ws:
-            await ws.send("x")
-            return await asyncio.wait_for(ws.recv(), 5)
-
-    assert asyncio.run(ws_roundtrip()) == "echo:x"
+    assert ws_echo(listeners.port, "x") == "echo:x"
     c = Client(listeners.port)
     c.send(b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: t\r\n\r\n")
     assert c.read_all(10).startswith(b"HTTP/1.1 400 Bad Request\r\n")
@@ -201,12 +201,7 @@ def test_asgi_on_uvicorn_h11_protocol(listeners, spawn):
     c = Client(listeners.port)
     assert c.request("/")[2] == b"asgi hello"
 
-    async def ws_roundtrip():
-        async with websockets.connect("ws://127.0.0.1:%d/ws" % listeners.port) as ws:
-            await ws.send("x")
-            return await asyncio.wait_for(ws.recv(), 5)
-
-    assert asyncio.run(ws_roundtrip()) == "echo:x"
+    assert ws_echo(listeners.port, "x") == "echo:x"
     w.drain()
     assert read_to_eof(c.sock, 10) == b""  # idle keep-alive connection closed cleanly
     assert w.wait_exit() == 0

@@ -96,20 +96,27 @@ def fuzz(port: int, seconds: float, seed: int = SEED) -> "tuple[int, list]":
     return sum(counts), bad
 
 
+def survives_fuzz(w, port: int, hello: bytes, signs: "list[str]") -> None:
+    """The fuzz run against worker `w`: every answer HTTP/1.1, the worker alive and serving,
+    none of `signs` in its stderr, and a clean drain."""
+    exchanges, bad = fuzz(port, DURATION_S)
+    assert exchanges > 200
+    assert bad == []
+    assert w.alive()
+    assert get(port, "/") == (200, hello)
+    text = w.stderr_text()
+    for sign in signs:
+        assert sign not in text, text[text.find(sign):][:3000]
+    w.drain()
+    assert w.wait_exit() == 0
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.usefixtures("engine")  # once per WSGI engine (conftest.WSGI_ENGINES)
 def test_fuzz_worker_survives(listeners, spawn):
     w = spawn(overrides={"http": {"header_timeout_ms": 500},
                          "static": [{"prefix": "/s/", "dir": "."}]}).wait_ready()
-    exchanges, bad = fuzz(listeners.port, DURATION_S)
-    assert exchanges > 200
-    assert bad == []
-    assert w.alive()
-    assert get(listeners.port, "/") == (200, b"hello")
-    text = w.stderr_text()
-    assert "internal error" not in text, text[text.find("internal error"):][:3000]
-    w.drain()
-    assert w.wait_exit() == 0
+    survives_fuzz(w, listeners.port, b"hello", ["internal error"])
 
 
 @pytest.mark.timeout(60)
@@ -120,13 +127,5 @@ def test_fuzz_asgi_worker_survives(listeners, spawn, parser):
     env = {"MOLT_SHIM_PARSER": parser} if parser == "httptools" else None
     w = spawn(app="asgi_app:app", interface="asgi", health_path="/healthz", env=env,
               overrides={"http": {"header_timeout_ms": 500}}).wait_ready()
-    exchanges, bad = fuzz(listeners.port, DURATION_S)
-    assert exchanges > 200
-    assert bad == []
-    assert w.alive()
-    assert get(listeners.port, "/") == (200, b"asgi hello")
-    text = w.stderr_text()
-    for sign in ("Fatal error", "Exception in ASGI application", "Traceback"):
-        assert sign not in text, text[text.find(sign):][:3000]
-    w.drain()
-    assert w.wait_exit() == 0
+    survives_fuzz(w, listeners.port, b"asgi hello",
+                  ["Fatal error", "Exception in ASGI application", "Traceback"])

@@ -13,9 +13,8 @@ namespace molt::native {
 constexpr const char* AsgiStrings::kMethodNames[];
 
 bool AsgiStrings::init() {
-    static constexpr const char* kKeyNames[] = {"type",     "asgi",         "http_version",
-                                                "method",   "path",         "raw_path",
-                                                "query_string", "headers"};
+    static constexpr const char* kKeyNames[] = {"type", "asgi",     "http_version", "method",
+                                                "path", "raw_path", "query_string", "headers"};
     static_assert(sizeof(kKeyNames) / sizeof(kKeyNames[0]) == count, "one name per key");
     for (int i = 0; i < count; ++i) {
         keys[i] = PyUnicode_InternFromString(kKeyNames[i]);
@@ -107,7 +106,8 @@ PyObject* scope_of(AsgiParserObject* self, const Request& req) {
         return nullptr;
     }
     if (path.find('%') != std::string::npos) {
-        path_text = PyRef::steal(PyObject_CallFunctionObjArgs(self->unquote, path_text.get(), nullptr));
+        path_text =
+            PyRef::steal(PyObject_CallFunctionObjArgs(self->unquote, path_text.get(), nullptr));
         if (!path_text) return nullptr;
     }
     PyRef scope = PyRef::steal(PyDict_Copy(self->base));
@@ -161,7 +161,8 @@ PyObject* flag(bool value) {
 // type can be called from Python, and would then have none).
 RequestParser* parser_of(PyObject* self) {
     RequestParser* parser = as_parser(self)->parser;
-    if (parser == nullptr) PyErr_SetString(PyExc_RuntimeError, "AsgiParser: not made by asgi_parser()");
+    if (parser == nullptr)
+        PyErr_SetString(PyExc_RuntimeError, "AsgiParser: not made by asgi_parser()");
     return parser;
 }
 
@@ -231,10 +232,10 @@ PyObject* parser_error(PyObject* self_, void*) {
     }
     const auto& error = parser->error();
     if (error) {
-        return Py_BuildValue("(iN)", error->status,
-                             PyUnicode_DecodeUTF8(error->reason.data(),
-                                                  static_cast<Py_ssize_t>(error->reason.size()),
-                                                  "replace"));
+        return Py_BuildValue(
+            "(iN)", error->status,
+            PyUnicode_DecodeUTF8(error->reason.data(),
+                                 static_cast<Py_ssize_t>(error->reason.size()), "replace"));
     }
     Py_RETURN_NONE;
 }
@@ -272,11 +273,9 @@ PyMethodDef parser_methods[] = {
     {nullptr, nullptr, 0, nullptr}};
 
 PyGetSetDef parser_getset[] = {
-    {"error", parser_error, nullptr, "None, or (status, reason): nothing more is parsed.",
-     nullptr},
+    {"error", parser_error, nullptr, "None, or (status, reason): nothing more is parsed.", nullptr},
     {"upgrade", parser_upgrade, nullptr, "An upgrade request's head was parsed.", nullptr},
-    {"in_head", parser_in_head, nullptr, "A request head has begun and is not complete.",
-     nullptr},
+    {"in_head", parser_in_head, nullptr, "A request head has begun and is not complete.", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
 PyType_Slot parser_slots[] = {

@@ -102,7 +102,7 @@ class RequestParser {
     // upgrade request nothing more is parsed.
     void feed(const char* data, std::size_t len);
 
-    std::deque<Request>& ready() { return ready_; }      // Delivery::whole
+    std::deque<Request>& ready() { return ready_; }  // Delivery::whole
     // Delivery::streamed: what feed() parsed, in order; the caller takes them all and clears.
     std::vector<StreamEvent>& events() { return events_; }
     const std::optional<HttpError>& error() const { return error_; }
