@@ -98,10 +98,11 @@ def from_the_release() -> List[str]:
     return sorted(found)
 
 
-# Absolute module file -> its real path, resolved while a standby waited for START=: a new
-# zygote's check above then makes no system call on the HUP's path (it was ~250 realpath()
-# calls, 6 ms, between START= and the import). A relative path is resolved each time (it
-# depends on the working directory, which START= changes).
+# Absolute module file -> its real path. A zygote fills it when it checks its modules before
+# forking the standby, so the standby inherits it (and adds what it loads while it waits for
+# START=): its own check as the next zygote then makes no system call on the HUP's path (it was
+# ~250 realpath() calls, 6 ms, between START= and the import). A relative path is resolved
+# each time (it depends on the working directory, which START= changes).
 resolved_files: Dict[str, str] = {}
 
 
@@ -136,7 +137,7 @@ def wait_for_start(channel: Channel, master: int, fds: List[int]) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     if not adopted_by(master, libc):
         return_to_exit(0)
-    resolve_module_files()  # while nothing waits for us (see real_path)
+    resolve_module_files()  # what is not cached yet, while nothing waits for us (resolved_files)
     sock = socket.socket(fileno=channel_fd)
     sock.setblocking(True)
     while True:
