@@ -166,8 +166,10 @@ def test_malformed_request_gets_its_error_and_a_close(srv, request_bytes, answer
 def test_a_request_behind_an_upgrade_field_alone_is_still_guarded(srv, request_bytes):
     ls, w = srv
     raw = exchange(ls.port, request_bytes)
-    first, _, rest = raw.partition(b"HTTP/1.1 400 Bad Request\r\n")
+    first, refused, rest = raw.partition(b"HTTP/1.1 400 Bad Request\r\n")
+    assert refused, raw  # the second request is refused (the old guard let it through: a 200)
     assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(HELLO[w.interface]), raw
+    assert first.count(b"HTTP/1.1 ") == 1, raw
     assert b"HTTP/1.1" not in rest, raw  # the 400, then the close: nothing after it
     assert w.alive()
 
