@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <poll.h>
 #include <pthread.h>
@@ -752,6 +753,16 @@ bool Server::send_all(Connection& conn, const iovec* iov_in, int count, std::str
         }
     }
     return true;
+}
+
+Corked::Corked(const Connection& conn) : fd_(conn.tcp ? conn.fd : -1) {
+    const int on = 1;
+    if (fd_ >= 0) ::setsockopt(fd_, IPPROTO_TCP, TCP_CORK, &on, sizeof on);
+}
+
+Corked::~Corked() {
+    const int off = 0;
+    if (fd_ >= 0) ::setsockopt(fd_, IPPROTO_TCP, TCP_CORK, &off, sizeof off);
 }
 
 bool Server::send_file(Connection& conn, int file_fd, std::int64_t offset, std::uint64_t size,

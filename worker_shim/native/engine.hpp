@@ -132,6 +132,21 @@ struct Connection {
     std::string remote() const;
 };
 
+// TCP_CORK for as long as it lives, on a TCP connection: a response's head and a file's bytes
+// then leave in full-sized segments, the head riding in the first. Without it (TCP_NODELAY is
+// on) the head goes alone and sendfile() cuts the file wherever the send buffer had room,
+// and every extra segment is work for the client's kernel. nginx's `tcp_nopush`.
+class Corked {
+  public:
+    explicit Corked(const Connection& conn);
+    ~Corked();  // uncorking sends what is left at once
+    Corked(const Corked&) = delete;
+    Corked& operator=(const Corked&) = delete;
+
+  private:
+    int fd_;
+};
+
 struct ListenerSlot {
     int fd;
     std::string name;

@@ -407,11 +407,14 @@ bool Server::serve_static(Connection& conn, const Request& req, const StaticMoun
                     {const_cast<char*>(plan.body.data()), with_body ? plan.body.size() : 0}};
     std::string why;
     std::uint64_t sent = with_body ? plan.body.size() : 0;
+    std::optional<Corked> corked;
+    if (with_body && plan.fd >= 0) corked.emplace(conn);
     bool ok = send_all(conn, iov, 2, &why);
     if (ok && with_body && plan.fd >= 0) {
         sent = 0;
         ok = send_file(conn, plan.fd, static_cast<std::int64_t>(plan.offset), plan.length, &sent,
                        &why);
+        corked.reset();
         if (ok && sent < plan.length) {
             log(kWarning, req.method + " " + req.target.substr(0, 200) +
                               ": the file shrank while it was sent; closing");

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstring>
+#include <optional>
 
 namespace molt::native {
 
@@ -310,6 +311,8 @@ int send_file(Exchange& ex, PyObject* wrapper) {
         return -1;
     }
     iovec iov{head.data(), head.size()};
+    std::optional<Corked> corked;
+    if (!ex.no_body) corked.emplace(ex.conn);
     if (!send_released(ex, &iov, 1)) return -1;
     if (ex.no_body) return 1;
     ex.remaining = ex.content_length ? *ex.content_length - static_cast<long long>(size) : -1;
@@ -318,6 +321,7 @@ int send_file(Exchange& ex, PyObject* wrapper) {
     {
         GilReleased unlocked;
         ok = ex.srv.send_file(ex.conn, static_cast<int>(fd), offset, size, &sent, &ex.gone_why);
+        corked.reset();
     }
     ex.bytes_sent += sent;
     if (!ok) {

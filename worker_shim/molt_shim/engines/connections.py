@@ -134,7 +134,28 @@ class Connection:
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
 
-    def sendfile_all(self, fd: int, offset: int, size: int) -> int:
+    def sendfile_all(self, fd: int, offset: int, size: int, head: bytes = b"") -> int:
+        # Corked (TCP_CORK), the head and the file leave in full-sized segments, the head in
+        # the first; without it (TCP_NODELAY is on) the head goes alone and sendfile() cuts
+        # the file wherever the send buffer had room: the native engine's `Corked`.
+        tcp = self.sock.family != socket.AF_UNIX
+        if tcp:
+            self._cork(1)
+        try:
+            if head:
+                self.send_all(head)
+            return self._send_file(fd, offset, size)
+        finally:
+            if tcp:
+                self._cork(0)  # sends what is left at once
+
+    def _cork(self, on: int) -> None:
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, on)
+        except OSError:
+            pass  # the peer is gone: the send says so
+
+    def _send_file(self, fd: int, offset: int, size: int) -> int:
         if self.tls:
             return tls.copy_file(self.send_all, fd, offset, size)
         total = 0

@@ -39,9 +39,9 @@ class Sink(Protocol):
     def send_all(self, data: bytes) -> None:
         ...
 
-    def sendfile_all(self, fd: int, offset: int, size: int) -> int:
-        """Send up to `size` bytes of the file from `offset`; returns how many were sent
-        (fewer when the file shrank)."""
+    def sendfile_all(self, fd: int, offset: int, size: int, head: bytes = b"") -> int:
+        """Send `head`, then up to `size` bytes of the file from `offset`; returns how many
+        of the file's were sent (fewer when the file shrank)."""
         ...
 
 
@@ -274,11 +274,11 @@ class Response:
             head = self._head(None)
         else:
             head = self._head(size)
-        self.sink.send_all(head)
         if self.no_body:
+            self.sink.send_all(head)
             return True
         self.remaining = self.content_length - size if self.content_length is not None else -1
-        sent = self.sink.sendfile_all(fd, offset, size)
+        sent = self.sink.sendfile_all(fd, offset, size, head)
         self.bytes_sent += sent
         if sent < size:
             self.keep_alive = False
@@ -288,10 +288,10 @@ class Response:
     def send_file_range(self, fd: int, offset: int, size: int) -> None:
         """The head (start_response gave the Content-Length), then `size` bytes of the open
         file from `offset` with sendfile; a file that shrank meanwhile closes the connection."""
-        self.sink.send_all(self._head(None))
         if self.no_body:
+            self.sink.send_all(self._head(None))
             return
-        sent = self.sink.sendfile_all(fd, offset, size)
+        sent = self.sink.sendfile_all(fd, offset, size, self._head(None))
         self.bytes_sent += sent
         self.remaining -= sent
         self._check_length()
