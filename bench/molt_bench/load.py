@@ -3,6 +3,7 @@ timeout, -t from the run's parameters, killed if this script dies), interleaved 
 runs, and which server process holds wrk's connections."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import time
 from typing import Optional
 
-from .common import TICK_S, Params, die_with_us, say, testlib, tree_cpu_ticks
+from .common import TICK_S, Params, cpu_ticks, die_with_us, say, testlib, tree_cpu_ticks
 from .peers import Server
 
 
@@ -32,6 +33,25 @@ def run_wrk(p: Params, port: int, duration: float, conns: int, close: bool = Fal
     return start_wrk(p, port, duration, conns, close, path, scheme, extra).result()
 
 
+def wrk_result(load: testlib.Wrk) -> dict:
+    """load.result(), plus `wrk_cpu_us`: wrk's own CPU (utime + stime of all its threads)
+    per request. On a machine whose cores wrk shares with the server, this is the part of
+    each request that no server can make cheaper: the ratios of requests/s are bounded by it.
+    Read from /proc while wrk is a zombie (waited for with WNOWAIT, so result() still reaps
+    it); wrk's report is far smaller than a pipe, so it never blocks on its output."""
+    deadline = time.monotonic() + load.duration + 30
+    cpu = None
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, load.proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG):
+            cpu = cpu_ticks(load.proc.pid) * TICK_S
+            break
+        time.sleep(0.01)
+    r = load.result()
+    r["wrk_cpu_us"] = (cpu / r["requests"] * 1e6 if cpu is not None and r["requests"]
+                       else float("nan"))
+    return r
+
+
 def wrk_command(p: Params, duration: float, conns: int, close: bool = False, path: str = "/",
                 scheme: str = "http", extra: Optional[list[str]] = None) -> str:
     """The wrk command line for the report, with PORT for the server's port."""
@@ -40,7 +60,8 @@ def wrk_command(p: Params, duration: float, conns: int, close: bool = False, pat
 
 
 def median_of(results: list[dict]) -> dict:
-    keys = ("rps", "p50", "p99") + (("cpu_us",) if all("cpu_us" in r for r in results) else ())
+    keys = ("rps", "p50", "p99") + tuple(k for k in ("cpu_us", "wrk_cpu_us")
+                                         if all(k in r for r in results))
     out = {k: statistics.median([r[k] for r in results]) for k in keys}
     out["runs"] = [{k: r[k] for k in keys + ("socket_errors", "non2xx")} for r in results]
     out["errors"] = sum(r["failed"] for r in results)
@@ -59,20 +80,19 @@ def throughput(p: Params, servers: list[Server], close: bool, results: dict, key
     for rep in range(p.repeats):
         for s in servers:
             cpu_before = tree_cpu_ticks(s.pid)
-            if close:
-                r = run_wrk(p, s.port, p.duration, p.wrk_conns, close, path, s.scheme, extra)
-            else:  # keep-alive: also see which workers hold the connections, mid-run
-                w = start_wrk(p, s.port, p.duration, p.wrk_conns, False, path, s.scheme, extra)
+            w = start_wrk(p, s.port, p.duration, p.wrk_conns, close, path, s.scheme, extra)
+            if not close:  # keep-alive: also see which workers hold the connections, mid-run
                 time.sleep(p.duration / 2)
                 spread[s.label].append(connections_per_process(s.port))
-                r = w.result()
+            r = wrk_result(w)
             # The server's whole process tree, per request answered: steadier from run to run
             # than requests/s on a shared machine (wrk's own CPU is not in it).
             cpu_s = (tree_cpu_ticks(s.pid) - cpu_before) * TICK_S
             r["cpu_us"] = cpu_s / r["requests"] * 1e6 if r["requests"] else float("nan")
             runs[s.label].append(r)
             say(f"  {key} {s.label} #{rep + 1}: {r['rps']:.0f} req/s p50 {r['p50']:.2f}ms "
-                f"p99 {r['p99']:.2f}ms cpu {r['cpu_us']:.1f}us/req errors {r['failed']}")
+                f"p99 {r['p99']:.2f}ms cpu {r['cpu_us']:.1f}us/req wrk {r['wrk_cpu_us']:.1f}us/req "
+                f"errors {r['failed']}")
             results["commands"]["wrk " + key] = wrk_command(p, p.duration, p.wrk_conns, close,
                                                             path, servers[0].scheme, extra)
     results[key] = {label: median_of(rs) for label, rs in runs.items()}

@@ -146,10 +146,12 @@ class Report:
         cpu = all("cpu_us" in r for r in rows.values())
         add(f"### {title}")
         add("")
+        wrk_cpu = cpu and all("wrk_cpu_us" in r for r in rows.values())
         if cpu:
             add("| server | requests/s | p50 ms | p99 ms | molt ÷ server (req/s) | CPU µs/request "
-                "| server ÷ molt (CPU) | errors | runs (req/s; CPU µs) |")
-            add("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+                "| server ÷ molt (CPU) | " + ("wrk's CPU µs/request | " if wrk_cpu else "")
+                + "errors | runs (req/s; CPU µs) |")
+            add("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if wrk_cpu else "") + "---:|---|")
         else:
             add("| server | requests/s | p50 ms | p99 ms | molt ÷ server (req/s) | errors "
                 "| runs (req/s) |")
@@ -160,8 +162,10 @@ class Report:
             if cpu:
                 runs_text += "; " + ", ".join(f"{x['cpu_us']:.1f}" for x in r["runs"])
                 cheaper = ratio(r["cpu_us"], rows[base]["cpu_us"]) if label != base else "—"
+                wrk_text = f"{r['wrk_cpu_us']:.1f} | " if wrk_cpu else ""
                 add(f"| {label} | {r['rps']:,.0f} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
-                    f"{share} | {r['cpu_us']:.1f} | {cheaper} | {r['errors']} | {runs_text} |")
+                    f"{share} | {r['cpu_us']:.1f} | {cheaper} | {wrk_text}{r['errors']} | "
+                    f"{runs_text} |")
             else:
                 add(f"| {label} | {r['rps']:,.0f} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
                     f"{share} | {r['errors']} | {runs_text} |")
@@ -169,7 +173,10 @@ class Report:
         if cpu:
             add("CPU µs/request: the user and system time of the server's whole process tree "
                 "during each run, over the requests wrk completed (wrk's own CPU is not in it); "
-                "it moves much less from run to run than requests/s on this shared machine.")
+                "it moves much less from run to run than requests/s on this shared machine."
+                + (" wrk's CPU µs/request: wrk's own, the same way. wrk runs on the same two "
+                   "cores, so a ratio of requests/s can only approach the ratio of CPU per "
+                   "request *including* wrk's: (peer + wrk) ÷ (molt + wrk)." if wrk_cpu else ""))
             add("")
 
     def spread_note(self, key: str):
