@@ -77,6 +77,24 @@ class Report:
     def target(self, name: str, ok: Union[bool, str, None], value: str):
         self.targets.append((name, ok, value))
 
+    def wrk_bound(self, what: str, mine: dict, peer: dict, peer_name: str, factor: float,
+                  reference: str = ""):
+        """One bullet: the ratio of requests/s that the CPU per request allows once wrk's own
+        is counted, and what molt would have to cost for `factor`. On two saturated cores
+        shared with wrk, requests/s ≈ 2 s ÷ (server + wrk CPU per request)."""
+        if "wrk_cpu_us" not in mine or "wrk_cpu_us" not in peer:
+            return
+        theirs = peer["cpu_us"] + peer["wrk_cpu_us"]
+        ours = mine["cpu_us"] + mine["wrk_cpu_us"]
+        needed = theirs / factor - mine["wrk_cpu_us"]
+        self.add(f"* {what}: with wrk's own CPU per request counted, molt + wrk cost "
+                 f"{mine['cpu_us']:.1f} + {mine['wrk_cpu_us']:.1f} µs against {peer_name} + "
+                 f"wrk {peer['cpu_us']:.1f} + {peer['wrk_cpu_us']:.1f}: the CPU allows "
+                 f"**{ratio(theirs, ours)}** (measured {ratio(mine['rps'], peer['rps'])}). "
+                 f"{factor}× would need molt at {needed:.1f} µs per request or less"
+                 + (f" ({reference})" if reference else "")
+                 + f"; a server that cost nothing would reach {ratio(theirs, mine['wrk_cpu_us'])}.")
+
     def commands(self, section: str, labels, *more: str):
         """A shell block: the command line of each server of `section` (as the section
         recorded it in results["commands"]), then the `more` lines."""

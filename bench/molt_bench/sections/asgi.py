@@ -141,6 +141,13 @@ def report(doc: Report):
             add(f"| {label} | {r['rate']:,.0f} | {share} | {r['errors']} | "
                 + ", ".join(f"{x:,.0f}" for x in r["runs"]) + " |")
         add("")
+    for key, mode in (("asgi_keepalive", "keep-alive"), ("asgi_close", "`Connection: close`")):
+        a = results.get(key, {})
+        peers = [peer for peer in ("uvicorn", "gunicorn-uvicorn") if peer in a]
+        if "molt" in a and peers:
+            best = max(peers, key=lambda peer: a[peer]["rps"])
+            doc.wrk_bound(f"ASGI {mode}", a["molt"], a[best], best, 1.2)
+    add("")
     for key, mode in (("asgi_keepalive", "keep-alive"), ("asgi_close", "close")):
         if key not in results:
             continue

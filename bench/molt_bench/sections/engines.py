@@ -253,21 +253,12 @@ def report(doc: Report):
                    "(no target)", None, ratio(a, b))
     target("native engine, 64 KiB response ≥ 1.5× uWSGI", "body_64k", "uwsgi", 1.5)
     target("native engine, 16 KiB POST ≥ 1.5× uWSGI", "post_16k", "uwsgi", 1.5)
+    hello_cpu = data.get("hello_ka", {}).get("molt-native", {}).get("cpu_us", float("nan"))
     for key, what in (("body_64k", "64 KiB response"), ("post_16k", "16 KiB POST")):
         rows = data.get(key, {})
-        mine, peer = rows.get("molt-native", {}), rows.get("uwsgi", {})
-        if "wrk_cpu_us" not in mine or "wrk_cpu_us" not in peer:
-            continue
-        # On two saturated cores shared with wrk, req/s ≈ 2 s ÷ (server + wrk CPU per request).
-        theirs = peer["cpu_us"] + peer["wrk_cpu_us"]
-        needed = theirs / 1.5 - mine["wrk_cpu_us"]
-        add(f"* {what}: with wrk's own CPU per request counted, molt + wrk cost "
-            f"{mine['cpu_us']:.1f} + {mine['wrk_cpu_us']:.1f} µs against uWSGI + wrk "
-            f"{peer['cpu_us']:.1f} + {peer['wrk_cpu_us']:.1f}: **{ratio(theirs, mine['cpu_us'] + mine['wrk_cpu_us'])}** "
-            f"is what the CPU allows (measured {ratio(mine['rps'], peer['rps'])}). 1.5× would "
-            f"need molt at {needed:.1f} µs per request or less "
-            f"(hello world keep-alive: {data.get('hello_ka', {}).get('molt-native', {}).get('cpu_us', float('nan')):.1f}); "
-            f"a server that cost nothing would reach {ratio(theirs, mine['wrk_cpu_us'])}.")
+        if "molt-native" in rows and "uwsgi" in rows:
+            doc.wrk_bound(what, rows["molt-native"], rows["uwsgi"], "uWSGI", 1.5,
+                          f"molt's hello world keep-alive: {hello_cpu:.1f}")
     add("")
     flask = data.get("flask", {})
     if flask:
