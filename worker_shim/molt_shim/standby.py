@@ -32,8 +32,8 @@ from . import proctitle
 from .contract import Key, WorkerExit
 from .lifecycle import fail
 from .protocol import Channel, decode
-from .zygote import (EMPTY, FDS_PER_FORK, adopted_by, close_all, intermediates, receive,
-                     return_to_exit)
+from .zygote import (EMPTY, FDS_PER_FORK, Forks, adopted_by, close_all, intermediates,
+                     receive, return_to_exit)
 
 
 def fork_if_asked(channel: Channel) -> bool:
@@ -64,8 +64,9 @@ def fork_if_asked(channel: Channel) -> bool:
     master = os.getppid()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    forks = Forks()  # the workers' double fork (zygote.py), with its interpreter work once
     try:
-        intermediate = os.fork()
+        intermediate = forks.intermediate()
     except OSError as exc:
         close_all(fds)
         channel.send(**{Key.STANDBY_ERROR: "fork() failed: %s" % exc.strerror})
@@ -75,7 +76,7 @@ def fork_if_asked(channel: Channel) -> bool:
         intermediates.append(intermediate)  # the zygote reaps it with its batches'
         return False
     try:
-        pid = os.fork()
+        pid = forks.child()
     except OSError as exc:
         channel.send(**{Key.STANDBY_ERROR: "fork() failed: %s" % exc.strerror})
         return_to_exit(0)

@@ -314,7 +314,7 @@ def fork_workers(cfg: config.WorkerConfig, channel: Channel, master: int, libc: 
     try:
         for n, (request, slot, fds) in enumerate(batch):
             try:
-                pid = forks.worker()
+                pid = forks.child()
             except OSError as exc:
                 channel.send(**{Key.FORKED: request,
                                 Key.FORK_ERROR: "fork() failed: %s" % exc.strerror})
@@ -340,19 +340,21 @@ def fork_workers(cfg: config.WorkerConfig, channel: Channel, master: int, libc: 
 
 
 class Forks:
-    """The two forks of a batch: the zygote's of the intermediate, the intermediate's of each
-    worker, with the interpreter's fork work done once per worker instead of twice.
+    """The two forks of a double fork: the zygote's of the intermediate, the intermediate's
+    of each child (a batch's workers, or the standby), with the interpreter's fork work done
+    once per child instead of twice.
 
     os.fork() runs PyOS_BeforeFork (the registered `before` hooks, the import lock) in the
     parent and, in the child, PyOS_AfterFork_Child: the GIL and thread states made anew, then
     every `after_in_child` hook (threading's bookkeeping, random's reseed, logging's and
     concurrent.futures' locks). That child work allocates and writes shared pages, ~230
     copy-on-write faults, about 6 ms here, and the intermediate, which only forks and exits,
-    paid it for nothing on every respawn. So when the zygote runs no other thread: the zygote
-    runs the `before` side and forks the intermediate with libc's fork(); the intermediate
-    inherits the interpreter exactly as it is between before and after, forks each worker the
-    same way, and each worker runs PyOS_AfterFork_Child itself, so it ends up as after
-    os.fork(). With another thread alive (preload: true over fork hazards) both are os.fork()."""
+    paid it for nothing on every respawn and every HUP. So when the zygote runs no other
+    thread: the zygote runs the `before` side and forks the intermediate with libc's fork();
+    the intermediate inherits the interpreter exactly as it is between before and after, forks
+    each child the same way, and each child runs PyOS_AfterFork_Child itself, so it ends up as
+    after os.fork(). With another thread alive (preload: true over fork hazards) both are
+    os.fork()."""
 
     def __init__(self) -> None:
         self.raw = threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1
@@ -377,7 +379,7 @@ class Forks:
                 self.api.PyOS_AfterFork_Parent()
         return pid
 
-    def worker(self) -> int:
+    def child(self) -> int:
         """In the intermediate."""
         if not self.raw:
             return os.fork()
