@@ -240,15 +240,6 @@ PyObject* parser_error(PyObject* self_, void*) {
     Py_RETURN_NONE;
 }
 
-PyObject* parser_upgrade(PyObject* self_, void*) {
-    RequestParser* parser = parser_of(self_);
-    return parser == nullptr ? nullptr : PyBool_FromLong(parser->upgrade());
-}
-
-PyObject* parser_should_upgrade(PyObject* self_, PyObject*) {
-    return parser_upgrade(self_, nullptr);
-}
-
 PyObject* parser_in_head(PyObject* self_, void*) {
     RequestParser* parser = parser_of(self_);
     return parser == nullptr ? nullptr : PyBool_FromLong(parser->in_head());
@@ -269,12 +260,10 @@ PyMethodDef parser_methods[] = {
      "feed(data) -> [event]: (scope, asked_close, expect_100, upgrade, complete) for a "
      "complete head (complete: it has no body, and no end event follows), bytes for body, "
      "None for the request's end."},
-    {"should_upgrade", parser_should_upgrade, METH_NOARGS, "The same as `upgrade`."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyGetSetDef parser_getset[] = {
     {"error", parser_error, nullptr, "None, or (status, reason): nothing more is parsed.", nullptr},
-    {"upgrade", parser_upgrade, nullptr, "An upgrade request's head was parsed.", nullptr},
     {"in_head", parser_in_head, nullptr, "A request head has begun and is not complete.", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
