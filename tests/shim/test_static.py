@@ -243,6 +243,15 @@ def test_keep_alive_mixes_static_and_app(srv):
         assert c.response()[::2] == (200, HELLO)
         assert c.response()[::2] == (206, BIG[:3])
         assert c.response("HEAD")[::2] == (200, b"")
+        # A HEAD answers with the head alone, whole file or range, and the next request on
+        # the connection gets its own answer (the Python engine once sent the file too).
+        c.send(b"HEAD /static/big.bin HTTP/1.1\r\nHost: t\r\n\r\n"
+               b"HEAD /static/big.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=0-2\r\n\r\n"
+               b"GET /static/hello.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, headers, body = c.response("HEAD")
+        assert (status, body, headers["Content-Length"]) == (200, b"", str(len(BIG)))
+        assert c.response("HEAD")[::2] == (206, b"")
+        assert c.response()[::2] == (200, HELLO)
     finally:
         c.close()
 

@@ -288,10 +288,11 @@ class Response:
     def send_file_range(self, fd: int, offset: int, size: int) -> None:
         """The head (start_response gave the Content-Length), then `size` bytes of the open
         file from `offset` with sendfile; a file that shrank meanwhile closes the connection."""
+        head = self._head(None)  # it decides no_body (HEAD, 304)
         if self.no_body:
-            self.sink.send_all(self._head(None))
+            self.sink.send_all(head)
             return
-        sent = self.sink.sendfile_all(fd, offset, size, self._head(None))
+        sent = self.sink.sendfile_all(fd, offset, size, head)
         self.bytes_sent += sent
         self.remaining -= sent
         self._check_length()
