@@ -405,6 +405,7 @@ Connection* Server::add_connection(int fd, int listener_index, const sockaddr_st
     const bool tcp_peer = addr.ss_family != AF_UNIX;
     auto conn = std::make_unique<Connection>(fd, listener_index, config_.limits);
     conn->tcp = tcp_peer;
+    conn->tcp_socket = addr.ss_family == AF_INET || addr.ss_family == AF_INET6;
     conn->idle_since = monotonic();
     if (tcp_peer) {
         char host[INET6_ADDRSTRLEN] = "";
@@ -755,7 +756,7 @@ bool Server::send_all(Connection& conn, const iovec* iov_in, int count, std::str
     return true;
 }
 
-Corked::Corked(const Connection& conn) : fd_(conn.tcp ? conn.fd : -1) {
+Corked::Corked(const Connection& conn) : fd_(conn.tcp_socket ? conn.fd : -1) {
     const int on = 1;
     if (fd_ >= 0) ::setsockopt(fd_, IPPROTO_TCP, TCP_CORK, &on, sizeof on);
 }

@@ -104,7 +104,8 @@ struct Connection {
     int listener;  // index into the listeners, -1 for the warm-up connection
     std::string remote_addr;
     std::string remote_port;
-    bool tcp = false;
+    bool tcp = false;         // the client's address is TCP's (a PROXY header may say so)
+    bool tcp_socket = false;  // the accepted socket itself is TCP (TCP_CORK applies)
     RequestParser parser;
     ConnState state = ConnState::busy;
     double idle_since = 0;
