@@ -64,8 +64,8 @@ def fork_if_asked(channel: Channel) -> bool:
     master = os.getppid()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    forks = Forks()  # the workers' double fork (zygote.py), with its interpreter work once
     try:
+        forks = Forks()  # the workers' double fork (zygote.py), its interpreter work once
         intermediate = forks.intermediate()
     except OSError as exc:
         close_all(fds)
@@ -75,14 +75,16 @@ def fork_if_asked(channel: Channel) -> bool:
         close_all(fds)
         intermediates.append(intermediate)  # the zygote reaps it with its batches'
         return False
+    pid = -1  # the intermediate: fork the standby, say its pid, exit whatever happens
     try:
         pid = forks.child()
+        if pid > 0:
+            channel.send(**{Key.STANDBY_PID: pid})
     except OSError as exc:
         channel.send(**{Key.STANDBY_ERROR: "fork() failed: %s" % exc.strerror})
-        return_to_exit(0)
-    if pid != 0:
-        channel.send(**{Key.STANDBY_PID: pid})
-        return_to_exit(0)
+    finally:
+        if pid != 0:  # not the standby
+            return_to_exit(0)
     return wait_for_start(channel, master, fds)
 
 
