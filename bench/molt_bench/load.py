@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shlex
 import signal
 import statistics
@@ -34,21 +35,31 @@ def run_wrk(p: Params, port: int, duration: float, conns: int, close: bool = Fal
 
 
 def wrk_result(load: testlib.Wrk) -> dict:
-    """load.result(), plus `wrk_cpu_us`: wrk's own CPU (utime + stime of all its threads)
-    per request. On a machine whose cores wrk shares with the server, this is the part of
-    each request that no server can make cheaper: the ratios of requests/s are bounded by it.
-    Read from /proc while wrk is a zombie (waited for with WNOWAIT, so result() still reaps
-    it); wrk's report is far smaller than a pipe, so it never blocks on its output."""
+    """load.result(), plus `wrk_cpu_us` when it could be read: wrk's own CPU (utime + stime
+    of all its threads) per request. On a machine whose cores wrk shares with the server,
+    this is the part of each request that no server can make cheaper: the ratios of
+    requests/s are bounded by it. Read from /proc while wrk is a zombie (its pidfd turns
+    readable at the exit; result() reaps it); wrk's report is far smaller than a pipe, so it
+    never blocks on its output."""
     deadline = time.monotonic() + load.duration + 30
     cpu = None
-    while time.monotonic() < deadline:
-        if os.waitid(os.P_PID, load.proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG):
-            cpu = cpu_ticks(load.proc.pid) * TICK_S
-            break
-        time.sleep(0.01)
-    r = load.result()
-    r["wrk_cpu_us"] = (cpu / r["requests"] * 1e6 if cpu is not None and r["requests"]
-                       else float("nan"))
+    try:
+        pidfd = os.pidfd_open(load.proc.pid)
+    except OSError:
+        pidfd = None  # already reaped, or no pidfds: the figure is left out
+    if pidfd is not None:
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            if poller.poll(max(0.0, deadline - time.monotonic()) * 1000):  # it has exited
+                cpu = cpu_ticks(load.proc.pid) * TICK_S
+        except OSError:
+            pass
+        finally:
+            os.close(pidfd)
+    r = load.result(timeout=max(1.0, deadline - time.monotonic()))
+    if cpu is not None and r["requests"]:
+        r["wrk_cpu_us"] = cpu / r["requests"] * 1e6
     return r
 
 
@@ -91,7 +102,8 @@ def throughput(p: Params, servers: list[Server], close: bool, results: dict, key
             r["cpu_us"] = cpu_s / r["requests"] * 1e6 if r["requests"] else float("nan")
             runs[s.label].append(r)
             say(f"  {key} {s.label} #{rep + 1}: {r['rps']:.0f} req/s p50 {r['p50']:.2f}ms "
-                f"p99 {r['p99']:.2f}ms cpu {r['cpu_us']:.1f}us/req wrk {r['wrk_cpu_us']:.1f}us/req "
+                f"p99 {r['p99']:.2f}ms cpu {r['cpu_us']:.1f}us/req "
+                f"wrk {r.get('wrk_cpu_us', float('nan')):.1f}us/req "
                 f"errors {r['failed']}")
             results["commands"]["wrk " + key] = wrk_command(p, p.duration, p.wrk_conns, close,
                                                             path, servers[0].scheme, extra)

@@ -160,7 +160,8 @@ def measure(p: Params, work: Path, results: dict):
                     runs[label].append(r)
                     say(f"  {key} {label} #{rep + 1}: {r['rps']:.0f} req/s p99 {r['p99']:.2f}ms "
                         f"cpu {r['cpu_us_per_request']:.1f}us/req "
-                        f"wrk {r['wrk_cpu_us']:.1f}us/req errors {r['failed']}")
+                        f"wrk {r.get('wrk_cpu_us', float('nan')):.1f}us/req "
+                        f"errors {r['failed']}")
             out[key] = {label: summary(rs) for label, rs in runs.items()}
             results["commands"]["wrk engines " + key] = shlex.join(testlib.wrk_argv(
                 f"http://127.0.0.1:PORT{path}", p.duration, p.wrk_conns, p.wrk_threads, close,
@@ -179,12 +180,14 @@ def summary(runs: list[dict]) -> dict:
         return statistics.median(r[key] for r in runs)
 
     rps = [r["rps"] for r in runs]
-    return {"rps": med("rps"), "p50": med("p50"), "p99": med("p99"),
-            "cpu_us": med("cpu_us_per_request"), "wrk_cpu_us": med("wrk_cpu_us"),
-            "min_rps": min(rps), "max_rps": max(rps),
-            "runs": [{"rps": x} for x in rps],
-            "errors": sum(r["failed"] for r in runs),
-            "queued": max(r.get("queued", 0) for r in runs)}
+    out = {"rps": med("rps"), "p50": med("p50"), "p99": med("p99"),
+           "cpu_us": med("cpu_us_per_request"), "min_rps": min(rps), "max_rps": max(rps),
+           "runs": [{"rps": x} for x in rps],
+           "errors": sum(r["failed"] for r in runs),
+           "queued": max(r.get("queued", 0) for r in runs)}
+    if all("wrk_cpu_us" in r for r in runs):
+        out["wrk_cpu_us"] = med("wrk_cpu_us")
+    return out
 
 
 def report(doc: Report):
@@ -215,15 +218,16 @@ def report(doc: Report):
             continue
         add(f"### {title}")
         add("")
+        wrk_cpu = all("wrk_cpu_us" in rows[label] for label in labels)
         add("| server | req/s (min–max) | p50 ms | p99 ms | CPU µs/request | "
-            "wrk's CPU µs/request | errors | left queued |")
-        add("|---|---|---|---|---|---|---|---|")
+            + ("wrk's CPU µs/request | " if wrk_cpu else "") + "errors | left queued |")
+        add("|---|---|---|---|---|" + ("---|" if wrk_cpu else "") + "---|---|")
         for label in labels:
             r = rows[label]
+            wrk_text = f"{r['wrk_cpu_us']:.1f} | " if wrk_cpu else ""
             add(f"| {label} | {r['rps']:,.0f} ({r['min_rps']:,.0f}–{r['max_rps']:,.0f}) | "
-                f"{fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | {r['cpu_us']:.1f} | "
-                f"{r.get('wrk_cpu_us', float('nan')):.1f} | {r['errors']} | "
-                f"{r.get('queued', 0)} |")
+                f"{fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | {r['cpu_us']:.1f} | {wrk_text}"
+                f"{r['errors']} | {r.get('queued', 0)} |")
         add("")
     mem = data.get("idle_kib_per_connection", {})
     if mem:
