@@ -1,7 +1,10 @@
-"""Binary upgrade on SIGUSR2: same master PID, same workers, new build, no failed request;
-a broken new binary leaves the old master in charge."""
+"""Binary upgrade on SIGUSR2: same master PID, same workers, new build, no failed request,
+for a WSGI and an ASGI generation (an open WebSocket included); a broken new binary leaves the
+old master in charge."""
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import signal
@@ -11,18 +14,33 @@ import pytest
 from molt_testlib import APPS, REPO, Molt, Wrk, molt_bin, wait_until
 
 
-@pytest.fixture
-def upgradable(tmp_path):
-    """molt started from a copy of the binary that the test can replace, like a package upgrade."""
+def start_upgradable(tmp_path, config: dict):
+    """molt started from a copy of the binary that the test can replace, like a package
+    upgrade."""
     binary = tmp_path / "bin" / "molt"
     binary.parent.mkdir()
     shutil.copy2(molt_bin(), binary)
     env = dict(os.environ, MOLT_SHIM_DIR=str(REPO / "worker_shim"))
-    m = Molt(tmp_path / "run", {"app": "hello_app:application", "chdir": str(APPS), "workers": 2},
-             env=env, binary=str(binary))
+    m = Molt(tmp_path / "run", config, env=env, binary=str(binary))
     m.start()
+    return m, binary
+
+
+@pytest.fixture
+def upgradable(tmp_path):
+    m, binary = start_upgradable(
+        tmp_path, {"app": "hello_app:application", "chdir": str(APPS), "workers": 2})
     yield m, binary
     m.kill_everything()
+
+
+def upgrade_in_place(m, binary, before: dict):
+    """A new build (the same program with different bytes, so its build digest differs),
+    SIGUSR2, and the new image answering."""
+    replace_binary(binary, binary.read_bytes() + b"\0new build\0")
+    m.signal(signal.SIGUSR2)
+    wait_until(lambda: (m.try_status() or before)["master"]["build"] != before["master"]["build"],
+               15, "the new image to answer", on_timeout=m.log)
 
 
 def accept_board(pid: int) -> int:
@@ -53,11 +71,7 @@ def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
     board = accept_board(workers_before[0])
     load = Wrk(m.url("/"), duration=6, connections=16)
     try:
-        # A new build: the same program with different bytes, so its build digest differs.
-        replace_binary(binary, binary.read_bytes() + b"\0new build\0")
-        m.signal(signal.SIGUSR2)
-        wait_until(lambda: (m.try_status() or before)["master"]["build"] != before["master"]["build"],
-                   15, "the new image to answer", on_timeout=m.log)
+        upgrade_in_place(m, binary, before)
     finally:
         result = load.result()
     after = m.status()
@@ -80,6 +94,62 @@ def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
     assert m.live_generation() == before["live_generation"] + 1
     live = m.workers("ready", generation=m.live_generation())
     assert live and {accept_board(w["pid"]) for w in live} == {board}
+
+
+@pytest.mark.timeout(120)
+def test_usr2_keeps_an_asgi_generation_its_loops_and_an_open_websocket(tmp_path):
+    """The ASGI engine across a binary upgrade: the workers (their event loops, their
+    lifespan) are not restarted, a WebSocket opened before the upgrade still echoes after it,
+    a crashed worker is re-forked from the adopted zygote, and the adopted generation rolls
+    over to one whose workers run their own loop and lifespan."""
+    import websockets
+
+    m, binary = start_upgradable(tmp_path, {"app": "asgi_app:app", "interface": "asgi",
+                                            "chdir": str(APPS), "workers": 2})
+    try:
+        before = m.status()
+        workers_before = sorted(m.worker_pids())
+
+        async def across_the_upgrade():
+            async with websockets.connect(f"ws://127.0.0.1:{m.port}/ws") as ws:
+                await ws.send("before")
+                assert await ws.recv() == "echo:before"
+                load = Wrk(m.url("/"), duration=6, connections=16)
+
+                def upgrade():
+                    try:
+                        upgrade_in_place(m, binary, before)
+                    finally:
+                        result = load.result()
+                    return result
+
+                result = await asyncio.get_running_loop().run_in_executor(None, upgrade)
+                await ws.send("after")
+                assert await asyncio.wait_for(ws.recv(), 10) == "echo:after"
+                return result
+
+        result = asyncio.run(across_the_upgrade())
+        after = m.status()
+        assert after["master"]["pid"] == before["master"]["pid"] == m.pid
+        assert sorted(m.worker_pids()) == workers_before
+        assert result["requests"] > 100 and result["failed"] == 0, result["output"]
+        assert "binary upgrade complete" in m.log()
+        zygote = before["generations"][0]["preload"]["zygote"]
+        assert zygote and after["generations"][0]["preload"]["zygote"]["pid"] == zygote["pid"]
+
+        os.kill(workers_before[0], signal.SIGKILL)
+        wait_until(lambda: workers_before[0] not in m.worker_pids()
+                   and len(m.workers("ready")) == 2, 20, "the replacement", on_timeout=m.log)
+        assert all(w["forked"] for w in m.workers("ready")), m.status()
+
+        assert m.reload()["ok"] is True
+        assert m.live_generation() == before["live_generation"] + 1
+        for _ in range(4):  # the new workers: each its own loop, its lifespan started
+            status, _, body = m.get("/state")
+            assert status == 200 and json.loads(body)["started"] is True, body
+        assert m.get("/")[::2] == (200, b"asgi hello")
+    finally:
+        m.kill_everything()
 
 
 @pytest.mark.timeout(60)
