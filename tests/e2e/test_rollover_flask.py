@@ -163,6 +163,7 @@ def test_workers_never_outlive_a_master_killed_with_sigkill(molt, tmp_path):
 def test_rollover_in_batches_keeps_serving(molt, tmp_path):
     releases = deploy_layout(tmp_path)
     m = molt(releases.config(workers=3, rollover={"batch": 1}))
+    old = m.status()["generations"][0]
     load = Wrk(m.url("/"), duration=10, connections=16)
     try:
         releases.activate("b")
@@ -173,3 +174,11 @@ def test_rollover_in_batches_keeps_serving(molt, tmp_path):
     assert result["failed"] == 0, result["output"]
     assert "rollover batch: 2 of 3 slots handed over" in m.log()
     assert body(m) == "version b\n"
+    # Preloaded (preload: auto, the default): every batch was forked from the new release's
+    # zygote, and the old one went with its generation.
+    new = next(g for g in m.status()["generations"] if g["id"] == m.live_generation())
+    assert old["preload"]["preloaded"] and new["preload"]["preloaded"], (old, new)
+    assert new["preload"]["zygote"]["pid"] != old["preload"]["zygote"]["pid"]
+    assert len(new["workers"]) == 3 and all(w["forked"] for w in new["workers"]), new
+    wait_until(lambda: not os.path.exists(f"/proc/{old['preload']['zygote']['pid']}"), 15,
+               "the old generation's zygote to be gone", on_timeout=m.log)
