@@ -34,7 +34,7 @@ async def healthz(request):
 
 
 async def state(request):
-    return JSONResponse(dict(STATE, notify=os.environ.get("NOTIFY_SOCKET")))
+    return JSONResponse(dict(STATE, notify=os.environ.get("NOTIFY_SOCKET"), pid=os.getpid()))
 
 
 async def slow(request):

@@ -75,6 +75,7 @@ def test_flask_preloaded_rollovers_under_load_load_new_code_once_per_generation(
     m = molt(config_for(releases, log))
     assert body(m) == "version a\n"
     assert_preloaded(m, m.live_generation())
+    assert "(engine native: wsgi" in m.log()  # engine: auto picked the native engine
     assert len(imports(log)) == 1  # the zygote's, not one per worker
 
     load = Wrk(m.url("/"), duration=25, connections=32)

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from molt_testlib import Releases, Wrk, flask_release, release_tree, wait_until
+from molt_testlib import (Releases, Wrk, flask_release, process_running, release_tree,
+                          wait_until)
 
 
 def deploy_layout(tmp_path, versions=("a", "b")):
@@ -174,11 +175,11 @@ def test_rollover_in_batches_keeps_serving(molt, tmp_path):
     assert result["failed"] == 0, result["output"]
     assert "rollover batch: 2 of 3 slots handed over" in m.log()
     assert body(m) == "version b\n"
-    # Preloaded (preload: auto, the default): every batch was forked from the new release's
-    # zygote, and the old one went with its generation.
+    # Preloaded (preload: auto, the default): the new generation has its own zygote, every
+    # worker of it was forked, and the old zygote went with its generation.
     new = next(g for g in m.status()["generations"] if g["id"] == m.live_generation())
     assert old["preload"]["preloaded"] and new["preload"]["preloaded"], (old, new)
     assert new["preload"]["zygote"]["pid"] != old["preload"]["zygote"]["pid"]
     assert len(new["workers"]) == 3 and all(w["forked"] for w in new["workers"]), new
-    wait_until(lambda: not os.path.exists(f"/proc/{old['preload']['zygote']['pid']}"), 15,
+    wait_until(lambda: not process_running(old["preload"]["zygote"]["pid"]), 15,
                "the old generation's zygote to be gone", on_timeout=m.log)

@@ -8,10 +8,11 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
-from molt_testlib import APPS, REPO, Molt, Wrk, molt_bin, wait_until
+from molt_testlib import APPS, Molt, Wrk, molt_bin, wait_until
 
 
 def start_upgradable(tmp_path, config: dict):
@@ -20,7 +21,11 @@ def start_upgradable(tmp_path, config: dict):
     binary = tmp_path / "bin" / "molt"
     binary.parent.mkdir()
     shutil.copy2(molt_bin(), binary)
-    env = dict(os.environ, MOLT_SHIM_DIR=str(REPO / "worker_shim"))
+    # The shim as the build installs it (the package and the native extension side by side),
+    # which the copy cannot find next to itself: without the extension, engine: auto would
+    # quietly be the Python engine.
+    shim = Path(molt_bin()).resolve().parent.parent / "lib" / "molt"
+    env = dict(os.environ, MOLT_SHIM_DIR=str(shim))
     m = Molt(tmp_path / "run", config, env=env, binary=str(binary))
     m.start()
     return m, binary
@@ -32,6 +37,14 @@ def upgradable(tmp_path):
         tmp_path, {"app": "hello_app:application", "chdir": str(APPS), "workers": 2})
     yield m, binary
     m.kill_everything()
+
+
+def killed_and_forked_again(m, pid: int, workers: int):
+    """kill -9 of a worker: its replacement is forked from the (adopted) zygote."""
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: pid not in m.worker_pids() and len(m.workers("ready")) == workers, 20,
+               "the replacement", on_timeout=m.log)
+    assert all(w["forked"] for w in m.workers("ready")), m.status()
 
 
 def upgrade_in_place(m, binary, before: dict):
@@ -80,14 +93,11 @@ def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
     assert after["live_generation"] == before["live_generation"]
     assert result["requests"] > 100 and result["failed"] == 0, result["output"]
     assert "binary upgrade complete" in m.log()
+    assert "(engine native: wsgi" in m.log()  # engine: auto picked the native engine
     # Its zygote (preload: auto, the default) was adopted too: a crashed worker is re-forked.
     zygote = before["generations"][0]["preload"]["zygote"]
     assert zygote and after["generations"][0]["preload"]["zygote"]["pid"] == zygote["pid"]
-    os.kill(workers_before[0], signal.SIGKILL)
-    wait_until(lambda: workers_before[0] not in m.worker_pids()
-               and len(m.workers("ready")) == 2, 20, "the replacement",
-               on_timeout=m.log)
-    assert all(w["forked"] for w in m.workers("ready")), m.status()
+    killed_and_forked_again(m, workers_before[0], 2)
     # The adopted generation still rolls over normally afterwards, and the new generation's
     # workers balance their connections on the board the adopted ones used (handed over).
     assert m.reload()["ok"] is True
@@ -97,11 +107,11 @@ def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
 
 
 @pytest.mark.timeout(120)
-def test_usr2_keeps_an_asgi_generation_its_loops_and_an_open_websocket(tmp_path):
-    """The ASGI engine across a binary upgrade: the workers (their event loops, their
-    lifespan) are not restarted, a WebSocket opened before the upgrade still echoes after it,
-    a crashed worker is re-forked from the adopted zygote, and the adopted generation rolls
-    over to one whose workers run their own loop and lifespan."""
+def test_usr2_keeps_an_asgi_generation_and_an_open_websocket(tmp_path):
+    """The ASGI engine across a binary upgrade: its workers are not restarted, a WebSocket
+    opened before the upgrade still echoes after it, a crashed worker is re-forked from the
+    adopted zygote, and the adopted generation rolls over to workers that each ran their
+    lifespan."""
     import websockets
 
     m, binary = start_upgradable(tmp_path, {"app": "asgi_app:app", "interface": "asgi",
@@ -132,21 +142,30 @@ def test_usr2_keeps_an_asgi_generation_its_loops_and_an_open_websocket(tmp_path)
         after = m.status()
         assert after["master"]["pid"] == before["master"]["pid"] == m.pid
         assert sorted(m.worker_pids()) == workers_before
+        assert after["live_generation"] == before["live_generation"]
         assert result["requests"] > 100 and result["failed"] == 0, result["output"]
         assert "binary upgrade complete" in m.log()
         zygote = before["generations"][0]["preload"]["zygote"]
         assert zygote and after["generations"][0]["preload"]["zygote"]["pid"] == zygote["pid"]
-
-        os.kill(workers_before[0], signal.SIGKILL)
-        wait_until(lambda: workers_before[0] not in m.worker_pids()
-                   and len(m.workers("ready")) == 2, 20, "the replacement", on_timeout=m.log)
-        assert all(w["forked"] for w in m.workers("ready")), m.status()
+        killed_and_forked_again(m, workers_before[0], 2)
 
         assert m.reload()["ok"] is True
-        assert m.live_generation() == before["live_generation"] + 1
-        for _ in range(4):  # the new workers: each its own loop, its lifespan started
+        live = m.live_generation()
+        assert live == before["live_generation"] + 1
+        new_pids = {w["pid"] for w in m.workers("ready", generation=live)}
+        assert len(new_pids) == 2 and not new_pids & set(workers_before), m.status()
+        started = {}
+
+        def every_new_worker_answered():  # new connections spread over both workers
             status, _, body = m.get("/state")
-            assert status == 200 and json.loads(body)["started"] is True, body
+            assert status == 200, body
+            state = json.loads(body)
+            started[state["pid"]] = state["started"]
+            return set(started) >= new_pids
+
+        wait_until(every_new_worker_answered, 20, "both new workers to answer /state",
+                   interval=0.01, on_timeout=m.log)
+        assert all(started[pid] is True for pid in new_pids), started
         assert m.get("/")[::2] == (200, b"asgi hello")
     finally:
         m.kill_everything()

@@ -257,12 +257,13 @@ def report(doc: Report):
                    "(no target)", None, ratio(a, b))
     target("native engine, 64 KiB response ≥ 1.5× uWSGI", "body_64k", "uwsgi", 1.5)
     target("native engine, 16 KiB POST ≥ 1.5× uWSGI", "post_16k", "uwsgi", 1.5)
-    hello_cpu = data.get("hello_ka", {}).get("molt-native", {}).get("cpu_us", float("nan"))
+    hello_cpu = data.get("hello_ka", {}).get("molt-native", {}).get("cpu_us")
     for key, what in (("body_64k", "64 KiB response"), ("post_16k", "16 KiB POST")):
         rows = data.get(key, {})
         if "molt-native" in rows and "uwsgi" in rows:
             doc.wrk_bound(what, rows["molt-native"], rows["uwsgi"], "uWSGI", 1.5,
-                          f"molt's hello world keep-alive: {hello_cpu:.1f}")
+                          f"molt's hello world keep-alive: {hello_cpu:.1f}"
+                          if hello_cpu is not None else "")
     add("")
     flask = data.get("flask", {})
     if flask:
