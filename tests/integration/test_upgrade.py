@@ -47,6 +47,19 @@ def killed_and_forked_again(m, pid: int, workers: int):
     assert all(w["forked"] for w in m.workers("ready")), m.status()
 
 
+def assert_kept_in_place(m, before: dict, workers_before: list, load_result: dict):
+    """After the upgrade: the same master, the same workers and generation, no failed request
+    during it, and its zygote adopted."""
+    after = m.status()
+    assert after["master"]["pid"] == before["master"]["pid"] == m.pid
+    assert sorted(m.worker_pids()) == workers_before
+    assert after["live_generation"] == before["live_generation"]
+    assert load_result["requests"] > 100 and load_result["failed"] == 0, load_result["output"]
+    assert "binary upgrade complete" in m.log()
+    zygote = before["generations"][0]["preload"]["zygote"]
+    assert zygote and after["generations"][0]["preload"]["zygote"]["pid"] == zygote["pid"]
+
+
 def upgrade_in_place(m, binary, before: dict):
     """A new build (the same program with different bytes, so its build digest differs),
     SIGUSR2, and the new image answering."""
@@ -87,16 +100,9 @@ def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
         upgrade_in_place(m, binary, before)
     finally:
         result = load.result()
-    after = m.status()
-    assert after["master"]["pid"] == before["master"]["pid"] == m.pid
-    assert sorted(m.worker_pids()) == workers_before
-    assert after["live_generation"] == before["live_generation"]
-    assert result["requests"] > 100 and result["failed"] == 0, result["output"]
-    assert "binary upgrade complete" in m.log()
+    assert_kept_in_place(m, before, workers_before, result)
     assert "(engine native: wsgi" in m.log()  # engine: auto picked the native engine
     # Its zygote (preload: auto, the default) was adopted too: a crashed worker is re-forked.
-    zygote = before["generations"][0]["preload"]["zygote"]
-    assert zygote and after["generations"][0]["preload"]["zygote"]["pid"] == zygote["pid"]
     killed_and_forked_again(m, workers_before[0], 2)
     # The adopted generation still rolls over normally afterwards, and the new generation's
     # workers balance their connections on the board the adopted ones used (handed over).
@@ -138,15 +144,7 @@ def test_usr2_keeps_an_asgi_generation_and_an_open_websocket(tmp_path):
                 assert await asyncio.wait_for(ws.recv(), 10) == "echo:after"
                 return result
 
-        result = asyncio.run(across_the_upgrade())
-        after = m.status()
-        assert after["master"]["pid"] == before["master"]["pid"] == m.pid
-        assert sorted(m.worker_pids()) == workers_before
-        assert after["live_generation"] == before["live_generation"]
-        assert result["requests"] > 100 and result["failed"] == 0, result["output"]
-        assert "binary upgrade complete" in m.log()
-        zygote = before["generations"][0]["preload"]["zygote"]
-        assert zygote and after["generations"][0]["preload"]["zygote"]["pid"] == zygote["pid"]
+        assert_kept_in_place(m, before, workers_before, asyncio.run(across_the_upgrade()))
         killed_and_forked_again(m, workers_before[0], 2)
 
         assert m.reload()["ok"] is True
