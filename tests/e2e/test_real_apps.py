@@ -1,14 +1,15 @@
-"""Real apps from Debian packages behind the real master: Django, an ASGI Starlette app with
-WebSockets, and fifty rollovers under wrk keep-alive load."""
+"""Real apps from Debian packages behind the real master: Django, and an ASGI Starlette app
+with WebSockets. (Fifty rollovers under wrk keep-alive load: Flask and Django in
+test_native_engine_e2e.py, FastAPI in test_asgi_frameworks.py, the Python engine in
+test_rollover_flask.py.)"""
 from __future__ import annotations
 
 import asyncio
 import shutil
-import signal
 
 import pytest
 
-from molt_testlib import APPS, Wrk, flask_release, release_tree, wait_until
+from molt_testlib import APPS, Wrk
 
 
 def copy_django(tmp_path):
@@ -64,25 +65,3 @@ def test_asgi_app_with_lifespan_and_websockets_rolls_over_without_errors(molt, t
     assert result["failed"] == 0, result["output"]
     assert asyncio.run(echo()) == "echo:ping over molt"
     assert m.live_generation() == 4
-
-
-@pytest.mark.timeout(300)
-def test_fifty_rollovers_under_keepalive_load(molt, tmp_path):
-    releases = release_tree(tmp_path / "site", flask_release)
-    m = molt({"app": "app:app", "chdir": str(releases.current), "workers": 2, "threads": 4,
-              "health": {"path": "/healthz"}})
-    load = Wrk(m.url("/"), duration=90, connections=32)
-    try:
-        for i in range(50):
-            releases.activate("b" if i % 2 == 0 else "a")
-            before = m.live_generation()
-            m.signal(signal.SIGHUP)
-            wait_until(lambda: (m.live_generation() or 0) > before, 30, f"rollover {i + 1}",
-                       on_timeout=m.log)
-    finally:
-        result = load.result()
-    assert result["requests"] > 5000, result["output"]
-    assert result["connect"] == result["read"] == result["write"] == result["timeout"] == 0, \
-        result["output"]
-    assert result["non2xx"] == 0, result["output"]
-    assert m.status()["rollovers"]["ok"] == 50
