@@ -9,10 +9,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route, WebSocketRoute
 
 STATE = {"started": False, "stopped": False}
+# What /upload-watch saw: how many uploads began, and how the last one ended ("complete", or
+# the message that ended it, e.g. "http.disconnect" when the server cut the body).
+UPLOADS = {"started": 0, "ended_with": None}
 
 
 async def startup():
     STATE["started"] = True
+    STATE["started_in"] = os.getpid()  # a worker's own pid: lifespan runs after any fork
 
 
 async def shutdown():
@@ -91,9 +95,30 @@ SCOPE_TEXT = ("type", "http_version", "method", "scheme", "path", "root_path")
 SCOPE_BYTES = ("raw_path", "query_string")
 
 
+async def upload_watch(receive, send):
+    UPLOADS["started"] += 1
+    UPLOADS["ended_with"] = None
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            break
+    UPLOADS["ended_with"] = "complete" if message["type"] == "http.request" else message["type"]
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"got it"})
+
+
 async def app(scope, receive, send):
     """The Starlette app; a path that ends in /scope answers with the scope the server made
-    (the tests of the ASGI parsers compare it)."""
+    (the tests of the ASGI parsers compare it); /upload-watch reads a body message by message
+    and /uploads says how the last one ended."""
+    if scope["type"] == "http" and scope["path"] == "/upload-watch":
+        return await upload_watch(receive, send)
+    if scope["type"] == "http" and scope["path"] == "/uploads":
+        body = json.dumps(UPLOADS).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+        return
     if scope["type"] == "http" and scope["path"].endswith("/scope"):
         seen = {k: scope.get(k) for k in SCOPE_TEXT}
         seen.update({k: scope[k].decode("latin-1") for k in SCOPE_BYTES})

@@ -343,8 +343,30 @@ def test_an_asgi_app_preloaded_runs_its_loop_and_lifespan_in_each_worker(molt, t
     assert 'molt_generation_preloaded{generation="1"} 1' in text, text
     assert "molt_zygote_proportional_memory_bytes{generation=\"1\"" in text, text
     assert 'molt_worker_proportional_memory_bytes{generation="1",slot="1"}' in text, text
+    assert_lifespan_ran_in_each_worker(m)
     rollover(m, "lifespan ran")
     assert_preloaded(m, m.live_generation())
+    assert_lifespan_ran_in_each_worker(m)
+
+
+def assert_lifespan_ran_in_each_worker(m):
+    """Every ready worker of the live generation ran the startup itself, on the loop that
+    serves its requests: not the zygote before the fork (the startup would then say the
+    zygote's pid, and its loop would not be the one running)."""
+    gen = generation(m, m.live_generation())
+    pids = {w["pid"] for w in gen["workers"] if w["state"] == "ready"}
+    assert len(pids) == 2 and gen["preload"]["zygote"]["pid"] not in pids, gen
+    seen = {}
+
+    def every_worker_answered():  # new connections spread over both workers
+        where = json.loads(http_get(m.port, "/where")[2])
+        seen[where["pid"]] = where
+        return set(seen) >= pids
+
+    wait_until(every_worker_answered, 20, "both workers to answer /where", interval=0.01,
+               on_timeout=m.log)
+    for pid in pids:
+        assert seen[pid]["startup_pid"] == pid and seen[pid]["startup_on_this_loop"], seen
 
 
 # ----- the standby: the next zygote, forked by this one before its import ---------------------

@@ -33,7 +33,8 @@ def test_lifespan_http_and_websocket(listeners, spawn, tmp_path):
                                "NOTIFY_SOCKET": "/run/x"}).wait_ready()
     assert get(listeners.port, "/") == (200, b"asgi hello")
     state = json.loads(get(listeners.port, "/state")[1])
-    assert state == {"started": True, "stopped": False, "notify": None, "pid": w.pid}
+    assert state == {"started": True, "started_in": w.pid, "stopped": False, "notify": None,
+                     "pid": w.pid}
 
     c = Client(listeners.port)
     status, _, body = c.request("/echo", method="POST", body=b"ping")

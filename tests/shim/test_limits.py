@@ -1,7 +1,9 @@
 """The http.* limits and timeouts, one table for both interfaces: each row sends the same bytes
-to a WSGI worker and to an ASGI worker (on httptools, and on the h11 fallback) and expects the
-same response, byte for byte (but the
-Date header). docs/asgi.md lists the same rows."""
+to a WSGI worker (on each engine) and to an ASGI worker (on the native parser, on httptools,
+and on the h11 fallback) and expects the same response, byte for byte (but the Date header).
+docs/asgi.md lists the same rows. (http.send_timeout: test_slow_readers.py, on the same
+servers; the master's side of timeouts.request: tests/e2e/test_asgi_apps.py.)"""
+import json
 import re
 import tempfile
 
@@ -13,19 +15,25 @@ pytestmark = pytest.mark.timeout(60)
 
 HTTP = {"header_timeout_ms": 1500, "max_body_size": 1024, "version_header": "X-Molt-Version"}
 APPS = {"wsgi": ("edge_app:application", "/healthz"), "asgi": ("asgi_app:app", "/healthz")}
+# interface-variant: the WSGI engine, or the ASGI parser ("asgi" alone: the native parser,
+# httptools without the extension).
+SERVERS = (["wsgi-python"] + (["wsgi-native"] if HAVE_NATIVE else []) + ["asgi"]
+           + (["asgi-httptools"] if HAVE_NATIVE else []) + ["asgi-h11"])
 
 
-@pytest.fixture(scope="module",
-                params=["wsgi", "asgi"] + (["asgi-httptools"] if HAVE_NATIVE else []) + ["asgi-h11"])
-def server(request):
-    """A WSGI worker, an ASGI worker on the native parser (httptools without the extension),
-    one on httptools, and one on the h11 fallback."""
-    interface, _, parser = request.param.partition("-")
+def start(variant: str, ls: Listeners, overrides: dict) -> Worker:
+    interface, _, which = variant.partition("-")
     app, health = APPS[interface]
+    if interface == "wsgi":
+        return Worker(ls, app, health_path=health, overrides=overrides, engine=which)
+    env = {"MOLT_SHIM_PARSER": which} if which else None
+    return Worker(ls, app, interface="asgi", health_path=health, overrides=overrides, env=env)
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request):
     ls = Listeners(tempfile.mkdtemp(prefix="molt-limits-"))
-    env = {"MOLT_SHIM_PARSER": parser} if parser else None
-    w = Worker(ls, app, interface=interface, health_path=health, overrides={"http": HTTP},
-               env=env)
+    w = start(request.param, ls, {"http": HTTP})
     w.wait_ready()
     yield ls, w
     w.drain()
@@ -107,19 +115,54 @@ def test_header_timeout_answers_408_and_closes(server):
     c = Client(ls.port)
     c.send(b"GET / HTTP/1.1\r\nHost: t\r\n")  # never finished
     raw = c.read_all(10)
-    assert raw.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), raw[:200]
-    assert b"Connection: close" in raw or b"connection: close" in raw
+    assert without_date(raw) == error_response(b"408 Request Timeout"), raw[:400]
     c.close()
 
 
-@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
-def test_keepalive_0_closes_after_each_response(interface, spawn, listeners):
-    app, health = APPS[interface]
-    spawn(app, interface=interface, health_path=health,
-          overrides={"timeouts": {"keepalive_ms": 0}}).wait_ready()
-    c = Client(listeners.port)
-    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-    raw = c.read_all(5)  # EOF right after the response, not after a second
-    assert raw.startswith(b"HTTP/1.1 200 "), raw[:200]
-    assert re.search(rb"\r\nconnection: close\r\n", raw, re.I), raw[:300]
+@pytest.mark.parametrize("variant", SERVERS)
+def test_keepalive_0_closes_after_each_response(variant, listeners):
+    w = start(variant, listeners, {"timeouts": {"keepalive_ms": 0}})
+    try:
+        w.wait_ready()
+        c = Client(listeners.port)
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        raw = c.read_all(5)  # EOF right after the response, not after a second
+        assert raw.startswith(b"HTTP/1.1 200 "), raw[:200]
+        assert re.search(rb"\r\nconnection: close\r\n", raw, re.I), raw[:300]
+        c.close()
+    finally:
+        w.stop()
+
+
+def test_a_request_in_flight_is_reported_with_its_age(server):
+    # timeouts.request: the master aborts a worker whose oldest request is older than the
+    # limit, from the age each heartbeat reports (OLDEST_MS); every server must report it.
+    ls, w = server
+    slow = Client(ls.port)
+    slow.send(b"GET /slow?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+    wait_until(lambda: [m for m in w.find("WATCHDOG")
+                        if m["INFLIGHT"] == "1" and int(m["OLDEST_MS"]) >= 500], 10,
+               "the slow request in flight, with its age")
+    assert slow.response()[2] == b"slow done"
+    slow.close()
+
+
+def test_a_running_asgi_app_sees_http_disconnect_when_its_body_goes_over(server):
+    # The 413 row's second half: the app is already reading the body when it goes over the
+    # limit; the client gets the 413 and the app's receive() says http.disconnect.
+    ls, w = server
+    if w.config["interface"] != "asgi":
+        pytest.skip("a WSGI app is called once its body is in")
+    before = json.loads(get(ls.port, "/uploads")[1])["started"]
+    chunk = b"200\r\n" + b"x" * 512 + b"\r\n"
+    c = Client(ls.port)
+    c.send(b"POST /upload-watch HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk)
+    wait_until(lambda: json.loads(get(ls.port, "/uploads")[1])["started"] == before + 1, 10,
+               "the app to be reading the upload")
+    c.send(chunk + chunk + b"0\r\n\r\n")  # 1536 bytes in all, over max_body_size (1024)
+    raw = c.read_all(10)
     c.close()
+    assert without_date(raw) == error_response(b"413 Payload Too Large"), raw[:400]
+    ended = wait_until(lambda: json.loads(get(ls.port, "/uploads")[1])["ended_with"], 10,
+                       "the app to see the end of its upload")
+    assert ended == "http.disconnect"

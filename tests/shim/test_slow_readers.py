@@ -25,16 +25,21 @@ NORMAL_CLIENT_TIMEOUT_S = 30.0
 
 
 def servers():
+    """(interface, WSGI engine or ASGI parser): every row of docs/asgi.md's table."""
     wsgi_engines = ["python"] + (["native"] if HAVE_NATIVE else [])  # conftest.WSGI_ENGINES
-    return [("wsgi", e) for e in wsgi_engines] + [("asgi", None)]
+    asgi_parsers = [None] + (["httptools"] if HAVE_NATIVE else []) + ["h11"]
+    return [("wsgi", e) for e in wsgi_engines] + [("asgi", p) for p in asgi_parsers]
 
 
-@pytest.fixture(scope="module", params=servers(), ids=lambda p: p[1] or p[0])
+@pytest.fixture(scope="module", params=servers(),
+                ids=lambda p: p[1] if p[0] == "wsgi" else "-".join(filter(None, p)))
 def server(request):
-    interface, engine = request.param
+    interface, which = request.param
     app, _, _ = APPS[interface]
     ls = Listeners(tempfile.mkdtemp(prefix="molt-slow-"))
-    w = Worker(ls, app, interface=interface, threads=THREADS, engine=engine,
+    engine = which if interface == "wsgi" else None
+    env = {"MOLT_SHIM_PARSER": which} if interface == "asgi" and which else None
+    w = Worker(ls, app, interface=interface, threads=THREADS, engine=engine, env=env,
                overrides={"http": {"send_timeout_ms": SEND_TIMEOUT_MS}}).wait_ready()
     yield interface, ls, w
     w.stop()

@@ -22,9 +22,10 @@ pytestmark = pytest.mark.timeout(60)
 
 HEADER_TIMEOUT_MS = 1500
 KEEPALIVE_MS = 6000
-# The WSGI engines (conftest.WSGI_ENGINES), and ASGI on its native parser and on httptools.
+# The WSGI engines (conftest.WSGI_ENGINES), and ASGI on its native parser, on httptools and
+# on the h11 fallback.
 SERVERS = (["python"] + (["native"] if HAVE_NATIVE else []) + ["asgi"]
-           + (["asgi-httptools"] if HAVE_NATIVE else []))
+           + (["asgi-httptools"] if HAVE_NATIVE else []) + ["asgi-h11"])
 
 
 @pytest.fixture(scope="module", params=SERVERS)
@@ -33,10 +34,12 @@ def srv(request) -> Iterator[Tuple[Listeners, Worker]]:
     overrides = {"http": {"header_timeout_ms": HEADER_TIMEOUT_MS, "version_header": ""},
                  "timeouts": {"keepalive_ms": KEEPALIVE_MS}}
     if request.param.startswith("asgi"):
-        env = {"MOLT_SHIM_PARSER": "httptools"} if request.param == "asgi-httptools" else None
+        parser = request.param.partition("-")[2]
+        env = {"MOLT_SHIM_PARSER": parser} if parser else None
         w = Worker(ls, "asgi_app:app", interface="asgi", overrides=overrides, env=env)
     else:
         w = Worker(ls, "edge_app:application", engine=request.param, overrides=overrides)
+    w.variant = request.param
     yield ls, w.wait_ready()
     w.stop()
     ls.close()
@@ -76,11 +79,13 @@ def test_the_header_timeout_answers_before_the_keepalive(srv, data, answer):
 
 def test_an_upgrade_whose_body_never_comes_is_answered_at_its_head(srv):
     """ASGI: an upgrade request whose announced body never comes is handled at its head (here
-    refused: not a WebSocket), on both parsers, not left open with no request cycle."""
+    refused: not a WebSocket), on every parser, not left open with no request cycle."""
     ls, w = srv
     if not w.config["interface"] == "asgi":
         pytest.skip("WSGI answers an upgrade request once its body is in, then closes")
     raw = answer_until_closed(ls.port, b"GET / HTTP/1.1\r\nHost: t\r\nUpgrade: x\r\n"
                               b"Connection: Upgrade\r\nContent-Length: 1000000\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 400 Bad Request\r\n"), raw
-    assert raw.endswith(b"Unsupported upgrade request."), raw
+    # uvicorn's refusal; on h11, molt's framing guard refuses it first, with its own 400.
+    ending = b"400 Bad Request\n" if w.variant == "asgi-h11" else b"Unsupported upgrade request."
+    assert raw.endswith(ending), raw

@@ -409,9 +409,7 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             log.warning("%s: 408 Request Timeout: request head not complete within %.1fs",
                         "%s:%s" % tuple(self.client) if self.client else "unix",
                         ctl.header_timeout)
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")
-            self.transport.close()
+            self.send_error_response(408)  # the same bytes as every engine's 408
 
         def molt_drain(self, now: float) -> None:
             """Called when the drain starts and on every drain tick."""
