@@ -86,6 +86,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def connections_held(pid: int, port: int) -> int:
+    """How many established TCP connections to local `port` process `pid` holds: its socket
+    fds (/proc/PID/fd) matched by inode against /proc/net/tcp and tcp6."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    held = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if fields[3] == "01" and local_port == port and fields[9] in inodes:
+                    held += 1  # 01: ESTABLISHED
+    return held
+
+
 def read_to_eof(sock: socket.socket, timeout: Optional[float] = None) -> bytes:
     """Everything up to a clean EOF; a reset or a timeout raises. `timeout`, when given,
     replaces the socket's own."""

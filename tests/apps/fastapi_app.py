@@ -35,13 +35,15 @@ async def stream(chunks: int = 5):
 
 @app.post("/upload")
 async def upload(request: Request):
-    """Counts the body as the server hands it over, chunk by chunk."""
+    """Counts the body as the server hands it over, chunk by chunk (each piece recorded as
+    it arrives, under the request's `id`)."""
     received = 0
     pieces = 0
     async for piece in request.stream():
         if piece:
             pieces += 1
             received += len(piece)
+            record(request.query_params.get("id"), "piece:%d" % len(piece))
     return {"bytes": received, "pieces": pieces}
 
 

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from molt_testlib import APPS, Wrk, dechunk, wait_until
+from molt_testlib import APPS, Wrk, dechunk, read_to_eof, wait_until
 
 
 def fastapi(molt, tmp_path, workers=2, subdir="molt", **extra):
@@ -68,7 +68,7 @@ def json_body(raw):
 def test_fastapi_json_streaming_chunked_upload_and_websocket_echo(molt, tmp_path):
     import websockets
 
-    m, _ = fastapi(molt, tmp_path)
+    m, record = fastapi(molt, tmp_path)
     status, _, body = m.get("/json")
     assert (status, json.loads(body)) == (200, {"message": "Hello, world!"})
 
@@ -76,15 +76,22 @@ def test_fastapi_json_streaming_chunked_upload_and_websocket_echo(molt, tmp_path
     assert status == 200 and headers["transfer-encoding"] == "chunked"
     assert body == b"part 0\npart 1\npart 2\npart 3\n"
 
-    # A chunked request body, each chunk its own write: the app reads it as a stream.
+    # A chunked request body, each chunk sent only once the app has read the one before: the
+    # app reads the body as a stream while it arrives, not once it is all in.
     chunks = [b"a" * 1000, b"b" * 3000, b"c" * 5]
-    head = (b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
+    head = (b"POST /upload?id=up HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/octet-stream\r\n"
             b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-    pieces = [head] + [b"%x\r\n%s\r\n" % (len(c), c) for c in chunks] + [b"0\r\n\r\n"]
-    raw = exchange(m.port, pieces, until=b"}")
+    with socket.create_connection(("127.0.0.1", m.port), timeout=10) as s:
+        s.sendall(head)
+        for n, chunk in enumerate(chunks, 1):
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            wait_until(lambda: len(recorded(record, "up")) == n, 10, f"the app to read chunk {n}")
+        s.sendall(b"0\r\n\r\n")
+        raw = read_to_eof(s)
     assert raw.startswith(b"HTTP/1.1 200 "), raw
-    answer = json_body(raw)
-    assert answer["bytes"] == 4005 and answer["pieces"] >= 1
+    assert json_body(raw) == {"bytes": 4005, "pieces": 3}
+    assert recorded(record, "up") == ["piece:1000", "piece:3000", "piece:5"]
 
     async def echo():
         async with websockets.connect(f"ws://127.0.0.1:{m.port}/ws") as ws:
