@@ -337,6 +337,64 @@ def test_a_socket_opened_at_import_is_named_and_a_post_fork_hook_replaces_it(mol
                "worker_exit in both old workers", on_timeout=m.log)
 
 
+HOOKED_APP = MARK_IMPORT + '''
+import os
+
+def post_fork():
+    if os.environ.get("POST_FORK_BROKEN"):
+        raise RuntimeError("cannot reach the database")
+    with open(os.environ["HOOK_LOG"], "a") as log:
+        log.write("%d\\n" % os.getpid())
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [open("REVISION").read().encode()]
+'''
+
+
+@pytest.mark.timeout(90)
+def test_hooks_run_without_preload_too_and_a_failing_post_fork_fails_the_rollover(molt, tmp_path):
+    log, hooked = tmp_path / "imports.log", tmp_path / "hooks.log"
+    releases = Releases(tmp_path / "site")
+    releases.add("a", files={"app.py": HOOKED_APP, "REVISION": "a\n"})
+    releases.activate("a")
+    env = {"IMPORT_LOG": str(log), "HOOK_LOG": str(hooked)}
+    m = molt(config_for(releases, log, preload="false", health={"path": "/"},
+                        hooks={"post_fork": "app:post_fork"}, env=env))
+    # Not preloaded: each worker imports the app, and its post_fork still runs, once, in it.
+    assert sorted(imports(log)) == sorted(imports(hooked)) == sorted(m.worker_pids())
+    assert generation(m, m.live_generation())["preload"]["preloaded"] is False
+
+    # A release whose post_fork raises: the rollover fails with the hook's own error and the
+    # old generation serves on.
+    m.config["env"] = dict(env, POST_FORK_BROKEN="1")
+    m.write_config()
+    answer = m.reload()
+    assert answer["ok"] is False
+    assert "hooks.post_fork (app:post_fork) failed: RuntimeError: cannot reach the database" \
+        in answer["error"], answer
+    assert body(m) == "a\n"
+    assert [g["state"] for g in m.status()["generations"]] == ["live"]
+
+
+@pytest.mark.timeout(90)
+def test_a_recycled_worker_is_forked_again_not_imported_again(molt, tmp_path):
+    log = tmp_path / "imports.log"
+    releases = Releases(tmp_path / "site")
+    releases.add("a", files=marked_flask_release("a"))
+    releases.activate("a")
+    m = molt(config_for(releases, log, recycle={"max_requests": 20, "max_requests_jitter": 0}))
+    assert_preloaded(m, m.live_generation())
+    first = set(m.worker_pids())
+    for _ in range(60):  # the warm-up is not counted; 60 requests retire at least one worker
+        assert body(m) == "version a\n"
+    wait_until(lambda: len(m.workers("ready")) == 2 and not first & set(m.worker_pids()), 30,
+               "both workers recycled", on_timeout=m.log)
+    assert all(w["forked"] for w in m.workers("ready"))
+    assert len(imports(log)) == 1  # the zygote's import, still the only one
+    assert "max_requests" in m.log()
+
+
 @pytest.mark.timeout(90)
 def test_an_asgi_app_preloaded_runs_its_loop_and_lifespan_in_each_worker(molt, tmp_path):
     metrics = free_port()
