@@ -83,11 +83,29 @@ async def ws_echo(websocket):
         pass
 
 
+async def ws_late(websocket):
+    """Accepts only once the file named by ?go= exists (the test creates it when it wants the
+    handshake to complete), then echoes. /ws-late-waiting: how many are waiting."""
+    go = websocket.query_params["go"]
+    WS_LATE["waiting"] += 1
+    while not os.path.exists(go):
+        await asyncio.sleep(0.01)
+    WS_LATE["waiting"] -= 1
+    await ws_echo(websocket)
+
+
+async def ws_late_waiting(request):
+    return PlainTextResponse(str(WS_LATE["waiting"]))
+
+
+WS_LATE = {"waiting": 0}
+
 starlette_app = Starlette(
     routes=[Route("/", home), Route("/healthz", healthz), Route("/state", state),
             Route("/slow", slow), Route("/echo", echo, methods=["POST"]), Route("/big", big),
             Route("/headers", headers, methods=["POST"]),
-            WebSocketRoute("/ws", ws_echo)],
+            Route("/ws-late-waiting", ws_late_waiting),
+            WebSocketRoute("/ws", ws_echo), WebSocketRoute("/ws-late", ws_late)],
     on_startup=[startup], on_shutdown=[shutdown])
 
 

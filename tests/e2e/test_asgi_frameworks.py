@@ -241,10 +241,15 @@ def test_fifty_asgi_rollovers_under_keepalive_load(molt, tmp_path):
     load = Wrk(m.url("/json"), duration=120, connections=32)
     try:
         for i in range(50):
+            # A WebSocket open across every rollover: its worker drains it with a close frame.
+            ws, _ = ws_handshake(m.port)
             before = m.live_generation()
             m.signal(signal.SIGHUP)
             wait_until(lambda: (m.live_generation() or 0) > before, 30, f"rollover {i + 1}",
                        on_timeout=m.log)
+            with ws:
+                opcode, payload = read_frame(ws)
+            assert (opcode, payload[:2]) == (0x8, struct.pack("!H", 1012)), (i, payload)
     finally:
         load.interrupt()
         result = load.result()

@@ -433,3 +433,35 @@ def test_asgi_keepalive_closes_an_idle_connection_and_not_a_busy_one(listeners, 
     assert busy.request("/")[0] == 200
     idle.close()
     busy.close()
+
+
+def test_a_websocket_whose_upgrade_completes_during_the_drain_gets_1012_too(listeners, spawn,
+                                                                            tmp_path):
+    # Found by a WebSocket held across each of fifty rollovers under load: one whose upgrade
+    # request was read before the drain, but whose app accepted after it, was left open (the
+    # drain had closed only the WebSockets open at its start) until the graceful timeout.
+    w = spawn_asgi(spawn).wait_ready()
+    go = tmp_path / "go"
+    url = "ws://127.0.0.1:%d" % listeners.port
+
+    async def scenario():
+        early = await websockets.connect(url + "/ws")
+        late = asyncio.ensure_future(websockets.connect(url + "/ws-late?go=%s" % go))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: wait_until(
+            lambda: get(listeners.port, "/ws-late-waiting") == (200, b"1"), 10,
+            "the late WebSocket's app to wait before accepting"))
+        w.drain()
+        await loop.run_in_executor(None, lambda: wait_until(
+            lambda: "draining (DRAIN from master)" in w.stderr_text(), 10, "the drain"))
+        go.touch()  # now the app accepts: the handshake completes in a draining worker
+        late = await asyncio.wait_for(late, 10)
+        closes = []
+        for ws in (early, late):
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            closes.append((closed.value.rcvd.code, closed.value.rcvd.reason))
+        return closes
+
+    assert asyncio.run(scenario()) == [(1012, "service restart")] * 2
+    assert w.wait_exit() == 0

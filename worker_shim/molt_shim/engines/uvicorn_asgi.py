@@ -22,6 +22,7 @@ import select
 import socket
 import struct
 import time
+import weakref
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from uvicorn.config import Config
@@ -671,6 +672,8 @@ class UvicornASGIEngine:
         self.epoll = epoll if isinstance(epoll, select.epoll) else None
         self.make_transport = getattr(self.loop, "_make_socket_transport", None)
         self.servers: List[Any] = []  # uvloop: its servers on dups of the listeners
+        # WebSockets a draining worker has sent (or begun) their 1012 close.
+        self.restarted_websockets: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.update_date()
 
     # -- engines.base.Engine -------------------------------------------------------------------
@@ -716,21 +719,38 @@ class UvicornASGIEngine:
                 conn.setblocking(False)
                 self.adopt(conn)
             lsock.close()  # our descriptor only; never shutdown() a shared listener
-        for conn in list(self.state.connections):
-            if not isinstance(conn, self.protocol_class):
-                self.close_websocket(conn)
+        self.close_websockets()
         self.observe(time.monotonic())
 
-    def close_websocket(self, conn: Any) -> None:
+    def close_websockets(self) -> None:
         """A draining worker ends each WebSocket with a close frame, code 1012 (Service
         Restart: the service goes on, a client may reconnect at once), which the app sees as
-        websocket.disconnect. uvicorn's wsproto protocol does that in shutdown(); its
-        websockets protocol only drops the TCP connection there (the client would see 1006,
-        no close frame), so it gets the websockets library's closing handshake instead."""
-        if getattr(conn, "open", False) and hasattr(conn, "close") and hasattr(conn, "ws_server"):
-            self.loop.create_task(conn.close(WS_SERVICE_RESTART, "service restart"))
-        else:
-            conn.shutdown()
+        websocket.disconnect: those open when the drain starts, and, on every drain tick, those
+        whose upgrade completes during the drain (a request read before it, an app that had not
+        accepted yet), each once."""
+        for conn in list(self.state.connections):
+            if isinstance(conn, self.protocol_class) or conn in self.restarted_websockets:
+                continue
+            if self.close_websocket(conn):
+                self.restarted_websockets.add(conn)
+
+    def close_websocket(self, conn: Any) -> bool:
+        """Ends one WebSocket with 1012; False while its opening handshake is still under way
+        (it is closed once open). uvicorn's wsproto protocol does that in shutdown() (a
+        handshake not complete gets a 500); its websockets protocol only drops the TCP
+        connection there (the client would see 1006, no close frame), so it gets the websockets
+        library's closing handshake instead."""
+        if hasattr(conn, "ws_server") and hasattr(conn, "close"):
+            state = getattr(getattr(conn, "state", None), "name", "")
+            if state == "CONNECTING":
+                return False
+            if getattr(conn, "open", False):
+                self.loop.create_task(conn.close(WS_SERVICE_RESTART, "service restart"))
+                return True
+            if state in ("CLOSING", "CLOSED"):
+                return True  # its closing handshake is already under way
+        conn.shutdown()
+        return True
 
     def counters(self) -> Counters:
         return self.last
@@ -825,6 +845,8 @@ class UvicornASGIEngine:
                 check(now)
             if self.ctl.draining and isinstance(conn, self.protocol_class):
                 conn.molt_drain(now)
+        if self.ctl.draining:
+            self.close_websockets()
 
     def observe(self, now: float) -> None:
         """Counters for the heartbeat, read off uvicorn's state (nothing per request).
