@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -393,6 +396,53 @@ def test_a_recycled_worker_is_forked_again_not_imported_again(molt, tmp_path):
     assert all(w["forked"] for w in m.workers("ready"))
     assert len(imports(log)) == 1  # the zygote's import, still the only one
     assert "max_requests" in m.log()
+
+
+def uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Uid:")).split()[1])
+
+
+def nobody_can_read(path: str) -> bool:
+    nobody = 65534
+    return subprocess.run(["/usr/bin/python3", "-c", "import sys; open(sys.argv[1]).close()",
+                           path], preexec_fn=lambda: (os.setgid(nobody), os.setuid(nobody)),
+                          capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="taking another user's identity needs root")
+@pytest.mark.timeout(90)
+def test_the_zygote_its_standby_and_its_workers_run_as_the_configured_user(molt):
+    shim = Path(os.environ["MOLT_BIN"]).resolve().parent.parent / "lib/molt/molt_shim/__main__.py"
+    if not nobody_can_read(str(shim)):
+        pytest.skip(f"user nobody cannot read {shim} (the checkout is not world-readable)")
+    root = Path(tempfile.mkdtemp(prefix="molt-preload-user-"))
+    try:
+        root.chmod(0o755)  # readable by nobody, unlike pytest's own tmp_path
+        log = root / "imports.log"
+        log.touch(mode=0o666)
+        log.chmod(0o666)
+        releases = Releases(root / "site")
+        releases.add("a", files=marked_flask_release("a"))
+        releases.activate("a")
+        m = molt(config_for(releases, log, user="nobody", group="nogroup"))
+        assert body(m) == "version a\n"
+
+        def assert_as_nobody():
+            gen = generation(m, m.live_generation())
+            assert_preloaded(m, gen["id"])
+            pids = ([gen["preload"]["zygote"]["pid"], m.status()["standby"]["pid"]]
+                    + [w["pid"] for w in gen["workers"]])
+            assert {pid: uid_of(pid) for pid in pids} == {pid: 65534 for pid in pids}
+
+        assert_as_nobody()
+        assert uid_of(m.status()["master"]["pid"]) == 0
+        assert imports(log) == [generation(m, m.live_generation())["preload"]["zygote"]["pid"]]
+        # The next zygote is the standby, started as nobody: so are the workers it forks.
+        rollover(m, "version a\n")
+        assert_as_nobody()
+    finally:
+        shutil.rmtree(root)
 
 
 @pytest.mark.timeout(90)
