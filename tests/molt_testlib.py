@@ -393,6 +393,12 @@ class Wrk:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
 
+    def stop(self) -> dict:
+        """interrupt() and result(): what was under load is done, wrk need not run out its
+        duration."""
+        self.interrupt()
+        return self.result(timeout=60)
+
     def result(self, timeout: Optional[float] = None) -> dict:
         """parse_wrk() of the whole output, plus `elapsed` (seconds since the start). A wrk
         still running `timeout` seconds on (default: 30 s past its -d) is killed and raises."""

@@ -251,8 +251,7 @@ def test_fifty_asgi_rollovers_under_keepalive_load(molt, tmp_path):
                 opcode, payload = read_frame(ws)
             assert (opcode, payload[:2]) == (0x8, struct.pack("!H", 1012)), (i, payload)
     finally:
-        load.interrupt()
-        result = load.result()
+        result = load.stop()
     assert result["requests"] > 2000, result["output"]
     assert result["connect"] == result["read"] == result["write"] == result["timeout"] == 0, \
         result["output"]

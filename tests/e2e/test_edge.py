@@ -94,7 +94,7 @@ def test_rotation_by_hup_under_https_load(molt, tmp_path, certs, engine):
         assert subject_cn(port, certs.ca) == "rotated"
         wait_until(lambda: m.log().count(f"(engine {engine}:") >= 4, 10, "new ready lines")
     finally:
-        result = wrk.result()
+        result = wrk.stop()
     assert result["requests"] > 0
     assert result["failed"] == 0, result
 

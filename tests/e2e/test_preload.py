@@ -90,7 +90,7 @@ def test_flask_preloaded_rollovers_under_load_load_new_code_once_per_generation(
             rollover(m, f"version {version}\n")
             assert_preloaded(m, m.live_generation())
     finally:
-        result = load.result()
+        result = load.stop()
     assert result["requests"] > 500, result["output"]
     assert result["failed"] == 0, result["output"]
     assert len(imports(log)) == 5  # one import per generation
@@ -120,7 +120,7 @@ def test_django_preloaded_rollovers_under_load(molt, tmp_path):
             releases.activate(version)
             rollover(m, f"django {version}")
     finally:
-        result = load.result()
+        result = load.stop()
     assert result["failed"] == 0, result["output"]
     assert len(imports(log)) == 3
 
@@ -377,7 +377,8 @@ def test_hooks_run_without_preload_too_and_a_failing_post_fork_fails_the_rollove
     assert "hooks.post_fork (app:post_fork) failed: RuntimeError: cannot reach the database" \
         in answer["error"], answer
     assert body(m) == "a\n"
-    assert [g["state"] for g in m.status()["generations"]] == ["live"]
+    wait_until(lambda: [g["state"] for g in m.status()["generations"]] == ["live"], 10,
+               "the failed generation to be reaped", on_timeout=m.log)
 
 
 @pytest.mark.timeout(90)

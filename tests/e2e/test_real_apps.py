@@ -61,7 +61,7 @@ def test_asgi_app_with_lifespan_and_websockets_rolls_over_without_errors(molt, t
         for _ in range(3):
             assert m.reload()["ok"] is True
     finally:
-        result = load.result()
+        result = load.stop()
     assert result["failed"] == 0, result["output"]
     assert asyncio.run(echo()) == "echo:ping over molt"
     assert m.live_generation() == 4

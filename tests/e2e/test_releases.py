@@ -125,7 +125,7 @@ def test_rollback_after_a_bad_but_booting_release_under_load(molt, tmp_path):
     try:
         rolled = m.ctl("rollback", "--wait")
     finally:
-        result = load.result()
+        result = load.stop()
     assert rolled.returncode == 0, rolled.stderr
     assert m.get("/")[2] == b"version good\n"
     assert live(m)["trigger"] == "rollback"
@@ -209,7 +209,7 @@ def test_rollover_between_two_pyz_releases_under_load_and_a_corrupt_one(molt, tm
         activate_file(site, corrupt)
         answer = m.reload()
     finally:
-        result = load.result()
+        result = load.stop()
     assert answer["ok"] is False
     assert "exited with status 3" in answer["error"]
     assert m.get("/")[2] == b"version b\n"

@@ -40,8 +40,7 @@ def rollovers_under_load(m, releases: Releases, count: int, duration: int) -> di
                        f"rollover {i + 1} to complete", on_timeout=m.log)
             assert body(m) == f"version {version}\n"
     finally:
-        load.interrupt()
-        result = load.result()
+        result = load.stop()
     return result
 
 
@@ -175,7 +174,7 @@ def test_rollover_in_batches_keeps_serving(molt, tmp_path):
         releases.activate("b")
         answer = m.reload()
     finally:
-        result = load.result()
+        result = load.stop()
     assert answer["ok"] is True, answer
     assert result["failed"] == 0, result["output"]
     assert "rollover batch: 2 of 3 slots handed over" in m.log()

@@ -53,7 +53,7 @@ def test_rollovers_in_a_tight_loop_under_load(molt, tmp_path):
                 assert answer["ok"], answer
                 seen.add(m.get("/")[2])
     finally:
-        result = load.result()
+        result = load.stop()
     assert result["failed"] == 0, result["output"]
     assert seen == {b"version a\n", b"version b\n"}
     assert m.status()["rollovers"]["failed"] == 0
@@ -123,7 +123,7 @@ def test_kill_9_of_random_workers_never_takes_the_master_down(molt):
             wait_until(lambda: victim not in m.worker_pids() and len(m.workers("ready")) == 3,
                        20, "capacity to be restored", on_timeout=m.log)
     finally:
-        result = load.result()
+        result = load.stop()
     # A request in flight on a killed worker is lost with it (nothing can save it); the
     # service as a whole keeps answering.
     assert result["requests"] > 1000, result["output"]

@@ -112,7 +112,7 @@ def test_tcp_socket_from_systemd_serves_across_hup_and_ctl_rollovers(activated, 
                 assert re.match(r"generation \d+ is live", answer.stdout), answer.stdout
             wait_serving(version, port=port)
     finally:
-        result = load.result()
+        result = load.stop()
     assert result["requests"] > 500, result["output"]
     assert result["failed"] == 0, result["output"]
 
