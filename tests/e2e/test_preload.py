@@ -31,6 +31,15 @@ def marked_flask_release(version: str) -> dict:
     return files
 
 
+def release_a(root: Path) -> tuple[Releases, Path]:
+    """One marked Flask release "a", active, under `root`, and the import log its imports
+    append to."""
+    releases = Releases(root / "site")
+    releases.add("a", files=marked_flask_release("a"))
+    releases.activate("a")
+    return releases, root / "imports.log"
+
+
 def imports(log: Path) -> list[int]:
     return [int(line) for line in log.read_text().split()] if log.exists() else []
 
@@ -151,10 +160,7 @@ def test_a_broken_release_fails_once_in_its_zygote_with_its_import_error(molt, t
 
 @pytest.mark.timeout(150)
 def test_kill_9_of_a_worker_and_of_the_zygote_under_load(molt, tmp_path):
-    log = tmp_path / "imports.log"
-    releases = Releases(tmp_path / "site")
-    releases.add("a", files=marked_flask_release("a"))
-    releases.activate("a")
+    releases, log = release_a(tmp_path)
     connections = 16
     m = molt(config_for(releases, log))
     gen = m.live_generation()
@@ -222,10 +228,7 @@ def test_workers_forked_in_one_batch_hold_only_their_own_ends(molt, tmp_path):
     must hold its own channel and output pipes only, not the batch's other workers' (their
     pipes would then never see EOF when that worker dies). A replacement, forked alone,
     has exactly the same pipes."""
-    log = tmp_path / "imports.log"
-    releases = Releases(tmp_path / "site")
-    releases.add("a", files=marked_flask_release("a"))
-    releases.activate("a")
+    releases, log = release_a(tmp_path)
     m = molt(config_for(releases, log, workers=4))
     assert_preloaded(m, m.live_generation())
     batch = {w["pid"]: pipe_fds(w["pid"]) for w in m.workers("ready")}
@@ -383,10 +386,7 @@ def test_hooks_run_without_preload_too_and_a_failing_post_fork_fails_the_rollove
 
 @pytest.mark.timeout(90)
 def test_a_recycled_worker_is_forked_again_not_imported_again(molt, tmp_path):
-    log = tmp_path / "imports.log"
-    releases = Releases(tmp_path / "site")
-    releases.add("a", files=marked_flask_release("a"))
-    releases.activate("a")
+    releases, log = release_a(tmp_path)
     m = molt(config_for(releases, log, recycle={"max_requests": 20, "max_requests_jitter": 0}))
     assert_preloaded(m, m.live_generation())
     first = set(m.worker_pids())
@@ -420,12 +420,9 @@ def test_the_zygote_its_standby_and_its_workers_run_as_the_configured_user(molt)
     root = Path(tempfile.mkdtemp(prefix="molt-preload-user-"))
     try:
         root.chmod(0o755)  # readable by nobody, unlike pytest's own tmp_path
-        log = root / "imports.log"
+        releases, log = release_a(root)
         log.touch(mode=0o666)
         log.chmod(0o666)
-        releases = Releases(root / "site")
-        releases.add("a", files=marked_flask_release("a"))
-        releases.activate("a")
         m = molt(config_for(releases, log, user="nobody", group="nogroup"))
         assert body(m) == "version a\n"
 

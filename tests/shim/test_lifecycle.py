@@ -92,17 +92,6 @@ def test_heartbeat_counters(listeners, spawn):
     assert int(beat["RSS"]) > 1_000_000
 
 
-def test_heartbeat_reports_inflight_and_oldest(listeners, spawn):
-    w = spawn().wait_ready()
-    c = Client(listeners.port)
-    c.send(b"GET /slow?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")
-    wait_until(lambda: [m for m in w.find("WATCHDOG")
-                        if m["INFLIGHT"] == "1" and int(m["OLDEST_MS"]) >= 300], 10,
-               "heartbeat with an in-flight request")
-    assert c.response()[2] == b"slow done"
-    c.close()
-
-
 def test_retire_on_max_requests(listeners, spawn):
     w = spawn(overrides={"recycle": {"max_requests": 3, "max_requests_jitter": 0}}).wait_ready()
     c = Client(listeners.port)

@@ -136,7 +136,8 @@ def test_keepalive_0_closes_after_each_response(variant, listeners):
 
 def test_a_request_in_flight_is_reported_with_its_age(server):
     # timeouts.request: the master aborts a worker whose oldest request is older than the
-    # limit, from the age each heartbeat reports (OLDEST_MS); every server must report it.
+    # limit, from the age each heartbeat reports (INFLIGHT, OLDEST_MS); every server must
+    # report it.
     ls, w = server
     slow = Client(ls.port)
     slow.send(b"GET /slow?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")
