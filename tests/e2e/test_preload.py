@@ -171,8 +171,9 @@ def test_kill_9_of_a_worker_and_of_the_zygote_under_load(molt, tmp_path):
     try:
         # wrk's connections stay where they were accepted: the victim's, counted just before
         # the kill, are the only ones whose requests may fail.
-        wait_until(lambda: connections_held(victim["pid"], m.port) > 0, 10,
-                   "wrk connected to the victim")
+        wait_until(lambda: sum(connections_held(w["pid"], m.port)
+                               for w in m.workers("ready")) == connections, 10,
+                   "all of wrk's connections accepted", on_timeout=m.log)
         held = connections_held(victim["pid"], m.port)
         os.kill(victim["pid"], signal.SIGKILL)
         wait_until(lambda: any(w["slot"] == 0 and w["pid"] != victim["pid"]
@@ -390,10 +391,12 @@ def test_a_recycled_worker_is_forked_again_not_imported_again(molt, tmp_path):
     m = molt(config_for(releases, log, recycle={"max_requests": 20, "max_requests_jitter": 0}))
     assert_preloaded(m, m.live_generation())
     first = set(m.worker_pids())
-    for _ in range(60):  # the warm-up is not counted; 60 requests retire at least one worker
+
+    def both_recycled():  # requests until each first worker has served its 20 and gone
         assert body(m) == "version a\n"
-    wait_until(lambda: len(m.workers("ready")) == 2 and not first & set(m.worker_pids()), 30,
-               "both workers recycled", on_timeout=m.log)
+        return len(m.workers("ready")) == 2 and not first & set(m.worker_pids())
+
+    wait_until(both_recycled, 30, "both workers recycled", on_timeout=m.log)
     assert all(w["forked"] for w in m.workers("ready"))
     assert len(imports(log)) == 1  # the zygote's import, still the only one
     assert "max_requests" in m.log()
@@ -429,8 +432,8 @@ def test_the_zygote_its_standby_and_its_workers_run_as_the_configured_user(molt)
         def assert_as_nobody():
             gen = generation(m, m.live_generation())
             assert_preloaded(m, gen["id"])
-            pids = ([gen["preload"]["zygote"]["pid"], m.status()["standby"]["pid"]]
-                    + [w["pid"] for w in gen["workers"]])
+            standby = wait_until(lambda: standby_pid(m), 10, "the standby", on_timeout=m.log)
+            pids = [gen["preload"]["zygote"]["pid"], standby] + [w["pid"] for w in gen["workers"]]
             assert {pid: uid_of(pid) for pid in pids} == {pid: 65534 for pid in pids}
 
         assert_as_nobody()

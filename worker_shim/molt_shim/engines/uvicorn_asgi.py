@@ -621,10 +621,13 @@ class UvicornASGIEngine:
         if cfg.version_header:
             headers.append((cfg.version_header, cfg.version))
         self.date_header = bool(cfg.asgi["date_header"])
+        # Test overrides: the fallbacks uvicorn picks when httptools or websockets is missing.
         http_impl = "h11" if os.environ.get("MOLT_SHIM_PARSER") == "h11" else "auto"
+        ws_impl = "wsproto" if os.environ.get("MOLT_SHIM_WS") == "wsproto" else "auto"
         asgi = cfg.asgi
         self.config = Config(app=ctx.app, lifespan=cfg.lifespan, log_config=None, access_log=False,
-                             http=http_impl, proxy_headers=False, server_header=False,
+                             http=http_impl, ws=ws_impl, proxy_headers=False,
+                             server_header=False,
                              date_header=False,
                              # uvicorn arms call_later() with it: seconds as given, not
                              # rounded to whole ones (keepalive 0 never idles: see DrainControl).
@@ -727,20 +730,28 @@ class UvicornASGIEngine:
         Restart: the service goes on, a client may reconnect at once), which the app sees as
         websocket.disconnect: those open when the drain starts, and, on every drain tick, those
         whose upgrade completes during the drain (a request read before it, an app that had not
-        accepted yet), each once."""
+        accepted yet), each once. One that cannot be closed is logged and dropped: it never
+        ends the drain of the others."""
         for conn in list(self.state.connections):
             if isinstance(conn, self.protocol_class) or conn in self.restarted_websockets:
                 continue
-            if self.close_websocket(conn):
+            try:
+                done = self.close_websocket(conn)
+            except Exception as exc:  # noqa: BLE001 - a library's state we did not foresee
+                log.warning("could not close a WebSocket with 1012 at the drain: %r", exc)
+                conn.transport.abort()
+                done = True
+            if done:
                 self.restarted_websockets.add(conn)
 
     def close_websocket(self, conn: Any) -> bool:
-        """Ends one WebSocket with 1012; False while its opening handshake is still under way
-        (it is closed once open). uvicorn's wsproto protocol does that in shutdown() (a
-        handshake not complete gets a 500); its websockets protocol only drops the TCP
-        connection there (the client would see 1006, no close frame), so it gets the websockets
-        library's closing handshake instead."""
-        if hasattr(conn, "ws_server") and hasattr(conn, "close"):
+        """Ends one WebSocket with 1012; False while its opening handshake is under way (it is
+        closed once open: until then the app decides, within timeouts.graceful); True once
+        nothing is left to do. uvicorn's websockets protocol only drops the TCP connection in
+        shutdown() (the client would see 1006, no close frame), so it gets the websockets
+        library's closing handshake; its wsproto protocol sends 1012 in shutdown(), which
+        wsproto allows only on an open connection."""
+        if hasattr(conn, "ws_server") and hasattr(conn, "close"):  # websockets
             state = getattr(getattr(conn, "state", None), "name", "")
             if state == "CONNECTING":
                 return False
@@ -749,6 +760,12 @@ class UvicornASGIEngine:
                 return True
             if state in ("CLOSING", "CLOSED"):
                 return True  # its closing handshake is already under way
+        elif hasattr(conn, "conn"):  # wsproto: its WSConnection
+            state = getattr(getattr(conn.conn, "state", None), "name", "")
+            if state == "CONNECTING":
+                return False
+            if state not in ("OPEN", "REMOTE_CLOSING"):
+                return True  # rejected, or closing already
         conn.shutdown()
         return True
 
