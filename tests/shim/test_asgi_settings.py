@@ -35,6 +35,23 @@ def test_asgi_loop(listeners, spawn, choice, module):
     assert "loop %s" % module.split(".")[0] in w.stderr_text()
 
 
+@pytest.mark.parametrize("choice", ["uvloop", "auto"])
+def test_asgi_loop_without_uvloop(listeners, spawn, tmp_path, choice):
+    # A uvloop that cannot be imported (here: one that raises, first on the path): `uvloop`
+    # fails the boot saying what to install; `auto` serves on asyncio.
+    (tmp_path / "uvloop.py").write_text("raise ImportError('uvloop is not installed here')\n")
+    w = spawn("asgi_scope_app:app", interface="asgi", pythonpath=[str(tmp_path)],
+              overrides={"asgi": {"loop": choice}})
+    if choice == "uvloop":
+        assert w.wait_exit() == 3
+        assert w.wait_message("ERROR")["ERROR"] == (
+            "asgi.loop is uvloop, but uvloop cannot be imported (uvloop is not installed "
+            "here): install python3-uvloop, or use loop: auto")
+    else:
+        w.wait_ready()
+        assert scope_of(listeners.port)["loop"] == "asyncio.unix_events"
+
+
 def test_limit_concurrency_answers_503_above_it(listeners, spawn):
     # uvicorn's rule: a request is refused when the open connections (its own included)
     # reach the limit.
