@@ -12,6 +12,7 @@ STATE = {"started": False, "stopped": False}
 # What /upload-watch saw: how many uploads began, and how the last one ended ("complete", or
 # the message that ended it, e.g. "http.disconnect" when the server cut the body).
 UPLOADS = {"started": 0, "ended_with": None}
+WS_LATE = {"waiting": 0}  # /ws-late connections whose app has not accepted yet
 
 
 async def startup():
@@ -97,8 +98,6 @@ async def ws_late(websocket):
 async def ws_late_waiting(request):
     return PlainTextResponse(str(WS_LATE["waiting"]))
 
-
-WS_LATE = {"waiting": 0}
 
 starlette_app = Starlette(
     routes=[Route("/", home), Route("/healthz", healthz), Route("/state", state),

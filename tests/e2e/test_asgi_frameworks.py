@@ -32,31 +32,6 @@ def recorded(record, name):
     return path.read_text().split() if path.exists() else []
 
 
-def exchange(port, data, until=b"0\r\n\r\n"):
-    """Sends `data` in the pieces given and reads one response (bounded)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        for piece in data:
-            s.sendall(piece)
-        got = b""
-        while until not in got and b"\r\n\r\n" not in got or not response_done(got, until):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-    return got
-
-
-def response_done(got, until):
-    head, sep, body = got.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(body) >= int(value)
-    return until in body
-
-
 def json_body(raw):
     head, _, body = raw.partition(b"\r\n\r\n")
     if b"transfer-encoding: chunked" in head.lower():

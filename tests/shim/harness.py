@@ -233,6 +233,27 @@ class Worker:
         self.master_end.close()
 
 
+# The servers a table of HTTP behaviour runs on (the limits, the timeouts, slow readers):
+# "wsgi-" and each WSGI engine, "asgi-" and each ASGI parser ("asgi" alone: the native parser
+# when the extension is built, httptools without it).
+SERVERS = (["wsgi-python"] + (["wsgi-native"] if HAVE_NATIVE else []) + ["asgi"]
+           + (["asgi-httptools"] if HAVE_NATIVE else []) + ["asgi-h11"])
+SERVER_APPS = {"wsgi": "edge_app:application", "asgi": "asgi_app:app"}
+
+
+def server_worker(variant: str, listeners: Listeners, **kwargs: Any) -> Worker:
+    """A Worker (not waited for) for one of SERVERS, on the edge app or the ASGI app;
+    `kwargs` as Worker's. It knows its `variant`."""
+    interface, _, which = variant.partition("-")
+    if interface == "wsgi":
+        w = Worker(listeners, SERVER_APPS["wsgi"], engine=which, **kwargs)
+    else:
+        env = dict(kwargs.pop("env", None) or {}, **({"MOLT_SHIM_PARSER": which} if which else {}))
+        w = Worker(listeners, SERVER_APPS["asgi"], interface="asgi", env=env or None, **kwargs)
+    w.variant = variant
+    return w
+
+
 # -- HTTP client helpers ---------------------------------------------------------------------
 class _NoClose:
     """A shared buffered reader that http.client cannot close between responses."""

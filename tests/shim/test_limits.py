@@ -9,25 +9,16 @@ import tempfile
 
 import pytest
 
-from harness import HAVE_NATIVE, Client, Listeners, Worker, get, raw_exchange, wait_until
+from harness import (SERVERS, Client, Listeners, Worker, get, raw_exchange, server_worker,
+                     wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
 HTTP = {"header_timeout_ms": 1500, "max_body_size": 1024, "version_header": "X-Molt-Version"}
-APPS = {"wsgi": ("edge_app:application", "/healthz"), "asgi": ("asgi_app:app", "/healthz")}
-# interface-variant: the WSGI engine, or the ASGI parser ("asgi" alone: the native parser,
-# httptools without the extension).
-SERVERS = (["wsgi-python"] + (["wsgi-native"] if HAVE_NATIVE else []) + ["asgi"]
-           + (["asgi-httptools"] if HAVE_NATIVE else []) + ["asgi-h11"])
 
 
 def start(variant: str, ls: Listeners, overrides: dict) -> Worker:
-    interface, _, which = variant.partition("-")
-    app, health = APPS[interface]
-    if interface == "wsgi":
-        return Worker(ls, app, health_path=health, overrides=overrides, engine=which)
-    env = {"MOLT_SHIM_PARSER": which} if which else None
-    return Worker(ls, app, interface="asgi", health_path=health, overrides=overrides, env=env)
+    return server_worker(variant, ls, health_path="/healthz", overrides=overrides)
 
 
 @pytest.fixture(scope="module", params=SERVERS)

@@ -11,37 +11,25 @@ import tempfile
 
 import pytest
 
-from harness import HAVE_NATIVE, Listeners, Worker, get, wait_until
+from harness import SERVERS, Listeners, get, server_worker, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 THREADS = 2
 SEND_TIMEOUT_MS = 1500
 BIG = 32 * 1024 * 1024  # far more than the socket buffers of both ends hold
-APPS = {"wsgi": ("edge_app:application", "/big?n=%d" % BIG, b"hello"),
-        "asgi": ("asgi_app:app", "/big?n=%d" % BIG, b"asgi hello")}
+# What each interface's app (harness.SERVER_APPS) answers "/" with.
+HELLO = {"wsgi": b"hello", "asgi": b"asgi hello"}
 # Well under the old 60 s write timeout, well over http.send_timeout.
 NORMAL_CLIENT_TIMEOUT_S = 30.0
 
 
-def servers():
-    """(interface, WSGI engine or ASGI parser): every row of docs/asgi.md's table."""
-    wsgi_engines = ["python"] + (["native"] if HAVE_NATIVE else [])  # conftest.WSGI_ENGINES
-    asgi_parsers = [None] + (["httptools"] if HAVE_NATIVE else []) + ["h11"]
-    return [("wsgi", e) for e in wsgi_engines] + [("asgi", p) for p in asgi_parsers]
-
-
-@pytest.fixture(scope="module", params=servers(),
-                ids=lambda p: p[1] if p[0] == "wsgi" else "-".join(filter(None, p)))
+@pytest.fixture(scope="module", params=SERVERS)
 def server(request):
-    interface, which = request.param
-    app, _, _ = APPS[interface]
     ls = Listeners(tempfile.mkdtemp(prefix="molt-slow-"))
-    engine = which if interface == "wsgi" else None
-    env = {"MOLT_SHIM_PARSER": which} if interface == "asgi" and which else None
-    w = Worker(ls, app, interface=interface, threads=THREADS, engine=engine, env=env,
-               overrides={"http": {"send_timeout_ms": SEND_TIMEOUT_MS}}).wait_ready()
-    yield interface, ls, w
+    w = server_worker(request.param, ls, threads=THREADS,
+                      overrides={"http": {"send_timeout_ms": SEND_TIMEOUT_MS}}).wait_ready()
+    yield w.config["interface"], ls, w
     w.stop()
     ls.close()
 
@@ -70,8 +58,8 @@ def bytes_until_closed(s: socket.socket) -> int:
 
 def test_slow_readers_cost_a_bounded_wait_and_are_closed(server):
     interface, ls, w = server
-    _, path, hello = APPS[interface]
-    slow = [slow_reader(ls.port, path) for _ in range(THREADS)]
+    hello = HELLO[interface]
+    slow = [slow_reader(ls.port, "/big?n=%d" % BIG) for _ in range(THREADS)]
     try:
         # Every serving thread's client is slow; a normal client is served all the same.
         assert get(ls.port, "/", timeout=NORMAL_CLIENT_TIMEOUT_S) == (200, hello)

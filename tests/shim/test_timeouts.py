@@ -16,30 +16,18 @@ from typing import Iterator, Tuple
 
 import pytest
 
-from harness import HAVE_NATIVE, Client, Listeners, Worker
+from harness import SERVERS, Client, Listeners, Worker, server_worker
 
 pytestmark = pytest.mark.timeout(60)
 
 HEADER_TIMEOUT_MS = 1500
 KEEPALIVE_MS = 6000
-# The WSGI engines (conftest.WSGI_ENGINES), and ASGI on its native parser, on httptools and
-# on the h11 fallback.
-SERVERS = (["python"] + (["native"] if HAVE_NATIVE else []) + ["asgi"]
-           + (["asgi-httptools"] if HAVE_NATIVE else []) + ["asgi-h11"])
-
-
 @pytest.fixture(scope="module", params=SERVERS)
 def srv(request) -> Iterator[Tuple[Listeners, Worker]]:
     ls = Listeners(tempfile.mkdtemp(prefix="molt-timeouts-"))
     overrides = {"http": {"header_timeout_ms": HEADER_TIMEOUT_MS, "version_header": ""},
                  "timeouts": {"keepalive_ms": KEEPALIVE_MS}}
-    if request.param.startswith("asgi"):
-        parser = request.param.partition("-")[2]
-        env = {"MOLT_SHIM_PARSER": parser} if parser else None
-        w = Worker(ls, "asgi_app:app", interface="asgi", overrides=overrides, env=env)
-    else:
-        w = Worker(ls, "edge_app:application", engine=request.param, overrides=overrides)
-    w.variant = request.param
+    w = server_worker(request.param, ls, overrides=overrides)
     yield ls, w.wait_ready()
     w.stop()
     ls.close()
