@@ -109,6 +109,12 @@ def connections_held(pid: int, port: int) -> int:
     return held
 
 
+def uid_of(pid: int) -> int:
+    """The real user id process `pid` runs as (/proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Uid:")).split()[1])
+
+
 def read_to_eof(sock: socket.socket, timeout: Optional[float] = None) -> bytes:
     """Everything up to a clean EOF; a reset or a timeout raises. `timeout`, when given,
     replaces the socket's own."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from molt_testlib import (APPS, Releases, Wrk, connections_held, flask_release, free_port, http_get,
-                          wait_until)
+                          uid_of, wait_until)
 
 MARK_IMPORT = (
     "import os as _os\n"
@@ -402,16 +403,17 @@ def test_a_recycled_worker_is_forked_again_not_imported_again(molt, tmp_path):
     assert "max_requests" in m.log()
 
 
-def uid_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line for line in f if line.startswith("Uid:")).split()[1])
+NOBODY = pwd.getpwnam("nobody")
 
 
 def nobody_can_read(path: str) -> bool:
-    nobody = 65534
+    def as_nobody():
+        os.setgid(NOBODY.pw_gid)
+        os.setuid(NOBODY.pw_uid)
+
     return subprocess.run(["/usr/bin/python3", "-c", "import sys; open(sys.argv[1]).close()",
-                           path], preexec_fn=lambda: (os.setgid(nobody), os.setuid(nobody)),
-                          capture_output=True, timeout=30).returncode == 0
+                           path], preexec_fn=as_nobody, capture_output=True,
+                          timeout=30).returncode == 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="taking another user's identity needs root")
@@ -434,7 +436,7 @@ def test_the_zygote_its_standby_and_its_workers_run_as_the_configured_user(molt)
             assert_preloaded(m, gen["id"])
             standby = wait_until(lambda: standby_pid(m), 10, "the standby", on_timeout=m.log)
             pids = [gen["preload"]["zygote"]["pid"], standby] + [w["pid"] for w in gen["workers"]]
-            assert {pid: uid_of(pid) for pid in pids} == {pid: 65534 for pid in pids}
+            assert {pid: uid_of(pid) for pid in pids} == {pid: NOBODY.pw_uid for pid in pids}
 
         assert_as_nobody()
         assert uid_of(m.status()["master"]["pid"]) == 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from molt_testlib import REPO, http_get, wait_until
+from molt_testlib import REPO, http_get, uid_of, wait_until
 
 BUILD = Path(os.environ.get("MOLT_BUILD_DIR", REPO / "build"))
 UNIT_DIR = Path("/lib/systemd/system")
@@ -322,9 +322,7 @@ def test_the_images_cmd_and_healthcheck_serve_as_the_non_root_user(installed):
             wait_until(lambda: run(*image_command(health_command(image)), check=False,
                                    timeout=10).returncode == 0, 30, "the HEALTHCHECK to pass")
             wait_until(lambda: answers(port), 30, "the demo app to answer")
-            uid_line = next(line for line in Path(f"/proc/{master.pid}/status").read_text()
-                            .splitlines() if line.startswith("Uid:"))
-            assert uid_line.split()[1] == str(IMAGE_UID)
+            assert uid_of(master.pid) == IMAGE_UID
             stop_with_sigterm(master, workdir / "molt.log")  # the image's STOPSIGNAL
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
