@@ -353,10 +353,12 @@ void print_status(const json& s) {
             std::cout << "  failure: " << g["failure"].get<std::string>() << "\n";
         const json zygote = g.contains("preload") ? g["preload"].value("zygote", json()) : json();
         if (zygote.is_object()) {
-            std::cout << fmt::format("  zygote pid {} {}, {} fork(s), PSS {}\n",
-                                     zygote.value("pid", 0), zygote.value("state", "?"),
-                                     zygote.value("forks", 0),
-                                     human_bytes(zygote.value("pss_bytes", std::uint64_t{0})));
+            const json spare = zygote.value("spare_pid", json());
+            std::cout << fmt::format(
+                "  zygote pid {} {}, {} fork(s), PSS {}{}\n", zygote.value("pid", 0),
+                zygote.value("state", "?"), zygote.value("forks", 0),
+                human_bytes(zygote.value("pss_bytes", std::uint64_t{0})),
+                spare.is_number() ? fmt::format(", spare worker pid {}", spare.get<int>()) : "");
         }
     }
     if (s.contains("standby") && s["standby"].is_object()) {

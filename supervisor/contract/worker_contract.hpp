@@ -76,6 +76,9 @@ inline constexpr std::string_view exceptions = "EXCEPTIONS";  // exceptions rais
 // zygote -> master: STANDBY= done, the standby's pid (or STANDBY_ERROR= saying why not)
 inline constexpr std::string_view standby_pid = "STANDBY_PID";
 inline constexpr std::string_view standby_error = "STANDBY_ERROR";
+// zygote -> master: the pid of its spare (a worker forked ahead, waiting for the next FORK=),
+// once it waits; 0 once it was handed a request or found dead
+inline constexpr std::string_view spare_pid = "SPARE_PID";
 // master -> worker
 inline constexpr std::string_view drain = "DRAIN";              // stop accepting, finish, exit 0
 inline constexpr std::string_view reopen_logs = "REOPEN_LOGS";  // reopen log files
@@ -91,11 +94,11 @@ inline constexpr std::string_view standby = "STANDBY";
 inline constexpr std::string_view start = "START";
 }  // namespace key
 
-inline constexpr std::array<std::string_view, 17> worker_to_master_keys = {
-    key::ready,       key::watchdog,     key::requests,        key::inflight,  key::oldest_ms,
-    key::rss,         key::error,        key::retire,          key::stopping,  key::forked,
-    key::pid,         key::fork_error,   key::preload_refused, key::durations, key::exceptions,
-    key::standby_pid, key::standby_error};
+inline constexpr std::array<std::string_view, 18> worker_to_master_keys = {
+    key::ready,       key::watchdog,      key::requests,        key::inflight,  key::oldest_ms,
+    key::rss,         key::error,         key::retire,          key::stopping,  key::forked,
+    key::pid,         key::fork_error,    key::preload_refused, key::durations, key::exceptions,
+    key::standby_pid, key::standby_error, key::spare_pid};
 inline constexpr std::array<std::string_view, 6> master_to_worker_keys = {
     key::drain, key::reopen_logs, key::fork, key::slot, key::standby, key::start};
 

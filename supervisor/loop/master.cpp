@@ -411,10 +411,10 @@ void Master::on_worker_exit(pid_t pid, int status) {
         return;
     }
     if (!processes_.count(pid)) {
-        // Not (yet) known: a forked worker whose zygote's FORKED= is still unread, or an
-        // orphan of an app's subprocess re-parented to this subreaper. Kept for on_forked().
-        reaped_unknown_[pid] = status;
-        while (reaped_unknown_.size() > 256) reaped_unknown_.erase(reaped_unknown_.begin());
+        // Not (yet) known: a forked worker whose zygote's FORKED= is still unread, a zygote's
+        // spare that was never used, or an orphan of an app's subprocess re-parented to this
+        // subreaper. Kept for on_forked() a while.
+        reaped_early_.remember(pid, status, now());
         return;
     }
     core::ExitStatus exit;
@@ -437,6 +437,7 @@ void Master::on_worker_exit(pid_t pid, int status) {
     }
     if (auto it = processes_.find(pid); it != processes_.end() && it->second->zygote) {
         forget_forks_of(pid);  // whatever it did not answer, it never will
+        spares_.erase(pid);    // its spare exits when it sees the zygote's end close
         if (pending_standby_ && pending_standby_->zygote == pid) pending_standby_.reset();
     }
     if (auto it = processes_.find(pid); it != processes_.end()) {
@@ -476,6 +477,8 @@ void Master::on_worker_packet(WorkerProcess& worker) {
         if (packet.status == os::Packet::Status::packet) {
             if (worker.zygote && starts_with(packet.data, contract::key::forked)) {
                 on_forked(worker, packet.data);
+            } else if (worker.zygote && starts_with(packet.data, contract::key::spare_pid)) {
+                on_spare_pid(worker, packet.data);
             } else if (worker.zygote && (starts_with(packet.data, contract::key::standby_pid) ||
                                          starts_with(packet.data, contract::key::standby_error))) {
                 on_standby_answer(worker, packet.data);
@@ -631,11 +634,18 @@ void Master::on_forked(WorkerProcess& zygote, const std::string& packet) {
     track_process(fork.generation, fork.slot, pid, std::move(fork.channel), fork.out.release(),
                   fork.err.release());
     feed(core_.spawned(now(), id, pid));
-    if (auto early = reaped_unknown_.find(pid); early != reaped_unknown_.end()) {
-        // It exited (and was reaped) before this answer was read.
-        int status = early->second;
-        reaped_unknown_.erase(early);
-        on_worker_exit(pid, status);
+    if (auto status = reaped_early_.take(pid, now())) {
+        on_worker_exit(pid, *status);  // it exited (and was reaped) before this answer was read
+    }
+}
+
+void Master::on_spare_pid(WorkerProcess& zygote, const std::string& packet) {
+    auto fields = contract::parse_message(packet);
+    auto pid = static_cast<pid_t>(std::atoi(fields[std::string(contract::key::spare_pid)].c_str()));
+    if (pid > 0) {
+        spares_[zygote.pid] = pid;
+    } else {
+        spares_.erase(zygote.pid);
     }
 }
 

@@ -16,6 +16,7 @@
 #include "config/config.hpp"
 #include "supervisor/core/supervisor.hpp"
 #include "supervisor/loop/log.hpp"
+#include "supervisor/loop/reaped_early.hpp"
 #include "supervisor/os/os.hpp"
 
 namespace molt::loop {
@@ -122,6 +123,11 @@ class Master {
     core::Actions ask_zygote(const core::SpawnWorker& spawn);
     void on_forked(WorkerProcess& zygote, const std::string& packet);
     void forget_forks_of(pid_t zygote);
+    void on_spare_pid(WorkerProcess& zygote, const std::string& packet);
+    pid_t spare_of(pid_t zygote) const {
+        auto it = spares_.find(zygote);
+        return it == spares_.end() ? 0 : it->second;
+    }
     // The standby (standby.cpp).
     bool standby_usable_by(const config::Config& config);
     pid_t start_standby(core::GenerationId generation, const os::SpawnRequest& launch);
@@ -190,9 +196,10 @@ class Master {
         os::Fd err;
     };
     std::optional<PendingStandby> pending_standby_;
-    // Children reaped before the master knew them: a forked worker can exit before its
-    // zygote's FORKED= is read. Bounded; the oldest are forgotten first.
-    std::map<pid_t, int> reaped_unknown_;
+    // zygote pid -> its spare's (SPARE_PID=): shown in status, nothing else depends on it.
+    std::map<pid_t, pid_t> spares_;
+    // Children reaped before the master knew them (reaped_early.hpp says which and why).
+    ReapedEarly reaped_early_;
     std::map<int, uv_signal_t> signals_;
     uv_timer_t deadline_timer_{};
     uv_timer_t watchdog_timer_{};

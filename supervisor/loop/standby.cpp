@@ -140,10 +140,8 @@ void Master::on_standby_answer(WorkerProcess& zygote, const std::string& packet)
     log_.write(core::LogLevel::debug,
                fmt::format("standby ready (pid {}) for the next zygote", pid), zygote.generation,
                pid);
-    if (auto early = reaped_unknown_.find(pid); early != reaped_unknown_.end()) {
-        int status = early->second;  // it exited before this answer was read
-        reaped_unknown_.erase(early);
-        standby_exited(process, status);
+    if (auto status = reaped_early_.take(pid, now())) {
+        standby_exited(process, *status);  // it exited before this answer was read
     }
 }
 

@@ -33,7 +33,7 @@ bool preloaded(const core::Generation& gen) {
     return gen.zygote.state == core::ZygoteState::ready || gen.zygote.forks > 0;
 }
 
-json zygote_json(const core::Generation& gen, unsigned long long pss) {
+json zygote_json(const core::Generation& gen, unsigned long long pss, pid_t spare) {
     const core::Zygote& z = gen.zygote;
     json out{{"mode", kPreloadNames[static_cast<std::size_t>(gen.release.config->preload)]},
              {"preloaded", preloaded(gen)},
@@ -44,6 +44,7 @@ json zygote_json(const core::Generation& gen, unsigned long long pss) {
         out["zygote"] = json{{"pid", z.pid},
                              {"state", core::to_string(z.state)},
                              {"forks", z.forks},
+                             {"spare_pid", spare > 0 ? json(spare) : json(nullptr)},
                              {"rss_bytes", alive ? os::resident_bytes(z.pid) : 0},
                              {"pss_bytes", pss}};
     }
@@ -243,7 +244,7 @@ json Master::status_json() const {
                {"trigger", core::to_string(gen.trigger)},
                {"target_workers", gen.target},
                {"started_at", wall(gen.started_at)},
-               {"preload", zygote_json(gen, pss_of(gen.zygote.pid))},
+               {"preload", zygote_json(gen, pss_of(gen.zygote.pid), spare_of(gen.zygote.pid))},
                {"workers", workers}};
         if (gen.live_at) {
             g["live_at"] = wall(*gen.live_at);

@@ -248,6 +248,73 @@ def test_workers_forked_in_one_batch_hold_only_their_own_ends(molt, tmp_path):
     assert body(m) == "version a\n"
 
 
+def spare_pid(m, gen_id: int) -> int:
+    zygote = generation(m, gen_id)["preload"]["zygote"]
+    return (zygote or {}).get("spare_pid") or 0
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_workers_replacement_is_the_spare_forked_ahead_and_a_new_spare_follows(
+        molt, tmp_path):
+    """The zygote keeps one worker forked ahead (its spare): the master's child, waiting,
+    never an importer. A replacement is that spare, an ordinary forked worker from then on;
+    then the zygote forks the next spare. A spare killed while it waits is replaced, and the
+    zygote's death takes a waiting spare with it."""
+    releases, log = release_a(tmp_path)
+    m = molt(config_for(releases, log, workers=2))
+    gen = m.live_generation()
+    spare = wait_until(lambda: spare_pid(m, gen), 20, "a spare", on_timeout=m.log)
+    assert parent_of(spare) == m.pid
+    assert spare not in m.worker_pids() and spare not in imports(log)
+    assert f"spare worker pid {spare}" in m.ctl("status").stdout
+
+    victim = next(w for w in m.workers("ready") if w["slot"] == 0)
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_until(lambda: any(w["slot"] == 0 and w["pid"] != victim["pid"]
+                           for w in m.workers("ready")), 20, "a replacement", on_timeout=m.log)
+    replacement = next(w for w in m.workers("ready") if w["slot"] == 0)
+    assert replacement["pid"] == spare and replacement["forked"] is True
+    # It ran the interpreter's after-fork work and started its engine's threads only now.
+    assert len(os.listdir(f"/proc/{spare}/task")) > 1
+    assert len(imports(log)) == 1
+    assert body(m) == "version a\n"
+    after = wait_until(lambda: spare_pid(m, gen) not in (0, spare) and spare_pid(m, gen), 20,
+                       "the next spare", on_timeout=m.log)
+
+    os.kill(after, signal.SIGKILL)  # while it waits: the zygote notices, and forks another
+    third = wait_until(lambda: spare_pid(m, gen) not in (0, after) and spare_pid(m, gen), 20,
+                       "a spare after the killed one", on_timeout=m.log)
+    victim = m.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in m.worker_pids() and len(m.workers("ready")) == 2, 20,
+               "the next replacement", on_timeout=m.log)
+    assert third in m.worker_pids()
+    assert len(imports(log)) == 1
+
+    fourth = wait_until(lambda: spare_pid(m, gen) not in (0, third) and spare_pid(m, gen), 20,
+                        "one more spare", on_timeout=m.log)
+    os.kill(generation(m, gen)["preload"]["zygote"]["pid"], signal.SIGKILL)
+    wait_until(lambda: not alive(fourth), 10, "the waiting spare to go with its zygote",
+               on_timeout=m.log)
+    assert body(m) == "version a\n"
+    assert len(m.workers("ready")) == 2
+
+
+@pytest.mark.timeout(90)
+def test_a_spare_dies_with_the_master(molt, tmp_path):
+    releases, log = release_a(tmp_path)
+    m = molt(config_for(releases, log, workers=1))
+    spare = wait_until(lambda: spare_pid(m, m.live_generation()), 20, "a spare",
+                       on_timeout=m.log)
+    m.signal(signal.SIGKILL)
+    wait_until(lambda: not alive(spare), 10, "the spare to die with the master")
+
+
 def release_with_a_thread_at_import(tmp_path) -> Releases:
     """Release "a", whose import starts a thread (named metrics-poller) that stays alive."""
     releases = Releases(tmp_path / "site")
@@ -280,7 +347,8 @@ def test_a_thread_started_at_import_falls_back_under_auto_and_says_why(molt, tmp
 @pytest.mark.timeout(90)
 def test_preload_true_forks_with_a_thread_alive_and_replaces_a_killed_worker(molt, tmp_path):
     # The zygote's intermediate skips the interpreter's after-fork work only while the zygote
-    # runs no other thread (zygote.fork_intermediate); with one alive it is plain os.fork().
+    # runs no other thread (zygote.Forks); with one alive it is plain os.fork(), and no spare
+    # is forked ahead (zygote.Spare holds the state between the fork and that work).
     log = tmp_path / "imports.log"
     releases = release_with_a_thread_at_import(tmp_path)
     m = molt(config_for(releases, log, preload="true"))
@@ -293,6 +361,7 @@ def test_preload_true_forks_with_a_thread_alive_and_replaces_a_killed_worker(mol
     assert all(w["forked"] for w in m.workers("ready"))
     assert body(m) == "version a\n"
     assert len(imports(log)) == 1
+    assert spare_pid(m, m.live_generation()) == 0
 
 
 SOCKET_APP = MARK_IMPORT + '''

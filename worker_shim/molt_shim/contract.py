@@ -42,6 +42,9 @@ class Key:
     # zygote -> master: STANDBY= done, the standby's pid (or STANDBY_ERROR= saying why not)
     STANDBY_PID = "STANDBY_PID"
     STANDBY_ERROR = "STANDBY_ERROR"
+    # zygote -> master: the pid of its spare (a worker forked ahead, waiting for the next
+    # FORK=), once it waits; 0 once it was handed a request or found dead
+    SPARE_PID = "SPARE_PID"
     # master -> worker
     DRAIN = "DRAIN"
     REOPEN_LOGS = "REOPEN_LOGS"
@@ -59,7 +62,7 @@ class Key:
 WORKER_TO_MASTER_KEYS: Tuple[str, ...] = (
     Key.READY, Key.WATCHDOG, Key.REQUESTS, Key.INFLIGHT, Key.OLDEST_MS, Key.RSS, Key.ERROR,
     Key.RETIRE, Key.STOPPING, Key.FORKED, Key.PID, Key.FORK_ERROR, Key.PRELOAD_REFUSED,
-    Key.DURATIONS, Key.EXCEPTIONS, Key.STANDBY_PID, Key.STANDBY_ERROR)
+    Key.DURATIONS, Key.EXCEPTIONS, Key.STANDBY_PID, Key.STANDBY_ERROR, Key.SPARE_PID)
 MASTER_TO_WORKER_KEYS: Tuple[str, ...] = (Key.DRAIN, Key.REOPEN_LOGS, Key.FORK, Key.SLOT,
                                           Key.STANDBY, Key.START)
 

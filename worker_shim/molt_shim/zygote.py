@@ -3,7 +3,10 @@
     [on STANDBY=, before the import: fork the next zygote-to-be, standby.py]
     import the app -> look for what is unsafe to fork -> gc.freeze() -> READY=1
     -> on FORK=<id> (SLOT=, the worker's channel + stdout + stderr as SCM_RIGHTS):
-       fork an intermediate, which forks the worker, reports FORKED=<id> PID=<pid> and exits
+       hand it to the spare, if one waits, and report FORKED=<id> PID=<the spare's pid>;
+       otherwise fork an intermediate, which forks the worker, reports FORKED=<id> PID=<pid>
+       and exits
+    -> once no request came for SPARE_IDLE_S: fork the next spare (class Spare)
 
 The master is the workers' parent and their only reaper: it is PR_SET_CHILD_SUBREAPER, so the
 worker, orphaned when the intermediate exits, is re-parented to the master, never to the
@@ -234,9 +237,20 @@ def serve_forks(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
     if sock is None:
         return WorkerExit.OK
     sock.setblocking(True)
+    spare = Spare(channel)
     while True:
         reap(intermediates)
-        if intermediates and not select.select([sock], [], [], REAP_S)[0]:
+        wait = spare.wait_s(time.monotonic())
+        if intermediates:
+            wait = REAP_S if wait is None else min(wait, REAP_S)
+        readable = select.select([sock] + spare.watched(), [], [], wait)[0]
+        if spare.sock is not None and spare.sock in readable:
+            spare.hear(time.monotonic())
+        if sock not in readable:
+            if spare.is_due(time.monotonic()):
+                intermediate = spare.fork(cfg, channel, master, libc, become_worker)
+                if intermediate:
+                    intermediates.append(intermediate)
             continue
         batch: List[Fork] = []
         got = receive(sock, block=True)
@@ -256,16 +270,23 @@ def serve_forks(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
                                                                               len(fds))})
             else:
                 slot = int(message.get(Key.SLOT, "0") or 0)
-                batch.append((request, slot, fds))
+                handed_to = spare.hand(data, fds) if not batch else 0
+                if handed_to:
+                    close_all(fds)  # the spare has its own copies now
+                    channel.send(**{Key.FORKED: request, Key.PID: handed_to})
+                else:
+                    batch.append((request, slot, fds))
             got = receive(sock, block=False)
         try:
             if batch:
-                intermediate = fork_workers(cfg, channel, master, libc, batch, become_worker)
+                intermediate = fork_workers(cfg, channel, master, libc, batch, become_worker,
+                                            spare)
                 if intermediate:
                     intermediates.append(intermediate)
         finally:
             for _request, _slot, fds in batch:
                 close_all(fds)
+        spare.after_requests(time.monotonic())
         if got is None:
             return WorkerExit.OK  # the master is gone: so is the generation
 
@@ -293,8 +314,7 @@ def close_all(fds: List[int]) -> None:
 
 
 def fork_workers(cfg: config.WorkerConfig, channel: Channel, master: int, libc: Any,
-                 batch: List[Fork],
-                 become_worker: Callable[..., int]) -> int:
+                 batch: List[Fork], become_worker: Callable[..., int], spare: "Spare") -> int:
     """Fork the intermediate, which forks one worker per request, says each pid and exits at
     once, so that the workers are re-parented to the master (the subreaper). Returns the
     intermediate's pid (0 when it could not be forked: every request got FORK_ERROR)."""
@@ -310,7 +330,7 @@ def fork_workers(cfg: config.WorkerConfig, channel: Channel, master: int, libc: 
         return 0
     if intermediate != 0:
         return intermediate
-    code = 0
+    spare.close_copy()  # the zygote's end of its spare's socket is not the workers' to hold
     try:
         for n, (request, slot, fds) in enumerate(batch):
             try:
@@ -322,21 +342,152 @@ def fork_workers(cfg: config.WorkerConfig, channel: Channel, master: int, libc: 
             if pid == 0:
                 for _other, _slot, theirs in batch[n + 1:]:  # later workers' ends
                     close_all(theirs)
-                try:
-                    code = worker_main(cfg, channel, master, libc, slot, fds, become_worker)
-                except BaseException:
-                    traceback.print_exc(file=sys.stderr)
-                    code = 1
-                try:
-                    atexit._run_exitfuncs()  # what finish_process() does for any worker
-                except Exception:
-                    pass
-                return_to_exit(code)
+                be_worker(cfg, channel, master, libc, slot, fds, become_worker)
             close_all(fds)  # this worker has them; later workers must not
             channel.send(**{Key.FORKED: request, Key.PID: pid})
     finally:
-        return_to_exit(code)
+        return_to_exit(0)
     return 0  # not reached
+
+
+def be_worker(cfg: config.WorkerConfig, channel: Channel, master: int, libc: Any, slot: int,
+              fds: List[int], become_worker: Callable[..., int]) -> None:
+    """In a forked worker, after the interpreter's after-fork work: its whole life, then exit
+    (never returns)."""
+    try:
+        code = worker_main(cfg, channel, master, libc, slot, fds, become_worker)
+    except BaseException:
+        traceback.print_exc(file=sys.stderr)
+        code = 1
+    try:
+        atexit._run_exitfuncs()  # what finish_process() does for any worker
+    except Exception:
+        pass
+    return_to_exit(code)
+
+
+SPARE_IDLE_S = 0.1  # a new spare is forked once no fork request came for this long
+
+
+class Spare:
+    """The next worker, forked before anyone asks for it (the zygote's side of it).
+
+    A fork request used to wait for the double fork: the zygote forks an intermediate, which
+    forks the worker, and each fork copies the page tables of a process that holds the whole
+    release (7 ms each for the bench's 100 MiB app here). A crashed, hung or recycled
+    worker's replacement waited for both before its own boot began. So once no request has
+    come for SPARE_IDLE_S the zygote forks one worker-to-be ahead, with the same double fork:
+    the spare. It is adopted by the master like any worker, says so on its socket pair with
+    the zygote (which tells the master: SPARE_PID=), and waits there, stopped between the fork
+    and the interpreter's after-fork work (Forks). Both forks and the wait are C
+    (_molt_native.fork_spare): no Python runs in the spare until it is used, so it writes
+    almost no page and costs the tree almost no memory (as Python code, each object it
+    touched was a page copied: about 1 MiB). The zygote hands it the next request's fds and
+    answers FORKED= with its pid; it runs the after-fork work and becomes that worker, exactly
+    as a freshly forked one does (be_worker).
+
+    One at a time, only where the native extension is loaded (the native engine, ASGI), and
+    only when the zygote runs no other thread (Forks.raw): holding the before-fork state needs
+    that. A spare that dies is noticed by its socket closing, and a request that finds none
+    waiting is forked as before. When the zygote dies, its end of the pair closes and a
+    waiting spare exits; the workers forked from the zygote close their copy of that end
+    (close_copy())."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.sock: Optional[socket.socket] = None  # the zygote's end of the pair
+        self.pid = 0  # known once the spare has said it is adopted and waiting
+        self.due: Optional[float] = time.monotonic() + SPARE_IDLE_S
+
+    def watched(self) -> List[socket.socket]:
+        return [self.sock] if self.sock is not None else []
+
+    def wait_s(self, now: float) -> Optional[float]:
+        """How long the zygote may wait for a request before the next spare is due."""
+        if self.sock is not None or self.due is None:
+            return None
+        return max(0.0, self.due - now)
+
+    def is_due(self, now: float) -> bool:
+        return self.sock is None and self.due is not None and now >= self.due
+
+    def after_requests(self, now: float) -> None:
+        """Requests were just answered: the next spare waits until they have been quiet."""
+        if self.sock is None:
+            self.due = now + SPARE_IDLE_S
+
+    def hear(self, now: float) -> None:
+        """The spare's socket is readable: it says its pid once it waits, or it is gone."""
+        got = receive(self.sock, block=False) if self.sock is not None else None
+        if got is EMPTY:
+            return
+        if got is None or self.pid:
+            self.forget()  # gone (or said more than its pid, which it never does)
+            self.after_requests(now)
+            return
+        self.pid = int(got[0])
+        self.channel.send(**{Key.SPARE_PID: self.pid})
+
+    def hand(self, data: bytes, fds: List[int]) -> int:
+        """Give a fork request (the packet and its fds) to the waiting spare. Its pid, or 0
+        when none is waiting (the caller forks the request as before)."""
+        if self.sock is not None and not self.pid:
+            self.hear(time.monotonic())
+        if not self.pid:
+            return 0  # none, or not adopted yet: it may take the next request
+        pid = self.pid
+        try:
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                        array.array("i", fds))])
+        except OSError:  # it died meanwhile
+            pid = 0
+        self.forget()
+        return pid
+
+    def forget(self) -> None:
+        if self.pid:
+            self.channel.send(**{Key.SPARE_PID: 0})
+        self.close_copy()
+
+    def close_copy(self) -> None:
+        """Also in a forked process, which must not hold the zygote's end open."""
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.pid = None, 0
+
+    def fork(self, cfg: config.WorkerConfig, channel: Channel, master: int, libc: Any,
+             become_worker: Callable[..., int]) -> int:
+        """In the zygote: fork the intermediate that forks the spare. The intermediate's pid
+        (0: no spare, and none is tried again until the next request). In the spare, once it
+        is handed a request: be that worker (never returns)."""
+        self.due = None
+        native = sys.modules.get("_molt_native")
+        if native is None or not Forks().raw:
+            return 0
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
+            stream.flush()
+        try:
+            got = native.fork_spare(theirs.fileno(), ours.fileno(), channel.fileno(), master,
+                                    "molt g%d spare" % cfg.generation)
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            log.warning("zygote: could not fork a spare worker: %s", exc.strerror)
+            return 0
+        if isinstance(got, int):
+            theirs.close()
+            self.sock = ours
+            return got
+        ours.detach()  # the spare closed both ends in C (fork_spare)
+        theirs.detach()
+        data, fds = got
+        if len(fds) != FDS_PER_FORK:
+            close_all(fds)
+            return_to_exit(0)
+        slot = int(decode(data).get(Key.SLOT, "0") or 0)
+        be_worker(cfg, channel, master, libc, slot, fds, become_worker)
+        return 0  # not reached
 
 
 class Forks:
@@ -387,6 +538,7 @@ class Forks:
         if pid == 0:
             self.api.PyOS_AfterFork_Child()
         return pid
+
 
 
 def return_to_exit(code: int) -> None:

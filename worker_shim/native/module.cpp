@@ -8,6 +8,7 @@
 
 #include "asgi_parser.hpp"
 #include "framing_guard.hpp"
+#include "spare.hpp"
 #include "wsgi_call.hpp"
 
 namespace molt::native {
@@ -622,6 +623,8 @@ PyMethodDef module_methods[] = {
     {"parser_name", parser_name_py, METH_NOARGS, "The HTTP parser library and its version."},
     {"framing_guard", make_framing_guard, METH_VARARGS,
      "framing_guard(max_request_line, max_header_size) -> FramingGuard"},
+    {"fork_spare", fork_spare, METH_VARARGS,
+     "fork_spare(sock, zygote_end, channel, master, comm) -> intermediate pid | (packet, fds)"},
     {"asgi_parser", make_asgi_parser, METH_VARARGS,
      "asgi_parser((max_request_line, max_header_size, max_headers, max_body_size), base, asgi, "
      "unquote) -> AsgiParser"},

@@ -1,0 +1,128 @@
+#include "spare.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+
+namespace molt::native {
+namespace {
+
+constexpr int kFdsPerFork = 3;             // the worker's channel, stdout, stderr
+constexpr std::size_t kMaxPacket = 65536;  // molt_shim.protocol.MAX_PACKET
+char packet[kMaxPacket];                   // .bss: pages are touched only as far as written
+
+void name_self(const char* comm) {
+    int fd = open("/proc/self/comm", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    ssize_t ignored = write(fd, comm, strnlen(comm, 15));
+    (void)ignored;
+    close(fd);
+}
+
+// The intermediate exits right after forking us; its pidfd turns readable once it has, and
+// by then the kernel has re-parented us to the subreaper (zygote.adopted_by, in Python).
+bool adopted_by(pid_t master) {
+    pid_t parent = getppid();
+    if (parent != master && parent != 1) {
+        int pidfd = static_cast<int>(syscall(SYS_pidfd_open, parent, 0));
+        if (pidfd >= 0) {
+            pollfd ready{pidfd, POLLIN, 0};
+            poll(&ready, 1, 10'000);
+            close(pidfd);
+        }
+    }
+    for (int tries = 0; getppid() != master; ++tries) {  // no pidfd (Linux < 5.3): 10 s at most
+        if (getppid() == 1 || tries == 50'000) return false;
+        timespec pause{0, 200'000};
+        nanosleep(&pause, nullptr);
+    }
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    return getppid() == master;
+}
+
+// Blocks until the zygote sends a request; its length and fds, or -1 (EOF: the zygote is gone).
+ssize_t wait_for_request(int sock, int fds[kFdsPerFork], int& nfds) {
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kFdsPerFork)];
+    iovec data{packet, sizeof packet};
+    msghdr msg{};
+    msg.msg_iov = &data;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    ssize_t got;
+    do {
+        got = recvmsg(sock, &msg, 0);
+    } while (got < 0 && errno == EINTR);
+    nfds = 0;
+    if (got > 0) {
+        for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+            std::size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (std::size_t i = 0; i < n && nfds < kFdsPerFork; ++i)
+                std::memcpy(&fds[nfds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+        }
+    }
+    return got > 0 ? got : -1;
+}
+
+// In the spare: returns only once it was handed a request (the rest end in _exit()).
+PyObject* be_the_spare(int sock, int zygote_end, int channel, pid_t master, const char* comm) {
+    close(zygote_end);
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0 && channel >= 0) {
+        dup3(null, channel, O_CLOEXEC);
+        close(null);
+    }
+    name_self(comm);
+    if (!adopted_by(master)) _exit(0);
+    char pid[16];
+    int length = std::snprintf(pid, sizeof pid, "%d", static_cast<int>(getpid()));
+    if (send(sock, pid, static_cast<std::size_t>(length), MSG_NOSIGNAL) != length) _exit(0);
+    int fds[kFdsPerFork];
+    int nfds = 0;
+    ssize_t got = wait_for_request(sock, fds, nfds);
+    if (got < 0) _exit(0);
+    close(sock);
+    PyOS_AfterFork_Child();
+    PyObject* fd_list = PyList_New(nfds);
+    PyObject* data = PyBytes_FromStringAndSize(packet, got);
+    PyObject* result = fd_list && data ? PyTuple_New(2) : nullptr;
+    for (int i = 0; result && i < nfds; ++i) PyList_SetItem(fd_list, i, PyLong_FromLong(fds[i]));
+    if (result == nullptr) _exit(1);  // no memory for two small objects: nothing to serve with
+    PyTuple_SetItem(result, 0, data);
+    PyTuple_SetItem(result, 1, fd_list);
+    return result;
+}
+
+}  // namespace
+
+PyObject* fork_spare(PyObject*, PyObject* args) {
+    int sock = -1, zygote_end = -1, channel = -1, master = 0;
+    const char* comm = "";
+    if (!PyArg_ParseTuple(args, "iiiis", &sock, &zygote_end, &channel, &master, &comm))
+        return nullptr;
+    PyOS_BeforeFork();
+    pid_t pid = fork();
+    if (pid != 0) {
+        int error = errno;
+        PyOS_AfterFork_Parent();
+        if (pid < 0) {
+            errno = error;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        return PyLong_FromLong(pid);
+    }
+    if (fork() != 0) _exit(0);  // the intermediate: its only work is that fork
+    return be_the_spare(sock, zygote_end, channel, master, comm);
+}
+
+}  // namespace molt::native
