@@ -231,13 +231,23 @@ def ensure_packages():
 
 
 def ensure_molt(force: bool):
-    if MOLT.exists() and not force:
-        return
-    say("building molt")
-    build = REPO / "build"
-    subprocess.run(["cmake", "-S", str(REPO), "-B", str(build),
-                    "-DCMAKE_BUILD_TYPE=RelWithDebInfo"], check=True, timeout=600)
-    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, timeout=1800)
+    if not MOLT.exists() or force:
+        say("building molt")
+        build = REPO / "build"
+        subprocess.run(["cmake", "-S", str(REPO), "-B", str(build),
+                        "-DCMAKE_BUILD_TYPE=RelWithDebInfo"], check=True, timeout=600)
+        subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, timeout=1800)
+    compile_shim()
+
+
+def compile_shim():
+    """The shim's bytecode, fresh, as the Debian package's postinst compiles it at install
+    (the peers' Python code is compiled by their packages). The servers run with
+    PYTHONDONTWRITEBYTECODE, so a .py file changed since its .pyc was written would be
+    compiled again by every interpreter: its compiler's leftovers then weigh in the whole
+    tree's PSS (2 MiB more, measured, with one stale module) and in every boot's time."""
+    subprocess.run([PYTHON, "-m", "compileall", "-q", str(REPO / "worker_shim" / "molt_shim")],
+                   check=True, timeout=120)
 
 
 def machine_info() -> dict:

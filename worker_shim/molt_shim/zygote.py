@@ -330,8 +330,8 @@ def fork_workers(cfg: config.WorkerConfig, channel: Channel, master: int, libc: 
         return 0
     if intermediate != 0:
         return intermediate
-    spare.close_copy()  # the zygote's end of its spare's socket is not the workers' to hold
     try:
+        spare.close_copy()  # the zygote's end of its spare's socket is not the workers' to hold
         for n, (request, slot, fds) in enumerate(batch):
             try:
                 pid = forks.child()
@@ -421,9 +421,15 @@ class Spare:
         got = receive(self.sock, block=False) if self.sock is not None else None
         if got is EMPTY:
             return
-        if got is None or self.pid:
-            self.forget()  # gone (or said more than its pid, which it never does)
-            self.after_requests(now)
+        if got is None or self.pid:  # gone (or said more than its pid, which it never does)
+            waited = bool(self.pid)
+            self.forget()
+            if waited:  # killed while it waited: another one after the usual pause
+                self.after_requests(now)
+            else:  # its fork or its adoption failed, and would again at once: the next
+                self.due = None  # request is forked as before, and schedules the next spare
+                log.warning("zygote: the spare worker exited before it was ready; none is "
+                            "forked again until the next fork request")
             return
         self.pid = int(got[0])
         self.channel.send(**{Key.SPARE_PID: self.pid})
@@ -438,7 +444,7 @@ class Spare:
         pid = self.pid
         try:
             self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                        array.array("i", fds))])
+                                        array.array("i", fds))], socket.MSG_NOSIGNAL)
         except OSError:  # it died meanwhile
             pid = 0
         self.forget()
@@ -462,31 +468,35 @@ class Spare:
         is handed a request: be that worker (never returns)."""
         self.due = None
         native = sys.modules.get("_molt_native")
-        if native is None or not Forks().raw:
+        if native is None or not Forks.single_threaded():
             return 0
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
-            stream.flush()
+        pair: List[socket.socket] = []
         try:
+            pair = list(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+            ours, theirs = pair
+            for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
+                stream.flush()
             got = native.fork_spare(theirs.fileno(), ours.fileno(), channel.fileno(), master,
                                     "molt g%d spare" % cfg.generation)
-        except OSError as exc:
-            ours.close()
-            theirs.close()
-            log.warning("zygote: could not fork a spare worker: %s", exc.strerror)
+        except OSError as exc:  # no fd or no process left: the requests are forked as before
+            for end in pair:
+                end.close()
+            log.warning("zygote: could not fork a spare worker: %s", exc.strerror or exc)
             return 0
         if isinstance(got, int):
             theirs.close()
             self.sock = ours
             return got
-        ours.detach()  # the spare closed both ends in C (fork_spare)
-        theirs.detach()
-        data, fds = got
-        if len(fds) != FDS_PER_FORK:
+        try:  # the spare, handed a request; it closed both ends in C (fork_spare)
+            ours.detach()
+            theirs.detach()
+            data, fds = got
+            if len(fds) == FDS_PER_FORK:
+                slot = int(decode(data).get(Key.SLOT, "0") or 0)
+                be_worker(cfg, channel, master, libc, slot, fds, become_worker)
             close_all(fds)
-            return_to_exit(0)
-        slot = int(decode(data).get(Key.SLOT, "0") or 0)
-        be_worker(cfg, channel, master, libc, slot, fds, become_worker)
+        finally:
+            return_to_exit(1)  # whatever escapes, never back into the zygote's loop
         return 0  # not reached
 
 
@@ -508,8 +518,13 @@ class Forks:
     os.fork()."""
 
     def __init__(self) -> None:
-        self.raw = threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1
+        self.raw = Forks.single_threaded()
         self.api = ctypes.PyDLL(None, use_errno=True) if self.raw else None  # the GIL held
+
+    @staticmethod
+    def single_threaded() -> bool:
+        """No other thread, Python's or native: the before-fork state may be held."""
+        return threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1
 
     def _fork(self) -> int:
         pid = self.api.fork()
@@ -588,10 +603,13 @@ def adopted_by(master: int, libc: Any) -> bool:
                 select.select([pidfd], [], [], 10.0)
             finally:
                 os.close(pidfd)
-    deadline = time.monotonic() + 10.0
-    while os.getppid() != master:
-        if os.getppid() == 1 or time.monotonic() > deadline:
-            return False
-        time.sleep(0.0002)
+        else:
+            deadline = time.monotonic() + 10.0
+            while os.getppid() == parent and time.monotonic() < deadline:
+                time.sleep(0.0002)
+    # Re-parented to anyone but the master (it died meanwhile, and an outer subreaper or init
+    # took us): nobody's worker.
+    if os.getppid() != master:
+        return False
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     return os.getppid() == master

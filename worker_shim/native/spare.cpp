@@ -29,24 +29,27 @@ void name_self(const char* comm) {
 }
 
 // The intermediate exits right after forking us; its pidfd turns readable once it has, and
-// by then the kernel has re-parented us to the subreaper (zygote.adopted_by, in Python).
+// by then the kernel has re-parented us (zygote.adopted_by, in Python, is the same rule). To
+// anyone but the master (it died meanwhile, and an outer subreaper or init took us) we are
+// nobody's worker: false.
 bool adopted_by(pid_t master) {
     pid_t parent = getppid();
     if (parent != master && parent != 1) {
         int pidfd = static_cast<int>(syscall(SYS_pidfd_open, parent, 0));
         if (pidfd >= 0) {
-            pollfd ready{pidfd, POLLIN, 0};
-            poll(&ready, 1, 10'000);
+            pollfd gone{pidfd, POLLIN, 0};
+            poll(&gone, 1, 10'000);
             close(pidfd);
+        } else {
+            for (int tries = 0; getppid() == parent && tries < 50'000; ++tries) {  // Linux < 5.3
+                timespec pause{0, 200'000};
+                nanosleep(&pause, nullptr);
+            }
         }
     }
-    for (int tries = 0; getppid() != master; ++tries) {  // no pidfd (Linux < 5.3): 10 s at most
-        if (getppid() == 1 || tries == 50'000) return false;
-        timespec pause{0, 200'000};
-        nanosleep(&pause, nullptr);
-    }
+    if (getppid() != master) return false;
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-    return getppid() == master;
+    return getppid() == master;  // the master may have died before the signal was set
 }
 
 // Blocks until the zygote sends a request; its length and fds, or -1 (EOF: the zygote is gone).
@@ -86,18 +89,27 @@ PyObject* be_the_spare(int sock, int zygote_end, int channel, pid_t master, cons
     if (!adopted_by(master)) _exit(0);
     char pid[16];
     int length = std::snprintf(pid, sizeof pid, "%d", static_cast<int>(getpid()));
-    if (send(sock, pid, static_cast<std::size_t>(length), MSG_NOSIGNAL) != length) _exit(0);
+    ssize_t sent;
+    do {
+        sent = send(sock, pid, static_cast<std::size_t>(length), MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    if (sent != length) _exit(0);
     int fds[kFdsPerFork];
     int nfds = 0;
     ssize_t got = wait_for_request(sock, fds, nfds);
     if (got < 0) _exit(0);
     close(sock);
     PyOS_AfterFork_Child();
+    // (packet, [fds]); no memory for these few small objects means nothing to serve with.
     PyObject* fd_list = PyList_New(nfds);
     PyObject* data = PyBytes_FromStringAndSize(packet, got);
     PyObject* result = fd_list && data ? PyTuple_New(2) : nullptr;
-    for (int i = 0; result && i < nfds; ++i) PyList_SetItem(fd_list, i, PyLong_FromLong(fds[i]));
-    if (result == nullptr) _exit(1);  // no memory for two small objects: nothing to serve with
+    if (result == nullptr) _exit(1);
+    for (int i = 0; i < nfds; ++i) {
+        PyObject* fd = PyLong_FromLong(fds[i]);
+        if (fd == nullptr) _exit(1);
+        PyList_SetItem(fd_list, i, fd);
+    }
     PyTuple_SetItem(result, 0, data);
     PyTuple_SetItem(result, 1, fd_list);
     return result;
@@ -121,7 +133,8 @@ PyObject* fork_spare(PyObject*, PyObject* args) {
         }
         return PyLong_FromLong(pid);
     }
-    if (fork() != 0) _exit(0);  // the intermediate: its only work is that fork
+    pid_t spare = fork();                      // the intermediate: its only work is this fork
+    if (spare != 0) _exit(spare < 0 ? 1 : 0);  // a failed fork reads as EOF in the zygote
     return be_the_spare(sock, zygote_end, channel, master, comm);
 }
 
