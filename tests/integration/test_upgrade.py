@@ -92,6 +92,9 @@ def replace_binary(path, content: bytes, mode=0o755):
 @pytest.mark.timeout(90)
 def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
     m, binary = upgradable
+    # The zygote's spare (a worker forked ahead) waits before the upgrade, for after it.
+    spare = wait_until(lambda: m.status()["generations"][0]["preload"]["zygote"]["spare_pid"],
+                       20, "the zygote's spare", on_timeout=m.log)
     before = m.status()
     workers_before = sorted(m.worker_pids())
     board = accept_board(workers_before[0])
@@ -102,8 +105,10 @@ def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
         result = load.result()
     assert_kept_in_place(m, before, workers_before, result)
     assert "(engine native: wsgi" in m.log()  # engine: auto picked the native engine
-    # Its zygote (preload: auto, the default) was adopted too: a crashed worker is re-forked.
+    # Its zygote (preload: auto, the default) was adopted too: a crashed worker is re-forked,
+    # by the spare, which waited through the re-exec (the new image never heard of it).
     killed_and_forked_again(m, workers_before[0], 2)
+    assert spare in m.worker_pids()
     # The adopted generation still rolls over normally afterwards, and the new generation's
     # workers balance their connections on the board the adopted ones used (handed over).
     assert m.reload()["ok"] is True
