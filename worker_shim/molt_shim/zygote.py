@@ -418,7 +418,9 @@ class Spare:
 
     def hear(self, now: float) -> None:
         """The spare's socket is readable: it says its pid once it waits, or it is gone."""
-        got = receive(self.sock, block=False) if self.sock is not None else None
+        if self.sock is None:
+            return
+        got = receive(self.sock, block=False)
         if got is EMPTY:
             return
         if got is None or self.pid:  # gone (or said more than its pid, which it never does)
@@ -553,7 +555,6 @@ class Forks:
         if pid == 0:
             self.api.PyOS_AfterFork_Child()
         return pid
-
 
 
 def return_to_exit(code: int) -> None:
