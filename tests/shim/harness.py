@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,9 +53,13 @@ NATIVE_ENV = {"LD_PRELOAD": NATIVE_PRELOAD, "ASAN_OPTIONS": "detect_leaks=0:abor
 
 
 class Listeners:
-    """The sockets the master would hold: TCP on 127.0.0.1:0 and a Unix socket."""
+    """The sockets the master would hold: TCP on 127.0.0.1:0 and a Unix socket.
+
+    `tmpdir` is the caller's fresh temporary directory; it is handed over, and close()
+    removes it with whatever the test put there."""
 
     def __init__(self, tmpdir: str, unix: bool = True) -> None:
+        self.tmpdir = tmpdir
         self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.tcp.bind(("127.0.0.1", 0))
@@ -74,6 +79,7 @@ class Listeners:
     def close(self) -> None:
         for s in self.socks:
             s.close()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 class Worker:
