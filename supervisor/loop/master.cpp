@@ -413,8 +413,10 @@ void Master::on_worker_exit(pid_t pid, int status) {
     if (!processes_.count(pid)) {
         // Not (yet) known: a forked worker whose zygote's FORKED= is still unread, a zygote's
         // spare that was never used, or an orphan of an app's subprocess re-parented to this
-        // subreaper. Kept for on_forked() a while.
+        // subreaper. Kept for on_forked() a while. A spare that died waiting is no longer
+        // shown; its zygote finds out when it next tries to hand it a request.
         reaped_early_.remember(pid, status, now());
+        std::erase_if(spares_, [&](const auto& entry) { return entry.second == pid; });
         return;
     }
     core::ExitStatus exit;
@@ -642,7 +644,7 @@ void Master::on_forked(WorkerProcess& zygote, const std::string& packet) {
 void Master::on_spare_pid(WorkerProcess& zygote, const std::string& packet) {
     auto fields = contract::parse_message(packet);
     auto pid = static_cast<pid_t>(std::atoi(fields[std::string(contract::key::spare_pid)].c_str()));
-    if (pid > 0) {
+    if (pid > 0 && !reaped_early_.contains(pid, now())) {  // not already dead
         spares_[zygote.pid] = pid;
     } else {
         spares_.erase(zygote.pid);

@@ -36,6 +36,12 @@ class ReapedEarly {
         return status;
     }
 
+    // Whether `pid` was reaped lately; the entry stays.
+    bool contains(pid_t pid, Time now) {
+        forget_older_than(now - kKeptFor);
+        return kept_.count(pid) > 0;
+    }
+
     std::size_t size() const { return kept_.size(); }
 
   private:

@@ -253,6 +253,11 @@ def spare_pid(m, gen_id: int) -> int:
     return (zygote or {}).get("spare_pid") or 0
 
 
+def children_of(pid: int) -> list:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
 def parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
@@ -263,8 +268,9 @@ def test_a_killed_workers_replacement_is_the_spare_forked_ahead_and_a_new_spare_
         molt, tmp_path):
     """The zygote keeps one worker forked ahead (its spare): the master's child, waiting,
     never an importer. A replacement is that spare, an ordinary forked worker from then on;
-    then the zygote forks the next spare. A spare killed while it waits is replaced, and the
-    zygote's death takes a waiting spare with it."""
+    then the zygote forks the next spare. A spare killed while it waits leaves the status at
+    once; the next request finds it gone and is forked as before, and a new spare follows.
+    The zygote's death takes a waiting spare with it. The zygote holds no zombie."""
     releases, log = release_a(tmp_path)
     m = molt(config_for(releases, log, workers=2))
     gen = m.live_generation()
@@ -286,7 +292,18 @@ def test_a_killed_workers_replacement_is_the_spare_forked_ahead_and_a_new_spare_
     after = wait_until(lambda: spare_pid(m, gen) not in (0, spare) and spare_pid(m, gen), 20,
                        "the next spare", on_timeout=m.log)
 
-    os.kill(after, signal.SIGKILL)  # while it waits: the zygote notices, and forks another
+    zygote = generation(m, gen)["preload"]["zygote"]["pid"]
+    assert children_of(zygote) == []  # the intermediates are the kernel's to reap
+
+    os.kill(after, signal.SIGKILL)  # while it waits: the master reaps it and stops showing it
+    wait_until(lambda: spare_pid(m, gen) == 0, 10, "the killed spare to leave the status",
+               on_timeout=m.log)
+    victim = next(w for w in m.workers("ready") if w["slot"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)  # the zygote finds its spare gone, and forks this one
+    wait_until(lambda: any(w["slot"] == 1 and w["pid"] != victim["pid"]
+                           for w in m.workers("ready")), 20, "a replacement", on_timeout=m.log)
+    assert next(w for w in m.workers("ready") if w["slot"] == 1)["pid"] != after
+    assert "the spare worker (pid %d) is gone" % after in m.log()
     third = wait_until(lambda: spare_pid(m, gen) not in (0, after) and spare_pid(m, gen), 20,
                        "a spare after the killed one", on_timeout=m.log)
     # Two at once: one is the spare, the other is forked on demand, as before.

@@ -73,7 +73,7 @@ def fork_if_asked(channel: Channel) -> bool:
         return False
     if intermediate != 0:
         close_all(fds)
-        intermediates.append(intermediate)  # the zygote reaps it with its batches'
+        intermediates.append(intermediate)  # reaped in serve_forks(), or by the kernel
         return False
     pid = -1  # the intermediate: fork the standby, say its pid, exit whatever happens
     try:

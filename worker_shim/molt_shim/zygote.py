@@ -198,8 +198,8 @@ def import_what_workers_need(cfg: config.WorkerConfig) -> None:
             pass
 
 
-# Intermediates not reaped yet: each batch's, and the standby's (standby.py) if one was forked
-# before the import.
+# The standby's intermediate (standby.py), if one was forked before the import: serve_forks()
+# reaps it once; every later intermediate is reaped by the kernel (SIGCHLD ignored).
 intermediates: List[int] = []
 Fork = Tuple[str, int, List[int]]  # a fork request: its id, the slot, the worker's 3 fds
 EMPTY = (b"", [])  # what receive() gives when nothing is queued (non-blocking)
@@ -231,26 +231,25 @@ def serve_forks(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
                 become_worker: Callable[..., int]) -> int:
     """Wait for fork requests; answer every request queued at that moment with one fork of an
     intermediate, which forks all of their workers (a generation's start asks for all its
-    slots at once). The zygote does not wait for the intermediate: it reaps it at the next
-    request or within REAP_S, so a request that arrives meanwhile is forked at once."""
+    slots at once).
+
+    Between requests the zygote sleeps: every page it writes once it has forked is a page its
+    children keep a private copy of (the spare's cost, in docs/architecture.md). So nothing
+    wakes it but the master: the kernel reaps its intermediates (SIGCHLD ignored here, and
+    set back to the default in each worker before the app runs again, worker_main()), and
+    the spare says nothing to it (Spare)."""
     sock = channel.sock
     if sock is None:
         return WorkerExit.OK
     sock.setblocking(True)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    reap(intermediates)  # the standby's, had it exited before that
     spare = Spare(channel)
     while True:
-        reap(intermediates)
-        wait = spare.wait_s(time.monotonic())
-        if intermediates:
-            wait = REAP_S if wait is None else min(wait, REAP_S)
-        readable = select.select([sock] + spare.watched(), [], [], wait)[0]
-        if spare.sock is not None and spare.sock in readable:
-            spare.hear(time.monotonic())
-        if sock not in readable:
+        readable = select.select([sock], [], [], spare.wait_s(time.monotonic()))[0]
+        if not readable:
             if spare.is_due(time.monotonic()):
-                intermediate = spare.fork(cfg, channel, master, libc, become_worker)
-                if intermediate:
-                    intermediates.append(intermediate)
+                spare.fork(cfg, channel, master, libc, become_worker)
             continue
         batch: List[Fork] = []
         got = receive(sock, block=True)
@@ -279,19 +278,13 @@ def serve_forks(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
             got = receive(sock, block=False)
         try:
             if batch:
-                intermediate = fork_workers(cfg, channel, master, libc, batch, become_worker,
-                                            spare)
-                if intermediate:
-                    intermediates.append(intermediate)
+                fork_workers(cfg, channel, master, libc, batch, become_worker, spare)
         finally:
             for _request, _slot, fds in batch:
                 close_all(fds)
         spare.after_requests(time.monotonic())
         if got is None:
             return WorkerExit.OK  # the master is gone: so is the generation
-
-
-REAP_S = 0.05  # how soon an intermediate is reaped when no request comes
 
 
 def reap(intermediates: List[int]) -> None:
@@ -377,30 +370,31 @@ class Spare:
     release (7 ms each for the bench's 100 MiB app here). A crashed, hung or recycled
     worker's replacement waited for both before its own boot began. So once no request has
     come for SPARE_IDLE_S the zygote forks one worker-to-be ahead, with the same double fork:
-    the spare. It is adopted by the master like any worker, says so on its socket pair with
-    the zygote (which tells the master: SPARE_PID=), and waits there, stopped between the fork
-    and the interpreter's after-fork work (Forks). Both forks and the wait are C
-    (_molt_native.fork_spare): no Python runs in the spare until it is used, so it writes
-    almost no page and costs the tree almost no memory (as Python code, each object it
-    touched was a page copied: about 1 MiB). The zygote hands it the next request's fds and
-    answers FORKED= with its pid; it runs the after-fork work and becomes that worker, exactly
-    as a freshly forked one does (be_worker).
+    the spare. It is adopted by the master like any worker and waits on its socket pair with
+    the zygote, stopped between the fork and the interpreter's after-fork work (Forks). Both
+    forks and the wait are C (_molt_native.fork_spare): no Python runs in the spare until it
+    is used, so it writes almost no page and costs the tree almost no memory (as Python code,
+    each object it touched was a page copied: about 1 MiB). The zygote hands it the next
+    request's fds and answers FORKED= with its pid; it runs the after-fork work and becomes
+    that worker, exactly as a freshly forked one does (be_worker).
+
+    The zygote is not woken for it, since what the zygote writes after the fork the spare
+    keeps the originals of: the intermediate tells the master (SPARE_PID=) and leaves the pid
+    on the pair, which the zygote reads at the next request. A spare that died while it
+    waited (its end of the pair closed) is found then, when the hand-over fails: that request
+    is forked as before, and the next spare follows it. The master, which reaps the spare,
+    stops showing it at once.
 
     One at a time, only where the native extension is loaded (the native engine, ASGI), and
     only when the zygote runs no other thread (Forks.raw): holding the before-fork state needs
-    that. A spare that dies is noticed by its socket closing, and a request that finds none
-    waiting is forked as before. When the zygote dies, its end of the pair closes and a
-    waiting spare exits; the workers forked from the zygote close their copy of that end
-    (close_copy())."""
+    that. When the zygote dies, its end of the pair closes and a waiting spare exits; the
+    workers forked from the zygote close their copy of that end (close_copy())."""
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.sock: Optional[socket.socket] = None  # the zygote's end of the pair
-        self.pid = 0  # known once the spare has said it is adopted and waiting
+        self.pid = 0  # read from the pair at the first request after the fork
         self.due: Optional[float] = time.monotonic() + SPARE_IDLE_S
-
-    def watched(self) -> List[socket.socket]:
-        return [self.sock] if self.sock is not None else []
 
     def wait_s(self, now: float) -> Optional[float]:
         """How long the zygote may wait for a request before the next spare is due."""
@@ -416,38 +410,28 @@ class Spare:
         if self.sock is None:
             self.due = now + SPARE_IDLE_S
 
-    def hear(self, now: float) -> None:
-        """The spare's socket is readable: it says its pid once it waits, or it is gone."""
-        if self.sock is None:
-            return
-        got = receive(self.sock, block=False)
-        if got is EMPTY:
-            return
-        if got is None or self.pid:  # gone (or said more than its pid, which it never does)
-            waited = bool(self.pid)
-            self.forget()
-            if waited:  # killed while it waited: another one after the usual pause
-                self.after_requests(now)
-            else:  # its fork or its adoption failed, and would again at once: the next
-                self.due = None  # request is forked as before, and schedules the next spare
-                log.warning("zygote: the spare worker exited before it was ready; none is "
-                            "forked again until the next fork request")
-            return
-        self.pid = int(got[0])
-        self.channel.send(**{Key.SPARE_PID: self.pid})
-
     def hand(self, data: bytes, fds: List[int]) -> int:
         """Give a fork request (the packet and its fds) to the waiting spare. Its pid, or 0
         when none is waiting (the caller forks the request as before)."""
-        if self.sock is not None and not self.pid:
-            self.hear(time.monotonic())
+        if self.sock is None:
+            return 0
         if not self.pid:
-            return 0  # none, or not adopted yet: it may take the next request
+            got = receive(self.sock, block=False)
+            if got is EMPTY:
+                return 0  # its intermediate is still forking it: it may take the next request
+            if got is None:  # the intermediate could not fork it
+                log.warning("zygote: the spare worker could not be forked; this request is "
+                            "forked as before")
+                self.forget()
+                return 0
+            self.pid = int(got[0])
         pid = self.pid
         try:
             self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                         array.array("i", fds))], socket.MSG_NOSIGNAL)
-        except OSError:  # it died meanwhile
+        except OSError:  # it died while it waited (the master has reaped it)
+            log.info("zygote: the spare worker (pid %d) is gone; this request is forked as "
+                     "before", pid)
             pid = 0
         self.forget()
         return pid
@@ -572,6 +556,7 @@ def worker_main(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
     and become an ordinary worker. It makes sure it is the master's child only just before
     READY (see adopted_by): the intermediate may still be forking the batch's other workers."""
     gc.enable()  # the zygote's import ran without the collector (see run())
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the zygote's own choice (serve_forks())
     if channel.sock is not None:
         channel.sock.detach()  # the zygote's channel fd number is reused just below
     channel_fd, out_fd, err_fd = fds

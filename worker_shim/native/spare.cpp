@@ -77,6 +77,25 @@ ssize_t wait_for_request(int sock, int fds[kFdsPerFork], int& nfds) {
     return got > 0 ? got : -1;
 }
 
+bool send_text(int fd, const char* text, int length) {
+    ssize_t sent;
+    do {
+        sent = send(fd, text, static_cast<std::size_t>(length), MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    return sent == length;
+}
+
+// In the intermediate, once the spare is forked: the master learns its pid on the zygote's
+// channel (SPARE_PID=, contract.py), and the pid is left on the pair for the zygote, which
+// reads it at the next request. Nothing wakes the zygote (zygote.Spare says why).
+void tell_of_spare(int channel, int sock, pid_t spare) {
+    char text[48];
+    int length = std::snprintf(text, sizeof text, "SPARE_PID=%d", static_cast<int>(spare));
+    if (channel >= 0) send_text(channel, text, length);
+    length = std::snprintf(text, sizeof text, "%d", static_cast<int>(spare));
+    send_text(sock, text, length);
+}
+
 // In the spare: returns only once it was handed a request (the rest end in _exit()).
 PyObject* be_the_spare(int sock, int zygote_end, int channel, pid_t master, const char* comm) {
     close(zygote_end);
@@ -87,13 +106,6 @@ PyObject* be_the_spare(int sock, int zygote_end, int channel, pid_t master, cons
     }
     name_self(comm);
     if (!adopted_by(master)) _exit(0);
-    char pid[16];
-    int length = std::snprintf(pid, sizeof pid, "%d", static_cast<int>(getpid()));
-    ssize_t sent;
-    do {
-        sent = send(sock, pid, static_cast<std::size_t>(length), MSG_NOSIGNAL);
-    } while (sent < 0 && errno == EINTR);
-    if (sent != length) _exit(0);
     int fds[kFdsPerFork];
     int nfds = 0;
     ssize_t got = wait_for_request(sock, fds, nfds);
@@ -115,6 +127,19 @@ PyObject* be_the_spare(int sock, int zygote_end, int channel, pid_t master, cons
     return result;
 }
 
+// In the zygote, right after forking the spare: every page it writes from now on is a page the
+// spare keeps a private copy of, and the Python loop it would return to writes dozens (frames,
+// the select() call's objects). Nothing is due before the master's next message (the spare
+// waits, the kernel reaps the intermediate), so wait for it here. A signal returns early, to
+// the loop, which handles it and waits there.
+void wait_for_the_master(int channel) {
+    if (channel < 0) return;
+    pollfd message{channel, POLLIN, 0};
+    Py_BEGIN_ALLOW_THREADS
+    poll(&message, 1, -1);
+    Py_END_ALLOW_THREADS
+}
+
 }  // namespace
 
 PyObject* fork_spare(PyObject*, PyObject* args) {
@@ -131,10 +156,14 @@ PyObject* fork_spare(PyObject*, PyObject* args) {
             errno = error;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
+        wait_for_the_master(channel);
         return PyLong_FromLong(pid);
     }
-    pid_t spare = fork();                      // the intermediate: its only work is this fork
-    if (spare != 0) _exit(spare < 0 ? 1 : 0);  // a failed fork reads as EOF in the zygote
+    pid_t spare = fork();  // the intermediate: its only work is this fork, and saying so
+    if (spare != 0) {
+        if (spare > 0) tell_of_spare(channel, sock, spare);
+        _exit(spare < 0 ? 1 : 0);  // a failed fork reads as EOF in the zygote
+    }
     return be_the_spare(sock, zygote_end, channel, master, comm);
 }
 

@@ -33,3 +33,14 @@ TEST_CASE("at most kMaxKept exits are kept, the oldest forgotten first (not the 
     CHECK_FALSE(early.take(1000, milliseconds(11)).has_value());  // the oldest went
     CHECK(early.take(1, milliseconds(11)).has_value());
 }
+
+TEST_CASE("contains() looks without taking: a spare's late SPARE_PID= and its FORKED= both see it") {
+    ReapedEarly early;
+    early.remember(4242, 9, milliseconds(1000));
+    CHECK(early.contains(4242, milliseconds(1001)));
+    CHECK_FALSE(early.contains(4243, milliseconds(1001)));
+    CHECK(early.take(4242, milliseconds(1002)).has_value());  // still there to be taken
+    CHECK_FALSE(early.contains(4242, milliseconds(1003)));
+    early.remember(7, 0, milliseconds(0));
+    CHECK_FALSE(early.contains(7, ReapedEarly::kKeptFor + milliseconds(1)));
+}
