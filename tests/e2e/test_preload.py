@@ -253,6 +253,12 @@ def spare_pid(m, gen_id: int) -> int:
     return (zygote or {}).get("spare_pid") or 0
 
 
+def ignores_sigchld(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(mask & (1 << (signal.SIGCHLD - 1)))
+
+
 def children_of(pid: int) -> list:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
@@ -294,6 +300,10 @@ def test_a_killed_workers_replacement_is_the_spare_forked_ahead_and_a_new_spare_
 
     zygote = generation(m, gen)["preload"]["zygote"]["pid"]
     assert children_of(zygote) == []  # the intermediates are the kernel's to reap
+    assert ignores_sigchld(zygote)
+    # ... but the app's own children are its to wait for: each worker has the default again,
+    # the spare's and the forked ones.
+    assert not any(ignores_sigchld(pid) for pid in m.worker_pids())
 
     os.kill(after, signal.SIGKILL)  # while it waits: the master reaps it and stops showing it
     wait_until(lambda: spare_pid(m, gen) == 0, 10, "the killed spare to leave the status",
