@@ -154,6 +154,7 @@ UpgradeState Master::upgrade_state() const {
             const WorkerProcess& p = *it->second;
             state.zygote = HandedOverWorker{core::AdoptedWorker{gen.zygote.pid, -1, {}, false},
                                             p.channel_fd.get(), p.out_fd(), p.err_fd()};
+            state.zygote_spare = spare_of(gen.zygote.pid);
         }
     }
     core::AdoptedState& adopted = state.adopted;
@@ -270,6 +271,9 @@ int Master::adopt(UpgradeState state) {
                       z.err_fd)
             .zygote = true;
         adopted.zygote = z.worker.pid;
+        // A spare that exited across the exec is reaped by this image as a pid it does not
+        // know, which takes it out of spares_ again (on_worker_exit).
+        if (state.zygote_spare > 0) spares_[z.worker.pid] = state.zygote_spare;
     }
     adopted.zygote_fallback = state.zygote_fallback;
     if (state.accept_board_fd >= 0) {

@@ -136,7 +136,8 @@ std::string serialise_upgrade_state(const UpgradeState& state) {
         zygote = json{{"pid", state.zygote->worker.pid},
                       {"channel_fd", state.zygote->channel_fd},
                       {"out_fd", state.zygote->out_fd},
-                      {"err_fd", state.zygote->err_fd}};
+                      {"err_fd", state.zygote->err_fd},
+                      {"spare_pid", state.zygote_spare}};
     }
     const core::AdoptedState& adopted = state.adopted;
     json history = json::array();
@@ -234,6 +235,7 @@ os::Result<UpgradeState> parse_upgrade_state(const std::string& text) {
         zygote.out_fd = read.integer<int>(z, "out_fd");
         zygote.err_fd = read.integer<int>(z, "err_fd");
         state.zygote = zygote;
+        if (z.contains("spare_pid")) state.zygote_spare = read.integer<core::Pid>(z, "spare_pid");
     }
     if (document.contains("zygote_fallback")) {
         state.zygote_fallback = read.string(document, "zygote_fallback");

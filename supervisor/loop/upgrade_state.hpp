@@ -51,6 +51,7 @@ struct UpgradeState {
     // field and the workers' "forked" are optional in the JSON form, so format 1 states of
     // builds without a zygote still read (and mean: no zygote).
     std::optional<HandedOverWorker> zygote;
+    core::Pid zygote_spare = 0;  // its spare (SPARE_PID=), for status; optional in the JSON
     std::string zygote_fallback;
     // The accept board (worker_shim/native/accept_balance.hpp), or -1: the adopted workers
     // and the ones the new image starts keep balancing on the same one. Optional in the JSON.

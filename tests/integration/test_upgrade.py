@@ -105,8 +105,10 @@ def test_usr2_reexecutes_in_place_and_keeps_workers_under_load(upgradable):
         result = load.result()
     assert_kept_in_place(m, before, workers_before, result)
     assert "(engine native: wsgi" in m.log()  # engine: auto picked the native engine
-    # Its zygote (preload: auto, the default) was adopted too: a crashed worker is re-forked,
-    # by the spare, which waited through the re-exec (the new image never heard of it).
+    # Its zygote (preload: auto, the default) was adopted too, and the new image knows its
+    # spare (handed over for the status); a crashed worker is re-forked, by that spare, which
+    # waited through the re-exec.
+    assert m.status()["generations"][0]["preload"]["zygote"]["spare_pid"] == spare
     killed_and_forked_again(m, workers_before[0], 2)
     assert spare in m.worker_pids()
     # The adopted generation still rolls over normally afterwards, and the new generation's

@@ -98,6 +98,30 @@ TEST_CASE("a state written before the accept board hands none over") {
     CHECK(std::get<loop::UpgradeState>(parsed).accept_board_fd == -1);
 }
 
+TEST_CASE("a zygote is handed over with its spare; a state written before the spare has none") {
+    auto state = sample();
+    loop::HandedOverWorker zygote;
+    zygote.worker = {4400, -1, {}};
+    zygote.channel_fd = 11;
+    zygote.out_fd = 12;
+    zygote.err_fd = 13;
+    state.zygote = zygote;
+    state.zygote_spare = 4401;
+    std::string text = loop::serialise_upgrade_state(state);
+    auto parsed = loop::parse_upgrade_state(text);
+    REQUIRE(os::ok(parsed));
+    const auto& read = std::get<loop::UpgradeState>(parsed);
+    REQUIRE(read.zygote.has_value());
+    CHECK(read.zygote->worker.pid == 4400);
+    CHECK(read.zygote->err_fd == 13);
+    CHECK(read.zygote_spare == 4401);
+
+    auto older = loop::parse_upgrade_state(replaced(text, ",\"spare_pid\":4401", ""));
+    REQUIRE(os::ok(older));
+    CHECK(std::get<loop::UpgradeState>(older).zygote.has_value());
+    CHECK(std::get<loop::UpgradeState>(older).zygote_spare == 0);
+}
+
 TEST_CASE("the upgrade state stores enums by name, with its format") {
     std::string text = loop::serialise_upgrade_state(sample());
     CHECK(text.find("\"format\":1") != std::string::npos);
