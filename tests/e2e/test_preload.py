@@ -283,6 +283,9 @@ def test_a_killed_workers_replacement_is_the_spare_forked_ahead_and_a_new_spare_
     spare = wait_until(lambda: spare_pid(m, gen), 20, "a spare", on_timeout=m.log)
     assert parent_of(spare) == m.pid
     assert spare not in m.worker_pids() and spare not in imports(log)
+    # Its intermediate set SIGCHLD back to the default the zygote ignores (zygote.serve_forks):
+    # a spare that died before the intermediate exited would otherwise never reach the master.
+    assert not ignores_sigchld(spare)
     assert f"spare worker pid {spare}" in m.ctl("status").stdout
 
     victim = next(w for w in m.workers("ready") if w["slot"] == 0)

@@ -198,8 +198,8 @@ def import_what_workers_need(cfg: config.WorkerConfig) -> None:
             pass
 
 
-# The standby's intermediate (standby.py), if one was forked before the import: serve_forks()
-# reaps it once; every later intermediate is reaped by the kernel (SIGCHLD ignored).
+# Intermediates the zygote reaps itself: the standby's (standby.py), if one was forked before
+# the import, and, in a zygote with another thread alive, every one (serve_forks()).
 intermediates: List[int] = []
 Fork = Tuple[str, int, List[int]]  # a fork request: its id, the slot, the worker's 3 fds
 EMPTY = (b"", [])  # what receive() gives when nothing is queued (non-blocking)
@@ -235,21 +235,31 @@ def serve_forks(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
 
     Between requests the zygote sleeps: every page it writes once it has forked is a page its
     children keep a private copy of (the spare's cost, in docs/architecture.md). So nothing
-    wakes it but the master: the kernel reaps its intermediates (SIGCHLD ignored here, and
-    set back to the default in each worker before the app runs again, worker_main()), and
-    the spare says nothing to it (Spare)."""
+    wakes it but the master: the spare says nothing to it (Spare), and the kernel reaps its
+    intermediates, because the zygote ignores SIGCHLD. Each intermediate sets it back to the
+    default before it forks (Forks.intermediate(), fork_spare()), so the workers' exits still
+    reach the master, their subreaper, and the app's own children are waited for as usual.
+    Not with another thread alive (preload: true over a fork hazard): that thread may wait for
+    children of its own, so the zygote reaps its intermediates itself, within REAP_S."""
     sock = channel.sock
     if sock is None:
         return WorkerExit.OK
     sock.setblocking(True)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    reap(intermediates)  # the standby's, had it exited before that
+    kernel_reaps = Forks.single_threaded()
+    if kernel_reaps:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     spare = Spare(channel)
     while True:
-        readable = select.select([sock], [], [], spare.wait_s(time.monotonic()))[0]
+        reap(intermediates)
+        wait = spare.wait_s(time.monotonic())
+        if intermediates:
+            wait = REAP_S if wait is None else min(wait, REAP_S)
+        readable = select.select([sock], [], [], wait)[0]
         if not readable:
             if spare.is_due(time.monotonic()):
-                spare.fork(cfg, channel, master, libc, become_worker)
+                intermediate = spare.fork(cfg, channel, master, libc, become_worker)
+                if intermediate and not kernel_reaps:
+                    intermediates.append(intermediate)
             continue
         batch: List[Fork] = []
         got = receive(sock, block=True)
@@ -278,13 +288,19 @@ def serve_forks(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
             got = receive(sock, block=False)
         try:
             if batch:
-                fork_workers(cfg, channel, master, libc, batch, become_worker, spare)
+                intermediate = fork_workers(cfg, channel, master, libc, batch, become_worker,
+                                            spare)
+                if intermediate and not kernel_reaps:
+                    intermediates.append(intermediate)
         finally:
             for _request, _slot, fds in batch:
                 close_all(fds)
         spare.after_requests(time.monotonic())
         if got is None:
             return WorkerExit.OK  # the master is gone: so is the generation
+
+
+REAP_S = 0.05  # how soon an intermediate the zygote reaps itself is reaped
 
 
 def reap(intermediates: List[int]) -> None:
@@ -521,14 +537,20 @@ class Forks:
 
     def intermediate(self) -> int:
         if not self.raw:
-            return os.fork()
-        self.api.PyOS_BeforeFork()
-        pid = -1
-        try:
-            pid = self._fork()
-        finally:
-            if pid != 0:  # the zygote, whether or not the fork failed
-                self.api.PyOS_AfterFork_Parent()
+            pid = os.fork()
+        else:
+            self.api.PyOS_BeforeFork()
+            pid = -1
+            try:
+                pid = self._fork()
+            finally:
+                if pid != 0:  # the zygote, whether or not the fork failed
+                    self.api.PyOS_AfterFork_Parent()
+        if pid == 0:
+            # The zygote ignores SIGCHLD (serve_forks()); a process that does has its children
+            # reaped by the kernel, and a worker that died before this intermediate exited
+            # would never reach the master. Its children inherit the default from here.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         return pid
 
     def child(self) -> int:
@@ -556,7 +578,7 @@ def worker_main(cfg: config.WorkerConfig, channel: Channel, master: int, libc: A
     and become an ordinary worker. It makes sure it is the master's child only just before
     READY (see adopted_by): the intermediate may still be forking the batch's other workers."""
     gc.enable()  # the zygote's import ran without the collector (see run())
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the zygote's own choice (serve_forks())
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the OS has it; Python's table too now
     if channel.sock is not None:
         channel.sock.detach()  # the zygote's channel fd number is reused just below
     channel_fd, out_fd, err_fd = fds

@@ -132,12 +132,15 @@ PyObject* be_the_spare(int sock, int zygote_end, int channel, pid_t master, cons
 // the select() call's objects). Nothing is due before the master's next message (the spare
 // waits, the kernel reaps the intermediate), so wait for it here. A signal returns early, to
 // the loop, which handles it and waits there.
-void wait_for_the_master(int channel) {
-    if (channel < 0) return;
+bool wait_for_the_master(int channel) {
+    // A signal that came during the fork (which the kernel restarts) is handled first.
+    if (PyErr_CheckSignals() < 0) return false;
+    if (channel < 0) return true;
     pollfd message{channel, POLLIN, 0};
     Py_BEGIN_ALLOW_THREADS
     poll(&message, 1, -1);
     Py_END_ALLOW_THREADS
+    return true;
 }
 
 }  // namespace
@@ -156,10 +159,14 @@ PyObject* fork_spare(PyObject*, PyObject* args) {
             errno = error;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
-        wait_for_the_master(channel);
+        if (!wait_for_the_master(channel)) return nullptr;  // the signal handler's exception
         return PyLong_FromLong(pid);
     }
-    pid_t spare = fork();  // the intermediate: its only work is this fork, and saying so
+    // The intermediate. The zygote ignores SIGCHLD, so the kernel reaps the children of a
+    // process that does: a spare that died before this process exits would never reach the
+    // master. The spare inherits the default from here.
+    signal(SIGCHLD, SIG_DFL);
+    pid_t spare = fork();  // its only work is this fork, and saying so
     if (spare != 0) {
         if (spare > 0) tell_of_spare(channel, sock, spare);
         _exit(spare < 0 ? 1 : 0);  // a failed fork reads as EOF in the zygote
