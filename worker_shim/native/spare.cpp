@@ -137,9 +137,9 @@ bool wait_for_the_master(int channel) {
     if (PyErr_CheckSignals() < 0) return false;
     if (channel < 0) return true;
     pollfd message{channel, POLLIN, 0};
-    Py_BEGIN_ALLOW_THREADS
+    PyThreadState* saved = PyEval_SaveThread();
     poll(&message, 1, -1);
-    Py_END_ALLOW_THREADS
+    PyEval_RestoreThread(saved);
     return true;
 }
 

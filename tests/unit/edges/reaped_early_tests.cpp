@@ -34,7 +34,7 @@ TEST_CASE("at most kMaxKept exits are kept, the oldest forgotten first (not the 
     CHECK(early.take(1, milliseconds(11)).has_value());
 }
 
-TEST_CASE("contains() looks without taking: a spare's late SPARE_PID= and its FORKED= both see it") {
+TEST_CASE("contains() looks without taking: a late SPARE_PID= and a FORKED= both see it") {
     ReapedEarly early;
     early.remember(4242, 9, milliseconds(1000));
     CHECK(early.contains(4242, milliseconds(1001)));
