@@ -703,9 +703,6 @@ void read_listen_entry(Context& ctx, const Node& node, const std::string& key) {
         }
     });
     if (!address_given) ctx.error_at(node.Mark(), key, "missing `address`");
-    if (options.proxy_protocol && options.tls.enabled()) {
-        ctx.error_at(node.Mark(), key, "`proxy_protocol` together with `tls` is not supported yet");
-    }
     if (!defer_accept_key.empty() && address && address->kind != ListenAddress::Kind::tcp) {
         ctx.error_at(defer_accept_mark, defer_accept_key, "applies to TCP addresses only");
     }
@@ -1204,7 +1201,10 @@ const std::vector<KeySpec>& key_table() {
          [](const Config&) -> std::string { return "`false`"; },
          "Every connection on this address starts with a PROXY protocol header (v1 or v2, as "
          "HAProxy and AWS NLB send it), which names the client. A connection without a valid "
-         "header is closed without a response, logged once per burst. Every engine reads it.",
+         "header is closed without a response, logged once per burst. Every engine reads it. "
+         "Together with `tls` (a load balancer passing TLS through, the header in the clear "
+         "before the handshake) it needs the native engine: `engine: native` or `auto`, "
+         "interface wsgi.",
          nullptr},
         {"listen[].defer_accept", "duration",
          [](const Config&) -> std::string {
@@ -1702,6 +1702,17 @@ void finish_listen(Context& ctx, Config& config) {
         // on whichever worker is already awake (docs/architecture.md, "Deferred accept").
         if (!draft.explicit_defer_accept && config.interface == Interface::asgi) {
             address.defer_accept = Duration{0};
+        }
+        // The PROXY header comes before the TLS handshake, in the clear; the native engine
+        // reads it there (worker_shim/native/engine.cpp, read_proxy_header), the Python
+        // engines would look for it inside TLS. `auto` falls back to the Python engine only
+        // where the extension cannot load, and that worker then refuses to boot, saying so.
+        if (address.proxy_protocol && address.tls.enabled() &&
+            (config.interface == Interface::asgi || config.engine == Engine::python)) {
+            ctx.error_at(draft.mark, draft.key,
+                         "`proxy_protocol` together with `tls` needs the native engine "
+                         "(interface: wsgi, engine: native or auto), which reads the PROXY "
+                         "header before the TLS handshake");
         }
         if (auto [first, fresh] = key_by_text.emplace(address.text, draft.key); !fresh) {
             ctx.error_at(

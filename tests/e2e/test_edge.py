@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,50 @@ def test_proxy_settings_reach_the_workers(molt):
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # no PROXY header: closed, no answer
         s.settimeout(20)
         assert s.recv(100) == b""
+
+
+def https_env_after(port: int, ca: str, preamble: bytes) -> dict:
+    """GET /env over TLS on a connection that first carries `preamble` in the clear, as a TCP
+    load balancer in passthrough mode sends it (AWS NLB, HAProxy `send-proxy` to a TLS
+    backend)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw.sendall(preamble)
+    context = ssl.create_default_context(cafile=ca)
+    with context.wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(b"GET /env HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def test_a_proxy_header_before_the_tls_handshake_names_the_client(molt, tmp_path, certs):
+    cert, key = live_cert(certs, tmp_path)
+    listen = {"address": "tcp://127.0.0.1:0", "proxy_protocol": True,
+              "tls": {"cert": str(cert), "key": str(key)}}
+    m = molt({"app": "edge_app:application", "chdir": str(APPS), "workers": 2,
+              "listen": [listen]})
+    wait_until(lambda: "(engine native:" in m.log(), 10, "the native engine's ready lines")
+    v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 443\r\n"
+    v2 = (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", 12)
+          + socket.inet_aton("198.51.100.9") + socket.inet_aton("10.0.0.1")
+          + struct.pack("!HH", 4711, 443))
+    for preamble, client in ((v1, ("203.0.113.7", "5555")), (v2, ("198.51.100.9", "4711"))):
+        env = https_env_after(m.port, certs.ca, preamble)
+        assert (env["REMOTE_ADDR"], env["REMOTE_PORT"]) == client
+        assert env["wsgi.url_scheme"] == "https"
+    # The TLS ClientHello is no PROXY header: closed without an answer.
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        https_env_after(m.port, certs.ca, b"")
+
+    # The Python engines would look for the header inside TLS: refused with the reason.
+    config = tmp_path / "python.yaml"
+    config.write_text(json.dumps({"app": "edge_app:application", "chdir": str(APPS),
+                                  "engine": "python", "listen": [listen]}))
+    out = subprocess.run([molt_bin(), "check", "--offline", "-c", str(config)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "`proxy_protocol` together with `tls` needs the native engine" in out.stderr
 
 
 @pytest.mark.parametrize("app,interface", [("flask_proxy_app:app", "wsgi"),

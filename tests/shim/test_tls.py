@@ -201,3 +201,14 @@ def test_a_malformed_ticket_key_fails_the_boot_and_says_so(listeners, spawn, val
     assert w.wait_exit() == 3
     error = w.wait_message("ERROR")["ERROR"]
     assert "MOLT_TLS_TICKET_KEYS must be 160 hex digits" in error, error
+
+
+def test_the_python_engine_refuses_a_proxy_header_before_tls(listeners, spawn, certs):
+    # The config allows the pair only where the native engine runs; a worker that has only
+    # the Python engine (engine: auto without the extension) must not serve it wrong.
+    tls = {"cert": certs.cert, "key": certs.key, "client_ca": "", "min_version": "1.2"}
+    w = spawn("tls_app:application", engine="python", overrides={
+        "listeners": {listeners.names[0]: {"tls": tls, "proxy_protocol": True}}})
+    assert w.wait_exit() == 3
+    error = w.wait_message("ERROR")["ERROR"]
+    assert "proxy_protocol together with tls needs the native engine" in error, error

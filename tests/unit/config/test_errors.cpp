@@ -295,10 +295,20 @@ TEST_CASE("proxy and listener edge settings are checked") {
                      "    tls: {cert: c, key: k, min_version: \"1.1\"}\n") ==
           "/srv/app/molt.yaml:4:41: listen[0].tls.min_version: must be \"1.2\" or \"1.3\", got "
           "\"1.1\"");
-    CHECK(only_error("app: a:b\nlisten:\n  - address: tcp://0.0.0.0:1\n"
-                     "    proxy_protocol: true\n    tls: {cert: c, key: k}\n") ==
-          "/srv/app/molt.yaml:3:5: listen[0]: `proxy_protocol` together with `tls` is not "
-          "supported yet");
+    for (const char* engine : {"engine: python\n", "interface: asgi\n"}) {
+        CHECK(only_error(std::string("app: a:b\n") + engine +
+                         "listen:\n  - address: tcp://0.0.0.0:1\n"
+                         "    proxy_protocol: true\n    tls: {cert: c, key: k}\n") ==
+              "/srv/app/molt.yaml:4:5: listen[0]: `proxy_protocol` together with `tls` needs "
+              "the native engine (interface: wsgi, engine: native or auto), which reads the "
+              "PROXY header before the TLS handshake");
+    }
+    for (const char* engine : {"", "engine: native\n"}) {
+        CHECK(errors_of(std::string("app: a:b\n") + engine +
+                        "listen:\n  - address: tcp://0.0.0.0:1\n"
+                        "    proxy_protocol: true\n    tls: {cert: c, key: k}\n")
+                  .empty());
+    }
     CHECK(only_error("app: a:b\nlisten:\n  - {address: unix:/run/a.sock, defer_accept: 1s}\n") ==
           "/srv/app/molt.yaml:3:47: listen[0].defer_accept: applies to TCP addresses only");
     CHECK(only_error("app: a:b\nlisten:\n  - {address: tcp://0.0.0.0:1, defer_accept: soon}\n")

@@ -34,6 +34,7 @@ import time
 from typing import Any, Dict, List, Optional, Set
 
 from .. import httpparse, proxyproto, static, tls
+from . import EngineUnavailable
 from ..listening import DRAIN_BACKLOG_MAX, EPOLLEXCLUSIVE, out_of_resources
 from ..request_metrics import RequestMetrics
 from ..stats import RequestCounter
@@ -628,4 +629,13 @@ class ThreadedWSGIEngine:
 
 
 def create(ctx: EngineContext) -> ThreadedWSGIEngine:
+    # The config allows this pair only where the native engine runs; under engine: auto a
+    # worker whose extension cannot load lands here, and must not serve it wrong.
+    both = [name for _, name in ctx.listeners
+            if ctx.cfg.proxy_protocol(name) and ctx.cfg.listener_options(name).get("tls")]
+    if both:
+        raise EngineUnavailable(
+            "listen %s: proxy_protocol together with tls needs the native engine, which reads "
+            "the PROXY header before the TLS handshake; this worker has only the Python engine"
+            % ", ".join(both))
     return ThreadedWSGIEngine(ctx)
