@@ -4,6 +4,7 @@ garbage header, plain HTTP on a PROXY listener (closed without a response), and 
 per burst of such connections."""
 import ipaddress
 import json
+import select
 import socket
 import struct
 import sys
@@ -252,6 +253,38 @@ def test_header_dribbled_byte_by_byte(listeners, spawn):
             s.close()
         assert data.startswith(b"HTTP/1.1 200"), data
         assert json.loads(data.split(b"\r\n\r\n", 1)[1])["REMOTE_ADDR"] == want
+
+
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+@pytest.mark.usefixtures("engine")
+def test_a_header_dribbled_past_the_header_timeout_is_closed(interface, listeners, spawn,
+                                                              engine):
+    """http.header_timeout runs from the accept: a PROXY header sent a byte at a time, each
+    byte well within the timeout, does not hold the connection past it (a slowloris before the
+    head; each partial read used to start the clock again)."""
+    if interface == "asgi" and engine != "python":
+        pytest.skip("ASGI has one engine")
+    spawn_pp(spawn, listeners, interface, extra={"http": {"header_timeout_ms": 1000}})
+    header = b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\n"  # 40 bytes: 12 s at this pace
+    s = socket.create_connection(("127.0.0.1", listeners.port))
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        closed = False
+        for i in range(len(header) - 1):
+            try:
+                s.sendall(header[i:i + 1])
+            except OSError:  # reset: closed
+                closed = True
+                break
+            if select.select([s], [], [], 0.3)[0]:  # the close (EOF or reset) is readable
+                try:
+                    closed = s.recv(100) == b""
+                except OSError:
+                    closed = True
+                break
+        assert closed, "a header sent a byte every 0.3 s held the connection for 12 s"
+    finally:
+        s.close()
 
 
 @pytest.mark.usefixtures("engine")

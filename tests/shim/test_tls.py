@@ -4,6 +4,7 @@ response through TLS, and a client that opens TLS and sends nothing (closed by t
 holding no thread meanwhile)."""
 import json
 import os
+import select
 import socket
 import ssl
 import subprocess
@@ -190,6 +191,37 @@ def test_silent_tls_client_costs_no_thread_and_times_out(listeners, spawn, certs
             assert s.recv(100) == b""
         except ConnectionResetError:
             pass
+        s.close()
+
+
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+@pytest.mark.usefixtures("engine")
+def test_a_handshake_dribbled_past_the_header_timeout_is_closed(listeners, spawn, certs,
+                                                                 interface, engine):
+    """The handshake timeout (http.header_timeout) runs from the accept: a handshake that comes
+    a byte at a time, each well within the timeout, does not hold the connection past it."""
+    if interface == "asgi" and engine != "python":
+        pytest.skip("ASGI has one engine")
+    spawn_tls(spawn, listeners, certs, interface, extra={"http": {"header_timeout_ms": 1000}})
+    s = socket.create_connection(("127.0.0.1", listeners.port))
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        record = b"\x16\x03\x01\x00\xff" + b"\x01" * 40  # a ClientHello's record: 12 s
+        closed = False
+        for i in range(len(record)):
+            try:
+                s.sendall(record[i:i + 1])
+            except OSError:  # reset: closed
+                closed = True
+                break
+            if select.select([s], [], [], 0.3)[0]:  # the close (EOF or reset) is readable
+                try:
+                    closed = s.recv(100) == b""
+                except OSError:
+                    closed = True
+                break
+        assert closed, "a handshake sent a byte every 0.3 s held the connection for 12 s"
+    finally:
         s.close()
 
 

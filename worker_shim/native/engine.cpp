@@ -406,7 +406,7 @@ Connection* Server::add_connection(int fd, int listener_index, const sockaddr_st
     auto conn = std::make_unique<Connection>(fd, listener_index, config_.limits);
     conn->tcp = tcp_peer;
     conn->tcp_socket = addr.ss_family == AF_INET || addr.ss_family == AF_INET6;
-    conn->idle_since = monotonic();
+    conn->idle_since = conn->accepted_at = monotonic();
     if (tcp_peer) {
         char host[INET6_ADDRSTRLEN] = "";
         int port = 0;
@@ -1013,11 +1013,16 @@ void Server::send_error(Connection* conn, int status, const std::string& reason,
 std::string Server::overdue(const Connection& conn, double now) const {
     if (conn.state == ConnState::linger) return now >= conn.linger_until ? "linger" : "";
     if (conn.state != ConnState::idle) return "";
+    // A connection that has not sent its first request yet gets the header timeout from its
+    // accept, not the keepalive (which may be 0, or longer), except while draining. From the
+    // accept, not from its last read: a PROXY header or a TLS handshake sent a byte at a time
+    // parks it again and again, and must not hold it for ever (slowloris before the head).
+    if (conn.served == 0 && !draining_) {
+        if (now - conn.accepted_at < config_.header_timeout) return "";
+        return conn.head_started > 0 ? "408" : "idle";
+    }
     if (conn.head_started > 0) return now - conn.head_started > config_.header_timeout ? "408" : "";
-    // A connection that has not sent its first request yet gets the header timeout, not the
-    // keepalive (which may be 0, or longer), except while draining.
-    double limit = draining_ ? config_.drain_idle : config_.keepalive;
-    if (conn.served == 0 && !draining_) limit = config_.header_timeout;
+    const double limit = draining_ ? config_.drain_idle : config_.keepalive;
     return now - conn.idle_since >= limit ? "idle" : "";
 }
 

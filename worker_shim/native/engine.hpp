@@ -109,6 +109,7 @@ struct Connection {
     RequestParser parser;
     ConnState state = ConnState::busy;
     double idle_since = 0;
+    double accepted_at = 0;   // the first head is due http.header_timeout after this
     double head_started = 0;  // a request head has begun and is not complete yet
     double linger_until = 0;
     bool must_close = false;

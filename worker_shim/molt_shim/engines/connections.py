@@ -41,8 +41,8 @@ class Connection:
     Both `send_all` and `sendfile_all` make it the response's `Sink` (wsgi/response.py)."""
 
     __slots__ = ("sock", "fd", "peer", "listener_env", "reader", "state", "idle_since",
-                 "linger_until", "in_epoll", "warmup", "_env", "served", "send_timeout",
-                 "preamble", "rejected", "tls")
+                 "accepted_at", "linger_until", "in_epoll", "warmup", "_env", "served",
+                 "send_timeout", "preamble", "rejected", "tls")
 
     def __init__(self, sock: socket.socket, peer: Any, listener_env: Dict[str, Any],
                  limits: Limits, send_timeout: float = SEND_TIMEOUT_S,
@@ -57,7 +57,7 @@ class Connection:
         self.listener_env = listener_env
         self.reader = RequestReader(limits)
         self.state = IDLE
-        self.idle_since = time.monotonic()
+        self.idle_since = self.accepted_at = time.monotonic()
         self.linger_until = 0.0
         self.in_epoll = False
         self.warmup = False

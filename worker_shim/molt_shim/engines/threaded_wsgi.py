@@ -556,14 +556,18 @@ class ThreadedWSGIEngine:
         if state is not IDLE:
             return Overdue.NOTHING
         head_started = conn.reader.head_started
+        # A connection that has not sent its first request yet gets the header timeout from
+        # its accept, not the keepalive (which may be 0, or longer), except while draining.
+        # From the accept, not from its last read: a PROXY header or a TLS handshake sent a
+        # byte at a time parks it again and again, and must not hold it for ever.
+        if not conn.served and not self.draining:
+            if now - conn.accepted_at < self.header_timeout:
+                return Overdue.NOTHING
+            return Overdue.HEAD_TIMEOUT if head_started else Overdue.IDLE_TIMEOUT
         if head_started:
             late = now - head_started > self.header_timeout
             return Overdue.HEAD_TIMEOUT if late else Overdue.NOTHING
-        # A connection that has not sent its first request yet gets the header timeout, not
-        # the keepalive (which may be 0, or longer), except while draining.
         limit = self.cfg.drain_idle_s if self.draining else self.keepalive
-        if not conn.served and not self.draining:
-            limit = self.header_timeout
         return Overdue.IDLE_TIMEOUT if now - conn.idle_since >= limit else Overdue.NOTHING
 
     def _sweep(self, now: float) -> None:
