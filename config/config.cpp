@@ -1705,8 +1705,8 @@ void finish_listen(Context& ctx, Config& config) {
         }
         // The PROXY header comes before the TLS handshake, in the clear; the native engine
         // reads it there (worker_shim/native/engine.cpp, read_proxy_header), the Python
-        // engines would look for it inside TLS. `auto` falls back to the Python engine only
-        // where the extension cannot load, and that worker then refuses to boot, saying so.
+        // engines would look for it inside TLS. A worker that falls back to the Python engine
+        // (the extension cannot load there) refuses to boot instead, saying why.
         if (address.proxy_protocol && address.tls.enabled() &&
             (config.interface == Interface::asgi || config.engine == Engine::python)) {
             ctx.error_at(draft.mark, draft.key,

@@ -235,12 +235,18 @@ def test_a_malformed_ticket_key_fails_the_boot_and_says_so(listeners, spawn, val
     assert "MOLT_TLS_TICKET_KEYS must be 160 hex digits" in error, error
 
 
-def test_the_python_engine_refuses_a_proxy_header_before_tls(listeners, spawn, certs):
-    # The config allows the pair only where the native engine runs; a worker that has only
-    # the Python engine (engine: auto without the extension) must not serve it wrong.
+@pytest.mark.parametrize("engine,why", [
+    ("python", "this worker runs the Python engine"),
+    ("auto", "the native engine is unavailable here: "),  # no extension beside this shim
+])
+def test_the_python_engine_refuses_a_proxy_header_before_tls(listeners, spawn, certs, engine,
+                                                             why):
+    # The config allows the pair only where the native engine runs; a worker left with the
+    # Python engine must not serve it wrong, and says why it has no native engine.
     tls = {"cert": certs.cert, "key": certs.key, "client_ca": "", "min_version": "1.2"}
-    w = spawn("tls_app:application", engine="python", overrides={
+    w = spawn("tls_app:application", engine=engine, overrides={
         "listeners": {listeners.names[0]: {"tls": tls, "proxy_protocol": True}}})
     assert w.wait_exit() == 3
     error = w.wait_message("ERROR")["ERROR"]
     assert "proxy_protocol together with tls needs the native engine" in error, error
+    assert why in error, error

@@ -254,20 +254,17 @@ def _proxy_header_reader(rejects: proxyproto.RejectLog) -> Any:
     return read
 
 
-def _python_engine() -> Any:
-    """The Python engine's factory, the fallback when the extension cannot be used."""
-    from . import threaded_wsgi
-
-    return threaded_wsgi.create
-
-
 def create(ctx: EngineContext) -> Any:
     """The engine factory (engines/__init__.py). When the extension cannot load for this
-    interpreter, the worker says why in one line and serves with the Python engine."""
+    interpreter, the worker says why in one line and serves with the Python engine (unless a
+    listener needs the native one: then the boot fails with that reason)."""
     engine, why = make(ctx)
     if engine is not None:
         return engine
-    fallback = _python_engine()
+    from . import threaded_wsgi
+
+    threaded_wsgi.refuse_proxied_tls(ctx, "the native engine is unavailable here: %s" % why)
+    fallback = threaded_wsgi.create
     if ctx.cfg.engine == "auto":  # expected where the extension is not built: not a warning
         log.info("engine auto: native engine unavailable, using the Python engine: %s", why)
     else:

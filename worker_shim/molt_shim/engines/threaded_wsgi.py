@@ -633,13 +633,18 @@ class ThreadedWSGIEngine:
 
 
 def create(ctx: EngineContext) -> ThreadedWSGIEngine:
-    # The config allows this pair only where the native engine runs; under engine: auto a
-    # worker whose extension cannot load lands here, and must not serve it wrong.
+    refuse_proxied_tls(ctx, "this worker runs the Python engine")
+    return ThreadedWSGIEngine(ctx)
+
+
+def refuse_proxied_tls(ctx: EngineContext, why: str) -> None:
+    """The config allows `proxy_protocol` together with `tls` on a listener only where the
+    native engine serves; a worker that falls back to this engine (the extension cannot load,
+    or the native engine did not start) must not serve it wrong: EngineUnavailable, with why
+    it has no native engine."""
     both = [name for _, name in ctx.listeners
             if ctx.cfg.proxy_protocol(name) and ctx.cfg.listener_options(name).get("tls")]
     if both:
         raise EngineUnavailable(
             "listen %s: proxy_protocol together with tls needs the native engine, which reads "
-            "the PROXY header before the TLS handshake; this worker has only the Python engine"
-            % ", ".join(both))
-    return ThreadedWSGIEngine(ctx)
+            "the PROXY header before the TLS handshake, and %s" % (", ".join(both), why))
