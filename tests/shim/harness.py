@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import signal
 import shutil
 import socket
@@ -341,6 +342,27 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
         return c.read_all(timeout)
     finally:
         c.close()
+
+
+def closed_while_dribbling(port: int, data: bytes, pace: float = 0.3) -> bool:
+    """Send `data` a byte every `pace` seconds (all but its last byte, so it never completes);
+    whether the server closed the connection (EOF or a reset) before the bytes ran out."""
+    s = socket.create_connection(("127.0.0.1", port))
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(data) - 1):
+            try:
+                s.sendall(data[i:i + 1])
+            except OSError:  # reset
+                return True
+            if select.select([s], [], [], pace)[0]:  # the close is readable
+                try:
+                    return s.recv(100) == b""
+                except OSError:
+                    return True
+        return False
+    finally:
+        s.close()
 
 
 class LoadPool:

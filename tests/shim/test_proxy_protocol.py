@@ -4,14 +4,13 @@ garbage header, plain HTTP on a PROXY listener (closed without a response), and 
 per burst of such connections."""
 import ipaddress
 import json
-import select
 import socket
 import struct
 import sys
 
 import pytest
 
-from harness import SHIM_DIR, Client, wait_until
+from harness import SHIM_DIR, Client, closed_while_dribbling, wait_until
 
 sys.path.insert(0, SHIM_DIR)
 from molt_shim import proxyproto  # noqa: E402
@@ -266,25 +265,8 @@ def test_a_header_dribbled_past_the_header_timeout_is_closed(interface, listener
         pytest.skip("ASGI has one engine")
     spawn_pp(spawn, listeners, interface, extra={"http": {"header_timeout_ms": 1000}})
     header = b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\n"  # 40 bytes: 12 s at this pace
-    s = socket.create_connection(("127.0.0.1", listeners.port))
-    try:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        closed = False
-        for i in range(len(header) - 1):
-            try:
-                s.sendall(header[i:i + 1])
-            except OSError:  # reset: closed
-                closed = True
-                break
-            if select.select([s], [], [], 0.3)[0]:  # the close (EOF or reset) is readable
-                try:
-                    closed = s.recv(100) == b""
-                except OSError:
-                    closed = True
-                break
-        assert closed, "a header sent a byte every 0.3 s held the connection for 12 s"
-    finally:
-        s.close()
+    assert closed_while_dribbling(listeners.port, header), \
+        "a header sent a byte every 0.3 s held the connection for 12 s"
 
 
 @pytest.mark.usefixtures("engine")

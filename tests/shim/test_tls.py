@@ -4,7 +4,6 @@ response through TLS, and a client that opens TLS and sends nothing (closed by t
 holding no thread meanwhile)."""
 import json
 import os
-import select
 import socket
 import ssl
 import subprocess
@@ -12,7 +11,7 @@ import sys
 
 import pytest
 
-from harness import REPO, wait_until
+from harness import REPO, closed_while_dribbling, wait_until
 
 sys.path.insert(0, os.path.join(REPO, "tests"))
 import tlscerts  # noqa: E402
@@ -203,36 +202,9 @@ def test_a_handshake_dribbled_past_the_header_timeout_is_closed(listeners, spawn
     if interface == "asgi" and engine != "python":
         pytest.skip("ASGI has one engine")
     spawn_tls(spawn, listeners, certs, interface, extra={"http": {"header_timeout_ms": 1000}})
-    s = socket.create_connection(("127.0.0.1", listeners.port))
-    try:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        record = b"\x16\x03\x01\x00\xff" + b"\x01" * 40  # a ClientHello's record: 12 s
-        closed = False
-        for i in range(len(record)):
-            try:
-                s.sendall(record[i:i + 1])
-            except OSError:  # reset: closed
-                closed = True
-                break
-            if select.select([s], [], [], 0.3)[0]:  # the close (EOF or reset) is readable
-                try:
-                    closed = s.recv(100) == b""
-                except OSError:
-                    closed = True
-                break
-        assert closed, "a handshake sent a byte every 0.3 s held the connection for 12 s"
-    finally:
-        s.close()
-
-
-@pytest.mark.parametrize("value", ["abc", "zz" * 80, "00" * 79])
-def test_a_malformed_ticket_key_fails_the_boot_and_says_so(listeners, spawn, value):
-    # MOLT_TLS_TICKET_KEYS comes from the master; anything but 160 hex digits is refused at
-    # once with its name, never silently replaced by a key of the worker's own.
-    w = spawn(env={"MOLT_TLS_TICKET_KEYS": value})
-    assert w.wait_exit() == 3
-    error = w.wait_message("ERROR")["ERROR"]
-    assert "MOLT_TLS_TICKET_KEYS must be 160 hex digits" in error, error
+    record = b"\x16\x03\x01\x00\xff" + b"\x01" * 40  # a ClientHello's record: 12 s
+    assert closed_while_dribbling(listeners.port, record), \
+        "a handshake sent a byte every 0.3 s held the connection for 12 s"
 
 
 @pytest.mark.parametrize("engine,why", [
