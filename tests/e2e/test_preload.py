@@ -302,7 +302,10 @@ def test_a_killed_workers_replacement_is_the_spare_forked_ahead_and_a_new_spare_
                        "the next spare", on_timeout=m.log)
 
     zygote = generation(m, gen)["preload"]["zygote"]["pid"]
-    assert children_of(zygote) == []  # the intermediates are the kernel's to reap
+    # The intermediates are the kernel's to reap: none is left as the zygote's zombie (the
+    # spare's may still be exiting when its SPARE_PID= has been read).
+    wait_until(lambda: children_of(zygote) == [], 10, "no child of the zygote left",
+               on_timeout=m.log)
     assert ignores_sigchld(zygote)
     # ... but the app's own children are its to wait for: each worker has the default again,
     # the spare's and the forked ones.

@@ -13,6 +13,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "supervisor/contract/worker_contract.hpp"
+
 namespace molt::native {
 namespace {
 
@@ -86,11 +88,13 @@ bool send_text(int fd, const char* text, int length) {
 }
 
 // In the intermediate, once the spare is forked: the master learns its pid on the zygote's
-// channel (SPARE_PID=, contract.py), and the pid is left on the pair for the zygote, which
-// reads it at the next request. Nothing wakes the zygote (zygote.Spare says why).
+// channel (SPARE_PID=), and the pid is left on the pair for the zygote, which reads it at the
+// next request. Nothing wakes the zygote (zygote.Spare says why).
 void tell_of_spare(int channel, int sock, pid_t spare) {
+    const std::string_view key = contract::key::spare_pid;
     char text[48];
-    int length = std::snprintf(text, sizeof text, "SPARE_PID=%d", static_cast<int>(spare));
+    int length = std::snprintf(text, sizeof text, "%.*s=%d", static_cast<int>(key.size()),
+                               key.data(), static_cast<int>(spare));
     if (channel >= 0) send_text(channel, text, length);
     length = std::snprintf(text, sizeof text, "%d", static_cast<int>(spare));
     send_text(sock, text, length);
