@@ -409,7 +409,6 @@ class Spare:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.sock: Optional[socket.socket] = None  # the zygote's end of the pair
-        self.pid = 0  # read from the pair at the first request after the fork
         self.due: Optional[float] = time.monotonic() + SPARE_IDLE_S
 
     def wait_s(self, now: float) -> Optional[float]:
@@ -431,17 +430,15 @@ class Spare:
         when none is waiting (the caller forks the request as before)."""
         if self.sock is None:
             return 0
-        if not self.pid:
-            got = receive(self.sock, block=False)
-            if got is EMPTY:
-                return 0  # its intermediate is still forking it: it may take the next request
-            if got is None:  # the intermediate could not fork it
-                log.warning("zygote: the spare worker could not be forked; this request is "
-                            "forked as before")
-                self.forget()
-                return 0
-            self.pid = int(got[0])
-        pid = self.pid
+        got = receive(self.sock, block=False)  # its pid, from the intermediate
+        if got is EMPTY:
+            return 0  # its intermediate is still forking it: it may take the next request
+        if got is None:  # the intermediate could not fork it (the master never heard of it)
+            log.warning("zygote: the spare worker could not be forked; this request is "
+                        "forked as before")
+            self.close_copy()
+            return 0
+        pid = int(got[0])
         try:
             self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                         array.array("i", fds))], socket.MSG_NOSIGNAL)
@@ -449,19 +446,15 @@ class Spare:
             log.info("zygote: the spare worker (pid %d) is gone; this request is forked as "
                      "before", pid)
             pid = 0
-        self.forget()
-        return pid
-
-    def forget(self) -> None:
-        if self.pid:
-            self.channel.send(**{Key.SPARE_PID: 0})
+        self.channel.send(**{Key.SPARE_PID: 0})  # no spare waits now
         self.close_copy()
+        return pid
 
     def close_copy(self) -> None:
         """Also in a forked process, which must not hold the zygote's end open."""
         if self.sock is not None:
             self.sock.close()
-        self.sock, self.pid = None, 0
+        self.sock = None
 
     def fork(self, cfg: config.WorkerConfig, channel: Channel, master: int, libc: Any,
              become_worker: Callable[..., int]) -> int:
