@@ -13,70 +13,94 @@ namespace {
 
 constexpr std::size_t kChunkLineLimit = 4096;
 
-bool is_tchar(unsigned char c) {
-    return std::isalnum(c) != 0 || std::strchr("!#$%&'*+-.^_`|~", c) != nullptr;
-}
+// RFC 9110 §5.6.2: ALPHA, DIGIT and "!#$%&'*+-.^_`|~".
+struct TcharTable {
+    bool yes[256] = {};
+    constexpr TcharTable() {
+        for (int c = '0'; c <= '9'; ++c) yes[c] = true;
+        for (int c = 'a'; c <= 'z'; ++c) yes[c] = yes[c - 'a' + 'A'] = true;
+        for (const char* p = "!#$%&'*+-.^_`|~"; *p != 0; ++p)
+            yes[static_cast<unsigned char>(*p)] = true;
+    }
+};
+constexpr TcharTable kTchar;
 
-bool is_token(const std::string& text, std::size_t from, std::size_t to) {
-    if (from >= to) return false;
-    for (std::size_t i = from; i < to; ++i) {
-        if (!is_tchar(static_cast<unsigned char>(text[i]))) return false;
+bool is_token(std::string_view text) {
+    if (text.empty()) return false;
+    for (const char c : text) {
+        if (!kTchar.yes[static_cast<unsigned char>(c)]) return false;
     }
     return true;
 }
 
 // VCHAR, obs-text, SP, HTAB: every byte but the other controls and DEL.
-bool is_field_text(const std::string& text, std::size_t from) {
-    for (std::size_t i = from; i < text.size(); ++i) {
-        const auto c = static_cast<unsigned char>(text[i]);
+bool is_field_text(std::string_view text) {
+    for (const char ch : text) {
+        const auto c = static_cast<unsigned char>(ch);
         if ((c < 0x20 && c != '\t') || c == 0x7f) return false;
     }
     return true;
 }
 
+char lower_ascii(char c) {
+    return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c;
+}
+
+// `text` equals the lower-case `word`, ignoring ASCII case.
+bool iequals(std::string_view text, std::string_view word) {
+    if (text.size() != word.size()) return false;
+    for (std::size_t i = 0; i < text.size(); ++i) {
+        if (lower_ascii(text[i]) != word[i]) return false;
+    }
+    return true;
+}
+
+// A header field, as views into its line.
 struct Field {
-    std::string name;   // lower case
-    std::string value;  // without the surrounding whitespace
+    std::string_view name;   // as sent (compare with iequals)
+    std::string_view value;  // without the surrounding whitespace
 };
 
-std::optional<Field> parse_field(const std::string& line) {
+std::optional<Field> parse_field(std::string_view line) {
     const auto colon = line.find(':');
-    if (colon == std::string::npos || !is_token(line, 0, colon) || !is_field_text(line, colon)) {
+    if (colon == std::string_view::npos || !is_token(line.substr(0, colon)) ||
+        !is_field_text(line.substr(colon))) {
         return std::nullopt;
     }
-    Field field;
-    field.name = line.substr(0, colon);
-    std::transform(field.name.begin(), field.name.end(), field.name.begin(),
-                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    Field field{line.substr(0, colon), {}};
     const auto first = line.find_first_not_of(" \t", colon + 1);
-    if (first != std::string::npos) {
+    if (first != std::string_view::npos) {
         field.value = line.substr(first, line.find_last_not_of(" \t") + 1 - first);
     }
     return field;
 }
 
-bool all_digits(const std::string& text) {
-    return !text.empty() && std::all_of(text.begin(), text.end(),
-                                        [](unsigned char c) { return std::isdigit(c) != 0; });
+bool all_digits(std::string_view text) {
+    return !text.empty() &&
+           std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
 }
 
-std::string lower(std::string text) {
-    std::transform(text.begin(), text.end(), text.begin(),
-                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-    return text;
+// The value of a string of at most 18 decimal or 16 hex digits (checked by the caller).
+std::uint64_t parse_number(std::string_view digits, int base) {
+    std::uint64_t value = 0;
+    for (const char c : digits) {
+        const int digit = c <= '9' ? c - '0' : lower_ascii(c) - 'a' + 10;
+        value = value * static_cast<std::uint64_t>(base) + static_cast<std::uint64_t>(digit);
+    }
+    return value;
 }
 
 // Whether a comma-separated field value (Connection) lists `token`, case-insensitively, as
 // the parser library reads it.
-bool has_token(const std::string& value, const char* token) {
+bool has_token(std::string_view value, std::string_view token) {
     std::size_t start = 0;
     while (start <= value.size()) {
         std::size_t end = value.find(',', start);
-        if (end == std::string::npos) end = value.size();
+        if (end == std::string_view::npos) end = value.size();
         std::size_t a = start, b = end;
         while (a < b && (value[a] == ' ' || value[a] == '\t')) ++a;
         while (b > a && (value[b - 1] == ' ' || value[b - 1] == '\t')) --b;
-        if (lower(value.substr(a, b - a)) == token) return true;
+        if (iequals(value.substr(a, b - a), token)) return true;
         start = end + 1;
     }
     return false;
@@ -121,9 +145,16 @@ std::optional<FramingViolation> FramingGuard::scan(const char* data, std::size_t
         }
         const auto* newline = static_cast<const char*>(std::memchr(data + i, '\n', len - i));
         const std::size_t end = newline ? static_cast<std::size_t>(newline - data) : len;
-        line_.append(data + i, end - i);
+        // The line, read where it lies when it is all in `data` (no copy), else gathered.
+        std::string_view text;
+        if (newline && line_.empty()) {
+            text = std::string_view(data + i, end - i);
+        } else {
+            line_.append(data + i, end - i);
+            text = line_;
+        }
         i = newline ? end + 1 : len;
-        if (line_.size() > limit()) {
+        if (text.size() > limit()) {
             if (state_ == State::head) {
                 // Longer than the parser's own limits allow: its 414 or 431 answers it.
                 state_ = State::unguarded;
@@ -134,14 +165,14 @@ std::optional<FramingViolation> FramingGuard::scan(const char* data, std::size_t
             return FramingViolation{end, 400, std::string(name(state_)) + " too long"};
         }
         if (!newline) return std::nullopt;
-        std::string text;
-        text.swap(line_);
         if (text.empty() || text.back() != '\r') {
             done_ = true;
             return FramingViolation{end, 400, std::string("bare LF in the ") + name(state_)};
         }
-        text.pop_back();
-        if (auto verdict = line(text)) {
+        text.remove_suffix(1);
+        auto verdict = line(text);
+        line_.clear();  // after line(): `text` may be a view of it
+        if (verdict) {
             done_ = true;
             return FramingViolation{end, verdict->status, std::move(verdict->reason)};
         }
@@ -149,20 +180,21 @@ std::optional<FramingViolation> FramingGuard::scan(const char* data, std::size_t
     return std::nullopt;
 }
 
-std::optional<FramingGuard::Verdict> FramingGuard::line(const std::string& text) {
-    if (text.find('\r') != std::string::npos) {
+std::optional<FramingGuard::Verdict> FramingGuard::line(std::string_view text) {
+    if (text.find('\r') != std::string_view::npos) {
         return Verdict{400, std::string("bare CR in the ") + name(state_)};
     }
     switch (state_) {
         case State::head: {
             if (!text.empty()) {
-                head_.push_back(text);
+                head_.append(text);
+                head_.push_back('\n');
                 return std::nullopt;
             }
             if (head_.empty()) return std::nullopt;  // RFC 9112 §2.2: leading empty lines
-            std::vector<std::string> lines;
-            lines.swap(head_);
-            return head(lines);
+            auto verdict = head();
+            head_.clear();
+            return verdict;
         }
         case State::chunk_end:
             if (!text.empty()) return Verdict{400, "chunk data longer than its size"};
@@ -175,10 +207,10 @@ std::optional<FramingGuard::Verdict> FramingGuard::line(const std::string& text)
                 ++digits;
             }
             if (digits == 0 || digits > 16 || (digits < text.size() && text[digits] != ';') ||
-                !is_field_text(text, digits)) {
+                !is_field_text(text.substr(digits))) {
                 return Verdict{400, "invalid chunk size line"};
             }
-            left_ = std::stoull(text.substr(0, digits), nullptr, 16);
+            left_ = parse_number(text.substr(0, digits), 16);
             state_ = left_ ? State::chunk_data : State::trailer;
             return std::nullopt;
         }
@@ -194,41 +226,47 @@ std::optional<FramingGuard::Verdict> FramingGuard::line(const std::string& text)
     }
 }
 
-std::optional<FramingGuard::Verdict> FramingGuard::head(const std::vector<std::string>& lines) {
+std::optional<FramingGuard::Verdict> FramingGuard::head() {
+    const std::string_view lines(head_);
+    std::size_t next = lines.find('\n');
     // method SP target [SP version]: exactly single spaces, a token method, a visible target.
-    const std::string& request_line = lines.front();
+    const std::string_view request_line = lines.substr(0, next);
+    ++next;
     const auto first_space = request_line.find(' ');
-    if (first_space == std::string::npos || !is_token(request_line, 0, first_space)) {
+    if (first_space == std::string_view::npos || !is_token(request_line.substr(0, first_space))) {
         return Verdict{400, "malformed request line"};
     }
     const auto second_space = request_line.find(' ', first_space + 1);
     const std::size_t target_end =
-        second_space == std::string::npos ? request_line.size() : second_space;
+        second_space == std::string_view::npos ? request_line.size() : second_space;
     if (target_end == first_space + 1) return Verdict{400, "malformed request line"};
     for (std::size_t i = first_space + 1; i < target_end; ++i) {
         const auto c = static_cast<unsigned char>(request_line[i]);
         if (c <= 0x20 || c == 0x7f) return Verdict{400, "malformed request line"};
     }
-    if (second_space == std::string::npos) {
+    if (second_space == std::string_view::npos) {
         return Verdict{400, "HTTP/0.9 request line (no version)"};
     }
-    const std::string version = request_line.substr(second_space + 1);
+    const std::string_view version = request_line.substr(second_space + 1);
     if (version.size() != 8 || version.compare(0, 5, "HTTP/") != 0 ||
         !std::isdigit(static_cast<unsigned char>(version[5])) || version[6] != '.' ||
         !std::isdigit(static_cast<unsigned char>(version[7]))) {
         return Verdict{400, "malformed HTTP version"};
     }
     if (version != "HTTP/1.0" && version != "HTTP/1.1") {
-        return Verdict{505, "HTTP version " + version + " not supported"};
+        return Verdict{505, "HTTP version " + std::string(version) + " not supported"};
     }
     int hosts = 0;
     bool upgrade = false;
     bool connection_upgrade = false;
-    std::vector<std::string> lengths;
-    std::string codings;
-    bool has_codings = false;
-    for (std::size_t i = 1; i < lines.size(); ++i) {
-        const std::string& line = lines[i];
+    int lengths = 0;
+    std::string_view length;  // the first Content-Length
+    int codings = 0;
+    std::string_view coding;  // the first Transfer-Encoding
+    while (next < lines.size()) {
+        const std::size_t end = lines.find('\n', next);
+        const std::string_view line = lines.substr(next, end - next);
+        next = end + 1;
         if (line[0] == ' ' || line[0] == '\t') {
             return Verdict{400, "obsolete line folding in a header field"};
         }
@@ -236,16 +274,15 @@ std::optional<FramingGuard::Verdict> FramingGuard::head(const std::vector<std::s
         if (!field) {
             return Verdict{400, "malformed header field (a name is a token followed by ':')"};
         }
-        if (field->name == "host") {
+        if (iequals(field->name, "host")) {
             ++hosts;
-        } else if (field->name == "content-length") {
-            lengths.push_back(field->value);
-        } else if (field->name == "transfer-encoding") {
-            codings += (has_codings ? "," : "") + field->value;
-            has_codings = true;
-        } else if (field->name == "upgrade") {
+        } else if (iequals(field->name, "content-length")) {
+            if (lengths++ == 0) length = field->value;
+        } else if (iequals(field->name, "transfer-encoding")) {
+            if (codings++ == 0) coding = field->value;
+        } else if (iequals(field->name, "upgrade")) {
             upgrade = true;
-        } else if (field->name == "connection" && has_token(field->value, "upgrade")) {
+        } else if (iequals(field->name, "connection") && has_token(field->value, "upgrade")) {
             connection_upgrade = true;
         }
     }
@@ -253,15 +290,15 @@ std::optional<FramingGuard::Verdict> FramingGuard::head(const std::vector<std::s
     if (hosts == 0 && version == "HTTP/1.1") {
         return Verdict{400, "no Host field in an HTTP/1.1 request"};
     }
-    if (has_codings && !lengths.empty()) {
+    if (codings > 0 && lengths > 0) {
         return Verdict{400, "both Content-Length and Transfer-Encoding"};
     }
-    if (lengths.size() > 1 ||
-        (!lengths.empty() && (!all_digits(lengths[0]) || lengths[0].size() > 18))) {
+    if (lengths > 1 || (lengths == 1 && (!all_digits(length) || length.size() > 18))) {
         return Verdict{400, "invalid or repeated Content-Length"};
     }
-    if (has_codings) {
-        if (lower(codings) != "chunked") {
+    if (codings > 0) {
+        // The fields' values joined with commas must be exactly `chunked`: one field.
+        if (codings > 1 || !iequals(coding, "chunked")) {
             return Verdict{501, "unsupported Transfer-Encoding (only one `chunked`)"};
         }
         state_ = State::chunk_size;
@@ -271,8 +308,8 @@ std::optional<FramingGuard::Verdict> FramingGuard::head(const std::vector<std::s
         // Upgrade field alone is an ordinary field: the connection stays open, so what follows
         // is guarded like any other request.
         state_ = State::unguarded;
-    } else if (!lengths.empty()) {
-        left_ = std::stoull(lengths[0]);
+    } else if (lengths == 1) {
+        left_ = parse_number(length, 10);
         if (left_) state_ = State::body;
     }
     return std::nullopt;

@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
-#include <vector>
+#include <string_view>
 
 namespace molt::native {
 
@@ -40,15 +40,17 @@ class FramingGuard {
         std::string reason;
     };
 
-    std::optional<Verdict> line(const std::string& text);
-    std::optional<Verdict> head(const std::vector<std::string>& lines);
+    std::optional<Verdict> line(std::string_view text);
+    std::optional<Verdict> head();
     std::size_t limit() const;
     static const char* name(State state);
 
     State state_ = State::head;
-    std::string line_;
+    std::string line_;  // a line begun in an earlier scan()
     std::uint64_t left_ = 0;
-    std::vector<std::string> head_;
+    // The head's lines so far, each ended by '\n' (a line never holds one). Cleared, not
+    // freed, after each head: no allocation per request once it has grown.
+    std::string head_;
     std::uint64_t head_line_limit_;
     bool done_ = false;
 };
