@@ -54,6 +54,28 @@ async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/plain")]})
         raise RuntimeError("boom after the head")
+    if path == "/stream-to-slow-reader":
+        # More than every buffer between here and a client that does not read: send() must
+        # wait for it (flow control), and a send() given up while it waits must not break the
+        # ones after it.
+        chunks = int(scope["query_string"] or b"512")
+        chunk = b"x" * 65536
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/octet-stream")]})
+        given_up = 0
+        for _ in range(chunks):
+            while True:
+                try:
+                    await asyncio.wait_for(send({"type": "http.response.body", "body": chunk,
+                                                 "more_body": True}), 0.3)
+                    break
+                except asyncio.TimeoutError:  # still waiting for the client: send it again
+                    if not given_up:
+                        print("a send waited for the client", file=sys.stderr, flush=True)
+                    given_up += 1
+        await send({"type": "http.response.body", "body": b""})
+        print("streamed %d chunks" % chunks, file=sys.stderr, flush=True)
+        return
     if path == "/list-headers":
         # Header pairs as lists, not tuples (some frameworks build them so).
         await send({"type": "http.response.start", "status": 200,

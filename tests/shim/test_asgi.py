@@ -412,6 +412,32 @@ def test_every_waiting_receive_hears_the_disconnect(listeners, spawn):
     assert get(listeners.port, "/") == (200, b"hello")
 
 
+def test_a_response_to_a_slow_reader_waits_for_it_and_arrives_whole(listeners, spawn):
+    # Flow control (asgi_cycle.Flow): send() waits while the transport holds more than its
+    # high-water mark, a send() cancelled while it waits leaves the others working, and every
+    # byte arrives once the client reads.
+    chunks = 512  # 32 MiB: more than the socket buffers of both ends hold
+    w = spawn_cycle_app(spawn).wait_ready()
+    c = Client(listeners.port)
+    c.send(b"GET /stream-to-slow-reader?%d HTTP/1.1\r\nHost: t\r\n\r\n" % chunks)
+    wait_until(lambda: "a send waited for the client" in w.stderr_text(), 10,
+               "the app's send() waiting for a client that reads nothing")
+    assert "streamed" not in w.stderr_text()
+    c.sock.settimeout(20)
+    raw = b""
+    while not raw.endswith(b"\r\n0\r\n\r\n"):
+        chunk = c.sock.recv(1 << 20)
+        assert chunk, "closed before the end of the body"
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"transfer-encoding: chunked" in head
+    framed = b"10000\r\n" + b"x" * 65536 + b"\r\n"
+    assert body == framed * chunks + b"0\r\n\r\n"
+    wait_until(lambda: "streamed %d chunks" % chunks in w.stderr_text(), 5, "the app's end")
+    assert c.request("/")[0] == 200  # the connection serves on
+    c.close()
+
+
 def test_header_pairs_given_as_lists_are_framed(listeners, spawn):
     spawn_cycle_app(spawn).wait_ready()
     c = Client(listeners.port)

@@ -102,6 +102,62 @@ class Rejected(Exception):
     stops httptools, and data_received() knows the answer has been given."""
 
 
+class Flow:
+    """uvicorn's FlowControl (the same attributes and methods, which uvicorn's protocol
+    callbacks call) without its asyncio.Event per connection: a future is made only for a
+    send() that waits for its client to take bytes, one per waiting call (a cancelled one
+    must not wake, or cancel, the others)."""
+
+    __slots__ = ("_transport", "read_paused", "write_paused", "_waiters")
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self.read_paused = False
+        self.write_paused = False
+        self._waiters: Optional[List[Any]] = None
+
+    async def drain(self) -> None:
+        if not self.write_paused:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.remove(waiter)
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            self._transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        if self.write_paused:
+            self.write_paused = False
+            for waiter in self._waiters or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+
+
+def address(info: Any) -> Any:
+    """A transport's `sockname` or `peername` as uvicorn's scope gives it: (host, port), or
+    None for a Unix socket (uvicorn's get_local_addr and get_remote_addr, without the socket
+    object they ask first: uvloop makes one with a system call per question)."""
+    if isinstance(info, (tuple, list)) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None
+
+
 class Cycle:
     """One request and its response: what uvicorn's RequestResponseCycle holds, in slots, and
     the ASGI `receive` and `send` of the request."""
@@ -298,6 +354,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
     414 over max_request_line, 431 over max_headers or max_header_size, 413 over max_body_size,
     announced or streamed, 400 for what httptools cannot parse)."""
     limits = ctl.limits
+    unmade = ctl.unmade
     max_request_line = limits.max_request_line
     max_headers = limits.max_headers
     max_header_size = limits.max_header_size
@@ -329,24 +386,24 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         headers: Any = None
         cycle: Any = None
 
-        def __init__(self, config: Any, server_state: Any, _loop: Any = None) -> None:
-            # uvicorn's HttpToolsProtocol.__init__ (0.17 to current), less what is the same for
-            # every connection (above).
-            if not config.loaded:
-                config.load()
-            self.config = config
-            self.app = config.loaded_app
-            self.loop = _loop or asyncio.get_event_loop()
-            self.parser = self.new_parser()
-            self.ws_protocol_class = config.ws_protocol_class
-            self.root_path = config.root_path
-            self.limit_concurrency = config.limit_concurrency
-            self.timeout_keep_alive = config.timeout_keep_alive
-            self.server_state = server_state
-            self.connections = server_state.connections
-            self.tasks = server_state.tasks
-            self.default_headers = server_state.default_headers
+        def __init__(self) -> None:
+            # uvicorn's HttpToolsProtocol.__init__ (0.17 to current) is what bind() put on the
+            # class, and this: per connection, only what differs between connections.
             self.pipeline = deque()
+            self.parser = self.new_parser()
+            unmade[self] = ctl.now
+
+        def connection_made(self, transport: Any) -> None:
+            # uvicorn's connection_made, less its cost per connection: an asyncio.Event (its
+            # FlowControl), a socket object per address, a third lookup for the scheme.
+            self.transport = self.adopt_transport(transport)
+            self.connections.add(self)
+            self.flow = Flow(self.transport)
+            self.server = address(transport.get_extra_info("sockname"))
+            self.client = address(transport.get_extra_info("peername"))
+            self.scheme = "http" if self._tls_extension is None else "https"
+            if ctl.draining:
+                self.molt_drain(self._born)
 
         def new_parser(self) -> Any:
             return httptools.HttpRequestParser(self)
@@ -614,14 +671,20 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         def new_parser(self) -> Any:
             return None  # made in connection_made(): the scope's per-connection fields are known
 
+        asgi: Any = None  # scope["asgi"]'s items (bind()); the parser gives each scope a copy
+
+        @classmethod
+        def bind(cls, config: Any, server_state: Any, loop: Any) -> None:
+            super().bind(config, server_state, loop)
+            cls.asgi = {"version": config.asgi_version, "spec_version": "2.3"}
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             if self.transport is None or self.transport.is_closing():
                 return
             base = {"type": "http", "server": self.server, "client": self.client,
                     "scheme": self.scheme, "root_path": self.root_path}
-            asgi = {"version": self.config.asgi_version, "spec_version": "2.3"}
-            self.parser = new_native_parser(parser_limits, base, asgi, unquote)
+            self.parser = new_native_parser(parser_limits, base, self.asgi, unquote)
 
         def data_received(self, data: bytes) -> None:
             parser = self.parser

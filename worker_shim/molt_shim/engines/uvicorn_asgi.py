@@ -82,6 +82,7 @@ class DrainControl:
         # to build its transport (uvloop's server under EMFILE) never calls connection_made(),
         # so an entry older than UNMADE_MAX_S is dropped by the tick, not waited for.
         self.unmade: Dict[Any, float] = {}
+        self.now = time.monotonic()  # the last tick's: when a protocol made now was made
         self.idle_window = idle_window
         self.header_timeout = header_timeout
         # A connection that has not sent a byte yet: its first head is due within
@@ -246,7 +247,35 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
                 value.setdefault("extensions", {})["tls"] = dict(self._tls_extension)
             self.__dict__["_molt_scope"] = value
 
+        @classmethod
+        def bind(cls, config: Any, server_state: Any, loop: Any) -> None:
+            """What uvicorn's __init__ copies into every connection, once, on the class: the
+            protocol is then made with no arguments (uvloop's server calls the class)."""
+            cls.config = config
+            cls.app = staticmethod(config.loaded_app)  # a function: not a method of ours
+            cls.loop = loop
+            cls.ws_protocol_class = config.ws_protocol_class
+            cls.root_path = config.root_path
+            cls.limit_concurrency = config.limit_concurrency
+            cls.timeout_keep_alive = config.timeout_keep_alive
+            cls.server_state = server_state
+            cls.connections = server_state.connections
+            cls.tasks = server_state.tasks
+            cls.default_headers = server_state.default_headers
+
+        def __init__(self) -> None:
+            super().__init__(config=self.config, server_state=self.server_state,
+                             _loop=self.loop)
+            ctl.unmade[self] = ctl.now
+
         def connection_made(self, transport: Any) -> None:
+            super().connection_made(self.adopt_transport(transport))
+            if ctl.draining:
+                self.molt_drain(self._born)
+
+        def adopt_transport(self, transport: Any) -> "GracefulTransport":
+            """molt's part of connection_made(): the TLS extension, the clocks, the framing
+            guard; returns the transport the protocol is to write to."""
             self._real_transport = transport
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
@@ -256,9 +285,7 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
                 self._guard = ctl.new_guard(ctl.limits.max_request_line,
                                             ctl.limits.max_header_size)
             ctl.unmade.pop(self, None)
-            super().connection_made(GracefulTransport(transport, self))
-            if ctl.draining:
-                self.molt_drain(self._born)
+            return GracefulTransport(transport, self)
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
             super().connection_lost(exc)
@@ -659,6 +686,7 @@ class UvicornASGIEngine:
                         if name in contexts}
         self.state = ServerState()
         self.protocol_class = make_protocol_class(self.config.http_protocol_class, self.ctl)
+        self.protocol_class.bind(self.config, self.state, self.loop)
         self.lifespan: Any = None
         self.started = False  # the lifespan startup succeeded: close() runs its shutdown
         self.warmup_requests = 0  # uvicorn counts every response; the warm-up's are not ours
@@ -795,12 +823,7 @@ class UvicornASGIEngine:
         self.ctl.default_close = bool(close)
 
     def factory(self) -> asyncio.Protocol:
-        return self.protocol_class(config=self.config, server_state=self.state, _loop=self.loop)
-
-    def accepted_factory(self) -> asyncio.Protocol:
-        protocol = self.factory()
-        self.ctl.unmade[protocol] = time.monotonic()
-        return protocol
+        return self.protocol_class()  # it notes itself in ctl.unmade
 
     async def _serve(self, hooks: LoopHooks) -> None:
         loop = self.loop
@@ -818,7 +841,7 @@ class UvicornASGIEngine:
             # are queued per wake-up, with no Python socket object or task per connection.
             # It re-listen()s a dup of the shared socket with the master's own backlog (read
             # back from the kernel), so the shared queue keeps its size.
-            self.servers.append(await loop.create_server(self.accepted_factory,
+            self.servers.append(await loop.create_server(self.protocol_class,
                                                          sock=lsock.dup(), backlog=backlog))
         watched = list(hooks.watch_fds())
         for fd in watched:
@@ -847,6 +870,7 @@ class UvicornASGIEngine:
 
     def _tick(self, now: float) -> None:
         """The counters, the Date header, and each connection's timeout and drain checks."""
+        self.ctl.now = now
         self.observe(now)
         unmade = self.ctl.unmade
         if unmade:
@@ -931,7 +955,6 @@ class UvicornASGIEngine:
         # connect_accepted_socket() would cost a task and a future per connection. Any other
         # loop gets the public path.
         inner = self.factory()
-        self.ctl.unmade[inner] = time.monotonic()
         protocol = inner if not proxy_protocol else ProxyPreamble(
             inner, self.loop, self.cfg.header_timeout_s, self.proxy_rejects,
             lambda made: self.ctl.unmade.pop(made, None))
