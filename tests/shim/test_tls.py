@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -166,6 +167,29 @@ def test_asgi_https(listeners, spawn, certs):
     data = json.loads(out.stdout)
     assert data["scheme"] == "https"
     assert data["tls"]["client_cert_name"] is None and data["tls"]["client_cert_chain"] == []
+
+
+def test_an_asgi_drain_waits_for_a_handshake_under_way(listeners, spawn, certs):
+    """A TLS client accepted before the drain whose handshake has not come after a second
+    (the wait for an ordinary connection's connection_made()): the draining worker waits for
+    it, bounded by http.header_timeout, and answers it instead of exiting under it."""
+    w = spawn_tls(spawn, listeners, certs, "asgi", extra={"http": {"header_timeout_ms": 5000}})
+    raw = socket.create_connection(("127.0.0.1", listeners.port))
+    time.sleep(0.3)  # accepted by now; a draining worker also takes what is queued
+    w.drain()
+    time.sleep(1.8)
+    assert w.alive(), "the draining worker exited under a handshake still in its timeout"
+    raw.settimeout(10)
+    tls = ssl.create_default_context(cafile=certs.ca).wrap_socket(
+        raw, server_hostname="localhost")
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    answer = b""
+    while chunk := tls.recv(65536):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"connection: close" in answer.lower()  # a draining worker closes after it
+    tls.close()
+    assert w.wait_exit(10) == 0
 
 
 @pytest.mark.parametrize("interface", ["wsgi", "asgi"])

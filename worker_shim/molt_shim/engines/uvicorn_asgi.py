@@ -77,10 +77,12 @@ class DrainControl:
         self.unsent_heads: List[Any] = []  # asgi_cycle.Cycle whose head waits for its body
         self.warming = False
         # Protocols of accepted connections whose connection_made() has not run yet (asyncio
-        # calls it on the next loop iteration): the drain is not done while there are any.
-        # The value is when the protocol was made: a loop that made a protocol and then failed
-        # to build its transport (uvloop's server under EMFILE) never calls connection_made(),
-        # so an entry older than UNMADE_MAX_S is dropped by the tick, not waited for.
+        # calls it on the next loop iteration; after a PROXY header or a TLS handshake, within
+        # http.header_timeout): the drain is not done while there are any. The value is when
+        # the protocol was made (or, behind a header or handshake, when that is due): a loop
+        # that made a protocol and then failed to build its transport (uvloop's server under
+        # EMFILE) never calls connection_made(), so an entry older than UNMADE_MAX_S is dropped
+        # by the tick, not waited for.
         self.unmade: Dict[Any, float] = {}
         self.now = time.monotonic()  # the last tick's: when a protocol made now was made
         self.idle_window = idle_window
@@ -955,6 +957,10 @@ class UvicornASGIEngine:
         # connect_accepted_socket() would cost a task and a future per connection. Any other
         # loop gets the public path.
         inner = self.factory()
+        if proxy_protocol or tls_context is not None:
+            # Its connection_made() comes after the PROXY header or the TLS handshake, each
+            # bounded by http.header_timeout: the drain waits for it that long, not one second.
+            self.ctl.unmade[inner] = self.ctl.now + self.cfg.header_timeout_s
         protocol = inner if not proxy_protocol else ProxyPreamble(
             inner, self.loop, self.cfg.header_timeout_s, self.proxy_rejects,
             lambda made: self.ctl.unmade.pop(made, None))
