@@ -231,6 +231,16 @@ def test_a_handshake_dribbled_past_the_header_timeout_is_closed(listeners, spawn
         "a handshake sent a byte every 0.3 s held the connection for 12 s"
 
 
+@pytest.mark.parametrize("value", ["abc", "zz" * 80, "00" * 79])
+def test_a_malformed_ticket_key_fails_the_boot_and_says_so(listeners, spawn, value):
+    # MOLT_TLS_TICKET_KEYS comes from the master; anything but 160 hex digits is refused at
+    # once with its name, never silently replaced by a key of the worker's own.
+    w = spawn(env={"MOLT_TLS_TICKET_KEYS": value})
+    assert w.wait_exit() == 3
+    error = w.wait_message("ERROR")["ERROR"]
+    assert "MOLT_TLS_TICKET_KEYS must be 160 hex digits" in error, error
+
+
 @pytest.mark.parametrize("engine,why", [
     ("python", "this worker runs the Python engine"),
     ("auto", "the native engine is unavailable here: "),  # no extension beside this shim
