@@ -102,11 +102,28 @@ class Rejected(Exception):
     stops httptools, and data_received() knows the answer has been given."""
 
 
+async def wait_for_wake(waiters: List[Any]) -> None:
+    """Wait until wake_all(waiters). One future per waiting call, taken out of the list when
+    the call returns or is cancelled: a cancelled waiter must not wake, or cancel, the others
+    (Starlette's streaming responses wait in receive() twice at once)."""
+    waiter = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    try:
+        await waiter
+    finally:
+        waiters.remove(waiter)
+
+
+def wake_all(waiters: Optional[List[Any]]) -> None:
+    for waiter in waiters or ():
+        if not waiter.done():
+            waiter.set_result(None)
+
+
 class Flow:
     """uvicorn's FlowControl (the same attributes and methods, which uvicorn's protocol
     callbacks call) without its asyncio.Event per connection: a future is made only for a
-    send() that waits for its client to take bytes, one per waiting call (a cancelled one
-    must not wake, or cancel, the others)."""
+    send() that waits for its client to take bytes (wait_for_wake)."""
 
     __slots__ = ("_transport", "read_paused", "write_paused", "_waiters")
 
@@ -119,14 +136,9 @@ class Flow:
     async def drain(self) -> None:
         if not self.write_paused:
             return
-        waiter = asyncio.get_running_loop().create_future()
         if self._waiters is None:
             self._waiters = []
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            self._waiters.remove(waiter)
+        await wait_for_wake(self._waiters)
 
     def pause_reading(self) -> None:
         if not self.read_paused:
@@ -144,9 +156,7 @@ class Flow:
     def resume_writing(self) -> None:
         if self.write_paused:
             self.write_paused = False
-            for waiter in self._waiters or ():
-                if not waiter.done():
-                    waiter.set_result(None)
+            wake_all(self._waiters)
 
 
 def address(info: Any) -> Any:
@@ -195,11 +205,8 @@ class Cycle:
     def wake(self) -> None:
         """A body chunk, the request's end, a disconnect or the response's end: receive()
         looks again."""
-        waiters = self.waiters
-        if waiters:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        if self.waiters:  # per request: no call when nobody waits
+            wake_all(self.waiters)
 
     # -- ASGI ---------------------------------------------------------------------------------
     async def receive(self) -> Dict[str, Any]:
@@ -209,14 +216,9 @@ class Cycle:
         if not (self.disconnected or self.response_complete or self.body) \
                 and (self.more_body or self.request_read):
             self.flow.resume_reading()
-            waiter = self.protocol.loop.create_future()
             if self.waiters is None:
                 self.waiters = []
-            self.waiters.append(waiter)
-            try:
-                await waiter
-            finally:  # this call's own future only: another receive() may still wait
-                self.waiters.remove(waiter)
+            await wait_for_wake(self.waiters)
         if self.disconnected or self.response_complete:
             return {"type": DISCONNECT}
         body = self.body
