@@ -4,6 +4,7 @@ response through TLS, and a client that opens TLS and sends nothing (closed by t
 holding no thread meanwhile)."""
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -169,26 +170,48 @@ def test_asgi_https(listeners, spawn, certs):
     assert data["tls"]["client_cert_name"] is None and data["tls"]["client_cert_chain"] == []
 
 
+def https_get(raw: socket.socket, ca: str) -> bytes:
+    """GET / over TLS on a connected socket, read to the server's close."""
+    raw.settimeout(10)
+    tls = ssl.create_default_context(cafile=ca).wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    answer = b""
+    while chunk := tls.recv(65536):
+        answer += chunk
+    tls.close()
+    return answer
+
+
 def test_an_asgi_drain_waits_for_a_handshake_under_way(listeners, spawn, certs):
     """A TLS client accepted before the drain whose handshake has not come after a second
     (the wait for an ordinary connection's connection_made()): the draining worker waits for
     it, bounded by http.header_timeout, and answers it instead of exiting under it."""
     w = spawn_tls(spawn, listeners, certs, "asgi", extra={"http": {"header_timeout_ms": 5000}})
-    raw = socket.create_connection(("127.0.0.1", listeners.port))
-    time.sleep(0.3)  # accepted by now; a draining worker also takes what is queued
+    raw = socket.create_connection(("127.0.0.1", listeners.port))  # accepted, or taken at drain
     w.drain()
-    time.sleep(1.8)
+    time.sleep(1.8)  # the time itself is the case: past the 1 s an ordinary connection gets
     assert w.alive(), "the draining worker exited under a handshake still in its timeout"
-    raw.settimeout(10)
-    tls = ssl.create_default_context(cafile=certs.ca).wrap_socket(
-        raw, server_hostname="localhost")
-    tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    answer = b""
-    while chunk := tls.recv(65536):
-        answer += chunk
+    answer = https_get(raw, certs.ca)
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"connection: close" in answer.lower()  # a draining worker closes after it
-    tls.close()
+    assert w.wait_exit(10) == 0
+
+
+def test_connections_an_asgi_drain_takes_from_the_queue_get_tls_too(listeners, spawn, certs):
+    """A draining worker takes the connections still queued on its listeners; on a TLS
+    listener they must get TLS as the ones it accepted before did (they were served as plain
+    HTTP, so their handshake failed)."""
+    w = spawn_tls(spawn, listeners, certs, "asgi")
+    w.signal(signal.SIGSTOP)  # nothing is accepted meanwhile: the connections stay queued
+    try:
+        # More than it accepts one by one before it acts on the drain: most are taken then.
+        clients = [socket.create_connection(("127.0.0.1", listeners.port)) for _ in range(20)]
+        w.drain()
+    finally:
+        w.signal(signal.SIGCONT)
+    for raw in clients:
+        answer = https_get(raw, certs.ca)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
     assert w.wait_exit(10) == 0
 
 

@@ -739,8 +739,9 @@ class UvicornASGIEngine:
         for server in self.servers:
             server.close()  # its dup of the listener; existing connections stay
         for lsock, _ in self.listeners:
-            if lsock.fileno() >= 0:
-                self.loop.remove_reader(lsock.fileno())
+            fd = lsock.fileno()
+            if fd >= 0:
+                self.loop.remove_reader(fd)
             # With EPOLLEXCLUSIVE a connection that woke only this worker would otherwise
             # wait in the shared queue for the next arrival: take what is queued (see
             # threaded_wsgi).
@@ -750,7 +751,7 @@ class UvicornASGIEngine:
                 except OSError:
                     break
                 conn.setblocking(False)
-                self.adopt(conn)
+                self.adopt(conn, fd)
             lsock.close()  # our descriptor only; never shutdown() a shared listener
         self.close_websockets()
         self.observe(time.monotonic())
@@ -949,10 +950,13 @@ class UvicornASGIEngine:
             return
         self.rejoin(fd)
         conn.setblocking(False)
-        self.adopt(conn, fd in self.proxy_fds, self.tls_fds.get(fd))
+        self.adopt(conn, fd)
 
-    def adopt(self, conn: socket.socket, proxy_protocol: bool = False,
-              tls_context: Any = None) -> None:
+    def adopt(self, conn: socket.socket, listener_fd: int) -> None:
+        """A connection accepted from the listener `listener_fd`, with that listener's PROXY
+        protocol and TLS settings."""
+        proxy_protocol = listener_fd in self.proxy_fds
+        tls_context = self.tls_fds.get(listener_fd)
         # The selector loop builds a transport synchronously (what asyncio's own servers do);
         # connect_accepted_socket() would cost a task and a future per connection. Any other
         # loop gets the public path.
