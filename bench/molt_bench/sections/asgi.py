@@ -141,12 +141,18 @@ def report(doc: Report):
             add(f"| {label} | {r['rate']:,.0f} | {share} | {r['errors']} | "
                 + ", ".join(f"{x:,.0f}" for x in r["runs"]) + " |")
         add("")
-    for key, mode in (("asgi_keepalive", "keep-alive"), ("asgi_close", "`Connection: close`")):
+    engines = results.get("engines", {})
+    for key, mode, c_key in (("asgi_keepalive", "keep-alive", "hello_ka"),
+                             ("asgi_close", "`Connection: close`", "hello_close")):
         a = results.get(key, {})
         peers = [peer for peer in ("uvicorn", "gunicorn-uvicorn") if peer in a]
         if "molt" in a and peers:
             best = max(peers, key=lambda peer: a[peer]["rps"])
-            doc.wrk_bound(f"ASGI {mode}", a["molt"], a[best], best, 1.2)
+            # What a C server costs for the same exchange on this machine (figure 10's nginx,
+            # answering from its config): how far below the peer the needed figure lies.
+            nginx = engines.get(c_key, {}).get("nginx", {}).get("cpu_us")
+            doc.wrk_bound(f"ASGI {mode}", a["molt"], a[best], best, 1.2,
+                          f"figure 10's nginx costs {nginx:.1f}" if nginx is not None else "")
     add("")
     for key, mode in (("asgi_keepalive", "keep-alive"), ("asgi_close", "close")):
         if key not in results:
