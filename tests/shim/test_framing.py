@@ -62,6 +62,8 @@ VERSION = error(505, "HTTP Version Not Supported")
 TE = error(501, "Not Implemented")
 CHUNKED = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
 SMUGGLED = b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n"  # must never be answered after an error
+# Longer than the default max_request_line (8192) + max_header_size (65536) + 64.
+OVER_THE_GUARD = 8192 + 65536 + 65
 
 # (id, request bytes, the exact answer)
 CASES: List[Tuple[str, bytes, bytes]] = [
@@ -132,6 +134,13 @@ CASES: List[Tuple[str, bytes, bytes]] = [
      b"\r\n0\r\n\r\n", TE),
     ("te-obfuscated", b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: xchunked\r\n\r\n"
      b"0\r\n\r\n", TE),
+    # A head line longer than max_request_line + max_header_size: the parser library counts
+    # neither the whitespace nor the method, so it took these, and the guard had stopped
+    # reading (the smuggled request behind them was served).
+    ("request-line-over-the-guard", b"GET" + b" " * OVER_THE_GUARD + b"/ HTTP/1.1\r\nHost: t"
+     b"\r\n\r\n" + SMUGGLED, error(414, "URI Too Long")),
+    ("header-line-over-the-guard", b"GET / HTTP/1.1\r\nHost: t\r\nX-Pad:" + b" " * OVER_THE_GUARD
+     + b"a\r\n\r\n" + SMUGGLED, error(431, "Request Header Fields Too Large")),
 ]
 
 # An Upgrade field without `Connection: upgrade` is no upgrade: the parser keeps the connection,
@@ -142,6 +151,17 @@ PIPELINED_AFTER_UPGRADE_FIELD = [
     ("space-before-colon", UPGRADE_ALONE + b"GET / HTTP/1.1\r\nHost : t\r\n\r\n"),
     ("obs-fold", UPGRADE_ALONE + b"GET / HTTP/1.1\r\nHost: t\r\nX-A: 1\r\n b\r\n\r\n"),
 ]
+
+
+# Heads that a lenient reading takes for an upgrade but the parser library does not (a tab after
+# the token, an empty list item before it, an empty Upgrade value): the library reads on, so
+# the guard must too. It stopped at them, and the request behind was parsed unguarded (served).
+UPGRADE_LOOKALIKES = [
+    ("connection-upgrade-tab", b"Upgrade: foo\r\nConnection: upgrade\t\r\n"),
+    ("connection-empty-item", b"Upgrade: foo\r\nConnection: x,,upgrade\r\n"),
+    ("upgrade-empty", b"Upgrade: \r\nConnection: upgrade\r\n"),
+]
+BEHIND_LOOKALIKE = b"GET /pid HTTP/1.1\nHost: t\nHost: u\n\n"
 
 
 def exchange(port: int, data: bytes) -> bytes:
@@ -171,6 +191,20 @@ def test_a_request_behind_an_upgrade_field_alone_is_still_guarded(srv, request_b
     assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(HELLO[w.interface]), raw
     assert first.count(b"HTTP/1.1 ") == 1, raw
     assert b"HTTP/1.1" not in rest, raw  # the 400, then the close: nothing after it
+    assert w.alive()
+
+
+@pytest.mark.parametrize("fields", [c[1] for c in UPGRADE_LOOKALIKES],
+                         ids=[c[0] for c in UPGRADE_LOOKALIKES])
+def test_nothing_behind_an_upgrade_lookalike_is_served(srv, fields):
+    ls, w = srv
+    raw = exchange(ls.port, b"GET / HTTP/1.1\r\nHost: t\r\n" + fields + b"\r\n"
+                   + BEHIND_LOOKALIKE)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
+    # The head itself is served, or refused as an upgrade; the request behind it (bare LFs,
+    # two Hosts) is refused, or never read when the parser did take the head for an upgrade.
+    assert 1 <= len(statuses) <= 2, raw
+    assert statuses[1:] in ([], [b"400"]), raw
     assert w.alive()
 
 

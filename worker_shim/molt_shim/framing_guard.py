@@ -10,8 +10,11 @@ are the same as the native engine's (worker_shim/native/framing_guard.cpp); the 
 test (tests/shim/test_framing.py) runs every engine of both interfaces.
 
 The guard frames bodies itself (Content-Length, chunked) only to know where the next line
-starts; a head it cannot follow (an upgrade, a line longer than the reader's limits allow)
-ends its work: the reader refuses or closes that connection anyway.
+starts. It never stops guarding on a guess of its own: the bytes after a head that the parser
+takes for an upgrade are the new protocol's, and the reader ignores a violation that lies
+after the parser's upgrade, or after the parser's own error (what comes first in the stream
+stands). A head line longer than the reader's limits could allow is refused here (414, 431):
+the parser does not count what molt's limits count, and would read on.
 """
 from __future__ import annotations
 
@@ -38,7 +41,6 @@ class _State(enum.Enum):
     CHUNK_DATA = "chunk data"
     CHUNK_END = "CRLF after chunk data"
     TRAILER = "trailer section"
-    UNGUARDED = "unguarded"  # a head the guard does not frame; the reader closes after it
 
 
 class FramingGuard:
@@ -51,7 +53,7 @@ class FramingGuard:
         self.line = bytearray()
         self.left = 0
         self.head: List[bytes] = []
-        # A longer head line is the reader's 414/431 to answer; the guard stops buffering it.
+        # A longer head line is over max_request_line or max_header_size, whatever it is.
         self.line_limit = max_request_line + max_header_size + 64
         self.done = False
 
@@ -62,8 +64,6 @@ class FramingGuard:
         i, n = 0, len(data)
         while i < n:
             state = self.state
-            if state is _State.UNGUARDED:
-                return None
             if state is _State.BODY or state is _State.CHUNK_DATA:
                 take = min(self.left, n - i)
                 self.left -= take
@@ -133,8 +133,6 @@ class FramingGuard:
         hosts = 0
         lengths: List[bytes] = []
         codings: List[bytes] = []
-        upgrade = False
-        connection_upgrade = False
         for line in lines[1:]:
             if line[:1] in (b" ", b"\t"):
                 return 400, "obsolete line folding in a header field"
@@ -149,11 +147,6 @@ class FramingGuard:
                 lengths.append(value)
             elif name == b"transfer-encoding":
                 codings.append(value)
-            elif name == b"upgrade":
-                upgrade = True
-            elif name == b"connection" and b"upgrade" in (
-                    token.strip(b" \t").lower() for token in value.split(b",")):
-                connection_upgrade = True
         if hosts > 1:
             return 400, "more than one Host field"
         if hosts == 0 and version == b"HTTP/1.1":
@@ -166,11 +159,6 @@ class FramingGuard:
             if b",".join(codings).lower() != b"chunked":
                 return 501, "unsupported Transfer-Encoding (only one `chunked`)"
             self.state = _State.CHUNK_SIZE
-        elif upgrade and connection_upgrade:
-            # What the parser takes for an upgrade (both fields): it parses nothing after the
-            # head. An Upgrade field alone is an ordinary field: the connection stays open, so
-            # what follows is guarded like any other request.
-            self.state = _State.UNGUARDED
         elif lengths and int(lengths[0]):
             self.left = int(lengths[0])
             self.state = _State.BODY
@@ -180,12 +168,15 @@ class FramingGuard:
     def _limit(self) -> int:
         return self.line_limit if self.state is _State.HEAD else _CHUNK_LINE_LIMIT
 
-    def _too_long(self, offset: int) -> Optional[Tuple[int, Violation]]:
+    def _too_long(self, offset: int) -> Tuple[int, Violation]:
+        self.line.clear()
         if self.state is _State.HEAD:
-            # Longer than the reader's own limits allow: its 414 or 431 answers it.
-            self.state = _State.UNGUARDED
-            self.line.clear()
-            return None
+            # Longer than max_request_line + max_header_size: over one of them whatever the
+            # line is (the parser, which counts neither whitespace nor the method, could take
+            # it).
+            if not self.head:
+                return self._stop(offset, (414, "request line too long"))
+            return self._stop(offset, (431, "header field line too long"))
         return self._stop(offset, (400, "%s too long" % self.state.value))
 
     def _stop(self, offset: int, violation: Violation) -> Tuple[int, Violation]:

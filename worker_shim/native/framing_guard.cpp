@@ -90,22 +90,6 @@ std::uint64_t parse_number(std::string_view digits, int base) {
     return value;
 }
 
-// Whether a comma-separated field value (Connection) lists `token`, case-insensitively, as
-// the parser library reads it.
-bool has_token(std::string_view value, std::string_view token) {
-    std::size_t start = 0;
-    while (start <= value.size()) {
-        std::size_t end = value.find(',', start);
-        if (end == std::string_view::npos) end = value.size();
-        std::size_t a = start, b = end;
-        while (a < b && (value[a] == ' ' || value[a] == '\t')) ++a;
-        while (b > a && (value[b - 1] == ' ' || value[b - 1] == '\t')) --b;
-        if (iequals(value.substr(a, b - a), token)) return true;
-        start = end + 1;
-    }
-    return false;
-}
-
 }  // namespace
 
 const char* FramingGuard::name(State state) {
@@ -122,8 +106,6 @@ const char* FramingGuard::name(State state) {
             return "CRLF after chunk data";
         case State::trailer:
             return "trailer section";
-        case State::unguarded:
-            return "unguarded";
     }
     return "?";
 }
@@ -135,7 +117,6 @@ std::size_t FramingGuard::limit() const {
 std::optional<FramingViolation> FramingGuard::scan(const char* data, std::size_t len) {
     std::size_t i = 0;
     while (!done_ && i < len) {
-        if (state_ == State::unguarded) return std::nullopt;
         if (state_ == State::body || state_ == State::chunk_data) {
             const auto take = static_cast<std::size_t>(std::min<std::uint64_t>(left_, len - i));
             left_ -= take;
@@ -155,13 +136,14 @@ std::optional<FramingViolation> FramingGuard::scan(const char* data, std::size_t
         }
         i = newline ? end + 1 : len;
         if (text.size() > limit()) {
-            if (state_ == State::head) {
-                // Longer than the parser's own limits allow: its 414 or 431 answers it.
-                state_ = State::unguarded;
-                line_.clear();
-                return std::nullopt;
-            }
             done_ = true;
+            if (state_ == State::head) {
+                // Longer than max_request_line + max_header_size: over one of them whatever
+                // the line is (the library, which counts neither whitespace nor the method,
+                // could take it).
+                return head_.empty() ? FramingViolation{end, 414, "request line too long"}
+                                     : FramingViolation{end, 431, "header field line too long"};
+            }
             return FramingViolation{end, 400, std::string(name(state_)) + " too long"};
         }
         if (!newline) return std::nullopt;
@@ -257,8 +239,6 @@ std::optional<FramingGuard::Verdict> FramingGuard::head() {
         return Verdict{505, "HTTP version " + std::string(version) + " not supported"};
     }
     int hosts = 0;
-    bool upgrade = false;
-    bool connection_upgrade = false;
     int lengths = 0;
     std::string_view length;  // the first Content-Length
     int codings = 0;
@@ -280,10 +260,6 @@ std::optional<FramingGuard::Verdict> FramingGuard::head() {
             if (lengths++ == 0) length = field->value;
         } else if (iequals(field->name, "transfer-encoding")) {
             if (codings++ == 0) coding = field->value;
-        } else if (iequals(field->name, "upgrade")) {
-            upgrade = true;
-        } else if (iequals(field->name, "connection") && has_token(field->value, "upgrade")) {
-            connection_upgrade = true;
         }
     }
     if (hosts > 1) return Verdict{400, "more than one Host field"};
@@ -302,12 +278,6 @@ std::optional<FramingGuard::Verdict> FramingGuard::head() {
             return Verdict{501, "unsupported Transfer-Encoding (only one `chunked`)"};
         }
         state_ = State::chunk_size;
-    } else if (upgrade && connection_upgrade) {
-        // What the parser library takes for an upgrade (both fields): it parses nothing after
-        // the head, and the engine answers, then closes or hands the connection over. An
-        // Upgrade field alone is an ordinary field: the connection stays open, so what follows
-        // is guarded like any other request.
-        state_ = State::unguarded;
     } else if (lengths == 1) {
         left_ = parse_number(length, 10);
         if (left_) state_ = State::body;

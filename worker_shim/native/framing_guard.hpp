@@ -7,8 +7,11 @@
 // (worker_shim/molt_shim/wsgi/framing_guard.py); tests/shim/test_framing.py runs both.
 //
 // The guard frames bodies (Content-Length, chunked) only to know where the next line starts.
-// A head it cannot follow (an upgrade, a line longer than the parser's limits allow) ends its
-// work: the engine refuses or closes that connection anyway.
+// It never stops guarding on a guess of its own: the bytes after a head that the parser
+// library takes for an upgrade are the new protocol's, and the caller (RequestParser::feed)
+// ignores a violation that lies after the library's upgrade, or after the library's own
+// error. A head line longer than the parser's limits could allow is refused here (414, 431):
+// the library does not count what molt's limits count, and would read on.
 #pragma once
 
 #include <cstddef>
@@ -34,7 +37,7 @@ class FramingGuard {
     std::optional<FramingViolation> scan(const char* data, std::size_t len);
 
   private:
-    enum class State { head, body, chunk_size, chunk_data, chunk_end, trailer, unguarded };
+    enum class State { head, body, chunk_size, chunk_data, chunk_end, trailer };
     struct Verdict {
         int status;
         std::string reason;

@@ -313,10 +313,12 @@ RequestParser::~RequestParser() = default;
 
 void RequestParser::feed(const char* data, std::size_t len) {
     // molt's own framing check first: the library sees only what it let through, and its
-    // verdict wins over whatever the library would say about the same bytes.
+    // verdict wins over whatever the library would say about the same bytes. What the
+    // library stopped at before them comes first in the stream and stands: its own error (a
+    // limit's 413 or 431), or an upgrade, after which the bytes are the new protocol's.
     auto violation = framing_.scan(data, len);
     parse(data, violation ? violation->offset : len);
-    if (violation) {
+    if (violation && !error_ && !upgrade_) {
         error_ = HttpError{violation->status, "malformed request: " + violation->reason};
     }
 }

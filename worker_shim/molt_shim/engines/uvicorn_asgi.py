@@ -227,6 +227,7 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
     class MoltHTTPProtocol(base):  # type: ignore[misc, valid-type]
         _real_transport: Any = None
         _rejected = False  # answered with an error status: nothing more is parsed
+        _upgraded = False  # the parser took the connection for an upgrade: its bytes are not HTTP
         _head_size = 0  # header bytes of the current request (name + value + 4, as WSGI)
         _body_size = 0  # body bytes of the current request
         _born = 0.0
@@ -354,7 +355,9 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             offset, (status, reason) = violation
             if offset:
                 self.molt_parse(data[:offset])
-            if not self._rejected:
+            # What the parser stopped at before the violation stands: its own rejection, or
+            # an upgrade (the bytes after it are the new protocol's).
+            if not self._rejected and not self._upgraded:
                 self.reject(status, "malformed request: %s" % reason)
 
         def molt_parse(self, data: bytes) -> None:
@@ -362,6 +365,7 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
 
         def handle_upgrade(self, *args: Any) -> None:
             # WebSockets take over the raw transport; our close semantics are for HTTP.
+            self._upgraded = True
             self.transport = self._real_transport
             super().handle_upgrade(*args)
 

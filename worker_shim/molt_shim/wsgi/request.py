@@ -139,12 +139,15 @@ class RequestReader:
 
     def feed(self, data: bytes) -> None:
         # molt's own framing check first: the parser sees only what it let through, and its
-        # verdict wins over whatever the parser would say about the same bytes.
+        # verdict wins over whatever the parser would say about the same bytes. What the
+        # parser stopped at before them comes first in the stream and stands: its own error
+        # (a limit's 413 or 431), or an upgrade (answered, then the connection closes).
         violation = self.guard.scan(data)
         if violation is not None:
             offset, (status, reason) = violation
             self._feed_parser(data[:offset])
-            self.error = (status, "malformed request: %s" % reason)
+            if self.error is None and not self.upgrade:
+                self.error = (status, "malformed request: %s" % reason)
             return
         self._feed_parser(data)
 
