@@ -189,11 +189,19 @@ PyObject* parser_feed(PyObject* self_, PyObject* data) {
 
 // The events feed() parsed, as Python objects; the parser's list is left empty.
 PyObject* events_of(AsgiParserObject* self, RequestParser* parser) {
-    auto& events = parser->events();
+    // Read from a vector of our own: Python code called below (the `unquote` given) could
+    // feed() this parser again, which appends to, and may reallocate, the parser's. Its
+    // capacity goes back to the parser afterwards, so no feed allocates once it has grown.
+    std::vector<StreamEvent> events;
+    events.swap(parser->events());
     struct Consumed {  // every event is taken, or dropped with the error that stopped us
         std::vector<StreamEvent>& events;
-        ~Consumed() { events.clear(); }
-    } consumed{events};
+        std::vector<StreamEvent>& parsers;
+        ~Consumed() {
+            events.clear();
+            if (parsers.empty()) parsers.swap(events);
+        }
+    } consumed{events, parser->events()};
     PyRef out = PyRef::steal(PyList_New(0));
     if (!out) return nullptr;
     for (const StreamEvent& event : events) {
