@@ -82,6 +82,44 @@ async def app(scope, receive, send):
                     "headers": [[b"content-type", b"text/plain"], [b"content-length", b"2"]]})
         await send({"type": "http.response.body", "body": b"ok"})
         return
+    if path == "/events":
+        # An endless stream (bounded: 30 s) that stops when its client leaves, as a
+        # server-sent-events endpoint does: it must hear http.disconnect.
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        gone = asyncio.Event()
+
+        async def listener():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        heard = asyncio.ensure_future(listener())
+        sent = 0
+        while not gone.is_set() and sent < 300:
+            await send({"type": "http.response.body", "body": b"data: %d\n\n" % sent,
+                        "more_body": True})
+            sent += 1
+            await asyncio.sleep(0.1)
+        heard.cancel()
+        print("events: %s after %d" % ("saw http.disconnect" if gone.is_set() else "never heard",
+                                       sent), file=sys.stderr, flush=True)
+        return
+    if path == "/one-big-message":
+        # The whole body in one message (all of it in the transport's buffer at once).
+        size = int(scope["query_string"] or b"33554432")
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/octet-stream"),
+                                (b"content-length", b"%d" % size)]})
+        await send({"type": "http.response.body", "body": b"x" * size})
+        return
+    if path == "/side-effect":
+        print("side effect ran", file=sys.stderr, flush=True)
+    if path == "/no-length":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"hel", "more_body": True})
+        await send({"type": "http.response.body", "body": b"lo"})
+        return
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", b"5")]})
     await send({"type": "http.response.body", "body": b"hello"})

@@ -2,6 +2,7 @@
 import asyncio
 import json
 import os
+import socket
 
 import pytest
 import websockets
@@ -495,3 +496,151 @@ def test_a_websocket_whose_upgrade_completes_during_the_drain_gets_1012_too(
 
     assert asyncio.run(scenario()) == [(1012, reason)] * 2
     assert w.wait_exit() == 0
+
+
+# -- found by a review of the cycle: each failed before its fix --------------------------------
+
+PARSERS = [None, "httptools"]  # the native parser (with the extension), and the fallback
+
+
+def spawn_cycle_app_on(spawn, parser, **kw):
+    env = {"MOLT_SHIM_PARSER": parser} if parser else None
+    return spawn_cycle_app(spawn, env=env, **kw)
+
+
+def read_until_closed(sock, limit: float = 10.0) -> int:
+    """Bytes read until EOF, a reset or `limit` seconds."""
+    sock.settimeout(limit)
+    total = 0
+    try:
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+    except (ConnectionResetError, socket.timeout):
+        pass
+    return total
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_an_app_with_a_request_pipelined_behind_it_hears_its_client_leave(
+        listeners, spawn, parser):
+    # The disconnect went only to the newest cycle (the queued one): the running stream never
+    # heard it, ran on, and held the drain until the graceful timeout.
+    w = spawn_cycle_app_on(spawn, parser).wait_ready()
+    c = Client(listeners.port)
+    c.send(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    c.sock.settimeout(5)
+    first = b""
+    while b"data: 0" not in first:
+        first += c.sock.recv(65536)
+    c.close()
+    wait_until(lambda: "events: saw http.disconnect" in w.stderr_text(), 5,
+               "the running app hearing http.disconnect")
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_the_send_timeout_holds_after_the_server_closed(listeners, spawn, parser):
+    # A response still going out after close() (Connection: close here; also HTTP/1.0, a
+    # drain, the keep-alive timeout) was no longer watched: a client that read nothing held
+    # the connection and its 32 MiB for ever.
+    w = spawn_cycle_app_on(spawn, parser, overrides={"http": {"send_timeout_ms": 1000}})
+    w.wait_ready()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", listeners.port))
+    try:
+        s.sendall(b"GET /one-big-message?33554432 HTTP/1.1\r\nHost: t\r\n"
+                  b"Connection: close\r\n\r\n")
+        s.settimeout(5)
+        assert s.recv(12).startswith(b"HTTP/1.1 200")
+        wait_until(lambda: "http.send_timeout" in w.stderr_text(), 8,
+                   "the send timeout giving up on the client")
+        assert read_until_closed(s) < 32 * 1024 * 1024
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_the_keepalive_timeout_waits_for_the_response_to_go_out(listeners, spawn, parser):
+    # The idle time ran from when the response was handed to the transport, so a client
+    # reading a large response steadily had its connection closed under the next request.
+    # It now runs from when the transport's buffer is empty; what the kernel still holds
+    # then (up to tcp_wmem's 4 MiB) this reader takes in well under the 2 s.
+    w = spawn_cycle_app_on(spawn, parser, overrides={"timeouts": {"keepalive_ms": 2000}})
+    w.wait_ready()
+    size = 24 * 1024 * 1024
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.connect(("127.0.0.1", listeners.port))
+    try:
+        s.sendall(b"GET /one-big-message?%d HTTP/1.1\r\nHost: t\r\n\r\n" % size)
+        s.settimeout(10)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += s.recv(65536)
+        got = len(buf.partition(b"\r\n\r\n")[2])
+        started = time.monotonic()
+        while got < size:  # a steady reader, slower than the keep-alive timeout in all
+            chunk = s.recv(min(65536, size - got))
+            assert chunk, "the connection closed inside the body"
+            got += len(chunk)
+            time.sleep(0.01)
+        assert time.monotonic() - started > 2.5  # the body took longer than keepalive
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+@pytest.mark.parametrize("first", [b"GET / HTTP/1.0\r\n\r\n", b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"],
+                         ids=["after-http-1.0", "after-keepalive-timeout"])
+def test_a_request_sent_after_the_servers_close_never_runs(listeners, spawn, parser, first):
+    # The close lingers, reading and dropping what arrives. It dropped it by replacing the
+    # protocol's data_received, which uvloop never calls again (it keeps the method it took
+    # at the connection): the request was parsed and its app ran, and the client, its
+    # connection closed, saw its POST fail.
+    w = spawn_cycle_app_on(spawn, parser, overrides={"timeouts": {"keepalive_ms": 500}})
+    w.wait_ready()
+    c = Client(listeners.port)
+    try:
+        c.send(first)
+        assert c.read_all(5).startswith(b"HTTP/1.1 200 OK\r\n")  # then the server's FIN
+        c.send(b"POST /side-effect HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        time.sleep(1.0)
+    finally:
+        c.close()
+    assert get(listeners.port, "/") == (200, b"hello")  # the worker serves on
+    assert "side effect ran" not in w.stderr_text()
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_an_http_1_0_client_gets_no_chunked_body(listeners, spawn, parser):
+    # RFC 9112 §6.1: no Transfer-Encoding in a response to HTTP/1.0; the close ends the body.
+    spawn_cycle_app_on(spawn, parser).wait_ready()
+    c = Client(listeners.port)
+    try:
+        c.send(b"GET /no-length HTTP/1.0\r\n\r\n")
+        raw = c.read_all(5)
+    finally:
+        c.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), raw
+    assert b"transfer-encoding" not in head.lower(), raw
+    assert body == b"hello"
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_an_absolute_form_target_without_a_path_is_the_root(listeners, spawn, parser):
+    # httptools' parse_url gives no path for `http://host`: the fallback answered 400, where
+    # the native parser serves "/".
+    spawn_cycle_app_on(spawn, parser).wait_ready()
+    c = Client(listeners.port)
+    try:
+        c.send(b"GET http://t HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        raw = c.read_all(5)
+    finally:
+        c.close()
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and raw.endswith(b"hello"), raw

@@ -60,6 +60,7 @@ DISCONNECT = "http.disconnect"
 HEADER_NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 CONTENT_LENGTH = "content-length"
+UNFRAMED = -1  # Cycle.remaining of a body that the connection's close ends (an HTTP/1.0 client)
 CHUNKED = "chunked"
 CLOSE = "close"
 # Response header fields apps send again and again (content-type, a fixed content-length,
@@ -278,8 +279,13 @@ class Cycle:
         if self.asked_close and not close_sent:
             content.append(CLOSE_LINE)
         if chunked is None and self.scope["method"] != "HEAD" and status not in (204, 304):
-            chunked = True
-            content.append(b"transfer-encoding: chunked\r\n")
+            if self.scope["http_version"] == "1.0":
+                # No chunked coding for an HTTP/1.0 client (RFC 9112 §6.1): the close that
+                # follows every 1.0 response ends the body.
+                remaining = UNFRAMED
+            else:
+                chunked = True
+                content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
         # Only a valid head starts the response: an app whose headers raise gets a 500.
         self.response_started = True
@@ -311,7 +317,7 @@ class Cycle:
         elif self.chunked:
             framed = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
             body = framed if more_body else framed + b"0\r\n\r\n"
-        else:
+        elif self.remaining != UNFRAMED:
             if len(body) > self.remaining:
                 raise RuntimeError("Response content longer than Content-Length")
             self.remaining -= len(body)
@@ -328,7 +334,7 @@ class Cycle:
         elif body:
             self.transport.write(body)
         if not more_body:
-            if self.remaining != 0:
+            if self.remaining > 0:
                 raise RuntimeError("Response content shorter than Content-Length")
             self.response_complete = True
             self.wake()
@@ -387,6 +393,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         scheme: Any = None
         headers: Any = None
         cycle: Any = None
+        running: Any = None  # the cycle whose app runs (self.cycle, or one before it: pipelined)
 
         def __init__(self) -> None:
             # uvicorn's HttpToolsProtocol.__init__ (0.17 to current) is what bind() put on the
@@ -493,8 +500,8 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             if url[:1] == b"/" and b"?" not in url and b"#" not in url:
                 raw_path, query = url, b""  # origin-form without a query: nothing to split
             else:
-                parsed = parse_url(url)
-                raw_path, query = parsed.path, parsed.query or b""
+                parsed = parse_url(url)  # absolute-form: `http://host` has no path, it is "/"
+                raw_path, query = parsed.path or b"/", parsed.query or b""
             path = raw_path.decode("ascii")
             if "%" in path:
                 path = unquote(path)
@@ -551,6 +558,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             task = self.loop.create_task(self.run_asgi(cycle, app))
             cycle.task = task
             self.tasks.add(task)
+            self.running = cycle
 
         async def run_asgi(self, cycle: Cycle, app: Any) -> None:
             """uvicorn's run_asgi: what the app's return or exception means for the
@@ -582,6 +590,8 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 cycle.on_response = None
                 self.tasks.discard(cycle.task)
                 cycle.task = None
+                if self.running is cycle:
+                    self.running = None
 
         def on_response_complete(self) -> None:
             self.server_state.total_requests += 1
@@ -628,11 +638,14 @@ def with_cycle(protocol: type, ctl: Any) -> type:
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
             self.connections.discard(self)
-            cycle = self.cycle
-            if cycle is not None:
-                if not cycle.response_complete:
-                    cycle.disconnected = True
-                cycle.wake()
+            # The newest request's cycle, and the one whose app runs when that one is queued
+            # behind it (pipelined): both apps hear http.disconnect.
+            for cycle in (self.cycle, self.running):
+                if cycle is not None:
+                    if not cycle.response_complete:
+                        cycle.disconnected = True
+                    cycle.wake()
+            self.running = None
             if self.flow is not None:
                 self.flow.resume_writing()
             if exc is None:
@@ -651,9 +664,13 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             cycle = self.cycle
             if (cycle is not None and cycle.response_complete and not self.pipeline
                     and not self.head_in_progress() and self.transport is not None
-                    and not self.transport.is_closing()
-                    and now - self._idle_since > self.timeout_keep_alive):
-                self.transport.close()
+                    and not self.transport.is_closing()):
+                if self._real_transport.get_write_buffer_size():
+                    # The response is still going out (http.send_timeout watches it): the
+                    # connection is idle from when its last byte has left.
+                    self._idle_since = now
+                elif now - self._idle_since > self.timeout_keep_alive:
+                    self.transport.close()
 
     new_native_parser = native_parser_factory()
     if new_native_parser is None:

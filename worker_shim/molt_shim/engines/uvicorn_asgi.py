@@ -163,7 +163,10 @@ class GracefulTransport:
                 t.close()
                 return
             t.write_eof()  # asyncio sends the FIN after the write buffer is flushed
-            self._protocol.data_received = _discard  # what arrives now is thrown away
+            # What arrives now is read and thrown away: no request is parsed, and none runs.
+            # (Not by replacing the protocol's data_received: uvloop calls the method it
+            # took when the connection was made.)
+            self._protocol._rejected = True
             t.resume_reading()
         except Exception:
             t.close()
@@ -211,10 +214,6 @@ def _true() -> bool:
     return True
 
 
-def _discard(data: bytes) -> None:
-    pass
-
-
 def make_protocol_class(base: type, ctl: DrainControl) -> type:
     """uvicorn's HTTP protocol with molt's timeouts and drain, at no cost per request.
 
@@ -226,7 +225,7 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
 
     class MoltHTTPProtocol(base):  # type: ignore[misc, valid-type]
         _real_transport: Any = None
-        _rejected = False  # answered with an error status: nothing more is parsed
+        _rejected = False  # answered with an error status, or closing: nothing more is parsed
         _upgraded = False  # the parser took the connection for an upgrade: its bytes are not HTTP
         _head_size = 0  # header bytes of the current request (name + value + 4, as WSGI)
         _body_size = 0  # body bytes of the current request
@@ -399,9 +398,11 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
             """Every tick (TICK_S): the request-head timeout (uvicorn 0.17 has none: slowloris),
             and a connection that never sends a byte (uvicorn arms its keep-alive timer only
             after a response)."""
-            if self.transport is None or self.transport.is_closing():
+            if self.transport is None:
                 return
-            if self._send_stalled(now):
+            # Before the closing check: a response still going out after close() (Connection:
+            # close, HTTP/1.0, a drain, the keep-alive timeout) waits for its client too.
+            if self._send_stalled(now) or self.transport.is_closing():
                 return
             in_progress = self.head_in_progress()  # h11: also a first head, before any scope
             if self.scope is None and not in_progress:
@@ -908,9 +909,11 @@ class UvicornASGIEngine:
         state = self.state
         for conn in state.connections:
             if isinstance(conn, self.protocol_class):
-                cycle = conn.cycle
-                if cycle is not None and cycle not in first_seen and app_running(cycle):
-                    first_seen[cycle] = (now, conn)
+                # The newest request, and the one whose app runs ahead of it when it is
+                # pipelined (both may have arrived between two ticks).
+                for cycle in (conn.cycle, getattr(conn, "running", None)):
+                    if cycle is not None and cycle not in first_seen and app_running(cycle):
+                        first_seen[cycle] = (now, conn)
         for cycle, (_, conn) in list(first_seen.items()):
             if not app_running(cycle) or (queued(conn, cycle) and not self.conn_open(conn)):
                 del first_seen[cycle]
