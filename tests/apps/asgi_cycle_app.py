@@ -113,6 +113,12 @@ async def app(scope, receive, send):
                                 (b"content-length", b"%d" % size)]})
         await send({"type": "http.response.body", "body": b"x" * size})
         return
+    if path == "/not-modified":
+        # A 304 with the Content-Length the 200 would have had (RFC 9110 §8.6), and no body.
+        await send({"type": "http.response.start", "status": 304,
+                    "headers": [(b"etag", b'"v1"'), (b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b""})
+        return
     if path == "/side-effect":
         print("side effect ran", file=sys.stderr, flush=True)
     if path == "/no-length":

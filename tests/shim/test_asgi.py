@@ -644,3 +644,24 @@ def test_an_absolute_form_target_without_a_path_is_the_root(listeners, spawn, pa
     finally:
         c.close()
     assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and raw.endswith(b"hello"), raw
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_a_304_with_a_content_length_ends_with_its_head(listeners, spawn, parser):
+    # Its Content-Length is the 200's: the cycle held the empty body short of it, raised
+    # after the head had gone, and closed the connection.
+    w = spawn_cycle_app_on(spawn, parser).wait_ready()
+    c = Client(listeners.port)
+    try:
+        c.send(b"GET /not-modified HTTP/1.1\r\nHost: t\r\n\r\n")
+        c.sock.settimeout(5)
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += c.sock.recv(65536)
+        assert raw.startswith(b"HTTP/1.1 304 Not Modified\r\n") and raw.endswith(b"\r\n\r\n")
+        assert b"content-length: 5" in raw.lower()
+        status, _, body = c.request("/")  # the same connection serves on
+        assert (status, body) == (200, b"hello")
+    finally:
+        c.close()
+    assert "Exception in ASGI application" not in w.stderr_text()

@@ -278,7 +278,12 @@ class Cycle:
                 close_sent = True
         if self.asked_close and not close_sent:
             content.append(CLOSE_LINE)
-        if chunked is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+        if status == 304 or status == 204:
+            # No body, whatever a Content-Length says (a 304's is the one the 200 would have
+            # had, RFC 9110 §8.6): the response ends with its head.
+            chunked = None
+            remaining = 0
+        elif chunked is None and self.scope["method"] != "HEAD":
             if self.scope["http_version"] == "1.0":
                 # No chunked coding for an HTTP/1.0 client (RFC 9112 §6.1): the close that
                 # follows every 1.0 response ends the body.
