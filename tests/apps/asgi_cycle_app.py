@@ -119,6 +119,22 @@ async def app(scope, receive, send):
                     "headers": [(b"etag", b'"v1"'), (b"content-length", b"5")]})
         await send({"type": "http.response.body", "body": b""})
         return
+    if path == "/echo-body":
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+        return
+    if path == "/negative-length":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"-1")]})
+        await send({"type": "http.response.body", "body": b"abcdef"})
+        return
     if path == "/side-effect":
         print("side effect ran", file=sys.stderr, flush=True)
     if path == "/no-length":

@@ -66,6 +66,18 @@ def application(environ, start_response):
         write = start_response("200 OK", [("Content-Type", "text/plain")])
         write(b"via-write,")
         return [b"via-iter"]
+    if path == "/write-then-file":
+        # PEP 3333 allows write() calls before the iterable, a file wrapper included.
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"via-write,")
+        f = open(os.path.join(os.path.dirname(__file__), "static.txt"), "rb")
+        return environ["wsgi.file_wrapper"](f, 4096)
+    if path == "/negative-length":
+        start_response("200 OK", [("Content-Length", "-1")])
+        return [b"abc", b"def"]
+    if path == "/early-hints-only":
+        start_response("103 Early Hints", [])
+        return [b"x"]
     if path == "/file":
         f = open(os.path.join(os.path.dirname(__file__), "static.txt"), "rb")
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -105,6 +117,11 @@ def application(environ, start_response):
     if path == "/pid":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [str(os.getpid()).encode()]
+    if path == "/read-then-sleep":
+        body = environ["wsgi.input"].read()
+        time.sleep(float(q.get("s", "1")))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d" % len(body)]
     if path == "/slow":
         time.sleep(float(q.get("s", "1")))
         start_response("200 OK", [("Content-Type", "text/plain")])

@@ -344,6 +344,24 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
         c.close()
 
 
+def early_answer_to_expect_continue(port: int, path: str, version: str = "1.0") -> tuple:
+    """A POST of 5 bytes with `Expect: 100-continue`, the body sent only after a second: what
+    the server sent before the body, then the rest of its answer (until it closes)."""
+    c = Client(port)
+    try:
+        c.send(("POST %s HTTP/%s\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+                % (path, version)).encode())
+        c.sock.settimeout(1.0)
+        try:
+            early = c.sock.recv(100)
+        except socket.timeout:
+            early = b""
+        c.send(b"hello")
+        return early, c.read_all(5)
+    finally:
+        c.close()
+
+
 def closed_while_dribbling(port: int, data: bytes, pace: float = 0.3) -> bool:
     """Send `data` a byte every `pace` seconds (all but its last byte, so it never completes);
     whether the server closed the connection (EOF or a reset) before the bytes ran out."""

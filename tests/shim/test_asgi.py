@@ -9,7 +9,8 @@ import websockets
 
 import time
 
-from harness import APPS_DIR, HAVE_NATIVE, Client, LoadPool, get, read_to_eof, wait_until
+from harness import (APPS_DIR, HAVE_NATIVE, Client, LoadPool, early_answer_to_expect_continue,
+                     get, raw_exchange, read_to_eof, wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -620,12 +621,7 @@ def test_a_request_sent_after_the_servers_close_never_runs(listeners, spawn, par
 def test_an_http_1_0_client_gets_no_chunked_body(listeners, spawn, parser):
     # RFC 9112 §6.1: no Transfer-Encoding in a response to HTTP/1.0; the close ends the body.
     spawn_cycle_app_on(spawn, parser).wait_ready()
-    c = Client(listeners.port)
-    try:
-        c.send(b"GET /no-length HTTP/1.0\r\n\r\n")
-        raw = c.read_all(5)
-    finally:
-        c.close()
+    raw = raw_exchange(listeners.port, b"GET /no-length HTTP/1.0\r\n\r\n", 5)
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n"), raw
     assert b"transfer-encoding" not in head.lower(), raw
@@ -637,12 +633,8 @@ def test_an_absolute_form_target_without_a_path_is_the_root(listeners, spawn, pa
     # httptools' parse_url gives no path for `http://host`: the fallback answered 400, where
     # the native parser serves "/".
     spawn_cycle_app_on(spawn, parser).wait_ready()
-    c = Client(listeners.port)
-    try:
-        c.send(b"GET http://t HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        raw = c.read_all(5)
-    finally:
-        c.close()
+    raw = raw_exchange(listeners.port,
+                       b"GET http://t HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 5)
     assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and raw.endswith(b"hello"), raw
 
 
@@ -665,3 +657,21 @@ def test_a_304_with_a_content_length_ends_with_its_head(listeners, spawn, parser
     finally:
         c.close()
     assert "Exception in ASGI application" not in w.stderr_text()
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_http10_expect_100_continue_is_ignored_by_the_cycle(listeners, spawn, parser):
+    # RFC 9110 §10.1.1: a 1.0 client may take the 100 for its final response.
+    spawn_cycle_app_on(spawn, parser).wait_ready()
+    early, raw = early_answer_to_expect_continue(listeners.port, "/echo-body")
+    assert early == b""  # nothing until the body is in
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and raw.endswith(b"hello"), raw
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_a_content_length_that_is_not_digits_is_the_apps_error_on_asgi(listeners, spawn,
+                                                                      parser):
+    spawn_cycle_app_on(spawn, parser).wait_ready()
+    raw = raw_exchange(listeners.port, b"GET /negative-length HTTP/1.1\r\nHost: t\r\n\r\n", 5)
+    assert raw.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), raw
+    assert b"-1" not in raw.partition(b"\r\n\r\n")[0]

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from harness import APPS_DIR, Client, Listeners, Worker, get, raw_exchange, wait_until
+from harness import (APPS_DIR, Client, Listeners, Worker, early_answer_to_expect_continue,
+                     get, raw_exchange, wait_until)
 
 # Every test runs once per WSGI engine (conftest.WSGI_ENGINES).
 pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("engine")]
@@ -304,3 +305,115 @@ def test_wsgi_errors_lines_reach_the_worker_log(srv, engine):
     wait_until(logged, 10, "the wsgi.errors lines in the worker's stderr")
     lines = [ln for ln in w.stderr if "errors-" in ln]
     assert [next(x for x in want if x in ln) for ln in lines[:len(want)]] == want
+
+
+# -- found by reviews of both engines: each failed before its fix --------------------------------
+
+def test_an_upgrade_is_answered_with_connection_close(srv):
+    # WSGI cannot take the connection over: the engine answers, then closes. The native
+    # engine's answer did not say so (a flag meant for it was never set), so a client sent
+    # its next request into the close.
+    ls, _ = srv
+    raw = raw_exchange(ls.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, "
+                       b"HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA"
+                       b"\r\n\r\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"hello", raw
+    assert b"\r\nConnection: close" in head, raw
+
+
+def test_write_then_a_file_wrapper_is_one_response(srv):
+    # The file went out by sendfile() behind a second head, inside the chunked body the
+    # write() had begun.
+    ls, _ = srv
+    with open(os.path.join(APPS_DIR, "static.txt"), "rb") as f:
+        expected = f.read()
+    c = Client(ls.port)
+    status, headers, body = c.request("/write-then-file")
+    assert (status, body) == (200, b"via-write," + expected)
+    status, _, body = c.request("/")  # the connection is framed right: it serves on
+    assert (status, body) == (200, b"hello")
+    c.close()
+
+
+def test_a_content_length_that_is_not_digits_is_the_apps_error(srv):
+    # int() took "-1", which meant no limit at all: the header went out as it was and the
+    # body unframed, on a kept-alive connection.
+    ls, _ = srv
+    raw = raw_exchange(ls.port, b"GET /negative-length HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), raw[:200]
+    assert b"Content-Length: -1" not in raw
+
+
+def test_an_informational_status_from_the_app_is_its_error(srv):
+    # A 1xx is never the final response: the client would wait on.
+    ls, _ = srv
+    raw = raw_exchange(ls.port, b"GET /early-hints-only HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), raw[:200]
+
+
+def test_a_head_request_gets_its_500_without_a_body(srv):
+    ls, _ = srv
+    raw = raw_exchange(ls.port, b"HEAD /raise HTTP/1.1\r\nHost: t\r\n\r\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), raw
+    assert body == b""
+
+
+def test_http10_expect_100_continue_is_ignored(srv):
+    # RFC 9110 §10.1.1: a 1.0 client may take the 100 for its final response.
+    ls, _ = srv
+    early, raw = early_answer_to_expect_continue(ls.port, "/echo")
+    assert early == b""  # nothing until the body is in
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and raw.endswith(b"hello"), raw
+
+
+def test_empty_lines_do_not_keep_an_idle_connection(spawn, listeners):
+    # RFC 9112 §2.2 lets a client send empty lines before a request, and the parsers skip
+    # them; each read restarted the keep-alive time, and the sweep's "a request is waiting"
+    # look took them for one, so such a client held the connection, and a drain, for ever.
+    w = spawn("edge_app:application", overrides={"timeouts": {"keepalive_ms": 1000,
+                                                              "graceful_ms": 8000}})
+    w.wait_ready()
+    c = Client(listeners.port)
+    assert c.request("/")[0] == 200
+    started = time.monotonic()
+    closed_after = None
+    while time.monotonic() - started < 5:
+        try:
+            c.sock.sendall(b"\r\n")
+            c.sock.settimeout(0.3)
+            if c.sock.recv(10) == b"":
+                closed_after = time.monotonic() - started
+                break
+        except socket.timeout:
+            continue
+        except OSError:
+            closed_after = time.monotonic() - started
+            break
+    c.close()
+    assert closed_after is not None and closed_after < 2.5, closed_after
+
+
+def test_a_slow_upload_is_not_counted_as_the_apps_time(srv):
+    # The in-flight age (what timeouts.request and the heartbeat's oldest read) ran from the
+    # end of the head, so a body sent over seconds, each byte inside header_timeout, made a
+    # worker whose app had just started look stuck, and the master would abort it with every
+    # request on it.
+    ls, w = srv
+    s = socket.create_connection(("127.0.0.1", ls.port))
+    try:
+        s.sendall(b"POST /read-then-sleep?s=1.5 HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\n")
+        for _ in range(6):  # 3 s of upload, each byte within the 1.5 s header timeout
+            time.sleep(0.5)
+            s.sendall(b"x")
+        app_started = time.monotonic()
+        time.sleep(0.6)
+        seen = len(w.messages)
+        time.sleep(0.6)
+        oldest = max(int(m["OLDEST_MS"]) for m in w.messages[seen:] if "OLDEST_MS" in m)
+        assert oldest <= (time.monotonic() - app_started) * 1000 + 300, oldest
+        s.settimeout(5)
+        assert s.recv(100).startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        s.close()

@@ -611,6 +611,9 @@ void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
         must_read = true;  // the request usually came with the header
     }
     char buf[kRecvSize];
+    // The keep-alive time runs from the last response, not from the last read: bytes that
+    // begin no request (empty lines, RFC 9112 §2.2) must not keep an idle connection open.
+    bool answered = false;
     for (;;) {
         while (!parser.ready().empty()) {
             Request req = std::move(parser.ready().front());
@@ -631,13 +634,14 @@ void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
                 }
                 return;
             }
+            answered = true;
             must_read = false;
         }
         if (parser.error()) {
             send_error(conn, parser.error()->status, parser.error()->reason, true);
             return;
         }
-        if (parser.upgrade() || conn->must_close) {
+        if (parser.upgrade()) {
             // WSGI cannot take over the socket: the request was answered, now close.
             close_graceful(conn);
             return;
@@ -673,7 +677,7 @@ void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
                 }
             }
         } else if (!parser.in_request() && !must_read && !transport_pending(conn->ssl.get())) {
-            park(conn);
+            park(conn, ConnState::idle, answered);
             return;
         } else {
             must_read = false;
@@ -681,7 +685,7 @@ void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
             read_errno = errno;
             if (n < 0) {
                 if (read_errno == EAGAIN || read_errno == EWOULDBLOCK || read_errno == EINTR) {
-                    park(conn);
+                    park(conn, ConnState::idle, answered);
                 } else if (read_errno == EPROTO && conn->ssl) {
                     log(kInfo, conn->remote() + ": TLS error: " + tls_error_text());
                     close_now(conn);
@@ -1052,10 +1056,14 @@ void Server::tick() {
         std::string verdict = overdue(*conn, now);
         if (verdict == "idle") {
             // The client may have sent its next request already (the keep-alive race): closing
-            // would lose it. The pending epoll event then delivers it as usual.
-            char byte;
-            if (transport_pending(conn->ssl.get()) ||
-                ::recv(conn->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0) {
+            // would lose it. The pending epoll event then delivers it as usual. Empty lines
+            // alone begin no request (RFC 9112 §2.2): they do not keep the connection.
+            char bytes[64];
+            const ssize_t n = ::recv(conn->fd, bytes, sizeof bytes, MSG_PEEK | MSG_DONTWAIT);
+            const bool request_begun = n > 0 && std::any_of(bytes, bytes + n, [](char c) {
+                                           return c != '\r' && c != '\n';
+                                       });
+            if (transport_pending(conn->ssl.get()) || (conn->ssl && n > 0) || request_begun) {
                 verdict.clear();
             }
         }

@@ -112,7 +112,6 @@ struct Connection {
     double accepted_at = 0;   // the first head is due http.header_timeout after this
     double head_started = 0;  // a request head has begun and is not complete yet
     double linger_until = 0;
-    bool must_close = false;
     bool in_epoll = false;
     // An event came while the connection was not parked (a thread or the sweep had it): the
     // next park re-arms it in the epoll instead of relying on a later edge.

@@ -237,6 +237,9 @@ struct RequestParser::Impl {
         req.keep_alive = http_should_keep_alive(&parser) != 0 &&
                          !(req.chunked && parser.http_major == 1 && parser.http_minor == 0);
         req.upgrade = parser.upgrade != 0;  // the library sets it before this callback
+        // RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored (such
+        // a client may take the 100 for its final response).
+        if (parser.http_major == 1 && parser.http_minor == 0) req.expect_continue = false;
         req.started = monotonic_now();
         owner.head_done_ = true;
         const std::uint64_t limit = owner.limits_.max_body_size;

@@ -392,7 +392,8 @@ bool Server::serve_static(Connection& conn, const Request& req, const StaticMoun
     const std::uint64_t token = conn.warmup ? 0 : begin_request(req.started);
     const StaticPlan plan = plan_static(mount, config_.mime_types, req);
     // The framing rules of every response (wsgi_call.cpp's build_head, response.py's _head).
-    bool keep = req.keep_alive && !conn.must_close && !draining() && config_.keepalive > 0;
+    // An upgrade is answered, then the connection closes (WSGI cannot take it over).
+    bool keep = req.keep_alive && !req.upgrade && !draining() && config_.keepalive > 0;
     const bool http10 = req.version_major == 1 && req.version_minor == 0;
     std::string head = "HTTP/1.1 " + std::to_string(plan.status) + " " +
                        static_reason(plan.status) + "\r\n" + plan.headers;

@@ -25,7 +25,8 @@ namespace {
 // object points at it for the duration of the call only.
 struct Exchange {
     Exchange(Server& srv, Connection& conn, Request& req)
-        : srv(srv), conn(conn), req(req), keep_alive(req.keep_alive && !conn.must_close) {}
+        // An upgrade is answered, then the connection closes: WSGI cannot take it over.
+        : srv(srv), conn(conn), req(req), keep_alive(req.keep_alive && !req.upgrade) {}
     Server& srv;
     Connection& conn;
     Request& req;
@@ -341,7 +342,9 @@ bool valid_status(PyObject* status, std::string* out) {
         return false;
     }
     const std::string& s = *out;
-    return s.size() >= 4 && std::isdigit(static_cast<unsigned char>(s[0])) &&
+    // A final status: 200-599 (a 1xx is informational, never the response; the client would
+    // wait on for the final one).
+    return s.size() >= 4 && s[0] >= '2' && s[0] <= '5' &&
            std::isdigit(static_cast<unsigned char>(s[1])) &&
            std::isdigit(static_cast<unsigned char>(s[2])) && s[3] == ' ' &&
            s.find_first_of("\r\n") == std::string::npos;
@@ -425,11 +428,14 @@ PyObject* start_response_call(PyObject* self, PyObject* args, PyObject* kwargs) 
             continue;
         }
         if (lname == "content-length") {
-            PyRef number = PyRef::steal(PyObject_CallFunctionObjArgs(
-                reinterpret_cast<PyObject*>(&PyLong_Type), value, nullptr));
-            if (!number) return nullptr;
-            content_length = PyLong_AsLongLong(number.get());
-            if (PyErr_Occurred()) return nullptr;
+            // Digits only (as a request's): int() would take "-1" (no limit at all), "+5",
+            // "1_0" or " 5", and send them as they are.
+            if (v.empty() || v.size() > 18 ||
+                !std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+                PyErr_Format(PyExc_ValueError, "invalid Content-Length %R", value);
+                return nullptr;
+            }
+            content_length = std::stoll(v);
         }
         block += n + ": " + v + "\r\n";
     }
@@ -719,7 +725,8 @@ void internal_error(Exchange& ex) {
         "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; "
         "charset=utf-8\r\nContent-Length: " +
         std::to_string(body.size()) + "\r\nConnection: close\r\n" + ex.srv.date_header() +
-        ex.srv.config().version_header + "\r\n" + body;
+        ex.srv.config().version_header + "\r\n";
+    if (ex.req.method != "HEAD") all += body;  // a HEAD's answer is the head alone
     iovec iov{all.data(), all.size()};
     send_released(ex, &iov, 1);
 }
@@ -732,7 +739,10 @@ bool respond(Exchange& ex, PyObject* result) {
         PyRef item = PyRef::steal(PySequence_GetItem(result, 0));
         return item && finish_single(ex, item.get());
     }
-    if (srv.file_wrapper() != nullptr && ex.has_status) {
+    // sendfile() only for a response whose head has not gone: after the app's write() calls
+    // (PEP 3333 allows them before a file wrapper) the head is out and the body is chunked,
+    // so the wrapper is iterated like any other body.
+    if (srv.file_wrapper() != nullptr && ex.has_status && !ex.headers_sent) {
         const int is_wrapper = PyObject_IsInstance(result, srv.file_wrapper());
         if (is_wrapper < 0) return false;
         if (is_wrapper) {
@@ -761,7 +771,9 @@ PyType_Spec input_spec = {"_molt_native.Input", sizeof(InputObject), 0, Py_TPFLA
 
 bool Server::handle(Connection& conn, Request& req, PyThreadState* thread_state) {
     GilHeld gil(thread_state);
-    const std::uint64_t token = conn.warmup ? 0 : begin_request(req.started);
+    // In flight (timeouts.request) from now, when the app starts: the body was read before,
+    // at the client's pace, and a slow upload is no stuck worker.
+    const std::uint64_t token = conn.warmup ? 0 : begin_request(monotonic());
     Exchange ex(*this, conn, req);
     const std::string method = req.method;
     const std::string target = req.target.substr(0, 200);

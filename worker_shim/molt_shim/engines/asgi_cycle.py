@@ -84,7 +84,9 @@ def header_line(pair: Any) -> Any:
     kind = None
     if name == b"content-length":
         kind = CONTENT_LENGTH
-        int(value.decode())  # a bad value raises here, before the head is made
+        # Digits only, before the head is made (int() would take "-1", "+5" or " 5").
+        if not value.isdigit() or len(value) > 18:
+            raise RuntimeError("Invalid HTTP header value.")
     elif name == b"transfer-encoding" and value.lower() == b"chunked":
         kind = CHUNKED
     elif name == b"connection" and value.lower() == b"close":
@@ -513,7 +515,9 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             scope["path"] = path
             scope["raw_path"] = raw_path
             scope["query_string"] = query
-            self.begin_cycle(scope, http_version, self._asked_close, self._expect_100)
+            # RFC 9110 §10.1.1: HTTP/1.0's 100-continue is ignored (the native parser's too).
+            self.begin_cycle(scope, http_version, self._asked_close,
+                             self._expect_100 and http_version != "1.0")
 
         def begin_cycle(self, scope: Dict[str, Any], http_version: str, asked_close: bool,
                         expect_100: bool) -> None:

@@ -199,11 +199,13 @@ class Connection:
         """Whether the client already sent its next request. Closing such an "idle" connection
         would lose that request (the keep-alive race every HTTP/1.1 server has); with this
         check the window shrinks to bytes still on the wire. The pending epoll event then
-        delivers the request as usual."""
+        delivers the request as usual. Empty lines alone begin no request (RFC 9112 §2.2):
+        they do not keep the connection (a TLS connection's bytes are records: any will do)."""
         try:
-            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            data = self.sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except OSError:  # nothing there (EAGAIN), or the connection is broken: close it
             return False
+        return bool(data.strip(b"\r\n")) or (bool(data) and self.tls)
 
 
 class Parking:
@@ -303,8 +305,17 @@ class Parking:
         self.close_now(conn)
 
     def take(self, conn: Connection) -> bool:
-        """Claim a parked connection (the sweep, or close()); False when a serving thread got it."""
-        return self.parked.pop(conn.fd, None) is conn
+        """Claim a parked connection (the sweep, or close()); False when a serving thread got it.
+        Never a newer connection that reused its fd number: the sweep walks a list made
+        before, in which a connection may since have been closed and its number given to
+        another (which must stay parked, or its next event finds no owner)."""
+        fd = conn.fd
+        if self.parked.get(fd) is not conn:
+            return False
+        taken = self.parked.pop(fd, None)
+        if taken is not None and taken is not conn:
+            self.parked[fd] = taken
+        return taken is conn
 
     def close_parked(self) -> None:
         """The engine stops: close what no thread owns."""

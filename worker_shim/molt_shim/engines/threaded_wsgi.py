@@ -213,6 +213,9 @@ class ThreadedWSGIEngine:
         """
         sock = conn.sock
         reader = conn.reader
+        # The keep-alive time runs from the last response, not from the last read: bytes
+        # that begin no request (empty lines, RFC 9112 §2.2) must not keep it open.
+        answered = False
         while True:
             while reader.ready:
                 req = reader.ready.popleft()
@@ -225,6 +228,7 @@ class ThreadedWSGIEngine:
                     else:
                         self.lot.close_graceful(conn)
                     return
+                answered = True
                 must_read = False
             if reader.error is not None:
                 self.send_error(conn, *reader.error)
@@ -248,14 +252,14 @@ class ThreadedWSGIEngine:
                                     % self.header_timeout)
                     return
             elif cur is None and not must_read:
-                self.lot.park(conn)
+                self.lot.park(conn, restart_clock=answered)
                 return
             else:
                 must_read = False
                 try:
                     data = sock.recv(RECV_SIZE)
                 except (BlockingIOError, InterruptedError):
-                    self.lot.park(conn)
+                    self.lot.park(conn, restart_clock=answered)
                     return
                 except OSError as exc:
                     log.info("%s: connection error: %s", conn.remote(), exc)
@@ -305,7 +309,9 @@ class ThreadedWSGIEngine:
             if mount is not None:
                 return self.handle_static(conn, req, mount)
         counter = self.counter
-        token = counter.begin(req.started) if not conn.warmup else 0
+        # In flight (timeouts.request) from now, when the app starts: the body was read
+        # before, at the client's pace, and a slow upload is no stuck worker.
+        token = counter.begin(time.monotonic()) if not conn.warmup else 0
         ex = Response(self.framing, conn, req, req.keep_alive and not conn.reader.upgrade)
         result: Any = None
         remote: Optional[str] = None  # the client a trusted proxy named, for the access log

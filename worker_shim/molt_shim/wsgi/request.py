@@ -228,6 +228,8 @@ class RequestReader:
             self._fail(400, "both Content-Length and Transfer-Encoding")
         req.method = parser.get_method().decode("latin-1")
         req.version = parser.get_http_version()
+        if req.version == "1.0":  # RFC 9110 §10.1.1: HTTP/1.0's 100-continue is ignored
+            req.expect_continue = False
         # RFC 9112 §6.1: a chunked HTTP/1.0 request is served, then the connection closed.
         req.keep_alive = parser.should_keep_alive() and not (req.chunked and req.version == "1.0")
         req.head_done = True

@@ -62,14 +62,15 @@ class Framing:
                 self.status_lines[status] = line
         return line
 
-    def error_response(self, status: int) -> bytes:
-        """A complete plain-text error response that closes the connection."""
+    def error_response(self, status: int, head_only: bool = False) -> bytes:
+        """A complete plain-text error response that closes the connection (`head_only`: the
+        answer to a HEAD request, its head alone)."""
         reason = REASONS.get(status, "Error")
         body = ("%d %s\n" % (status, reason)).encode()
         head = ("HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
                 "Content-Length: %d\r\nConnection: close\r\n%s%s\r\n"
                 % (status, reason, len(body), date_header(), self.version_header))
-        return head.encode("latin-1") + body
+        return head.encode("latin-1") + (b"" if head_only else body)
 
 
 _date = [0, ""]
@@ -135,8 +136,11 @@ class Response:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response() called twice without exc_info")
+        # A final status: 200-599 (a 1xx is informational, never the response; the client
+        # would wait on for the final one).
         if (type(status) is not str or len(status) < 4 or not status[:3].isdigit()
-                or status[3] != " " or "\r" in status or "\n" in status):
+                or not "200" <= status[:3] <= "599" or status[3] != " " or "\r" in status
+                or "\n" in status):
             raise ValueError("invalid status line %r" % (status,))
         parts = []
         content_length = None
@@ -153,6 +157,10 @@ class Response:
                     app_close = True
                 continue
             if lower == "content-length":
+                # Digits only (as a request's): int() would take "-1" (no limit at all), "+5",
+                # "1_0" or " 5", and send them as they are.
+                if not (value.isascii() and value.isdigit()) or len(value) > 18:
+                    raise ValueError("invalid Content-Length %r" % value[:40])
                 content_length = int(value)
             parts.append("%s: %s\r\n" % (name, value))
         block = "".join(parts)
@@ -260,6 +268,10 @@ class Response:
 
     def send_file(self, wrapper: FileWrapper) -> bool:
         """sendfile() a regular file; False means 'not possible, iterate instead'."""
+        if self.headers_sent:
+            # After the app's write() calls (PEP 3333 allows them before a file wrapper) the
+            # head is out and the body chunked: the wrapper is iterated like any other body.
+            return False
         try:
             fd = wrapper.filelike.fileno()
             st = os.fstat(fd)
@@ -301,6 +313,6 @@ class Response:
         """The app failed before sending anything: a 500 that closes the connection."""
         self.code = 500
         try:
-            self.sink.send_all(self.framing.error_response(500))
+            self.sink.send_all(self.framing.error_response(500, self.req.method == "HEAD"))
         except ClientGone:
             pass
