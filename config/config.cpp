@@ -778,10 +778,15 @@ void read_static_entry(Context& ctx, const Node& node, const std::string& key, C
         if (spec.path == "static[].prefix") {
             ctx.set_string(value, mount.prefix);
             const auto& p = mount.prefix;
-            if (p.empty() || p.front() != '/' || p.back() != '/' ||
-                p.find_first_of(" \t\r\n?#%") != std::string::npos) {
-                ctx.error(value, fmt::format("must be a URL path that starts and ends with `/`, "
-                                             "like /static/, got {}",
+            // Visible ASCII only: a request's path is matched as it arrives, so a prefix with
+            // other bytes would never match (clients percent-encode them), and the Python
+            // engine could not even compare it (latin-1).
+            const bool visible_ascii =
+                std::all_of(p.begin(), p.end(), [](char c) { return c > ' ' && c < 0x7f; });
+            if (p.empty() || p.front() != '/' || p.back() != '/' || !visible_ascii ||
+                p.find_first_of("?#%") != std::string::npos) {
+                ctx.error(value, fmt::format("must be a URL path of visible ASCII that starts "
+                                             "and ends with `/`, like /static/, got {}",
                                              describe(value)));
             }
         } else if (spec.path == "static[].dir") {
@@ -1276,11 +1281,16 @@ const std::vector<KeySpec>& key_table() {
          }},
         {"timeouts.request", "duration",
          [](const Config& c) { return format_duration(c.timeouts.request); },
-         "A worker whose oldest request runs longer is aborted like a silent one. 0 turns it off.",
+         "A worker whose oldest request runs longer is aborted like a silent one; a request runs "
+         "from when its app starts (a WSGI request's body is read before, at the client's pace). "
+         "0 turns it off.",
          [](Context& ctx, const Node& n, Config& c) { ctx.set_duration(n, c.timeouts.request); }},
         {"timeouts.keepalive", "duration",
          [](const Config& c) { return format_duration(c.timeouts.keepalive); },
-         "How long an idle keep-alive connection stays open. 0 closes after each response.",
+         "How long an idle keep-alive connection stays open: from when the last response has "
+         "been handed to the kernel (a large response still going out to a slow client is not "
+         "idle; `http.send_timeout` watches it) until the next request begins. Empty lines "
+         "between requests do not count as one. 0 closes after each response.",
          [](Context& ctx, const Node& n, Config& c) { ctx.set_duration(n, c.timeouts.keepalive); }},
         {"health", "section", nullptr, "The warm-up request.", nullptr},
         {"health.path", "URL path",
@@ -2287,7 +2297,10 @@ struct ReferenceGroup {
 std::vector<ReferenceGroup> reference_groups() {
     std::vector<ReferenceGroup> groups(1);
     for (const auto& spec : key_table()) {
-        const bool nested = !parent_of(spec.path).empty() && !spec.path.starts_with("listen[]");
+        // Keys of a list's entries (listen[], static[]) are rows of the top level; keys of a
+        // section are rows of that section's own table.
+        const bool nested = !parent_of(spec.path).empty() && !spec.path.starts_with("listen[]") &&
+                            !spec.path.starts_with("static[]");
         if (spec.type != "section" && !nested) groups.front().keys.push_back(&spec);
     }
     for (const auto& section : key_table()) {

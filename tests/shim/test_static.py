@@ -47,6 +47,15 @@ def make_tree(base):
     os.symlink(os.path.join(base, "outside", "secret.txt"), os.path.join(root, "link_out"))
     os.symlink(os.path.join(base, "outside"), os.path.join(root, "dir_out"))
     os.symlink("/etc", os.path.join(root, "etc_link"))
+    # A whole-second time plus 0.999999999 s: the ETag and Last-Modified keep the second.
+    late = os.path.join(root, "late.txt")
+    with open(late, "wb") as f:
+        f.write(HELLO)
+    os.utime(late, ns=(MTIME * 10**9 + 999_999_999,) * 2)
+    # A chain of symlinks longer than the kernel follows (and deeper than Python's stack).
+    for i in range(1100):
+        os.symlink("chain%d" % (i + 1) if i < 1099 else "hello.txt",
+                   os.path.join(root, "chain%d" % i))
     return root
 
 
@@ -178,6 +187,18 @@ CASES = [
     ("gzip conditional", "GET", "/static/app.js",
      [("Accept-Encoding", "gzip"), ("If-None-Match", etag(JS_GZ, "gz"))], 304,
      {"Vary": "Accept-Encoding", "ETag": etag(JS_GZ, "gz")}, b""),
+    # found by a review: the engines differed on these
+    ("range with a no-break space", "GET", "/static/hello.txt", [("Range", "bytes=0-4\xa0")],
+     200, {}, HELLO),  # whitespace is SP and HTAB only (RFC 9110 §5.6.3)
+    ("if-none-match with a no-break space", "GET", "/static/hello.txt",
+     [("If-None-Match", etag(HELLO) + "\xa0")], 200, {}, HELLO),
+    ("mtime just under the next second", "GET", "/static/late.txt", [], 200,
+     {"ETag": etag(HELLO), "Last-Modified": LAST_MODIFIED}, HELLO),
+    ("unsatisfiable range of a variant", "GET", "/static/app.js",
+     [("Accept-Encoding", "br"), ("Range", "bytes=100-")], 416,
+     {"Vary": "Accept-Encoding", "Content-Range": "bytes */%d" % len(JS_BR)},
+     b"416 Range Not Satisfiable\n"),
+    ("symlink chain", "GET", "/static/chain0", [], 404, {}, b"404 Not Found\n"),
     # refused: 404 whatever the reason, 405 for other methods
     ("dotdot", "GET", "/static/../outside/secret.txt", [], 404, {}, b"404 Not Found\n"),
     ("encoded dotdot", "GET", "/static/%2e%2e/outside/secret.txt", [], 404, {},

@@ -119,7 +119,10 @@ def _error(status: int, extra: Optional[List[Tuple[str, str]]] = None) -> Plan:
 
 
 def _inside(root: bytes, path: bytes) -> Optional[bytes]:
-    real = os.path.realpath(path)
+    try:
+        real = os.path.realpath(path)
+    except (OSError, RecursionError):  # a symlink loop deeper than the stack: not found
+        return None
     return real if real.startswith(root + b"/") else None
 
 
@@ -143,9 +146,9 @@ def accepts(header: str, coding: str) -> bool:
         ok = True
         for param in params.split(";"):
             key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
+            if key.strip(" \t").lower() == "q":
                 ok = any(c in "123456789" for c in value)
-        qs[name.strip().lower()] = ok
+        qs[name.strip(" \t").lower()] = ok
     if coding in qs:
         return qs[coding]
     if coding == "gzip" and "x-gzip" in qs:
@@ -158,7 +161,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 def parse_http_date(text: str) -> Optional[int]:
     """IMF-fixdate ('Sun, 06 Nov 1994 08:49:37 GMT') as a Unix time; None for anything else."""
-    t = text.strip()
+    t = text.strip(" \t")
     if (len(t) != 29 or t[3:5] != ", " or t[7] != " " or t[11] != " " or t[16] != " "
             or t[19] != ":" or t[22] != ":" or t[25:] != " GMT" or t[8:11] not in _MONTHS):
         return None
@@ -173,7 +176,7 @@ def parse_http_date(text: str) -> Optional[int]:
 
 def _etag_matches(header: str, etag: str) -> bool:
     for candidate in header.split(","):
-        candidate = candidate.strip()
+        candidate = candidate.strip(" \t")
         if candidate == "*":
             return True
         if candidate.startswith("W/"):
@@ -187,11 +190,11 @@ def _range(header: str, size: int) -> Optional[Tuple[int, int]]:
     """(first, last) of a satisfiable single range; (-1, -1) when unsatisfiable; None when
     the header is to be ignored (malformed, or several ranges)."""
     unit, _, spec = header.partition("=")
-    spec = spec.strip()
-    if unit.strip().lower() != "bytes" or "," in spec:
+    spec = spec.strip(" \t")
+    if unit.strip(" \t").lower() != "bytes" or "," in spec:
         return None
     first_text, dash, last_text = spec.partition("-")
-    first_text, last_text = first_text.strip(), last_text.strip()
+    first_text, last_text = first_text.strip(" \t"), last_text.strip(" \t")
     if not dash or any(not (t.isdigit() and t.isascii() and len(t) <= 18)
                        for t in (first_text, last_text) if t):
         return None
@@ -248,8 +251,10 @@ def plan(mount: Mount, method: str, url: bytes, header: Callable[[str], Optional
     result = Plan(200, fd=fd)
     if has_variants:
         headers.append(("Vary", "Accept-Encoding"))
-    mtime = int(st.st_mtime)
-    etag = '"%x-%x%s"' % (mtime, st.st_size, "-" + tag if tag else "")
+    # Whole seconds as the native engine reads them (st_mtim.tv_sec: the float would round
+    # up at .999999999), and a time before 1970 as its 64-bit hex: the same ETag from both.
+    mtime = st.st_mtime_ns // 1_000_000_000
+    etag = '"%x-%x%s"' % (mtime & 0xFFFF_FFFF_FFFF_FFFF, st.st_size, "-" + tag if tag else "")
     validators = [("ETag", etag), ("Last-Modified", http_date(mtime))]
     inm = header("HTTP_IF_NONE_MATCH")
     ims = header("HTTP_IF_MODIFIED_SINCE")
@@ -264,7 +269,7 @@ def plan(mount: Mount, method: str, url: bytes, header: Callable[[str], Optional
     if range_header is not None:
         if_range = header("HTTP_IF_RANGE")
         if if_range is not None:
-            if_range = if_range.strip()
+            if_range = if_range.strip(" \t")
             fresh = (if_range == etag if if_range.startswith(('"', "W/"))
                      else parse_http_date(if_range) == mtime)
             if not fresh:
@@ -273,7 +278,9 @@ def plan(mount: Mount, method: str, url: bytes, header: Callable[[str], Optional
         span = _range(range_header, size)
     if span == (-1, -1):
         result.close()
-        return _error(416, [("Content-Range", "bytes */%d" % size)])
+        # Its size is the chosen variant's: the Vary says which one (docs/static.md).
+        vary = [h for h in headers if h[0] == "Vary"]
+        return _error(416, vary + [("Content-Range", "bytes */%d" % size)])
     if span is not None:
         result.status = 206
         result.offset, result.length = span[0], span[1] - span[0] + 1

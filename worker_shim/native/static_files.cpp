@@ -370,7 +370,9 @@ StaticPlan plan_static(const StaticMount& mount, const MimeTypes& types, const R
     plan.status = 200;
     plan.length = static_cast<std::uint64_t>(size);
     if (span && span->first < 0) {
-        return error_plan(416, line("Content-Range", "bytes */" + std::to_string(size)));
+        // Its size is the chosen variant's: the Vary says which one (docs/static.md).
+        return error_plan(416, (has_variants ? line("Vary", "Accept-Encoding") : "") +
+                                   line("Content-Range", "bytes */" + std::to_string(size)));
     }
     if (span) {
         plan.status = 206;
@@ -389,7 +391,7 @@ StaticPlan plan_static(const StaticMount& mount, const MimeTypes& types, const R
 // --- the engine's side: one static response on a serving thread --------------------------------
 
 bool Server::serve_static(Connection& conn, const Request& req, const StaticMount& mount) {
-    const std::uint64_t token = conn.warmup ? 0 : begin_request(req.started);
+    const std::uint64_t token = conn.warmup ? 0 : begin_request(monotonic());  // as handle()
     const StaticPlan plan = plan_static(mount, config_.mime_types, req);
     // The framing rules of every response (wsgi_call.cpp's build_head, response.py's _head).
     // An upgrade is answered, then the connection closes (WSGI cannot take it over).

@@ -28,10 +28,21 @@ TEST_CASE("static defaults to nothing") {
 
 TEST_CASE("a static prefix must start and end with a slash") {
     CHECK(only_error("app: a:b\nstatic: [{prefix: static/, dir: s}]\n") ==
-          "/srv/app/molt.yaml:2:19: static[0].prefix: must be a URL path that starts and ends "
-          "with `/`, like /static/, got \"static/\"");
+          "/srv/app/molt.yaml:2:19: static[0].prefix: must be a URL path of visible ASCII that "
+          "starts and ends with `/`, like /static/, got \"static/\"");
     CHECK(only_error("app: a:b\nstatic: [{prefix: /static, dir: s}]\n")
               .find("static[0].prefix: must be a URL path") != std::string::npos);
+}
+
+TEST_CASE("a static prefix is visible ASCII") {
+    // Matched against the path as it arrives: other bytes come percent-encoded and would never
+    // match (and the Python engine answered nothing at all with one).
+    for (const char* prefix : {"/\xe9\x9d\x99/", "/\xc3\xbc/", "\"/a b/\"", "/a%20/"}) {
+        CAPTURE(prefix);
+        CHECK(only_error(std::string("app: a:b\nstatic: [{prefix: ") + prefix + ", dir: s}]\n")
+                  .find("static[0].prefix: must be a URL path of visible ASCII") !=
+              std::string::npos);
+    }
 }
 
 TEST_CASE("a static entry needs both keys, no others, and a prefix only once") {

@@ -357,10 +357,13 @@ class ThreadedWSGIEngine:
 
     def handle_static(self, conn: Connection, req: Request, mount: static.Mount) -> bool:
         """Answer a request under a `static:` prefix (molt_shim/static.py's rules)."""
-        token = self.counter.begin(req.started) if not conn.warmup else 0
+        token = self.counter.begin(time.monotonic()) if not conn.warmup else 0
         ex = Response(self.framing, conn, req, req.keep_alive and not conn.reader.upgrade)
-        plan = static.plan(mount, req.method, req.url, req.env.get)
+        plan: Optional[static.Plan] = None
         try:
+            # Inside the try: an error while planning (a symlink loop deep enough for a
+            # RecursionError) must still end the request, or it stays in flight for ever.
+            plan = static.plan(mount, req.method, req.url, req.env.get)
             ex.start_response("%d %s" % (plan.status, static.REASONS[plan.status]), plan.headers)
             if plan.fd >= 0:
                 ex.send_file_range(plan.fd, plan.offset, plan.length)
@@ -371,7 +374,8 @@ class ThreadedWSGIEngine:
                      req.method, req.target(), exc)
             ex.keep_alive = False
         finally:
-            plan.close()
+            if plan is not None:
+                plan.close()
             self.account(conn, req, ex, token, False, None)
         conn.served += 1
         return ex.keep_alive
