@@ -651,6 +651,26 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.timeout(120)
+def test_the_standby_takes_a_release_after_its_own_directory_was_deleted(molt, tmp_path):
+    """The standby starts in the live release's directory. Deploys that prune old releases
+    (or replace a directory in place) delete it under the standby, whose getcwd() then
+    failed: the next rollover's zygote exited with FileNotFoundError."""
+    log, releases = site(tmp_path, **{v: {"app.py": WHERE_APP, "REVISION": v + "\n"}
+                                      for v in ("a", "b")})
+    m = molt(config_for(releases, log, health=None, env={"IMPORT_LOG": str(log)}))
+    assert where(m)["version"] == "a"
+    standby = wait_until(lambda: standby_pid(m), 20, "a standby", on_timeout=m.log)
+    releases.activate("b")
+    shutil.rmtree(releases.root / "releases" / "a")
+    answer = m.reload()
+    assert answer["ok"] is True, answer
+    assert generation(m, 2)["preload"]["zygote"]["pid"] == standby
+    seen = where(m)
+    assert seen["version"] == "b"
+    assert seen["cwd"] == seen["path"][0] == str((releases.root / "releases" / "b").resolve())
+
+
+@pytest.mark.timeout(120)
 def test_the_next_zygote_is_the_standby_and_its_app_sees_what_a_spawned_ones_sees(molt, tmp_path):
     """Every zygote forks a standby before its import; a HUP whose launch is the same hands it
     the new release instead of starting an interpreter. The app cannot tell: its directory,

@@ -167,7 +167,10 @@ def take_release(start: Dict[str, Any]) -> str:
     `python -m` puts the working directory first on sys.path) and its environment (molt's
     per-generation variables; everything else the master found equal, or it would not have
     used the standby)."""
-    old = os.getcwd()
+    try:
+        old = os.getcwd()
+    except OSError:  # deleted since the standby started in it (an old release pruned, a
+        old = sys.path[0] if sys.path else ""  # directory replaced in place): its path then
     cwd = str(start.get("cwd") or old)
     for name in start.get("drop") or []:
         os.environ.pop(str(name), None)
