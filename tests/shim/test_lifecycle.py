@@ -124,6 +124,21 @@ def test_channel_eof_drains_and_exits_zero(listeners, spawn):
     assert "master channel closed" in w.stderr_text()
 
 
+def test_a_worker_whose_channel_closed_before_ready_never_serves(listeners, spawn, tmp_path):
+    # A zygote killed with a fork unanswered: the master forgets the request and closes its
+    # end of that worker's channel. The worker went on to serve, untracked, until it noticed.
+    (tmp_path / "slow_import.py").write_text(
+        "import time\ntime.sleep(1.5)\n\n\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [])\n    return [b'served']\n")
+    w = spawn("slow_import:application", chdir=str(tmp_path))
+    w.close_channel()  # during the import: READY cannot be delivered
+    assert w.wait_exit() == 1
+    text = w.stderr_text()
+    assert "exiting without serving" in text, text
+    assert "ready:" not in text
+
+
 def test_sigterm_drains(listeners, spawn):
     w = spawn().wait_ready()
     w.signal(signal.SIGTERM)

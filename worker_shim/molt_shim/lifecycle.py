@@ -175,7 +175,13 @@ class Lifecycle:
             log.error("forked worker: the master is gone (or is no subreaper); exiting")
             engine.close()
             return 1  # type: ignore[return-value]  # as any crash: nobody is there to read it
-        self.channel.send(**{Key.READY: 1})
+        if not self.channel.send(**{Key.READY: 1}):
+            # The master closed its end before the worker was ready: it does not count this
+            # worker (a zygote that died with this fork unanswered, a master gone). Serving
+            # now would answer requests nobody supervises.
+            log.error("the master's end of the channel is closed: exiting without serving")
+            engine.close()
+            return 1  # type: ignore[return-value]  # as any crash: nobody is there to read it
         self._enter(Phase.SERVING)
         log.info("ready: %s (engine %s: %s) on %s", cfg.app, engine.name, engine.describe(),
                  ", ".join(self.listener_names) or "no listeners")
