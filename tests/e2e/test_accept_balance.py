@@ -92,3 +92,24 @@ def test_a_paused_worker_holds_up_nobody_and_then_takes_its_share(molt):
         sock.close()
     wait_until(lambda: all(e["connections"] == 0 for e in board_entries(a).values()), 15,
                "the connections closed on the board")
+
+
+def test_the_board_is_not_inherited_by_an_apps_children(molt):
+    # Like the listeners and the channel: a subprocess the app starts (exec) must not hold the
+    # generation's shared memory. The native engine's board marks it; a worker on the Python
+    # engine, which has no board, kept it inheritable.
+    m = molt({"app": "pid_app:application", "chdir": str(APPS), "python": "/usr/bin/python3",
+              "workers": 1, "engine": "python", "listen": ["tcp://127.0.0.1:0"]})
+    (worker,) = m.worker_pids()
+    boards = []
+    for fd in glob.glob(f"/proc/{worker}/fd/*"):
+        try:
+            if "molt-accept-board" in os.readlink(fd):
+                boards.append(fd.rsplit("/", 1)[1])
+        except OSError:
+            continue
+    assert boards, "the worker maps no board"
+    for fd in boards:
+        with open(f"/proc/{worker}/fdinfo/{fd}") as f:
+            flags = int(next(line.split()[1] for line in f if line.startswith("flags:")), 8)
+        assert flags & os.O_CLOEXEC, (fd, oct(flags))

@@ -161,6 +161,8 @@ def boot() -> Optional[int]:
         if standby.fork_if_asked(channel):
             return None
     listeners = wrap_listeners(cfg)
+    if cfg.accept_board_fd >= 0:  # the generation's shared board: not for the app's children
+        os.set_inheritable(cfg.accept_board_fd, False)
     if zygote_asked:
         return zygote.run(
             cfg, channel, lambda: import_app(cfg),
