@@ -14,8 +14,10 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -100,6 +102,25 @@ struct RunArgs {
     std::vector<std::vector<std::string>> values;
 };
 
+// A boolean flag's value as the config's YAML would read it, "true" or "false"; anything else
+// is the flag's error.
+CLI::Validator boolean_flag_value() {
+    return CLI::Validator(
+        [](std::string& value) -> std::string {
+            std::string lower;
+            for (const char c : value) lower += static_cast<char>(std::tolower(c));
+            if (lower == "true" || lower == "yes" || lower == "on" || lower == "1") {
+                value = "true";
+            } else if (lower == "false" || lower == "no" || lower == "off" || lower == "0") {
+                value = "false";
+            } else {
+                return "expected true or false (yes/no, on/off, 1/0), got \"" + value + "\"";
+            }
+            return {};
+        },
+        "");  // no type in --help: the flag is used bare
+}
+
 void add_run_flags(CLI::App& run, RunArgs& args) {
     const auto& flags = molt::cli::run_flags();
     args.values.resize(flags.size());
@@ -109,9 +130,11 @@ void add_run_flags(CLI::App& run, RunArgs& args) {
         if (flag.refusal.empty() && !flag.key.empty()) help += fmt::format(" [{}]", flag.key);
         const char* group = flag.refusal.empty() ? "Options" : "gunicorn flags molt refuses";
         if (flag.value_name.empty()) {
-            run.add_flag_callback(
-                   std::string(flag.names), [&args, i] { args.values[i].emplace_back("true"); },
-                   help)
+            // `--preload` is true, `--preload=false` (no, off, 0) false: a value is read, never
+            // dropped, and one that is neither is an error.
+            run.add_flag(std::string(flag.names), args.values[i], help)
+                ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+                ->check(boolean_flag_value())
                 ->group(group);
         } else {
             // One value per use (`--listen A app:app` must not take app:app), every use kept.

@@ -223,21 +223,24 @@ std::string Master::start_services() {
             every);
     }
 
+    // Every service is started even when one fails: after a binary upgrade the master carries
+    // on with what it could start, and a lost metrics port must not leave `watch:` off too.
+    std::string errors;
+    auto note = [&errors](const std::string& error) {
+        if (!error.empty()) errors += (errors.empty() ? "" : "; ") + error;
+    };
     if (!config_->control.socket.empty()) {
         control_ = std::make_unique<ControlServer>(*this);
-        if (auto error = control_->listen(config_->control.socket, config_->control.mode);
-            !error.empty()) {
-            return error;
-        }
+        note(control_->listen(config_->control.socket, config_->control.mode));
     }
     if (config_->metrics.listen) {
         metrics_ = std::make_unique<MetricsServer>(*this);
-        if (auto error = metrics_->listen(*config_->metrics.listen); !error.empty()) return error;
+        note(metrics_->listen(*config_->metrics.listen));
     }
 
     oom_kills_seen_ = os::oom_kill_count();
     start_watching();
-    return {};
+    return errors;
 }
 
 // `watch:` paths, plus the app's source tree in development mode. Restarted when a reload

@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <signal.h>
 
+#include <cstdint>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "supervisor/loop/master.hpp"
@@ -273,8 +275,10 @@ void ControlServer::handle(const std::shared_ptr<Connection>& connection,
             c->answer(dump(body));
         });
     } else if (command == "scale") {
+        // Range-checked as a 64-bit number first: get<int>() would truncate 2^32 + 2 to 2.
         if (!parsed.contains("workers") || !parsed["workers"].is_number_integer() ||
-            parsed["workers"].get<int>() < 1) {
+            parsed["workers"].get<std::int64_t>() < 1 ||
+            parsed["workers"].get<std::int64_t>() > std::numeric_limits<int>::max()) {
             error("scale needs \"workers\": a whole number of at least 1");
             return;
         }

@@ -255,3 +255,22 @@ def test_ctl_commands_reach_a_running_master(molt):
     assert zero.returncode == 1 and "scale failed" in zero.stderr, zero
     assert m.ctl("scale", "2").returncode == 0
     wait_until(lambda: m.status()["master"]["target_workers"] == 2, 10, "target 2")
+
+
+@pytest.mark.parametrize("flag,preload", [("--preload", "true"), ("--preload=false", "false"),
+                                          ("--preload=no", "false"), ("--preload=yes", "true")])
+def test_a_boolean_flag_takes_a_value_and_never_drops_it(molt, tmp_path, flag, preload):
+    # `--preload=false` was read as `--preload` is not given: silently ignored.
+    control = tmp_path / "control.sock"
+    args = ["run", ECHO, "--chdir", str(APPS), "--python", PYTHON, "--control", str(control),
+            "--bind", "127.0.0.1:0", flag, "--error-logfile", "-"]
+    m = molt({"control": {"socket": str(control)}}, args=args, start=False)
+    m.start(timeout=60)
+    assert m.status()["generations"][0]["preload"]["mode"] == preload, m.status()
+    assert m.stop() == 0
+
+
+def test_a_boolean_flag_with_another_value_is_refused():
+    out = run_molt("run", ECHO, "--chdir", str(APPS), "--preload=maybe")
+    assert out.returncode == 2, out
+    assert '--preload: expected true or false (yes/no, on/off, 1/0), got "maybe"' in out.stderr

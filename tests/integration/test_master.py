@@ -459,6 +459,9 @@ def test_control_socket_survives_abuse(molt):
     assert b'"wait\\" must be true or false' in raw(b'{"command": "reload", "wait": 1}\n')
     assert b'"fast\\" must be true or false' in raw(b'{"command": "stop", "fast": "yes"}\n')
     assert b"scale needs" in raw(b'{"command": "scale", "workers": "many"}\n')
+    # Out of range, not truncated to 32 bits (2^32 + 2 was taken as 2, -(2^32 - 1) as 1).
+    assert b"scale needs" in raw(b'{"command": "scale", "workers": 4294967298}\n')
+    assert b"scale needs" in raw(b'{"command": "scale", "workers": -4294967295}\n')
     silent = [socket.socket(socket.AF_UNIX) for _ in range(5)]
     for s in silent:
         s.connect(path)  # connect and never write
