@@ -3,6 +3,11 @@
 #include <fmt/format.h>
 
 #include <array>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string_view>
+#include <utility>
 
 #include "supervisor/loop/master.hpp"
 
@@ -57,6 +62,23 @@ void family(std::string& out, const char* name, const char* type, const char* he
 
 double seconds(core::Duration d) {
     return static_cast<double>(d.count()) / 1000.0;
+}
+
+// One series per generation and slot. A worker being replaced and its replacement share their
+// slot for a moment (a recycle, a kill -9), and two series with the same labels fail the whole
+// scrape: the slot's series is the sum of its workers' values (its requests, its memory).
+// `value` returns nothing for a worker that has none (no capacity when unlimited).
+template <typename Value>
+void per_slot(std::string& out, std::string_view name, const core::Supervisor& core, Value value) {
+    std::map<std::pair<core::GenerationId, int>, std::uint64_t> slots;
+    for (const auto& [id, w] : core.workers()) {
+        if (w.pid <= 0) continue;
+        if (const std::optional<std::uint64_t> v = value(w)) slots[{w.generation, w.slot}] += *v;
+    }
+    for (const auto& [key, v] : slots) {
+        out +=
+            fmt::format("{}{{generation=\"{}\",slot=\"{}\"}} {}\n", name, key.first, key.second, v);
+    }
 }
 
 }  // namespace
@@ -119,37 +141,29 @@ void Master::request_metrics_text(std::string& out) const {
 // Per worker: requests served, requests running now (busy threads for WSGI) and how many it
 // can run at once, so saturation is sum(busy) / sum(capacity).
 void Master::worker_load_metrics_text(std::string& out) const {
+    using Worker = core::Worker;
+    using Count = std::optional<std::uint64_t>;
     family(out, "molt_worker_requests_total", "counter",
            "Requests served by each worker (from its heartbeats; it starts at 0 with the worker).");
-    for (const auto& [id, w] : core_.workers()) {
-        if (w.pid <= 0) continue;
-        out += fmt::format("molt_worker_requests_total{{generation=\"{}\",slot=\"{}\"}} {}\n",
-                           w.generation, w.slot, w.counters.requests);
-    }
+    per_slot(out, "molt_worker_requests_total", core_,
+             [](const Worker& w) -> Count { return w.counters.requests; });
     family(out, "molt_worker_busy", "gauge",
            "Requests each worker is running now (its busy threads, for WSGI), from its last "
            "heartbeat.");
-    for (const auto& [id, w] : core_.workers()) {
-        if (w.pid <= 0) continue;
-        out += fmt::format("molt_worker_busy{{generation=\"{}\",slot=\"{}\"}} {}\n", w.generation,
-                           w.slot, w.counters.inflight);
-    }
+    per_slot(out, "molt_worker_busy", core_,
+             [](const Worker& w) -> Count { return w.counters.inflight; });
     family(out, "molt_worker_capacity", "gauge",
            "Requests each worker can run at once: `threads` for WSGI, `asgi.limit_concurrency` "
            "for ASGI (absent when unlimited).");
-    for (const auto& [id, w] : core_.workers()) {
+    per_slot(out, "molt_worker_capacity", core_, [this](const Worker& w) -> Count {
         auto gen = core_.generations().find(w.generation);
-        if (w.pid <= 0 || gen == core_.generations().end() || !gen->second.release.config) {
-            continue;
-        }
+        if (gen == core_.generations().end() || !gen->second.release.config) return {};
         const config::Config& config = *gen->second.release.config;
         std::uint64_t capacity = config.interface == config::Interface::asgi
                                      ? config.asgi.limit_concurrency
                                      : static_cast<std::uint64_t>(config.threads);
-        if (capacity == 0) continue;
-        out += fmt::format("molt_worker_capacity{{generation=\"{}\",slot=\"{}\"}} {}\n",
-                           w.generation, w.slot, capacity);
-    }
+        return capacity == 0 ? Count{} : Count{capacity};
+    });
 }
 
 // The accept queue of every listener the master holds, read now (one getsockopt or one
@@ -381,22 +395,18 @@ std::string Master::metrics_text() const {
     listen_queue_metrics_text(out);
     phase_metrics_text(out, now);
 
+    using Count = std::optional<std::uint64_t>;
     family("molt_worker_resident_memory_bytes", "gauge", "Resident memory of each worker.");
-    for (const auto& [id, w] : core_.workers()) {
-        if (w.pid <= 0) continue;
-        out +=
-            fmt::format("molt_worker_resident_memory_bytes{{generation=\"{}\",slot=\"{}\"}} {}\n",
-                        w.generation, w.slot, os::resident_bytes(w.pid));
-    }
+    per_slot(out, "molt_worker_resident_memory_bytes", core_, [](const core::Worker& w) -> Count {
+        return static_cast<std::uint64_t>(os::resident_bytes(w.pid));
+    });
     family("molt_worker_proportional_memory_bytes", "gauge",
            "Proportional set size of each worker (shared pages divided among their sharers), "
            "sampled from /proc/PID/smaps_rollup every 5 s.");
-    for (const auto& [id, w] : core_.workers()) {
-        if (w.pid <= 0) continue;
-        out += fmt::format(
-            "molt_worker_proportional_memory_bytes{{generation=\"{}\",slot=\"{}\"}} {}\n",
-            w.generation, w.slot, pss_of(w.pid));
-    }
+    per_slot(out, "molt_worker_proportional_memory_bytes", core_,
+             [this](const core::Worker& w) -> Count {
+                 return static_cast<std::uint64_t>(pss_of(w.pid));
+             });
     family("molt_generation_preloaded", "gauge",
            "1 when the generation's workers are forked from its zygote (preload), else 0.");
     for (const auto& [id, gen] : core_.generations()) {

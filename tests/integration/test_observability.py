@@ -364,3 +364,26 @@ def test_prometheus_client_multiprocess_app_across_rollovers_and_a_kill(molt, tm
     # At exit nothing is left.
     assert m.stop() == 0
     assert list(run_dir.iterdir()) == []
+
+
+def test_a_recycled_workers_slot_is_one_series_while_its_replacement_boots(molt, tmp_path):
+    # The old worker and its replacement share the slot until the replacement is ready: two
+    # series with the same labels, which fails a Prometheus scrape.
+    app = tmp_path / "slow_boot_app.py"
+    app.write_text("import time\ntime.sleep(2)\n\n\n"
+                   "def application(environ, start_response):\n"
+                   "    start_response('200 OK', [])\n    return [b'ok']\n")
+    metrics_port = free_port()
+    m = molt(dict(BASE, app="slow_boot_app:application", chdir=str(tmp_path), workers=1,
+                  preload=False, recycle={"max_requests": 2}, health=None,
+                  metrics={"listen": f"tcp://127.0.0.1:{metrics_port}"}))
+    for _ in range(2):
+        assert http_get(m.port, "/")[0] == 200
+    wait_until(lambda: len(m.status()["generations"][0]["workers"]) == 2, 10,
+               "the replacement booting beside the old worker", on_timeout=m.log)
+    status, _, body = http_get(metrics_port, "/metrics")
+    series = [line.rsplit(" ", 1)[0] for line in body.decode().splitlines()
+              if line and not line.startswith("#")]
+    twice = sorted({s for s in series if series.count(s) > 1})
+    assert not twice, twice
+    scrape(metrics_port)  # and prometheus_client's parser takes it
