@@ -17,6 +17,9 @@ namespace {
 constexpr std::size_t kMaxRequest = 64 * 1024;
 constexpr std::size_t kMaxClients = 256;
 constexpr std::uint64_t kRequestDeadlineMs = 5000;
+// An answer not taken by its client within this is dropped with the connection: a client that
+// never reads must not hold an fd and the answer's memory for ever.
+constexpr std::uint64_t kAnswerDeadlineMs = 10000;
 
 using json = nlohmann::json;
 
@@ -68,7 +71,12 @@ void Connection::answer(const std::string& text) {
     if (rc != 0) {
         write->connection->close();
         delete write;
+        return;
     }
+    // Closing the stream cancels the write; its callback then runs (and finds it closed).
+    uv_timer_start(
+        &timer, [](uv_timer_t* t) { static_cast<Connection*>(t->data)->close(); },
+        kAnswerDeadlineMs, 0);
 }
 
 // ----- the shared server part --------------------------------------------------------------
@@ -145,23 +153,29 @@ void OneShotServer::on_connection() {
 }
 
 // Past kMaxClients open connections, the oldest one still waiting for its request is answered
-// "busy" and closed to make room. Connections whose request is being handled (a `reload
-// --wait` waits for a whole rollover) are never evicted; when every connection is such a one,
-// the newcomer is the one answered "busy".
+// "busy" and closed to make room, or the oldest whose answer its client has not taken yet is
+// closed. Connections whose request is being handled (a `reload --wait` waits for a whole
+// rollover) are never evicted; when every connection is such a one, the newcomer is the one
+// answered "busy".
 bool OneShotServer::admit(Connection& newcomer) {
     std::size_t open = 0;
-    Connection* oldest_idle = nullptr;
+    Connection* oldest = nullptr;
     for (const auto& connection : connections_) {
-        if (connection->answered || connection->closed) continue;  // already on its way out
+        if (connection->closed) continue;  // on its way out
         ++open;
-        bool idle = connection->awaiting_request && connection.get() != &newcomer;
-        if (idle && (oldest_idle == nullptr || connection->serial < oldest_idle->serial)) {
-            oldest_idle = connection.get();
+        bool evictable =
+            (connection->awaiting_request || connection->answered) && connection.get() != &newcomer;
+        if (evictable && (oldest == nullptr || connection->serial < oldest->serial)) {
+            oldest = connection.get();
         }
     }
     if (open <= kMaxClients) return true;
-    if (oldest_idle != nullptr) {
-        oldest_idle->answer(dialect_.busy);
+    if (oldest != nullptr) {
+        if (oldest->answered) {
+            oldest->close();  // its client did not read its answer: dropped
+        } else {
+            oldest->answer(dialect_.busy);
+        }
         return true;
     }
     newcomer.answer(dialect_.busy);
