@@ -1165,8 +1165,9 @@ const std::vector<KeySpec>& key_table() {
          "engine serves them without taking the GIL. See docs/static.md.",
          read_static},
         {"static[].prefix", "URL path", [](const Config&) -> std::string { return "(required)"; },
-         "The URL prefix, starting and ending with `/`, e.g. `/static/`; matched against the "
-         "request path as received (before `root_path` is stripped). The longest prefix wins.",
+         "The URL prefix, visible ASCII starting and ending with `/`, e.g. `/static/`; matched "
+         "against the request path as received (before `root_path` is stripped). The longest "
+         "prefix wins.",
          nullptr},
         {"static[].dir", "path", [](const Config&) -> std::string { return "(required)"; },
          "The directory served. A relative path is inside the release directory (`chdir`), so "
@@ -1289,8 +1290,9 @@ const std::vector<KeySpec>& key_table() {
          [](const Config& c) { return format_duration(c.timeouts.keepalive); },
          "How long an idle keep-alive connection stays open: from when the last response has "
          "been handed to the kernel (a large response still going out to a slow client is not "
-         "idle; `http.send_timeout` watches it) until the next request begins. Empty lines "
-         "between requests do not count as one. 0 closes after each response.",
+         "idle; `http.send_timeout` watches it; on ASGI's h11 fallback, from when it is handed "
+         "to the transport) until the next request begins. Empty lines between requests do not "
+         "count as one. 0 closes after each response.",
          [](Context& ctx, const Node& n, Config& c) { ctx.set_duration(n, c.timeouts.keepalive); }},
         {"health", "section", nullptr, "The warm-up request.", nullptr},
         {"health.path", "URL path",

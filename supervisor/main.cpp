@@ -102,8 +102,8 @@ struct RunArgs {
     std::vector<std::vector<std::string>> values;
 };
 
-// A boolean flag's value as the config's YAML would read it, "true" or "false"; anything else
-// is the flag's error.
+// A boolean flag's value: "true" (true, yes, on, 1) or "false" (false, no, off, 0), any case;
+// anything else is the flag's error.
 CLI::Validator boolean_flag_value() {
     return CLI::Validator(
         [](std::string& value) -> std::string {

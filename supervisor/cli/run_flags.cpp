@@ -2,9 +2,7 @@
 
 #include <fmt/format.h>
 
-#include <algorithm>
 #include <array>
-#include <cctype>
 
 namespace molt::cli {
 
@@ -56,16 +54,12 @@ Translation environment(const std::string& value) {
     if (eq == std::string::npos || eq == 0) {
         return refuse(fmt::format("expected NAME=VALUE, got \"{}\"", value));
     }
-    // A name of letters, digits and `_` (not a digit first), as a shell's: a `.` would make it
-    // a path into the config (`env.A.B`), which failed as a mapping or an internal error.
+    // The config's rule for a name (no `=`, no NUL) applies when it is read; a `.` would make
+    // the flag's setting a path into the config (`env.A.B`), so it needs the config file.
     const std::string name = value.substr(0, eq);
-    const bool portable = !std::isdigit(static_cast<unsigned char>(name[0])) &&
-                          std::all_of(name.begin(), name.end(), [](char c) {
-                              return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
-                          });
-    if (!portable) {
-        return refuse(fmt::format(
-            "expected NAME=VALUE with a NAME of letters, digits and _, got \"{}\"", value));
+    if (name.find('.') != std::string::npos) {
+        return refuse(
+            fmt::format("a NAME with a `.` goes in the config file's `env:`, got \"{}\"", value));
     }
     return set("env." + name, value.substr(eq + 1));
 }

@@ -153,33 +153,33 @@ void OneShotServer::on_connection() {
 }
 
 // Past kMaxClients open connections, the oldest one still waiting for its request is answered
-// "busy" and closed to make room, or the oldest whose answer its client has not taken yet is
-// closed. Connections whose request is being handled (a `reload --wait` waits for a whole
-// rollover) are never evicted; when every connection is such a one, the newcomer is the one
+// "busy" and closed to make room; when none is, the oldest whose answer its client has not
+// taken yet is closed. Connections whose request is being handled (a `reload --wait` waits for a
+// whole rollover) are never evicted; when every connection is such a one, the newcomer is the one
 // answered "busy".
 bool OneShotServer::admit(Connection& newcomer) {
     std::size_t open = 0;
-    Connection* oldest = nullptr;
+    Connection* oldest_idle = nullptr;      // still waiting for its request
+    Connection* oldest_answered = nullptr;  // its client has not taken all of its answer yet
+    auto older = [](Connection* a, Connection* b) { return b == nullptr || a->serial < b->serial; };
     for (const auto& connection : connections_) {
         if (connection->closed) continue;  // on its way out
         ++open;
-        bool evictable =
-            (connection->awaiting_request || connection->answered) && connection.get() != &newcomer;
-        if (evictable && (oldest == nullptr || connection->serial < oldest->serial)) {
-            oldest = connection.get();
-        }
+        Connection* c = connection.get();
+        if (c == &newcomer) continue;
+        if (c->awaiting_request && older(c, oldest_idle)) oldest_idle = c;
+        if (c->answered && older(c, oldest_answered)) oldest_answered = c;
     }
     if (open <= kMaxClients) return true;
-    if (oldest != nullptr) {
-        if (oldest->answered) {
-            oldest->close();  // its client did not read its answer: dropped
-        } else {
-            oldest->answer(dialect_.busy);
-        }
-        return true;
+    if (oldest_idle != nullptr) {
+        oldest_idle->answer(dialect_.busy);
+    } else if (oldest_answered != nullptr) {
+        oldest_answered->close();  // a reader too slow for its answer, only when none is idle
+    } else {
+        newcomer.answer(dialect_.busy);
+        return false;
     }
-    newcomer.answer(dialect_.busy);
-    return false;
+    return true;
 }
 
 void OneShotServer::forget(Connection* connection) {

@@ -107,7 +107,7 @@ REFUSED = [
     (["--access-logformat", "%(h)s"], "logging.access_log_format"),
     (["-e", "NO_EQUALS_SIGN"], "NAME=VALUE"),
     # A dot made the name a path into the config: a mapping error, or an internal error.
-    (["-e", "A.B=1"], "a NAME of letters, digits and _"),
+    (["-e", "A.B=1"], "a NAME with a `.` goes in the config file's `env:`"),
 ]
 
 

@@ -370,7 +370,7 @@ def test_a_recycled_workers_slot_is_one_series_while_its_replacement_boots(molt,
     # The old worker and its replacement share the slot until the replacement is ready: two
     # series with the same labels, which fails a Prometheus scrape.
     app = tmp_path / "slow_boot_app.py"
-    app.write_text("import time\ntime.sleep(2)\n\n\n"
+    app.write_text("import time\ntime.sleep(4)\n\n\n"
                    "def application(environ, start_response):\n"
                    "    start_response('200 OK', [])\n    return [b'ok']\n")
     metrics_port = free_port()
@@ -387,3 +387,5 @@ def test_a_recycled_workers_slot_is_one_series_while_its_replacement_boots(molt,
     twice = sorted({s for s in series if series.count(s) > 1})
     assert not twice, twice
     scrape(metrics_port)  # and prometheus_client's parser takes it
+    # The scrape was taken while both shared the slot (else it proved nothing).
+    assert len(m.status()["generations"][0]["workers"]) == 2, m.status()

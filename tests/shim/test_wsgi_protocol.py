@@ -412,7 +412,8 @@ def test_a_slow_upload_is_not_counted_as_the_apps_time(srv):
         seen = len(w.messages)
         time.sleep(0.6)
         oldest = max(int(m["OLDEST_MS"]) for m in w.messages[seen:] if "OLDEST_MS" in m)
-        assert oldest <= (time.monotonic() - app_started) * 1000 + 300, oldest
+        # The upload alone took 3 s: an age that includes it is far above this.
+        assert oldest <= (time.monotonic() - app_started) * 1000 + 700, oldest
         s.settimeout(5)
         assert s.recv(100).startswith(b"HTTP/1.1 200 OK\r\n")
     finally:

@@ -175,7 +175,7 @@ class Lifecycle:
             log.error("forked worker: the master is gone (or is no subreaper); exiting")
             engine.close()
             return 1  # type: ignore[return-value]  # as any crash: nobody is there to read it
-        if not self.channel.send(**{Key.READY: 1}):
+        if not self.channel.send(**{Key.READY: 1}) and self.channel.peer_closed:
             # The master closed its end before the worker was ready: it does not count this
             # worker (a zygote that died with this fork unanswered, a master gone). Serving
             # now would answer requests nobody supervises.

@@ -42,6 +42,9 @@ class Channel:
         self._lock = threading.Lock()
         self.sock: Optional[socket.socket] = None
         self.closed = False
+        # A send failed because the master's end is closed (not a full buffer, not an inert
+        # channel): whoever waits to be counted by the master knows it never will be.
+        self.peer_closed = False
         if fd >= 0:
             os.set_inheritable(fd, False)  # app subprocesses must not keep the channel open
             self.sock = socket.socket(fileno=fd)
@@ -64,6 +67,7 @@ class Channel:
                 log.warning("channel full, dropped message %s", list(fields)[0])
             except OSError as exc:
                 log.debug("channel send failed: %s", exc)
+                self.peer_closed = True
             return False
 
     def receive(self) -> Optional[List[Dict[str, str]]]:

@@ -353,7 +353,7 @@ def fork_workers(cfg: config.WorkerConfig, channel: Channel, master: int, libc: 
                     close_all(theirs)
                 be_worker(cfg, channel, master, libc, slot, fds, become_worker)
             close_all(fds)  # this worker has them; later workers must not
-            if not channel.send(**{Key.FORKED: request, Key.PID: pid}):
+            if not channel.send(**{Key.FORKED: request, Key.PID: pid}) and channel.peer_closed:
                 break  # the master no longer reads this zygote (it died): fork no more
     finally:
         return_to_exit(0)
