@@ -64,6 +64,9 @@ double seconds(core::Duration d) {
     return static_cast<double>(d.count()) / 1000.0;
 }
 
+// A worker's value for a per-slot series; nothing when it has none.
+using Count = std::optional<std::uint64_t>;
+
 // One series per generation and slot. A worker being replaced and its replacement share their
 // slot for a moment (a recycle, a kill -9), and two series with the same labels fail the whole
 // scrape: the slot's series is the sum of its workers' values (its requests, its memory).
@@ -73,7 +76,7 @@ void per_slot(std::string& out, std::string_view name, const core::Supervisor& c
     std::map<std::pair<core::GenerationId, int>, std::uint64_t> slots;
     for (const auto& [id, w] : core.workers()) {
         if (w.pid <= 0) continue;
-        if (const std::optional<std::uint64_t> v = value(w)) slots[{w.generation, w.slot}] += *v;
+        if (const Count v = value(w)) slots[{w.generation, w.slot}] += *v;
     }
     for (const auto& [key, v] : slots) {
         out +=
@@ -142,7 +145,6 @@ void Master::request_metrics_text(std::string& out) const {
 // can run at once, so saturation is sum(busy) / sum(capacity).
 void Master::worker_load_metrics_text(std::string& out) const {
     using Worker = core::Worker;
-    using Count = std::optional<std::uint64_t>;
     family(out, "molt_worker_requests_total", "counter",
            "Requests served by each worker (from its heartbeats; it starts at 0 with the worker).");
     per_slot(out, "molt_worker_requests_total", core_,
@@ -395,7 +397,6 @@ std::string Master::metrics_text() const {
     listen_queue_metrics_text(out);
     phase_metrics_text(out, now);
 
-    using Count = std::optional<std::uint64_t>;
     family("molt_worker_resident_memory_bytes", "gauge", "Resident memory of each worker.");
     per_slot(out, "molt_worker_resident_memory_bytes", core_, [](const core::Worker& w) -> Count {
         return static_cast<std::uint64_t>(os::resident_bytes(w.pid));

@@ -344,13 +344,14 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
         c.close()
 
 
-def early_answer_to_expect_continue(port: int, path: str, version: str = "1.0") -> tuple:
-    """A POST of 5 bytes with `Expect: 100-continue`, the body sent only after a second: what
-    the server sent before the body, then the rest of its answer (until it closes)."""
+def early_answer_to_expect_continue(port: int, path: str) -> tuple:
+    """An HTTP/1.0 POST of 5 bytes with `Expect: 100-continue`, the body sent only after a
+    second: what the server sent before the body, then the rest of its answer (until it
+    closes)."""
     c = Client(port)
     try:
-        c.send(("POST %s HTTP/%s\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
-                % (path, version)).encode())
+        c.send(("POST %s HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+                % path).encode())
         c.sock.settimeout(1.0)
         try:
             early = c.sock.recv(100)
