@@ -27,7 +27,7 @@ struct RunFlag {
     std::string_view help;
     // gunicorn's value to molt's; null when the value is the key's value as written.
     Translation (*translate)(const std::string& value) = nullptr;
-    std::string_view refusal;  // not empty: molt lacks the feature whatever the value
+    std::string_view refusal = {};  // not empty: molt lacks the feature whatever the value
 };
 
 const std::vector<RunFlag>& run_flags();

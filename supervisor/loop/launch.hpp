@@ -35,10 +35,10 @@ struct WorkerLaunch {
     const std::vector<os::Listener>& listeners;
     std::string shim_dir;                         // goes first on PYTHONPATH
     std::vector<std::string> master_environment;  // "KEY=VALUE", as os::environment() gives it
-    bool zygote = false;          // the generation's zygote (MOLT_ZYGOTE=1), not a worker
-    std::string app_metrics_dir;  // PROMETHEUS_MULTIPROC_DIR (metrics.app_multiprocess), or ""
-    std::string tls_ticket_keys;  // MOLT_TLS_TICKET_KEYS (hex), or "" without a TLS listener
-    int accept_board = -1;        // the master's accept board (after the channel), or -1
+    bool zygote = false;               // the generation's zygote (MOLT_ZYGOTE=1), not a worker
+    std::string app_metrics_dir = {};  // PROMETHEUS_MULTIPROC_DIR (metrics.app_multiprocess), or ""
+    std::string tls_ticket_keys = {};  // MOLT_TLS_TICKET_KEYS (hex), or "" without a TLS listener
+    int accept_board = -1;             // the master's accept board (after the channel), or -1
 };
 
 // The environment of one worker: the child environment, the config's `env:` over it, the
