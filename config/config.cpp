@@ -1537,15 +1537,12 @@ const std::vector<KeySpec>& key_table() {
          "that is not trusted. From any other peer they change nothing. Empty: trust no one.",
          read_proxy_trusted},
         {"proxy.headers", "list of header names",
-         [](const Config&) -> std::
-                               string {
-                                   return "`[x-forwarded-for, x-forwarded-proto, x-forwarded-host, "
-                                          "x-forwarded-port, "
-                                          "forwarded]`";
-                               },
+         [](const Config&) -> std::string { return "`[x-forwarded-for, x-forwarded-proto]`"; },
          "The forwarding headers honoured from trusted peers: `x-forwarded-for`, "
          "`x-forwarded-proto`, `x-forwarded-host`, `x-forwarded-port`, and RFC 7239 "
-         "`forwarded` (which wins over the `x-forwarded-*` ones when both are sent).",
+         "`forwarded` (which wins over the `x-forwarded-*` ones when both are sent). Name only "
+         "those your proxy sets (or overwrites): one it does not set reaches molt as the client "
+         "wrote it. Each is judged on its own; a malformed one is ignored.",
          read_proxy_headers},
         {"watch", "path, or list of paths", [](const Config&) -> std::string { return "`[]`"; },
          "File changes under these paths start a rollover (debounced).", read_watch},

@@ -150,8 +150,8 @@ struct StaticMount {
 // Which peers may say, through forwarding headers, who the client is (`proxy:`).
 struct Proxy {
     std::vector<std::string> trusted;  // addresses, CIDRs, "unix", "*"; empty: trust no one
-    std::vector<std::string> headers = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-                                        "x-forwarded-port", "forwarded"};
+    // The two every proxy sets; the others are opted into (forwarded.py's DEFAULT_HEADERS).
+    std::vector<std::string> headers = {"x-forwarded-for", "x-forwarded-proto"};
 };
 
 struct Config {

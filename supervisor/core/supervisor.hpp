@@ -127,7 +127,7 @@ struct Heartbeat {
     std::uint64_t inflight = 0;
     std::uint64_t oldest_ms = 0;
     std::uint64_t rss = 0;
-    RequestStats stats;  // DURATIONS= and EXCEPTIONS=, cumulative over the worker's life
+    RequestStats stats = {};  // DURATIONS= and EXCEPTIONS=, cumulative over the worker's life
 };
 
 struct Worker {

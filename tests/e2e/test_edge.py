@@ -228,8 +228,11 @@ def test_a_proxy_header_before_the_tls_handshake_names_the_client(molt, tmp_path
 @pytest.mark.parametrize("app,interface", [("flask_proxy_app:app", "wsgi"),
                                            ("starlette_proxy_app:app", "asgi")])
 def test_real_frameworks_build_public_urls_behind_a_trusted_proxy(molt, app, interface):
+    # X-Forwarded-Host is honoured when named: a proxy that sets it (the default is only
+    # the two headers every proxy sets).
     m = molt({"app": app, "interface": interface, "chdir": str(APPS), "workers": 1,
-              "proxy": {"trusted": ["127.0.0.1"]}})
+              "proxy": {"trusted": ["127.0.0.1"],
+                        "headers": ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"]}})
     headers = ("X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n"
                "X-Forwarded-Host: shop.example\r\n")
 

@@ -11,7 +11,8 @@ from harness import SHIM_DIR
 
 sys.path.insert(0, SHIM_DIR)
 from molt_shim.forwarded import (  # noqa: E402
-    ALL_HEADERS, Forwarded, ProxyRule, Trust, parse_forwarded, resolve)
+    ALL_HEADERS, DEFAULT_HEADERS, Forwarded, ProxyRule, Trust, from_config, parse_forwarded,
+    resolve)
 
 TRUST = Trust(["127.0.0.1", "10.0.0.0/8", "fd00::/8", "unix"])
 
@@ -43,7 +44,8 @@ TABLE = [
     # One proto per hop: the chosen hop's.
     ({XFF: "203.0.113.7, 10.0.0.2", XFP: "https, http"},
      Forwarded(scheme="https", client="203.0.113.7")),
-    ({XFF: "203.0.113.7, 10.0.0.2", XFP: "http, https, http"}, Forwarded()),  # malformed
+    # A malformed list is left out on its own: the client still counts.
+    ({XFF: "203.0.113.7, 10.0.0.2", XFP: "http, https, http"}, Forwarded(client="203.0.113.7")),
     ({XFF: "203.0.113.7", XFP: "https", XFH: "shop.example"},
      Forwarded(scheme="https", client="203.0.113.7", host="shop.example")),
     # RFC 7239.
@@ -76,7 +78,27 @@ TABLE = [
     ({FWD: "for"}, Forwarded()),
     ({FWD: "for=1.2.3.4;for=5.6.7.8"}, Forwarded()),
     ({FWD: "for=1.2.3.4,"}, Forwarded()),
-    ({FWD: "for=203.0.113.7;proto=ftp"}, Forwarded()),
+    ({FWD: "for=203.0.113.7;proto=ftp"}, Forwarded(client="203.0.113.7")),
+    # Each header on its own: a client behind the proxy writes the left part of every list,
+    # and one bad value must not make its request look like the proxy's own.
+    ({XFF: "garbage, 203.0.113.7"}, Forwarded(client="203.0.113.7")),
+    ({XFF: "1.2.3.4:99999, 203.0.113.7, 10.0.0.2"}, Forwarded(client="203.0.113.7")),
+    ({XFF: "203.0.113.7", XFH: "a/b"}, Forwarded(client="203.0.113.7")),
+    ({XFF: "203.0.113.7", XFPORT: "99999"}, Forwarded(client="203.0.113.7")),
+    ({XFF: "203.0.113.7", XFP: "https, https, http"}, Forwarded(client="203.0.113.7")),
+    ({XFF: "garbage", XFP: "https"}, Forwarded(scheme="https")),
+    # A malformed Forwarded leaves X-Forwarded-* to say it.
+    ({FWD: "garbage", XFF: "203.0.113.7"}, Forwarded(client="203.0.113.7")),
+    ({FWD: "for=garbage", XFF: "203.0.113.7"}, Forwarded(client="203.0.113.7")),
+    ({FWD: "for=UNKNOWN;proto=https"}, Forwarded(scheme="https")),  # RFC 7239 tokens: any case
+    # Digits are ASCII ("²".isdigit() is True, and int() refused it: a 500).
+    ({XFPORT: "\xb2"}, Forwarded()),
+    ({XFF: "203.0.113.7:\xb9"}, Forwarded()),
+    ({XFH: "example.com:\xb9"}, Forwarded()),
+    # inet_ntop()'s text, as the socket's own address; a zone is refused, as inet_pton() does.
+    ({XFF: "::ffff:198.51.100.9"}, Forwarded(client="::ffff:198.51.100.9")),
+    ({XFF: "fe80::1%eth0"}, Forwarded()),
+    ({XFF: "203.0.113.7, ::1%x y"}, Forwarded()),
 ]
 
 
@@ -95,6 +117,17 @@ def test_only_honoured_headers_count():
     assert resolve(headers, (XFP,), TRUST, True) == Forwarded(scheme="https")
     assert resolve(headers, (XFF, XFP), TRUST, True) == Forwarded(
         scheme="https", client="203.0.113.7")
+
+
+def test_the_default_headers_are_the_two_every_proxy_sets():
+    # Any other header is the client's own unless the proxy sets it: opted into by name.
+    rule = from_config({"proxy": {"trusted": ["127.0.0.1"]}})
+    assert rule is not None and rule.honoured == DEFAULT_HEADERS == (XFF, XFP)
+    headers = {XFF: "203.0.113.7", XFH: "evil.example", FWD: "for=198.51.100.1"}
+    assert rule.resolve(headers, True) == Forwarded(client="203.0.113.7")
+    # An empty list honours nothing (it did not fall back to every header).
+    assert from_config({"proxy": {"trusted": ["127.0.0.1"], "headers": []}}) is None
+    assert from_config({"proxy": {"trusted": ["127.0.0.1"], "headers": [FWD]}}).honoured == (FWD,)
 
 
 def test_trust_matching():

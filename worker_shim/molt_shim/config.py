@@ -35,8 +35,7 @@ DEFAULTS: Dict[str, Any] = {
         "server_header": False,  # uvicorn's --server-header (it defaults to on; molt to off)
         "date_header": True,
     },
-    "proxy": {"trusted": [], "headers": ["x-forwarded-for", "x-forwarded-proto",
-                                         "x-forwarded-host", "x-forwarded-port", "forwarded"]},
+    "proxy": {"trusted": [], "headers": ["x-forwarded-for", "x-forwarded-proto"]},
     "chdir": "",
     "static": [],  # [{"prefix": "/static/", "dir": "..."}]: served by the engine (static.py)
     "threads": 8,

@@ -5,8 +5,11 @@ may tell, with `X-Forwarded-For/-Proto/-Host/-Port` or RFC 7239 `Forwarded`, the
 address and port, and host the app should see. The client is the right-most address of the
 chain that is not itself trusted (every proxy appends the address it got the request from, so
 everything left of the first untrusted hop could be made up by the client). From a peer that
-is not trusted nothing changes. A malformed value is ignored with a debug line, never an error:
-the request is served as if that header had not been sent.
+is not trusted nothing changes. Each header is judged on its own: a malformed one is ignored
+with a debug line, never an error, and the others still count (a client behind the proxy
+writes the left part of every list, so one bad value must not undo the proxy's own); hops left
+of the client's are never parsed at all. A malformed `Forwarded` leaves the `X-Forwarded-*`
+headers, when they are honoured, to say it.
 
 `resolve()` is the pure rule (strings in, a `Forwarded` out); `ProxyRule.adjust_environ()` and
 `ProxyRule.adjust_scope()` apply it to a WSGI environ and an ASGI scope.
@@ -17,17 +20,28 @@ import ipaddress
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
+                    TypeVar, Union)
+
+from .addresses import Address, ip_text, parse_ip
 
 log = logging.getLogger("molt_shim")
 
 ALL_HEADERS = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
                "forwarded")
+# What `proxy.headers` honours unless it says otherwise: the two headers every proxy sets (nginx's
+# `$proxy_add_x_forwarded_for` and `$scheme`, HAProxy's `option forwardfor`, the cloud load
+# balancers), as uvicorn's --proxy-headers and Werkzeug's ProxyFix. A proxy that does not set
+# a header passes the client's own through, so honouring it by default lets any client choose
+# its host (X-Forwarded-Host: password-reset links to another site) or, with Forwarded, which
+# wins, its address.
+DEFAULT_HEADERS = ("x-forwarded-for", "x-forwarded-proto")
 # WSGI environ key of each header.
 ENVIRON_KEYS = {name: "HTTP_" + name.upper().replace("-", "_") for name in ALL_HEADERS}
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+T = TypeVar("T")
 # RFC 3986 reg-name / IPv4 / [IPv6], with an optional port; no spaces, slashes or '@'.
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::([0-9]{1,5}))?$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -80,7 +94,7 @@ class Trust:
         if cached is not None:
             return cached
         try:
-            ip = ipaddress.ip_address(text)
+            ip = parse_ip(text)
         except ValueError:
             verdict = False
         else:
@@ -106,7 +120,7 @@ def _split_list(value: str) -> List[str]:
 def _node(text: str, brackets_required: bool) -> Tuple[Optional[str], Optional[int]]:
     """An address with an optional port: `1.2.3.4`, `1.2.3.4:5`, `[::1]`, `[::1]:5`, and (X-F-F
     only) a bare `::1`. Returns (None, None) for RFC 7239's `unknown` and `_obfuscated` nodes."""
-    if text == "unknown" or text.startswith("_"):
+    if text.lower() == "unknown" or text.startswith("_"):  # RFC 7239's tokens: any case
         return None, None
     port: Optional[int] = None
     if text.startswith("["):
@@ -121,28 +135,29 @@ def _node(text: str, brackets_required: bool) -> Tuple[Optional[str], Optional[i
         ip = _ip(host)
         if ip.version != 6:
             raise Malformed("[%s] is not an IPv6 address" % host)
-        return str(ip), port
+        return ip_text(ip), port
     if text.count(":") == 1:
         host, _, port_text = text.partition(":")
         port = _port(port_text)
         ip = _ip(host)
         if ip.version != 4:
             raise Malformed("%r is not an IPv4 address" % host)
-        return str(ip), port
+        return ip_text(ip), port
     if ":" in text and brackets_required:
         raise Malformed("IPv6 address %r without brackets" % text)
-    return str(_ip(text)), None
+    return ip_text(_ip(text)), None
 
 
-def _ip(text: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+def _ip(text: str) -> Address:
     try:
-        return ipaddress.ip_address(text)
+        return parse_ip(text)
     except ValueError:
         raise Malformed("%r is not an IP address" % text[:100]) from None
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    # ASCII digits: "²".isdigit() is True, and int() refuses it.
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise Malformed("%r is not a port" % text[:20])
     return int(text)
 
@@ -216,28 +231,47 @@ def parse_forwarded(value: str) -> List[Dict[str, str]]:
 
 
 # -- the rule ---------------------------------------------------------------------------------
-def _client_hop(nodes: Sequence[Tuple[Optional[str], Optional[int]]],
-                trust: Trust) -> int:
-    """The index of the right-most hop that is not trusted (an `unknown` one never is); the
-    left-most when every hop is trusted."""
-    for index in range(len(nodes) - 1, -1, -1):
-        address = nodes[index][0]
-        if address is None or not trust.address(address):
-            return index
-    return 0
+Node = Tuple[Optional[str], Optional[int]]  # (address, port); (None, None): unknown, obfuscated
+
+
+def _client_hop(hops: Sequence[T], node: Callable[[T], Node], trust: Trust) -> Tuple[int, Node]:
+    """The right-most hop that is not trusted (an `unknown` one never is), and its node; the
+    left-most when every hop is trusted. Read from the right: hops left of the client's are
+    the client's own writing and are never parsed (a malformed one there changes nothing)."""
+    found: Node = (None, None)
+    for index in range(len(hops) - 1, -1, -1):
+        found = node(hops[index])
+        if found[0] is None or not trust.address(found[0]):
+            return index, found
+    return 0, found
+
+
+def _forwarded_node(element: Dict[str, str]) -> Node:
+    return _node(element["for"], True) if "for" in element else (None, None)
+
+
+def _xff_node(part: str) -> Node:
+    return _node(part, False)
+
+
+def _judged(what: str, parse: Callable[[], T]) -> Optional[T]:
+    """One header's value, or None (with a debug line) when it is malformed."""
+    try:
+        return parse()
+    except Malformed as exc:
+        log.debug("ignoring %s: %s", what, exc)
+        return None
 
 
 def _from_forwarded(value: str, trust: Trust) -> Forwarded:
     elements = parse_forwarded(value)
-    nodes = [_node(element["for"], True) if "for" in element else (None, None)
-             for element in elements]
-    hop = _client_hop(nodes, trust)
+    hop, (client, client_port) = _client_hop(elements, _forwarded_node, trust)
     element = elements[hop]
-    client, client_port = nodes[hop]
-    host = port = None
-    if "host" in element:
-        host, port = _host(element["host"])
-    scheme = _scheme(element["proto"]) if "proto" in element else None
+    host_port = _judged("Forwarded host", lambda: _host(element["host"])) \
+        if "host" in element else None
+    host, port = host_port if host_port is not None else (None, None)
+    scheme = _judged("Forwarded proto", lambda: _scheme(element["proto"])) \
+        if "proto" in element else None
     return Forwarded(scheme, client, client_port, host, port)
 
 
@@ -253,41 +287,46 @@ def _per_hop(values: List[str], hop: int, hops: int, name: str) -> str:
 
 def _from_x_forwarded(headers: Mapping[str, str], honoured: Sequence[str],
                       trust: Trust) -> Forwarded:
-    hop, hops = 0, 1
+    hop, hops = 0, 1  # without a client hop, only a single value per header applies
     client = client_port = None
     if "x-forwarded-for" in honoured and headers.get("x-forwarded-for"):
-        nodes = [_node(part, False) for part in _split_list(headers["x-forwarded-for"])]
-        hop, hops = _client_hop(nodes, trust), len(nodes)
-        client, client_port = nodes[hop]
-        if client is None:
-            raise Malformed("X-Forwarded-For names no address")
-    scheme = host = port = None
-    if "x-forwarded-proto" in honoured and headers.get("x-forwarded-proto"):
-        scheme = _scheme(_per_hop(_split_list(headers["x-forwarded-proto"]), hop, hops,
-                                  "X-Forwarded-Proto"))
-    if "x-forwarded-host" in honoured and headers.get("x-forwarded-host"):
-        host, port = _host(_per_hop(_split_list(headers["x-forwarded-host"]), hop, hops,
-                                    "X-Forwarded-Host"))
-    if "x-forwarded-port" in honoured and headers.get("x-forwarded-port") and port is None:
-        port = _port(_per_hop(_split_list(headers["x-forwarded-port"]), hop, hops,
-                              "X-Forwarded-Port"))
+        parts = _split_list(headers["x-forwarded-for"])
+        try:
+            hop, (client, client_port) = _client_hop(parts, _xff_node, trust)
+            hops = len(parts)
+        except Malformed as exc:
+            log.debug("ignoring X-Forwarded-For: %s", exc)
+
+    def value(name: str, label: str) -> Optional[str]:
+        if name not in honoured or not headers.get(name):
+            return None
+        return _judged(label, lambda: _per_hop(_split_list(headers[name]), hop, hops, label))
+
+    proto = value("x-forwarded-proto", "X-Forwarded-Proto")
+    scheme = _judged("X-Forwarded-Proto", lambda: _scheme(proto)) if proto is not None else None
+    host = port = None
+    host_text = value("x-forwarded-host", "X-Forwarded-Host")
+    if host_text is not None:
+        host, port = _judged("X-Forwarded-Host", lambda: _host(host_text)) or (None, None)
+    port_text = value("x-forwarded-port", "X-Forwarded-Port")
+    if port_text is not None and port is None:
+        port = _judged("X-Forwarded-Port", lambda: _port(port_text))
     return Forwarded(scheme, client, client_port, host, port)
 
 
 def resolve(headers: Mapping[str, str], honoured: Sequence[str], trust: Trust,
             peer_trusted: bool) -> Forwarded:
     """The pure rule. `headers`: lower-case name -> value (repeated fields joined with ",").
-    An empty Forwarded when the peer is not trusted, nothing is sent, or what is sent is
-    malformed (logged at debug level)."""
+    An empty Forwarded when the peer is not trusted or nothing usable is sent; what is
+    malformed is logged at debug level and left out."""
     if not peer_trusted:
         return Forwarded()
-    try:
-        if "forwarded" in honoured and headers.get("forwarded"):
+    if "forwarded" in honoured and headers.get("forwarded"):
+        try:
             return _from_forwarded(headers["forwarded"], trust)
-        return _from_x_forwarded(headers, honoured, trust)
-    except Malformed as exc:
-        log.debug("ignoring forwarding headers: %s", exc)
-        return Forwarded()
+        except Malformed as exc:  # its syntax, or the client hop's node: X-Forwarded-* then
+            log.debug("ignoring Forwarded: %s", exc)
+    return _from_x_forwarded(headers, honoured, trust)
 
 
 def host_header(host: str, port: Optional[int], scheme: str) -> str:
@@ -415,7 +454,8 @@ def _host_name(host_value: str) -> str:
 def from_config(raw: Mapping[str, Any]) -> Optional[ProxyRule]:
     """The rule of the worker config's `proxy` section, or None when it trusts no one."""
     section = raw.get("proxy") or {}
-    rule = ProxyRule(section.get("trusted") or (), section.get("headers") or ALL_HEADERS)
+    headers = section.get("headers")
+    rule = ProxyRule(section.get("trusted") or (), DEFAULT_HEADERS if headers is None else headers)
     return rule if rule else None
 
 

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple, Union
 
+from .addresses import ip_text, parse_ip
+
 log = logging.getLogger("molt_shim")
 
 V1_PREFIX = b"PROXY "
@@ -89,17 +91,17 @@ class HeaderReader:
             buf[V2_FIXED + length:]
 
 
-def _ip_port(ip_text: str, port_text: str, version: int) -> Tuple[str, int]:
+def _ip_port(address: str, port_text: str, version: int) -> Tuple[str, int]:
     try:
-        ip = ipaddress.ip_address(ip_text)
+        ip = parse_ip(address)
     except ValueError:
-        raise Invalid("bad address %r" % ip_text[:60]) from None
+        raise Invalid("bad address %r" % address[:60]) from None
     if ip.version != version:
-        raise Invalid("address %s is not IPv%d" % (ip_text, version))
+        raise Invalid("address %s is not IPv%d" % (address, version))
     if not port_text.isdigit() or (len(port_text) > 1 and port_text[0] == "0") \
             or int(port_text) > 65535:
         raise Invalid("bad port %r" % port_text[:10])
-    return str(ip), int(port_text)
+    return ip_text(ip), int(port_text)
 
 
 def parse_v1(line: bytes) -> Header:
@@ -147,8 +149,8 @@ def parse_v2(ver_cmd: int, family: int, body: bytes) -> Header:
         if len(body) < 36:
             raise Invalid("PROXY v2 TCP6 addresses truncated")
         src, dst, sport, dport = struct.unpack("!16s16sHH", body[:36])
-        return Header(2, "PROXY", "TCP6", (str(ipaddress.IPv6Address(src)), sport),
-                      (str(ipaddress.IPv6Address(dst)), dport))
+        return Header(2, "PROXY", "TCP6", (ip_text(ipaddress.IPv6Address(src)), sport),
+                      (ip_text(ipaddress.IPv6Address(dst)), dport))
     if address_family == 3:
         if len(body) < 216:
             raise Invalid("PROXY v2 UNIX addresses truncated")
