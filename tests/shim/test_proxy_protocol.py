@@ -269,6 +269,39 @@ def test_a_header_dribbled_past_the_header_timeout_is_closed(interface, listener
         "a header sent a byte every 0.3 s held the connection for 12 s"
 
 
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+@pytest.mark.usefixtures("engine")
+def test_an_ipv6_peer_without_a_header_is_closed(interface, listeners, spawn, engine):
+    """On [::1] (a peer address of four items): a connection that sends no header is closed at
+    http.header_timeout, and one that sends a request instead is closed at once, each logged
+    as a reject. The ASGI engine formatted the peer as two items: a TypeError before the close,
+    so such connections stayed open for ever."""
+    if interface == "asgi" and engine != "python":
+        pytest.skip("ASGI has one engine")
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    v6.bind(("::1", 0))
+    v6.listen(64)
+    port = v6.getsockname()[1]
+    listeners.socks, listeners.names = [v6], ["tcp://[::1]:%d" % port]
+    w = spawn_pp(spawn, listeners, interface, extra={"http": {"header_timeout_ms": 1000}})
+    silent = socket.create_connection(("::1", port))
+    request = socket.create_connection(("::1", port))
+    try:
+        request.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        for s in (request, silent):
+            s.settimeout(5)
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        silent.close()
+        request.close()
+    wait_until(lambda: "without a valid PROXY protocol header" in w.stderr_text(), 5,
+               "the reject in the log")
+    assert "Traceback" not in w.stderr_text()
+
+
 @pytest.mark.usefixtures("engine")
 def test_access_log_shows_the_proxied_client(listeners, spawn):
     w = spawn_pp(spawn, listeners, extra={"logging": {"access_log": True, "level": "info"}})

@@ -84,6 +84,9 @@ class ProxyPreamble(asyncio.Protocol):
     def _reject(self, reason: str) -> None:
         if self.handed_over or self.transport is None or self.transport.is_closing():
             return
-        peer = self.transport.get_extra_info("peername")
-        self.rejects.reject("%s:%s" % tuple(peer) if isinstance(peer, tuple) else "unix", reason)
-        self.transport.abort()  # no response, and no lingering for a client we do not serve
+        try:
+            peer = self.transport.get_extra_info("peername")  # an IPv6 one has four items
+            self.rejects.reject("%s:%s" % (peer[0], peer[1]) if isinstance(peer, tuple)
+                                else "unix", reason)
+        finally:
+            self.transport.abort()  # no response, and no lingering for a client we do not serve
