@@ -7,6 +7,8 @@ import json
 import socket
 import struct
 import sys
+import threading
+import time
 
 import pytest
 
@@ -300,6 +302,41 @@ def test_an_ipv6_peer_without_a_header_is_closed(interface, listeners, spawn, en
     wait_until(lambda: "without a valid PROXY protocol header" in w.stderr_text(), 5,
                "the reject in the log")
     assert "Traceback" not in w.stderr_text()
+
+
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+@pytest.mark.usefixtures("engine")
+def test_a_header_trickled_during_a_drain_does_not_hold_it(interface, listeners, spawn, engine):
+    """A draining worker does not wait for ever for a PROXY header that keeps coming slowly:
+    the WSGI engines close it at drain_idle (1 s), the ASGI engine, which waits for headers and
+    handshakes under way, at http.header_timeout. The native engine restarted its clock at
+    every byte, so a v2 header of 4 KiB held the drain until timeouts.graceful."""
+    if interface == "asgi" and engine != "python":
+        pytest.skip("ASGI has one engine")
+    w = spawn_pp(spawn, listeners, interface, extra={"http": {"header_timeout_ms": 4000}})
+    header = proxyproto.V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", 4000)
+    stop = threading.Event()
+
+    def trickle():
+        with socket.create_connection(("127.0.0.1", listeners.port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i in range(len(header) + 100):  # 2.3 s of the 16-byte prefix, then the body
+                if stop.wait(0.15):
+                    return
+                try:
+                    s.sendall(header[i:i + 1] or b"\0")
+                except OSError:
+                    return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    time.sleep(1.0)  # a few bytes in
+    w.drain()
+    try:
+        assert w.wait_exit(8) == 0  # the trickle would last 17 s
+    finally:
+        stop.set()
+        t.join(5)
 
 
 @pytest.mark.usefixtures("engine")

@@ -601,7 +601,9 @@ void Server::serve(Connection* conn, bool must_read, PyThreadState* ts) {
     if (conn->proxy_pending) {
         const Preamble step = read_proxy_header(conn, ts);
         if (step == Preamble::wait) {
-            park(conn);
+            // Not a request: the clock keeps running from the accept (a header trickled a
+            // byte at a time must not hold a draining worker past drain_idle).
+            park(conn, ConnState::idle, false);
             return;
         }
         if (step == Preamble::close) {
