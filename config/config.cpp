@@ -1255,9 +1255,11 @@ const std::vector<KeySpec>& key_table() {
              ctx.set_integer(n, backlog, 1);
              if (backlog > 0) ctx.global_backlog = backlog;
          }},
-        {"workers", "integer >= 1", [](const Config& c) { return std::to_string(c.workers); },
+        {"workers", "integer, 1 to 1024", [](const Config& c) { return std::to_string(c.workers); },
          "Worker processes per generation.",
-         [](Context& ctx, const Node& n, Config& c) { ctx.set_integer(n, c.workers, 1); }},
+         [](Context& ctx, const Node& n, Config& c) {
+             ctx.set_integer(n, c.workers, 1, kMaxWorkers);
+         }},
         {"threads", "integer >= 1", [](const Config& c) { return std::to_string(c.threads); },
          "Request threads per WSGI worker.",
          [](Context& ctx, const Node& n, Config& c) { ctx.set_integer(n, c.threads, 1); }},

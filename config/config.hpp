@@ -174,7 +174,7 @@ struct Config {
     std::string python = "/usr/bin/python3";
     std::map<std::string, std::string> env;
     std::vector<ListenAddress> listen;
-    int workers = 1;
+    int workers = 1;  // 1 to kMaxWorkers
     int threads = 1;
     Timeouts timeouts;
     Health health;
@@ -204,6 +204,10 @@ struct ConfigError {
 
 // The largest config file read (a config is a few kB; this stops a runaway file early).
 inline constexpr std::size_t kMaxConfigFileBytes = 1024 * 1024;
+
+// The most workers a generation may have (`workers:`, `scale`, SIGTTIN): past it a typo
+// (`scale 100000`) would have the master spawn until the host runs out of processes.
+inline constexpr int kMaxWorkers = 1024;
 
 struct LoadResult {
     std::shared_ptr<const Config> config;  // null when errors is not empty

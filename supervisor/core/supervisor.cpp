@@ -542,9 +542,9 @@ Actions Supervisor::stop(Time now, bool fast) {
 
 Actions Supervisor::scale(Time now, int workers) {
     account_for_pause(now);
-    if (workers < 1) {
+    if (workers < 1 || workers > config::kMaxWorkers) {
         log(LogLevel::warning,
-            fmt::format("cannot scale to {} workers: at least one is needed", workers));
+            fmt::format("cannot scale to {} workers: from 1 to {}", workers, config::kMaxWorkers));
         return take();
     }
     if (master_state_ != MasterState::running && master_state_ != MasterState::starting) {
@@ -702,17 +702,19 @@ void Supervisor::reconcile_starting(Time now, Generation& gen) {
     }
 
     Generation* old = live_ ? &generations_.at(*live_) : nullptr;
-    auto in_slot = [&](int slot, bool ready) {
-        auto workers = workers_of(gen.id);
-        return std::any_of(workers.begin(), workers.end(), [&](Worker* w) {
-            return w->slot == slot && covers_slot(*w) && (!ready || w->state == WorkerState::ready);
-        });
-    };
-    for (int slot = 0; slot < gen.admitted; ++slot) {
-        if (!in_slot(slot, false)) spawn(now, gen, slot);
+    // Which admitted slots have a worker, and a ready one: one pass, as in reconcile_live.
+    const auto admitted = static_cast<std::size_t>(std::max(gen.admitted, 0));
+    std::vector<bool> covered(admitted), ready(admitted);
+    for (Worker* w : workers_of(gen.id)) {
+        if (w->slot < 0 || w->slot >= gen.admitted || !covers_slot(*w)) continue;
+        covered[static_cast<std::size_t>(w->slot)] = true;
+        if (w->state == WorkerState::ready) ready[static_cast<std::size_t>(w->slot)] = true;
     }
-    for (int slot = 0; slot < gen.admitted; ++slot) {
-        if (!in_slot(slot, true)) return;
+    for (std::size_t slot = 0; slot < admitted; ++slot) {
+        if (!covered[slot]) spawn(now, gen, static_cast<int>(slot));
+    }
+    for (std::size_t slot = 0; slot < admitted; ++slot) {
+        if (!ready[slot]) return;
     }
 
     // Every admitted slot is ready: the old generation hands those slots over.
@@ -747,12 +749,18 @@ bool Supervisor::slot_handed_over(const Generation& gen, int slot) const {
 }
 
 void Supervisor::reconcile_live(Time now, Generation& gen) {
+    // The generation's workers by slot, in one pass: a scan of them per slot cost slots x
+    // workers per event, and `scale 1000` with every spawn failing (out of fds) kept the loop
+    // from polling for minutes, heartbeats unread, until healthy workers were killed.
+    std::vector<std::vector<Worker*>> by_slot(static_cast<std::size_t>(std::max(gen.target, 0)));
+    for (Worker* w : workers_of(gen.id)) {
+        if (w->slot >= 0 && w->slot < gen.target && is_alive(w->state)) {
+            by_slot[static_cast<std::size_t>(w->slot)].push_back(w);
+        }
+    }
     for (int slot = 0; slot < gen.target; ++slot) {
         if (slot_handed_over(gen, slot)) continue;
-        std::vector<Worker*> in_slot;
-        for (Worker* w : workers_of(gen.id)) {
-            if (w->slot == slot && is_alive(w->state)) in_slot.push_back(w);
-        }
+        const std::vector<Worker*>& in_slot = by_slot[static_cast<std::size_t>(slot)];
         bool covered = false;
         bool covered_and_ready = false;
         for (Worker* w : in_slot) {

@@ -292,8 +292,14 @@ void ControlServer::handle(const std::shared_ptr<Connection>& connection,
         // Range-checked as a 64-bit number first: get<int>() would truncate 2^32 + 2 to 2.
         if (!parsed.contains("workers") || !parsed["workers"].is_number_integer() ||
             parsed["workers"].get<std::int64_t>() < 1 ||
-            parsed["workers"].get<std::int64_t>() > std::numeric_limits<int>::max()) {
-            error("scale needs \"workers\": a whole number of at least 1");
+            parsed["workers"].get<std::int64_t>() > config::kMaxWorkers) {
+            error(fmt::format("scale needs \"workers\": a whole number from 1 to {}",
+                              config::kMaxWorkers));
+            return;
+        }
+        auto state = master_.core().state();
+        if (state != core::MasterState::running && state != core::MasterState::starting) {
+            error("the master is stopping; it does not scale");
             return;
         }
         master_.scale(parsed["workers"].get<int>());

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from molt_testlib import (APPS, PYTHON, REPO, Molt, http_get, molt_bin, process_running,
-                          wait_until)
+from molt_testlib import (APPS, PYTHON, REPO, Molt, control_request, http_get, molt_bin,
+                          process_running, wait_until)
 
 HELLO = {"app": "hello_app:application", "chdir": str(APPS), "workers": 2}
 EDGE = {"app": "edge_app:application", "chdir": str(APPS), "workers": 2, "threads": 4}
@@ -348,11 +348,14 @@ def test_term_drains_in_flight_requests_then_exits_zero(molt, tmp_path):
     t.start()
     wait_until(marker.exists, 10, "the slow request to be in flight")
     m.signal(signal.SIGTERM)
+    wait_until(lambda: "graceful stop: draining every worker" in m.log(), 10, "the stop")
+    # While it stops, `scale` says so (it answered ok with the old count).
+    answer = control_request(m.config["control"]["socket"], {"command": "scale", "workers": 3})
+    assert answer == {"ok": False, "error": "the master is stopping; it does not scale"}
     t.join(15)
     assert results["slow"][0] == 200
     assert results["slow"][2] == b"done"
     assert m.proc.wait(20) == 0
-    assert "graceful stop: draining every worker" in m.log()
 
 
 def test_int_stops_fast(molt):
@@ -462,6 +465,8 @@ def test_control_socket_survives_abuse(molt):
     # Out of range, not truncated to 32 bits (2^32 + 2 was taken as 2, -(2^32 - 1) as 1).
     assert b"scale needs" in raw(b'{"command": "scale", "workers": 4294967298}\n')
     assert b"scale needs" in raw(b'{"command": "scale", "workers": -4294967295}\n')
+    # At most 1024: `scale 100000` (a typo) had the master spawn until it ran out of fds.
+    assert b"a whole number from 1 to 1024" in raw(b'{"command": "scale", "workers": 1025}\n')
     silent = [socket.socket(socket.AF_UNIX) for _ in range(5)]
     for s in silent:
         s.connect(path)  # connect and never write

@@ -104,7 +104,9 @@ TEST_CASE("counts have lower bounds") {
     CHECK(only_error("app: a:b\nrollover: {batch: -1}\n") ==
           "/srv/app/molt.yaml:2:19: rollover.batch: must be at least 0, got -1");
     CHECK(only_error("app: a:b\nworkers: 99999999999\n") ==
-          "/srv/app/molt.yaml:2:10: workers: must be at most 2147483647, got 99999999999");
+          "/srv/app/molt.yaml:2:10: workers: must be at most 1024, got 99999999999");
+    CHECK(only_error("app: a:b\nworkers: 1025\n") ==
+          "/srv/app/molt.yaml:2:10: workers: must be at most 1024, got 1025");
     CHECK(only_error("app: a:b\nhttp: {max_headers: 0}\n") ==
           "/srv/app/molt.yaml:2:21: http.max_headers: must be at least 1, got 0");
     CHECK(valid("app: a:b\nrollover: {batch: 0}\n").rollover.batch == 0);
