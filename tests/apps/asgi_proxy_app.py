@@ -20,6 +20,12 @@ async def app(scope, receive, send):
     tls = scope.get("extensions", {}).get("tls")
     if tls is not None:  # a TLS connection: the ASGI TLS extension (tests/shim/test_tls.py)
         answer["tls"] = tls
+    if scope["type"] == "websocket":  # the same, as the one message of a WebSocket
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": json.dumps(answer)})
+        await send({"type": "websocket.close"})
+        return
     body = json.dumps(answer).encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json")]})

@@ -676,3 +676,29 @@ def test_a_content_length_that_is_not_digits_is_the_apps_error_on_asgi(listeners
     raw = raw_exchange(listeners.port, b"GET /negative-length HTTP/1.1\r\nHost: t\r\n\r\n", 5)
     assert raw.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), raw
     assert b"-1" not in raw.partition(b"\r\n\r\n")[0]
+
+
+@pytest.mark.parametrize("env", [{}, {"MOLT_SHIM_PARSER": "httptools"},
+                                 {"MOLT_SHIM_PARSER": "h11", "MOLT_SHIM_WS": "wsproto"}],
+                         ids=["native", "httptools", "h11-wsproto"])
+def test_lifespan_state_reaches_every_scope_as_a_copy(listeners, spawn, env):
+    """ASGI 2.3: a Starlette (or FastAPI) lifespan that yields state boots (it failed the boot:
+    'The server does not support "state" in the lifespan scope'), and each request and
+    WebSocket sees a copy of it; a WebSocket's handshake answer carries molt's headers, not
+    the websockets library's Server."""
+    spawn("lifespan_state_app:app", interface="asgi", health_path="/state", env=env,
+          overrides={"http": {"version_header": "X-Release"}}).wait_ready()
+    c = Client(listeners.port)
+    for _ in range(2):  # the first request's own state is not the second's
+        status, _, body = c.request("/state")
+        assert (status, json.loads(body)) == (200, {"pool": "ready", "leaked": False})
+    c.close()
+
+    async def websocket():
+        async with websockets.connect("ws://127.0.0.1:%d/ws" % listeners.port) as ws:
+            return await asyncio.wait_for(ws.recv(), 5), ws.response_headers
+
+    text, headers = asyncio.run(websocket())
+    assert text == "ready"
+    if not env.get("MOLT_SHIM_WS"):  # wsproto sends no Server and takes no extra header
+        assert "Server" not in headers and headers["X-Release"] == "v1", headers

@@ -2,6 +2,7 @@
 handshake, ALPN, mutual TLS accepted and refused, the verified subject in the environ, a file
 response through TLS, and a client that opens TLS and sends nothing (closed by the timeout,
 holding no thread meanwhile)."""
+import asyncio
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 
 import pytest
+import websockets
 
 from harness import REPO, closed_while_dribbling, wait_until
 
@@ -159,6 +161,18 @@ def test_mutual_tls(listeners, spawn, certs, interface, engine):
             leaf = f.read().split("-----END CERTIFICATE-----")[0]
         assert [pem.replace("\n", "") for pem in ext["client_cert_chain"]] == [
             (leaf + "-----END CERTIFICATE-----").replace("\n", "")]
+        # A WebSocket's scope has it too (uvicorn builds that scope; it had no extensions).
+        context = ssl.create_default_context(cafile=certs.ca)
+        context.load_cert_chain(certs.client_cert, certs.client_key)
+
+        async def wss():
+            async with websockets.connect("wss://localhost:%d/" % listeners.port, ssl=context,
+                                          host="127.0.0.1", port=listeners.port) as ws:
+                return json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+        scope = asyncio.run(wss())
+        assert scope["scheme"] == "wss"
+        assert scope["tls"]["client_cert_name"] == "CN=client one,O=Example"
 
 
 def test_asgi_https(listeners, spawn, certs):

@@ -456,6 +456,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                      "headers": self.headers}
             if self._tls_extension is not None:
                 scope["extensions"] = {"tls": dict(self._tls_extension)}
+            ctl.add_state(scope)
             self.scope = scope
 
         def on_url(self, url: bytes) -> None:
@@ -742,6 +743,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                     upgrade: bool, complete: bool) -> None:
             if self._tls_extension is not None:
                 scope["extensions"] = {"tls": dict(self._tls_extension)}
+            ctl.add_state(scope)
             self.scope = scope
             self.headers = scope["headers"]
             self._body_size = 0

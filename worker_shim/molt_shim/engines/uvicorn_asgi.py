@@ -16,6 +16,7 @@ engine runs its hooks from the event loop, so a blocked loop stops the heartbeat
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import select
@@ -75,6 +76,9 @@ class DrainControl:
         self.default_head = b""
         self.default_close = False
         self.unsent_heads: List[Any] = []  # asgi_cycle.Cycle whose head waits for its body
+        # ASGI 2.3's lifespan state: the dict the lifespan scope carries (the app fills it at
+        # startup); every request and WebSocket scope gets a shallow copy (add_state()).
+        self.app_state: Dict[str, Any] = {}
         self.warming = False
         # Protocols of accepted connections whose connection_made() has not run yet (asyncio
         # calls it on the next loop iteration; after a PROXY header or a TLS handshake, within
@@ -96,6 +100,12 @@ class DrainControl:
             self.h11_idle: Any = h11.IDLE
         except ImportError:  # no h11: uvicorn runs httptools only
             self.h11_idle = None
+
+    def add_state(self, scope: Dict[str, Any]) -> None:
+        """The lifespan's state into a request's scope: a copy, so what one request sets in
+        it (Starlette's request.state) is not the next one's. Nothing while it is empty."""
+        if self.app_state:
+            scope["state"] = self.app_state.copy()
 
     def flush_heads(self) -> None:
         """End of a loop iteration (call_soon): every response head still waiting for its
@@ -199,6 +209,50 @@ class CachedAddresses:
         return self._t.get_extra_info("sockname")
 
 
+def make_ws_protocol_class(base: Optional[type], ctl: DrainControl,
+                           head: List[Tuple[str, str]]) -> Optional[type]:
+    """uvicorn's WebSocket protocol (`base`, None without a WebSocket library) with what molt
+    gives every scope and response: the TLS extension (a listener's verified client
+    certificate), the lifespan's state, and molt's own headers (`head`: asgi.server_header
+    and http.version_header) where the websockets library put `Server: Python/3.11
+    websockets/10.4` on every handshake answer. uvicorn builds the scope itself, after the
+    handshake: the property sees it as it is set, as MoltHTTPProtocol.scope does."""
+    if base is None:
+        return None
+    server = next((value for name, value in head if name.lower() == "server"), None)
+    extra = [(name, value) for name, value in head if name.lower() != "server"]
+
+    class MoltWebSocketProtocol(base):  # type: ignore[misc, valid-type]
+        _molt_tls: Any = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if hasattr(self, "server_header"):  # the websockets library's handshake
+                self.server_header = server
+                self.extra_headers.extend(extra)
+
+        def connection_made(self, transport: Any) -> None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self._molt_tls = tls.asgi_extension(ssl_object)
+            super().connection_made(transport)
+
+        @property
+        def scope(self) -> Any:
+            return self.__dict__.get("_molt_scope")
+
+        @scope.setter
+        def scope(self, value: Any) -> None:
+            if value is not None:
+                if self._molt_tls is not None:
+                    value.setdefault("extensions", {})["tls"] = dict(self._molt_tls)
+                ctl.add_state(value)
+            self.__dict__["_molt_scope"] = value
+
+    MoltWebSocketProtocol.__name__ = "Molt" + base.__name__
+    return MoltWebSocketProtocol
+
+
 def app_running(cycle: Any) -> bool:
     """Whether a request cycle's app has not returned yet (uvicorn sets on_response to None
     in run_asgi's `finally`; a cycle still queued behind a pipelined one counts too)."""
@@ -245,8 +299,10 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
         def scope(self, value: Any) -> None:
             # uvicorn builds each request's scope in its parser callbacks (`self.scope = {...}`):
             # the one place to add what the connection knows and uvicorn does not.
-            if value is not None and self._tls_extension is not None:
-                value.setdefault("extensions", {})["tls"] = dict(self._tls_extension)
+            if value is not None:
+                if self._tls_extension is not None:
+                    value.setdefault("extensions", {})["tls"] = dict(self._tls_extension)
+                ctl.add_state(value)
             self.__dict__["_molt_scope"] = value
 
         @classmethod
@@ -576,6 +632,21 @@ def _with_h11_limits(protocol: type, base: type, ctl: DrainControl) -> type:
     return LimitedH11
 
 
+class LifespanState:
+    """The lifespan scope's "state" (ASGI 2.3): the dict a Starlette or FastAPI `lifespan`
+    that yields one fills, which every request then sees a copy of. Without it Starlette fails
+    the startup: 'The server does not support "state" in the lifespan scope'."""
+
+    def __init__(self, app: Any, state: Dict[str, Any]) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            scope["state"] = self.state
+        await self.app(scope, receive, send)
+
+
 class Observe:
     """ASGI middleware for the request metrics and the access log, installed only when one of
     them is on (the only molt Python that runs per request on this engine)."""
@@ -677,6 +748,10 @@ class UvicornASGIEngine:
                                 Limits.from_config(cfg.http),
                                 Framing(cfg.version_header_line, keepalive=True),
                                 cfg.send_timeout_s)
+        # Every path to a WebSocket (each parser's upgrade; uvicorn's h11 protocol reads the
+        # class off the config per connection) gets molt's subclass.
+        self.config.ws_protocol_class = make_ws_protocol_class(self.config.ws_protocol_class,
+                                                               self.ctl, headers)
         self.metrics = RequestMetrics() if cfg.request_metrics else None
         if ctx.access_log is not None or self.metrics is not None:
             self.config.loaded_app = Observe(self.config.loaded_app, ctx.access_log,
@@ -716,7 +791,11 @@ class UvicornASGIEngine:
 
     # -- engines.base.Engine -------------------------------------------------------------------
     def start(self) -> Optional[str]:
-        self.lifespan = self.config.lifespan_class(self.config)
+        # The lifespan alone sees the app behind LifespanState; uvicorn 0.17 gives its scope
+        # no "state".
+        config = copy.copy(self.config)
+        config.loaded_app = LifespanState(self.config.loaded_app, self.ctl.app_state)
+        self.lifespan = self.config.lifespan_class(config)
         self.loop.run_until_complete(self.lifespan.startup())
         if self.lifespan.should_exit:
             return "ASGI lifespan startup failed (lifespan: %s; see the log above)" % (
