@@ -1273,7 +1273,10 @@ const std::vector<KeySpec>& key_table() {
          }},
         {"timeouts.graceful", "duration > 0",
          [](const Config& c) { return format_duration(c.timeouts.graceful); },
-         "From `DRAIN` to SIGKILL: how long in-flight requests get to finish.",
+         "From `DRAIN` to SIGKILL: how long in-flight requests get to finish. A worker stops "
+         "waiting for them a little before (a quarter of it, at most 1s), aborts what is left "
+         "(an ASGI app's tasks are cancelled), and uses that time for the ASGI lifespan "
+         "shutdown and `hooks.worker_exit`.",
          [](Context& ctx, const Node& n, Config& c) {
              ctx.set_duration(n, c.timeouts.graceful, Duration{1});
          }},

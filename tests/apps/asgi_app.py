@@ -43,7 +43,14 @@ async def state(request):
 
 
 async def slow(request):
-    await asyncio.sleep(float(request.query_params.get("s", "1")))
+    try:
+        await asyncio.sleep(float(request.query_params.get("s", "1")))
+    except asyncio.CancelledError:  # a drain that ran out of time cancels it
+        marker = os.environ.get("ASGI_CANCEL_MARKER")
+        if marker:
+            with open(marker, "w") as f:
+                f.write("cancelled")
+        raise
     return PlainTextResponse("slow done")
 
 
@@ -149,3 +156,9 @@ async def app(scope, receive, send):
         await send({"type": "http.response.body", "body": body})
         return
     await starlette_app(scope, receive, send)
+
+
+def worker_exit():
+    """hooks.worker_exit: appends this worker's pid to $EXIT_LOG."""
+    with open(os.environ["EXIT_LOG"], "a") as f:
+        f.write("%d\n" % os.getpid())

@@ -71,3 +71,38 @@ def test_timeouts_request_aborts_an_asgi_worker_whose_request_hangs(molt):
                    on_timeout=m.log)
         assert read_to_eof(hung) == b""  # the worker was aborted: no answer, a closed socket
     wait_until(lambda: m.get("/")[0] == 200, 30, "a replacement worker serving")
+
+
+@pytest.mark.timeout(60)
+def test_a_drain_that_runs_out_of_time_still_runs_the_lifespan_shutdown_and_the_exit_hook(
+        molt, tmp_path):
+    """A worker whose drain reaches timeouts.graceful (a request that will not end) stops
+    waiting a moment before the master's SIGKILL: the request's task is cancelled, then the
+    lifespan shutdown and hooks.worker_exit run. It waited for all of graceful, and the
+    master's kill came in the same millisecond as its way out."""
+    files = {name: tmp_path / name for name in ("shutdown", "exits", "cancelled")}
+    m = molt({"app": "asgi_app:app", "interface": "asgi", "chdir": str(APPS), "workers": 1,
+              "timeouts": {"graceful": "2s"}, "hooks": {"worker_exit": "asgi_app:worker_exit"},
+              "env": {"ASGI_SHUTDOWN_MARKER": str(files["shutdown"]),
+                      "EXIT_LOG": str(files["exits"]),
+                      "ASGI_CANCEL_MARKER": str(files["cancelled"])}})
+    (old,) = m.worker_pids()
+    hung = socket.create_connection(("127.0.0.1", m.port), timeout=30)
+    hung.sendall(b"GET /slow?s=60 HTTP/1.1\r\nHost: t\r\n\r\n")
+    wait_until(lambda: any(w["pid"] == old and w["inflight"] >= 1 for w in m.workers()), 10,
+               "the request in flight (a heartbeat says so)")
+    assert m.reload()["ok"] is True
+    wait_until(lambda: not process_alive(old), 10, "the old worker gone")
+    hung.close()
+    assert files["cancelled"].read_text() == "cancelled"
+    assert files["shutdown"].read_text() == "stopped"
+    assert files["exits"].read_text().split() == [str(old)]
+    assert f"pid={old} worker slot=0: draining -> exited (exited with status 0)" in m.log()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -126,6 +126,17 @@ class SignalQueue:
             pass
 
 
+EXIT_RESERVE_S = 1.0  # at most this much of timeouts.graceful is kept for the way out
+
+
+def drain_allowance(graceful_s: float) -> float:
+    """How long a draining worker waits for its connections: timeouts.graceful, less a reserve
+    (a quarter of it, at most EXIT_RESERVE_S) for what comes after: the engine's close (the
+    ASGI lifespan shutdown) and hooks.worker_exit. The master sends SIGKILL at graceful from
+    its DRAIN; a worker that waited all of it lost both to the kill."""
+    return graceful_s - min(EXIT_RESERVE_S, graceful_s / 4)
+
+
 class Lifecycle:
     """Drives one engine from start to exit; implements engines.base.LoopHooks for its loop."""
 
@@ -242,7 +253,7 @@ class Lifecycle:
     def _begin_drain(self, why: str) -> None:
         if self.phase is not Phase.SERVING:
             return
-        self._drain_deadline = time.monotonic() + max(1.0, self.cfg.timeout_s("graceful"))
+        self._drain_deadline = time.monotonic() + drain_allowance(self.cfg.timeout_s("graceful"))
         self.engine.stop_accepting()
         # From now on no new connection can reach this worker, so the rollover can be
         # reported done (`molt ctl reload --wait` returns).

@@ -55,6 +55,7 @@ DRAIN_TICK_S = 0.1  # how often a draining worker looks for idle connections to 
 TICK_S = 0.1
 CLOSE_HEADER = (b"connection", b"close")
 WS_SERVICE_RESTART = 1012  # RFC 6455 close code for a drained WebSocket
+ABANDON_WAIT_S = 0.25  # how long cancelled app tasks get to finish when a drain ran out
 
 
 class DrainControl:
@@ -891,10 +892,26 @@ class UvicornASGIEngine:
         return not (self.state.connections or self.state.tasks or self.ctl.unmade)
 
     def close(self) -> None:
+        self.abandon()
         if self.started:
             self.loop.run_until_complete(self.lifespan.shutdown())
         self.observe(time.monotonic())
         self.loop.close()
+
+    def abandon(self) -> None:
+        """What a drain that ran out of time leaves: its connections are aborted (their apps
+        hear the disconnect) and the apps' tasks cancelled (their `finally` blocks run), so the
+        lifespan shutdown comes after every request, as the ASGI spec orders, and no task is
+        left pending on a closed loop."""
+        for conn in list(self.state.connections):
+            transport = getattr(conn, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+        tasks = [task for task in self.state.tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:  # bounded: an app may swallow the cancellation
+            self.loop.run_until_complete(asyncio.wait(tasks, timeout=ABANDON_WAIT_S))
 
     # -- serving ------------------------------------------------------------------------------
     def update_date(self) -> None:
