@@ -85,6 +85,13 @@ std::string openssl_errors(const OpenSsl& ssl) {
     return text.empty() ? "unknown OpenSSL error" : text;
 }
 
+// The PEM password callback: never a password. OpenSSL's default asks on the terminal, which
+// blocks a master started from one (and a HUP's check) on a key with a passphrase.
+int no_passphrase(char*, int, int, void* asked) {
+    *static_cast<bool*>(asked) = true;
+    return -1;
+}
+
 }  // namespace
 
 std::string check_tls_files(const std::string& cert, const std::string& key,
@@ -102,9 +109,18 @@ std::string check_tls_files(const std::string& cert, const std::string& key,
     // read the key" and "the key belongs to another certificate" need different fixes.
     std::unique_ptr<BIO, decltype(ssl.bio_free)> file(ssl.bio_new_file(key.c_str(), "r"),
                                                       ssl.bio_free);
+    bool passphrase_asked = false;
     std::unique_ptr<EVP_PKEY, decltype(ssl.evp_pkey_free)> pkey(
-        file ? ssl.pem_read_bio_private_key(file.get(), nullptr, nullptr, nullptr) : nullptr,
+        file ? ssl.pem_read_bio_private_key(file.get(), nullptr, no_passphrase, &passphrase_asked)
+             : nullptr,
         ssl.evp_pkey_free);
+    if (!pkey && passphrase_asked) {
+        ssl.err_clear_error();
+        return "the private key " + key +
+               " is encrypted with a passphrase, which molt cannot be given: write it "
+               "unencrypted, readable by root only (openssl pkey -in " +
+               key + " -out KEY.pem)";
+    }
     if (!pkey) return "cannot load the private key " + key + ": " + openssl_errors(ssl);
     if (ssl.use_private_key(ctx.get(), pkey.get()) != 1 || ssl.check_private_key(ctx.get()) != 1) {
         return "the private key " + key + " does not match the certificate " + cert + ": " +

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import shlex
 import socket
 import ssl
 import struct
@@ -67,6 +68,25 @@ def test_check_reports_bad_certificate_files_with_their_position(tmp_path, certs
         offline = subprocess.run([molt_bin(), "check", "--offline", "-c", str(config)],
                                  capture_output=True, text=True, timeout=30)
         assert offline.returncode == 0, (name, offline)
+
+
+def test_a_key_with_a_passphrase_is_refused_not_prompted_for(tmp_path, certs):
+    """OpenSSL's default asks for the passphrase on the terminal: `molt check` (and so the
+    master, at start and at every HUP) waited there. Run under a pseudo-terminal (script) so
+    that a prompt would hang; the answer is the config error instead."""
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", certs.key, "-aes256", "-passout", "pass:secret",
+                    "-out", str(encrypted)], check=True, capture_output=True, timeout=60)
+    config = tmp_path / "molt.yaml"
+    config.write_text(f"app: hello_app:application\nchdir: {APPS}\npython: {PYTHON}\n"
+                      "listen:\n  - address: tcp://127.0.0.1:0\n"
+                      f"    tls: {{cert: {certs.cert}, key: {encrypted}}}\n")
+    command = shlex.join([molt_bin(), "check", "-c", str(config)])
+    out = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True,
+                         text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert out.returncode == 78, out
+    assert "is encrypted with a passphrase" in out.stdout, out.stdout  # the pty's output
+    assert "pass phrase" not in out.stdout
 
 
 @pytest.mark.parametrize("engine", ["python", "native"])

@@ -41,12 +41,17 @@ class ServerSocket(ssl.SSLSocket):
             raise BlockingIOError() from None
 
 
+def _no_passphrase() -> bytes:
+    raise ssl.SSLError("the private key is encrypted with a passphrase")
+
+
 def make_context(options: Mapping[str, Any]) -> ssl.SSLContext:
     """The server context of one listener; raises OSError/ssl.SSLError on a bad file."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = VERSIONS.get(str(options.get("min_version") or "1.2"),
                                        ssl.TLSVersion.TLSv1_2)
-    ctx.load_cert_chain(str(options["cert"]), str(options["key"]))
+    # Never OpenSSL's terminal prompt for a passphrase (the master refuses such a key first).
+    ctx.load_cert_chain(str(options["cert"]), str(options["key"]), password=_no_passphrase)
     ctx.set_alpn_protocols(["http/1.1"])
     client_ca = str(options.get("client_ca") or "")
     if client_ca:

@@ -125,6 +125,8 @@ SslCtxPtr make_tls_context(const TlsOptions& options) {
     if (SSL_CTX_use_certificate_chain_file(ctx.get(), options.cert.c_str()) != 1) {
         fail("cannot load the certificate chain " + options.cert);
     }
+    // Never OpenSSL's terminal prompt for a passphrase (the master refuses such a key first).
+    SSL_CTX_set_default_passwd_cb(ctx.get(), [](char*, int, int, void*) { return -1; });
     if (SSL_CTX_use_PrivateKey_file(ctx.get(), options.key.c_str(), SSL_FILETYPE_PEM) != 1) {
         fail("cannot load the private key " + options.key);
     }
