@@ -130,10 +130,34 @@ std::optional<std::string> reload_refusal(const config::Config& serving,
     std::vector<std::string> have, want;
     for (const auto& address : serving.listen) have.push_back(address.text);
     for (const auto& address : next.listen) want.push_back(address.text);
-    if (have == want) return std::nullopt;
-    return fmt::format(
-        "listen: changing listen addresses needs a restart (serving {}, the config now says {})",
-        fmt::join(have, ", "), fmt::join(want, ", "));
+    if (have != want) {
+        return fmt::format(
+            "listen: changing listen addresses needs a restart (serving {}, the config now says "
+            "{})",
+            fmt::join(have, ", "), fmt::join(want, ", "));
+    }
+    // What else the master sets up once, at its start: a reload that changed them would
+    // half-apply (a pidfile never written and the old one left behind at exit, `molt ctl`
+    // looking for a socket nobody listens on).
+    auto mode = [](const config::Config& c) { return fmt::format("{:04o}", c.control.mode); };
+    auto metrics = [](const config::Config& c) {
+        return c.metrics.listen ? c.metrics.listen->text : "";
+    };
+    const std::pair<const char*, std::pair<std::string, std::string>> once[] = {
+        {"pidfile", {serving.pidfile, next.pidfile}},
+        {"control.socket", {serving.control.socket, next.control.socket}},
+        {"control.mode", {mode(serving), mode(next)}},
+        {"metrics.listen", {metrics(serving), metrics(next)}},
+    };
+    for (const auto& [key, values] : once) {
+        if (values.first != values.second) {
+            return fmt::format(
+                "{}: changing it needs a restart (serving \"{}\", the config now "
+                "says \"{}\")",
+                key, values.first, values.second);
+        }
+    }
+    return std::nullopt;
 }
 
 Supervisor::Supervisor(Policy policy) : policy_(policy) {}

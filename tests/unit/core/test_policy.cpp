@@ -43,6 +43,28 @@ TEST_CASE("a reload that changes listen: is refused, naming both address lists")
     CHECK(reload_refusal(serving, reordered).has_value());
 }
 
+TEST_CASE("a reload that changes what the master sets up at its start is refused") {
+    config::Config serving;
+    serving.pidfile = "/run/molt/p1.pid";
+    serving.control.socket = "/run/molt/ctl.sock";
+    config::Config next = serving;
+    next.workers = 7;  // the rest may change
+    CHECK_FALSE(reload_refusal(serving, next).has_value());
+    next.pidfile = "/run/molt/p2.pid";
+    CHECK(reload_refusal(serving, next) ==
+          "pidfile: changing it needs a restart (serving \"/run/molt/p1.pid\", the config now "
+          "says \"/run/molt/p2.pid\")");
+    next = serving;
+    next.control.socket = "/run/molt/ctl2.sock";
+    CHECK(reload_refusal(serving, next).value_or("").starts_with("control.socket: "));
+    next = serving;
+    next.control.mode = 0660;
+    CHECK(reload_refusal(serving, next).value_or("").starts_with("control.mode: "));
+    next = serving;
+    next.metrics.listen = tcp("tcp://127.0.0.1:9191");
+    CHECK(reload_refusal(serving, next).value_or("").starts_with("metrics.listen: "));
+}
+
 TEST_CASE("a binary upgrade is allowed only when steady and the config file is unchanged") {
     Steady h;
     CHECK_FALSE(h.sup.upgrade_refusal(std::nullopt).has_value());  // no config file
