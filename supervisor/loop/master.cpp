@@ -117,12 +117,12 @@ void close_worker_handles(WorkerProcess* worker) {
 
 Master::Master(std::shared_ptr<const config::Config> config, MasterOptions options)
     : config_(std::move(config)), options_(std::move(options)) {
-    uv_loop_init(&loop_);
+    loop_init_error_ = uv_loop_init(&loop_);  // fails without fds (its epoll): run() says so
 }
 
 Master::~Master() {
     remove_app_metrics_root();
-    uv_loop_close(&loop_);
+    if (loop_init_error_ == 0) uv_loop_close(&loop_);
 }
 
 core::Time Master::now() {
@@ -135,6 +135,10 @@ core::Time Master::now() {
 int Master::run() {
     os::ignore_signal(SIGPIPE);
     log_.configure(config_->logging);
+    if (loop_init_error_ != 0) {
+        log_.error(std::string("cannot start: the event loop: ") + uv_strerror(loop_init_error_));
+        return 1;
+    }
     if (const char* state = std::getenv(kStateVariable)) {
         std::string text = state;
         os::unset_environment(kStateVariable);  // never passed on to workers
@@ -191,15 +195,7 @@ int Master::run() {
 // Signals, timers, the control socket and the metrics endpoint: the same for a fresh start and
 // for an image that adopted its predecessor's workers.
 std::string Master::start_services() {
-    for (int signum :
-         {SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD}) {
-        uv_signal_t& handle = signals_[signum];
-        uv_signal_init(&loop_, &handle);
-        handle.data = this;
-        uv_signal_start(
-            &handle, [](uv_signal_t* h, int sig) { static_cast<Master*>(h->data)->on_signal(sig); },
-            signum);
-    }
+    // The timers first: they take no fds, so begin_shutdown() can always close them.
     uv_timer_init(&loop_, &deadline_timer_);
     deadline_timer_.data = this;
     uv_timer_init(&loop_, &upgrade_timer_);
@@ -229,6 +225,24 @@ std::string Master::start_services() {
     auto note = [&errors](const std::string& error) {
         if (!error.empty()) errors += (errors.empty() ? "" : "; ") + error;
     };
+    // A signal handle takes a pipe: out of fds, the master would run with the default
+    // actions (HUP and TERM kill it, nothing reaps a worker). Only handles that were
+    // initialised are kept (begin_shutdown() closes what is in signals_).
+    for (int signum :
+         {SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD}) {
+        uv_signal_t& handle = signals_[signum];
+        int rc = uv_signal_init(&loop_, &handle);
+        if (rc != 0) {
+            signals_.erase(signum);
+            note(fmt::format("cannot handle signal {}: {}", signum, uv_strerror(rc)));
+            continue;
+        }
+        handle.data = this;
+        rc = uv_signal_start(
+            &handle, [](uv_signal_t* h, int sig) { static_cast<Master*>(h->data)->on_signal(sig); },
+            signum);
+        if (rc != 0) note(fmt::format("cannot handle signal {}: {}", signum, uv_strerror(rc)));
+    }
     if (!config_->control.socket.empty()) {
         control_ = std::make_unique<ControlServer>(*this);
         note(control_->listen(config_->control.socket, config_->control.mode));

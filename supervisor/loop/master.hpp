@@ -157,6 +157,7 @@ class Master {
     int adopt(UpgradeState state);
 
     uv_loop_t loop_{};
+    int loop_init_error_ = 0;                       // uv_loop_init()'s, or 0
     std::shared_ptr<const config::Config> config_;  // the newest valid config
     MasterOptions options_;
     core::Supervisor core_;

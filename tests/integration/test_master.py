@@ -601,3 +601,19 @@ def test_changing_watch_paths_by_reload_swaps_the_watcher(molt, tmp_path):
     wait_until(lambda: m.live_generation() == 3, 20, "a rollover from the new watch path",
                on_timeout=m.log)
     assert m.alive()
+
+
+def test_too_few_file_descriptors_stop_the_start_with_the_reason(tmp_path):
+    """With `ulimit -n` too low for the master's own event loop, signal pipe or control socket,
+    it exits 1 saying why: it aborted on a libuv assertion (uv_close of a handle never
+    initialised), and had it got further it would have run with the default signal actions."""
+    config = tmp_path / "molt.yaml"
+    config.write_text(json.dumps({"app": "hello_app:application", "chdir": str(APPS),
+                                  "python": PYTHON, "listen": ["tcp://127.0.0.1:0"],
+                                  "control": {"socket": str(tmp_path / "ctl.sock")}}))
+    for limit in range(6, 13):  # each runs out somewhere else, up to the first worker
+        out = subprocess.run(["bash", "-c", f"ulimit -n {limit}; exec {molt_bin()} run -c {config}"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1, (limit, out.returncode, out.stderr[-2000:])
+        assert "too many open files" in out.stderr.lower(), (limit, out.stderr)
+        assert not (tmp_path / "ctl.sock").exists(), limit
