@@ -271,6 +271,16 @@ Actions Supervisor::request_reload(Time now, Ticket ticket, Trigger trigger,
         return take();
     }
     ReloadQueue& queue = rollover_.queued;
+    if (!queue.empty() && queue.release_dir != release_dir) {
+        // Queued requests become one rollover only when they go to the same place: a rollback
+        // behind a reload (or the other way round) supersedes it, and its clients hear so
+        // rather than the answer of a rollover onto a release they did not ask for.
+        emit(RolloverFinished{std::exchange(queue.tickets, {}), 0, false,
+                              fmt::format("superseded by a {} requested after it, before it "
+                                          "started",
+                                          to_string(trigger)),
+                              Duration{0}});
+    }
     queue.tickets.push_back(ticket);
     queue.trigger = trigger;
     queue.release_dir = std::move(release_dir);

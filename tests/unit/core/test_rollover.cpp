@@ -207,6 +207,26 @@ TEST_CASE("a HUP during a rollover is queued, and several queued HUPs become one
     CHECK(finished[1].ok);
 }
 
+TEST_CASE("a queued request for another release supersedes the queued ones, saying so") {
+    Live h(1);
+    h.hup(make_release("/srv/app/v2", make_config(1)));  // a rollover in progress
+    Ticket reload = h.next_ticket++;
+    h.run(h.sup.request_reload(h.now, reload));
+    Ticket rollback = h.next_ticket++;
+    h.run(h.sup.request_reload(h.now, rollback, Trigger::rollback, "/srv/app/releases/v0"));
+    auto finished = h.of<RolloverFinished>(h.all);
+    REQUIRE(finished.size() == 1);  // the reload's, at once: not the rollback's answer later
+    CHECK(finished[0].tickets == std::vector<Ticket>{reload});
+    CHECK_FALSE(finished[0].ok);
+    CHECK(finished[0].reason == "superseded by a rollback requested after it, before it started");
+    CHECK(h.sup.rollover().queued.tickets == std::vector<Ticket>{rollback});
+    CHECK(h.sup.rollover().queued.trigger == Trigger::rollback);
+    // A second rollback to the same place joins it.
+    Ticket again = h.next_ticket++;
+    h.run(h.sup.request_reload(h.now, again, Trigger::rollback, "/srv/app/releases/v0"));
+    CHECK(h.sup.rollover().queued.tickets == std::vector<Ticket>{rollback, again});
+}
+
 TEST_CASE("a crash of a new worker after READY, before the generation is live, fails it") {
     Live h(2);
     h.hup(make_release("/srv/app/v2", make_config(2)));
