@@ -7,12 +7,14 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocketDisconnect
 
 STATE = {"started": False, "stopped": False}
 # What /upload-watch saw: how many uploads began, and how the last one ended ("complete", or
 # the message that ended it, e.g. "http.disconnect" when the server cut the body).
 UPLOADS = {"started": 0, "ended_with": None}
 WS_LATE = {"waiting": 0}  # /ws-late connections whose app has not accepted yet
+WS_ENDED = []  # the close code each /ws connection's app saw in its websocket.disconnect
 
 
 async def startup():
@@ -87,8 +89,14 @@ async def ws_echo(websocket):
         while True:
             text = await websocket.receive_text()
             await websocket.send_text("echo:" + text)
+    except WebSocketDisconnect as exc:
+        WS_ENDED.append(exc.code)
     except Exception:
         pass
+
+
+async def ws_ended(request):
+    return JSONResponse(WS_ENDED)
 
 
 async def ws_late(websocket):
@@ -111,7 +119,7 @@ starlette_app = Starlette(
             Route("/slow", slow), Route("/echo", echo, methods=["POST"]), Route("/big", big),
             Route("/headers", headers, methods=["POST"]),
             Route("/ws-late-waiting", ws_late_waiting),
-            WebSocketRoute("/ws", ws_echo), WebSocketRoute("/ws-late", ws_late)],
+            Route("/ws-ended", ws_ended), WebSocketRoute("/ws", ws_echo), WebSocketRoute("/ws-late", ws_late)],
     on_startup=[startup], on_shutdown=[shutdown])
 
 

@@ -702,3 +702,26 @@ def test_lifespan_state_reaches_every_scope_as_a_copy(listeners, spawn, env):
     assert text == "ready"
     if not env.get("MOLT_SHIM_WS"):  # wsproto sends no Server and takes no extra header
         assert "Server" not in headers and headers["X-Release"] == "v1", headers
+
+
+@pytest.mark.parametrize("ws_library", ["websockets", "wsproto"])
+def test_a_websocket_client_gone_without_a_close_frame_is_a_disconnect(listeners, spawn,
+                                                                        ws_library):
+    """A client that leaves with a bare FIN: the app hears websocket.disconnect (1006), on
+    either library. On wsproto its receive() waited for ever, and so did the drain."""
+    env = {"MOLT_SHIM_WS": "wsproto"} if ws_library == "wsproto" else None
+    w = spawn_asgi(spawn, env=env).wait_ready()
+    s = socket.create_connection(("127.0.0.1", listeners.port), timeout=10)
+    s.sendall(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    s.close()  # a FIN, no close frame
+    wait_until(lambda: json.loads(get(listeners.port, "/ws-ended")[1]) == [1006], 10,
+               "the app's websocket.disconnect")
+    w.drain()
+    assert w.wait_exit(10) == 0

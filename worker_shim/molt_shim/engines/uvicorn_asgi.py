@@ -238,6 +238,17 @@ def make_ws_protocol_class(base: Optional[type], ctl: DrainControl,
                 self._molt_tls = tls.asgi_extension(ssl_object)
             super().connection_made(transport)
 
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            # uvicorn's wsproto protocol tells the app only of a connection lost with an
+            # error: a client gone with a bare FIN (no close frame) left its receive()
+            # waiting for ever, and every later drain until timeouts.graceful. 1006: closed
+            # abnormally (RFC 6455 section 7.1.5), what the websockets library says too.
+            conn = getattr(self, "conn", None)  # wsproto's connection (websockets has none)
+            if exc is None and conn is not None and getattr(conn.state, "name", "") in (
+                    "CONNECTING", "OPEN"):
+                self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
+            super().connection_lost(exc)
+
         @property
         def scope(self) -> Any:
             return self.__dict__.get("_molt_scope")
