@@ -87,9 +87,15 @@ TABLE = [
     ({XFF: "203.0.113.7", XFPORT: "99999"}, Forwarded(client="203.0.113.7")),
     ({XFF: "203.0.113.7", XFP: "https, https, http"}, Forwarded(client="203.0.113.7")),
     ({XFF: "garbage", XFP: "https"}, Forwarded(scheme="https")),
-    # A malformed Forwarded leaves X-Forwarded-* to say it.
-    ({FWD: "garbage", XFF: "203.0.113.7"}, Forwarded(client="203.0.113.7")),
-    ({FWD: "for=garbage", XFF: "203.0.113.7"}, Forwarded(client="203.0.113.7")),
+    # Forwarded, too, is read from the right: what the client wrote left of the proxy's
+    # elements is never parsed, an unclosed quote of its own included.
+    ({FWD: "x, for=203.0.113.7;proto=https"}, Forwarded(scheme="https", client="203.0.113.7")),
+    ({FWD: 'for="1.2.3.4, for=203.0.113.7'}, Forwarded(client="203.0.113.7")),
+    ({FWD: 'for="_a\\"b";by=x, for=203.0.113.9'}, Forwarded(client="203.0.113.9")),
+    # Honoured and sent, it decides: broken in the proxy's part, nothing is taken from it,
+    # nor from X-Forwarded-For (a proxy that sets Forwarded may pass the client's own).
+    ({FWD: "garbage", XFF: "203.0.113.7"}, Forwarded()),
+    ({FWD: "for=garbage", XFF: "203.0.113.7"}, Forwarded()),
     ({FWD: "for=UNKNOWN;proto=https"}, Forwarded(scheme="https")),  # RFC 7239 tokens: any case
     # Digits are ASCII ("²".isdigit() is True, and int() refused it: a 500).
     ({XFPORT: "\xb2"}, Forwarded()),

@@ -99,8 +99,7 @@ class TestWSGI:
         # Each on its own: a bad header beside the proxy's X-Forwarded-For leaves the client
         # it names (the client writes the other headers; it must not look like the proxy).
         for bad in ("X-Forwarded-Host: a/b\r\n", "X-Forwarded-Port: \xb2\r\n",
-                    "X-Forwarded-Proto: https, https, http\r\n", "Forwarded: garbage\r\n",
-                    "X-Forwarded-For: garbage\r\n"):
+                    "X-Forwarded-Proto: https, https, http\r\n", "X-Forwarded-For: garbage\r\n"):
             env, host = wsgi_env(listeners, bad + "X-Forwarded-For: 203.0.113.7\r\n")
             assert (env["REMOTE_ADDR"], host) == ("203.0.113.7", "test"), bad
 
@@ -170,6 +169,9 @@ class TestASGI:
             scope = asgi_scope(listeners, bad)
             assert scope["scheme"] == "http" and scope["client"][0] == "127.0.0.1", bad
             assert scope["host"] == ["test"]
-        for bad in ("X-Forwarded-Host: a/b\r\n", "Forwarded: garbage\r\n"):
+        for bad in ("X-Forwarded-Host: a/b\r\n", "X-Forwarded-For: garbage\r\n"):
             scope = asgi_scope(listeners, bad + "X-Forwarded-For: 203.0.113.7\r\n")
             assert scope["client"][0] == "203.0.113.7" and scope["host"] == ["test"], bad
+        # The client's own broken Forwarded, left of the proxy's element, changes nothing.
+        scope = asgi_scope(listeners, 'Forwarded: for="1.2.3.4, for=203.0.113.7\r\n')
+        assert scope["client"][0] == "203.0.113.7"

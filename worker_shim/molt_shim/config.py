@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping
 
 from .contract import Env
+from .forwarded import DEFAULT_HEADERS
 
 DEFAULT_ACCESS_LOG_FORMAT = (
     '{remote} "{method} {path} {protocol}" {status} {bytes} {duration_ms}ms '
@@ -35,7 +36,7 @@ DEFAULTS: Dict[str, Any] = {
         "server_header": False,  # uvicorn's --server-header (it defaults to on; molt to off)
         "date_header": True,
     },
-    "proxy": {"trusted": [], "headers": ["x-forwarded-for", "x-forwarded-proto"]},
+    "proxy": {"trusted": [], "headers": list(DEFAULT_HEADERS)},
     "chdir": "",
     "static": [],  # [{"prefix": "/static/", "dir": "..."}]: served by the engine (static.py)
     "threads": 8,

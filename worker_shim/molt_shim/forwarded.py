@@ -8,8 +8,7 @@ everything left of the first untrusted hop could be made up by the client). From
 is not trusted nothing changes. Each header is judged on its own: a malformed one is ignored
 with a debug line, never an error, and the others still count (a client behind the proxy
 writes the left part of every list, so one bad value must not undo the proxy's own); hops left
-of the client's are never parsed at all. A malformed `Forwarded` leaves the `X-Forwarded-*`
-headers, when they are honoured, to say it.
+of the client's are never parsed at all, in X-Forwarded-For as in `Forwarded`.
 
 `resolve()` is the pure rule (strings in, a `Forwarded` out); `ProxyRule.adjust_environ()` and
 `ProxyRule.adjust_scope()` apply it to a WSGI environ and an ASGI scope.
@@ -263,9 +262,41 @@ def _judged(what: str, parse: Callable[[], T]) -> Optional[T]:
         return None
 
 
+def _forwarded_elements(value: str) -> List[str]:
+    """RFC 7239's elements, split at the commas outside quoted strings, found from the right:
+    the proxies' elements (on the right) come out whole even when the client's part, left of
+    them, opened a quote it never closed."""
+    parts: List[str] = []
+    end = len(value)
+    quoted = False
+    for i in range(len(value) - 1, -1, -1):
+        c = value[i]
+        if c == '"' and (i == 0 or value[i - 1] != "\\"):
+            quoted = not quoted
+        elif c == "," and not quoted:
+            parts.append(value[i + 1:end])
+            end = i
+    parts.append(value[:end])
+    parts.reverse()
+    return parts
+
+
+def _forwarded_element(text: str) -> Dict[str, str]:
+    elements = parse_forwarded(text)
+    if len(elements) != 1:
+        raise Malformed("a comma inside a Forwarded element")
+    return elements[0]
+
+
 def _from_forwarded(value: str, trust: Trust) -> Forwarded:
-    elements = parse_forwarded(value)
-    hop, (client, client_port) = _client_hop(elements, _forwarded_node, trust)
+    parts = _forwarded_elements(value)
+    elements: Dict[int, Dict[str, str]] = {}
+
+    def node(index: int) -> Node:  # each element parsed only when the walk reaches it
+        elements[index] = _forwarded_element(parts[index])
+        return _forwarded_node(elements[index])
+
+    hop, (client, client_port) = _client_hop(range(len(parts)), node, trust)
     element = elements[hop]
     host_port = _judged("Forwarded host", lambda: _host(element["host"])) \
         if "host" in element else None
@@ -322,10 +353,13 @@ def resolve(headers: Mapping[str, str], honoured: Sequence[str], trust: Trust,
     if not peer_trusted:
         return Forwarded()
     if "forwarded" in honoured and headers.get("forwarded"):
+        # When honoured and sent, it decides: broken in the proxies' part, nothing is taken
+        # from it, nor from headers the proxy that sets it may not set (they are the client's).
         try:
             return _from_forwarded(headers["forwarded"], trust)
-        except Malformed as exc:  # its syntax, or the client hop's node: X-Forwarded-* then
+        except Malformed as exc:
             log.debug("ignoring Forwarded: %s", exc)
+            return Forwarded()
     return _from_x_forwarded(headers, honoured, trust)
 
 
