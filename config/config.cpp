@@ -1542,7 +1542,8 @@ const std::vector<KeySpec>& key_table() {
          "that is not trusted. From any other peer they change nothing. Empty: trust no one.",
          read_proxy_trusted},
         {"proxy.headers", "list of header names",
-         [](const Config&) -> std::string { return "`[x-forwarded-for, x-forwarded-proto]`"; },
+         [](const Config&)
+             -> std::string { return fmt::format("`[{}]`", fmt::join(Proxy{}.headers, ", ")); },
          "The forwarding headers honoured from trusted peers: `x-forwarded-for`, "
          "`x-forwarded-proto`, `x-forwarded-host`, `x-forwarded-port`, and RFC 7239 "
          "`forwarded` (which wins over the `x-forwarded-*` ones when both are sent). Name only "

@@ -139,7 +139,9 @@ std::optional<std::string> reload_refusal(const config::Config& serving,
     // What else the master sets up once, at its start: a reload that changed them would
     // half-apply (a pidfile never written and the old one left behind at exit, `molt ctl`
     // looking for a socket nobody listens on).
-    auto mode = [](const config::Config& c) { return fmt::format("{:04o}", c.control.mode); };
+    auto mode = [](const config::Config& c) {  // the socket's: nothing without one
+        return c.control.socket.empty() ? std::string() : fmt::format("{:04o}", c.control.mode);
+    };
     auto metrics = [](const config::Config& c) {
         return c.metrics.listen ? c.metrics.listen->text : "";
     };
@@ -263,7 +265,8 @@ std::optional<std::string> Supervisor::upgrade_refusal(
 }
 
 Actions Supervisor::request_reload(Time now, Ticket ticket, Trigger trigger,
-                                   std::optional<std::string> release_dir) {
+                                   std::optional<std::string> release_dir,
+                                   std::string destination) {
     account_for_pause(now);
     if (master_state_ == MasterState::stopping || master_state_ == MasterState::stopping_fast ||
         master_state_ == MasterState::stopped) {
@@ -271,7 +274,7 @@ Actions Supervisor::request_reload(Time now, Ticket ticket, Trigger trigger,
         return take();
     }
     ReloadQueue& queue = rollover_.queued;
-    if (!queue.empty() && queue.release_dir != release_dir) {
+    if (!queue.empty() && queue.destination != destination) {
         // Queued requests become one rollover only when they go to the same place: a rollback
         // behind a reload (or the other way round) supersedes it, and its clients hear so
         // rather than the answer of a rollover onto a release they did not ask for.
@@ -279,8 +282,9 @@ Actions Supervisor::request_reload(Time now, Ticket ticket, Trigger trigger,
                               fmt::format("superseded by a {} requested after it, before it "
                                           "started",
                                           to_string(trigger)),
-                              Duration{0}});
+                              Duration{0}, true});
     }
+    queue.destination = std::move(destination);
     queue.tickets.push_back(ticket);
     queue.trigger = trigger;
     queue.release_dir = std::move(release_dir);

@@ -246,6 +246,7 @@ struct ReloadQueue {
     std::vector<Ticket> tickets;
     Trigger trigger = Trigger::reload;       // of the newest request
     std::optional<std::string> release_dir;  // the newest request says where to go
+    std::string destination;                 // what the queued requests compare by
     bool empty() const { return tickets.empty(); }
 };
 
@@ -304,6 +305,7 @@ struct RolloverFinished {
     bool ok = false;
     std::string reason;
     Duration took{0};
+    bool superseded = false;  // a request for another release came before it started
 };
 struct WriteLog {
     LogLevel level;
@@ -347,9 +349,13 @@ class Supervisor {
     // it, so the two must not disagree.
     std::optional<std::string> upgrade_refusal(const std::optional<ConfigFileNow>& file) const;
     // HUP, `molt ctl reload`, a watched file. Queued while a rollover runs; several queued
-    // requests become one rollover (on the config as it is when that rollover starts).
+    // requests for the same `destination` become one rollover (on the config as it is when
+    // that rollover starts); one for another supersedes the queued ones. `destination`: the
+    // directory the request would go to as the loop sees it now (a reload's resolved chdir,
+    // a rollback's directory), only to compare requests.
     Actions request_reload(Time now, Ticket ticket, Trigger trigger = Trigger::reload,
-                           std::optional<std::string> release_dir = std::nullopt);
+                           std::optional<std::string> release_dir = std::nullopt,
+                           std::string destination = {});
     Actions release_prepared(Time now, Release release);
     Actions release_rejected(Time now, const std::string& reason);
 

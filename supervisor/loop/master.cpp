@@ -225,8 +225,9 @@ std::string Master::start_services() {
     auto note = [&errors](const std::string& error) {
         if (!error.empty()) errors += (errors.empty() ? "" : "; ") + error;
     };
-    // A signal handle takes a pipe: out of fds, the master would run with the default
-    // actions (HUP and TERM kill it, nothing reaps a worker). Only handles that were
+    // Out of fds, uv_loop_init() already failed (it makes the loop's signal pipe), so these are
+    // not expected to fail; if one does, the master must not run with that signal's default
+    // action (HUP and TERM would kill it, nothing would reap a worker). Only handles that were
     // initialised are kept (begin_shutdown() closes what is in signals_).
     for (int signum :
          {SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD}) {
@@ -791,7 +792,9 @@ void Master::finish_rollover(const core::RolloverFinished& finished) {
         }
         for (auto& callback : callbacks) callback(finished);
     }
-    if (finished.generation != 0 || !finished.ok) {
+    if (finished.superseded) {
+        log_.info(finished.reason);
+    } else if (finished.generation != 0 || !finished.ok) {
         log_.write(finished.ok ? core::LogLevel::info : core::LogLevel::error,
                    finished.ok ? fmt::format("rollover to generation {} done in {}ms",
                                              finished.generation, finished.took.count())
@@ -837,7 +840,15 @@ void Master::begin_shutdown(int code) {
 
 core::Ticket Master::request_reload(core::Trigger trigger, std::optional<std::string> release_dir) {
     core::Ticket ticket = next_ticket_++;
-    feed(core_.request_reload(now(), ticket, trigger, std::move(release_dir)));
+    // Where it would go as things are now, so that a HUP after `current` was pointed back at
+    // v1 and a rollback to v1 count as one request (the release itself is resolved when the
+    // rollover starts).
+    std::string destination = release_dir.value_or(config_->chdir);
+    if (auto real = os::real_path(destination); os::ok(real)) {
+        destination = std::get<std::string>(real);
+    }
+    feed(core_.request_reload(now(), ticket, trigger, std::move(release_dir),
+                              std::move(destination)));
     return ticket;
 }
 

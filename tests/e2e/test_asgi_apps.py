@@ -82,7 +82,7 @@ def test_a_drain_that_runs_out_of_time_still_runs_the_lifespan_shutdown_and_the_
     master's kill came in the same millisecond as its way out."""
     files = {name: tmp_path / name for name in ("shutdown", "exits", "cancelled")}
     m = molt({"app": "asgi_app:app", "interface": "asgi", "chdir": str(APPS), "workers": 1,
-              "timeouts": {"graceful": "2s"}, "hooks": {"worker_exit": "asgi_app:worker_exit"},
+              "timeouts": {"graceful": "4s"}, "hooks": {"worker_exit": "asgi_app:worker_exit"},
               "env": {"ASGI_SHUTDOWN_MARKER": str(files["shutdown"]),
                       "EXIT_LOG": str(files["exits"]),
                       "ASGI_CANCEL_MARKER": str(files["cancelled"])}})
@@ -98,6 +98,7 @@ def test_a_drain_that_runs_out_of_time_still_runs_the_lifespan_shutdown_and_the_
     assert files["shutdown"].read_text() == "stopped"
     assert files["exits"].read_text().split() == [str(old)]
     assert f"pid={old} worker slot=0: draining -> exited (exited with status 0)" in m.log()
+    assert "a request cancelled at the end of the drain: GET /slow" in m.log()
 
 
 def process_alive(pid: int) -> bool:

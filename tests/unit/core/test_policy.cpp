@@ -60,6 +60,8 @@ TEST_CASE("a reload that changes what the master sets up at its start is refused
     next = serving;
     next.control.mode = 0660;
     CHECK(reload_refusal(serving, next).value_or("").starts_with("control.mode: "));
+    serving.control.socket = next.control.socket = "";  // no socket: its mode is nobody's
+    CHECK_FALSE(reload_refusal(serving, next).has_value());
     next = serving;
     next.metrics.listen = tcp("tcp://127.0.0.1:9191");
     CHECK(reload_refusal(serving, next).value_or("").starts_with("metrics.listen: "));

@@ -213,18 +213,25 @@ TEST_CASE("a queued request for another release supersedes the queued ones, sayi
     Ticket reload = h.next_ticket++;
     h.run(h.sup.request_reload(h.now, reload));
     Ticket rollback = h.next_ticket++;
-    h.run(h.sup.request_reload(h.now, rollback, Trigger::rollback, "/srv/app/releases/v0"));
+    h.run(h.sup.request_reload(h.now, rollback, Trigger::rollback, "/srv/app/releases/v0",
+                               "/srv/app/releases/v0"));
     auto finished = h.of<RolloverFinished>(h.all);
     REQUIRE(finished.size() == 1);  // the reload's, at once: not the rollback's answer later
     CHECK(finished[0].tickets == std::vector<Ticket>{reload});
     CHECK_FALSE(finished[0].ok);
+    CHECK(finished[0].superseded);
     CHECK(finished[0].reason == "superseded by a rollback requested after it, before it started");
     CHECK(h.sup.rollover().queued.tickets == std::vector<Ticket>{rollback});
     CHECK(h.sup.rollover().queued.trigger == Trigger::rollback);
-    // A second rollback to the same place joins it.
+    // A second rollback to the same place joins it, and so does a HUP whose config points there
+    // now (`current` was flipped back): the loop passes where each would go.
     Ticket again = h.next_ticket++;
-    h.run(h.sup.request_reload(h.now, again, Trigger::rollback, "/srv/app/releases/v0"));
-    CHECK(h.sup.rollover().queued.tickets == std::vector<Ticket>{rollback, again});
+    h.run(h.sup.request_reload(h.now, again, Trigger::rollback, "/srv/app/releases/v0",
+                               "/srv/app/releases/v0"));
+    Ticket hup = h.next_ticket++;
+    h.run(h.sup.request_reload(h.now, hup, Trigger::reload, std::nullopt, "/srv/app/releases/v0"));
+    CHECK(h.sup.rollover().queued.tickets == std::vector<Ticket>{rollback, again, hup});
+    CHECK(h.of<RolloverFinished>(h.all).size() == 1);
 }
 
 TEST_CASE("a crash of a new worker after READY, before the generation is live, fails it") {

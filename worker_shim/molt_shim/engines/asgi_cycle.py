@@ -576,6 +576,11 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             try:
                 result = await app(cycle.scope, cycle.receive, cycle.send)
             except BaseException as exc:
+                if ctl.abandoning and isinstance(exc, asyncio.CancelledError):
+                    # The drain ran out of time (the worker's own warning says so).
+                    app_log.info("a request cancelled at the end of the drain: %s %s",
+                                 cycle.scope.get("method"), cycle.scope.get("path"))
+                    raise
                 app_log.error("Exception in ASGI application\n", exc_info=exc)
                 if not cycle.response_started:
                     await cycle.send_500()

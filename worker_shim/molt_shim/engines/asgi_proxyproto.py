@@ -86,7 +86,9 @@ class ProxyPreamble(asyncio.Protocol):
             return
         try:
             peer = self.transport.get_extra_info("peername")  # an IPv6 one has four items
-            self.rejects.reject("%s:%s" % (peer[0], peer[1]) if isinstance(peer, tuple)
-                                else "unix", reason)
+            where = "unix"
+            if isinstance(peer, tuple):
+                where = ("[%s]:%s" if ":" in peer[0] else "%s:%s") % (peer[0], peer[1])
+            self.rejects.reject(where, reason)
         finally:
             self.transport.abort()  # no response, and no lingering for a client we do not serve

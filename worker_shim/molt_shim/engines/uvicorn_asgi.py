@@ -80,6 +80,7 @@ class DrainControl:
         # ASGI 2.3's lifespan state: the dict the lifespan scope carries (the app fills it at
         # startup); every request and WebSocket scope gets a shallow copy (add_state()).
         self.app_state: Dict[str, Any] = {}
+        self.abandoning = False  # the drain ran out: the requests left are being cancelled
         self.warming = False
         # Protocols of accepted connections whose connection_made() has not run yet (asyncio
         # calls it on the next loop iteration; after a PROXY header or a TLS handshake, within
@@ -239,10 +240,11 @@ def make_ws_protocol_class(base: Optional[type], ctl: DrainControl,
             super().connection_made(transport)
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
-            # uvicorn's wsproto protocol tells the app only of a connection lost with an
+            # uvicorn 0.17's wsproto protocol tells the app only of a connection lost with an
             # error: a client gone with a bare FIN (no close frame) left its receive()
             # waiting for ever, and every later drain until timeouts.graceful. 1006: closed
-            # abnormally (RFC 6455 section 7.1.5), what the websockets library says too.
+            # abnormally (RFC 6455 section 7.1.5), what the websockets library says too. (A
+            # later uvicorn that queues one itself gets a second, which no app reads.)
             conn = getattr(self, "conn", None)  # wsproto's connection (websockets has none)
             if exc is None and conn is not None and getattr(conn.state, "name", "") in (
                     "CONNECTING", "OPEN"):
@@ -647,7 +649,9 @@ def _with_h11_limits(protocol: type, base: type, ctl: DrainControl) -> type:
 class LifespanState:
     """The lifespan scope's "state" (ASGI 2.3): the dict a Starlette or FastAPI `lifespan`
     that yields one fills, which every request then sees a copy of. Without it Starlette fails
-    the startup: 'The server does not support "state" in the lifespan scope'."""
+    the startup: 'The server does not support "state" in the lifespan scope'. (Debian's uvicorn
+    is 0.17, which has none; a uvicorn that gives the lifespan scope its own state has it
+    replaced by this one, which the requests' scopes are then copied from.)"""
 
     def __init__(self, app: Any, state: Dict[str, Any]) -> None:
         self.app = app
@@ -914,6 +918,7 @@ class UvicornASGIEngine:
         hear the disconnect) and the apps' tasks cancelled (their `finally` blocks run), so the
         lifespan shutdown comes after every request, as the ASGI spec orders, and no task is
         left pending on a closed loop."""
+        self.ctl.abandoning = True  # a cancelled request is the drain's end, not an app error
         for conn in list(self.state.connections):
             transport = getattr(conn, "transport", None)
             if transport is not None and not transport.is_closing():
