@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from molt_testlib import APPS, PYTHON, Wrk, read_to_eof, wait_until
+from molt_testlib import APPS, PYTHON, Wrk, process_running, read_to_eof, wait_until
 
 
 def startproject(tmp_path):
@@ -92,7 +92,7 @@ def test_a_drain_that_runs_out_of_time_still_runs_the_lifespan_shutdown_and_the_
     wait_until(lambda: any(w["pid"] == old and w["inflight"] >= 1 for w in m.workers()), 10,
                "the request in flight (a heartbeat says so)")
     assert m.reload()["ok"] is True
-    wait_until(lambda: not process_alive(old), 10, "the old worker gone")
+    wait_until(lambda: not process_running(old), 10, "the old worker gone")
     hung.close()
     assert files["cancelled"].read_text() == "cancelled"
     assert files["shutdown"].read_text() == "stopped"
@@ -100,10 +100,3 @@ def test_a_drain_that_runs_out_of_time_still_runs_the_lifespan_shutdown_and_the_
     assert f"pid={old} worker slot=0: draining -> exited (exited with status 0)" in m.log()
     assert "a request cancelled at the end of the drain: GET /slow" in m.log()
 
-
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -454,9 +454,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                      "http_version": "1.1", "server": self.server, "client": self.client,
                      "scheme": self.scheme, "root_path": self.root_path,
                      "headers": self.headers}
-            if self._tls_extension is not None:
-                scope["extensions"] = {"tls": dict(self._tls_extension)}
-            ctl.add_state(scope)
+            ctl.complete_scope(scope, self._tls_extension)
             self.scope = scope
 
         def on_url(self, url: bytes) -> None:
@@ -746,9 +744,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
 
         def on_head(self, scope: Dict[str, Any], asked_close: bool, expect_100: bool,
                     upgrade: bool, complete: bool) -> None:
-            if self._tls_extension is not None:
-                scope["extensions"] = {"tls": dict(self._tls_extension)}
-            ctl.add_state(scope)
+            ctl.complete_scope(scope, self._tls_extension)
             self.scope = scope
             self.headers = scope["headers"]
             self._body_size = 0

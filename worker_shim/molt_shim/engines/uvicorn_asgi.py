@@ -78,7 +78,7 @@ class DrainControl:
         self.default_close = False
         self.unsent_heads: List[Any] = []  # asgi_cycle.Cycle whose head waits for its body
         # ASGI 2.3's lifespan state: the dict the lifespan scope carries (the app fills it at
-        # startup); every request and WebSocket scope gets a shallow copy (add_state()).
+        # startup); every request and WebSocket scope gets a shallow copy (complete_scope()).
         self.app_state: Dict[str, Any] = {}
         self.abandoning = False  # the drain ran out: the requests left are being cancelled
         self.warming = False
@@ -103,9 +103,12 @@ class DrainControl:
         except ImportError:  # no h11: uvicorn runs httptools only
             self.h11_idle = None
 
-    def add_state(self, scope: Dict[str, Any]) -> None:
-        """The lifespan's state into a request's scope: a copy, so what one request sets in
-        it (Starlette's request.state) is not the next one's. Nothing while it is empty."""
+    def complete_scope(self, scope: Dict[str, Any], tls_extension: Any) -> None:
+        """What molt adds to every request's and WebSocket's scope: the TLS extension of a TLS
+        connection, and the lifespan's state, a copy, so what one request sets in it
+        (Starlette's request.state) is not the next one's (nothing while it is empty)."""
+        if tls_extension is not None:
+            scope.setdefault("extensions", {})["tls"] = dict(tls_extension)
         if self.app_state:
             scope["state"] = self.app_state.copy()
 
@@ -211,6 +214,22 @@ class CachedAddresses:
         return self._t.get_extra_info("sockname")
 
 
+def completed_scope(ctl: DrainControl) -> property:
+    """A protocol's `scope`, completed as it is set: uvicorn builds each scope itself (in its
+    parser callbacks, after a WebSocket handshake: `self.scope = {...}`), and this is the one
+    place to add what the connection knows and uvicorn does not (DrainControl.complete_scope).
+    The protocol has `_tls_extension`."""
+    def get(self: Any) -> Any:
+        return self.__dict__.get("_molt_scope")
+
+    def set_(self: Any, value: Any) -> None:
+        if value is not None:
+            ctl.complete_scope(value, self._tls_extension)
+        self.__dict__["_molt_scope"] = value
+
+    return property(get, set_)
+
+
 def make_ws_protocol_class(base: Optional[type], ctl: DrainControl,
                            head: List[Tuple[str, str]]) -> Optional[type]:
     """uvicorn's WebSocket protocol (`base`, None without a WebSocket library) with what molt
@@ -225,7 +244,7 @@ def make_ws_protocol_class(base: Optional[type], ctl: DrainControl,
     extra = [(name, value) for name, value in head if name.lower() != "server"]
 
     class MoltWebSocketProtocol(base):  # type: ignore[misc, valid-type]
-        _molt_tls: Any = None
+        _tls_extension: Any = None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -236,7 +255,7 @@ def make_ws_protocol_class(base: Optional[type], ctl: DrainControl,
         def connection_made(self, transport: Any) -> None:
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
-                self._molt_tls = tls.asgi_extension(ssl_object)
+                self._tls_extension = tls.asgi_extension(ssl_object)
             super().connection_made(transport)
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -251,17 +270,7 @@ def make_ws_protocol_class(base: Optional[type], ctl: DrainControl,
                 self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
             super().connection_lost(exc)
 
-        @property
-        def scope(self) -> Any:
-            return self.__dict__.get("_molt_scope")
-
-        @scope.setter
-        def scope(self, value: Any) -> None:
-            if value is not None:
-                if self._molt_tls is not None:
-                    value.setdefault("extensions", {})["tls"] = dict(self._molt_tls)
-                ctl.add_state(value)
-            self.__dict__["_molt_scope"] = value
+        scope = completed_scope(ctl)
 
     MoltWebSocketProtocol.__name__ = "Molt" + base.__name__
     return MoltWebSocketProtocol
@@ -305,19 +314,7 @@ def make_protocol_class(base: type, ctl: DrainControl) -> type:
         _tls_extension: Any = None  # scope["extensions"]["tls"] on a TLS connection
         guards_framing = False  # True: the parser runs the framing guard itself
 
-        @property
-        def scope(self) -> Any:
-            return self.__dict__.get("_molt_scope")
-
-        @scope.setter
-        def scope(self, value: Any) -> None:
-            # uvicorn builds each request's scope in its parser callbacks (`self.scope = {...}`):
-            # the one place to add what the connection knows and uvicorn does not.
-            if value is not None:
-                if self._tls_extension is not None:
-                    value.setdefault("extensions", {})["tls"] = dict(self._tls_extension)
-                ctl.add_state(value)
-            self.__dict__["_molt_scope"] = value
+        scope = completed_scope(ctl)
 
         @classmethod
         def bind(cls, config: Any, server_state: Any, loop: Any) -> None:
