@@ -97,6 +97,11 @@ def test_a_drain_that_runs_out_of_time_still_runs_the_lifespan_shutdown_and_the_
     assert files["cancelled"].read_text() == "cancelled"
     assert files["shutdown"].read_text() == "stopped"
     assert files["exits"].read_text().split() == [str(old)]
+    # The worker is a zombie before the master reaps it and logs how it ended: wait for that
+    # line, then say which ending it was (a SIGKILL at graceful is the failure).
+    wait_until(lambda: f"pid={old} worker slot=0: draining -> exited" in m.log(), 10,
+               "the master's line for the old worker's exit", on_timeout=m.log)
     assert f"pid={old} worker slot=0: draining -> exited (exited with status 0)" in m.log()
-    assert "a request cancelled at the end of the drain: GET /slow" in m.log()
+    wait_until(lambda: "a request cancelled at the end of the drain: GET /slow" in m.log(), 10,
+               "the worker's line for the cancelled request", on_timeout=m.log)
 
