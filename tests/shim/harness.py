@@ -242,7 +242,9 @@ class Worker:
 
 # The servers a table of HTTP behaviour runs on (the limits, the timeouts, slow readers):
 # "wsgi-" and each WSGI engine, "asgi-" and each ASGI parser ("asgi" alone: the native parser
-# when the extension is built, httptools without it).
+# and the extension's own TCP I/O when the extension is built, httptools and the loop's
+# transports without it; the other parsers run on the loop's transports, as a worker without
+# the extension does).
 SERVERS = (["wsgi-python"] + (["wsgi-native"] if HAVE_NATIVE else []) + ["asgi"]
            + (["asgi-httptools"] if HAVE_NATIVE else []) + ["asgi-h11"])
 SERVER_APPS = {"wsgi": "edge_app:application", "asgi": "asgi_app:app"}
@@ -255,7 +257,8 @@ def server_worker(variant: str, listeners: Listeners, **kwargs: Any) -> Worker:
     if interface == "wsgi":
         w = Worker(listeners, SERVER_APPS["wsgi"], engine=which, **kwargs)
     else:
-        env = dict(kwargs.pop("env", None) or {}, **({"MOLT_SHIM_PARSER": which} if which else {}))
+        env = dict(kwargs.pop("env", None) or {},
+                   **({"MOLT_SHIM_PARSER": which, "MOLT_SHIM_IO": "loop"} if which else {}))
         w = Worker(listeners, SERVER_APPS["asgi"], interface="asgi", env=env or None, **kwargs)
     w.variant = variant
     return w

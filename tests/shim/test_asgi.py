@@ -132,16 +132,20 @@ def test_asgi_slowloris_gets_408_and_silent_idle_is_closed(listeners, spawn):
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="the native extension is not built")
-@pytest.mark.parametrize("parser, protocol", [(None, "MoltNativeHttpProtocol"),
-                                              ("httptools", "MoltHttpToolsProtocol")])
-def test_asgi_parsers(listeners, spawn, parser, protocol):
-    """With the extension the ASGI engine parses with the native parser, and with
-    MOLT_SHIM_PARSER=httptools on httptools: both give the app the same scope, pipelined
-    requests their answers in order (a malformed one its 400 after them), a WebSocket its
-    upgrade, and a request target that is not ASCII a 400."""
-    env = {"MOLT_SHIM_PARSER": parser} if parser else None
-    w = spawn_asgi(spawn, env=env).wait_ready()
-    wait_until(lambda: protocol in w.stderr_text(), 5, "ready line")
+@pytest.mark.parametrize("parser, io, protocol", [
+    (None, None, "MoltNativeHttpProtocol, loop uvloop, I/O molt"),
+    (None, "loop", "MoltNativeHttpProtocol, loop uvloop, I/O loop"),
+    ("httptools", None, "MoltHttpToolsProtocol, loop uvloop, I/O molt")])
+def test_asgi_parsers(listeners, spawn, parser, io, protocol):
+    """With the extension the ASGI engine parses with the native parser and does its own TCP
+    I/O (the IoHub), with MOLT_SHIM_PARSER=httptools it parses with httptools, and with
+    MOLT_SHIM_IO=loop it takes the loop's transports: each gives the app the same scope,
+    pipelined requests their answers in order (a malformed one its 400 after them), a
+    WebSocket its upgrade, and a request target that is not ASCII a 400."""
+    env = dict({"MOLT_SHIM_PARSER": parser} if parser else {},
+               **({"MOLT_SHIM_IO": io} if io else {}))
+    w = spawn_asgi(spawn, env=env or None).wait_ready()
+    wait_until(lambda: protocol in w.stderr_text(), 5, "ready line", on_timeout=w.stderr_text)
     c = Client(listeners.port)
     status, _, body = c.request("/scope?a=1&b=%20", headers="X-Thing: Yes\r\n")
     scope = json.loads(body)

@@ -6,6 +6,7 @@
 #include <exception>
 #include <string>
 
+#include "asgi_io.hpp"
 #include "asgi_parser.hpp"
 #include "framing_guard.hpp"
 #include "spare.hpp"
@@ -21,6 +22,8 @@ struct ModuleState {
     PyObject* input_type;
     PyObject* guard_type;
     PyObject* asgi_parser_type;
+    PyObject* io_hub_type;
+    PyObject* io_transport_type;
     PyObject* env_keys[static_cast<int>(EnvKey::count)];
     AsgiStrings asgi_strings;
 };
@@ -612,6 +615,11 @@ PyObject* make_asgi_parser(PyObject* module, PyObject* args) {
     return new_asgi_parser(st->asgi_parser_type, module, &st->asgi_strings, args);
 }
 
+PyObject* make_io_hub(PyObject* module, PyObject* args) {
+    ModuleState* st = state_of(module);
+    return new_io_hub(st->io_hub_type, st->io_transport_type, args);
+}
+
 PyObject* parser_name_py(PyObject*, PyObject*) {
     return PyUnicode_FromString(parser_name().c_str());
 }
@@ -628,6 +636,8 @@ PyMethodDef module_methods[] = {
     {"asgi_parser", make_asgi_parser, METH_VARARGS,
      "asgi_parser((max_request_line, max_header_size, max_headers, max_body_size), base, asgi, "
      "unquote) -> AsgiParser"},
+    {"io_hub", make_io_hub, METH_VARARGS,
+     "io_hub(call_soon, report, accept_failed) -> IoHub: the ASGI engine's TCP I/O"},
     {nullptr, nullptr, 0, nullptr}};
 
 int module_exec(PyObject* module) {
@@ -638,8 +648,11 @@ int module_exec(PyObject* module) {
     st->input_type = PyType_FromSpec(&input_spec);
     st->guard_type = PyType_FromSpec(&guard_spec);
     st->asgi_parser_type = PyType_FromSpec(&asgi_parser_spec);
+    st->io_hub_type = PyType_FromSpec(&io_hub_spec);
+    st->io_transport_type = PyType_FromSpec(&io_transport_spec);
     if (!st->server_type || !st->errors_type || !st->start_response_type || !st->input_type ||
-        !st->guard_type || !st->asgi_parser_type || !st->asgi_strings.init()) {
+        !st->guard_type || !st->asgi_parser_type || !st->io_hub_type || !st->io_transport_type ||
+        !st->asgi_strings.init()) {
         return -1;
     }
     for (int i = 0; i < static_cast<int>(EnvKey::count); ++i) {
@@ -658,6 +671,8 @@ int module_traverse(PyObject* module, visitproc visit, void* arg) {
     Py_VISIT(st->input_type);
     Py_VISIT(st->guard_type);
     Py_VISIT(st->asgi_parser_type);
+    Py_VISIT(st->io_hub_type);
+    Py_VISIT(st->io_transport_type);
     for (PyObject* key : st->env_keys) Py_VISIT(key);
     return st->asgi_strings.visit(visit, arg);
 }
@@ -671,6 +686,8 @@ int module_clear(PyObject* module) {
     Py_CLEAR(st->input_type);
     Py_CLEAR(st->guard_type);
     Py_CLEAR(st->asgi_parser_type);
+    Py_CLEAR(st->io_hub_type);
+    Py_CLEAR(st->io_transport_type);
     for (PyObject*& key : st->env_keys) Py_CLEAR(key);
     st->asgi_strings.clear();
     return 0;

@@ -4,8 +4,9 @@ We do not call uvicorn.Server.serve(): it installs its own signal handlers, and 
 closes idle keep-alive connections abruptly (a client that just sent a request sees a reset).
 Instead we reuse uvicorn's protocol classes and lifespan, and own:
 
-* accepting (add_reader on the inherited sockets; asyncio's create_server would re-listen()
-  the shared socket with its own backlog),
+* accepting: TCP listeners without PROXY or TLS by the extension's IoHub (its own accept,
+  read and write under asyncio protocols; native/asgi_io.hpp), the rest by add_reader on the
+  inherited sockets, or uvloop's server on a dup when the extension is missing,
 * the drain: requests arriving on open connections get `Connection: close`, idle connections
   are closed after a short idle window, every close is shutdown(SHUT_WR) + read-discard,
 * the counters (read off uvicorn's state at each tick) and the Date header tick.
@@ -798,6 +799,7 @@ class UvicornASGIEngine:
         self.epoll = epoll if isinstance(epoll, select.epoll) else None
         self.make_transport = getattr(self.loop, "_make_socket_transport", None)
         self.servers: List[Any] = []  # uvloop: its servers on dups of the listeners
+        self.hub = new_io_hub(self.loop, self._accept_failed)
         # WebSockets a draining worker has sent (or begun) their 1012 close.
         self.restarted_websockets: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.update_date()
@@ -824,7 +826,8 @@ class UvicornASGIEngine:
             self.ctl.warming = False
 
     def describe(self) -> str:
-        return "asgi, %s, loop %s" % (self.protocol_class.__name__, self.loop_name)
+        return "asgi, %s, loop %s, I/O %s" % (self.protocol_class.__name__, self.loop_name,
+                                               "molt" if self.hub is not None else "loop")
 
     def run(self, loop: LoopHooks) -> None:
         self.loop.run_until_complete(self._serve(loop))
@@ -839,6 +842,8 @@ class UvicornASGIEngine:
             fd = lsock.fileno()
             if fd >= 0:
                 self.loop.remove_reader(fd)
+                if self.hub is not None:
+                    self.hub.unlisten(fd)
             # With EPOLLEXCLUSIVE a connection that woke only this worker would otherwise
             # wait in the shared queue for the next arrival: take what is queued (see
             # threaded_wsgi).
@@ -950,6 +955,11 @@ class UvicornASGIEngine:
             # PROXY and TLS listeners keep molt's own accept (adopt() reads the PROXY header
             # and bounds the handshake); so do Unix sockets and asyncio's selector loop.
             special = lsock.fileno() in self.proxy_fds or lsock.fileno() in self.tls_fds
+            if self.hub is not None and not special and lsock.family in TCP_FAMILIES:
+                # The protocol class is its own factory (it notes itself in ctl.unmade).
+                self.hub.listen(lsock.fileno(), self.protocol_class, fixed_sockname(lsock),
+                                deferred(lsock))
+                continue
             backlog = None if self.make_transport is not None or special else tcp_backlog(lsock)
             if backlog is None:
                 self.watch(lsock)
@@ -963,6 +973,8 @@ class UvicornASGIEngine:
         watched = list(hooks.watch_fds())
         for fd in watched:
             loop.add_reader(fd, self._readable, hooks, fd)
+        if self.hub is not None:
+            loop.add_reader(self.hub.fileno(), self.hub.poll)
         try:
             while True:
                 now = time.monotonic()
@@ -979,6 +991,8 @@ class UvicornASGIEngine:
         finally:
             for fd in watched:
                 loop.remove_reader(fd)
+            if self.hub is not None:
+                loop.remove_reader(self.hub.fileno())
 
     def _readable(self, hooks: LoopHooks, fd: int) -> None:
         if not hooks.on_readable(fd):
@@ -1108,6 +1122,16 @@ class UvicornASGIEngine:
             log.info("could not set up an accepted connection: %s", exc)
             conn.close()
 
+    def _accept_failed(self, fd: int, exc: OSError) -> None:
+        """The IoHub's accept() ran out of descriptors or memory and stopped watching the
+        listener: as on_accept() does, say so at most once a second, look again in 0.1 s."""
+        now = time.monotonic()
+        if now - self.accept_error_logged > 1.0:
+            self.accept_error_logged = now
+            log.error("accept() failed: %s", exc)
+        if self.hub is not None:
+            self.loop.call_later(0.1, self.hub.resume_listener, fd)
+
     def watch(self, lsock: socket.socket) -> None:
         if self.ctl.draining or lsock.fileno() < 0:
             return
@@ -1145,6 +1169,45 @@ def new_loop(choice: str) -> Tuple[asyncio.AbstractEventLoop, str]:
         else:
             return uvloop.new_event_loop(), "uvloop"
     return asyncio.new_event_loop(), "asyncio"
+
+
+TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+def new_io_hub(loop: asyncio.AbstractEventLoop, accept_failed: Any) -> Any:
+    """The extension's IoHub for this loop, or None: without the extension, or when
+    MOLT_SHIM_IO=loop asks for the loop's own transports (tests run both paths)."""
+    if os.environ.get("MOLT_SHIM_IO") == "loop":
+        return None
+    from .native import load_extension
+
+    module, _ = load_extension()
+    if module is None or not hasattr(module, "io_hub"):
+        return None
+
+    def report(message: str, exc: Any, protocol: Any, transport: Any) -> None:
+        # What asyncio's own transports do when a protocol method raises.
+        loop.call_exception_handler({"message": message, "exception": exc,
+                                     "protocol": protocol, "transport": transport})
+
+    return module.io_hub(loop.call_soon, report, accept_failed)
+
+
+def fixed_sockname(lsock: socket.socket) -> Any:
+    """The listener's address when every connection it accepts has it as its own (a
+    specific address, not a wildcard one); None: the hub asks per connection."""
+    name = lsock.getsockname()
+    host = name[0] if isinstance(name, tuple) else ""
+    return None if host in ("0.0.0.0", "::", "") else name
+
+
+def deferred(lsock: socket.socket) -> bool:
+    """The listener has TCP_DEFER_ACCEPT (`listen[].defer_accept`): a connection is handed
+    over with its first bytes, so reading it at once saves a wake-up."""
+    try:
+        return lsock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+    except OSError:
+        return False
 
 
 def tcp_backlog(lsock: socket.socket) -> Optional[int]:

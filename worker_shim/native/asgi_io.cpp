@@ -1,0 +1,830 @@
+// The ASGI engine's own TCP I/O (see asgi_io.hpp).
+#include "asgi_io.hpp"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "wsgi_call.hpp"
+
+namespace molt::native {
+namespace {
+
+constexpr size_t kReadSize = 64 * 1024;
+constexpr size_t kDefaultHighWater = 64 * 1024;  // asyncio's default; low is a quarter
+constexpr int kAcceptsPerWakeup = 64;            // the listener stays readable for the rest
+constexpr int kEventsPerPoll = 128;
+constexpr int kMaxIovecs = 64;
+constexpr uint64_t kListenerTag = 1ull << 63;
+
+struct IoHubObject;
+struct IoTransportObject;
+
+// The protocol methods a transport calls, interned once per hub.
+struct Names {
+    PyRef data_received, connection_made, connection_lost, eof_received, pause_writing,
+        resume_writing, read_now;
+    bool init() {
+        data_received = PyRef::steal(PyUnicode_InternFromString("data_received"));
+        connection_made = PyRef::steal(PyUnicode_InternFromString("connection_made"));
+        connection_lost = PyRef::steal(PyUnicode_InternFromString("connection_lost"));
+        eof_received = PyRef::steal(PyUnicode_InternFromString("eof_received"));
+        pause_writing = PyRef::steal(PyUnicode_InternFromString("pause_writing"));
+        resume_writing = PyRef::steal(PyUnicode_InternFromString("resume_writing"));
+        read_now = PyRef::steal(PyUnicode_InternFromString("_read_now"));
+        return data_received && connection_made && connection_lost && eof_received &&
+               pause_writing && resume_writing && read_now;
+    }
+};
+
+struct Listener {
+    int fd = -1;  // -1: removed
+    PyRef factory;
+    PyRef sockname;  // empty: a wildcard address, asked per connection
+    bool read_at_once = false;
+    bool paused = false;
+};
+
+struct Hub {
+    int epfd = -1;
+    PyRef transport_type;
+    PyRef call_soon;
+    PyRef report;         // report(message, exception, protocol, transport)
+    PyRef accept_failed;  // accept_failed(listener_fd, exception)
+    Names names;
+    std::vector<PyRef> open;            // by fd: the open connections' transports
+    std::vector<uint32_t> generations;  // by fd: an event for a closed connection is dropped
+    std::vector<Listener> listeners;    // epoll data: kListenerTag | index
+    std::vector<char> read_buffer = std::vector<char>(kReadSize);
+
+    ~Hub() {
+        if (epfd >= 0) close(epfd);
+    }
+};
+
+// One accepted connection. The Python references are dropped when it closes, so a protocol
+// and its transport, which hold each other, do not wait for the cycle collector.
+struct Connection {
+    int fd = -1;
+    uint32_t generation = 0;
+    PyRef hub;  // the IoHubObject
+    PyRef protocol;
+    PyRef peername;
+    PyRef sockname;
+    std::string pending;  // what the socket has not taken yet
+    size_t high = kDefaultHighWater;
+    size_t low = kDefaultHighWater / 4;
+    bool registered = false;   // in the hub's epoll set
+    bool closing = false;      // close() was asked: the descriptor goes once `pending` is out
+    bool closed = false;       // the descriptor is closed; connection_lost is scheduled
+    bool eof_pending = false;  // write_eof() was asked
+    bool eof_sent = false;
+    bool reading_paused = false;
+    bool maybe_readable = false;  // bytes may wait: no short read since the last edge
+    bool protocol_paused = false;
+};
+
+struct IoHubObject {
+    PyObject_HEAD Hub* hub;
+};
+
+struct IoTransportObject {
+    PyObject_HEAD Connection* conn;
+};
+
+Hub& hub_of(PyObject* hub_object) {
+    return *reinterpret_cast<IoHubObject*>(hub_object)->hub;
+}
+Connection& conn_of(PyObject* transport) {
+    return *reinterpret_cast<IoTransportObject*>(transport)->conn;
+}
+Hub& hub_of(Connection& c) {
+    return hub_of(c.hub.get());
+}
+
+uint64_t event_data(const Connection& c) {
+    return (static_cast<uint64_t>(c.generation) << 32) | static_cast<uint32_t>(c.fd);
+}
+
+PyObject* address(const sockaddr_storage& ss) {
+    char host[INET6_ADDRSTRLEN];
+    if (ss.ss_family == AF_INET) {
+        const auto* a = reinterpret_cast<const sockaddr_in*>(&ss);
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        return Py_BuildValue("(si)", host, ntohs(a->sin_port));
+    }
+    if (ss.ss_family == AF_INET6) {  // as asyncio gives it: (host, port, flowinfo, scope_id)
+        const auto* a = reinterpret_cast<const sockaddr_in6*>(&ss);
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        return Py_BuildValue("(siII)", host, ntohs(a->sin6_port), ntohl(a->sin6_flowinfo),
+                             a->sin6_scope_id);
+    }
+    Py_RETURN_NONE;
+}
+
+// The current Python exception, handed to `report` as asyncio's transports hand a failing
+// protocol method to the loop's exception handler.
+void report_error(Connection& c, PyObject* transport, const char* message) {
+    PyObject* type = nullptr;
+    PyObject* value = nullptr;
+    PyObject* traceback = nullptr;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value != nullptr && traceback != nullptr) PyException_SetTraceback(value, traceback);
+    PyRef exc = PyRef::steal(value);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    PyObject* protocol = c.protocol ? c.protocol.get() : Py_None;
+    PyRef r = PyRef::steal(PyObject_CallFunction(hub_of(c).report.get(), "sOOO", message,
+                                                 exc ? exc.get() : Py_None, protocol, transport));
+    if (!r) PyErr_WriteUnraisable(hub_of(c).report.get());
+}
+
+// Closes the descriptor and schedules connection_lost(exc). Drops the hub's reference to the
+// transport: the caller holds its own while it still uses it.
+void finish(Connection& c, PyObject* exc) {
+    if (c.closed) return;
+    c.closed = true;
+    c.closing = true;
+    Hub& hub = hub_of(c);
+    hub.generations[c.fd]++;
+    close(c.fd);  // leaves the epoll set with it
+    c.pending.clear();
+    c.pending.shrink_to_fit();
+    if (c.protocol) {
+        PyRef lost =
+            PyRef::steal(PyObject_GetAttr(c.protocol.get(), hub.names.connection_lost.get()));
+        PyRef r = lost ? PyRef::steal(PyObject_CallFunctionObjArgs(hub.call_soon.get(), lost.get(),
+                                                                   exc ? exc : Py_None, nullptr))
+                       : PyRef();
+        if (!r) PyErr_WriteUnraisable(c.protocol.get());
+    }
+    c.protocol = PyRef();                   // the scheduled call holds it now
+    PyRef own = std::move(hub.open[c.fd]);  // last: it may be what keeps `c` alive
+}
+
+void fail(Connection& c, int err) {
+    PyRef exc = PyRef::steal(
+        PyObject_CallFunction(err == EPIPE ? PyExc_BrokenPipeError : PyExc_ConnectionResetError,
+                              "is", err, strerror(err)));
+    if (!exc) PyErr_Clear();
+    finish(c, exc.get());
+}
+
+void call_protocol(Connection& c, PyObject* transport, PyObject* name, const char* message) {
+    PyRef r = PyRef::steal(PyObject_CallMethodObjArgs(c.protocol.get(), name, nullptr));
+    if (!r) report_error(c, transport, message);
+}
+
+void pause_protocol_if_full(Connection& c, PyObject* transport) {
+    if (c.protocol && !c.protocol_paused && c.pending.size() > c.high) {
+        c.protocol_paused = true;
+        call_protocol(c, transport, hub_of(c).names.pause_writing.get(),
+                      "protocol.pause_writing() failed");
+    }
+}
+
+void resume_protocol_if_drained(Connection& c, PyObject* transport) {
+    if (c.protocol && c.protocol_paused && c.pending.size() <= c.low) {
+        c.protocol_paused = false;
+        call_protocol(c, transport, hub_of(c).names.resume_writing.get(),
+                      "protocol.resume_writing() failed");
+    }
+}
+
+void watch(Connection& c, int op) {
+    epoll_event ev{};
+    ev.events =
+        EPOLLIN | EPOLLRDHUP | EPOLLET | (c.pending.empty() ? 0u : static_cast<uint32_t>(EPOLLOUT));
+    ev.data.u64 = event_data(c);
+    epoll_ctl(hub_of(c).epfd, op, c.fd, &ev);
+}
+
+// EPOLLOUT only while something waits to be written: otherwise every connection would wake
+// the loop once more when it is registered (a new socket is writable).
+void want_writable(Connection& c) {
+    if (c.registered) watch(c, EPOLL_CTL_MOD);
+}
+
+void after_pending_written(Connection& c, PyObject* transport) {
+    want_writable(c);
+    resume_protocol_if_drained(c, transport);
+    if (c.closed) return;
+    if (c.closing) {
+        finish(c, nullptr);
+    } else if (c.eof_pending && !c.eof_sent) {
+        c.eof_sent = true;
+        shutdown(c.fd, SHUT_WR);
+    }
+}
+
+void write_pending(Connection& c, PyObject* transport) {
+    while (!c.pending.empty()) {
+        ssize_t n = send(c.fd, c.pending.data(), c.pending.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) return;
+            fail(c, errno);
+            return;
+        }
+        c.pending.erase(0, static_cast<size_t>(n));
+    }
+    after_pending_written(c, transport);
+}
+
+// Reads and hands over what arrived. Edge-triggered: a short read emptied the socket, and
+// bytes arriving later are a new edge, so it stops there unless the peer's FIN came with the
+// edge (`to_the_end`): nothing more would wake it for that.
+void read_ready(Connection& c, PyObject* transport, bool to_the_end) {
+    Hub& hub = hub_of(c);
+    while (!c.closing && !c.reading_paused) {
+        ssize_t n = read(c.fd, hub.read_buffer.data(), hub.read_buffer.size());
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN)
+                c.maybe_readable = false;
+            else
+                fail(c, errno);
+            return;
+        }
+        if (n == 0) {
+            c.maybe_readable = false;
+            PyRef keep_open = PyRef::steal(PyObject_CallMethodObjArgs(
+                c.protocol.get(), hub.names.eof_received.get(), nullptr));
+            if (!keep_open) report_error(c, transport, "protocol.eof_received() failed");
+            if (c.closing) return;
+            if (!keep_open || PyObject_IsTrue(keep_open.get()) != 1) {
+                PyErr_Clear();
+                c.closing = true;
+                if (c.pending.empty()) finish(c, nullptr);
+            }
+            return;
+        }
+        PyRef data = PyRef::steal(PyBytes_FromStringAndSize(hub.read_buffer.data(), n));
+        PyRef r = data ? PyRef::steal(PyObject_CallMethodObjArgs(
+                             c.protocol.get(), hub.names.data_received.get(), data.get(), nullptr))
+                       : PyRef();
+        if (!r) {
+            report_error(c, transport, "protocol.data_received() failed");
+            finish(c, nullptr);
+            return;
+        }
+        if (static_cast<size_t>(n) < hub.read_buffer.size() && !to_the_end) {
+            c.maybe_readable = false;
+            return;
+        }
+    }
+    c.maybe_readable = !c.closing;  // paused with bytes perhaps waiting: resume reads them
+}
+
+// -- IoTransport --------------------------------------------------------------------------------
+
+// Appends what the socket did not take and pauses the protocol if that is over the limit.
+void keep_unsent(Connection& c, PyObject* transport, const char* data, size_t size) {
+    if (size == 0) return;
+    const bool was_empty = c.pending.empty();
+    c.pending.append(data, size);
+    if (was_empty) want_writable(c);
+    pause_protocol_if_full(c, transport);
+}
+
+bool accepts_writes(const Connection& c) {
+    return !c.closing && !c.eof_pending;
+}
+
+PyObject* transport_write(PyObject* self, PyObject* data) {
+    Connection& c = conn_of(self);
+    PyRef bytes =
+        PyBytes_Check(data) ? PyRef::borrow(data) : PyRef::steal(PyBytes_FromObject(data));
+    if (!bytes) return nullptr;
+    char* p = nullptr;
+    Py_ssize_t size = 0;
+    if (PyBytes_AsStringAndSize(bytes.get(), &p, &size) < 0) return nullptr;
+    if (!accepts_writes(c) || size == 0) Py_RETURN_NONE;
+    size_t sent = 0;
+    if (c.pending.empty()) {
+        while (sent < static_cast<size_t>(size)) {
+            ssize_t n = send(c.fd, p + sent, size - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN) break;
+                PyRef keep = PyRef::borrow(self);
+                fail(c, errno);
+                Py_RETURN_NONE;
+            }
+            sent += static_cast<size_t>(n);
+        }
+    }
+    keep_unsent(c, self, p + sent, size - sent);
+    Py_RETURN_NONE;
+}
+
+// One sendmsg() for a response's head and body (molt's cycle writes them as a pair).
+PyObject* transport_writelines(PyObject* self, PyObject* seq) {
+    Connection& c = conn_of(self);
+    PyRef items = PyRef::steal(PySequence_Fast(seq, "writelines() takes an iterable"));
+    if (!items) return nullptr;
+    std::vector<PyRef> parts;
+    const Py_ssize_t count = PySequence_Size(items.get());
+    for (Py_ssize_t i = 0; i < count; ++i) {
+        PyRef item = PyRef::steal(PySequence_GetItem(items.get(), i));
+        if (!item) return nullptr;
+        PyRef bytes = PyBytes_Check(item.get()) ? std::move(item)
+                                                : PyRef::steal(PyBytes_FromObject(item.get()));
+        if (!bytes) return nullptr;
+        parts.push_back(std::move(bytes));
+    }
+    if (!accepts_writes(c)) Py_RETURN_NONE;
+    std::vector<iovec> iov;
+    size_t total = 0;
+    for (const PyRef& part : parts) {
+        char* p = nullptr;
+        Py_ssize_t size = 0;
+        PyBytes_AsStringAndSize(part.get(), &p, &size);
+        if (size > 0) iov.push_back(iovec{p, static_cast<size_t>(size)});
+        total += static_cast<size_t>(size);
+    }
+    size_t sent = 0;
+    if (c.pending.empty() && !iov.empty() && iov.size() <= static_cast<size_t>(kMaxIovecs)) {
+        msghdr msg{};
+        msg.msg_iov = iov.data();
+        msg.msg_iovlen = iov.size();
+        ssize_t n;
+        do {
+            n = sendmsg(c.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0 && errno != EAGAIN) {
+            PyRef keep = PyRef::borrow(self);
+            fail(c, errno);
+            Py_RETURN_NONE;
+        }
+        sent = n < 0 ? 0 : static_cast<size_t>(n);
+    }
+    if (sent == total) Py_RETURN_NONE;
+    size_t skip = sent;  // what sendmsg took, from the front
+    const bool was_empty = c.pending.empty();
+    for (const iovec& v : iov) {
+        if (skip >= v.iov_len) {
+            skip -= v.iov_len;
+            continue;
+        }
+        c.pending.append(static_cast<const char*>(v.iov_base) + skip, v.iov_len - skip);
+        skip = 0;
+    }
+    if (was_empty) want_writable(c);
+    pause_protocol_if_full(c, self);
+    Py_RETURN_NONE;
+}
+
+PyObject* transport_close(PyObject* self, PyObject*) {
+    Connection& c = conn_of(self);
+    if (c.closing) Py_RETURN_NONE;
+    c.closing = true;
+    if (c.pending.empty()) {
+        PyRef keep = PyRef::borrow(self);
+        finish(c, nullptr);
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject* transport_abort(PyObject* self, PyObject*) {
+    PyRef keep = PyRef::borrow(self);
+    finish(conn_of(self), nullptr);
+    Py_RETURN_NONE;
+}
+
+PyObject* transport_write_eof(PyObject* self, PyObject*) {
+    Connection& c = conn_of(self);
+    if (!accepts_writes(c)) Py_RETURN_NONE;
+    c.eof_pending = true;
+    if (c.pending.empty()) {
+        c.eof_sent = true;
+        shutdown(c.fd, SHUT_WR);
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject* transport_can_write_eof(PyObject*, PyObject*) {
+    Py_RETURN_TRUE;
+}
+
+PyObject* transport_is_closing(PyObject* self, PyObject*) {
+    return PyBool_FromLong(conn_of(self).closing);
+}
+
+PyObject* transport_is_reading(PyObject* self, PyObject*) {
+    const Connection& c = conn_of(self);
+    return PyBool_FromLong(!c.reading_paused && !c.closing);
+}
+
+PyObject* transport_pause_reading(PyObject* self, PyObject*) {
+    conn_of(self).reading_paused = true;
+    Py_RETURN_NONE;
+}
+
+// Bytes that arrived while reading was paused gave their edge already: they are read in the
+// next loop iteration (asyncio's transports, too, never call data_received inside
+// resume_reading()).
+PyObject* transport_resume_reading(PyObject* self, PyObject*) {
+    Connection& c = conn_of(self);
+    if (!c.reading_paused) Py_RETURN_NONE;
+    c.reading_paused = false;
+    if (c.maybe_readable && !c.closing) {
+        PyRef read_now = PyRef::steal(PyObject_GetAttr(self, hub_of(c).names.read_now.get()));
+        if (!read_now) return nullptr;
+        PyRef r = PyRef::steal(
+            PyObject_CallFunctionObjArgs(hub_of(c).call_soon.get(), read_now.get(), nullptr));
+        if (!r) return nullptr;
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject* transport_read_now(PyObject* self, PyObject*) {
+    Connection& c = conn_of(self);
+    if (c.maybe_readable && !c.closing) {
+        PyRef keep = PyRef::borrow(self);
+        read_ready(c, self, true);
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject* transport_get_extra_info(PyObject* self, PyObject* args) {
+    const Connection& c = conn_of(self);
+    const char* name = nullptr;
+    PyObject* default_value = Py_None;
+    if (!PyArg_ParseTuple(args, "s|O", &name, &default_value)) return nullptr;
+    PyObject* value = default_value;
+    if (std::strcmp(name, "peername") == 0 && c.peername) value = c.peername.get();
+    if (std::strcmp(name, "sockname") == 0 && c.sockname) value = c.sockname.get();
+    return PyRef::borrow(value).release();
+}
+
+PyObject* transport_set_protocol(PyObject* self, PyObject* protocol) {
+    Connection& c = conn_of(self);
+    if (!c.closed) c.protocol = PyRef::borrow(protocol);
+    Py_RETURN_NONE;
+}
+
+PyObject* transport_get_protocol(PyObject* self, PyObject*) {
+    const Connection& c = conn_of(self);
+    return PyRef::borrow(c.protocol ? c.protocol.get() : Py_None).release();
+}
+
+PyObject* transport_get_write_buffer_size(PyObject* self, PyObject*) {
+    return PyLong_FromSize_t(conn_of(self).pending.size());
+}
+
+PyObject* transport_get_write_buffer_limits(PyObject* self, PyObject*) {
+    const Connection& c = conn_of(self);
+    return Py_BuildValue("(nn)", static_cast<Py_ssize_t>(c.low), static_cast<Py_ssize_t>(c.high));
+}
+
+// asyncio's rule: high defaults to 4 x low, or 64 KiB; low to a quarter of high.
+PyObject* transport_set_write_buffer_limits(PyObject* self, PyObject* args, PyObject* kwargs) {
+    static const char* kNames[] = {"high", "low", nullptr};
+    PyObject* high_arg = Py_None;
+    PyObject* low_arg = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OO", const_cast<char**>(kNames), &high_arg,
+                                     &low_arg)) {
+        return nullptr;
+    }
+    size_t low = low_arg == Py_None ? 0 : PyLong_AsSize_t(low_arg);
+    size_t high = high_arg == Py_None ? 0 : PyLong_AsSize_t(high_arg);
+    if (PyErr_Occurred()) return nullptr;
+    if (high_arg == Py_None) high = low_arg == Py_None ? kDefaultHighWater : 4 * low;
+    if (low_arg == Py_None) low = high / 4;
+    if (low > high) {
+        PyErr_Format(PyExc_ValueError, "high (%zu) must be >= low (%zu)", high, low);
+        return nullptr;
+    }
+    Connection& c = conn_of(self);
+    c.high = high;
+    c.low = low;
+    pause_protocol_if_full(c, self);
+    Py_RETURN_NONE;
+}
+
+void transport_dealloc(PyObject* self) {
+    delete reinterpret_cast<IoTransportObject*>(self)->conn;
+    free_heap_object(self);
+}
+
+PyCFunction with_keywords(PyObject* (*f)(PyObject*, PyObject*, PyObject*)) {
+    return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f));
+}
+
+PyMethodDef transport_methods[] = {
+    {"write", transport_write, METH_O, nullptr},
+    {"writelines", transport_writelines, METH_O, nullptr},
+    {"close", transport_close, METH_NOARGS, nullptr},
+    {"abort", transport_abort, METH_NOARGS, nullptr},
+    {"write_eof", transport_write_eof, METH_NOARGS, nullptr},
+    {"can_write_eof", transport_can_write_eof, METH_NOARGS, nullptr},
+    {"is_closing", transport_is_closing, METH_NOARGS, nullptr},
+    {"is_reading", transport_is_reading, METH_NOARGS, nullptr},
+    {"pause_reading", transport_pause_reading, METH_NOARGS, nullptr},
+    {"resume_reading", transport_resume_reading, METH_NOARGS, nullptr},
+    {"_read_now", transport_read_now, METH_NOARGS, "resume_reading()'s deferred read"},
+    {"get_extra_info", transport_get_extra_info, METH_VARARGS, nullptr},
+    {"set_protocol", transport_set_protocol, METH_O, nullptr},
+    {"get_protocol", transport_get_protocol, METH_NOARGS, nullptr},
+    {"get_write_buffer_size", transport_get_write_buffer_size, METH_NOARGS, nullptr},
+    {"get_write_buffer_limits", transport_get_write_buffer_limits, METH_NOARGS, nullptr},
+    {"set_write_buffer_limits", with_keywords(transport_set_write_buffer_limits),
+     METH_VARARGS | METH_KEYWORDS, nullptr},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyType_Slot transport_slots[] = {
+    {Py_tp_methods, transport_methods},
+    {Py_tp_dealloc, reinterpret_cast<void*>(transport_dealloc)},
+    {Py_tp_doc, const_cast<char*>("An accepted TCP connection as an asyncio transport; made "
+                                  "by IoHub.")},
+    {0, nullptr}};
+
+// -- IoHub --------------------------------------------------------------------------------------
+
+void make_room(Hub& hub, int fd) {
+    const size_t need = static_cast<size_t>(fd) + 1;
+    if (need > hub.open.size()) {
+        hub.open.resize(need + 64);
+        hub.generations.resize(need + 64, 0);
+    }
+}
+
+void pause_listener(Hub& hub, size_t index, int err) {
+    Listener& l = hub.listeners[index];
+    epoll_ctl(hub.epfd, EPOLL_CTL_DEL, l.fd, nullptr);
+    l.paused = true;
+    const int fd = l.fd;
+    PyRef exc = PyRef::steal(PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err)));
+    PyRef r =
+        exc ? PyRef::steal(PyObject_CallFunction(hub.accept_failed.get(), "iO", fd, exc.get()))
+            : PyRef();
+    if (!r) PyErr_WriteUnraisable(hub.accept_failed.get());
+}
+
+// A new connection's transport, in the hub's table; nullptr with a Python error set.
+PyObject* adopt(PyObject* hub_object, int fd, const sockaddr_storage& peer, const Listener& l) {
+    Hub& hub = hub_of(hub_object);
+    auto* obj = alloc_object<IoTransportObject>(hub.transport_type.get());
+    if (obj == nullptr) return nullptr;
+    auto* c = new Connection();
+    obj->conn = c;
+    c->fd = fd;
+    c->generation = ++hub.generations[fd];
+    c->hub = PyRef::borrow(hub_object);
+    c->peername = PyRef::steal(address(peer));
+    if (l.sockname) {
+        c->sockname = PyRef::borrow(l.sockname.get());
+    } else {
+        sockaddr_storage local{};
+        socklen_t size = sizeof local;
+        getsockname(fd, reinterpret_cast<sockaddr*>(&local), &size);
+        c->sockname = PyRef::steal(address(local));
+    }
+    PyObject* transport = reinterpret_cast<PyObject*>(obj);
+    hub.open[fd] = PyRef::steal(transport);
+    return transport;
+}
+
+void accept_connections(PyObject* hub_object, size_t index) {
+    Hub& hub = hub_of(hub_object);
+    for (int i = 0; i < kAcceptsPerWakeup; ++i) {
+        const int listener_fd = hub.listeners[index].fd;
+        if (listener_fd < 0 || hub.listeners[index].paused) return;  // unlisten() from Python
+        sockaddr_storage peer{};
+        socklen_t size = sizeof peer;
+        const int fd = accept4(listener_fd, reinterpret_cast<sockaddr*>(&peer), &size,
+                               SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            switch (errno) {
+                case EAGAIN:
+                    return;
+                case EINTR:
+                case ECONNABORTED:  // that client is gone; accept(2)'s retryable errors
+                case EPROTO:
+                case EPERM:
+                case ENETDOWN:
+                case ENOPROTOOPT:
+                case EHOSTDOWN:
+                case ENONET:
+                case EHOSTUNREACH:
+                case EOPNOTSUPP:
+                case ENETUNREACH:
+                    continue;
+                default:  // out of descriptors or memory: the listener stays readable
+                    pause_listener(hub, index, errno);
+                    return;
+            }
+        }
+        make_room(hub, fd);
+        // The factory may run anything; the listener is read again after it.
+        PyRef factory = PyRef::borrow(hub.listeners[index].factory.get());
+        const bool read_at_once = hub.listeners[index].read_at_once;
+        PyRef transport = PyRef::borrow(adopt(hub_object, fd, peer, hub.listeners[index]));
+        if (!transport) {
+            close(fd);
+            PyErr_WriteUnraisable(hub_object);
+            continue;
+        }
+        Connection& c = conn_of(transport.get());
+        c.protocol = PyRef::steal(PyObject_CallObject(factory.get(), nullptr));
+        if (!c.protocol) {
+            report_error(c, transport.get(), "the protocol factory failed");
+            finish(c, nullptr);
+            continue;
+        }
+        PyRef r = PyRef::steal(PyObject_CallMethodObjArgs(
+            c.protocol.get(), hub.names.connection_made.get(), transport.get(), nullptr));
+        if (!r) {
+            report_error(c, transport.get(), "protocol.connection_made() failed");
+            finish(c, nullptr);
+            continue;
+        }
+        if (read_at_once && !c.reading_paused) read_ready(c, transport.get(), false);
+        if (c.closed) continue;   // served and closed in this wake-up: never registered
+        watch(c, EPOLL_CTL_ADD);  // a socket already readable is reported at once
+        c.registered = true;
+    }
+}
+
+void serve_event(Hub& hub, const epoll_event& event) {
+    const int fd = static_cast<int>(event.data.u64 & 0xffffffffu);
+    const uint32_t generation = static_cast<uint32_t>(event.data.u64 >> 32);
+    if (static_cast<size_t>(fd) >= hub.open.size() || !hub.open[fd]) return;
+    PyRef transport = PyRef::borrow(hub.open[fd].get());
+    Connection& c = conn_of(transport.get());
+    if (c.generation != generation) return;  // closed since, and its descriptor reused
+    const uint32_t e = event.events;
+    if ((e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && !c.pending.empty()) {
+        write_pending(c, transport.get());
+    }
+    if (!c.closing && (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
+        c.maybe_readable = true;
+        if (!c.reading_paused) {
+            read_ready(c, transport.get(), (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0);
+        }
+    }
+}
+
+PyObject* hub_poll(PyObject* self, PyObject*) {
+    Hub& hub = hub_of(self);
+    epoll_event events[kEventsPerPoll];
+    int n;
+    do {
+        n = epoll_wait(hub.epfd, events, kEventsPerPoll, 0);
+    } while (n < 0 && errno == EINTR);
+    for (int i = 0; i < n; ++i) {
+        if (events[i].data.u64 & kListenerTag) {
+            const size_t index = static_cast<size_t>(events[i].data.u64 & 0xffffffffu);
+            if (index < hub.listeners.size() && hub.listeners[index].fd >= 0 &&
+                !hub.listeners[index].paused) {
+                accept_connections(self, index);
+            }
+        } else {
+            serve_event(hub, events[i]);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject* hub_fileno(PyObject* self, PyObject*) {
+    return PyLong_FromLong(hub_of(self).epfd);
+}
+
+int listener_index(const Hub& hub, int fd) {
+    for (size_t i = 0; i < hub.listeners.size(); ++i) {
+        if (hub.listeners[i].fd == fd) return static_cast<int>(i);
+    }
+    return -1;
+}
+
+bool watch_listener(Hub& hub, size_t index) {
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLEXCLUSIVE;  // one waiting worker is woken per arrival
+    ev.data.u64 = kListenerTag | index;
+    return epoll_ctl(hub.epfd, EPOLL_CTL_ADD, hub.listeners[index].fd, &ev) == 0;
+}
+
+// listen(fd, protocol_factory, sockname_or_None, read_at_once)
+PyObject* hub_listen(PyObject* self, PyObject* args) {
+    Hub& hub = hub_of(self);
+    int fd = -1;
+    PyObject* factory = nullptr;
+    PyObject* sockname = nullptr;
+    int read_at_once = 0;
+    if (!PyArg_ParseTuple(args, "iOOp", &fd, &factory, &sockname, &read_at_once)) return nullptr;
+    if (listener_index(hub, fd) >= 0) {
+        PyErr_Format(PyExc_ValueError, "descriptor %d is already listened on", fd);
+        return nullptr;
+    }
+    Listener l;
+    l.fd = fd;
+    l.factory = PyRef::borrow(factory);
+    if (sockname != Py_None) l.sockname = PyRef::borrow(sockname);
+    l.read_at_once = read_at_once != 0;
+    hub.listeners.push_back(std::move(l));
+    if (!watch_listener(hub, hub.listeners.size() - 1)) {
+        hub.listeners.back().fd = -1;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+// Stops accepting on `fd` (a draining worker): what is queued stays for the others.
+PyObject* hub_unlisten(PyObject* self, PyObject* arg) {
+    Hub& hub = hub_of(self);
+    const long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return nullptr;
+    const int index = listener_index(hub, static_cast<int>(fd));
+    if (index < 0) Py_RETURN_NONE;
+    Listener& l = hub.listeners[index];
+    if (!l.paused) epoll_ctl(hub.epfd, EPOLL_CTL_DEL, l.fd, nullptr);
+    l.fd = -1;
+    l.factory = PyRef();
+    l.sockname = PyRef();
+    Py_RETURN_NONE;
+}
+
+// Takes a listener paused by an accept() failure back (the caller waits a moment first).
+PyObject* hub_resume_listener(PyObject* self, PyObject* arg) {
+    Hub& hub = hub_of(self);
+    const long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return nullptr;
+    const int index = listener_index(hub, static_cast<int>(fd));
+    if (index < 0 || !hub.listeners[index].paused) Py_RETURN_NONE;
+    if (!watch_listener(hub, index)) return PyErr_SetFromErrno(PyExc_OSError);
+    hub.listeners[index].paused = false;
+    Py_RETURN_NONE;
+}
+
+PyObject* hub_connections(PyObject* self, PyObject*) {
+    size_t count = 0;
+    for (const PyRef& t : hub_of(self).open) count += t ? 1 : 0;
+    return PyLong_FromSize_t(count);
+}
+
+void hub_dealloc(PyObject* self) {
+    delete reinterpret_cast<IoHubObject*>(self)->hub;
+    free_heap_object(self);
+}
+
+PyMethodDef hub_methods[] = {
+    {"poll", hub_poll, METH_NOARGS,
+     "Serves what is ready: accepts, reads, writes. The loop calls it when fileno() is "
+     "readable."},
+    {"fileno", hub_fileno, METH_NOARGS, "The epoll descriptor the loop watches."},
+    {"listen", hub_listen, METH_VARARGS,
+     "listen(fd, protocol_factory, sockname_or_None, read_at_once): accept on a TCP "
+     "listener."},
+    {"unlisten", hub_unlisten, METH_O, "unlisten(fd): stop accepting on it."},
+    {"resume_listener", hub_resume_listener, METH_O,
+     "resume_listener(fd): accept again after accept_failed paused it."},
+    {"connections", hub_connections, METH_NOARGS, "How many accepted connections are open."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyType_Slot hub_slots[] = {
+    {Py_tp_methods, hub_methods},
+    {Py_tp_dealloc, reinterpret_cast<void*>(hub_dealloc)},
+    {Py_tp_doc, const_cast<char*>("The ASGI engine's TCP accept, read and write; made by "
+                                  "io_hub().")},
+    {0, nullptr}};
+
+}  // namespace
+
+PyType_Spec io_hub_spec = {"_molt_native.IoHub", sizeof(IoHubObject), 0, Py_TPFLAGS_DEFAULT,
+                           hub_slots};
+PyType_Spec io_transport_spec = {"_molt_native.IoTransport", sizeof(IoTransportObject), 0,
+                                 Py_TPFLAGS_DEFAULT, transport_slots};
+
+PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* args) {
+    PyObject* call_soon = nullptr;
+    PyObject* report = nullptr;
+    PyObject* accept_failed = nullptr;
+    if (!PyArg_ParseTuple(args, "OOO", &call_soon, &report, &accept_failed)) return nullptr;
+    auto* obj = alloc_object<IoHubObject>(hub_type);
+    if (obj == nullptr) return nullptr;
+    PyRef owner = PyRef::steal(reinterpret_cast<PyObject*>(obj));
+    obj->hub = new Hub();
+    Hub& hub = *obj->hub;
+    hub.transport_type = PyRef::borrow(transport_type);
+    hub.call_soon = PyRef::borrow(call_soon);
+    hub.report = PyRef::borrow(report);
+    hub.accept_failed = PyRef::borrow(accept_failed);
+    if (!hub.names.init()) return nullptr;
+    hub.epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (hub.epfd < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return owner.release();
+}
+
+}  // namespace molt::native

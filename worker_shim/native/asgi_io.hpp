@@ -1,0 +1,37 @@
+// The ASGI engine's own TCP I/O: accept, read and write in C++, feeding asyncio protocols.
+//
+// uvloop's server, which served the ASGI engine's TCP listeners before, wakes every worker for
+// every arrival (libuv's listener has no EPOLLEXCLUSIVE), asks the kernel for each accepted
+// connection's addresses and sets TCP_NODELAY on it (three system calls), and makes each
+// connection's first read wait for a second wake-up even when the request came with it. An
+// IoHub is one epoll descriptor the loop watches (`loop.add_reader(hub.fileno(), hub.poll)`):
+// the listeners are in it with EPOLLEXCLUSIVE, the connections edge-triggered. poll() accepts
+// what is queued, makes each connection an IoTransport (an asyncio transport: write,
+// writelines, close, abort, write_eof, pause/resume_reading, flow control, get_extra_info,
+// set_protocol) and hands it to the listener's protocol factory, reads what arrives and calls
+// the protocol's data_received; writes go straight to the socket, and only what the socket
+// will not take waits for EPOLLOUT. connection_lost comes in the next loop iteration, as
+// asyncio's own transports call it. The protocol is molt's own (engines/asgi_cycle.py, and
+// uvicorn's WebSocket protocols after an upgrade): every HTTP rule stays in one place.
+//
+// A listener whose socket has TCP_DEFER_ACCEPT (`listen[].defer_accept`) is read at once after
+// each accept: the kernel hands over a connection only once its first bytes are in, so the
+// request is served in the wake-up that accepted it, and a connection closed in it (a
+// `Connection: close` request) never enters the epoll set at all. docs/architecture.md, "ASGI:
+// molt's own I/O", has the measurements.
+#pragma once
+
+#include "py_handle.hpp"
+
+namespace molt::native {
+
+extern PyType_Spec io_hub_spec;
+extern PyType_Spec io_transport_spec;
+
+// io_hub(call_soon, report) -> IoHub. `call_soon` is the loop's; `report(message, exception,
+// protocol, transport)` is called when a protocol method raised (the loop's exception handler,
+// as asyncio's transports do) and with (message, OSError, None, None) when accept() ran out of
+// descriptors or memory (the listener is then paused; resume_listener() takes it back).
+PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* args);
+
+}  // namespace molt::native
