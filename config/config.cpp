@@ -297,7 +297,6 @@ struct ListenDraft {
     ListenAddress address;
     bool explicit_backlog = false;
     bool explicit_name = false;
-    bool explicit_defer_accept = false;
     YAML::Mark mark;
     std::string key;
 };
@@ -690,7 +689,6 @@ void read_listen_entry(Context& ctx, const Node& node, const std::string& key) {
         } else if (spec.path == "listen[].proxy_protocol") {
             ctx.set_bool(value, options.proxy_protocol);
         } else if (spec.path == "listen[].defer_accept") {
-            draft.explicit_defer_accept = true;
             defer_accept_key = ctx.key;
             defer_accept_mark = value.Mark();
             ctx.set_duration(value, options.defer_accept);
@@ -1213,20 +1211,14 @@ const std::vector<KeySpec>& key_table() {
          "interface wsgi.",
          nullptr},
         {"listen[].defer_accept", "duration",
-         [](const Config&) -> std::string {
-             return fmt::format("{} (wsgi), 0 (asgi)",
-                                format_duration(ListenAddress{}.defer_accept));
-         },
+         [](const Config&) -> std::string { return format_duration(ListenAddress{}.defer_accept); },
          "TCP only: the kernel hands a connection to a worker only once its first bytes have "
          "arrived (`TCP_DEFER_ACCEPT`, nginx's `deferred`), so a worker never wakes for a "
          "connection that has nothing to read yet; a client that sends nothing is accepted "
          "after about this long (whole seconds, rounded up), and `http.header_timeout` runs "
-         "from then. `0` turns it off; it is off by default for `interface: asgi`, whose "
-         "workers accept in uvloop's own loop, where a deferred burst of keep-alive "
-         "connections can land on one worker; an ASGI site whose traffic is mostly new "
-         "connections (no keep-alive, no proxy in front) gains about 10 % in requests/s by "
-         "setting it to `1s` (docs/architecture.md). Sockets passed by systemd keep their own "
-         "setting (`DeferAcceptSec=`).",
+         "from then; a worker reads such a connection in the wake-up that accepted it. `0` "
+         "turns it off. Sockets passed by systemd keep their own setting "
+         "(`DeferAcceptSec=`).",
          nullptr},
         {"listen[].tls", "section", nullptr,
          "TLS on this address (HTTPS). The workers of each generation load the files when they "
@@ -1714,12 +1706,6 @@ void finish_listen(Context& ctx, Config& config) {
         auto& address = draft.address;
         if (!draft.explicit_backlog && ctx.global_backlog) address.backlog = *ctx.global_backlog;
         if (!draft.explicit_name) address.name = address.text;
-        // ASGI workers accept with uvloop's own loop, level-triggered and until EAGAIN: with
-        // deferred accept a burst of keep-alive connections trickles in one by one and lands
-        // on whichever worker is already awake (docs/architecture.md, "Deferred accept").
-        if (!draft.explicit_defer_accept && config.interface == Interface::asgi) {
-            address.defer_accept = Duration{0};
-        }
         // The PROXY header comes before the TLS handshake, in the clear; the native engine
         // reads it there (worker_shim/native/engine.cpp, read_proxy_header), the Python
         // engines would look for it inside TLS. A worker that falls back to the Python engine

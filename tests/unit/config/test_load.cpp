@@ -49,16 +49,16 @@ TEST_CASE("defaults") {
     CHECK(c.pidfile.empty());
 }
 
-TEST_CASE("listen[].defer_accept defaults to 1s for wsgi and to off for asgi") {
+TEST_CASE("listen[].defer_accept defaults to 1s for either interface, and can be turned off") {
     const Config wsgi =
         valid("app: a:b\nlisten: [tcp://127.0.0.1:1, {address: 'tcp://127.0.0.1:2'}]\n");
     CHECK(wsgi.listen[0].defer_accept == std::chrono::seconds(1));
     CHECK(wsgi.listen[1].defer_accept == std::chrono::seconds(1));
     const Config asgi = valid("app: a:b\ninterface: asgi\n");  // the default listen address
-    CHECK(asgi.listen[0].defer_accept == Duration{0});
-    const Config given = valid(
-        "app: a:b\ninterface: asgi\nlisten: [{address: 'tcp://127.0.0.1:1', defer_accept: 2s}]\n");
-    CHECK(given.listen[0].defer_accept == std::chrono::seconds(2));
+    CHECK(asgi.listen[0].defer_accept == std::chrono::seconds(1));
+    const Config off = valid(
+        "app: a:b\ninterface: asgi\nlisten: [{address: 'tcp://127.0.0.1:1', defer_accept: 0}]\n");
+    CHECK(off.listen[0].defer_accept == Duration{0});
 }
 
 TEST_CASE("every key is read into the struct") {
@@ -105,8 +105,8 @@ pidfile: /run/molt.pid
     REQUIRE(c.listen.size() == 4);
     CHECK(c.listen[0].text == "tcp://[::1]:8001");
     CHECK(c.listen[0].host == "::1");
-    CHECK(c.listen[0].backlog == 64);                // the global default
-    CHECK(c.listen[0].defer_accept == Duration{0});  // asgi's default (wsgi's: below)
+    CHECK(c.listen[0].backlog == 64);                            // the global default
+    CHECK(c.listen[0].defer_accept == std::chrono::seconds(1));  // the default
     CHECK(c.listen[2].defer_accept == Duration{0});
     CHECK(c.listen[3].defer_accept == std::chrono::milliseconds(1500));  // given: kept
     CHECK(c.listen[1].text == "unix:/srv/app/run/web.sock");
