@@ -110,6 +110,14 @@ async def ws_late(websocket):
     await ws_echo(websocket)
 
 
+async def ws_addresses(websocket):
+    """The WebSocket scope's client and server, as JSON, then a normal close."""
+    await websocket.accept()
+    await websocket.send_text(json.dumps([websocket.scope["client"],
+                                          websocket.scope["server"]]))
+    await websocket.close()
+
+
 async def ws_late_waiting(request):
     return PlainTextResponse(str(WS_LATE["waiting"]))
 
@@ -119,7 +127,8 @@ starlette_app = Starlette(
             Route("/slow", slow), Route("/echo", echo, methods=["POST"]), Route("/big", big),
             Route("/headers", headers, methods=["POST"]),
             Route("/ws-late-waiting", ws_late_waiting),
-            Route("/ws-ended", ws_ended), WebSocketRoute("/ws", ws_echo), WebSocketRoute("/ws-late", ws_late)],
+            Route("/ws-ended", ws_ended), WebSocketRoute("/ws", ws_echo), WebSocketRoute("/ws-late", ws_late),
+            WebSocketRoute("/ws-addresses", ws_addresses)],
     on_startup=[startup], on_shutdown=[shutdown])
 
 

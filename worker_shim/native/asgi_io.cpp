@@ -26,6 +26,7 @@ constexpr int kAcceptsPerWakeup = 64;            // the listener stays readable 
 constexpr int kEventsPerPoll = 128;
 constexpr int kMaxIovecs = 64;
 constexpr uint64_t kListenerTag = 1ull << 63;
+constexpr uint32_t kGenerationMask = 0x7fffffffu;
 
 struct IoHubObject;
 struct IoTransportObject;
@@ -33,7 +34,7 @@ struct IoTransportObject;
 // The protocol methods a transport calls, interned once per hub.
 struct Names {
     PyRef data_received, connection_made, connection_lost, eof_received, pause_writing,
-        resume_writing, read_now;
+        resume_writing, read_now, lost_now;
     bool init() {
         data_received = PyRef::steal(PyUnicode_InternFromString("data_received"));
         connection_made = PyRef::steal(PyUnicode_InternFromString("connection_made"));
@@ -42,8 +43,9 @@ struct Names {
         pause_writing = PyRef::steal(PyUnicode_InternFromString("pause_writing"));
         resume_writing = PyRef::steal(PyUnicode_InternFromString("resume_writing"));
         read_now = PyRef::steal(PyUnicode_InternFromString("_read_now"));
+        lost_now = PyRef::steal(PyUnicode_InternFromString("_connection_lost"));
         return data_received && connection_made && connection_lost && eof_received &&
-               pause_writing && resume_writing && read_now;
+               pause_writing && resume_writing && read_now && lost_now;
     }
 };
 
@@ -72,6 +74,39 @@ struct Hub {
     }
 };
 
+// What the socket has not taken yet. Sent bytes are skipped, not erased, until they are most
+// of the buffer: erasing from the front after every partial send would copy the rest each
+// time (quadratic for one large write to a slow client).
+class OutBuffer {
+  public:
+    bool empty() const { return head_ == bytes_.size(); }
+    size_t size() const { return bytes_.size() - head_; }
+    const char* data() const { return bytes_.data() + head_; }
+    void append(const char* data, size_t size) { bytes_.append(data, size); }
+    void consume(size_t n) {
+        head_ += n;
+        if (head_ == bytes_.size()) {
+            clear();
+        } else if (head_ > kCompactAfter && head_ > bytes_.size() / 2) {
+            bytes_.erase(0, head_);
+            head_ = 0;
+        }
+    }
+    void clear() {
+        bytes_.clear();
+        head_ = 0;
+    }
+    void release() {
+        clear();
+        bytes_.shrink_to_fit();
+    }
+
+  private:
+    static constexpr size_t kCompactAfter = 64 * 1024;
+    std::string bytes_;
+    size_t head_ = 0;
+};
+
 // One accepted connection. The Python references are dropped when it closes, so a protocol
 // and its transport, which hold each other, do not wait for the cycle collector.
 struct Connection {
@@ -81,7 +116,7 @@ struct Connection {
     PyRef protocol;
     PyRef peername;
     PyRef sockname;
-    std::string pending;  // what the socket has not taken yet
+    OutBuffer pending;
     size_t high = kDefaultHighWater;
     size_t low = kDefaultHighWater / 4;
     bool registered = false;   // in the hub's epoll set
@@ -92,6 +127,7 @@ struct Connection {
     bool reading_paused = false;
     bool maybe_readable = false;  // bytes may wait: no short read since the last edge
     bool protocol_paused = false;
+    bool lost = false;  // connection_lost() was delivered
 };
 
 struct IoHubObject {
@@ -112,8 +148,10 @@ Hub& hub_of(Connection& c) {
     return hub_of(c.hub.get());
 }
 
+// An event's data: the descriptor, and its generation in bits 32-62 (bit 63 is kListenerTag).
 uint64_t event_data(const Connection& c) {
-    return (static_cast<uint64_t>(c.generation) << 32) | static_cast<uint32_t>(c.fd);
+    return (static_cast<uint64_t>(c.generation & kGenerationMask) << 32) |
+           static_cast<uint32_t>(c.fd);
 }
 
 PyObject* address(const sockaddr_storage& ss) {
@@ -133,8 +171,8 @@ PyObject* address(const sockaddr_storage& ss) {
 }
 
 // The current Python exception, handed to `report` as asyncio's transports hand a failing
-// protocol method to the loop's exception handler.
-void report_error(Connection& c, PyObject* transport, const char* message) {
+// protocol method to the loop's exception handler; returned for connection_lost().
+PyRef report_error(Connection& c, PyObject* transport, const char* message) {
     PyObject* type = nullptr;
     PyObject* value = nullptr;
     PyObject* traceback = nullptr;
@@ -148,10 +186,13 @@ void report_error(Connection& c, PyObject* transport, const char* message) {
     PyRef r = PyRef::steal(PyObject_CallFunction(hub_of(c).report.get(), "sOOO", message,
                                                  exc ? exc.get() : Py_None, protocol, transport));
     if (!r) PyErr_WriteUnraisable(hub_of(c).report.get());
+    return exc;
 }
 
-// Closes the descriptor and schedules connection_lost(exc). Drops the hub's reference to the
-// transport: the caller holds its own while it still uses it.
+// Closes the descriptor and schedules the transport's _connection_lost(exc), which tells
+// whichever protocol is the transport's by then (a WebSocket upgrade sets its protocol after
+// feeding it, and the feeding may close). Drops the hub's reference to the transport: the
+// caller holds its own while it still uses it.
 void finish(Connection& c, PyObject* exc) {
     if (c.closed) return;
     c.closed = true;
@@ -159,18 +200,13 @@ void finish(Connection& c, PyObject* exc) {
     Hub& hub = hub_of(c);
     hub.generations[c.fd]++;
     close(c.fd);  // leaves the epoll set with it
-    c.pending.clear();
-    c.pending.shrink_to_fit();
-    if (c.protocol) {
-        PyRef lost =
-            PyRef::steal(PyObject_GetAttr(c.protocol.get(), hub.names.connection_lost.get()));
-        PyRef r = lost ? PyRef::steal(PyObject_CallFunctionObjArgs(hub.call_soon.get(), lost.get(),
-                                                                   exc ? exc : Py_None, nullptr))
-                       : PyRef();
-        if (!r) PyErr_WriteUnraisable(c.protocol.get());
-    }
-    c.protocol = PyRef();                   // the scheduled call holds it now
-    PyRef own = std::move(hub.open[c.fd]);  // last: it may be what keeps `c` alive
+    c.pending.release();
+    PyRef own = std::move(hub.open[c.fd]);  // released last: it may be what keeps `c` alive
+    PyRef lost = PyRef::steal(PyObject_GetAttr(own.get(), hub.names.lost_now.get()));
+    PyRef r = lost ? PyRef::steal(PyObject_CallFunctionObjArgs(hub.call_soon.get(), lost.get(),
+                                                               exc ? exc : Py_None, nullptr))
+                   : PyRef();
+    if (!r) PyErr_WriteUnraisable(own.get());
 }
 
 void fail(Connection& c, int err) {
@@ -237,7 +273,9 @@ void write_pending(Connection& c, PyObject* transport) {
             fail(c, errno);
             return;
         }
-        c.pending.erase(0, static_cast<size_t>(n));
+        c.pending.consume(static_cast<size_t>(n));
+        resume_protocol_if_drained(c, transport);  // at the low-water mark, as asyncio does
+        if (c.closed) return;
     }
     after_pending_written(c, transport);
 }
@@ -275,8 +313,8 @@ void read_ready(Connection& c, PyObject* transport, bool to_the_end) {
                              c.protocol.get(), hub.names.data_received.get(), data.get(), nullptr))
                        : PyRef();
         if (!r) {
-            report_error(c, transport, "protocol.data_received() failed");
-            finish(c, nullptr);
+            PyRef exc = report_error(c, transport, "protocol.data_received() failed");
+            finish(c, exc.get());
             return;
         }
         if (static_cast<size_t>(n) < hub.read_buffer.size() && !to_the_end) {
@@ -458,6 +496,33 @@ PyObject* transport_read_now(PyObject* self, PyObject*) {
     Py_RETURN_NONE;
 }
 
+// finish()'s deferred call: the protocol hears connection_lost() once, and the transport lets
+// go of it (a protocol and its transport hold each other; neither type is collected).
+PyObject* transport_connection_lost(PyObject* self, PyObject* exc) {
+    Connection& c = conn_of(self);
+    PyRef protocol = std::move(c.protocol);
+    c.lost = true;
+    if (!protocol) Py_RETURN_NONE;
+    PyRef r = PyRef::steal(PyObject_CallMethodObjArgs(
+        protocol.get(), hub_of(c).names.connection_lost.get(), exc, nullptr));
+    if (!r) {
+        c.protocol = std::move(protocol);  // for the report
+        report_error(c, self, "protocol.connection_lost() failed");
+        c.protocol = PyRef();
+    }
+    Py_RETURN_NONE;
+}
+
+// What uvicorn asks a transport's `socket` for (its get_remote_addr and get_local_addr): the
+// addresses the accept gave. uvicorn reads a 4-item IPv6 `peername` as no address at all.
+PyObject* transport_getpeername(PyObject* self, PyObject*) {
+    return PyRef::borrow(conn_of(self).peername.get()).release();
+}
+
+PyObject* transport_getsockname(PyObject* self, PyObject*) {
+    return PyRef::borrow(conn_of(self).sockname.get()).release();
+}
+
 PyObject* transport_get_extra_info(PyObject* self, PyObject* args) {
     const Connection& c = conn_of(self);
     const char* name = nullptr;
@@ -466,12 +531,13 @@ PyObject* transport_get_extra_info(PyObject* self, PyObject* args) {
     PyObject* value = default_value;
     if (std::strcmp(name, "peername") == 0 && c.peername) value = c.peername.get();
     if (std::strcmp(name, "sockname") == 0 && c.sockname) value = c.sockname.get();
+    if (std::strcmp(name, "socket") == 0) value = self;  // getpeername(), getsockname()
     return PyRef::borrow(value).release();
 }
 
 PyObject* transport_set_protocol(PyObject* self, PyObject* protocol) {
     Connection& c = conn_of(self);
-    if (!c.closed) c.protocol = PyRef::borrow(protocol);
+    if (!c.lost) c.protocol = PyRef::borrow(protocol);  // the one connection_lost() goes to
     Py_RETURN_NONE;
 }
 
@@ -514,6 +580,11 @@ PyObject* transport_set_write_buffer_limits(PyObject* self, PyObject* args, PyOb
     Py_RETURN_NONE;
 }
 
+PyObject* made_by_the_hub(PyTypeObject*, PyObject*, PyObject*) {
+    PyErr_SetString(PyExc_TypeError, "IoHub and IoTransport are made by _molt_native.io_hub()");
+    return nullptr;
+}
+
 void transport_dealloc(PyObject* self) {
     delete reinterpret_cast<IoTransportObject*>(self)->conn;
     free_heap_object(self);
@@ -535,6 +606,9 @@ PyMethodDef transport_methods[] = {
     {"pause_reading", transport_pause_reading, METH_NOARGS, nullptr},
     {"resume_reading", transport_resume_reading, METH_NOARGS, nullptr},
     {"_read_now", transport_read_now, METH_NOARGS, "resume_reading()'s deferred read"},
+    {"_connection_lost", transport_connection_lost, METH_O, "close's deferred notice"},
+    {"getpeername", transport_getpeername, METH_NOARGS, "get_extra_info('socket') answers"},
+    {"getsockname", transport_getsockname, METH_NOARGS, "get_extra_info('socket') answers"},
     {"get_extra_info", transport_get_extra_info, METH_VARARGS, nullptr},
     {"set_protocol", transport_set_protocol, METH_O, nullptr},
     {"get_protocol", transport_get_protocol, METH_NOARGS, nullptr},
@@ -546,6 +620,7 @@ PyMethodDef transport_methods[] = {
 
 PyType_Slot transport_slots[] = {
     {Py_tp_methods, transport_methods},
+    {Py_tp_new, reinterpret_cast<void*>(made_by_the_hub)},
     {Py_tp_dealloc, reinterpret_cast<void*>(transport_dealloc)},
     {Py_tp_doc, const_cast<char*>("An accepted TCP connection as an asyncio transport; made "
                                   "by IoHub.")},
@@ -664,7 +739,7 @@ void serve_event(Hub& hub, const epoll_event& event) {
     if (static_cast<size_t>(fd) >= hub.open.size() || !hub.open[fd]) return;
     PyRef transport = PyRef::borrow(hub.open[fd].get());
     Connection& c = conn_of(transport.get());
-    if (c.generation != generation) return;  // closed since, and its descriptor reused
+    if ((c.generation & kGenerationMask) != generation) return;  // closed since, fd reused
     const uint32_t e = event.events;
     if ((e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && !c.pending.empty()) {
         write_pending(c, transport.get());
@@ -709,9 +784,13 @@ int listener_index(const Hub& hub, int fd) {
     return -1;
 }
 
+// Level-triggered. Not EPOLLEXCLUSIVE: the kernel counts an exclusive wake-up only when a
+// thread waits in this epoll itself, and the loop waits in its own (this one is nested in
+// it), so every worker is woken per arrival, as under uvloop's server; all but one find the
+// queue empty.
 bool watch_listener(Hub& hub, size_t index) {
     epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLEXCLUSIVE;  // one waiting worker is woken per arrival
+    ev.events = EPOLLIN;
     ev.data.u64 = kListenerTag | index;
     return epoll_ctl(hub.epfd, EPOLL_CTL_ADD, hub.listeners[index].fd, &ev) == 0;
 }
@@ -795,6 +874,7 @@ PyMethodDef hub_methods[] = {
 
 PyType_Slot hub_slots[] = {
     {Py_tp_methods, hub_methods},
+    {Py_tp_new, reinterpret_cast<void*>(made_by_the_hub)},
     {Py_tp_dealloc, reinterpret_cast<void*>(hub_dealloc)},
     {Py_tp_doc, const_cast<char*>("The ASGI engine's TCP accept, read and write; made by "
                                   "io_hub().")},

@@ -1,12 +1,11 @@
 // The ASGI engine's own TCP I/O: accept, read and write in C++, feeding asyncio protocols.
 //
-// uvloop's server, which served the ASGI engine's TCP listeners before, wakes every worker for
-// every arrival (libuv's listener has no EPOLLEXCLUSIVE), asks the kernel for each accepted
-// connection's addresses and sets TCP_NODELAY on it (three system calls), and makes each
-// connection's first read wait for a second wake-up even when the request came with it. An
-// IoHub is one epoll descriptor the loop watches (`loop.add_reader(hub.fileno(), hub.poll)`):
-// the listeners are in it with EPOLLEXCLUSIVE, the connections edge-triggered. poll() accepts
-// what is queued, makes each connection an IoTransport (an asyncio transport: write,
+// uvloop's server, which served the ASGI engine's TCP listeners before, asks the kernel for
+// each accepted connection's addresses and sets TCP_NODELAY on it (three system calls), and
+// makes each connection's first read wait for a second wake-up even when the request came with
+// it. An IoHub is one epoll descriptor the loop watches (`loop.add_reader(hub.fileno(),
+// hub.poll)`): the listeners are in it, the connections edge-triggered. poll() accepts what is
+// queued, makes each connection an IoTransport (an asyncio transport: write,
 // writelines, close, abort, write_eof, pause/resume_reading, flow control, get_extra_info,
 // set_protocol) and hands it to the listener's protocol factory, reads what arrives and calls
 // the protocol's data_received; writes go straight to the socket, and only what the socket
@@ -16,9 +15,9 @@
 //
 // A listener whose socket has TCP_DEFER_ACCEPT (`listen[].defer_accept`) is read at once after
 // each accept: the kernel hands over a connection only once its first bytes are in, so the
-// request is served in the wake-up that accepted it, and a connection closed in it (a
-// `Connection: close` request) never enters the epoll set at all. docs/architecture.md, "ASGI:
-// molt's own I/O", has the measurements.
+// request reaches the protocol in the wake-up that accepted it, and a connection is added to
+// the epoll set only after that read (not at all if it was closed meanwhile). docs/architecture.md,
+// "ASGI: molt's own I/O", has the measurements.
 #pragma once
 
 #include "py_handle.hpp"

@@ -844,9 +844,9 @@ class UvicornASGIEngine:
                 self.loop.remove_reader(fd)
                 if self.hub is not None:
                     self.hub.unlisten(fd)
-            # With EPOLLEXCLUSIVE a connection that woke only this worker would otherwise
-            # wait in the shared queue for the next arrival: take what is queued (see
-            # threaded_wsgi).
+            # With EPOLLEXCLUSIVE (asyncio's selector loop on a Unix socket) a connection that
+            # woke only this worker would otherwise wait in the shared queue for the next
+            # arrival: take what is queued (see threaded_wsgi).
             for _ in range(DRAIN_BACKLOG_MAX):
                 try:
                     conn, _ = lsock.accept()
@@ -952,11 +952,12 @@ class UvicornASGIEngine:
         self.warmup_requests = self.state.total_requests
         for lsock, _ in self.listeners:
             lsock.setblocking(False)
-            # PROXY and TLS listeners keep molt's own accept (adopt() reads the PROXY header
-            # and bounds the handshake); so do Unix sockets and asyncio's selector loop.
+            # PROXY and TLS listeners keep the Python accept (adopt() reads the PROXY header
+            # and bounds the handshake), with the loop's transports; so do Unix sockets.
             special = lsock.fileno() in self.proxy_fds or lsock.fileno() in self.tls_fds
             if self.hub is not None and not special and lsock.family in TCP_FAMILIES:
-                # The protocol class is its own factory (it notes itself in ctl.unmade).
+                # The extension's own I/O, on either loop. The protocol class is its own
+                # factory (it notes itself in ctl.unmade).
                 self.hub.listen(lsock.fileno(), self.protocol_class, fixed_sockname(lsock),
                                 deferred(lsock))
                 continue
