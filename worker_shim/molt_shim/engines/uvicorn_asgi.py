@@ -25,7 +25,7 @@ import socket
 import struct
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
