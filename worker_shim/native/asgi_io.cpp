@@ -206,7 +206,11 @@ void finish(Connection& c, PyObject* exc) {
     PyRef r = lost ? PyRef::steal(PyObject_CallFunctionObjArgs(hub.call_soon.get(), lost.get(),
                                                                exc ? exc : Py_None, nullptr))
                    : PyRef();
-    if (!r) PyErr_WriteUnraisable(own.get());
+    if (!r) {  // the loop is closed (a worker's last moments): nobody will hear it
+        PyErr_WriteUnraisable(own.get());
+        c.protocol = PyRef();  // or it and the transport would hold each other for ever
+        c.lost = true;
+    }
 }
 
 void fail(Connection& c, int err) {
@@ -516,11 +520,13 @@ PyObject* transport_connection_lost(PyObject* self, PyObject* exc) {
 // What uvicorn asks a transport's `socket` for (its get_remote_addr and get_local_addr): the
 // addresses the accept gave. uvicorn reads a 4-item IPv6 `peername` as no address at all.
 PyObject* transport_getpeername(PyObject* self, PyObject*) {
-    return PyRef::borrow(conn_of(self).peername.get()).release();
+    const PyRef& name = conn_of(self).peername;
+    return PyRef::borrow(name ? name.get() : Py_None).release();
 }
 
 PyObject* transport_getsockname(PyObject* self, PyObject*) {
-    return PyRef::borrow(conn_of(self).sockname.get()).release();
+    const PyRef& name = conn_of(self).sockname;
+    return PyRef::borrow(name ? name.get() : Py_None).release();
 }
 
 PyObject* transport_get_extra_info(PyObject* self, PyObject* args) {
