@@ -744,12 +744,7 @@ def test_a_refused_websocket_handshake_leaves_nothing_behind(listeners, spawn, w
         s = socket.create_connection(("127.0.0.1", listeners.port), timeout=10)
         s.sendall(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
                   b"Connection: Upgrade\r\n\r\n")
-        answer = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
+        answer = read_to_eof(s)
         s.close()
         assert answer.startswith(b"HTTP/1.1 4"), answer
     assert get(listeners.port, "/")[1] == b"asgi hello"

@@ -122,8 +122,7 @@ struct Connection {
     bool registered = false;   // in the hub's epoll set
     bool closing = false;      // close() was asked: the descriptor goes once `pending` is out
     bool closed = false;       // the descriptor is closed; connection_lost is scheduled
-    bool eof_pending = false;  // write_eof() was asked
-    bool eof_sent = false;
+    bool eof_pending = false;  // write_eof() was asked: the FIN goes once `pending` is out
     bool reading_paused = false;
     bool maybe_readable = false;  // bytes may wait: no short read since the last edge
     bool protocol_paused = false;
@@ -262,8 +261,7 @@ void after_pending_written(Connection& c, PyObject* transport) {
     if (c.closed) return;
     if (c.closing) {
         finish(c, nullptr);
-    } else if (c.eof_pending && !c.eof_sent) {
-        c.eof_sent = true;
+    } else if (c.eof_pending) {  // nothing is appended after it: this runs once
         shutdown(c.fd, SHUT_WR);
     }
 }
@@ -331,13 +329,18 @@ void read_ready(Connection& c, PyObject* transport, bool to_the_end) {
 
 // -- IoTransport --------------------------------------------------------------------------------
 
-// Appends what the socket did not take and pauses the protocol if that is over the limit.
+// After bytes the socket did not take were appended to `pending`: wait for EPOLLOUT if they
+// are the first, and pause the protocol if they are over the limit.
+void after_appending(Connection& c, PyObject* transport, bool was_empty) {
+    if (was_empty) want_writable(c);
+    pause_protocol_if_full(c, transport);
+}
+
 void keep_unsent(Connection& c, PyObject* transport, const char* data, size_t size) {
     if (size == 0) return;
     const bool was_empty = c.pending.empty();
     c.pending.append(data, size);
-    if (was_empty) want_writable(c);
-    pause_protocol_if_full(c, transport);
+    after_appending(c, transport, was_empty);
 }
 
 bool accepts_writes(const Connection& c) {
@@ -423,8 +426,7 @@ PyObject* transport_writelines(PyObject* self, PyObject* seq) {
         c.pending.append(static_cast<const char*>(v.iov_base) + skip, v.iov_len - skip);
         skip = 0;
     }
-    if (was_empty) want_writable(c);
-    pause_protocol_if_full(c, self);
+    after_appending(c, self, was_empty);
     Py_RETURN_NONE;
 }
 
@@ -450,7 +452,6 @@ PyObject* transport_write_eof(PyObject* self, PyObject*) {
     if (!accepts_writes(c)) Py_RETURN_NONE;
     c.eof_pending = true;
     if (c.pending.empty()) {
-        c.eof_sent = true;
         shutdown(c.fd, SHUT_WR);
     }
     Py_RETURN_NONE;

@@ -1072,10 +1072,7 @@ class UvicornASGIEngine:
                 return
             # Out of descriptors or memory: the listener stays readable, so stop watching it
             # for 0.1 s instead of spinning the loop, and say so at most once a second.
-            now = time.monotonic()
-            if now - self.accept_error_logged > 1.0:
-                self.accept_error_logged = now
-                log.error("accept() failed: %s", exc)
+            self.log_accept_failure(exc)
             self.loop.remove_reader(fd)
             self.loop.call_later(0.1, self.watch, lsock)
             return
@@ -1126,12 +1123,14 @@ class UvicornASGIEngine:
     def _accept_failed(self, fd: int, exc: OSError) -> None:
         """The IoHub's accept() ran out of descriptors or memory and stopped watching the
         listener: as on_accept() does, say so at most once a second, look again in 0.1 s."""
+        self.log_accept_failure(exc)
+        self.loop.call_later(0.1, self.hub.resume_listener, fd)
+
+    def log_accept_failure(self, exc: OSError) -> None:
         now = time.monotonic()
         if now - self.accept_error_logged > 1.0:
             self.accept_error_logged = now
             log.error("accept() failed: %s", exc)
-        if self.hub is not None:
-            self.loop.call_later(0.1, self.hub.resume_listener, fd)
 
     def watch(self, lsock: socket.socket) -> None:
         if self.ctl.draining or lsock.fileno() < 0:
