@@ -14,6 +14,17 @@ async def app(scope, receive, send):
         await asyncio.sleep(float(scope["query_string"] or b"2"))
         await send({"type": "http.response.body", "body": b"late body"})
         return
+    if path == "/head-from-another-task":
+        # The same, with the response sent from a task of the app's own: the head must not
+        # wait for the request's task to suspend or end.
+        async def respond():
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await asyncio.sleep(float(scope["query_string"] or b"2"))
+            await send({"type": "http.response.body", "body": b"late body"})
+
+        await asyncio.get_running_loop().create_task(respond())
+        return
     if path == "/two-receivers":
         # A disconnect listener (Starlette's StreamingResponse has one) and a second receive()
         # that is cancelled while both wait: the listener must still hear the disconnect.

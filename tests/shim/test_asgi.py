@@ -362,11 +362,14 @@ def spawn_cycle_app(spawn, **kw):
     return spawn("asgi_cycle_app:app", interface="asgi", health_path="/", **kw)
 
 
-def test_a_response_head_is_not_held_back_while_its_body_is_made(listeners, spawn):
-    # The head waits for the first body message only within one loop iteration.
+@pytest.mark.parametrize("path", ["/head-then-wait", "/head-from-another-task"])
+def test_a_response_head_is_not_held_back_while_its_body_is_made(listeners, spawn, path):
+    # The head waits for the first body message only until the app suspends (the extension's
+    # suspend hook, on the request's own task), or within one loop iteration (sent from
+    # another task of the app's, or without the extension).
     spawn_cycle_app(spawn).wait_ready()
     c = Client(listeners.port)
-    c.send(b"GET /head-then-wait?3 HTTP/1.1\r\nHost: t\r\n\r\n")
+    c.send(b"GET %s?3 HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode())
     c.sock.settimeout(2.0)  # well inside the app's 3 s
     head = c.sock.recv(65536)
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"transfer-encoding: chunked" in head

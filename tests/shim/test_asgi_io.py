@@ -3,9 +3,12 @@ transport contract, in this process, on a real loop and real loopback sockets. T
 (test_asgi.py and the HTTP tables) runs the worker's own protocols on it; these pin down what
 those protocols only rely on in passing."""
 import asyncio
+import contextvars
 import importlib.util
 import os
 import socket
+import struct
+import time
 
 import pytest
 
@@ -57,10 +60,10 @@ class Recorder(asyncio.Protocol):
             self.lost.set_result(exc)
 
 
-def serve(protocol_factory, client, timeout=10.0):
+def serve(protocol_factory, client, timeout=10.0, new_loop=asyncio.new_event_loop):
     """Runs a loop with an IoHub on a fresh listener; `client(port)` runs in a thread; returns
     once it has and every protocol made has lost its connection."""
-    loop = asyncio.new_event_loop()
+    loop = new_loop()
     made = []
     failures = []
     listener = socket.socket()
@@ -72,7 +75,7 @@ def serve(protocol_factory, client, timeout=10.0):
     def report(message, exc, protocol, transport):
         failures.append((message, exc))
 
-    hub = extension().io_hub(loop.call_soon, report, lambda fd, exc: failures.append(exc))
+    hub = extension().io_hub(loop, report, lambda fd, exc: failures.append(exc))
 
     def factory():
         protocol = protocol_factory()
@@ -160,6 +163,204 @@ def test_flow_control_resumes_at_the_low_water_mark_and_delivers_every_byte():
 
 def test_the_types_are_made_by_the_hub_only():
     module = extension()
-    hub_type = type(module.io_hub(lambda *a: None, lambda *a: None, lambda *a: None))
+    loop = asyncio.new_event_loop()
+    try:
+        hub_type = type(module.io_hub(loop, lambda *a: None, lambda *a: None))
+    finally:
+        loop.close()
     with pytest.raises(TypeError, match="made by _molt_native.io_hub"):
         hub_type()
+
+
+def test_a_kept_alive_connection_moves_to_the_loop_and_keeps_every_rule():
+    """After a few reads a connection is watched by the loop's own epoll (the hub keeps only
+    its EPOLLOUT): reads, pause and resume, a large write and the peer's FIN must work there as
+    on the hub, and the FIN is heard once."""
+    loop_fds = []  # how many descriptors the loop watches at each request
+    payload = bytes(range(256)) * 4096  # 1 MiB: over the high-water mark, waits for EPOLLOUT
+
+    def answer(protocol, data):
+        transport = protocol.transport
+        loop_fds.append(len(asyncio.get_event_loop()._selector.get_map()))
+        if data == b"pause":
+            transport.pause_reading()
+            transport.write(b"paused")
+            asyncio.get_event_loop().call_later(0.3, transport.resume_reading)
+        elif data == b"big":
+            transport.write(payload)
+        else:
+            transport.write(b"re:" + data)
+
+    def recv_exactly(s, n):
+        got = b""
+        while len(got) < n:
+            chunk = s.recv(n - len(got))
+            assert chunk, got
+            got += chunk
+        return got
+
+    def client(port):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(10)
+            for i in range(8):
+                s.sendall(b"%d" % i)
+                assert recv_exactly(s, 4) == b"re:%d" % i
+            s.sendall(b"pause")
+            assert recv_exactly(s, 6) == b"paused"
+            s.sendall(b"x")  # arrives while reading is paused: read after the resume
+            assert recv_exactly(s, 4) == b"re:x"
+            s.sendall(b"big")
+            assert recv_exactly(s, len(payload)) == payload
+            s.shutdown(socket.SHUT_WR)
+            return s.recv(10)  # the server closes after the FIN: b""
+
+    made, tail = serve(lambda: Recorder(on_data=answer), client)
+    assert tail == b""
+    # Its own waker and the hub's; then this connection's too, from the move on.
+    assert loop_fds[-1] == loop_fds[0] + 1, loop_fds
+    calls = made[0].calls
+    assert calls.count("eof") == 1 and calls[-1] == ("lost", None), calls
+
+
+def ping_pong(s, count):
+    for i in range(count):
+        s.sendall(b"%d" % i)
+        assert s.recv(100) == b"re:%d" % i
+
+
+def echo(protocol, data):
+    protocol.transport.write(b"re:" + data)
+
+
+WHO = contextvars.ContextVar("who")
+
+
+@pytest.mark.parametrize("requests_before", [1, 6], ids=["on-the-hub", "on-the-loop"])
+def test_reads_after_a_resume_from_an_apps_task_do_not_run_in_its_context(requests_before):
+    """resume_reading() called from a task (an app's receive() after a large body) must not
+    hand that task's context variables to the connection's later reads, and so to the tasks
+    of its later requests."""
+    seen = []
+
+    def answer(protocol, data):
+        seen.append((data, WHO.get(None)))
+        if data == b"pause":
+            protocol.transport.pause_reading()
+
+            async def resume_from_a_request():
+                WHO.set("request 1")
+                await asyncio.sleep(0.2)
+                protocol.transport.resume_reading()
+
+            asyncio.get_event_loop().create_task(resume_from_a_request())
+        protocol.transport.write(b"re:" + data)
+
+    def client(port):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(10)
+            ping_pong(s, requests_before)
+            s.sendall(b"pause")
+            assert s.recv(100) == b"re:pause"
+            s.sendall(b"after")
+            assert s.recv(100) == b"re:after"
+            ping_pong(s, 2)
+
+    serve(lambda: Recorder(on_data=answer), client)
+    assert all(who is None for _, who in seen), seen
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="no uvloop")
+def test_a_reset_behind_unread_bytes_ends_a_connection_the_loop_watches():
+    """On uvloop, the loop's reader stops silently at an error on its descriptor, after one
+    read that takes the bytes queued before the reset: the hub reads such a connection to the
+    end, so its protocol hears the reset."""
+    import uvloop
+
+    def answer(protocol, data):
+        if data == b"unread":
+            return  # a body the app has not answered yet: no write finds the reset either
+        protocol.transport.write(b"re:" + data)
+        if data == b"stall":
+            time.sleep(0.3)  # the loop is busy while the bytes and the reset arrive
+
+    def client(port):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(10)
+            ping_pong(s, 6)
+            s.sendall(b"stall")
+            time.sleep(0.1)
+            s.sendall(b"unread")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # closed with a reset (SO_LINGER 0) while the server sleeps
+
+    made, _ = serve(lambda: Recorder(on_data=answer), client, new_loop=uvloop.new_event_loop)
+    calls = made[0].calls
+    assert isinstance(calls[-1][1], ConnectionResetError), calls
+
+
+class Suspends:
+    """An awaitable that suspends once (what a future does until it is done)."""
+
+    def __await__(self):
+        yield None
+
+
+def test_the_suspend_hook_runs_a_coroutine_and_calls_back_at_each_suspension():
+    hook_of = extension().suspend_hook
+    seen = []
+
+    async def app():
+        seen.append(("running", hook.running))
+        await Suspends()
+        await asyncio.sleep(0)
+        return 42
+
+    async def main():
+        nonlocal hook
+        hook = hook_of(app(), lambda: seen.append(("suspended", hook.running)))
+        return await hook
+
+    hook = None
+    assert asyncio.run(main()) == 42
+    assert seen == [("running", True), ("suspended", False), ("suspended", False)], seen
+    assert not hook.running
+
+
+def test_the_suspend_hook_passes_exceptions_cancels_and_closes_through():
+    hook_of = extension().suspend_hook
+    ended = []
+
+    async def raises():
+        await asyncio.sleep(0)
+        raise KeyError("app")
+
+    async def waits_for_ever():
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            ended.append("finally")
+
+    async def main():
+        with pytest.raises(KeyError, match="app"):
+            await hook_of(raises(), lambda: None)
+        task = asyncio.get_running_loop().create_task(
+            _await(hook_of(waits_for_ever(), lambda: None)))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ended == ["finally"]
+        unfinished = hook_of(waits_for_ever(), lambda: None)
+        assert unfinished.send(None) is not None  # suspended in the sleep
+        unfinished.close()
+        assert ended == ["finally", "finally"]
+
+    asyncio.run(main())
+    hook = hook_of(waits_for_ever(), lambda: None)
+    hook.close()
+    with pytest.raises(TypeError, match="made by _molt_native.suspend_hook"):
+        type(hook)()
+
+
+async def _await(awaitable):
+    return await awaitable

@@ -16,8 +16,12 @@
 // A listener whose socket has TCP_DEFER_ACCEPT (`listen[].defer_accept`) is read at once after
 // each accept: the kernel hands over a connection only once its first bytes are in, so the
 // request reaches the protocol in the wake-up that accepted it, and a connection is added to
-// the epoll set only after that read (not at all if it was closed meanwhile). docs/architecture.md,
-// "ASGI: molt's own I/O", has the measurements.
+// the epoll set only after that read (not at all if it was closed meanwhile).
+//
+// A connection read a few times is kept alive: its reads move to the loop's own epoll
+// (`loop.add_reader(fd, transport._readable)`), so that a wake-up for it costs the loop's
+// epoll_wait alone, not that and the hub's nested one. The hub keeps watching its EPOLLOUT.
+// docs/architecture.md, "ASGI: molt's own I/O", has the measurements.
 #pragma once
 
 #include "py_handle.hpp"
@@ -27,10 +31,11 @@ namespace molt::native {
 extern PyType_Spec io_hub_spec;
 extern PyType_Spec io_transport_spec;
 
-// io_hub(call_soon, report) -> IoHub. `call_soon` is the loop's; `report(message, exception,
-// protocol, transport)` is called when a protocol method raised (the loop's exception handler,
-// as asyncio's transports do) and with (message, OSError, None, None) when accept() ran out of
-// descriptors or memory (the listener is then paused; resume_listener() takes it back).
+// io_hub(loop, report, accept_failed) -> IoHub, on `loop` (its call_soon, add_reader and
+// remove_reader). `report(message, exception, protocol, transport)` is called when a protocol
+// method raised (the loop's exception handler, as asyncio's transports do);
+// `accept_failed(listener_fd, OSError)` when accept() ran out of descriptors or memory (the
+// listener is then paused; resume_listener() takes it back).
 PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* args);
 
 }  // namespace molt::native

@@ -10,6 +10,7 @@
 #include "asgi_parser.hpp"
 #include "framing_guard.hpp"
 #include "spare.hpp"
+#include "suspend_hook.hpp"
 #include "wsgi_call.hpp"
 
 namespace molt::native {
@@ -24,6 +25,8 @@ struct ModuleState {
     PyObject* asgi_parser_type;
     PyObject* io_hub_type;
     PyObject* io_transport_type;
+    PyObject* suspend_hook_type;
+    PyObject* send_name;  // "send": what a SuspendHook calls on its coroutine per step
     PyObject* env_keys[static_cast<int>(EnvKey::count)];
     AsgiStrings asgi_strings;
 };
@@ -620,6 +623,11 @@ PyObject* make_io_hub(PyObject* module, PyObject* args) {
     return new_io_hub(st->io_hub_type, st->io_transport_type, args);
 }
 
+PyObject* make_suspend_hook(PyObject* module, PyObject* args) {
+    ModuleState* st = state_of(module);
+    return new_suspend_hook(st->suspend_hook_type, st->send_name, args);
+}
+
 PyObject* parser_name_py(PyObject*, PyObject*) {
     return PyUnicode_FromString(parser_name().c_str());
 }
@@ -637,7 +645,10 @@ PyMethodDef module_methods[] = {
      "asgi_parser((max_request_line, max_header_size, max_headers, max_body_size), base, asgi, "
      "unquote) -> AsgiParser"},
     {"io_hub", make_io_hub, METH_VARARGS,
-     "io_hub(call_soon, report, accept_failed) -> IoHub: the ASGI engine's TCP I/O"},
+     "io_hub(loop, report, accept_failed) -> IoHub: the ASGI engine's TCP I/O"},
+    {"suspend_hook", make_suspend_hook, METH_VARARGS,
+     "suspend_hook(coroutine, on_suspend) -> an awaitable running the coroutine that calls "
+     "on_suspend() each time it suspends"},
     {nullptr, nullptr, 0, nullptr}};
 
 int module_exec(PyObject* module) {
@@ -650,6 +661,9 @@ int module_exec(PyObject* module) {
     st->asgi_parser_type = PyType_FromSpec(&asgi_parser_spec);
     st->io_hub_type = PyType_FromSpec(&io_hub_spec);
     st->io_transport_type = PyType_FromSpec(&io_transport_spec);
+    st->suspend_hook_type = PyType_FromSpec(&suspend_hook_spec);
+    st->send_name = PyUnicode_InternFromString("send");
+    if (!st->suspend_hook_type || !st->send_name) return -1;
     if (!st->server_type || !st->errors_type || !st->start_response_type || !st->input_type ||
         !st->guard_type || !st->asgi_parser_type || !st->io_hub_type || !st->io_transport_type ||
         !st->asgi_strings.init()) {
@@ -673,6 +687,8 @@ int module_traverse(PyObject* module, visitproc visit, void* arg) {
     Py_VISIT(st->asgi_parser_type);
     Py_VISIT(st->io_hub_type);
     Py_VISIT(st->io_transport_type);
+    Py_VISIT(st->suspend_hook_type);
+    Py_VISIT(st->send_name);
     for (PyObject* key : st->env_keys) Py_VISIT(key);
     return st->asgi_strings.visit(visit, arg);
 }
@@ -688,6 +704,8 @@ int module_clear(PyObject* module) {
     Py_CLEAR(st->asgi_parser_type);
     Py_CLEAR(st->io_hub_type);
     Py_CLEAR(st->io_transport_type);
+    Py_CLEAR(st->suspend_hook_type);
+    Py_CLEAR(st->send_name);
     for (PyObject*& key : st->env_keys) Py_CLEAR(key);
     st->asgi_strings.clear();
     return 0;

@@ -12,9 +12,10 @@ flow control) and replaces what runs per request:
 * a request's state is one slotted `Cycle`; a request body waiter (a future) is made only when
   the app waits for a body that has not arrived, never an asyncio.Event per request;
 * the response head waits for the first body message and both go out in one write (one send()
-  and one TCP segment, where uvicorn makes two); a head whose body does not follow within the
-  same loop iteration is written on its own (call_soon), so a streaming app's client gets its
-  headers as soon as with uvicorn;
+  and one TCP segment, where uvicorn makes two); a head whose body does not follow before the
+  app suspends is written on its own (the extension's suspend_hook, or, for a response sent
+  from another task or without the extension, at the end of the loop iteration: call_soon),
+  so a streaming app's client gets its headers as soon as with uvicorn;
 * the server's default headers (Date, Server, the version header, and `connection: close`
   while draining) are joined once per second by the engine, not per response, and are not
   re-validated per response (molt makes them);
@@ -35,6 +36,7 @@ import re
 import time
 import urllib.parse
 from collections import deque
+from types import CoroutineType
 from typing import Any, Dict, List, Optional
 
 import httptools
@@ -178,7 +180,7 @@ class Cycle:
     __slots__ = ("protocol", "scope", "transport", "flow", "keep_alive", "asked_close",
                  "waiting_for_100_continue", "body", "more_body", "request_read", "waiters",
                  "disconnected", "response_started", "response_complete", "chunked",
-                 "remaining", "head", "on_response", "task")
+                 "remaining", "head", "on_response", "task", "hook")
 
     def __init__(self, protocol: Any, scope: Dict[str, Any], keep_alive: bool,
                  asked_close: bool, expect_100: bool) -> None:
@@ -204,6 +206,7 @@ class Cycle:
         self.head: Optional[bytes] = None  # the response head, until its first body goes
         self.on_response: Any = protocol.on_response_complete  # None once the app returned
         self.task: Any = None
+        self.hook: Any = None  # the extension's SuspendHook the app runs in, while it runs
 
     def wake(self) -> None:
         """A body chunk, the request's end, a disconnect or the response's end: receive()
@@ -301,16 +304,19 @@ class Cycle:
         self.chunked = chunked
         self.remaining = remaining
         self.head = b"".join(content)
-        # Heads whose body has not followed by the end of this loop iteration go out alone:
-        # one call_soon() per iteration for all of them.
+        hook = self.hook
+        if hook is not None and hook.running:
+            return  # it goes with the first body, or alone when the app suspends (flush_head)
+        # Sent from another task, or without the extension: heads whose body has not followed
+        # by the end of this loop iteration go out alone, one call_soon() per iteration for all.
         unsent = ctl.unsent_heads
         if not unsent:
             protocol.loop.call_soon(ctl.flush_heads)
         unsent.append(self)
 
     def flush_head(self) -> None:
-        """The head alone, when no body message followed it within the loop iteration
-        (DrainControl.flush_heads)."""
+        """The head alone, when no body message followed it before the app suspended (its
+        SuspendHook), or within the loop iteration (DrainControl.flush_heads)."""
         head = self.head
         if head is not None:
             self.head = None
@@ -376,6 +382,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
     max_body_size = limits.max_body_size
     parse_url = httptools.parse_url
     unquote = urllib.parse.unquote
+    suspend_hook = native_suspend_hook()
 
     class MoltHttpToolsProtocol(protocol):  # type: ignore[misc, valid-type]
         scope = None  # a plain attribute here: on_message_begin adds the TLS extension itself
@@ -572,7 +579,10 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             """uvicorn's run_asgi: what the app's return or exception means for the
             connection, with the same log lines."""
             try:
-                result = await app(cycle.scope, cycle.receive, cycle.send)
+                call = app(cycle.scope, cycle.receive, cycle.send)
+                if suspend_hook is not None and call.__class__ is CoroutineType:
+                    call = cycle.hook = suspend_hook(call, cycle.flush_head)
+                result = await call
             except BaseException as exc:
                 if ctl.abandoning and isinstance(exc, asyncio.CancelledError):
                     # The drain ran out of time (the worker's own warning says so).
@@ -601,6 +611,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                     self.transport.close()
             finally:
                 cycle.on_response = None
+                cycle.hook = None  # it holds cycle.flush_head
                 self.tasks.discard(cycle.task)
                 cycle.task = None
                 if self.running is cycle:
@@ -773,6 +784,15 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             return parser is not None and parser.in_head
 
     return MoltNativeHttpProtocol
+
+
+def native_suspend_hook() -> Any:
+    """The native extension's suspend_hook(), or None without it (a response head then waits
+    for its body until the end of the loop iteration, DrainControl.flush_heads)."""
+    from .native import load_extension
+
+    module, _ = load_extension()
+    return getattr(module, "suspend_hook", None)
 
 
 def native_parser_factory() -> Any:

@@ -1190,7 +1190,7 @@ def new_io_hub(loop: asyncio.AbstractEventLoop, accept_failed: Any) -> Any:
         loop.call_exception_handler({"message": message, "exception": exc,
                                      "protocol": protocol, "transport": transport})
 
-    return module.io_hub(loop.call_soon, report, accept_failed)
+    return module.io_hub(loop, report, accept_failed)
 
 
 def fixed_sockname(lsock: socket.socket) -> Any:
