@@ -270,10 +270,11 @@ def test_reads_after_a_resume_from_an_apps_task_do_not_run_in_its_context(reques
 
 
 @pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="no uvloop")
-def test_a_reset_behind_unread_bytes_ends_a_connection_the_loop_watches():
+@pytest.mark.parametrize("paused", [False, True], ids=["reading", "paused"])
+def test_a_reset_behind_unread_bytes_ends_a_connection_the_loop_watches(paused):
     """On uvloop, the loop's reader stops silently at an error on its descriptor, after one
     read that takes the bytes queued before the reset: the hub reads such a connection to the
-    end, so its protocol hears the reset."""
+    end (while reading is paused, from the resume on), so its protocol hears the reset."""
     import uvloop
 
     def answer(protocol, data):
@@ -281,17 +282,22 @@ def test_a_reset_behind_unread_bytes_ends_a_connection_the_loop_watches():
             return  # a body the app has not answered yet: no write finds the reset either
         protocol.transport.write(b"re:" + data)
         if data == b"stall":
-            time.sleep(0.3)  # the loop is busy while the bytes and the reset arrive
+            if paused:  # the reset comes while reading is paused (a pipelined request ...)
+                protocol.transport.pause_reading()
+                asyncio.get_event_loop().call_later(0.5, protocol.transport.resume_reading)
+            else:  # the loop is busy while the bytes and the reset arrive
+                time.sleep(0.3)
 
     def client(port):
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.settimeout(10)
             ping_pong(s, 6)
             s.sendall(b"stall")
-            time.sleep(0.1)
+            assert s.recv(100) == b"re:stall"
             s.sendall(b"unread")
+            time.sleep(0.1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        # closed with a reset (SO_LINGER 0) while the server sleeps
+        # closed with a reset (SO_LINGER 0)
 
     made, _ = serve(lambda: Recorder(on_data=answer), client, new_loop=uvloop.new_event_loop)
     calls = made[0].calls

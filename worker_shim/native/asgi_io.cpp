@@ -252,6 +252,11 @@ void finish(Connection& c, PyObject* exc) {
     PyRef lost = PyRef::steal(PyObject_GetAttr(own.get(), hub.names.lost_now.get()));
     PyRef r = lost ? call_in_hub_context(hub, hub.call_soon.get(), lost.get(), exc ? exc : Py_None)
                    : PyRef();
+    if (lost && !r) {  // the context refused (entered already, by a finalizer run inside it)
+        PyErr_Clear();
+        r = PyRef::steal(PyObject_CallFunctionObjArgs(hub.call_soon.get(), lost.get(),
+                                                      exc ? exc : Py_None, nullptr));
+    }
     if (!r) {  // the loop is closed (a worker's last moments): nobody will hear it
         PyErr_WriteUnraisable(own.get());
         c.protocol = PyRef();  // or it and the transport would hold each other for ever
@@ -295,6 +300,16 @@ void watch(Connection& c, int op) {
     if (!c.pending.empty()) ev.events |= EPOLLOUT;
     ev.data.u64 = event_data(c);
     epoll_ctl(hub_of(c).epfd, op, c.fd, &ev);
+}
+
+// The hub reads the connection again, from the loop's epoll: re-armed, its edge-triggered
+// registration reports what is already waiting.
+void back_to_the_hub(Connection& c) {
+    stop_loop_reader(c);
+    c.on_loop = false;
+    c.reads = 0;
+    c.maybe_readable = true;
+    watch(c, EPOLL_CTL_MOD);
 }
 
 // EPOLLOUT only while something waits to be written: otherwise every connection would wake
@@ -540,12 +555,8 @@ PyObject* transport_resume_reading(PyObject* self, PyObject*) {
         if (c.closing || c.at_eof || c.loop_reading || start_loop_reader(c, self)) {
             Py_RETURN_NONE;
         }
-        // The hub takes it back: re-armed, an edge-triggered registration reports bytes that
-        // are already waiting.
         report_error(c, self, "loop.add_reader() failed: the hub reads the connection again");
-        c.on_loop = false;
-        c.reads = 0;
-        watch(c, EPOLL_CTL_MOD);
+        back_to_the_hub(c);
         Py_RETURN_NONE;
     }
     if (c.maybe_readable && !c.closing) {
@@ -840,17 +851,22 @@ void serve_event(Hub& hub, const epoll_event& event) {
     if ((e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && !c.pending.empty()) {
         write_pending(c, transport.get());
     }
+    if (c.closing || c.at_eof) return;
     if (c.on_loop) {
         // Read from the loop's reader; the hub waits for its EPOLLOUT, and gets EPOLLHUP and
-        // EPOLLERR, which epoll always reports. A reset is read to the end here: uvloop's
-        // reader stops, silently, at an error on its descriptor (libuv reports it as EBADF),
-        // after one read that takes the bytes queued before the reset and never its error.
-        if (!c.closing && !c.reading_paused && (e & (EPOLLHUP | EPOLLERR))) {
+        // EPOLLERR, which epoll always reports. uvloop's reader stops, silently, at an error on
+        // its descriptor (libuv reports it as EBADF), after one read that takes the bytes
+        // queued before a reset and never its error: such a connection is read to the end
+        // here, or, while reading is paused, by the hub again from the resume on.
+        if (!(e & (EPOLLHUP | EPOLLERR))) return;
+        if (c.reading_paused) {
+            back_to_the_hub(c);
+        } else {
             read_ready(c, transport.get(), true);
         }
         return;
     }
-    if (c.closing || !(e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))) return;
+    if (!(e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))) return;
     c.maybe_readable = true;
     if (c.reading_paused) return;
     read_ready(c, transport.get(), (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0);
