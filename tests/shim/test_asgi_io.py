@@ -233,17 +233,20 @@ def echo(protocol, data):
 
 
 WHO = contextvars.ContextVar("who")
+SET_AT_IMPORT = contextvars.ContextVar("set_at_import")
 
 
 @pytest.mark.parametrize("requests_before", [1, 6], ids=["on-the-hub", "on-the-loop"])
 def test_reads_after_a_resume_from_an_apps_task_do_not_run_in_its_context(requests_before):
     """resume_reading() called from a task (an app's receive() after a large body) must not
     hand that task's context variables to the connection's later reads, and so to the tasks
-    of its later requests."""
+    of its later requests; and every read, on the hub or on the loop, sees what the worker's
+    context held when the hub was made (an app's module may set a variable as it is
+    imported)."""
     seen = []
 
     def answer(protocol, data):
-        seen.append((data, WHO.get(None)))
+        seen.append((data, WHO.get(None), SET_AT_IMPORT.get(None)))
         if data == b"pause":
             protocol.transport.pause_reading()
 
@@ -265,8 +268,12 @@ def test_reads_after_a_resume_from_an_apps_task_do_not_run_in_its_context(reques
             assert s.recv(100) == b"re:after"
             ping_pong(s, 2)
 
-    serve(lambda: Recorder(on_data=answer), client)
-    assert all(who is None for _, who in seen), seen
+    token = SET_AT_IMPORT.set("worker")
+    try:
+        serve(lambda: Recorder(on_data=answer), client)
+    finally:
+        SET_AT_IMPORT.reset(token)
+    assert all(who is None and base == "worker" for _, who, base in seen), seen
 
 
 @pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="no uvloop")

@@ -70,7 +70,7 @@ struct Hub {
     int epfd = -1;
     PyRef transport_type;
     PyRef call_soon, add_reader, remove_reader;  // the loop's
-    PyRef context;        // a contextvars.Context of its own: what the loop's handles for it copy
+    PyRef context;        // the context it was made in, kept: what the loop's handles for it copy
     PyRef report;         // report(message, exception, protocol, transport)
     PyRef accept_failed;  // accept_failed(listener_fd, exception)
     Names names;
@@ -202,10 +202,11 @@ PyRef report_error(Connection& c, PyObject* transport, const char* message) {
     return exc;
 }
 
-// fn(a[, b]) in the hub's own context. The loop copies the caller's context into each handle it
-// makes (add_reader, call_soon): a transport call made from an app's task (resume_reading from
-// receive(), or from send() after a pipelined response) would otherwise run the connection's
-// later reads, and so the tasks of its later requests, in that request's context variables.
+// fn(a[, b]) in the hub's own context, a copy of the one it was made in (the worker's, after the
+// app's import). The loop copies the caller's context into each handle it makes (add_reader,
+// call_soon): a transport call made from an app's task (resume_reading from receive(), or from
+// send() after a pipelined response) would otherwise run the connection's later reads, and so
+// the tasks of its later requests, in that request's context variables.
 PyRef call_in_hub_context(Hub& hub, PyObject* fn, PyObject* a, PyObject* b = nullptr) {
     return PyRef::steal(
         PyObject_CallMethodObjArgs(hub.context.get(), hub.names.run.get(), fn, a, b, nullptr));
@@ -1026,9 +1027,9 @@ PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* arg
     hub.remove_reader = PyRef::steal(PyObject_GetAttrString(loop, "remove_reader"));
     if (!hub.call_soon || !hub.add_reader || !hub.remove_reader) return nullptr;
     PyRef contextvars = PyRef::steal(PyImport_ImportModule("contextvars"));
-    hub.context = contextvars
-                      ? PyRef::steal(PyObject_CallMethod(contextvars.get(), "Context", nullptr))
-                      : PyRef();
+    hub.context =
+        contextvars ? PyRef::steal(PyObject_CallMethod(contextvars.get(), "copy_context", nullptr))
+                    : PyRef();
     if (!hub.context) return nullptr;
     hub.report = PyRef::borrow(report);
     hub.accept_failed = PyRef::borrow(accept_failed);
