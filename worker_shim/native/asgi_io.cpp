@@ -553,11 +553,10 @@ PyObject* transport_resume_reading(PyObject* self, PyObject*) {
     if (!c.reading_paused) Py_RETURN_NONE;
     c.reading_paused = false;
     if (c.on_loop) {
-        if (c.closing || c.at_eof || c.loop_reading || start_loop_reader(c, self)) {
-            Py_RETURN_NONE;
+        if (!c.closing && !c.at_eof && !c.loop_reading && !start_loop_reader(c, self)) {
+            report_error(c, self, "loop.add_reader() failed: the hub reads the connection again");
+            back_to_the_hub(c);
         }
-        report_error(c, self, "loop.add_reader() failed: the hub reads the connection again");
-        back_to_the_hub(c);
         Py_RETURN_NONE;
     }
     if (c.maybe_readable && !c.closing) {
@@ -830,7 +829,7 @@ void accept_connections(PyObject* hub_object, size_t index) {
 }
 
 // A kept-alive connection's reads move to the loop's own epoll. If the loop will not take it,
-// the hub keeps it (reported once, as a protocol's failure is).
+// the hub keeps it (reported as a protocol's failure is), and tries again as many reads later.
 void move_to_the_loop(Connection& c, PyObject* transport) {
     if (!start_loop_reader(c, transport)) {
         report_error(c, transport, "loop.add_reader() failed: the hub keeps the connection");

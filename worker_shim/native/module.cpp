@@ -663,10 +663,9 @@ int module_exec(PyObject* module) {
     st->io_transport_type = PyType_FromSpec(&io_transport_spec);
     st->suspend_hook_type = PyType_FromSpec(&suspend_hook_spec);
     st->send_name = PyUnicode_InternFromString("send");
-    if (!st->suspend_hook_type || !st->send_name) return -1;
     if (!st->server_type || !st->errors_type || !st->start_response_type || !st->input_type ||
         !st->guard_type || !st->asgi_parser_type || !st->io_hub_type || !st->io_transport_type ||
-        !st->asgi_strings.init()) {
+        !st->suspend_hook_type || !st->send_name || !st->asgi_strings.init()) {
         return -1;
     }
     for (int i = 0; i < static_cast<int>(EnvKey::count); ++i) {

@@ -844,9 +844,9 @@ class UvicornASGIEngine:
                 self.loop.remove_reader(fd)
                 if self.hub is not None:
                     self.hub.unlisten(fd)
-            # With EPOLLEXCLUSIVE (asyncio's selector loop on a Unix socket) a connection that
-            # woke only this worker would otherwise wait in the shared queue for the next
-            # arrival: take what is queued (see threaded_wsgi).
+            # With EPOLLEXCLUSIVE (the Python accept on asyncio's selector loop, rejoin()) a
+            # connection that woke only this worker would otherwise wait in the shared queue
+            # for the next arrival: take what is queued (see threaded_wsgi).
             for _ in range(DRAIN_BACKLOG_MAX):
                 try:
                     conn, _ = lsock.accept()
