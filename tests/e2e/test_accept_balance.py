@@ -1,7 +1,7 @@
 """A generation's workers keep their share of the connections (the native engine's accept
-board, worker_shim/native/accept_balance.hpp), behind the real master: a worker that was
-paused while connections arrived takes the new ones until the other holds at most about
-twice as many, and a paused worker holds up nobody's connections."""
+board, worker_shim/native/accept_balance.hpp, and the ASGI engine's own I/O), behind the real
+master: a worker that was paused while connections arrived takes the new ones until the other
+holds at most about twice as many, and a paused worker holds up nobody's connections."""
 from __future__ import annotations
 
 import glob
@@ -11,6 +11,8 @@ import socket
 import struct
 import time
 from collections import Counter
+
+import pytest
 
 from molt_testlib import APPS, all_threads_stopped, wait_until
 
@@ -57,11 +59,18 @@ def monotonic_ms() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
 
 
-def test_a_paused_worker_holds_up_nobody_and_then_takes_its_share(molt):
+# The native engine's threads, and the ASGI engine's own I/O (IoHub), which has one loop.
+ENGINES = {
+    "native": {"app": "pid_app:application", "threads": 4, "engine": "native"},
+    "asgi": {"app": "pid_app:asgi", "interface": "asgi"},
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_a_paused_worker_holds_up_nobody_and_then_takes_its_share(molt, engine):
     # Stopped workers stay silent: a long heartbeat keeps the master from replacing them.
-    m = molt({"app": "pid_app:application", "chdir": str(APPS), "python": "/usr/bin/python3",
-              "workers": 2, "threads": 4, "engine": "native", "listen": ["tcp://127.0.0.1:0"],
-              "timeouts": {"heartbeat": "120s"}})
+    m = molt({**ENGINES[engine], "chdir": str(APPS), "python": "/usr/bin/python3",
+              "workers": 2, "listen": ["tcp://127.0.0.1:0"], "timeouts": {"heartbeat": "120s"}})
     a, b = m.worker_pids()
     wait_until(lambda: set(board_entries(a)) >= {a, b}, 10, "both workers on the board")
     held = []

@@ -374,3 +374,83 @@ def test_the_suspend_hook_passes_exceptions_cancels_and_closes_through():
 
 async def _await(awaitable):
     return await awaitable
+
+
+def board_entry(board_fd, pid_index):
+    """Entry `pid_index` of an accept board (accept_balance.cpp's layout): its connection
+    count and whether it is in the accept queue."""
+    pid, generation, connections, busy, threads, in_queue, stamp = struct.unpack_from(
+        "iIiiiiq", os.pread(board_fd, 64, 64 * pid_index))
+    return {"connections": connections, "in_queue": in_queue}
+
+
+def test_a_hub_over_its_share_stands_aside_takes_what_nobody_takes_and_comes_back():
+    """Two hubs of one generation on one accept board and one listener. The loop polls only
+    the first; the second is alive and in the queue and never accepts (as a sibling whose
+    loop is busy). The first stands aside at its third connection (more than twice the
+    second's none, plus 2); a fourth then waits in a queue nobody reads, and the first takes
+    it after looking again (kAsideStrandedChecks looks) and stands aside again; two closed
+    bring it back into the queue."""
+    loop = asyncio.new_event_loop()
+    board = os.memfd_create("test-accept-board")
+    os.ftruncate(board, 8 * 64)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    failures = []
+
+    def report(message, exc, protocol, transport):
+        failures.append((message, exc))
+
+    module = extension()
+    first = module.io_hub(loop, report, lambda fd, exc: failures.append(exc), board, 7)
+    idle = module.io_hub(loop, report, lambda fd, exc: failures.append(exc), board, 7)
+    made = []
+
+    def factory():
+        made.append(Recorder())
+        return made[-1]
+
+    async def until(check, what):
+        deadline = time.monotonic() + 10
+        while not check():
+            assert time.monotonic() < deadline, what
+            idle.alive()  # the sibling's loop would stamp it every 0.1 s
+            await asyncio.sleep(0.005)
+
+    async def main():
+        first.listen(listener.fileno(), factory, listener.getsockname(), False)
+        idle.listen(listener.fileno(), factory, listener.getsockname(), False)
+        loop.add_reader(first.fileno(), first.poll)
+        clients = []
+        for n in (1, 2, 3):
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+            await until(lambda: first.connections() == n, f"connection {n} taken")
+        assert first.standing_aside() == [listener.fileno()]
+        assert board_entry(board, 0) == {"connections": 3, "in_queue": 0}
+        assert board_entry(board, 1) == {"connections": 0, "in_queue": 1}
+        clients.append(socket.create_connection(("127.0.0.1", port)))
+        await until(lambda: first.connections() == 4, "the stranded connection taken")
+        assert first.standing_aside() == [listener.fileno()]
+        clients[0].close()
+        clients[1].close()
+        await until(lambda: first.standing_aside() == [], "back in the queue")
+        assert board_entry(board, 0) == {"connections": 2, "in_queue": 1}
+        assert idle.connections() == 0
+        for c in clients[2:]:
+            c.close()
+        for protocol in made:
+            await asyncio.wait_for(protocol.lost, 10)
+        loop.remove_reader(first.fileno())
+
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(main())
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+        listener.close()
+        os.close(board)
+    assert failures == []

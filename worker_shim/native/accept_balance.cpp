@@ -174,6 +174,12 @@ void AcceptBoard::wait_for_call(int timeout_ms) {
     mine_->call.store(0);
 }
 
+bool AcceptBoard::take_call() {
+    // A load first: the siblings read this cache line on every accept.
+    return mine_ != nullptr && mine_->call.load(std::memory_order_relaxed) != 0 &&
+           mine_->call.exchange(0) != 0;
+}
+
 void AcceptBoard::interrupt_wait() {
     if (mine_ == nullptr) return;
     mine_->call.store(1);

@@ -36,6 +36,37 @@ namespace molt::native {
 // 3, 3, 3]).
 bool should_step_aside(int mine, std::optional<int> least_accepting);
 
+class AcceptBoard;
+
+// How often a listener out of the accept queue is looked at again, and how many looks in a
+// row may find a connection queued before the worker takes it whatever the board says.
+constexpr int kAsideRecheckMs = 10;
+constexpr int kAsideStrandedChecks = 5;
+
+// One listener's standing aside, for both engines. A connection can wait in the queue with
+// nobody woken for it (the siblings woken for it may have stepped aside since, or be busy):
+// a queue found non-empty kAsideStrandedChecks looks in a row is taken by this worker until it
+// is empty; a shorter wait is the siblings not having run yet on a busy machine.
+struct AsideListener {
+    bool aside = false;  // out of the accept queue while this worker holds more than its share
+    int waited = 0;      // while aside: looks in a row that found a connection queued
+    bool taking_stranded = false;  // queued connections nobody took: in until the queue empties
+
+    // A look while aside: whether to come back now. still_aside: the board's answer now;
+    // queued: a connection waits in the listener's queue.
+    bool come_back(bool still_aside, bool queued) {
+        waited = queued ? waited + 1 : 0;
+        taking_stranded = waited >= kAsideStrandedChecks;
+        if (still_aside && !taking_stranded) return false;
+        waited = 0;
+        return true;
+    }
+    // After an accept, or coming back: whether to stand aside now (sets `aside`).
+    // `queued` is asked only while taking stranded connections.
+    template <class Queued>
+    bool step_aside(AcceptBoard& board, Queued queued);
+};
+
 // One worker's view of the shared board. Without a board (no fd, a malformed one, or no free
 // entry) every call is a no-op and should_step_aside() says no: the worker accepts as before.
 class AcceptBoard {
@@ -65,6 +96,9 @@ class AcceptBoard {
     // called, or timeout_ms passes (-1: no timeout).
     void wait_for_call(int timeout_ms);
     void interrupt_wait();
+    // Without a watcher thread (the ASGI engine's loop): whether a sibling called this worker
+    // back since the last time; clears the call.
+    bool take_call();
 
     struct Entry;  // defined in accept_balance.cpp, one cache line each
 
@@ -80,5 +114,12 @@ class AcceptBoard {
     Entry* mine_ = nullptr;  // set once, in the constructor
     std::uint32_t generation_;
 };
+
+template <class Queued>
+bool AsideListener::step_aside(AcceptBoard& board, Queued queued) {
+    if (taking_stranded && !queued()) taking_stranded = false;
+    aside = !taking_stranded && board.should_step_aside();
+    return aside;
+}
 
 }  // namespace molt::native

@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -11,10 +12,12 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "accept_balance.hpp"
 #include "wsgi_call.hpp"
 
 namespace molt::native {
@@ -41,7 +44,7 @@ struct IoTransportObject;
 // The protocol methods a transport calls, interned once per hub.
 struct Names {
     PyRef data_received, connection_made, connection_lost, eof_received, pause_writing,
-        resume_writing, read_now, lost_now, readable, run;
+        resume_writing, read_now, lost_now, readable, run, look_again;
     bool init() {
         data_received = PyRef::steal(PyUnicode_InternFromString("data_received"));
         connection_made = PyRef::steal(PyUnicode_InternFromString("connection_made"));
@@ -53,8 +56,10 @@ struct Names {
         lost_now = PyRef::steal(PyUnicode_InternFromString("_connection_lost"));
         readable = PyRef::steal(PyUnicode_InternFromString("_readable"));
         run = PyRef::steal(PyUnicode_InternFromString("run"));
+        look_again = PyRef::steal(PyUnicode_InternFromString("_look_again"));
         return data_received && connection_made && connection_lost && eof_received &&
-               pause_writing && resume_writing && read_now && lost_now && readable && run;
+               pause_writing && resume_writing && read_now && lost_now && readable && run &&
+               look_again;
     }
 };
 
@@ -63,13 +68,19 @@ struct Listener {
     PyRef factory;
     PyRef sockname;  // empty: a wildcard address, asked per connection
     bool read_at_once = false;
-    bool paused = false;
+    bool paused = false;    // accept() ran out of descriptors or memory: accept_failed
+    AsideListener balance;  // out of the accept queue while this worker holds more than its share
 };
+
+// In the hub's epoll, accepting.
+bool accepting(const Listener& l) {
+    return l.fd >= 0 && !l.paused && !l.balance.aside;
+}
 
 struct Hub {
     int epfd = -1;
     PyRef transport_type;
-    PyRef call_soon, add_reader, remove_reader;  // the loop's
+    PyRef call_soon, call_later, add_reader, remove_reader;  // the loop's
     PyRef context;        // the context it was made in, kept: what the loop's handles for it copy
     PyRef report;         // report(message, exception, protocol, transport)
     PyRef accept_failed;  // accept_failed(listener_fd, exception)
@@ -78,6 +89,10 @@ struct Hub {
     std::vector<uint32_t> generations;  // by fd: an event for a closed connection is dropped
     std::vector<Listener> listeners;    // epoll data: kListenerTag | index
     std::vector<char> read_buffer = std::vector<char>(kReadSize);
+    size_t connections = 0;  // open transports
+    // The generation's accept board (accept_balance.hpp); inactive without one.
+    std::unique_ptr<AcceptBoard> board;
+    bool looking_again = false;  // a look at the listeners standing aside is scheduled
 
     ~Hub() {
         if (epfd >= 0) close(epfd);
@@ -236,6 +251,9 @@ void stop_loop_reader(Connection& c) {
     if (!r) PyErr_WriteUnraisable(hub.remove_reader.get());
 }
 
+bool standing_aside(const Hub& hub);
+void look_again(PyObject* hub_object, bool timed);
+
 // Closes the descriptor and schedules the transport's _connection_lost(exc), which tells
 // whichever protocol is the transport's by then (a WebSocket upgrade sets its protocol after
 // feeding it, and the feeding may close). Drops the hub's reference to the transport: the
@@ -250,6 +268,8 @@ void finish(Connection& c, PyObject* exc) {
     close(c.fd);  // leaves the hub's epoll set with it
     c.pending.release();
     PyRef own = std::move(hub.open[c.fd]);  // released last: it may be what keeps `c` alive
+    hub.board->set_connections(--hub.connections);
+    if (standing_aside(hub)) look_again(c.hub.get(), false);
     PyRef lost = PyRef::steal(PyObject_GetAttr(own.get(), hub.names.lost_now.get()));
     PyRef r = lost ? call_in_hub_context(hub, hub.call_soon.get(), lost.get(), exc ? exc : Py_None)
                    : PyRef();
@@ -764,17 +784,153 @@ PyObject* adopt(PyObject* hub_object, int fd, const sockaddr_storage& peer, cons
     }
     PyObject* transport = reinterpret_cast<PyObject*>(obj);
     hub.open[fd] = PyRef::steal(transport);
+    hub.board->set_connections(++hub.connections);
     return transport;
+}
+
+// Level-triggered. Not EPOLLEXCLUSIVE: the kernel counts an exclusive wake-up only when a
+// thread waits in this epoll itself, and the loop waits in its own (this one is nested in
+// it), so every worker is woken per arrival, as under uvloop's server; all but one find the
+// queue empty.
+bool watch_listener(Hub& hub, size_t index) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = kListenerTag | index;
+    return epoll_ctl(hub.epfd, EPOLL_CTL_ADD, hub.listeners[index].fd, &ev) == 0;
+}
+
+// Whether a connection waits in the listener's queue.
+bool connection_queued(int listener_fd) {
+    pollfd p{listener_fd, POLLIN, 0};
+    return ::poll(&p, 1, 0) > 0;
+}
+
+void update_in_queue(Hub& hub) {
+    bool in_queue = false;
+    for (const Listener& l : hub.listeners) in_queue = in_queue || accepting(l);
+    hub.board->set_in_queue(in_queue);
+}
+
+// Back in the accept queue. A listener the epoll will not take is paused as an accept()
+// that ran out of memory is: accept_failed() takes it back later.
+void come_back(Hub& hub, size_t index) {
+    Listener& l = hub.listeners[index];
+    l.balance.aside = false;
+    if (!l.paused && !watch_listener(hub, index)) pause_listener(hub, index, errno);
+}
+
+// While a listener stands aside, hub._look_again() runs every kAsideRecheckMs. If the loop
+// will not schedule it (closed, in a worker's last moments), every listener comes back now:
+// a worker must not stand aside with nobody to call it back.
+void look_again_later(PyObject* hub_object) {
+    Hub& hub = hub_of(hub_object);
+    if (hub.looking_again) return;
+    PyRef method = PyRef::steal(PyObject_GetAttr(hub_object, hub.names.look_again.get()));
+    PyRef delay = PyRef::steal(PyFloat_FromDouble(kAsideRecheckMs / 1000.0));
+    PyRef r = method && delay
+                  ? call_in_hub_context(hub, hub.call_later.get(), delay.get(), method.get())
+                  : PyRef();
+    if (r) {
+        hub.looking_again = true;
+        return;
+    }
+    PyErr_WriteUnraisable(hub_object);
+    for (size_t i = 0; i < hub.listeners.size(); ++i) {
+        if (hub.listeners[i].fd >= 0 && hub.listeners[i].balance.aside) come_back(hub, i);
+    }
+    update_in_queue(hub);
+}
+
+// After an accept: out of the accept queue while this worker holds more than its share of the
+// generation's connections (accept_balance.hpp). True: it stepped aside.
+bool step_aside_if_over_share(PyObject* hub_object, size_t index) {
+    Hub& hub = hub_of(hub_object);
+    Listener& l = hub.listeners[index];
+    if (!hub.board->active() || !accepting(l)) return false;
+    if (!l.balance.step_aside(*hub.board, [&] { return connection_queued(l.fd); })) return false;
+    epoll_ctl(hub.epfd, EPOLL_CTL_DEL, l.fd, nullptr);
+    update_in_queue(hub);
+    look_again_later(hub_object);
+    return true;
+}
+
+bool standing_aside(const Hub& hub) {
+    for (const Listener& l : hub.listeners) {
+        if (l.fd >= 0 && l.balance.aside) return true;
+    }
+    return false;
+}
+
+// The listeners standing aside come back when this worker no longer holds more than its
+// share, or (`timed`: the look every kAsideRecheckMs) when connections wait in their queue
+// that nobody takes. Looked at sooner too, untimed: when one of this worker's connections
+// ends, and at the next poll after a sibling called it back (the native engine's watcher
+// thread waits for that call on a futex; the loop has no thread to spare, and a worker aside
+// is woken by its own connections soon enough while a burst of them arrives).
+void look_again(PyObject* hub_object, bool timed) {
+    Hub& hub = hub_of(hub_object);
+    const bool still = hub.board->should_step_aside();
+    bool aside = false;
+    for (size_t i = 0; i < hub.listeners.size(); ++i) {
+        Listener& l = hub.listeners[i];
+        if (l.fd < 0 || !l.balance.aside) continue;
+        const auto queued = [&] { return connection_queued(l.fd); };
+        const bool back = timed ? l.balance.come_back(still, queued()) : !still;
+        if (back && !l.balance.step_aside(*hub.board, queued)) come_back(hub, i);
+        aside = aside || l.balance.aside;
+    }
+    update_in_queue(hub);
+    if (aside) look_again_later(hub_object);
+}
+
+// hub._look_again(), scheduled by look_again_later().
+PyObject* hub_look_again(PyObject* self, PyObject*) {
+    hub_of(self).looking_again = false;
+    if (standing_aside(hub_of(self))) look_again(self, true);
+    Py_RETURN_NONE;
+}
+
+// A connection just accepted from listener `index`: its transport, its protocol, its first read
+// when the listener defers accepts, and its place in the hub's epoll.
+void take_connection(PyObject* hub_object, size_t index, int fd, const sockaddr_storage& peer) {
+    Hub& hub = hub_of(hub_object);
+    make_room(hub, fd);
+    // The factory may run anything; the listener is read again after it.
+    PyRef factory = PyRef::borrow(hub.listeners[index].factory.get());
+    const bool read_at_once = hub.listeners[index].read_at_once;
+    PyRef transport = PyRef::borrow(adopt(hub_object, fd, peer, hub.listeners[index]));
+    if (!transport) {
+        close(fd);
+        PyErr_WriteUnraisable(hub_object);
+        return;
+    }
+    Connection& c = conn_of(transport.get());
+    c.protocol = PyRef::steal(PyObject_CallObject(factory.get(), nullptr));
+    if (!c.protocol) {
+        report_error(c, transport.get(), "the protocol factory failed");
+        finish(c, nullptr);
+        return;
+    }
+    PyRef r = PyRef::steal(PyObject_CallMethodObjArgs(
+        c.protocol.get(), hub.names.connection_made.get(), transport.get(), nullptr));
+    if (!r) {
+        report_error(c, transport.get(), "protocol.connection_made() failed");
+        finish(c, nullptr);
+        return;
+    }
+    if (read_at_once && !c.reading_paused) read_ready(c, transport.get(), false);
+    if (c.closed) return;     // served and closed in this wake-up: never registered
+    watch(c, EPOLL_CTL_ADD);  // a socket already readable is reported at once
+    c.registered = true;
 }
 
 void accept_connections(PyObject* hub_object, size_t index) {
     Hub& hub = hub_of(hub_object);
     for (int i = 0; i < kAcceptsPerWakeup; ++i) {
-        const int listener_fd = hub.listeners[index].fd;
-        if (listener_fd < 0 || hub.listeners[index].paused) return;  // unlisten() from Python
+        if (!accepting(hub.listeners[index])) return;  // unlisten() from Python, or aside
         sockaddr_storage peer{};
         socklen_t size = sizeof peer;
-        const int fd = accept4(listener_fd, reinterpret_cast<sockaddr*>(&peer), &size,
+        const int fd = accept4(hub.listeners[index].fd, reinterpret_cast<sockaddr*>(&peer), &size,
                                SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             switch (errno) {
@@ -797,34 +953,8 @@ void accept_connections(PyObject* hub_object, size_t index) {
                     return;
             }
         }
-        make_room(hub, fd);
-        // The factory may run anything; the listener is read again after it.
-        PyRef factory = PyRef::borrow(hub.listeners[index].factory.get());
-        const bool read_at_once = hub.listeners[index].read_at_once;
-        PyRef transport = PyRef::borrow(adopt(hub_object, fd, peer, hub.listeners[index]));
-        if (!transport) {
-            close(fd);
-            PyErr_WriteUnraisable(hub_object);
-            continue;
-        }
-        Connection& c = conn_of(transport.get());
-        c.protocol = PyRef::steal(PyObject_CallObject(factory.get(), nullptr));
-        if (!c.protocol) {
-            report_error(c, transport.get(), "the protocol factory failed");
-            finish(c, nullptr);
-            continue;
-        }
-        PyRef r = PyRef::steal(PyObject_CallMethodObjArgs(
-            c.protocol.get(), hub.names.connection_made.get(), transport.get(), nullptr));
-        if (!r) {
-            report_error(c, transport.get(), "protocol.connection_made() failed");
-            finish(c, nullptr);
-            continue;
-        }
-        if (read_at_once && !c.reading_paused) read_ready(c, transport.get(), false);
-        if (c.closed) continue;   // served and closed in this wake-up: never registered
-        watch(c, EPOLL_CTL_ADD);  // a socket already readable is reported at once
-        c.registered = true;
+        take_connection(hub_object, index, fd, peer);
+        if (step_aside_if_over_share(hub_object, index)) return;
     }
 }
 
@@ -877,6 +1007,7 @@ void serve_event(Hub& hub, const epoll_event& event) {
 
 PyObject* hub_poll(PyObject* self, PyObject*) {
     Hub& hub = hub_of(self);
+    if (hub.looking_again && hub.board->take_call()) look_again(self, false);
     epoll_event events[kEventsPerPoll];
     int n;
     do {
@@ -885,8 +1016,7 @@ PyObject* hub_poll(PyObject* self, PyObject*) {
     for (int i = 0; i < n; ++i) {
         if (events[i].data.u64 & kListenerTag) {
             const size_t index = static_cast<size_t>(events[i].data.u64 & 0xffffffffu);
-            if (index < hub.listeners.size() && hub.listeners[index].fd >= 0 &&
-                !hub.listeners[index].paused) {
+            if (index < hub.listeners.size() && accepting(hub.listeners[index])) {
                 accept_connections(self, index);
             }
         } else {
@@ -905,17 +1035,6 @@ int listener_index(const Hub& hub, int fd) {
         if (hub.listeners[i].fd == fd) return static_cast<int>(i);
     }
     return -1;
-}
-
-// Level-triggered. Not EPOLLEXCLUSIVE: the kernel counts an exclusive wake-up only when a
-// thread waits in this epoll itself, and the loop waits in its own (this one is nested in
-// it), so every worker is woken per arrival, as under uvloop's server; all but one find the
-// queue empty.
-bool watch_listener(Hub& hub, size_t index) {
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.u64 = kListenerTag | index;
-    return epoll_ctl(hub.epfd, EPOLL_CTL_ADD, hub.listeners[index].fd, &ev) == 0;
 }
 
 // listen(fd, protocol_factory, sockname_or_None, read_at_once)
@@ -940,6 +1059,9 @@ PyObject* hub_listen(PyObject* self, PyObject* args) {
         hub.listeners.back().fd = -1;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    // A sibling counts this worker from now on: it accepts.
+    hub.board->publish();
+    update_in_queue(hub);
     Py_RETURN_NONE;
 }
 
@@ -951,10 +1073,15 @@ PyObject* hub_unlisten(PyObject* self, PyObject* arg) {
     const int index = listener_index(hub, static_cast<int>(fd));
     if (index < 0) Py_RETURN_NONE;
     Listener& l = hub.listeners[index];
-    if (!l.paused) epoll_ctl(hub.epfd, EPOLL_CTL_DEL, l.fd, nullptr);
+    if (accepting(l)) epoll_ctl(hub.epfd, EPOLL_CTL_DEL, l.fd, nullptr);
     l.fd = -1;
     l.factory = PyRef();
     l.sockname = PyRef();
+    l.balance = AsideListener();
+    update_in_queue(hub);
+    bool listening = false;
+    for (const Listener& other : hub.listeners) listening = listening || other.fd >= 0;
+    if (!listening) hub.board->leave();  // draining: no longer a sibling
     Py_RETURN_NONE;
 }
 
@@ -965,15 +1092,33 @@ PyObject* hub_resume_listener(PyObject* self, PyObject* arg) {
     if (fd == -1 && PyErr_Occurred()) return nullptr;
     const int index = listener_index(hub, static_cast<int>(fd));
     if (index < 0 || !hub.listeners[index].paused) Py_RETURN_NONE;
-    if (!watch_listener(hub, index)) return PyErr_SetFromErrno(PyExc_OSError);
+    // Standing aside, it comes back when _look_again() says so.
+    if (!hub.listeners[index].balance.aside && !watch_listener(hub, index)) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     hub.listeners[index].paused = false;
+    update_in_queue(hub);
     Py_RETURN_NONE;
 }
 
 PyObject* hub_connections(PyObject* self, PyObject*) {
-    size_t count = 0;
-    for (const PyRef& t : hub_of(self).open) count += t ? 1 : 0;
-    return PyLong_FromSize_t(count);
+    return PyLong_FromSize_t(hub_of(self).connections);
+}
+
+PyObject* hub_alive(PyObject* self, PyObject*) {
+    hub_of(self).board->stamp();
+    Py_RETURN_NONE;
+}
+
+// Which listeners stand aside (accept_balance.hpp), by descriptor.
+PyObject* hub_standing_aside(PyObject* self, PyObject*) {
+    PyRef out = PyRef::steal(PyList_New(0));
+    for (const Listener& l : hub_of(self).listeners) {
+        if (!out || l.fd < 0 || !l.balance.aside) continue;
+        PyRef fd = PyRef::steal(PyLong_FromLong(l.fd));
+        if (!fd || PyList_Append(out.get(), fd.get()) != 0) return nullptr;
+    }
+    return out.release();
 }
 
 void hub_dealloc(PyObject* self) {
@@ -993,6 +1138,13 @@ PyMethodDef hub_methods[] = {
     {"resume_listener", hub_resume_listener, METH_O,
      "resume_listener(fd): accept again after accept_failed paused it."},
     {"connections", hub_connections, METH_NOARGS, "How many accepted connections are open."},
+    {"alive", hub_alive, METH_NOARGS,
+     "Stamps this worker alive on the accept board; the engine's tick calls it (every 0.1 s): "
+     "a sibling not stamped for 0.5 s is not counted."},
+    {"standing_aside", hub_standing_aside, METH_NOARGS,
+     "The listeners out of the accept queue while this worker holds more than its share."},
+    {"_look_again", hub_look_again, METH_NOARGS,
+     "Scheduled every 10 ms while a listener stands aside: whether it comes back."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyType_Slot hub_slots[] = {
@@ -1014,7 +1166,11 @@ PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* arg
     PyObject* loop = nullptr;
     PyObject* report = nullptr;
     PyObject* accept_failed = nullptr;
-    if (!PyArg_ParseTuple(args, "OOO", &loop, &report, &accept_failed)) return nullptr;
+    int board_fd = -1;
+    unsigned int generation = 0;
+    if (!PyArg_ParseTuple(args, "OOO|iI", &loop, &report, &accept_failed, &board_fd, &generation)) {
+        return nullptr;
+    }
     auto* obj = alloc_object<IoHubObject>(hub_type);
     if (obj == nullptr) return nullptr;
     PyRef owner = PyRef::steal(reinterpret_cast<PyObject*>(obj));
@@ -1022,9 +1178,10 @@ PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* arg
     Hub& hub = *obj->hub;
     hub.transport_type = PyRef::borrow(transport_type);
     hub.call_soon = PyRef::steal(PyObject_GetAttrString(loop, "call_soon"));
+    hub.call_later = PyRef::steal(PyObject_GetAttrString(loop, "call_later"));
     hub.add_reader = PyRef::steal(PyObject_GetAttrString(loop, "add_reader"));
     hub.remove_reader = PyRef::steal(PyObject_GetAttrString(loop, "remove_reader"));
-    if (!hub.call_soon || !hub.add_reader || !hub.remove_reader) return nullptr;
+    if (!hub.call_soon || !hub.call_later || !hub.add_reader || !hub.remove_reader) return nullptr;
     PyRef contextvars = PyRef::steal(PyImport_ImportModule("contextvars"));
     hub.context =
         contextvars ? PyRef::steal(PyObject_CallMethod(contextvars.get(), "copy_context", nullptr))
@@ -1035,6 +1192,8 @@ PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* arg
     if (!hub.names.init()) return nullptr;
     hub.epfd = epoll_create1(EPOLL_CLOEXEC);
     if (hub.epfd < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    // One "thread": the loop is never counted busy, a loop that stops is by its stale stamp.
+    hub.board = std::make_unique<AcceptBoard>(board_fd, generation, 1);
     return owner.release();
 }
 

@@ -35,9 +35,6 @@ constexpr double kCloseWaitS = 2.0;   // how long close() waits for a thread ins
 // epoll: quick requests then cost no hand-off, a slow one delays the worker's other
 // connections by at most this (poll_token.hpp).
 constexpr std::chrono::microseconds kPromoteAfter{1000};
-// How often a worker out of the accept queue (accept_balance.hpp) checks whether to come back.
-constexpr int kAsideRecheckMs = 10;
-constexpr int kAsideStrandedChecks = 5;
 // Connections are edge-triggered and registered once: parking one after a read that emptied
 // its socket costs no system call (the next bytes raise an edge). Ownership is `parked_` (a
 // thread serves only a connection it took out of it), so an event for a connection that is
@@ -516,9 +513,7 @@ bool Server::rejoin(int index) {
     std::lock_guard<std::mutex> lock(mu_);
     ListenerSlot& lst = listeners_[static_cast<std::size_t>(index)];
     if (!lst.open) return false;
-    if (lst.taking_stranded && !connection_queued(lst.fd)) lst.taking_stranded = false;
-    lst.aside = !lst.taking_stranded && board_->should_step_aside();
-    if (lst.aside) {
+    if (lst.balance.step_aside(*board_, [&] { return connection_queued(lst.fd); })) {
         update_in_queue_locked();
         return true;
     }
@@ -549,8 +544,8 @@ void Server::update_in_queue_locked() {
     bool in_queue = false;
     bool aside = false;
     for (const auto& lst : listeners_) {
-        in_queue = in_queue || (lst.open && !lst.aside);
-        aside = aside || (lst.open && lst.aside);
+        in_queue = in_queue || (lst.open && !lst.balance.aside);
+        aside = aside || (lst.open && lst.balance.aside);
     }
     board_->set_in_queue(in_queue);
     // The watcher re-checks every kAsideRecheckMs while a listener is aside: wake it to
@@ -567,16 +562,9 @@ void Server::reconsider_aside() {
         const bool still = board_->should_step_aside();
         for (std::size_t i = 0; i < listeners_.size(); ++i) {
             ListenerSlot& lst = listeners_[i];
-            if (!lst.open || !lst.aside) continue;
-            // A connection can wait in the queue with nobody woken for it (each arrival wakes
-            // one worker, and this one may have been it). A queue that stays non-empty for
-            // kAsideStrandedChecks checks in a row is taken by this worker, whatever the board
-            // says, until it is empty; a shorter wait is the siblings not having run yet on a
-            // busy machine.
-            lst.waited = connection_queued(lst.fd) ? lst.waited + 1 : 0;
-            lst.taking_stranded = lst.waited >= kAsideStrandedChecks;  // until the queue is empty
-            if (!still || lst.taking_stranded) {
-                lst.waited = 0;
+            if (!lst.open || !lst.balance.aside) continue;
+            // Each arrival wakes one worker (EPOLLEXCLUSIVE), and this one may have been it.
+            if (lst.balance.come_back(still, connection_queued(lst.fd))) {
                 back.push_back(static_cast<int>(i));
             }
         }

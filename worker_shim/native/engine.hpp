@@ -155,9 +155,7 @@ struct ListenerSlot {
     PyRef base_env;  // the environ every request on this listener starts from
     bool proxy_protocol = false;
     std::shared_ptr<SSL_CTX> tls;  // listen[].tls, loaded when the worker starts; null: plain
-    bool aside = false;  // out of the accept queue while this worker holds more than its share
-    int waited = 0;      // while aside: checks in a row that found a connection queued
-    bool taking_stranded = false;  // queued connections nobody took: in until the queue empties
+    AsideListener balance;  // out of the accept queue while this worker holds more than its share
 };
 
 // The module-level Python objects handle() needs (owned by the module state).

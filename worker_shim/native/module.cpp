@@ -515,7 +515,7 @@ PyObject* make_server(PyObject* module, PyObject* args, PyObject* kwargs) {
         PyObject* options = nullptr;
         if (!PyArg_ParseTuple(item.get(), "isO!|O", &fd, &name, &PyDict_Type, &env, &options))
             return nullptr;
-        ListenerSlot slot{fd, name, true, PyRef::borrow(env), false, nullptr};
+        ListenerSlot slot{fd, name, true, PyRef::borrow(env), false, nullptr, {}};
         if (!read_listener_options(options, &slot)) return nullptr;
         if (slot.proxy_protocol && !config.proxy_header) {
             PyErr_SetString(PyExc_TypeError,

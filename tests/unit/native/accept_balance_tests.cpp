@@ -8,6 +8,8 @@
 #include "worker_shim/native/accept_balance.hpp"
 
 using molt::native::AcceptBoard;
+using molt::native::AsideListener;
+using molt::native::kAsideStrandedChecks;
 using molt::native::should_step_aside;
 
 namespace {
@@ -85,6 +87,36 @@ TEST_CASE("siblings of one generation on a shared board") {
         const auto started = std::chrono::steady_clock::now();
         b.wait_for_call(10000);  // returns at once: the call came before the wait
         CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(5));
+    }
+    SUBCASE("a worker without a watcher takes its call when it looks") {
+        hold(b, 0);
+        b.set_in_queue(false);
+        CHECK_FALSE(b.take_call());
+        CHECK(a.should_step_aside());
+        CHECK(b.take_call());
+        CHECK_FALSE(b.take_call());  // taken once
+    }
+    SUBCASE("a listener aside comes back when the board says so, or for a stranded queue") {
+        hold(b, 0);
+        AsideListener l;
+        bool queued = false;
+        const auto is_queued = [&] { return queued; };
+        CHECK(l.step_aside(a, is_queued));
+        CHECK(l.aside);
+        CHECK(l.come_back(false, false));   // no longer over its share
+        CHECK(l.step_aside(a, is_queued));  // ... which the board does not say yet
+        for (int look = 1; look < kAsideStrandedChecks; ++look) {
+            CHECK_FALSE(l.come_back(true, true));  // the siblings may not have run yet
+        }
+        CHECK_FALSE(l.come_back(true, false));  // taken meanwhile: the count starts again
+        for (int look = 1; look < kAsideStrandedChecks; ++look)
+            CHECK_FALSE(l.come_back(true, true));
+        CHECK(l.come_back(true, true));  // nobody took it: this worker does
+        queued = true;
+        CHECK_FALSE(l.step_aside(a, is_queued));  // in, over its share, while the queue holds any
+        CHECK_FALSE(l.step_aside(a, is_queued));
+        queued = false;
+        CHECK(l.step_aside(a, is_queued));  // empty: the board decides again
     }
     SUBCASE("a call wakes a waiting watcher") {
         hold(b, 0);

@@ -799,7 +799,9 @@ class UvicornASGIEngine:
         self.epoll = epoll if isinstance(epoll, select.epoll) else None
         self.make_transport = getattr(self.loop, "_make_socket_transport", None)
         self.servers: List[Any] = []  # uvloop: its servers on dups of the listeners
-        self.hub = new_io_hub(self.loop, self._accept_failed)
+        # It keeps the generation's connections spread over its workers (the accept board).
+        self.hub = new_io_hub(self.loop, self._accept_failed, cfg.accept_board_fd,
+                              cfg.generation)
         # WebSockets a draining worker has sent (or begun) their 1012 close.
         self.restarted_websockets: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.update_date()
@@ -1003,6 +1005,8 @@ class UvicornASGIEngine:
     def _tick(self, now: float) -> None:
         """The counters, the Date header, and each connection's timeout and drain checks."""
         self.ctl.now = now
+        if self.hub is not None:
+            self.hub.alive()
         self.observe(now)
         unmade = self.ctl.unmade
         if unmade:
@@ -1174,7 +1178,8 @@ def new_loop(choice: str) -> Tuple[asyncio.AbstractEventLoop, str]:
 TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
-def new_io_hub(loop: asyncio.AbstractEventLoop, accept_failed: Any) -> Any:
+def new_io_hub(loop: asyncio.AbstractEventLoop, accept_failed: Any, board_fd: int = -1,
+               generation: int = 0) -> Any:
     """The extension's IoHub for this loop, or None: without the extension, or when
     MOLT_SHIM_IO=loop asks for the loop's own transports (tests run both paths)."""
     if os.environ.get("MOLT_SHIM_IO") == "loop":
@@ -1190,7 +1195,7 @@ def new_io_hub(loop: asyncio.AbstractEventLoop, accept_failed: Any) -> Any:
         loop.call_exception_handler({"message": message, "exception": exc,
                                      "protocol": protocol, "transport": transport})
 
-    return module.io_hub(loop, report, accept_failed)
+    return module.io_hub(loop, report, accept_failed, board_fd, generation)
 
 
 def fixed_sockname(lsock: socket.socket) -> Any:
