@@ -426,11 +426,13 @@ def test_a_hub_over_its_share_stands_aside_takes_what_nobody_takes_and_comes_bac
         loop.add_reader(first.fileno(), first.poll)
         clients = []
         for n in (1, 2, 3):
+            idle.alive()  # fresh when `first` decides, after the accept
             clients.append(socket.create_connection(("127.0.0.1", port)))
             await until(lambda: first.connections() == n, f"connection {n} taken")
         assert first.standing_aside() == [listener.fileno()]
         assert board_entry(board, 0) == {"connections": 3, "in_queue": 0}
         assert board_entry(board, 1) == {"connections": 0, "in_queue": 1}
+        idle.alive()
         clients.append(socket.create_connection(("127.0.0.1", port)))
         await until(lambda: first.connections() == 4, "the stranded connection taken")
         assert first.standing_aside() == [listener.fileno()]

@@ -61,6 +61,11 @@ struct AsideListener {
         waited = 0;
         return true;
     }
+    // Back in the queue, whichever look brought it back.
+    void rejoined() {
+        aside = false;
+        waited = 0;
+    }
     // After an accept, or coming back: whether to stand aside now (sets `aside`).
     // `queued` is asked only while taking stranded connections.
     template <class Queued>

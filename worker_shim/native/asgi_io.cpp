@@ -751,10 +751,13 @@ void make_room(Hub& hub, int fd) {
     }
 }
 
+void update_in_queue(Hub& hub);
+
 void pause_listener(Hub& hub, size_t index, int err) {
     Listener& l = hub.listeners[index];
     epoll_ctl(hub.epfd, EPOLL_CTL_DEL, l.fd, nullptr);
     l.paused = true;
+    update_in_queue(hub);
     const int fd = l.fd;
     PyRef exc = PyRef::steal(PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err)));
     PyRef r =
@@ -805,9 +808,21 @@ bool connection_queued(int listener_fd) {
     return ::poll(&p, 1, 0) > 0;
 }
 
+// What the siblings read on the board. A worker whose every listener is paused (accept()
+// failed) or gone is not one of them until it accepts again: counted, it could be one they
+// step aside for, and it cannot take a connection.
 void update_in_queue(Hub& hub) {
     bool in_queue = false;
-    for (const Listener& l : hub.listeners) in_queue = in_queue || accepting(l);
+    bool sibling = false;
+    for (const Listener& l : hub.listeners) {
+        in_queue = in_queue || accepting(l);
+        sibling = sibling || (l.fd >= 0 && !l.paused);
+    }
+    if (sibling) {
+        hub.board->publish();
+    } else {
+        hub.board->leave();
+    }
     hub.board->set_in_queue(in_queue);
 }
 
@@ -815,7 +830,7 @@ void update_in_queue(Hub& hub) {
 // that ran out of memory is: accept_failed() takes it back later.
 void come_back(Hub& hub, size_t index) {
     Listener& l = hub.listeners[index];
-    l.balance.aside = false;
+    l.balance.rejoined();
     if (!l.paused && !watch_listener(hub, index)) pause_listener(hub, index, errno);
 }
 
@@ -830,6 +845,11 @@ void look_again_later(PyObject* hub_object) {
     PyRef r = method && delay
                   ? call_in_hub_context(hub, hub.call_later.get(), delay.get(), method.get())
                   : PyRef();
+    if (!r && method && delay) {  // the context refused (entered already), as in finish()
+        PyErr_Clear();
+        r = PyRef::steal(
+            PyObject_CallFunctionObjArgs(hub.call_later.get(), delay.get(), method.get(), nullptr));
+    }
     if (r) {
         hub.looking_again = true;
         return;
@@ -876,8 +896,10 @@ void look_again(PyObject* hub_object, bool timed) {
         if (l.fd < 0 || !l.balance.aside) continue;
         const auto queued = [&] { return connection_queued(l.fd); };
         const bool back = timed ? l.balance.come_back(still, queued()) : !still;
-        if (back && !l.balance.step_aside(*hub.board, queued)) come_back(hub, i);
-        aside = aside || l.balance.aside;
+        if (back && !l.balance.step_aside(*hub.board, queued)) {
+            come_back(hub, i);  // may run accept_failed(), which may listen(): `l` may move
+        }
+        aside = aside || hub.listeners[i].balance.aside;
     }
     update_in_queue(hub);
     if (aside) look_again_later(hub_object);
@@ -1059,8 +1081,8 @@ PyObject* hub_listen(PyObject* self, PyObject* args) {
         hub.listeners.back().fd = -1;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    // A sibling counts this worker from now on: it accepts.
-    hub.board->publish();
+    // A sibling counts this worker from now on (update_in_queue publishes it): it accepts at
+    // the loop's next poll of the hub.
     update_in_queue(hub);
     Py_RETURN_NONE;
 }
@@ -1078,10 +1100,7 @@ PyObject* hub_unlisten(PyObject* self, PyObject* arg) {
     l.factory = PyRef();
     l.sockname = PyRef();
     l.balance = AsideListener();
-    update_in_queue(hub);
-    bool listening = false;
-    for (const Listener& other : hub.listeners) listening = listening || other.fd >= 0;
-    if (!listening) hub.board->leave();  // draining: no longer a sibling
+    update_in_queue(hub);  // the last one gone (the drain): no longer a sibling
     Py_RETURN_NONE;
 }
 
@@ -1092,9 +1111,11 @@ PyObject* hub_resume_listener(PyObject* self, PyObject* arg) {
     if (fd == -1 && PyErr_Occurred()) return nullptr;
     const int index = listener_index(hub, static_cast<int>(fd));
     if (index < 0 || !hub.listeners[index].paused) Py_RETURN_NONE;
-    // Standing aside, it comes back when _look_again() says so.
-    if (!hub.listeners[index].balance.aside && !watch_listener(hub, index)) {
-        return PyErr_SetFromErrno(PyExc_OSError);
+    // Paused, it was not standing aside (only an accepting listener steps aside). If the
+    // epoll will not take it back, it stays paused and accept_failed() hears it again.
+    if (!watch_listener(hub, index)) {
+        pause_listener(hub, static_cast<size_t>(index), errno);
+        Py_RETURN_NONE;
     }
     hub.listeners[index].paused = false;
     update_in_queue(hub);

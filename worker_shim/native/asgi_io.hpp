@@ -22,6 +22,11 @@
 // (`loop.add_reader(fd, transport._readable)`), so that a wake-up for it costs the loop's
 // epoll_wait alone, not that and the hub's nested one. The hub keeps watching its EPOLLOUT.
 // docs/architecture.md, "ASGI: molt's own I/O", has the measurements.
+//
+// With the generation's accept board, a worker that holds more than its share of the
+// connections takes its listeners out of the hub's epoll after an accept, and looks again every
+// 10 ms, when one of its connections ends, and at the poll after a sibling called it back
+// (accept_balance.hpp; "ASGI on the accept board" in docs/architecture.md).
 #pragma once
 
 #include "py_handle.hpp"
@@ -31,11 +36,14 @@ namespace molt::native {
 extern PyType_Spec io_hub_spec;
 extern PyType_Spec io_transport_spec;
 
-// io_hub(loop, report, accept_failed) -> IoHub, on `loop` (its call_soon, add_reader and
-// remove_reader). `report(message, exception, protocol, transport)` is called when a protocol
-// method raised (the loop's exception handler, as asyncio's transports do);
-// `accept_failed(listener_fd, OSError)` when accept() ran out of descriptors or memory (the
-// listener is then paused; resume_listener() takes it back).
+// io_hub(loop, report, accept_failed[, board_fd, generation]) -> IoHub, on `loop` (its
+// call_soon, call_later, add_reader and remove_reader). `report(message, exception, protocol,
+// transport)` is called when a protocol method raised (the loop's exception handler, as
+// asyncio's transports do); `accept_failed(listener_fd, OSError)` when accept() ran out of
+// descriptors or memory (the listener is then paused; resume_listener() takes it back).
+// board_fd (MOLT_ACCEPT_BOARD_FD, or -1) and the worker's generation: the accept board
+// (accept_balance.hpp), on which a worker holding more than its share of the generation's
+// connections stands aside after an accept; the engine calls alive() every 0.1 s.
 PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* args);
 
 }  // namespace molt::native

@@ -1181,7 +1181,8 @@ TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 def new_io_hub(loop: asyncio.AbstractEventLoop, accept_failed: Any, board_fd: int = -1,
                generation: int = 0) -> Any:
     """The extension's IoHub for this loop, or None: without the extension, or when
-    MOLT_SHIM_IO=loop asks for the loop's own transports (tests run both paths)."""
+    MOLT_SHIM_IO=loop asks for the loop's own transports (tests run both paths). board_fd
+    (the generation's accept board, or -1) and generation: where it balances its accepts."""
     if os.environ.get("MOLT_SHIM_IO") == "loop":
         return None
     from .native import load_extension
