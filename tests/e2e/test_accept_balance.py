@@ -63,6 +63,8 @@ def monotonic_ms() -> int:
 ENGINES = {
     "native": {"app": "pid_app:application", "threads": 4, "engine": "native"},
     "asgi": {"app": "pid_app:asgi", "interface": "asgi"},
+    # Forked from a zygote: each worker claims its own entry (the hub is made after the fork).
+    "asgi-preload": {"app": "pid_app:asgi", "interface": "asgi", "preload": True},
 }
 
 
