@@ -74,6 +74,10 @@ def test_a_paused_worker_holds_up_nobody_and_then_takes_its_share(molt, engine):
     m = molt({**ENGINES[engine], "chdir": str(APPS), "python": "/usr/bin/python3",
               "workers": 2, "listen": ["tcp://127.0.0.1:0"], "timeouts": {"heartbeat": "120s"}})
     a, b = m.worker_pids()
+    if ENGINES[engine].get("preload"):
+        status = m.status()
+        (live,) = [g for g in status["generations"] if g["id"] == status["live_generation"]]
+        assert live["preload"]["preloaded"] and all(w["forked"] for w in live["workers"]), live
     wait_until(lambda: set(board_entries(a)) >= {a, b}, 10, "both workers on the board")
     held = []
     os.kill(b, signal.SIGSTOP)
