@@ -456,3 +456,47 @@ def test_a_hub_over_its_share_stands_aside_takes_what_nobody_takes_and_comes_bac
         listener.close()
         os.close(board)
     assert failures == []
+
+
+@pytest.mark.parametrize("then", ["nothing", "close", "write_eof", "abort"])
+def test_a_small_write_is_held_to_the_end_of_the_loop_iteration_and_keeps_every_rule(then):
+    """A write to a connection with nothing waiting waits for the end of the loop iteration
+    (hub._send_held), so that the responses of a batch of requests leave together: it shows
+    in get_write_buffer_size() until then. A close() or write_eof() right after it still
+    sends it first; an abort() drops it."""
+    seen = []
+
+    def answer(protocol, data):
+        t = protocol.transport
+        t.write(b"held")
+        seen.append(t.get_write_buffer_size())
+        if then == "nothing":
+            t.write(b" and joined")  # appended to what is held, one send for both
+            seen.append(t.get_write_buffer_size())
+            asyncio.get_event_loop().call_later(0.05, t.close)
+        else:
+            getattr(t, then)()
+
+    def client(port):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"go")
+            got = b""
+            while True:
+                try:
+                    chunk = s.recv(100)
+                except ConnectionResetError:
+                    return got, "reset"
+                if not chunk:
+                    return got, "eof"
+                got += chunk
+
+    made, (got, end) = serve(lambda: Recorder(on_data=answer), client)
+    if then == "nothing":
+        assert seen == [4, 15]
+        assert got == b"held and joined"
+    elif then == "abort":
+        assert seen == [4]
+        assert got == b""
+    else:
+        assert seen == [4]
+        assert (got, end) == (b"held", "eof")

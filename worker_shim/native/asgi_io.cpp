@@ -26,6 +26,13 @@ namespace {
 constexpr size_t kReadSize = 64 * 1024;
 constexpr size_t kDefaultHighWater = 64 * 1024;  // asyncio's default; low is a quarter
 constexpr int kAcceptsPerWakeup = 64;            // the listener stays readable for the rest
+// A write to a connection with nothing waiting is held until the end of the loop iteration
+// (hub._send_held, one call_soon per iteration for every connection), as uvloop's own
+// transports queue theirs: the responses a batch of requests produces then leave together, and
+// the client reads them in one wake-up rather than one each (wrk against FastAPI, one worker,
+// 16 connections: 1.99 epoll_wait per request against 0.38). Larger writes go at once: they
+// would be copied for nothing.
+constexpr size_t kHoldMax = kDefaultHighWater;
 constexpr int kEventsPerPoll = 128;
 constexpr int kMaxIovecs = 64;
 constexpr uint64_t kListenerTag = 1ull << 63;
@@ -44,7 +51,7 @@ struct IoTransportObject;
 // The protocol methods a transport calls, interned once per hub.
 struct Names {
     PyRef data_received, connection_made, connection_lost, eof_received, pause_writing,
-        resume_writing, read_now, lost_now, readable, run, look_again;
+        resume_writing, read_now, lost_now, readable, run, look_again, send_held;
     bool init() {
         data_received = PyRef::steal(PyUnicode_InternFromString("data_received"));
         connection_made = PyRef::steal(PyUnicode_InternFromString("connection_made"));
@@ -57,9 +64,10 @@ struct Names {
         readable = PyRef::steal(PyUnicode_InternFromString("_readable"));
         run = PyRef::steal(PyUnicode_InternFromString("run"));
         look_again = PyRef::steal(PyUnicode_InternFromString("_look_again"));
+        send_held = PyRef::steal(PyUnicode_InternFromString("_send_held"));
         return data_received && connection_made && connection_lost && eof_received &&
                pause_writing && resume_writing && read_now && lost_now && readable && run &&
-               look_again;
+               look_again && send_held;
     }
 };
 
@@ -93,6 +101,7 @@ struct Hub {
     // The generation's accept board (accept_balance.hpp); inactive without one.
     std::unique_ptr<AcceptBoard> board;
     bool looking_again = false;  // a look at the listeners standing aside is scheduled
+    std::vector<PyRef> held;     // transports whose writes wait for hub._send_held
 
     ~Hub() {
         if (epfd >= 0) close(epfd);
@@ -156,6 +165,7 @@ struct Connection {
     bool maybe_readable = false;  // bytes may wait: no short read since the last edge
     bool protocol_paused = false;
     bool lost = false;  // connection_lost() was delivered
+    bool held = false;  // `pending` holds writes until the end of the loop iteration (kHoldMax)
 };
 
 struct IoHubObject {
@@ -339,8 +349,10 @@ void want_writable(Connection& c) {
     if (c.registered) watch(c, EPOLL_CTL_MOD);
 }
 
-void after_pending_written(Connection& c, PyObject* transport) {
-    want_writable(c);
+// out_registered: the hub's epoll watches the connection's EPOLLOUT (bytes waited for it);
+// not for bytes held until the end of the loop iteration.
+void after_pending_written(Connection& c, PyObject* transport, bool out_registered) {
+    if (out_registered) want_writable(c);
     resume_protocol_if_drained(c, transport);
     if (c.closed) return;
     if (c.closing) {
@@ -350,20 +362,23 @@ void after_pending_written(Connection& c, PyObject* transport) {
     }
 }
 
-void write_pending(Connection& c, PyObject* transport) {
+void write_pending(Connection& c, PyObject* transport, bool out_registered = true) {
     while (!c.pending.empty()) {
         ssize_t n = send(c.fd, c.pending.data(), c.pending.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR) continue;
-            if (errno == EAGAIN) return;
-            fail(c, errno);
+            if (errno == EAGAIN && !out_registered) {  // the rest waits for EPOLLOUT now
+                want_writable(c);
+                pause_protocol_if_full(c, transport);
+            }
+            if (errno != EAGAIN) fail(c, errno);
             return;
         }
         c.pending.consume(static_cast<size_t>(n));
         resume_protocol_if_drained(c, transport);  // at the low-water mark, as asyncio does
         if (c.closed) return;
     }
-    after_pending_written(c, transport);
+    after_pending_written(c, transport, out_registered);
 }
 
 // Reads and hands over what arrived. A short read emptied the socket: bytes arriving later are
@@ -434,6 +449,26 @@ bool accepts_writes(const Connection& c) {
     return !c.closing && !c.eof_pending;
 }
 
+// Notes the connection's writes as held until hub._send_held, which the first one of a loop
+// iteration schedules. False (send at once) if the loop will not schedule it: closed, in a
+// worker's last moments.
+bool hold(Connection& c, PyObject* transport) {
+    Hub& hub = hub_of(c);
+    if (c.held) return true;  // sent early (EPOLLOUT), and still on the list
+    if (hub.held.empty()) {
+        PyRef send_held = PyRef::steal(PyObject_GetAttr(c.hub.get(), hub.names.send_held.get()));
+        PyRef r =
+            send_held ? call_in_hub_context(hub, hub.call_soon.get(), send_held.get()) : PyRef();
+        if (!r) {
+            PyErr_Clear();
+            return false;
+        }
+    }
+    hub.held.push_back(PyRef::borrow(transport));
+    c.held = true;
+    return true;
+}
+
 PyObject* transport_write(PyObject* self, PyObject* data) {
     Connection& c = conn_of(self);
     PyRef bytes =
@@ -443,6 +478,10 @@ PyObject* transport_write(PyObject* self, PyObject* data) {
     Py_ssize_t size = 0;
     if (PyBytes_AsStringAndSize(bytes.get(), &p, &size) < 0) return nullptr;
     if (!accepts_writes(c) || size == 0) Py_RETURN_NONE;
+    if (c.pending.empty() && static_cast<size_t>(size) <= kHoldMax && hold(c, self)) {
+        c.pending.append(p, static_cast<size_t>(size));
+        Py_RETURN_NONE;
+    }
     size_t sent = 0;
     if (c.pending.empty()) {
         while (sent < static_cast<size_t>(size)) {
@@ -905,6 +944,20 @@ void look_again(PyObject* hub_object, bool timed) {
     if (aside) look_again_later(hub_object);
 }
 
+// hub._send_held(): what the connections' writes held in this loop iteration, sent.
+PyObject* hub_send_held(PyObject* self, PyObject*) {
+    Hub& hub = hub_of(self);
+    std::vector<PyRef> held;
+    held.swap(hub.held);  // a write from a protocol called back below holds anew
+    for (const PyRef& transport : held) {
+        Connection& c = conn_of(transport.get());
+        if (!c.held) continue;
+        c.held = false;
+        if (!c.closed && !c.pending.empty()) write_pending(c, transport.get(), false);
+    }
+    Py_RETURN_NONE;
+}
+
 // hub._look_again(), scheduled by look_again_later().
 PyObject* hub_look_again(PyObject* self, PyObject*) {
     hub_of(self).looking_again = false;
@@ -1164,6 +1217,8 @@ PyMethodDef hub_methods[] = {
      "a sibling not stamped for 0.5 s is not counted."},
     {"standing_aside", hub_standing_aside, METH_NOARGS,
      "The listeners out of the accept queue while this worker holds more than its share."},
+    {"_send_held", hub_send_held, METH_NOARGS,
+     "Scheduled by a loop iteration's first held write: sends what every connection held."},
     {"_look_again", hub_look_again, METH_NOARGS,
      "Scheduled every 10 ms while a listener stands aside: whether it comes back."},
     {nullptr, nullptr, 0, nullptr}};
