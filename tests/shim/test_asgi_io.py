@@ -128,14 +128,24 @@ def test_connection_lost_goes_to_the_protocol_set_after_a_close():
     assert second[0].calls == [("lost", None)], second[0].calls
 
 
-def test_flow_control_resumes_at_the_low_water_mark_and_delivers_every_byte():
-    """One write far over the high-water mark (and over what the kernel buffers for a client
-    with a small receive buffer): the protocol is paused, resumed once what waits is at or under the low-water mark (a quarter of
-    64 KiB), and the client gets every byte in order."""
+@pytest.mark.parametrize("shape", ["one write", "held head, then one write", "small writes"])
+def test_flow_control_resumes_at_the_low_water_mark_and_delivers_every_byte(shape):
+    """Writes far over the high-water mark (and over what the kernel buffers for a client with
+    a small receive buffer): the protocol is paused, resumed once what waits is at or under the
+    low-water mark (a quarter of 64 KiB), and the client gets every byte in order. As one
+    write; behind a small write the hub holds to the end of the loop iteration (sent first, the
+    large one then at once); and as many small writes, held, then over the mark."""
     payload = bytes(range(256)) * 65536  # 16 MiB: more than the kernel buffers on loopback
 
     def write_it(protocol, data):
-        protocol.transport.write(payload)
+        if shape == "one write":
+            protocol.transport.write(payload)
+        elif shape == "held head, then one write":
+            protocol.transport.write(payload[:100])
+            protocol.transport.write(payload[100:])
+        else:
+            for i in range(0, len(payload), 4096):
+                protocol.transport.write(payload[i:i + 4096])
         protocol.transport.close()
 
     def client(port):
@@ -288,8 +298,9 @@ def test_a_reset_behind_unread_bytes_ends_a_connection_the_loop_watches(paused):
             if paused:  # the reset comes while reading is paused (a pipelined request ...)
                 protocol.transport.pause_reading()
                 asyncio.get_event_loop().call_later(0.5, protocol.transport.resume_reading)
-            else:  # the loop is busy while the bytes and the reset arrive
-                time.sleep(0.3)
+            else:  # the loop is busy while the bytes and the reset arrive: after the reply, held
+                # to the end of the loop iteration, has gone (send_held was scheduled first)
+                asyncio.get_event_loop().call_soon(time.sleep, 0.3)
 
     def client(port):
         with socket.create_connection(("127.0.0.1", port)) as s:

@@ -26,13 +26,6 @@ namespace {
 constexpr size_t kReadSize = 64 * 1024;
 constexpr size_t kDefaultHighWater = 64 * 1024;  // asyncio's default; low is a quarter
 constexpr int kAcceptsPerWakeup = 64;            // the listener stays readable for the rest
-// A write to a connection with nothing waiting is held until the end of the loop iteration
-// (hub._send_held, one call_soon per iteration for every connection), as uvloop's own
-// transports queue theirs: the responses a batch of requests produces then leave together, and
-// the client reads them in one wake-up rather than one each (wrk against FastAPI, one worker,
-// 16 connections: 1.99 epoll_wait per request against 0.38). Larger writes go at once: they
-// would be copied for nothing.
-constexpr size_t kHoldMax = kDefaultHighWater;
 constexpr int kEventsPerPoll = 128;
 constexpr int kMaxIovecs = 64;
 constexpr uint64_t kListenerTag = 1ull << 63;
@@ -64,7 +57,7 @@ struct Names {
         readable = PyRef::steal(PyUnicode_InternFromString("_readable"));
         run = PyRef::steal(PyUnicode_InternFromString("run"));
         look_again = PyRef::steal(PyUnicode_InternFromString("_look_again"));
-        send_held = PyRef::steal(PyUnicode_InternFromString("_send_held"));
+        send_held = PyRef::steal(PyUnicode_InternFromString("send_held"));
         return data_received && connection_made && connection_lost && eof_received &&
                pause_writing && resume_writing && read_now && lost_now && readable && run &&
                look_again && send_held;
@@ -165,7 +158,7 @@ struct Connection {
     bool maybe_readable = false;  // bytes may wait: no short read since the last edge
     bool protocol_paused = false;
     bool lost = false;  // connection_lost() was delivered
-    bool held = false;  // `pending` holds writes until the end of the loop iteration (kHoldMax)
+    bool held = false;  // `pending` holds writes until hub.send_held(), at the loop's next turn
 };
 
 struct IoHubObject {
@@ -328,7 +321,7 @@ void watch(Connection& c, int op) {
     epoll_event ev{};
     ev.events = EPOLLET;
     if (!c.on_loop) ev.events |= EPOLLIN | EPOLLRDHUP;
-    if (!c.pending.empty()) ev.events |= EPOLLOUT;
+    if (!c.pending.empty() && !c.held) ev.events |= EPOLLOUT;  // held: send_held() sends them
     ev.data.u64 = event_data(c);
     epoll_ctl(hub_of(c).epfd, op, c.fd, &ev);
 }
@@ -350,7 +343,7 @@ void want_writable(Connection& c) {
 }
 
 // out_registered: the hub's epoll watches the connection's EPOLLOUT (bytes waited for it);
-// not for bytes held until the end of the loop iteration.
+// false for held bytes (watch() leaves EPOLLOUT out while a connection's bytes are held).
 void after_pending_written(Connection& c, PyObject* transport, bool out_registered) {
     if (out_registered) want_writable(c);
     resume_protocol_if_drained(c, transport);
@@ -366,12 +359,14 @@ void write_pending(Connection& c, PyObject* transport, bool out_registered = tru
     while (!c.pending.empty()) {
         ssize_t n = send(c.fd, c.pending.data(), c.pending.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
-            if (errno == EINTR) continue;
-            if (errno == EAGAIN && !out_registered) {  // the rest waits for EPOLLOUT now
+            const int err = errno;
+            if (err == EINTR) continue;
+            if (err != EAGAIN) {
+                fail(c, err);
+            } else if (!out_registered) {  // the rest waits for EPOLLOUT now
                 want_writable(c);
                 pause_protocol_if_full(c, transport);
             }
-            if (errno != EAGAIN) fail(c, errno);
             return;
         }
         c.pending.consume(static_cast<size_t>(n));
@@ -449,9 +444,14 @@ bool accepts_writes(const Connection& c) {
     return !c.closing && !c.eof_pending;
 }
 
-// Notes the connection's writes as held until hub._send_held, which the first one of a loop
-// iteration schedules. False (send at once) if the loop will not schedule it: closed, in a
-// worker's last moments.
+// A write to a connection with nothing waiting, up to its high-water mark, is held until
+// hub.send_held(), which the first held write of a loop iteration schedules with call_soon(),
+// as uvloop's own transports queue theirs: the responses a batch of requests produces then
+// leave together, and the client reads them in one wake-up rather than one each (wrk against
+// FastAPI, one worker, 16 connections: 1.99 epoll_wait per request against 0.38). A
+// sequential request pays one more turn of the loop. False (send at once) if the loop will not
+// schedule it: closed, in a worker's last moments. The engine calls send_held() itself before
+// it closes the loop.
 bool hold(Connection& c, PyObject* transport) {
     Hub& hub = hub_of(c);
     if (c.held) return true;  // sent early (EPOLLOUT), and still on the list
@@ -469,6 +469,15 @@ bool hold(Connection& c, PyObject* transport) {
     return true;
 }
 
+// A write that would take what is held over the high-water mark sends the held bytes first,
+// and goes at once itself if the socket takes them: a large body is not copied behind a
+// held head.
+void send_held_if_over(Connection& c, PyObject* transport, size_t size) {
+    if (!c.held || c.pending.size() + size <= c.high) return;
+    c.held = false;
+    write_pending(c, transport, false);
+}
+
 PyObject* transport_write(PyObject* self, PyObject* data) {
     Connection& c = conn_of(self);
     PyRef bytes =
@@ -478,7 +487,9 @@ PyObject* transport_write(PyObject* self, PyObject* data) {
     Py_ssize_t size = 0;
     if (PyBytes_AsStringAndSize(bytes.get(), &p, &size) < 0) return nullptr;
     if (!accepts_writes(c) || size == 0) Py_RETURN_NONE;
-    if (c.pending.empty() && static_cast<size_t>(size) <= kHoldMax && hold(c, self)) {
+    send_held_if_over(c, self, static_cast<size_t>(size));
+    if (c.closed) Py_RETURN_NONE;
+    if (c.pending.empty() && static_cast<size_t>(size) <= c.high && hold(c, self)) {
         c.pending.append(p, static_cast<size_t>(size));
         Py_RETURN_NONE;
     }
@@ -525,6 +536,8 @@ PyObject* transport_writelines(PyObject* self, PyObject* seq) {
         if (size > 0) iov.push_back(iovec{p, static_cast<size_t>(size)});
         total += static_cast<size_t>(size);
     }
+    send_held_if_over(c, self, total);
+    if (c.closed) Py_RETURN_NONE;
     size_t sent = 0;
     if (c.pending.empty() && !iov.empty() && iov.size() <= static_cast<size_t>(kMaxIovecs)) {
         msghdr msg{};
@@ -561,8 +574,13 @@ PyObject* transport_close(PyObject* self, PyObject*) {
     if (c.closing) Py_RETURN_NONE;
     c.closing = true;
     stop_loop_reader(c);  // nothing more is read: level-triggered, it would report it for ever
-    if (c.pending.empty()) {
-        PyRef keep = PyRef::borrow(self);
+    PyRef keep = PyRef::borrow(self);
+    if (c.held) {
+        // Nothing more will follow what is held: it goes now, and the descriptor with it
+        // (write_pending finishes the connection once every byte is out).
+        c.held = false;
+        write_pending(c, self, false);
+    } else if (c.pending.empty()) {
         finish(c, nullptr);
     }
     Py_RETURN_NONE;
@@ -944,7 +962,7 @@ void look_again(PyObject* hub_object, bool timed) {
     if (aside) look_again_later(hub_object);
 }
 
-// hub._send_held(): what the connections' writes held in this loop iteration, sent.
+// hub.send_held(): what the connections' writes held since the loop's last turn, sent.
 PyObject* hub_send_held(PyObject* self, PyObject*) {
     Hub& hub = hub_of(self);
     std::vector<PyRef> held;
@@ -1217,8 +1235,9 @@ PyMethodDef hub_methods[] = {
      "a sibling not stamped for 0.5 s is not counted."},
     {"standing_aside", hub_standing_aside, METH_NOARGS,
      "The listeners out of the accept queue while this worker holds more than its share."},
-    {"_send_held", hub_send_held, METH_NOARGS,
-     "Scheduled by a loop iteration's first held write: sends what every connection held."},
+    {"send_held", hub_send_held, METH_NOARGS,
+     "Sends what every connection's writes held; scheduled by the first held write of a loop "
+     "iteration, and called by the engine before it closes the loop."},
     {"_look_again", hub_look_again, METH_NOARGS,
      "Scheduled every 10 ms while a listener stands aside: whether it comes back."},
     {nullptr, nullptr, 0, nullptr}};

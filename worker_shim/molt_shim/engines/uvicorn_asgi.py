@@ -915,6 +915,8 @@ class UvicornASGIEngine:
         if self.started:
             self.loop.run_until_complete(self.lifespan.shutdown())
         self.observe(time.monotonic())
+        if self.hub is not None:
+            self.hub.send_held()  # the loop's last turn may have held writes it will not send
         self.loop.close()
 
     def abandon(self) -> None:
