@@ -8,10 +8,13 @@
 // queued, makes each connection an IoTransport (an asyncio transport: write,
 // writelines, close, abort, write_eof, pause/resume_reading, flow control, get_extra_info,
 // set_protocol) and hands it to the listener's protocol factory, reads what arrives and calls
-// the protocol's data_received; writes go straight to the socket, and only what the socket
-// will not take waits for EPOLLOUT. connection_lost comes in the next loop iteration, as
-// asyncio's own transports call it. The protocol is molt's own (engines/asgi_cycle.py, and
-// uvicorn's WebSocket protocols after an upgrade): every HTTP rule stays in one place.
+// the protocol's data_received; a small write to a connection with nothing waiting is held
+// until the loop has run what was ready (hub.send_held(), as uvloop's transports queue theirs,
+// so that a batch's responses leave together), a larger one goes straight to the socket, and
+// only what the socket will not take waits for EPOLLOUT. connection_lost comes in the next loop
+// iteration, as asyncio's own transports call it. The protocol is molt's own
+// (engines/asgi_cycle.py, and uvicorn's WebSocket protocols after an upgrade): every HTTP rule
+// stays in one place.
 //
 // A listener whose socket has TCP_DEFER_ACCEPT (`listen[].defer_accept`) is read at once after
 // each accept: the kernel hands over a connection only once its first bytes are in, so the
