@@ -472,7 +472,7 @@ def test_a_hub_over_its_share_stands_aside_takes_what_nobody_takes_and_comes_bac
 @pytest.mark.parametrize("then", ["nothing", "close", "write_eof", "abort"])
 def test_a_small_write_is_held_to_the_end_of_the_loop_iteration_and_keeps_every_rule(then):
     """A write to a connection with nothing waiting waits for the end of the loop iteration
-    (hub._send_held), so that the responses of a batch of requests leave together: it shows
+    (hub.send_held()), so that the responses of a batch of requests leave together: it shows
     in get_write_buffer_size() until then. A close() or write_eof() right after it still
     sends it first; an abort() drops it."""
     seen = []

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -48,6 +49,11 @@ static_assert(sizeof(AcceptBoard::Entry) == 64, "one cache line per worker");
 static_assert(std::atomic<std::int32_t>::is_always_lock_free &&
                   std::atomic<std::int64_t>::is_always_lock_free,
               "the board's atomics must work across processes");
+
+bool connection_queued(int listener_fd) {
+    pollfd p{listener_fd, POLLIN, 0};
+    return ::poll(&p, 1, 0) > 0;
+}
 
 bool should_step_aside(int mine, std::optional<int> least_accepting) {
     return least_accepting.has_value() && mine > 2 * *least_accepting + 2;

@@ -38,6 +38,10 @@ bool should_step_aside(int mine, std::optional<int> least_accepting);
 
 class AcceptBoard;
 
+// Whether a connection waits in the listening socket's accept queue (a poll() that does not
+// wait): what the stranded-queue rule below asks.
+bool connection_queued(int listener_fd);
+
 // How often a listener out of the accept queue is looked at again, and how many looks in a
 // row may find a connection queued before the worker takes it whatever the board says.
 constexpr int kAsideRecheckMs = 10;

@@ -4,7 +4,6 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -94,7 +93,7 @@ struct Hub {
     // The generation's accept board (accept_balance.hpp); inactive without one.
     std::unique_ptr<AcceptBoard> board;
     bool looking_again = false;  // a look at the listeners standing aside is scheduled
-    std::vector<PyRef> held;     // transports whose writes wait for hub._send_held
+    std::vector<PyRef> held;     // transports whose writes wait for hub.send_held()
 
     ~Hub() {
         if (epfd >= 0) close(epfd);
@@ -857,12 +856,6 @@ bool watch_listener(Hub& hub, size_t index) {
     ev.events = EPOLLIN;
     ev.data.u64 = kListenerTag | index;
     return epoll_ctl(hub.epfd, EPOLL_CTL_ADD, hub.listeners[index].fd, &ev) == 0;
-}
-
-// Whether a connection waits in the listener's queue.
-bool connection_queued(int listener_fd) {
-    pollfd p{listener_fd, POLLIN, 0};
-    return ::poll(&p, 1, 0) > 0;
 }
 
 // What the siblings read on the board. A worker whose every listener is paused (accept()

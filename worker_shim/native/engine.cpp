@@ -535,11 +535,6 @@ bool Server::rejoin(int index) {
     return true;
 }
 
-bool Server::connection_queued(int listener_fd) {
-    pollfd p{listener_fd, POLLIN, 0};
-    return ::poll(&p, 1, 0) > 0;
-}
-
 void Server::update_in_queue_locked() {
     bool in_queue = false;
     bool aside = false;

@@ -244,7 +244,6 @@ class Server {
     void watch_board();       // the board watcher thread
     void stop_board_watcher();
     void update_in_queue_locked();
-    static bool connection_queued(int listener_fd);  // the listener's accept queue is not empty
     void park(Connection* conn, ConnState state = ConnState::idle, bool restart_clock = true);
     void park_locked(Connection* conn, ConnState state, bool restart_clock);
     void close_now(Connection* conn);
