@@ -132,18 +132,21 @@ def test_asgi_slowloris_gets_408_and_silent_idle_is_closed(listeners, spawn):
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="the native extension is not built")
-@pytest.mark.parametrize("parser, io, protocol", [
-    (None, None, "MoltNativeHttpProtocol, loop uvloop, I/O molt"),
-    (None, "loop", "MoltNativeHttpProtocol, loop uvloop, I/O loop"),
-    ("httptools", None, "MoltHttpToolsProtocol, loop uvloop, I/O molt")])
-def test_asgi_parsers(listeners, spawn, parser, io, protocol):
-    """With the extension the ASGI engine parses with the native parser and does its own TCP
-    I/O (the IoHub), with MOLT_SHIM_PARSER=httptools it parses with httptools, and with
-    MOLT_SHIM_IO=loop it takes the loop's transports: each gives the app the same scope,
+@pytest.mark.parametrize("parser, io, cycle, protocol", [
+    (None, None, None, "MoltNativeHttpProtocol, loop uvloop, I/O molt, cycle native"),
+    (None, "loop", None, "MoltNativeHttpProtocol, loop uvloop, I/O loop, cycle native"),
+    ("httptools", None, None, "MoltHttpToolsProtocol, loop uvloop, I/O molt, cycle native"),
+    ("httptools", None, "python", "MoltHttpToolsProtocol, loop uvloop, I/O molt, cycle python")])
+def test_asgi_parsers(listeners, spawn, parser, io, cycle, protocol):
+    """With the extension the ASGI engine parses with the native parser, does its own TCP
+    I/O (the IoHub) and answers with the extension's cycle; with MOLT_SHIM_PARSER=httptools it
+    parses with httptools, with MOLT_SHIM_IO=loop it takes the loop's transports, and with
+    MOLT_SHIM_CYCLE=python it answers with the Python cycle: each gives the app the same scope,
     pipelined requests their answers in order (a malformed one its 400 after them), a
     WebSocket its upgrade, and a request target that is not ASCII a 400."""
     env = dict({"MOLT_SHIM_PARSER": parser} if parser else {},
-               **({"MOLT_SHIM_IO": io} if io else {}))
+               **({"MOLT_SHIM_IO": io} if io else {}),
+               **({"MOLT_SHIM_CYCLE": cycle} if cycle else {}))
     w = spawn_asgi(spawn, env=env or None).wait_ready()
     wait_until(lambda: protocol in w.stderr_text(), 5, "ready line", on_timeout=w.stderr_text)
     c = Client(listeners.port)
@@ -358,16 +361,24 @@ def test_lifespan_modes_on_an_app_that_supports_it(listeners, spawn, mode, body)
 
 # -- molt's own request cycle (engines/asgi_cycle.py) ------------------------------------------
 
-def spawn_cycle_app(spawn, **kw):
+def spawn_cycle_app(spawn, cycle=None, **kw):
+    """The cycle app; cycle="python": on asgi_cycle.PyCycleBase, not the extension's
+    AsgiCycle (the response rules, both copies; test_asgi_cycle.py holds them to each other)."""
+    if cycle == "python":
+        kw["env"] = dict(kw.get("env") or {}, MOLT_SHIM_CYCLE="python")
     return spawn("asgi_cycle_app:app", interface="asgi", health_path="/", **kw)
 
 
+CYCLES = [None, "python"]
+
+
+@pytest.mark.parametrize("cycle", CYCLES)
 @pytest.mark.parametrize("path", ["/head-then-wait", "/head-from-another-task"])
-def test_a_response_head_is_not_held_back_while_its_body_is_made(listeners, spawn, path):
+def test_a_response_head_is_not_held_back_while_its_body_is_made(listeners, spawn, path, cycle):
     # The head waits for the first body message only until the app suspends (the extension's
     # suspend hook, on the request's own task), or within one loop iteration (sent from
     # another task of the app's, or without the extension).
-    spawn_cycle_app(spawn).wait_ready()
+    spawn_cycle_app(spawn, cycle).wait_ready()
     c = Client(listeners.port)
     c.send(b"GET %s?3 HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode())
     c.sock.settimeout(2.0)  # well inside the app's 3 s
@@ -384,10 +395,11 @@ def test_a_response_head_is_not_held_back_while_its_body_is_made(listeners, spaw
     c.close()
 
 
+@pytest.mark.parametrize("cycle", CYCLES)
 @pytest.mark.parametrize("path", ["/crlf-in-header", "/crlf-in-header-name",
                                   "/space-in-header-name", "/raise-after-start"])
-def test_an_app_failing_before_its_head_went_out_gets_a_500(listeners, spawn, path):
-    w = spawn_cycle_app(spawn, overrides={"logging": {"access_log": True}}).wait_ready()
+def test_an_app_failing_before_its_head_went_out_gets_a_500(listeners, spawn, path, cycle):
+    w = spawn_cycle_app(spawn, cycle, overrides={"logging": {"access_log": True}}).wait_ready()
     c = Client(listeners.port)
     status, headers, body = c.request(path)
     assert (status, body) == (500, b"Internal Server Error")
@@ -421,12 +433,13 @@ def test_every_waiting_receive_hears_the_disconnect(listeners, spawn):
     assert get(listeners.port, "/") == (200, b"hello")
 
 
-def test_a_response_to_a_slow_reader_waits_for_it_and_arrives_whole(listeners, spawn):
+@pytest.mark.parametrize("cycle", CYCLES)
+def test_a_response_to_a_slow_reader_waits_for_it_and_arrives_whole(listeners, spawn, cycle):
     # Flow control (asgi_cycle.Flow): send() waits while the transport holds more than its
     # high-water mark, a send() cancelled while it waits leaves the others working, and every
     # byte arrives once the client reads.
     chunks = 512  # 32 MiB: more than the socket buffers of both ends hold
-    w = spawn_cycle_app(spawn).wait_ready()
+    w = spawn_cycle_app(spawn, cycle).wait_ready()
     c = Client(listeners.port)
     c.send(b"GET /stream-to-slow-reader?%d HTTP/1.1\r\nHost: t\r\n\r\n" % chunks)
     wait_until(lambda: "a send waited for the client" in w.stderr_text(), 10,
@@ -447,8 +460,9 @@ def test_a_response_to_a_slow_reader_waits_for_it_and_arrives_whole(listeners, s
     c.close()
 
 
-def test_header_pairs_given_as_lists_are_framed(listeners, spawn):
-    spawn_cycle_app(spawn).wait_ready()
+@pytest.mark.parametrize("cycle", CYCLES)
+def test_header_pairs_given_as_lists_are_framed(listeners, spawn, cycle):
+    spawn_cycle_app(spawn, cycle).wait_ready()
     c = Client(listeners.port)
     for _ in range(2):  # the second time through the framed-header cache
         status, headers, body = c.request("/list-headers")
@@ -508,12 +522,15 @@ def test_a_websocket_whose_upgrade_completes_during_the_drain_gets_1012_too(
 
 # -- found by a review of the cycle: each failed before its fix --------------------------------
 
-PARSERS = [None, "httptools"]  # the native parser (with the extension), and the fallback
+# The extension's parser and cycle, and what serves without the extension: httptools' parser
+# and the Python cycle.
+PARSERS = [None, "fallback"]
 
 
 def spawn_cycle_app_on(spawn, parser, **kw):
-    env = {"MOLT_SHIM_PARSER": parser} if parser else None
-    return spawn_cycle_app(spawn, env=env, **kw)
+    if parser == "fallback":
+        return spawn_cycle_app(spawn, "python", env={"MOLT_SHIM_PARSER": "httptools"}, **kw)
+    return spawn_cycle_app(spawn, **kw)
 
 
 def read_until_closed(sock, limit: float = 10.0) -> int:

@@ -6,6 +6,7 @@
 #include <exception>
 #include <string>
 
+#include "asgi_cycle.hpp"
 #include "asgi_io.hpp"
 #include "asgi_parser.hpp"
 #include "framing_guard.hpp"
@@ -26,6 +27,8 @@ struct ModuleState {
     PyObject* io_hub_type;
     PyObject* io_transport_type;
     PyObject* suspend_hook_type;
+    PyObject* asgi_cycle_type;
+    PyObject* cycle_rules_type;
     PyObject* send_name;  // "send": what a SuspendHook calls on its coroutine per step
     PyObject* env_keys[static_cast<int>(EnvKey::count)];
     AsgiStrings asgi_strings;
@@ -628,6 +631,10 @@ PyObject* make_suspend_hook(PyObject* module, PyObject* args) {
     return new_suspend_hook(st->suspend_hook_type, st->send_name, args);
 }
 
+PyObject* make_cycle_rules(PyObject* module, PyObject* args) {
+    return new_cycle_rules(state_of(module)->cycle_rules_type, args);
+}
+
 PyObject* parser_name_py(PyObject*, PyObject*) {
     return PyUnicode_FromString(parser_name().c_str());
 }
@@ -650,6 +657,9 @@ PyMethodDef module_methods[] = {
     {"suspend_hook", make_suspend_hook, METH_VARARGS,
      "suspend_hook(coroutine, on_suspend) -> an awaitable running the coroutine that calls "
      "on_suspend() each time it suspends"},
+    {"asgi_cycle_rules", make_cycle_rules, METH_VARARGS,
+     "asgi_cycle_rules(ctl, status_lines, known_headers, header_line, (content_length, chunked, "
+     "close), close_line) -> CycleRules: what the AsgiCycles of one engine share"},
     {nullptr, nullptr, 0, nullptr}};
 
 int module_exec(PyObject* module) {
@@ -663,10 +673,19 @@ int module_exec(PyObject* module) {
     st->io_hub_type = PyType_FromSpec(&io_hub_spec);
     st->io_transport_type = PyType_FromSpec(&io_transport_spec);
     st->suspend_hook_type = PyType_FromSpec(&suspend_hook_spec);
+    st->asgi_cycle_type = PyType_FromSpec(&asgi_cycle_spec);
+    st->cycle_rules_type = PyType_FromSpec(&cycle_rules_spec);
     st->send_name = PyUnicode_InternFromString("send");
     if (!st->server_type || !st->errors_type || !st->start_response_type || !st->input_type ||
         !st->guard_type || !st->asgi_parser_type || !st->io_hub_type || !st->io_transport_type ||
-        !st->suspend_hook_type || !st->send_name || !st->asgi_strings.init()) {
+        !st->suspend_hook_type || !st->asgi_cycle_type || !st->cycle_rules_type || !st->send_name ||
+        !st->asgi_strings.init()) {
+        return -1;
+    }
+    // The base class of engines/asgi_cycle.py's Cycle (AddObject steals a reference on success).
+    Py_INCREF(st->asgi_cycle_type);
+    if (PyModule_AddObject(module, "AsgiCycle", st->asgi_cycle_type) < 0) {
+        Py_DECREF(st->asgi_cycle_type);
         return -1;
     }
     for (int i = 0; i < static_cast<int>(EnvKey::count); ++i) {
@@ -688,6 +707,8 @@ int module_traverse(PyObject* module, visitproc visit, void* arg) {
     Py_VISIT(st->io_hub_type);
     Py_VISIT(st->io_transport_type);
     Py_VISIT(st->suspend_hook_type);
+    Py_VISIT(st->asgi_cycle_type);
+    Py_VISIT(st->cycle_rules_type);
     Py_VISIT(st->send_name);
     for (PyObject* key : st->env_keys) Py_VISIT(key);
     return st->asgi_strings.visit(visit, arg);
@@ -705,6 +726,8 @@ int module_clear(PyObject* module) {
     Py_CLEAR(st->io_hub_type);
     Py_CLEAR(st->io_transport_type);
     Py_CLEAR(st->suspend_hook_type);
+    Py_CLEAR(st->asgi_cycle_type);
+    Py_CLEAR(st->cycle_rules_type);
     Py_CLEAR(st->send_name);
     for (PyObject*& key : st->env_keys) Py_CLEAR(key);
     st->asgi_strings.clear();

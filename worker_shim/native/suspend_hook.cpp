@@ -129,6 +129,13 @@ PyType_Slot hook_slots[] = {
 PyType_Spec suspend_hook_spec = {"_molt_native.SuspendHook", sizeof(SuspendHookObject), 0,
                                  Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, hook_slots};
 
+int suspend_hook_running(PyObject* obj) {
+    if (PyType_GetSlot(Py_TYPE(obj), Py_tp_dealloc) != reinterpret_cast<void*>(hook_dealloc)) {
+        return -1;
+    }
+    return hook_of(obj)->running ? 1 : 0;
+}
+
 PyObject* new_suspend_hook(PyObject* type, PyObject* send_name, PyObject* args) {
     if (PyTuple_Size(args) != 2) {
         PyErr_SetString(PyExc_TypeError, "suspend_hook(coroutine, on_suspend)");

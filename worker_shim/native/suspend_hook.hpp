@@ -22,4 +22,7 @@ extern PyType_Spec suspend_hook_spec;
 
 PyObject* new_suspend_hook(PyObject* type, PyObject* send_name, PyObject* args);
 
+// Whether `obj`, a SuspendHook, runs its coroutine now: 1 or 0, or -1 when it is not a hook.
+int suspend_hook_running(PyObject* obj);
+
 }  // namespace molt::native

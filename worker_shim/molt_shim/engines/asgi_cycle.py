@@ -173,17 +173,21 @@ def address(info: Any) -> Any:
     return None
 
 
-class Cycle:
+class PyCycleBase:
     """One request and its response: what uvicorn's RequestResponseCycle holds, in slots, and
-    the ASGI `receive` and `send` of the request."""
+    the response side of the ASGI `send`. The extension's AsgiCycle (native/asgi_cycle.hpp) is
+    this class in C++, field for field and rule for rule, and is Cycle's base when it is there;
+    this one serves without the extension, or with MOLT_SHIM_CYCLE=python (the tests run
+    both)."""
 
     __slots__ = ("protocol", "scope", "transport", "flow", "keep_alive", "asked_close",
                  "waiting_for_100_continue", "body", "more_body", "request_read", "waiters",
                  "disconnected", "response_started", "response_complete", "chunked",
-                 "remaining", "head", "on_response", "task", "hook")
+                 "remaining", "head", "on_response", "task", "hook", "rules")
 
-    def __init__(self, protocol: Any, scope: Dict[str, Any], keep_alive: bool,
+    def __init__(self, rules: Any, protocol: Any, scope: Dict[str, Any], keep_alive: bool,
                  asked_close: bool, expect_100: bool) -> None:
+        self.rules = rules  # cycle_rules(ctl): here the DrainControl itself
         self.protocol = protocol
         self.scope = scope
         self.transport = protocol.transport
@@ -208,34 +212,9 @@ class Cycle:
         self.task: Any = None
         self.hook: Any = None  # the extension's SuspendHook the app runs in, while it runs
 
-    def wake(self) -> None:
-        """A body chunk, the request's end, a disconnect or the response's end: receive()
-        looks again."""
-        if self.waiters:  # per request: no call when nobody waits
-            wake_all(self.waiters)
-
-    # -- ASGI ---------------------------------------------------------------------------------
-    async def receive(self) -> Dict[str, Any]:
-        if self.waiting_for_100_continue and not self.transport.is_closing():
-            self.transport.write(CONTINUE_100)
-            self.waiting_for_100_continue = False
-        if not (self.disconnected or self.response_complete or self.body) \
-                and (self.more_body or self.request_read):
-            self.flow.resume_reading()
-            if self.waiters is None:
-                self.waiters = []
-            await wait_for_wake(self.waiters)
-        if self.disconnected or self.response_complete:
-            return {"type": DISCONNECT}
-        body = self.body
-        self.body = b""
-        if not self.more_body:
-            self.request_read = True
-        return {"type": "http.request", "body": body, "more_body": self.more_body}
-
-    async def send(self, message: Dict[str, Any]) -> None:
-        if self.flow.write_paused and not self.disconnected:
-            await self.flow.drain()
+    def deliver(self, message: Dict[str, Any]) -> None:
+        """send(message) once the client has taken what was written before (Cycle.send waits
+        for that)."""
         if self.disconnected:
             return
         kind = message["type"]
@@ -255,8 +234,7 @@ class Cycle:
 
     def start_response(self, message: Dict[str, Any]) -> None:
         status = message["status"]
-        protocol = self.protocol
-        ctl = protocol.ctl
+        ctl = self.rules
         content = [STATUS_LINE[status], ctl.default_head]
         close_sent = ctl.default_close
         keep_alive = self.keep_alive and not close_sent
@@ -307,21 +285,7 @@ class Cycle:
         hook = self.hook
         if hook is not None and hook.running:
             return  # it goes with the first body, or alone when the app suspends (flush_head)
-        # Sent from another task, or without the extension: heads whose body has not followed
-        # by the end of this loop iteration go out alone, one call_soon() per iteration for all.
-        unsent = ctl.unsent_heads
-        if not unsent:
-            protocol.loop.call_soon(ctl.flush_heads)
-        unsent.append(self)
-
-    def flush_head(self) -> None:
-        """The head alone, when no body message followed it before the app suspended (its
-        SuspendHook), or within the loop iteration (DrainControl.flush_heads)."""
-        head = self.head
-        if head is not None:
-            self.head = None
-            if not self.disconnected and not self.transport.is_closing():
-                self.transport.write(head)
+        self.queue_head()
 
     def send_body(self, body: bytes, more_body: bool) -> None:
         if self.scope["method"] == "HEAD":
@@ -350,10 +314,96 @@ class Cycle:
             if self.remaining > 0:
                 raise RuntimeError("Response content shorter than Content-Length")
             self.response_complete = True
-            self.wake()
+            if self.waiters:  # per request: no call when nobody waits
+                self.wake()
             if not self.keep_alive:
                 self.transport.close()
             self.on_response()
+
+    def wake(self) -> None:  # Cycle's
+        raise NotImplementedError
+
+    def queue_head(self) -> None:  # Cycle's
+        raise NotImplementedError
+
+
+def cycle_base() -> Any:
+    """The extension's AsgiCycle, or PyCycleBase: without the extension, or with
+    MOLT_SHIM_CYCLE=python."""
+    if os.environ.get("MOLT_SHIM_CYCLE") != "python":
+        from .native import load_extension
+
+        module, _ = load_extension()
+        if module is not None and hasattr(module, "AsgiCycle"):
+            return module.AsgiCycle
+    return PyCycleBase
+
+
+def cycle_rules(ctl: Any) -> Any:
+    """What the cycles of one engine share: the extension's CycleRules for its AsgiCycle, the
+    DrainControl itself for PyCycleBase (the tables are this module's)."""
+    if Cycle.__bases__[0] is PyCycleBase:
+        return ctl
+    from .native import load_extension
+
+    module, _ = load_extension()
+    return module.asgi_cycle_rules(ctl, STATUS_LINE, KNOWN_HEADERS, header_line,
+                                   (CONTENT_LENGTH, CHUNKED, CLOSE), CLOSE_LINE)
+
+
+class Cycle(cycle_base()):  # type: ignore[misc]
+    """One request and its response, with the ASGI `receive` and `send` of the request."""
+
+    __slots__ = ()
+
+    def wake(self) -> None:
+        """A body chunk, the request's end, a disconnect or the response's end: receive()
+        looks again."""
+        if self.waiters:  # per request: no call when nobody waits
+            wake_all(self.waiters)
+
+    # -- ASGI ---------------------------------------------------------------------------------
+    async def receive(self) -> Dict[str, Any]:
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(CONTINUE_100)
+            self.waiting_for_100_continue = False
+        if not (self.disconnected or self.response_complete or self.body) \
+                and (self.more_body or self.request_read):
+            self.flow.resume_reading()
+            if self.waiters is None:
+                self.waiters = []
+            await wait_for_wake(self.waiters)
+        if self.disconnected or self.response_complete:
+            return {"type": DISCONNECT}
+        body = self.body
+        self.body = b""
+        if not self.more_body:
+            self.request_read = True
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+    async def send(self, message: Dict[str, Any]) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        self.deliver(message)
+
+    def queue_head(self) -> None:
+        """A head made outside the app's own run (sent from another task, or without the
+        extension's suspend hook): heads whose body has not followed by the end of this loop
+        iteration go out alone, one call_soon() per iteration for all."""
+        ctl = self.protocol.ctl
+        unsent = ctl.unsent_heads
+        if not unsent:
+            self.protocol.loop.call_soon(ctl.flush_heads)
+        unsent.append(self)
+
+    def flush_head(self) -> None:
+        """The head alone, when no body message followed it before the app suspended (its
+        SuspendHook), or within the loop iteration (DrainControl.flush_heads)."""
+        head = self.head
+        if head is not None:
+            self.head = None
+            if not self.disconnected and not self.transport.is_closing():
+                self.transport.write(head)
 
     async def send_500(self) -> None:
         await self.send({"type": "http.response.start", "status": 500,
@@ -383,6 +433,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
     parse_url = httptools.parse_url
     unquote = urllib.parse.unquote
     suspend_hook = native_suspend_hook()
+    rules = cycle_rules(ctl)
 
     class MoltHttpToolsProtocol(protocol):  # type: ignore[misc, valid-type]
         scope = None  # a plain attribute here: on_message_begin adds the TLS extension itself
@@ -408,6 +459,9 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         headers: Any = None
         cycle: Any = None
         running: Any = None  # the cycle whose app runs (self.cycle, or one before it: pipelined)
+        # Which response side serves (the worker's ready line says): the extension's AsgiCycle
+        # or PyCycleBase.
+        cycle_kind = "python" if Cycle.__bases__[0] is PyCycleBase else "native"
 
         def __init__(self) -> None:
             # uvicorn's HttpToolsProtocol.__init__ (0.17 to current) is what bind() put on the
@@ -535,8 +589,9 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             else:
                 app = self.app
             previous = self.cycle
-            cycle = self.cycle = Cycle(self, scope, http_version != "1.0" and not asked_close,
-                                       asked_close, expect_100)
+            cycle = self.cycle = Cycle(rules, self, scope,
+                                       http_version != "1.0" and not asked_close, asked_close,
+                                       expect_100)
             if previous is None or previous.response_complete:
                 self.start_cycle(cycle, app)
             else:  # pipelined: it starts when the response before it is complete
@@ -622,7 +677,9 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             if self.transport.is_closing():
                 return
             self._idle_since = time.monotonic()
-            self.flow.resume_reading()
+            flow = self.flow
+            if flow.read_paused:
+                flow.resume_reading()
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
                 self.start_cycle(cycle, app)

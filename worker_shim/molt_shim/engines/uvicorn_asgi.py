@@ -828,8 +828,10 @@ class UvicornASGIEngine:
             self.ctl.warming = False
 
     def describe(self) -> str:
-        return "asgi, %s, loop %s, I/O %s" % (self.protocol_class.__name__, self.loop_name,
-                                               "molt" if self.hub is not None else "loop")
+        cycle = getattr(self.protocol_class, "cycle_kind", None)  # h11's protocol has none
+        return "asgi, %s, loop %s, I/O %s%s" % (
+            self.protocol_class.__name__, self.loop_name,
+            "molt" if self.hub is not None else "loop", ", cycle %s" % cycle if cycle else "")
 
     def run(self, loop: LoopHooks) -> None:
         self.loop.run_until_complete(self._serve(loop))

@@ -1,0 +1,282 @@
+"""The ASGI cycle's response side, in this process: the extension's AsgiCycle
+(worker_shim/native/asgi_cycle.cpp) against asgi_cycle.PyCycleBase, the same rules in Python,
+message for message. Every case runs on both and must leave the same bytes written, the same
+transport calls, the same fields, and the same exception (type and text); the cases are also
+checked against what the response must be. The ASGI suite (test_asgi.py) runs both behind the
+real master; this table covers the corners one request at a time."""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+from harness import HAVE_NATIVE, NATIVE_DIR, NATIVE_PRELOAD, SHIM_DIR
+
+pytestmark = pytest.mark.skipif(not HAVE_NATIVE or bool(NATIVE_PRELOAD),
+                                reason="needs the extension, unsanitized, in this process")
+
+
+def load():
+    """asgi_cycle with the extension from the build tree (load_extension() finds it in
+    sys.modules), and the extension."""
+    if "_molt_native" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "_molt_native", os.path.join(NATIVE_DIR, "_molt_native.abi3.so"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["_molt_native"] = module
+    sys.path.insert(0, SHIM_DIR)
+    os.environ.pop("MOLT_SHIM_CYCLE", None)
+    from molt_shim.engines import asgi_cycle
+    return asgi_cycle, sys.modules["_molt_native"]
+
+
+class Transport:
+    """A transport that notes every call; `closing` is what is_closing() answers."""
+
+    def __init__(self, closing=False):
+        self.calls = []
+        self.closing = closing
+
+    def write(self, data):
+        self.calls.append(("write", bytes(data)))
+
+    def writelines(self, parts):
+        self.calls.append(("writelines", tuple(bytes(p) for p in parts)))
+
+    def close(self):
+        self.calls.append(("close",))
+        self.closing = True
+
+    def is_closing(self):
+        return self.closing
+
+
+class Flow:
+    write_paused = False
+    read_paused = False
+
+
+class Ctl:
+    def __init__(self, default_close=False):
+        self.default_head = b"date: x\r\nserver: molt\r\n"
+        self.default_close = default_close
+        self.unsent_heads = []
+
+    def flush_heads(self):
+        pass
+
+
+class Loop:
+    def __init__(self):
+        self.soon = []
+
+    def call_soon(self, fn):
+        self.soon.append(fn)
+
+
+class Protocol:
+    def __init__(self, ctl, transport):
+        self.ctl = ctl
+        self.transport = transport
+        self.flow = Flow()
+        self.loop = Loop()
+        self.completed = 0
+
+    def on_response_complete(self):
+        self.completed += 1
+
+
+class Hook:
+    """What the cycle asks of a SuspendHook that is not the extension's."""
+
+    def __init__(self, running):
+        self.running = running
+
+
+def start(status=200, headers=(), **extra):
+    return dict({"type": "http.response.start", "status": status, "headers": list(headers)},
+                **extra)
+
+
+def body(data=b"", more=False):
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+HELLO = [(b"content-type", b"text/plain"), (b"content-length", b"5")]
+FIELDS = ("keep_alive", "waiting_for_100_continue", "response_started", "response_complete",
+          "chunked", "remaining", "head", "disconnected")
+
+# name: (messages, request (method, version, asked_close, keep_alive), what else)
+CASES = {
+    "hello": ([start(200, HELLO), body(b"hello")], {}),
+    "hello twice over the remembered fields": ([start(200, HELLO), body(b"hel", True),
+                                                body(b"lo")], {}),
+    "chunked": ([start(200, [(b"content-type", b"text/plain")]), body(b"ab", True),
+                 body(b"", True), body(b"c")], {}),
+    "chunked, empty end": ([start(200), body(b"abc", True), body()], {}),
+    "the app's own chunked": ([start(200, [(b"Transfer-Encoding", b"chunked")]),
+                               body(b"x" * 20)], {}),
+    "HEAD without a length": ([start(200), body(b"ignored")], {"method": "HEAD"}),
+    "HEAD with a length": ([start(200, HELLO), body(b"")], {"method": "HEAD"}),
+    "HTTP/1.0 without a length": ([start(200), body(b"abc", True), body(b"de")],
+                                  {"version": "1.0", "keep_alive": False}),
+    "304 with a length": ([start(304, HELLO), body()], {}),
+    "204": ([start(204), body()], {}),
+    "shorter than its length": ([start(200, HELLO), body(b"hey")], {}),
+    "longer than its length": ([start(200, HELLO), body(b"hello!")], {}),
+    "connection: close from the app": ([start(200, HELLO + [(b"Connection", b"Close")]),
+                                        body(b"hello")], {}),
+    "asked to close": ([start(200, HELLO), body(b"hello")], {"asked_close": True}),
+    "draining (default close)": ([start(200, HELLO), body(b"hello")], {"default_close": True}),
+    "a CR/LF in a value": ([start(200, [(b"x-a", b"1\r\nx-evil: 1")])], {}),
+    "a space in a name": ([start(200, [(b"x a", b"1")])], {}),
+    "a length that is not digits": ([start(200, [(b"content-length", b"-1")])], {}),
+    "pairs as lists": ([start(200, [[b"content-type", b"text/plain"],
+                                    [b"content-length", b"2"]]), body(b"ok")], {}),
+    "a body before the head": ([body(b"x")], {}),
+    "a second start": ([start(200, HELLO), start(200)], {}),
+    "after the end": ([start(200, HELLO), body(b"hello"), body(b"more")], {}),
+    "no type": ([{"status": 200}], {}),
+    "an unknown status": ([start(99)], {}),
+    "no status": ([{"type": "http.response.start"}], {}),
+    "no headers key, no body key": ([{"type": "http.response.start", "status": 200},
+                                     {"type": "http.response.body"}], {}),
+    "a large body goes by writelines": ([start(200, [(b"content-length", b"20000")]),
+                                         body(b"y" * 20000)], {}),
+    "a bytearray and a memoryview": ([start(200), body(bytearray(b"ab"), True),
+                                      body(memoryview(b"cd"))], {}),
+    "a bytearray under a length": ([start(200, [(b"content-length", b"2")]),
+                                    body(bytearray(b"ab"))], {}),
+    "a str body": ([start(200, HELLO), body("hello")], {}),
+    "closed under the app": ([start(200, HELLO), body(b"hello")], {"closing": True}),
+    "disconnected": ([start(200, HELLO), body(b"hello")], {"disconnected": True}),
+    "the head waits while the app runs": ([start(200, HELLO)], {"hook": True}),
+    "the head is queued without a running app": ([start(200, HELLO)], {"hook": False}),
+    "a float status": ([start(304.0, HELLO), body()], {}),
+}
+
+
+def run(base_cycle, rules_of, messages, opts):
+    ctl = Ctl(opts.get("default_close", False))
+    transport = Transport(opts.get("closing", False))
+    protocol = Protocol(ctl, transport)
+    scope = {"method": opts.get("method", "GET"), "http_version": opts.get("version", "1.1")}
+    cycle = base_cycle(rules_of(ctl), protocol, scope, opts.get("keep_alive", True),
+                       opts.get("asked_close", False), False)
+    if opts.get("disconnected"):
+        cycle.disconnected = True
+    if "hook" in opts:
+        cycle.hook = Hook(opts["hook"])
+    outcome = None
+    for message in messages:
+        try:
+            cycle.deliver(message)
+        except Exception as exc:  # the app's error: both must raise the same
+            outcome = (type(exc).__name__, str(exc))
+            break
+    fields = {name: getattr(cycle, name) for name in FIELDS}
+    return {"calls": transport.calls, "fields": fields, "raised": outcome,
+            "completed": protocol.completed, "queued": len(ctl.unsent_heads),
+            "soon": len(protocol.loop.soon)}
+
+
+@pytest.fixture(scope="module")
+def bases():
+    asgi_cycle, native = load()
+    assert asgi_cycle.Cycle.__bases__[0] is native.AsgiCycle  # the extension's, by default
+    methods = {k: v for k, v in vars(asgi_cycle.Cycle).items()
+               if callable(v) and not k.startswith("__")}
+    py_cycle = type("PyCycle", (asgi_cycle.PyCycleBase,), dict(methods, __slots__=()))
+    native_rules = asgi_cycle.cycle_rules
+    return {"native": (asgi_cycle.Cycle, native_rules),
+            "python": (py_cycle, lambda ctl: ctl)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_both_cycles_answer_alike(bases, name):
+    messages, opts = CASES[name]
+    python = run(*bases["python"], messages, opts)
+    native = run(*bases["native"], messages, opts)
+    assert native == python
+
+
+def written(result):
+    out = b""
+    for call in result["calls"]:
+        if call[0] == "write":
+            out += call[1]
+        elif call[0] == "writelines":
+            out += b"".join(call[1])
+    return out
+
+
+def test_what_the_answers_are(bases):
+    """The table's answers themselves (on the extension's cycle; the test above holds the
+    other to it)."""
+    cycle, rules = bases["native"]
+
+    def answer(name):
+        return run(cycle, rules, *CASES[name])
+
+    hello = answer("hello")
+    assert written(hello) == (b"HTTP/1.1 200 OK\r\ndate: x\r\nserver: molt\r\n"
+                              b"content-type: text/plain\r\ncontent-length: 5\r\n\r\nhello")
+    assert [c[0] for c in hello["calls"]] == ["write"]  # the head goes with the body
+    assert hello["completed"] == 1 and hello["fields"]["keep_alive"] is True
+    assert written(answer("chunked")).endswith(
+        b"transfer-encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n")
+    assert written(answer("chunked, empty end")).endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert written(answer("HEAD without a length")).endswith(b"server: molt\r\n\r\n")
+    assert written(answer("HTTP/1.0 without a length")).endswith(b"molt\r\n\r\nabcde")
+    no_content = answer("304 with a length")
+    assert written(no_content).endswith(b"content-length: 5\r\n\r\n")
+    assert no_content["completed"] == 1
+    assert answer("shorter than its length")["raised"] == (
+        "RuntimeError", "Response content shorter than Content-Length")
+    assert answer("longer than its length")["raised"] == (
+        "RuntimeError", "Response content longer than Content-Length")
+    closed = answer("connection: close from the app")
+    assert closed["calls"][-1] == ("close",) and closed["fields"]["keep_alive"] is False
+    assert b"connection: close\r\n\r\n" in written(answer("asked to close"))
+    draining = answer("draining (default close)")
+    assert draining["calls"][-1] == ("close",)
+    for name in ("a CR/LF in a value", "a space in a name", "a length that is not digits"):
+        invalid = answer(name)
+        assert invalid["raised"] == ("RuntimeError", "Invalid HTTP header %s." % (
+            "name" if "name" in name else "value"))
+        # A head that is not valid changes nothing: the app's 500 can still go.
+        assert invalid["fields"]["response_started"] is False and invalid["calls"] == []
+    assert answer("a body before the head")["raised"] == (
+        "RuntimeError", "Expected ASGI message 'http.response.start', but got "
+        "'http.response.body'.")
+    assert answer("after the end")["raised"] == (
+        "RuntimeError", "Unexpected ASGI message 'http.response.body' sent, after response "
+        "already completed.")
+    assert answer("no type")["raised"] == ("KeyError", "'type'")
+    assert answer("an unknown status")["raised"] == ("KeyError", "99")
+    assert answer("a large body goes by writelines")["calls"][0][0] == "writelines"
+    assert written(answer("a bytearray and a memoryview")).endswith(
+        b"2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n")
+    assert answer("a str body")["raised"][0] == "TypeError"
+    gone = answer("closed under the app")
+    assert gone["calls"] == [] and gone["completed"] == 1
+    assert answer("disconnected")["calls"] == []
+    held = answer("the head waits while the app runs")
+    assert held["queued"] == 0 and held["fields"]["head"].startswith(b"HTTP/1.1 200 OK")
+    queued = answer("the head is queued without a running app")
+    assert (queued["queued"], queued["soon"]) == (1, 1)
+
+
+def test_a_cycle_needs_its_rules(bases):
+    cycle, rules = bases["native"]
+    ctl = Ctl()
+    protocol = Protocol(ctl, Transport())
+    with pytest.raises(TypeError, match="asgi_cycle_rules"):
+        cycle(ctl, protocol, {}, True, False, False)
+    made = cycle(rules(ctl), protocol, {"method": "GET", "http_version": "1.1"}, True, False,
+                 False)
+    # Its fields are Python's: the protocol and the ticks read and set them.
+    made.more_body = False
+    made.waiters = []
+    assert (made.more_body, made.waiters, made.body, made.remaining) == (False, [], b"", 0)
