@@ -51,7 +51,7 @@ struct AsgiParserObject {
     PyObject_HEAD RequestParser* parser;
     PyObject* module;  // strong: `strings` lives in its state
     const AsgiStrings* strings;
-    PyObject* base;
+    PyObject* base;  // what every scope starts as: the connection's fields, the request's keys
     PyObject* asgi;
     PyObject* unquote;
     bool target_not_ascii;  // a head whose target could not be a scope's path: a 400
@@ -317,7 +317,24 @@ PyObject* new_asgi_parser(PyObject* type, PyObject* module, const AsgiStrings* s
     }
     obj->module = PyRef::borrow(module).release();
     obj->strings = strings;
-    obj->base = PyRef::borrow(base).release();
+    // Every scope is a copy of `base` with the request's own keys already in it (None until
+    // the request says): a copy of the whole table, then seven values replaced, where adding
+    // them one by one resized each scope's table once.
+    PyRef scope_template = PyRef::steal(PyDict_Copy(base));
+    if (!scope_template) {
+        Py_DECREF(reinterpret_cast<PyObject*>(obj));
+        return nullptr;
+    }
+    using K = AsgiStrings::Key;
+    for (K key :
+         {K::asgi, K::http_version, K::method, K::path, K::raw_path, K::query_string, K::headers}) {
+        if (PyDict_Contains(scope_template.get(), strings->keys[key]) == 0 &&
+            PyDict_SetItem(scope_template.get(), strings->keys[key], Py_None) < 0) {
+            Py_DECREF(reinterpret_cast<PyObject*>(obj));
+            return nullptr;
+        }
+    }
+    obj->base = scope_template.release();
     obj->asgi = PyRef::borrow(asgi).release();
     obj->unquote = PyRef::borrow(unquote).release();
     return reinterpret_cast<PyObject*>(obj);

@@ -812,7 +812,8 @@ def with_cycle(protocol: type, ctl: Any) -> type:
 
         def on_head(self, scope: Dict[str, Any], asked_close: bool, expect_100: bool,
                     upgrade: bool, complete: bool) -> None:
-            ctl.complete_scope(scope, self._tls_extension)
+            if ctl.app_state or self._tls_extension is not None:  # per request: no call else
+                ctl.complete_scope(scope, self._tls_extension)
             self.scope = scope
             self.headers = scope["headers"]
             self._body_size = 0
