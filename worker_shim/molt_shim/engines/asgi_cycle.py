@@ -20,7 +20,10 @@ flow control) and replaces what runs per request:
   while draining) are joined once per second by the engine, not per response, and are not
   re-validated per response (molt makes them);
 * the keep-alive timeout is read by the engine's 100 ms tick, not a call_later() armed and
-  cancelled per request.
+  cancelled per request;
+* with the extension, a request's state and the response side of its `send` (the message
+  checks, the head, the body's framing, the write, the end) are C++ (the AsgiCycle base of
+  Cycle, native/asgi_cycle.hpp); PyCycleBase is the same in Python, for a worker without it.
 
 The app runs in a Task of its own, as in uvicorn (asyncio.current_task(), which anyio and
 sniffio need, is the request's task). What the ticks read (`cycle`, `pipeline`, `scope`,
