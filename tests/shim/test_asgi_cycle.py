@@ -31,24 +31,40 @@ def load():
     return asgi_cycle, sys.modules["_molt_native"]
 
 
-class Transport:
-    """A transport that notes every call; `closing` is what is_closing() answers."""
+class Failed(Exception):
+    """What a callback that fails raises."""
 
-    def __init__(self, closing=False):
-        self.calls = []
+
+class Transport:
+    """A transport that notes every call in the shared log; `closing` is what is_closing()
+    answers; `fail` names the method that raises; `on_write(transport)` runs in each write."""
+
+    def __init__(self, log, closing=False, fail=None, on_write=None):
+        self.calls = log
         self.closing = closing
+        self.fail = fail
+        self.on_write = on_write
+
+    def _note(self, *call):
+        self.calls.append(call)
+        if self.fail == call[0]:
+            raise Failed(call[0])
 
     def write(self, data):
-        self.calls.append(("write", bytes(data)))
+        self._note("write", bytes(data))
+        if self.on_write is not None:
+            self.on_write(self)
 
     def writelines(self, parts):
-        self.calls.append(("writelines", tuple(bytes(p) for p in parts)))
+        self._note("writelines", tuple(bytes(p) for p in parts))
 
     def close(self):
-        self.calls.append(("close",))
+        self._note("close")
         self.closing = True
 
     def is_closing(self):
+        if self.fail == "is_closing":
+            raise Failed("is_closing")
         return self.closing
 
 
@@ -76,15 +92,54 @@ class Loop:
 
 
 class Protocol:
-    def __init__(self, ctl, transport):
+    def __init__(self, ctl, transport, fail=None):
         self.ctl = ctl
         self.transport = transport
         self.flow = Flow()
         self.loop = Loop()
         self.completed = 0
+        self.fail = fail
 
     def on_response_complete(self):
         self.completed += 1
+        self.transport.calls.append(("on_response",))
+        if self.fail == "on_response":
+            raise Failed("on_response")
+
+
+class Waiter:
+    """A receive() waiting (what Cycle.wake() sets a result on)."""
+
+    def __init__(self, log):
+        self.log = log
+        self.woken = False
+
+    def done(self):
+        return self.woken
+
+    def set_result(self, _):
+        self.woken = True
+        self.log.append(("wake",))
+
+
+class Bytes:
+    """A body that is not bytes but converts to them (`%b` takes it)."""
+
+    def __bytes__(self):
+        return b"conv"
+
+    def __len__(self):
+        return 4
+
+
+class Message(dict):
+    """A message that is a dict subclass with its own lookups."""
+
+    def __missing__(self, key):
+        raise KeyError("missing " + key)
+
+    def get(self, key, default=None):
+        return b"from get" if key == "body" else dict.get(self, key, default)
 
 
 class Hook:
@@ -127,7 +182,7 @@ CASES = {
     "longer than its length": ([start(200, HELLO), body(b"hello!")], {}),
     "connection: close from the app": ([start(200, HELLO + [(b"Connection", b"Close")]),
                                         body(b"hello")], {}),
-    "asked to close": ([start(200, HELLO), body(b"hello")], {"asked_close": True}),
+    "asked to close": ([start(200, HELLO), body(b"hello")], {"asked_close": True, "keep_alive": False}),
     "draining (default close)": ([start(200, HELLO), body(b"hello")], {"default_close": True}),
     "a CR/LF in a value": ([start(200, [(b"x-a", b"1\r\nx-evil: 1")])], {}),
     "a space in a name": ([start(200, [(b"x a", b"1")])], {}),
@@ -154,13 +209,49 @@ CASES = {
     "the head waits while the app runs": ([start(200, HELLO)], {"hook": True}),
     "the head is queued without a running app": ([start(200, HELLO)], {"hook": False}),
     "a float status": ([start(304.0, HELLO), body()], {}),
+    "a None status": ([start(None)], {}),
+    "a tuple status": ([start((200,))], {}),
+    "a tuple type": ([{"type": ("x",), "status": 200}], {}),
+    "a body of None, chunked": ([start(200), body(b"a", True), {"type": "http.response.body",
+                                                                 "body": None}], {}),
+    "a body of 0, chunked": ([start(200), body(0)], {}),
+    "a body with __bytes__, chunked": ([start(200), body(Bytes())], {}),
+    "a list of ints, chunked": ([start(200), body([104, 105])], {}),
+    "a str body, chunked": ([start(200), body("hi")], {}),
+    "a memoryview of shorts, chunked": ([start(200), body(memoryview(
+        __import__("array").array("H", [1, 2, 3])))], {}),
+    "a dict subclass": ([Message(start(200)), Message(type="http.response.body",
+                                                             more_body=False)], {}),
+    "a dict subclass without a type": ([Message(status=200)], {}),
+    "the write fails": ([start(200, HELLO), body(b"hello")], {"fail": "write"}),
+    "writelines fails": ([start(200, [(b"content-length", b"20000")]), body(b"y" * 20000)],
+                         {"fail": "writelines"}),
+    "is_closing fails": ([start(200, HELLO), body(b"hello")], {"fail": "is_closing"}),
+    "the close fails": ([start(200, HELLO), body(b"hello")], {"fail": "close",
+                                                              "asked_close": True,
+                                                              "keep_alive": False}),
+    "on_response fails": ([start(200, HELLO), body(b"hello")], {"fail": "on_response"}),
+    "a write swaps the transport": ([start(200), body(b"a", True), body(b"b", True), body()],
+                                    {"on_write": "swap", "asked_close": True, "keep_alive": False}),
+    "a write disconnects": ([start(200), body(b"a", True), body(b"b")],
+                            {"on_write": "disconnect"}),
+    "a write takes the length away": ([start(200, HELLO), body(b"hel", True), body(b"lo")],
+                                      {"on_write": "delete remaining"}),
+    "receive() waits": ([start(200, HELLO), body(b"hello")], {"waiters": True}),
+    "no scope": ([start(200), body()], {"delete": "scope"}),
+    "no keep_alive": ([start(200, HELLO)], {"delete": "keep_alive"}),
+    "no hook": ([start(200, HELLO)], {"delete": "hook"}),
+    "no transport": ([start(200, HELLO), body(b"hello")], {"delete": "transport"}),
+    "no on_response": ([start(200, HELLO), body(b"hello")], {"delete": "on_response"}),
+    "the extension's hook, running": ([start(200, HELLO), body(b"hello")], {"real_hook": True}),
 }
 
 
-def run(base_cycle, rules_of, messages, opts):
+def run(base_cycle, rules_of, messages, opts, native=None):
+    log = []
     ctl = Ctl(opts.get("default_close", False))
-    transport = Transport(opts.get("closing", False))
-    protocol = Protocol(ctl, transport)
+    transport = Transport(log, opts.get("closing", False), opts.get("fail"))
+    protocol = Protocol(ctl, transport, opts.get("fail"))
     scope = {"method": opts.get("method", "GET"), "http_version": opts.get("version", "1.1")}
     cycle = base_cycle(rules_of(ctl), protocol, scope, opts.get("keep_alive", True),
                        opts.get("asked_close", False), False)
@@ -168,22 +259,55 @@ def run(base_cycle, rules_of, messages, opts):
         cycle.disconnected = True
     if "hook" in opts:
         cycle.hook = Hook(opts["hook"])
+    if opts.get("waiters"):
+        cycle.waiters = [Waiter(log)]
+    if "delete" in opts:
+        delattr(cycle, opts["delete"])
+    on_write = opts.get("on_write")
+    if on_write == "swap":  # a callback gives the cycle another transport
+        def swap(old):
+            if not getattr(old, "swapped", False):
+                old.swapped = True
+                cycle.transport = Transport(log)
+        transport.on_write = swap
+    elif on_write == "disconnect":
+        transport.on_write = lambda _: setattr(cycle, "disconnected", True)
+    elif on_write == "delete remaining":
+        transport.on_write = lambda _: delattr(cycle, "remaining")
     outcome = None
-    for message in messages:
-        try:
+
+    def deliver_all():
+        for message in messages:
             cycle.deliver(message)
-        except Exception as exc:  # the app's error: both must raise the same
-            outcome = (type(exc).__name__, str(exc))
-            break
-    fields = {name: getattr(cycle, name) for name in FIELDS}
-    return {"calls": transport.calls, "fields": fields, "raised": outcome,
+
+    try:
+        if opts.get("real_hook"):
+            async def app():
+                deliver_all()
+
+            hook = cycle.hook = native.suspend_hook(app(), lambda: None)
+            try:
+                hook.send(None)
+            except StopIteration:
+                pass
+        else:
+            deliver_all()
+    except Exception as exc:  # the app's error: both must raise the same
+        outcome = (type(exc).__name__, str(exc).replace(type(cycle).__name__, "Cycle"))
+    fields = {name: getattr(cycle, name, "<unset>") for name in FIELDS}
+    return {"calls": log, "fields": fields, "raised": outcome,
             "completed": protocol.completed, "queued": len(ctl.unsent_heads),
             "soon": len(protocol.loop.soon)}
 
 
 @pytest.fixture(scope="module")
-def bases():
-    asgi_cycle, native = load()
+def modules():
+    return load()
+
+
+@pytest.fixture(scope="module")
+def bases(modules):
+    asgi_cycle, native = modules
     assert asgi_cycle.Cycle.__bases__[0] is native.AsgiCycle  # the extension's, by default
     methods = {k: v for k, v in vars(asgi_cycle.Cycle).items()
                if callable(v) and not k.startswith("__")}
@@ -193,12 +317,21 @@ def bases():
             "python": (py_cycle, lambda ctl: ctl)}
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["fields new", "fields known"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_both_cycles_answer_alike(bases, name):
+def test_both_cycles_answer_alike(modules, bases, name, warm):
+    """Each case on each base, with the remembered header fields empty (each field goes through
+    header_line()) or holding them from a run before."""
+    asgi_cycle, native = modules
     messages, opts = CASES[name]
-    python = run(*bases["python"], messages, opts)
-    native = run(*bases["native"], messages, opts)
-    assert native == python
+
+    def answer(which):
+        asgi_cycle.KNOWN_HEADERS.clear()
+        if warm:
+            run(*bases[which], messages, opts, native)
+        return run(*bases[which], messages, opts, native)
+
+    assert answer("native") == answer("python")
 
 
 def written(result):
@@ -217,12 +350,12 @@ def test_what_the_answers_are(bases):
     cycle, rules = bases["native"]
 
     def answer(name):
-        return run(cycle, rules, *CASES[name])
+        return run(cycle, rules, *CASES[name], sys.modules["_molt_native"])
 
     hello = answer("hello")
     assert written(hello) == (b"HTTP/1.1 200 OK\r\ndate: x\r\nserver: molt\r\n"
                               b"content-type: text/plain\r\ncontent-length: 5\r\n\r\nhello")
-    assert [c[0] for c in hello["calls"]] == ["write"]  # the head goes with the body
+    assert [c[0] for c in hello["calls"]] == ["write", "on_response"]  # head and body: one write
     assert hello["completed"] == 1 and hello["fields"]["keep_alive"] is True
     assert written(answer("chunked")).endswith(
         b"transfer-encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n")
@@ -237,10 +370,11 @@ def test_what_the_answers_are(bases):
     assert answer("longer than its length")["raised"] == (
         "RuntimeError", "Response content longer than Content-Length")
     closed = answer("connection: close from the app")
-    assert closed["calls"][-1] == ("close",) and closed["fields"]["keep_alive"] is False
+    assert closed["calls"][-2:] == [("close",), ("on_response",)]
+    assert closed["fields"]["keep_alive"] is False
     assert b"connection: close\r\n\r\n" in written(answer("asked to close"))
     draining = answer("draining (default close)")
-    assert draining["calls"][-1] == ("close",)
+    assert draining["calls"][-2] == ("close",)
     for name in ("a CR/LF in a value", "a space in a name", "a length that is not digits"):
         invalid = answer(name)
         assert invalid["raised"] == ("RuntimeError", "Invalid HTTP header %s." % (
@@ -260,18 +394,32 @@ def test_what_the_answers_are(bases):
         b"2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n")
     assert answer("a str body")["raised"][0] == "TypeError"
     gone = answer("closed under the app")
-    assert gone["calls"] == [] and gone["completed"] == 1
+    assert gone["calls"] == [("on_response",)]  # nothing written, and the response ends
     assert answer("disconnected")["calls"] == []
     held = answer("the head waits while the app runs")
     assert held["queued"] == 0 and held["fields"]["head"].startswith(b"HTTP/1.1 200 OK")
     queued = answer("the head is queued without a running app")
     assert (queued["queued"], queued["soon"]) == (1, 1)
+    real = answer("the extension's hook, running")
+    assert real["queued"] == 0 and [c[0] for c in real["calls"]] == ["write", "on_response"]
+    assert [c[0] for c in answer("receive() waits")["calls"]] == ["write", "wake", "on_response"]
+    assert [c[0] for c in answer("asked to close")["calls"]] == ["write", "close", "on_response"]
+    assert answer("a body of None, chunked")["completed"] == 1
+    assert written(answer("a body with __bytes__, chunked")).endswith(b"4\r\nconv\r\n0\r\n\r\n")
+    assert answer("a dict subclass without a type")["raised"] == ("KeyError", "'missing type'")
+    assert written(answer("a dict subclass")).endswith(b"8\r\nfrom get\r\n0\r\n\r\n")
+    assert answer("the write fails")["raised"] == ("Failed", "write")
+    assert answer("on_response fails")["raised"] == ("Failed", "on_response")
+    assert answer("no scope")["raised"][0] == "AttributeError"
+    swapped = answer("a write swaps the transport")
+    assert [c[0] for c in swapped["calls"]] == ["write", "write", "write", "close",
+                                                "on_response"]
 
 
 def test_a_cycle_needs_its_rules(bases):
     cycle, rules = bases["native"]
     ctl = Ctl()
-    protocol = Protocol(ctl, Transport())
+    protocol = Protocol(ctl, Transport([]))
     with pytest.raises(TypeError, match="asgi_cycle_rules"):
         cycle(ctl, protocol, {}, True, False, False)
     made = cycle(rules(ctl), protocol, {"method": "GET", "http_version": "1.1"}, True, False,

@@ -82,6 +82,8 @@ struct CycleRulesObject {
     PyObject* close_line;  // b"connection: close\r\n"
     PyObject* empty_bytes;
     PyObject* empty_tuple;
+    PyObject* chunk_format;  // b"%x\r\n%b\r\n", for a body that is not bytes
+    PyObject* last_chunk;    // b"0\r\n\r\n"
     PyObject* names[kNames];
 };
 
@@ -113,13 +115,14 @@ AsgiCycleObject* as_cycle(PyObject* self) {
     return reinterpret_cast<AsgiCycleObject*>(self);
 }
 
-CycleRulesObject* rules_of(AsgiCycleObject* c) {
-    if (c->rules == nullptr) {
-        PyErr_SetString(PyExc_RuntimeError, "AsgiCycle.__init__ has not run");
-        return nullptr;
-    }
-    return reinterpret_cast<CycleRulesObject*>(c->rules);
+// A field's value, a reference of its own (a callback may replace the field while it is used);
+// null with Python's own AttributeError when the field is unset (deleted, or cleared), as a read
+// of PyCycleBase's slot raises.
+PyRef field(PyObject* self, PyObject* value, const char* name) {
+    if (value != nullptr) return PyRef::borrow(value);
+    return PyRef::steal(PyObject_GetAttrString(self, name));
 }
+#define FIELD(name) field(self, as_cycle(self)->name, #name)
 
 // A field takes a new value (a new reference of its own); the old one is dropped after, as
 // Py_XSETREF does (not in the stable ABI).
@@ -134,16 +137,18 @@ void set_flag(PyObject** field, bool value) {
     set_field(field, value ? Py_True : Py_False);
 }
 
-// A field's truth, as `if self.field:` reads it: 1, 0, or -1 with an exception.
-int truth(PyObject* value) {
-    if (value == Py_True) return 1;
-    if (value == Py_False || value == Py_None || value == nullptr) return 0;
-    return PyObject_IsTrue(value);
+// A value's truth, as `if value:` reads it: 1, 0, or -1 with an exception (also for a value
+// that could not be read).
+int truth(const PyRef& value) {
+    if (!value) return -1;
+    if (value.get() == Py_True) return 1;
+    if (value.get() == Py_False || value.get() == Py_None) return 0;
+    return PyObject_IsTrue(value.get());
 }
 
-// message.get(key, default), for a dict without a call.
+// message.get(key, default), for a plain dict without a call.
 PyRef message_get(CycleRulesObject* r, PyObject* message, PyObject* key, PyObject* fallback) {
-    if (PyDict_Check(message)) {
+    if (PyDict_CheckExact(message)) {
         PyObject* value = PyDict_GetItemWithError(message, key);
         if (value != nullptr) return PyRef::borrow(value);
         if (PyErr_Occurred()) return PyRef();
@@ -153,13 +158,13 @@ PyRef message_get(CycleRulesObject* r, PyObject* message, PyObject* key, PyObjec
         PyObject_CallMethodObjArgs(message, r->names[kGet], key, fallback, nullptr));
 }
 
-// obj[key], for a dict without a call (the message, the scope).
+// obj[key], for a plain dict without a call (the message, the scope, the status lines); a
+// missing key raises as obj[key] does.
 PyRef item(PyObject* obj, PyObject* key) {
-    if (PyDict_Check(obj)) {
+    if (PyDict_CheckExact(obj)) {
         PyObject* value = PyDict_GetItemWithError(obj, key);
         if (value != nullptr) return PyRef::borrow(value);
-        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key);
-        return PyRef();
+        if (PyErr_Occurred()) return PyRef();
     }
     return PyRef::steal(PyObject_GetItem(obj, key));
 }
@@ -168,6 +173,25 @@ PyRef item(PyObject* obj, PyObject* key) {
 int equals(PyObject* obj, PyObject* text) {
     if (obj == text) return 1;
     return PyObject_RichCompareBool(obj, text, Py_EQ);
+}
+
+// RuntimeError(format % arg), as PyCycleBase raises it; always null.
+PyObject* raise_formatted(PyObject* format, PyObject* arg) {
+    if (format == nullptr) return nullptr;
+    PyRef message = PyRef::steal(PyUnicode_Format(format, arg));
+    if (message) PyErr_SetObject(PyExc_RuntimeError, message.get());
+    return nullptr;
+}
+
+// The message's type is `expected`, or false with the RuntimeError PyCycleBase.deliver raises.
+bool expect_kind(PyObject* kind, PyObject* expected) {
+    int eq = equals(kind, expected);
+    if (eq == 0) {
+        PyRef format = PyRef::steal(
+            PyUnicode_FromFormat("Expected ASGI message '%U', but got '%%s'.", expected));
+        raise_formatted(format.get(), kind);
+    }
+    return eq == 1;
 }
 
 bool append_bytes(std::string& out, PyObject* bytes) {
@@ -206,7 +230,7 @@ Py_ssize_t content_length(PyObject* r_decode, PyObject* value) {
 
 // The status is 304 or 204 (`status == 304 or status == 204`).
 int no_body_status(PyObject* status) {
-    if (PyLong_Check(status)) {
+    if (PyLong_CheckExact(status)) {
         long code = PyLong_AsLong(status);
         if (code == -1 && PyErr_Occurred()) return -1;
         return code == 304 || code == 204;
@@ -222,7 +246,7 @@ int no_body_status(PyObject* status) {
 
 // PyCycleBase.start_response: the head made from the app's http.response.start, kept until its
 // first body message. Nothing of the cycle changes unless the head is valid.
-bool start_response(PyObject* self, AsgiCycleObject* c, CycleRulesObject* r, PyObject* message) {
+bool start_response(PyObject* self, CycleRulesObject* r, PyObject* message) {
     PyRef status = item(message, r->names[kStatus]);
     if (!status) return false;
     PyRef status_line = item(r->status_lines, status.get());
@@ -230,10 +254,10 @@ bool start_response(PyObject* self, AsgiCycleObject* c, CycleRulesObject* r, PyO
     PyRef default_head = PyRef::steal(PyObject_GetAttr(r->ctl, r->names[kDefaultHead]));
     if (!default_head) return false;
     PyRef default_close = PyRef::steal(PyObject_GetAttr(r->ctl, r->names[kDefaultClose]));
-    if (!default_close) return false;
-    int close_sent = truth(default_close.get());
-    int keep_alive = truth(c->keep_alive);
-    if (close_sent < 0 || keep_alive < 0) return false;
+    int close_sent = truth(default_close);
+    if (close_sent < 0) return false;
+    int keep_alive = truth(FIELD(keep_alive));
+    if (keep_alive < 0) return false;
     keep_alive = keep_alive && !close_sent;
     int chunked = -1;  // None: no framing header from the app (yet)
     Py_ssize_t remaining = 0;
@@ -250,7 +274,10 @@ bool start_response(PyObject* self, AsgiCycleObject* c, CycleRulesObject* r, PyO
         PyRef entry = PyRef::borrow(PyDict_GetItemWithError(r->known_headers, pair.get()));
         if (!entry) {
             if (PyErr_Occurred()) {  // unhashable (a list): header_line() says what it is
-                if (!PyErr_ExceptionMatches(PyExc_TypeError)) return false;
+                if (!PyErr_ExceptionMatches(PyExc_TypeError) &&
+                    !PyErr_ExceptionMatches(PyExc_KeyError)) {
+                    return false;
+                }
                 PyErr_Clear();
             }
             entry = PyRef::steal(PyObject_CallFunctionObjArgs(r->header_line, pair.get(), nullptr));
@@ -280,7 +307,7 @@ bool start_response(PyObject* self, AsgiCycleObject* c, CycleRulesObject* r, PyO
         }
     }
     if (PyErr_Occurred()) return false;
-    int asked_close = truth(c->asked_close);
+    int asked_close = truth(FIELD(asked_close));
     if (asked_close < 0) return false;
     if (asked_close && !close_sent && !append_bytes(head, r->close_line)) return false;
     int no_body = no_body_status(status.get());
@@ -290,12 +317,14 @@ bool start_response(PyObject* self, AsgiCycleObject* c, CycleRulesObject* r, PyO
         chunked = -1;
         remaining = 0;
     } else if (chunked == -1) {
-        PyRef method = item(c->scope, r->names[kMethod]);
+        PyRef scope = FIELD(scope);
+        if (!scope) return false;
+        PyRef method = item(scope.get(), r->names[kMethod]);
         if (!method) return false;
         int is_head = equals(method.get(), r->names[kHead]);
         if (is_head < 0) return false;
         if (!is_head) {
-            PyRef version = item(c->scope, r->names[kHttpVersion]);
+            PyRef version = item(scope.get(), r->names[kHttpVersion]);
             if (!version) return false;
             int is_10 = equals(version.get(), r->names[kVersion10]);
             if (is_10 < 0) return false;
@@ -312,18 +341,19 @@ bool start_response(PyObject* self, AsgiCycleObject* c, CycleRulesObject* r, PyO
     PyRef remaining_obj = PyRef::steal(PyLong_FromSsize_t(remaining));
     if (!head_bytes || !remaining_obj) return false;
     // Only a valid head starts the response: an app whose headers raise gets a 500.
+    AsgiCycleObject* c = as_cycle(self);
     set_flag(&c->response_started, true);
     set_flag(&c->waiting_for_100_continue, false);
     set_flag(&c->keep_alive, keep_alive != 0);
     set_field(&c->chunked, chunked < 0 ? Py_None : chunked ? Py_True : Py_False);
     set_field(&c->remaining, remaining_obj.get());
     set_field(&c->head, head_bytes.get());
-    if (c->hook != nullptr && c->hook != Py_None) {
-        int running = suspend_hook_running(c->hook);
+    PyRef hook = FIELD(hook);
+    if (!hook) return false;
+    if (hook.get() != Py_None) {
+        int running = suspend_hook_running(hook.get());
         if (running < 0) {
-            PyRef value = PyRef::steal(PyObject_GetAttrString(c->hook, "running"));
-            if (!value) return false;
-            running = truth(value.get());
+            running = truth(PyRef::steal(PyObject_GetAttrString(hook.get(), "running")));
             if (running < 0) return false;
         }
         if (running) return true;  // it goes with the first body, or alone at the suspension
@@ -331,25 +361,39 @@ bool start_response(PyObject* self, AsgiCycleObject* c, CycleRulesObject* r, PyO
     return static_cast<bool>(call_method(self, r->names[kQueueHead]));
 }
 
-// b"%x\r\n%b\r\n" % (len(body), body), and the last chunk when nothing more comes.
+// b"%x\r\n%b\r\n" % (len(body), body) if body else b"", and the last chunk when nothing more
+// comes: bytes framed here, any other body by the same expression as PyCycleBase's.
 PyRef chunk(CycleRulesObject* r, PyObject* body, bool more_body) {
-    PyRef data = PyBytes_Check(body) ? PyRef::borrow(body) : PyRef::steal(PyBytes_FromObject(body));
-    if (!data) return PyRef();
-    char* bytes = nullptr;
-    Py_ssize_t size = 0;
-    if (PyBytes_AsStringAndSize(data.get(), &bytes, &size) < 0) return PyRef();
-    if (size == 0 && more_body) return PyRef::borrow(r->empty_bytes);
-    std::string framed;
-    if (size > 0) {
-        char length[32];
-        int n = snprintf(length, sizeof length, "%zx\r\n", static_cast<size_t>(size));
-        framed.reserve(static_cast<size_t>(size) + 16);
-        framed.append(length, static_cast<size_t>(n));
-        framed.append(bytes, static_cast<size_t>(size));
-        framed.append("\r\n");
+    PyRef framed;
+    if (PyBytes_Check(body)) {
+        char* data = nullptr;
+        Py_ssize_t size = 0;
+        if (PyBytes_AsStringAndSize(body, &data, &size) < 0) return PyRef();
+        std::string out;
+        if (size > 0) {
+            char length[32];
+            int n = snprintf(length, sizeof length, "%zx\r\n", static_cast<size_t>(size));
+            out.reserve(static_cast<size_t>(size) + 24);
+            out.append(length, static_cast<size_t>(n));
+            out.append(data, static_cast<size_t>(size));
+            out.append("\r\n");
+        }
+        if (!more_body) out.append("0\r\n\r\n");
+        return PyRef::steal(PyBytes_FromStringAndSize(out.data(), out.size()));
     }
-    if (!more_body) framed.append("0\r\n\r\n");
-    return PyRef::steal(PyBytes_FromStringAndSize(framed.data(), framed.size()));
+    int nonempty = PyObject_IsTrue(body);
+    if (nonempty < 0) return PyRef();
+    if (nonempty) {
+        Py_ssize_t size = PyObject_Size(body);
+        if (size < 0) return PyRef();
+        PyRef args = PyRef::steal(Py_BuildValue("(nO)", size, body));
+        if (!args) return PyRef();
+        framed = PyRef::steal(PyNumber_Remainder(r->chunk_format, args.get()));
+    } else {
+        framed = PyRef::borrow(r->empty_bytes);
+    }
+    if (!framed || more_body) return framed;
+    return PyRef::steal(PyNumber_Add(framed.get(), r->last_chunk));
 }
 
 // head + body, one object for one write.
@@ -367,16 +411,27 @@ PyRef joined(PyObject* head, PyObject* body) {
     return out;
 }
 
+// The remaining Content-Length (PyCycleBase.remaining): -2 with an exception.
+Py_ssize_t remaining_of(PyObject* self) {
+    PyRef value = FIELD(remaining);
+    if (!value) return -2;
+    Py_ssize_t n = PyLong_AsSsize_t(value.get());
+    return n == -1 && PyErr_Occurred() ? -2 : n;
+}
+
 // PyCycleBase.send_body: a body message framed, written (with the head when it has not gone),
-// and the response's end.
-bool send_body(PyObject* self, AsgiCycleObject* c, CycleRulesObject* r, PyObject* message_body,
-               bool more_body) {
+// and the response's end. Each field is read where PyCycleBase reads it: the callbacks (the
+// transport's, on_response, wake) may change them.
+bool send_body(PyObject* self, CycleRulesObject* r, PyObject* message_body, bool more_body) {
+    AsgiCycleObject* c = as_cycle(self);
     PyRef body = PyRef::borrow(message_body);
-    PyRef method = item(c->scope, r->names[kMethod]);
+    PyRef scope = FIELD(scope);
+    if (!scope) return false;
+    PyRef method = item(scope.get(), r->names[kMethod]);
     if (!method) return false;
     int is_head = equals(method.get(), r->names[kHead]);
     if (is_head < 0) return false;
-    int chunked = is_head ? 0 : truth(c->chunked);
+    int chunked = is_head ? 0 : truth(FIELD(chunked));
     if (chunked < 0) return false;
     if (is_head) {
         PyRef zero = PyRef::steal(PyLong_FromLong(0));
@@ -387,8 +442,8 @@ bool send_body(PyObject* self, AsgiCycleObject* c, CycleRulesObject* r, PyObject
         body = chunk(r, body.get(), more_body);
         if (!body) return false;
     } else {
-        Py_ssize_t remaining = PyLong_AsSsize_t(c->remaining);
-        if (remaining == -1 && PyErr_Occurred()) return false;
+        Py_ssize_t remaining = remaining_of(self);
+        if (remaining == -2) return false;
         if (remaining != kUnframed) {
             Py_ssize_t size = PyObject_Size(body.get());
             if (size < 0) return false;
@@ -401,21 +456,23 @@ bool send_body(PyObject* self, AsgiCycleObject* c, CycleRulesObject* r, PyObject
             set_field(&c->remaining, left.get());
         }
     }
-    PyRef transport = PyRef::borrow(c->transport);
-    PyRef head = PyRef::borrow(c->head);
-    PyRef closing_obj = call_method(transport.get(), r->names[kIsClosing]);
-    if (!closing_obj) return false;
-    int closing = truth(closing_obj.get());
+    PyRef head = FIELD(head);
+    if (!head) return false;
+    PyRef transport = FIELD(transport);
+    if (!transport) return false;
+    int closing = truth(call_method(transport.get(), r->names[kIsClosing]));
     if (closing < 0) return false;
     if (closing) {  // closed under the app (a timeout, a reset): dropped
         head = PyRef::borrow(Py_None);
         set_field(&c->head, Py_None);
         body = PyRef::borrow(r->empty_bytes);
     }
-    if (head && head.get() != Py_None) {
+    if (head.get() != Py_None) {
         set_field(&c->head, Py_None);
         Py_ssize_t size = PyObject_Size(body.get());
         if (size < 0) return false;
+        transport = FIELD(transport);
+        if (!transport) return false;
         PyRef written;
         if (size <= kJoinMax) {
             PyRef data = joined(head.get(), body.get());
@@ -430,74 +487,71 @@ bool send_body(PyObject* self, AsgiCycleObject* c, CycleRulesObject* r, PyObject
     } else {
         int nonempty = PyObject_IsTrue(body.get());
         if (nonempty < 0) return false;
-        if (nonempty && !call_method(transport.get(), r->names[kWrite], body.get())) return false;
+        if (nonempty) {
+            transport = FIELD(transport);
+            if (!transport || !call_method(transport.get(), r->names[kWrite], body.get())) {
+                return false;
+            }
+        }
     }
     if (more_body) return true;
-    Py_ssize_t remaining = PyLong_AsSsize_t(c->remaining);
-    if (remaining == -1 && PyErr_Occurred()) return false;
+    Py_ssize_t remaining = remaining_of(self);
+    if (remaining == -2) return false;
     if (remaining > 0) {
         PyErr_SetString(PyExc_RuntimeError, "Response content shorter than Content-Length");
         return false;
     }
     set_flag(&c->response_complete, true);
-    int waiting = truth(c->waiters);
+    int waiting = truth(FIELD(waiters));
     if (waiting < 0) return false;
     if (waiting && !call_method(self, r->names[kWake])) return false;
-    int keep_alive = truth(c->keep_alive);
+    int keep_alive = truth(FIELD(keep_alive));
     if (keep_alive < 0) return false;
     if (!keep_alive) {
-        PyRef now = PyRef::borrow(c->transport);
-        if (!call_method(now.get(), r->names[kClose])) return false;
+        transport = FIELD(transport);
+        if (!transport || !call_method(transport.get(), r->names[kClose])) return false;
     }
-    PyRef on_response = PyRef::borrow(c->on_response != nullptr ? c->on_response : Py_None);
+    PyRef on_response = FIELD(on_response);
+    if (!on_response) return false;
     return static_cast<bool>(PyRef::steal(PyObject_CallObject(on_response.get(), nullptr)));
 }
 
 // Cycle.deliver(message): send() once its client has taken the bytes before (Cycle.send waits
 // for that in Python, then calls this).
 PyObject* cycle_deliver(PyObject* self, PyObject* message) {
-    AsgiCycleObject* c = as_cycle(self);
-    CycleRulesObject* r = rules_of(c);
-    if (r == nullptr) return nullptr;
-    int disconnected = truth(c->disconnected);
+    PyRef rules = PyRef::borrow(as_cycle(self)->rules);  // held: a callback may re-init the cycle
+    if (!rules) {
+        PyErr_SetString(PyExc_RuntimeError, "AsgiCycle.__init__ has not run");
+        return nullptr;
+    }
+    auto* r = reinterpret_cast<CycleRulesObject*>(rules.get());
+    int disconnected = truth(FIELD(disconnected));
     if (disconnected < 0) return nullptr;
     if (disconnected) Py_RETURN_NONE;
     PyRef kind = item(message, r->names[kType]);
     if (!kind) return nullptr;
-    int started = truth(c->response_started);
+    int started = truth(FIELD(response_started));
     if (started < 0) return nullptr;
     if (!started) {
-        int eq = equals(kind.get(), r->names[kResponseStart]);
-        if (eq < 0) return nullptr;
-        if (!eq) {
-            return PyErr_Format(PyExc_RuntimeError,
-                                "Expected ASGI message 'http.response.start', but got '%S'.",
-                                kind.get());
-        }
-        if (!start_response(self, c, r, message)) return nullptr;
+        if (!expect_kind(kind.get(), r->names[kResponseStart])) return nullptr;
+        if (!start_response(self, r, message)) return nullptr;
         Py_RETURN_NONE;
     }
-    int complete = truth(c->response_complete);
+    int complete = truth(FIELD(response_complete));
     if (complete < 0) return nullptr;
     if (complete) {
-        return PyErr_Format(PyExc_RuntimeError,
-                            "Unexpected ASGI message '%S' sent, after response already completed.",
-                            kind.get());
+        PyRef format = PyRef::steal(PyUnicode_FromString(
+            "Unexpected ASGI message '%s' sent, after response already completed."));
+        return raise_formatted(format.get(), kind.get());
     }
-    int eq = equals(kind.get(), r->names[kResponseBody]);
-    if (eq < 0) return nullptr;
-    if (!eq) {
-        return PyErr_Format(PyExc_RuntimeError,
-                            "Expected ASGI message 'http.response.body', but got '%S'.",
-                            kind.get());
-    }
+    if (!expect_kind(kind.get(), r->names[kResponseBody])) return nullptr;
     PyRef body = message_get(r, message, r->names[kBody], r->empty_bytes);
     if (!body) return nullptr;
     PyRef more = message_get(r, message, r->names[kMoreBody], Py_False);
     if (!more) return nullptr;
     int more_body = PyObject_IsTrue(more.get());
     if (more_body < 0) return nullptr;
-    if (!send_body(self, c, r, body.get(), more_body != 0)) return nullptr;
+    if (!send_body(self, r, body.get(), more_body != 0)) return nullptr;
     Py_RETURN_NONE;
 }
 
@@ -558,13 +612,15 @@ int cycle_init(PyObject* self, PyObject* args, PyObject* kwargs) {
     return 0;
 }
 
-constexpr PyMemberDef member(const char* name, Py_ssize_t offset) {
-    return {name, T_OBJECT_EX, offset, 0, nullptr};
+constexpr PyMemberDef member(const char* name, Py_ssize_t offset, int flags = 0) {
+    return {name, T_OBJECT_EX, offset, flags, nullptr};
 }
 
-// Every field but the rules, as the Python class's __slots__ (T_OBJECT_EX: an unset field reads
-// as AttributeError, and CPython specialises reads and writes of these as it does a slot's).
+// Every field, as the Python class's __slots__ (T_OBJECT_EX: an unset field reads as
+// AttributeError, and CPython specialises reads and writes of these as it does a slot's). The
+// rules come first: a clear drops them before the fields a re-entered deliver() would read.
 PyMemberDef cycle_members[] = {
+    member("rules", offsetof(AsgiCycleObject, rules), READONLY),
     member("protocol", offsetof(AsgiCycleObject, protocol)),
     member("scope", offsetof(AsgiCycleObject, scope)),
     member("transport", offsetof(AsgiCycleObject, transport)),
@@ -591,12 +647,24 @@ PyObject*& field_at(PyObject* self, Py_ssize_t offset) {
     return *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(self) + offset);
 }
 
+// Whether this interpreter leaves the visit of a heap type to its heap base's tp_traverse (3.9
+// on): 3.8's subtype_traverse visits it itself, and a second visit from here would miscount it
+// for the instances of Cycle, AsgiCycle's Python subclass (bpo-40217).
+bool base_visits_heap_type() {
+    static const bool visits = [] {
+        int major = 0;
+        int minor = 0;
+        return sscanf(Py_GetVersion(), "%d.%d", &major, &minor) == 2 &&
+               (major > 3 || (major == 3 && minor >= 9));
+    }();
+    return visits;
+}
+
 int cycle_traverse(PyObject* self, visitproc visit, void* arg) {
     for (const PyMemberDef* m = cycle_members; m->name != nullptr; ++m) {
         Py_VISIT(field_at(self, m->offset));
     }
-    Py_VISIT(as_cycle(self)->rules);
-    Py_VISIT(Py_TYPE(self));
+    if (base_visits_heap_type()) Py_VISIT(Py_TYPE(self));
     return 0;
 }
 
@@ -604,7 +672,6 @@ int cycle_clear(PyObject* self) {
     for (const PyMemberDef* m = cycle_members; m->name != nullptr; ++m) {
         Py_CLEAR(field_at(self, m->offset));
     }
-    Py_CLEAR(as_cycle(self)->rules);
     return 0;
 }
 
@@ -643,7 +710,9 @@ constexpr Py_ssize_t kRulesFields[] = {offsetof(CycleRulesObject, ctl),
                                        offsetof(CycleRulesObject, kind_close),
                                        offsetof(CycleRulesObject, close_line),
                                        offsetof(CycleRulesObject, empty_bytes),
-                                       offsetof(CycleRulesObject, empty_tuple)};
+                                       offsetof(CycleRulesObject, empty_tuple),
+                                       offsetof(CycleRulesObject, chunk_format),
+                                       offsetof(CycleRulesObject, last_chunk)};
 
 int cycle_rules_traverse(PyObject* self, visitproc visit, void* arg) {
     for (Py_ssize_t offset : kRulesFields) Py_VISIT(field_at(self, offset));
@@ -714,7 +783,10 @@ PyObject* new_cycle_rules(PyObject* type, PyObject* args) {
     set_field(&r->close_line, close_line);
     r->empty_bytes = PyBytes_FromStringAndSize("", 0);
     r->empty_tuple = PyTuple_New(0);
-    bool made = r->empty_bytes != nullptr && r->empty_tuple != nullptr;
+    r->chunk_format = PyBytes_FromString("%x\r\n%b\r\n");
+    r->last_chunk = PyBytes_FromString("0\r\n\r\n");
+    bool made = r->empty_bytes != nullptr && r->empty_tuple != nullptr &&
+                r->chunk_format != nullptr && r->last_chunk != nullptr;
     for (int i = 0; made && i < kNames; ++i) {
         r->names[i] = PyUnicode_InternFromString(kNameText[i]);
         made = r->names[i] != nullptr;

@@ -20,8 +20,8 @@
 // close), close_line) -> CycleRules, what every cycle of one engine shares: its DrainControl
 // (default_head, default_close), uvicorn's status lines, the remembered header fields, the
 // header check, the three kinds of field header_line() names, and the `connection: close` line.
-// A cycle takes its rules from its protocol's `cycle_rules` attribute when it is made:
-// AsgiCycle(protocol, scope, keep_alive, asked_close, expect_100).
+// Each cycle is made with them: AsgiCycle(rules, protocol, scope, keep_alive, asked_close,
+// expect_100), as PyCycleBase (whose rules are the DrainControl itself).
 #pragma once
 
 #include "py_handle.hpp"

@@ -328,8 +328,9 @@ PyObject* new_asgi_parser(PyObject* type, PyObject* module, const AsgiStrings* s
     using K = AsgiStrings::Key;
     for (K key :
          {K::asgi, K::http_version, K::method, K::path, K::raw_path, K::query_string, K::headers}) {
-        if (PyDict_Contains(scope_template.get(), strings->keys[key]) == 0 &&
-            PyDict_SetItem(scope_template.get(), strings->keys[key], Py_None) < 0) {
+        int present = PyDict_Contains(scope_template.get(), strings->keys[key]);
+        if (present < 0 || (present == 0 && PyDict_SetItem(scope_template.get(), strings->keys[key],
+                                                           Py_None) < 0)) {
             Py_DECREF(reinterpret_cast<PyObject*>(obj));
             return nullptr;
         }
