@@ -244,6 +244,15 @@ int no_body_status(PyObject* status) {
     return 0;
 }
 
+// self.scope["method"] == "HEAD": 1, 0, or -1 with an exception.
+int head_request(PyObject* self, CycleRulesObject* r) {
+    PyRef scope = FIELD(scope);
+    if (!scope) return -1;
+    PyRef method = item(scope.get(), r->names[kMethod]);
+    if (!method) return -1;
+    return equals(method.get(), r->names[kHead]);
+}
+
 // PyCycleBase.start_response: the head made from the app's http.response.start, kept until its
 // first body message. Nothing of the cycle changes unless the head is valid.
 bool start_response(PyObject* self, CycleRulesObject* r, PyObject* message) {
@@ -317,13 +326,11 @@ bool start_response(PyObject* self, CycleRulesObject* r, PyObject* message) {
         chunked = -1;
         remaining = 0;
     } else if (chunked == -1) {
-        PyRef scope = FIELD(scope);
-        if (!scope) return false;
-        PyRef method = item(scope.get(), r->names[kMethod]);
-        if (!method) return false;
-        int is_head = equals(method.get(), r->names[kHead]);
+        int is_head = head_request(self, r);
         if (is_head < 0) return false;
         if (!is_head) {
+            PyRef scope = FIELD(scope);
+            if (!scope) return false;
             PyRef version = item(scope.get(), r->names[kHttpVersion]);
             if (!version) return false;
             int is_10 = equals(version.get(), r->names[kVersion10]);
@@ -425,11 +432,7 @@ Py_ssize_t remaining_of(PyObject* self) {
 bool send_body(PyObject* self, CycleRulesObject* r, PyObject* message_body, bool more_body) {
     AsgiCycleObject* c = as_cycle(self);
     PyRef body = PyRef::borrow(message_body);
-    PyRef scope = FIELD(scope);
-    if (!scope) return false;
-    PyRef method = item(scope.get(), r->names[kMethod]);
-    if (!method) return false;
-    int is_head = equals(method.get(), r->names[kHead]);
+    int is_head = head_request(self, r);
     if (is_head < 0) return false;
     int chunked = is_head ? 0 : truth(FIELD(chunked));
     if (chunked < 0) return false;
