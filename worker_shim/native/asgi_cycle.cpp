@@ -208,7 +208,7 @@ PyRef call_method(PyObject* obj, PyObject* name, PyObject* arg = nullptr) {
 
 // int(value.decode()) of a Content-Length header_line() has checked (ASCII digits, at most
 // 18 of them): -1 with an exception if it is not one.
-Py_ssize_t content_length(PyObject* r_decode, PyObject* value) {
+Py_ssize_t content_length(PyObject* decode_name, PyObject* value) {
     if (PyBytes_Check(value)) {
         char* data = nullptr;
         Py_ssize_t size = 0;
@@ -221,7 +221,7 @@ Py_ssize_t content_length(PyObject* r_decode, PyObject* value) {
         }
         if (digits) return n;
     }
-    PyRef text = call_method(value, r_decode);
+    PyRef text = call_method(value, decode_name);
     if (!text) return -1;
     PyRef number = PyRef::steal(PyNumber_Long(text.get()));
     if (!number) return -1;

@@ -181,7 +181,7 @@ class PyCycleBase:
     the response side of the ASGI `send`. The extension's AsgiCycle (native/asgi_cycle.hpp) is
     this class in C++, field for field and rule for rule, and is Cycle's base when it is there;
     this one serves without the extension, or with MOLT_SHIM_CYCLE=python (the tests run
-    both)."""
+    both). Both call two methods that Cycle adds: wake() and queue_head()."""
 
     __slots__ = ("protocol", "scope", "transport", "flow", "keep_alive", "asked_close",
                  "waiting_for_100_continue", "body", "more_body", "request_read", "waiters",
@@ -323,12 +323,6 @@ class PyCycleBase:
                 self.transport.close()
             self.on_response()
 
-    def wake(self) -> None:  # Cycle's
-        raise NotImplementedError
-
-    def queue_head(self) -> None:  # Cycle's
-        raise NotImplementedError
-
 
 def cycle_base() -> Any:
     """The extension's AsgiCycle, or PyCycleBase: without the extension, or with
@@ -345,7 +339,7 @@ def cycle_base() -> Any:
 def cycle_rules(ctl: Any) -> Any:
     """What the cycles of one engine share: the extension's CycleRules for its AsgiCycle, the
     DrainControl itself for PyCycleBase (the tables are this module's)."""
-    if Cycle.__bases__[0] is PyCycleBase:
+    if CYCLE_KIND == "python":
         return ctl
     from .native import load_extension
 
@@ -415,6 +409,11 @@ class Cycle(cycle_base()):  # type: ignore[misc]
         await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
 
 
+# Which response side serves (the worker's ready line says): the extension's AsgiCycle or
+# PyCycleBase.
+CYCLE_KIND = "python" if Cycle.__bases__[0] is PyCycleBase else "native"
+
+
 def head_pending(send: Any) -> bool:
     """Whether `send` is a Cycle's whose response head has not gone out yet (an app that
     raises now still gets the server's 500)."""
@@ -462,9 +461,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         headers: Any = None
         cycle: Any = None
         running: Any = None  # the cycle whose app runs (self.cycle, or one before it: pipelined)
-        # Which response side serves (the worker's ready line says): the extension's AsgiCycle
-        # or PyCycleBase.
-        cycle_kind = "python" if Cycle.__bases__[0] is PyCycleBase else "native"
+        cycle_kind = CYCLE_KIND  # the ready line names it
 
         def __init__(self) -> None:
             # uvicorn's HttpToolsProtocol.__init__ (0.17 to current) is what bind() put on the
@@ -680,9 +677,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             if self.transport.is_closing():
                 return
             self._idle_since = time.monotonic()
-            flow = self.flow
-            if flow.read_paused:
-                flow.resume_reading()
+            self.flow.resume_reading()
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
                 self.start_cycle(cycle, app)
@@ -815,8 +810,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
 
         def on_head(self, scope: Dict[str, Any], asked_close: bool, expect_100: bool,
                     upgrade: bool, complete: bool) -> None:
-            if ctl.app_state or self._tls_extension is not None:  # per request: no call else
-                ctl.complete_scope(scope, self._tls_extension)
+            ctl.complete_scope(scope, self._tls_extension)
             self.scope = scope
             self.headers = scope["headers"]
             self._body_size = 0
