@@ -132,21 +132,28 @@ def test_asgi_slowloris_gets_408_and_silent_idle_is_closed(listeners, spawn):
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="the native extension is not built")
-@pytest.mark.parametrize("parser, io, cycle, protocol", [
-    (None, None, None, "MoltNativeHttpProtocol, loop uvloop, I/O molt, cycle native"),
-    (None, "loop", None, "MoltNativeHttpProtocol, loop uvloop, I/O loop, cycle native"),
-    ("httptools", None, None, "MoltHttpToolsProtocol, loop uvloop, I/O molt, cycle native"),
-    ("httptools", None, "python", "MoltHttpToolsProtocol, loop uvloop, I/O molt, cycle python")])
-def test_asgi_parsers(listeners, spawn, parser, io, cycle, protocol):
+@pytest.mark.parametrize("parser, io, python_parts, protocol", [
+    (None, None, None,
+     "MoltNativeHttpProtocol, loop uvloop, I/O molt, cycle native, tasks native"),
+    (None, "loop", None,
+     "MoltNativeHttpProtocol, loop uvloop, I/O loop, cycle native, tasks native"),
+    ("httptools", None, None,
+     "MoltHttpToolsProtocol, loop uvloop, I/O molt, cycle native, tasks native"),
+    ("httptools", None, "python",
+     "MoltHttpToolsProtocol, loop uvloop, I/O molt, cycle python, tasks python")])
+def test_asgi_parsers(listeners, spawn, parser, io, python_parts, protocol):
     """With the extension the ASGI engine parses with the native parser, does its own TCP
-    I/O (the IoHub) and answers with the extension's cycle; with MOLT_SHIM_PARSER=httptools it
-    parses with httptools, with MOLT_SHIM_IO=loop it takes the loop's transports, and with
-    MOLT_SHIM_CYCLE=python it answers with the Python cycle: each gives the app the same scope,
-    pipelined requests their answers in order (a malformed one its 400 after them), a
-    WebSocket its upgrade, and a request target that is not ASCII a 400."""
+    I/O (the IoHub), answers with the extension's cycle and registers its tasks through the
+    extension's TaskRegistry; with MOLT_SHIM_PARSER=httptools it parses with httptools, with
+    MOLT_SHIM_IO=loop it takes the loop's transports, and with MOLT_SHIM_CYCLE=python and
+    MOLT_SHIM_TASKS=python it answers with the Python cycle and leaves asyncio's registry as
+    it is: each gives the app the same scope, pipelined requests their answers in order (a
+    malformed one its 400 after them), a WebSocket its upgrade, and a request target that is
+    not ASCII a 400."""
     env = dict({"MOLT_SHIM_PARSER": parser} if parser else {},
                **({"MOLT_SHIM_IO": io} if io else {}),
-               **({"MOLT_SHIM_CYCLE": cycle} if cycle else {}))
+               **({"MOLT_SHIM_CYCLE": python_parts, "MOLT_SHIM_TASKS": python_parts}
+                  if python_parts else {}))
     w = spawn_asgi(spawn, env=env or None).wait_ready()
     wait_until(lambda: protocol in w.stderr_text(), 5, "ready line", on_timeout=w.stderr_text)
     c = Client(listeners.port)
@@ -522,14 +529,15 @@ def test_a_websocket_whose_upgrade_completes_during_the_drain_gets_1012_too(
 
 # -- found by a review of the cycle: each failed before its fix --------------------------------
 
-# The extension's parser and cycle, and what serves without the extension: httptools' parser
-# and the Python cycle.
+# The extension's parser and cycle, and what serves without the extension: httptools' parser,
+# the Python cycle and asyncio's own registry of tasks.
 PARSERS = [None, "fallback"]
 
 
 def spawn_cycle_app_on(spawn, parser, **kw):
     if parser == "fallback":
-        return spawn_cycle_app(spawn, "python", env={"MOLT_SHIM_PARSER": "httptools"}, **kw)
+        return spawn_cycle_app(spawn, "python", env={"MOLT_SHIM_PARSER": "httptools",
+                                                     "MOLT_SHIM_TASKS": "python"}, **kw)
     return spawn_cycle_app(spawn, **kw)
 
 

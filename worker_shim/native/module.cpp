@@ -12,6 +12,7 @@
 #include "framing_guard.hpp"
 #include "spare.hpp"
 #include "suspend_hook.hpp"
+#include "task_registry.hpp"
 #include "wsgi_call.hpp"
 
 namespace molt::native {
@@ -27,6 +28,7 @@ struct ModuleState {
     PyObject* io_hub_type;
     PyObject* io_transport_type;
     PyObject* suspend_hook_type;
+    PyObject* task_registry_type;
     PyObject* asgi_cycle_type;
     PyObject* cycle_rules_type;
     PyObject* send_name;  // "send": what a SuspendHook calls on its coroutine per step
@@ -631,6 +633,10 @@ PyObject* make_suspend_hook(PyObject* module, PyObject* args) {
     return new_suspend_hook(st->suspend_hook_type, st->send_name, args);
 }
 
+PyObject* make_task_registry(PyObject* module, PyObject* args) {
+    return new_task_registry(state_of(module)->task_registry_type, args);
+}
+
 PyObject* make_cycle_rules(PyObject* module, PyObject* args) {
     return new_cycle_rules(state_of(module)->cycle_rules_type, args);
 }
@@ -657,6 +663,9 @@ PyMethodDef module_methods[] = {
     {"suspend_hook", make_suspend_hook, METH_VARARGS,
      "suspend_hook(coroutine, on_suspend) -> an awaitable running the coroutine that calls "
      "on_suspend() each time it suspends"},
+    {"task_registry", make_task_registry, METH_VARARGS,
+     "task_registry(data, pending_removals, iterating) -> TaskRegistry: a WeakSet's add() and "
+     "its references' callback in C, on that WeakSet's containers"},
     {"asgi_cycle_rules", make_cycle_rules, METH_VARARGS,
      "asgi_cycle_rules(ctl, status_lines, known_headers, header_line, (content_length, chunked, "
      "close), close_line) -> CycleRules: what the AsgiCycles of one engine share"},
@@ -673,13 +682,14 @@ int module_exec(PyObject* module) {
     st->io_hub_type = PyType_FromSpec(&io_hub_spec);
     st->io_transport_type = PyType_FromSpec(&io_transport_spec);
     st->suspend_hook_type = PyType_FromSpec(&suspend_hook_spec);
+    st->task_registry_type = PyType_FromSpec(&task_registry_spec);
     st->asgi_cycle_type = PyType_FromSpec(&asgi_cycle_spec);
     st->cycle_rules_type = PyType_FromSpec(&cycle_rules_spec);
     st->send_name = PyUnicode_InternFromString("send");
     if (!st->server_type || !st->errors_type || !st->start_response_type || !st->input_type ||
         !st->guard_type || !st->asgi_parser_type || !st->io_hub_type || !st->io_transport_type ||
-        !st->suspend_hook_type || !st->asgi_cycle_type || !st->cycle_rules_type || !st->send_name ||
-        !st->asgi_strings.init()) {
+        !st->suspend_hook_type || !st->task_registry_type || !st->asgi_cycle_type ||
+        !st->cycle_rules_type || !st->send_name || !st->asgi_strings.init()) {
         return -1;
     }
     // The base class of engines/asgi_cycle.py's Cycle (AddObject steals a reference on success).
@@ -707,6 +717,7 @@ int module_traverse(PyObject* module, visitproc visit, void* arg) {
     Py_VISIT(st->io_hub_type);
     Py_VISIT(st->io_transport_type);
     Py_VISIT(st->suspend_hook_type);
+    Py_VISIT(st->task_registry_type);
     Py_VISIT(st->asgi_cycle_type);
     Py_VISIT(st->cycle_rules_type);
     Py_VISIT(st->send_name);
@@ -726,6 +737,7 @@ int module_clear(PyObject* module) {
     Py_CLEAR(st->io_hub_type);
     Py_CLEAR(st->io_transport_type);
     Py_CLEAR(st->suspend_hook_type);
+    Py_CLEAR(st->task_registry_type);
     Py_CLEAR(st->asgi_cycle_type);
     Py_CLEAR(st->cycle_rules_type);
     Py_CLEAR(st->send_name);

@@ -1,0 +1,156 @@
+"""The extension's TaskRegistry (worker_shim/native/task_registry.cpp): WeakSet.add and its
+references' callback in C, installed as the add() of the WeakSet asyncio keeps its tasks in
+(engines/uvicorn_asgi.py, faster_task_registry()). Held to a plain WeakSet operation for
+operation, in this process, and run under asyncio in a worker-like process of its own."""
+import gc
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import weakref
+
+import pytest
+
+from harness import HAVE_NATIVE, NATIVE_DIR, NATIVE_PRELOAD, SHIM_DIR
+
+pytestmark = pytest.mark.skipif(not HAVE_NATIVE or bool(NATIVE_PRELOAD),
+                                reason="needs the extension, unsanitized, in this process")
+
+
+def extension():
+    if "_molt_native" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "_molt_native", os.path.join(NATIVE_DIR, "_molt_native.abi3.so"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["_molt_native"] = module
+    return sys.modules["_molt_native"]
+
+
+class Item:
+    """Hashed by identity, weakly referenceable: what a task is to the set."""
+
+
+def with_registry():
+    ws = weakref.WeakSet()
+    ws.add = extension().task_registry(ws.data, ws._pending_removals, ws._iterating).add
+    return ws
+
+
+def state(ws, items):
+    """What a reader of the set can see, and its bookkeeping."""
+    return (len(ws), [item in ws for item in items], len(ws.data), len(ws._pending_removals),
+            len(ws._iterating))
+
+
+def test_a_registry_keeps_a_weakset_as_weakset_add_does():
+    """Random operations on a plain WeakSet and on one whose add() is a TaskRegistry's, on the
+    same items: adds (new and again), items freed while nothing iterates and while one or two
+    iterations are open (their removals wait; an add commits them, as does the end of the
+    last iteration), discards, iterations closed, full iterations: after every one both sets
+    look the same. (A WeakSet changed under an open iteration raises if that iteration goes
+    on, as asyncio.all_tasks() knows: open ones here are only ever closed.)"""
+    rng = random.Random(1412)
+    plain, fast = weakref.WeakSet(), with_registry()
+    items, iterators = [], []
+    for step in range(4000):
+        op = rng.random()
+        if op < 0.35 or not items:
+            item = Item() if op < 0.25 or not items else rng.choice(items)
+            if item not in items:
+                items.append(item)
+            plain.add(item)
+            fast.add(item)
+        elif op < 0.6:
+            items.pop(rng.randrange(len(items)))  # the last strong reference: both callbacks run
+        elif op < 0.7 and len(iterators) < 2:
+            pair = (iter(plain), iter(fast))
+            for it in pair:
+                next(it, None)  # the first item: the iteration is open (its guard entered)
+            iterators.append(pair)
+        elif op < 0.8 and iterators:
+            for it in iterators.pop(rng.randrange(len(iterators))):
+                it.close()  # the guard leaves: with no other iteration, removals are committed
+        elif op < 0.9:
+            item = rng.choice(items)
+            plain.discard(item)
+            fast.discard(item)
+        else:
+            assert {id(x) for x in plain} == {id(x) for x in fast}
+        assert state(plain, items) == state(fast, items), step
+    iterators.clear()
+    items.clear()
+    gc.collect()
+    assert state(plain, []) == state(fast, []) == (0, [], 0, 0, 0)
+
+
+def test_a_registry_holds_what_add_needs_and_rejects_anything_else():
+    native = extension()
+    with pytest.raises(TypeError):
+        native.task_registry([], [], set())
+    with pytest.raises(TypeError):
+        type(native.task_registry(set(), [], set()))()
+    ws = with_registry()
+    with pytest.raises(TypeError):
+        ws.add([])  # not weakly referenceable: the same error as WeakSet.add's
+    with pytest.raises(TypeError):
+        weakref.WeakSet().add([])
+    kind = type(native.task_registry(set(), [], set()))
+    registries = [native.task_registry(set(), [], set()) for _ in range(10)]
+    del registries, ws
+    gc.collect()
+    # Each one's drop() refers back to it: the collector frees the pairs.
+    assert not [obj for obj in gc.get_objects() if type(obj) is kind]
+
+
+def test_asyncio_sees_every_task_through_the_registry_and_forgets_finished_ones():
+    """A process set up as a worker (faster_task_registry() on asyncio's own WeakSet) runs
+    tasks: all_tasks() lists exactly those not done, finished ones leave the set when freed
+    (those freed while it is iterated: the first test), and MOLT_SHIM_TASKS=python leaves the
+    registry as it was."""
+    script = textwrap.dedent("""
+        import asyncio, gc, importlib.util, os, sys
+        spec = importlib.util.spec_from_file_location("_molt_native", sys.argv[1])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["_molt_native"] = module
+        sys.path.insert(0, sys.argv[2])
+        from molt_shim.engines.uvicorn_asgi import faster_task_registry
+        registry = asyncio.tasks._all_tasks
+        kind = faster_task_registry()
+        assert faster_task_registry() == kind  # twice (a zygote's worker): no second wrapper
+        print(kind, "add" in vars(registry))
+
+        async def sleeper(event):
+            await event.wait()
+
+        async def main():
+            event = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            waiting = {loop.create_task(sleeper(event)) for _ in range(50)}
+            done = [loop.create_task(asyncio.sleep(0)) for _ in range(50)]
+            await asyncio.gather(*done)
+            del done
+            gc.collect()
+            assert asyncio.all_tasks() == waiting | {asyncio.current_task()}
+            event.set()
+            await asyncio.gather(*waiting)
+            del waiting
+            gc.collect()
+            return len(asyncio.all_tasks())
+
+        running = asyncio.run(main())
+        gc.collect()
+        print(running, len(registry.data), len(registry._pending_removals))
+    """)
+    native = os.path.join(NATIVE_DIR, "_molt_native.abi3.so")
+    for env, expected in (({}, "native True"), ({"MOLT_SHIM_TASKS": "python"}, "python False")):
+        out = subprocess.run([sys.executable, "-c", script, native, SHIM_DIR],
+                             env=dict(os.environ, **env), capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        kind, counts = out.stdout.splitlines()
+        assert kind == expected
+        assert counts == "1 0 0", out.stdout  # main() alone, then nothing left behind
