@@ -53,6 +53,20 @@ NATIVE_ENV = {"LD_PRELOAD": NATIVE_PRELOAD, "ASAN_OPTIONS": "detect_leaks=0:abor
               "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"} if NATIVE_PRELOAD else {}
 
 
+def native_extension() -> Any:
+    """_molt_native from NATIVE_DIR, loaded into this process once and put in sys.modules,
+    where the shim's load_extension() finds it (the in-process contract tests)."""
+    if "_molt_native" not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "_molt_native", os.path.join(NATIVE_DIR, "_molt_native.abi3.so"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["_molt_native"] = module
+    return sys.modules["_molt_native"]
+
+
 class Listeners:
     """The sockets the master would hold: TCP on 127.0.0.1:0 and a Unix socket.
 

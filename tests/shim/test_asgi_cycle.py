@@ -4,13 +4,12 @@ message for message. Every case runs on both and must leave the same bytes writt
 transport calls, the same fields, and the same exception (type and text); the cases are also
 checked against what the response must be. The ASGI suite (test_asgi.py) runs both behind the
 real master; this table covers the corners one request at a time."""
-import importlib.util
 import os
 import sys
 
 import pytest
 
-from harness import HAVE_NATIVE, NATIVE_DIR, NATIVE_PRELOAD, SHIM_DIR
+from harness import HAVE_NATIVE, NATIVE_PRELOAD, SHIM_DIR, native_extension
 
 pytestmark = pytest.mark.skipif(not HAVE_NATIVE or bool(NATIVE_PRELOAD),
                                 reason="needs the extension, unsanitized, in this process")
@@ -19,16 +18,11 @@ pytestmark = pytest.mark.skipif(not HAVE_NATIVE or bool(NATIVE_PRELOAD),
 def load():
     """asgi_cycle with the extension from the build tree (load_extension() finds it in
     sys.modules), and the extension."""
-    if "_molt_native" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "_molt_native", os.path.join(NATIVE_DIR, "_molt_native.abi3.so"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["_molt_native"] = module
+    native = native_extension()
     sys.path.insert(0, SHIM_DIR)
     os.environ.pop("MOLT_SHIM_CYCLE", None)
     from molt_shim.engines import asgi_cycle
-    return asgi_cycle, sys.modules["_molt_native"]
+    return asgi_cycle, native
 
 
 class Failed(Exception):

@@ -3,7 +3,6 @@ references' callback in C, installed as the add() of the WeakSet asyncio keeps i
 (engines/uvicorn_asgi.py, faster_task_registry()). Held to a plain WeakSet operation for
 operation, in this process, and run under asyncio in a worker-like process of its own."""
 import gc
-import importlib.util
 import os
 import random
 import subprocess
@@ -13,20 +12,10 @@ import weakref
 
 import pytest
 
-from harness import HAVE_NATIVE, NATIVE_DIR, NATIVE_PRELOAD, SHIM_DIR
+from harness import HAVE_NATIVE, NATIVE_DIR, NATIVE_PRELOAD, SHIM_DIR, native_extension
 
 pytestmark = pytest.mark.skipif(not HAVE_NATIVE or bool(NATIVE_PRELOAD),
                                 reason="needs the extension, unsanitized, in this process")
-
-
-def extension():
-    if "_molt_native" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "_molt_native", os.path.join(NATIVE_DIR, "_molt_native.abi3.so"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["_molt_native"] = module
-    return sys.modules["_molt_native"]
 
 
 class Item:
@@ -35,7 +24,7 @@ class Item:
 
 def with_registry():
     ws = weakref.WeakSet()
-    ws.add = extension().task_registry(ws.data, ws._pending_removals, ws._iterating).add
+    ws.add = native_extension().task_registry(ws.data, ws._pending_removals, ws._iterating).add
     return ws
 
 
@@ -87,7 +76,7 @@ def test_a_registry_keeps_a_weakset_as_weakset_add_does():
 
 
 def test_a_registry_holds_what_add_needs_and_rejects_anything_else():
-    native = extension()
+    native = native_extension()
     with pytest.raises(TypeError):
         native.task_registry([], [], set())
     with pytest.raises(TypeError):
