@@ -134,10 +134,15 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_ticks(pid: int) -> int:
+def cpu_split(pid: int) -> tuple[int, int]:
+    """CPU time (clock ticks) of a process in user space and in the kernel: utime, stime."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])    # utime + stime
+    return int(fields[11]), int(fields[12])
+
+
+def cpu_ticks(pid: int) -> int:
+    return sum(cpu_split(pid))    # utime + stime
 
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
