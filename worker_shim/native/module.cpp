@@ -13,6 +13,7 @@
 #include "spare.hpp"
 #include "suspend_hook.hpp"
 #include "task_registry.hpp"
+#include "task_starter.hpp"
 #include "wsgi_call.hpp"
 
 namespace molt::native {
@@ -29,6 +30,7 @@ struct ModuleState {
     PyObject* io_transport_type;
     PyObject* suspend_hook_type;
     PyObject* task_registry_type;
+    PyObject* task_starter_type;
     PyObject* asgi_cycle_type;
     PyObject* cycle_rules_type;
     PyObject* send_name;  // "send": what a SuspendHook calls on its coroutine per step
@@ -637,6 +639,10 @@ PyObject* make_task_registry(PyObject* module, PyObject* args) {
     return new_task_registry(state_of(module)->task_registry_type, args);
 }
 
+PyObject* make_task_starter(PyObject* module, PyObject* args) {
+    return new_task_starter(state_of(module)->task_starter_type, args);
+}
+
 PyObject* make_cycle_rules(PyObject* module, PyObject* args) {
     return new_cycle_rules(state_of(module)->cycle_rules_type, args);
 }
@@ -666,6 +672,9 @@ PyMethodDef module_methods[] = {
     {"task_registry", make_task_registry, METH_VARARGS,
      "task_registry(data, pending_removals, iterating) -> TaskRegistry: a WeakSet's add() and "
      "its references' callback in C, on that WeakSet's containers"},
+    {"task_starter", make_task_starter, METH_VARARGS,
+     "task_starter(loop, task_type) -> TaskStarter: starter(coroutine) is "
+     "loop.create_task(coroutine), for less"},
     {"asgi_cycle_rules", make_cycle_rules, METH_VARARGS,
      "asgi_cycle_rules(ctl, status_lines, known_headers, header_line, (content_length, chunked, "
      "close), close_line) -> CycleRules: what the AsgiCycles of one engine share"},
@@ -683,13 +692,15 @@ int module_exec(PyObject* module) {
     st->io_transport_type = PyType_FromSpec(&io_transport_spec);
     st->suspend_hook_type = PyType_FromSpec(&suspend_hook_spec);
     st->task_registry_type = PyType_FromSpec(&task_registry_spec);
+    st->task_starter_type = PyType_FromSpec(&task_starter_spec);
     st->asgi_cycle_type = PyType_FromSpec(&asgi_cycle_spec);
     st->cycle_rules_type = PyType_FromSpec(&cycle_rules_spec);
     st->send_name = PyUnicode_InternFromString("send");
     if (!st->server_type || !st->errors_type || !st->start_response_type || !st->input_type ||
         !st->guard_type || !st->asgi_parser_type || !st->io_hub_type || !st->io_transport_type ||
-        !st->suspend_hook_type || !st->task_registry_type || !st->asgi_cycle_type ||
-        !st->cycle_rules_type || !st->send_name || !st->asgi_strings.init()) {
+        !st->suspend_hook_type || !st->task_registry_type || !st->task_starter_type ||
+        !st->asgi_cycle_type || !st->cycle_rules_type || !st->send_name ||
+        !st->asgi_strings.init()) {
         return -1;
     }
     // The base class of engines/asgi_cycle.py's Cycle (AddObject steals a reference on success).
@@ -718,6 +729,7 @@ int module_traverse(PyObject* module, visitproc visit, void* arg) {
     Py_VISIT(st->io_transport_type);
     Py_VISIT(st->suspend_hook_type);
     Py_VISIT(st->task_registry_type);
+    Py_VISIT(st->task_starter_type);
     Py_VISIT(st->asgi_cycle_type);
     Py_VISIT(st->cycle_rules_type);
     Py_VISIT(st->send_name);
@@ -738,6 +750,7 @@ int module_clear(PyObject* module) {
     Py_CLEAR(st->io_transport_type);
     Py_CLEAR(st->suspend_hook_type);
     Py_CLEAR(st->task_registry_type);
+    Py_CLEAR(st->task_starter_type);
     Py_CLEAR(st->asgi_cycle_type);
     Py_CLEAR(st->cycle_rules_type);
     Py_CLEAR(st->send_name);

@@ -462,6 +462,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         cycle: Any = None
         running: Any = None  # the cycle whose app runs (self.cycle, or one before it: pipelined)
         cycle_kind = CYCLE_KIND  # the ready line names it
+        start_task: Any = None  # loop.create_task, or the extension's TaskStarter (bind())
 
         def __init__(self) -> None:
             # uvicorn's HttpToolsProtocol.__init__ (0.17 to current) is what bind() put on the
@@ -481,6 +482,11 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             self.scheme = "http" if self._tls_extension is None else "https"
             if ctl.draining:
                 self.molt_drain(self._born)
+
+        @classmethod
+        def bind(cls, config: Any, server_state: Any, loop: Any) -> None:
+            super().bind(config, server_state, loop)
+            cls.start_task = task_starter(loop)
 
         def new_parser(self) -> Any:
             return httptools.HttpRequestParser(self)
@@ -625,7 +631,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
 
         # -- the app ------------------------------------------------------------------------------
         def start_cycle(self, cycle: Cycle, app: Any) -> None:
-            task = self.loop.create_task(self.run_asgi(cycle, app))
+            task = self.start_task(self.run_asgi(cycle, app))
             cycle.task = task
             self.tasks.add(task)
             self.running = cycle
@@ -839,6 +845,26 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             return parser is not None and parser.in_head
 
     return MoltNativeHttpProtocol
+
+
+def native_tasks() -> Any:
+    """The extension, when it starts and registers the engine's asyncio tasks (its
+    task_starter() and task_registry()), or None: without it, or with MOLT_SHIM_TASKS=python
+    (asyncio as it is)."""
+    if os.environ.get("MOLT_SHIM_TASKS") == "python":
+        return None
+    from .native import load_extension
+
+    module, _ = load_extension()
+    return module if module is not None and hasattr(module, "task_starter") else None
+
+
+def task_starter(loop: Any) -> Any:
+    """What starts a request's task on `loop`: the extension's TaskStarter (loop.create_task()
+    without uvloop's wrapper and the name 3.11 formats for every task; a loop with a task
+    factory still gets create_task()), or loop.create_task itself."""
+    module = native_tasks()
+    return loop.create_task if module is None else module.task_starter(loop, asyncio.Task)
 
 
 def native_suspend_hook() -> Any:

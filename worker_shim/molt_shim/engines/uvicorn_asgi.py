@@ -35,7 +35,7 @@ from ..framing_guard import FramingGuard
 from .. import proxyproto, tls
 from ..forwarded import ProxyMiddleware
 from .asgi_proxyproto import ProxyPreamble
-from .asgi_cycle import head_pending, with_cycle
+from .asgi_cycle import head_pending, native_tasks, with_cycle
 from ..wsgi.request import Limits
 from ..wsgi.response import REASONS, Framing
 from ..httpdate import http_date
@@ -1182,24 +1182,22 @@ def new_loop(choice: str) -> Tuple[asyncio.AbstractEventLoop, str]:
 
 
 def faster_task_registry() -> str:
-    """asyncio's registry of tasks (the WeakSet asyncio.all_tasks() reads, which every task
-    adds itself to when made) with its add() and its references' callback in C
+    """"native" when the extension starts and registers the engine's tasks (native_tasks()):
+    the request cycle starts each with its TaskStarter (asgi_cycle.task_starter()), and
+    asyncio's registry of tasks (the WeakSet asyncio.all_tasks() reads, which every task adds
+    itself to when made) gets its add() and its references' callback in C
     (native/task_registry.hpp): the same set, the same contents, without two Python calls per
-    task (2.0k of a keep-alive request's 58.2k instructions). "native", or "python" where it is
-    left as it is: without the extension, with MOLT_SHIM_TASKS=python, or on a Python whose
-    registry is not that WeakSet (newer ones keep their tasks otherwise)."""
+    task (2.0k of a keep-alive request's 58.2k instructions). On a Python whose registry is not
+    that WeakSet (newer ones keep their tasks otherwise) the registry is left as it is.
+    "python" without the extension, or with MOLT_SHIM_TASKS=python."""
+    module = native_tasks()
+    if module is None:
+        return "python"
     tasks = getattr(asyncio.tasks, "_all_tasks", None)
-    if os.environ.get("MOLT_SHIM_TASKS") == "python" or type(tasks) is not weakref.WeakSet:
-        return "python"
-    if "add" in vars(tasks):  # installed already, by an engine made before in this process
-        return "native"
-    from .native import load_extension
-
-    module, _ = load_extension()
-    if module is None or not hasattr(module, "task_registry"):
-        return "python"
-    registry = module.task_registry(tasks.data, tasks._pending_removals, tasks._iterating)
-    tasks.add = registry.add
+    # Not twice: an engine made before in this process installed it already.
+    if type(tasks) is weakref.WeakSet and "add" not in vars(tasks):
+        registry = module.task_registry(tasks.data, tasks._pending_removals, tasks._iterating)
+        tasks.add = registry.add
     return "native"
 
 

@@ -1,7 +1,11 @@
-"""The extension's TaskRegistry (worker_shim/native/task_registry.cpp): WeakSet.add and its
-references' callback in C, installed as the add() of the WeakSet asyncio keeps its tasks in
-(engines/uvicorn_asgi.py, faster_task_registry()). Held to a plain WeakSet operation for
+"""How the ASGI engine's asyncio tasks are started and registered with the extension: its
+TaskStarter (worker_shim/native/task_starter.cpp), loop.create_task() for less, on uvloop and
+asyncio's own loop; and its TaskRegistry (task_registry.cpp), WeakSet.add and its references'
+callback in C, installed as the add() of the WeakSet asyncio keeps its tasks in
+(engines/uvicorn_asgi.py, faster_task_registry()), held to a plain WeakSet operation for
 operation, in this process, and run under asyncio in a worker-like process of its own."""
+import asyncio
+import contextvars
 import gc
 import os
 import random
@@ -143,3 +147,104 @@ def test_asyncio_sees_every_task_through_the_registry_and_forgets_finished_ones(
         kind, counts = out.stdout.splitlines()
         assert kind == expected
         assert counts == "1 0 0", out.stdout  # main() alone, then nothing left behind
+
+
+def new_loop(kind):
+    if kind == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+LOOPS = ["uvloop", "asyncio"]
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_starter_starts_a_task_as_create_task_does(kind):
+    """Each task runs in a copy of the starter's caller's context, is the current task while
+    it runs, is in all_tasks(), can be cancelled, and is named request-N."""
+    loop = new_loop(kind)
+    starter = native_extension().task_starter(loop, asyncio.Task)
+    var = contextvars.ContextVar("var", default="outside")
+
+    async def body(i):
+        var.set(i)
+        await asyncio.sleep(0)
+        return asyncio.current_task().get_name(), var.get(), asyncio.current_task() is me[i]
+
+    async def main():
+        me.extend(starter(body(i)) for i in range(3))
+        assert all(type(t) is asyncio.Task and t.get_loop() is loop for t in me)
+        assert set(me) <= asyncio.all_tasks()
+        results = await asyncio.gather(*me)
+        assert var.get() == "outside"
+        sleeper = starter(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        sleeper.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeper
+        return results, sleeper.get_name()
+
+    me = []
+    try:
+        results, last = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert results == [("request-1", 0, True), ("request-2", 1, True), ("request-3", 2, True)]
+    assert last == "request-4"
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_loop_with_a_task_factory_gets_create_task(kind):
+    """An app that sets a task factory (instrumentation, say) sees every request's task made
+    by it, as under loop.create_task()."""
+    loop = new_loop(kind)
+    starter = native_extension().task_starter(loop, asyncio.Task)
+    made = []
+
+    def factory(loop, coro, **kwargs):
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        made.append(task)
+        return task
+
+    async def noop():
+        return 7
+
+    async def main():
+        loop.set_task_factory(factory)
+        task = starter(noop())
+        assert await task == 7
+        loop.set_task_factory(None)
+        plain = starter(noop())
+        assert await plain == 7
+        return task, plain
+
+    try:
+        task, plain = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert made == [task] and plain not in made and plain.get_name() == "request-1"
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_starter_refuses_what_create_task_refuses(kind, caplog):
+    loop = new_loop(kind)
+    starter = native_extension().task_starter(loop, asyncio.Task)
+
+    async def noop():
+        pass
+
+    for args, kwargs in (((), {}), ((1, 2), {}), ((None,), {"name": "x"})):
+        with pytest.raises(TypeError):
+            starter(*args, **kwargs)
+    with pytest.raises(TypeError):
+        type(starter)()
+    loop.close()
+    coroutine = noop()
+    with pytest.raises(RuntimeError):  # a closed loop, as create_task() says, and no task
+        starter(coroutine)  # is made (asyncio would log one destroyed while pending)
+    coroutine.close()
+    gc.collect()
+    assert "destroyed but it is pending" not in caplog.text
+    with pytest.raises(AttributeError):
+        native_extension().task_starter(object(), asyncio.Task)  # no get_task_factory
