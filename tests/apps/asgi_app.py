@@ -166,6 +166,7 @@ async def app(scope, receive, send):
         seen["headers"] = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]]
         seen["client"], seen["server"] = scope.get("client"), scope.get("server")
         seen["asgi"] = scope.get("asgi")
+        seen["task"] = asyncio.current_task().get_name()  # the engine's TaskStarter: request-N
         body = json.dumps(seen).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),

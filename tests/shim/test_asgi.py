@@ -164,6 +164,8 @@ def test_asgi_parsers(listeners, spawn, parser, io, python_parts, protocol):
     assert ["x-thing", "Yes"] in scope["headers"] and scope["http_version"] == "1.1"
     assert scope["client"][0] == "127.0.0.1" and scope["server"][1] == listeners.port
     assert scope["asgi"]["version"] == "3.0" and scope["method"] == "GET"
+    # Each request's task: started by the extension's TaskStarter, or by loop.create_task().
+    assert scope["task"].startswith("Task-" if python_parts else "request-"), scope["task"]
     status, _, body = c.request("/a%20b/scope")
     assert json.loads(body)["path"] == "/a b/scope" and json.loads(body)["raw_path"] == "/a%20b/scope"
     c.close()

@@ -248,3 +248,36 @@ def test_a_starter_refuses_what_create_task_refuses(kind, caplog):
     assert "destroyed but it is pending" not in caplog.text
     with pytest.raises(AttributeError):
         native_extension().task_starter(object(), asyncio.Task)  # no get_task_factory
+
+
+def test_a_loop_whose_create_task_is_its_own_keeps_it():
+    """A loop subclass (an app's loop policy) or an instance with its own create_task():
+    the engine calls it for every request's task, looked up at each call, as uvicorn does."""
+    native_extension()
+    sys.path.insert(0, SHIM_DIR)
+    from molt_shim.engines.asgi_cycle import task_starter
+
+    called = []
+
+    class OwnLoop(asyncio.SelectorEventLoop):
+        def create_task(self, coro, **kwargs):
+            called.append(coro)
+            return super().create_task(coro, **kwargs)
+
+    async def noop():
+        return 3
+
+    for loop in (OwnLoop(), asyncio.new_event_loop()):
+        start = task_starter(loop)
+        if type(loop) is OwnLoop:
+            assert type(start).__name__ != "TaskStarter"
+        else:
+            assert type(start).__name__ == "TaskStarter"
+            loop.create_task = lambda coro, **kwargs: called.append(coro) or asyncio.Task(
+                coro, loop=loop)
+            start = task_starter(loop)
+            assert type(start).__name__ != "TaskStarter"
+        coroutine = noop()
+        assert loop.run_until_complete(start(coroutine)) == 3
+        assert called[-1] is coroutine
+        loop.close()

@@ -16,6 +16,7 @@ struct TaskStarterObject {
     PyObject* is_closed;         // the loop's bound is_closed
     PyObject* loop_key;          // "loop", "name": Task's keyword arguments
     PyObject* name_key;
+    PyObject* create_task_key;   // "create_task"
     unsigned long long started;  // the N of the last "request-N"
 };
 
@@ -50,7 +51,8 @@ PyObject* starter_call(PyObject* self, PyObject* args, PyObject* kwargs) {
         if (closed < 0) return nullptr;
     }
     if (factory.get() != Py_None || closed) {
-        return PyObject_CallMethod(starter->loop, "create_task", "O", coroutine);
+        return PyObject_CallMethodObjArgs(starter->loop, starter->create_task_key, coroutine,
+                                          nullptr);
     }
     PyRef name = PyRef::steal(next_name(starter));
     PyRef keywords = PyRef::steal(PyDict_New());
@@ -80,6 +82,7 @@ int starter_clear(PyObject* self) {
     Py_CLEAR(starter->is_closed);
     Py_CLEAR(starter->loop_key);
     Py_CLEAR(starter->name_key);
+    Py_CLEAR(starter->create_task_key);
     return 0;
 }
 
@@ -128,8 +131,10 @@ PyObject* new_task_starter(PyObject* type, PyObject* args) {
     starter->is_closed = is_closed.release();
     starter->loop_key = PyUnicode_InternFromString("loop");
     starter->name_key = PyUnicode_InternFromString("name");
+    starter->create_task_key = PyUnicode_InternFromString("create_task");
     starter->started = 0;
-    if (starter->loop_key == nullptr || starter->name_key == nullptr) {
+    if (starter->loop_key == nullptr || starter->name_key == nullptr ||
+        starter->create_task_key == nullptr) {
         Py_DECREF(self);
         return nullptr;
     }

@@ -39,7 +39,7 @@ import re
 import time
 import urllib.parse
 from collections import deque
-from types import CoroutineType
+from types import CoroutineType, FunctionType
 from typing import Any, Dict, List, Optional
 
 import httptools
@@ -486,7 +486,9 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         @classmethod
         def bind(cls, config: Any, server_state: Any, loop: Any) -> None:
             super().bind(config, server_state, loop)
-            cls.start_task = task_starter(loop)
+            start = task_starter(loop)
+            # On the class a function would be a method of ours; a TaskStarter is not one.
+            cls.start_task = staticmethod(start) if isinstance(start, FunctionType) else start
 
         def new_parser(self) -> Any:
             return httptools.HttpRequestParser(self)
@@ -860,11 +862,33 @@ def native_tasks() -> Any:
 
 
 def task_starter(loop: Any) -> Any:
-    """What starts a request's task on `loop`: the extension's TaskStarter (loop.create_task()
-    without uvloop's wrapper and the name 3.11 formats for every task; a loop with a task
-    factory still gets create_task()), or loop.create_task itself."""
+    """What starts a request's task on `loop`: the extension's TaskStarter (asyncio.Task without
+    uvloop's create_task() wrapper and the name 3.11 formats for every task; a loop with a task
+    factory, or a closed one, still gets create_task()) when the loop's create_task() is
+    uvloop's or asyncio's own; otherwise, and without the extension, the loop's create_task(),
+    looked up at each call as uvicorn does."""
     module = native_tasks()
-    return loop.create_task if module is None else module.task_starter(loop, asyncio.Task)
+    if module is not None and stock_create_task(loop):
+        return module.task_starter(loop, asyncio.Task)
+
+    def start_task(coroutine: Any) -> Any:
+        return loop.create_task(coroutine)
+
+    return start_task
+
+
+def stock_create_task(loop: Any) -> bool:
+    """Whether the loop's create_task() is uvloop's or asyncio's own, not a subclass's or a
+    patch on the instance (those are called as they are)."""
+    stock = [asyncio.BaseEventLoop.create_task]
+    try:
+        import uvloop
+
+        stock.append(uvloop.Loop.create_task)
+    except ImportError:
+        pass
+    return ("create_task" not in getattr(loop, "__dict__", {})
+            and getattr(type(loop), "create_task", None) in stock)
 
 
 def native_suspend_hook() -> Any:
