@@ -2,7 +2,7 @@
 TaskStarter (worker_shim/native/task_starter.cpp), loop.create_task() for less, on uvloop and
 asyncio's own loop; and its TaskRegistry (task_registry.cpp), WeakSet.add and its references'
 callback in C, installed as the add() of the WeakSet asyncio keeps its tasks in
-(engines/uvicorn_asgi.py, faster_task_registry()), held to a plain WeakSet operation for
+(engines/uvicorn_asgi.py, install_native_tasks()), held to a plain WeakSet operation for
 operation, in this process, and run under asyncio in a worker-like process of its own."""
 import asyncio
 import contextvars
@@ -99,7 +99,7 @@ def test_a_registry_holds_what_add_needs_and_rejects_anything_else():
 
 
 def test_asyncio_sees_every_task_through_the_registry_and_forgets_finished_ones():
-    """A process set up as a worker (faster_task_registry() on asyncio's own WeakSet) runs
+    """A process set up as a worker (install_native_tasks() on asyncio's own WeakSet) runs
     tasks: all_tasks() lists exactly those not done, finished ones leave the set when freed
     (those freed while it is iterated: the first test), and MOLT_SHIM_TASKS=python leaves the
     registry as it was."""
@@ -110,10 +110,10 @@ def test_asyncio_sees_every_task_through_the_registry_and_forgets_finished_ones(
         spec.loader.exec_module(module)
         sys.modules["_molt_native"] = module
         sys.path.insert(0, sys.argv[2])
-        from molt_shim.engines.uvicorn_asgi import faster_task_registry
+        from molt_shim.engines.uvicorn_asgi import install_native_tasks
         registry = asyncio.tasks._all_tasks
-        kind = faster_task_registry()
-        assert faster_task_registry() == kind  # twice (a zygote's worker): no second wrapper
+        kind = install_native_tasks()
+        assert install_native_tasks() == kind  # twice (a second engine): no second wrapper
         print(kind, "add" in vars(registry))
 
         async def sleeper(event):

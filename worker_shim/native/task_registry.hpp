@@ -14,7 +14,7 @@
 //               `pending_removals`; otherwise discards it from `data`
 //
 // The engine installs `registry.add` as that one WeakSet's own `add` (engines/uvicorn_asgi.py,
-// faster_task_registry()); anything else that holds a WeakSet is untouched. One difference
+// install_native_tasks()); anything else that holds a WeakSet is untouched. One difference
 // from WeakSet's own callback, which does nothing once the WeakSet is gone: the registry holds
 // the containers themselves, so a WeakSet that dies leaves them to the cyclic collector, and
 // callbacks until then keep them up to date. asyncio's WeakSet lives as long as the process.

@@ -33,6 +33,17 @@ PyObject* next_name(TaskStarterObject* starter) {
     return PyUnicode_FromStringAndSize(buf, end - buf);
 }
 
+// 1 when loop.create_task() is to make the task: the loop has a task factory (which sees every
+// task, as under uvicorn) or is closed (create_task() refuses before a task is made); 0 when
+// the starter makes it; -1 with an exception.
+int needs_create_task(TaskStarterObject* starter) {
+    PyRef factory = PyRef::steal(PyObject_CallObject(starter->get_task_factory, nullptr));
+    if (!factory) return -1;
+    if (factory.get() != Py_None) return 1;
+    PyRef closed = PyRef::steal(PyObject_CallObject(starter->is_closed, nullptr));
+    return closed ? PyObject_IsTrue(closed.get()) : -1;
+}
+
 PyObject* starter_call(PyObject* self, PyObject* args, PyObject* kwargs) {
     TaskStarterObject* starter = starter_of(self);
     if (PyTuple_Size(args) != 1 || (kwargs != nullptr && PyDict_Size(kwargs) != 0)) {
@@ -40,17 +51,9 @@ PyObject* starter_call(PyObject* self, PyObject* args, PyObject* kwargs) {
         return nullptr;
     }
     PyObject* coroutine = PyTuple_GetItem(args, 0);
-    // A task factory, or a closed loop: create_task() does what asyncio does (the factory,
-    // or its RuntimeError before any task is made).
-    PyRef factory = PyRef::steal(PyObject_CallObject(starter->get_task_factory, nullptr));
-    if (!factory) return nullptr;
-    int closed = 0;
-    if (factory.get() == Py_None) {
-        PyRef answer = PyRef::steal(PyObject_CallObject(starter->is_closed, nullptr));
-        closed = answer ? PyObject_IsTrue(answer.get()) : -1;
-        if (closed < 0) return nullptr;
-    }
-    if (factory.get() != Py_None || closed) {
+    int delegate = needs_create_task(starter);
+    if (delegate < 0) return nullptr;
+    if (delegate) {
         return PyObject_CallMethodObjArgs(starter->loop, starter->create_task_key, coroutine,
                                           nullptr);
     }

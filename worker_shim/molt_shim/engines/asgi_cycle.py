@@ -39,7 +39,7 @@ import re
 import time
 import urllib.parse
 from collections import deque
-from types import CoroutineType, FunctionType
+from types import CoroutineType
 from typing import Any, Dict, List, Optional
 
 import httptools
@@ -486,9 +486,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         @classmethod
         def bind(cls, config: Any, server_state: Any, loop: Any) -> None:
             super().bind(config, server_state, loop)
-            start = task_starter(loop)
-            # On the class a function would be a method of ours; a TaskStarter is not one.
-            cls.start_task = staticmethod(start) if isinstance(start, FunctionType) else start
+            cls.start_task = staticmethod(task_starter(loop))  # not a method of ours
 
         def new_parser(self) -> Any:
             return httptools.HttpRequestParser(self)

@@ -726,7 +726,7 @@ class UvicornASGIEngine:
         self.listeners = ctx.listeners
         self.loop, self.loop_name = new_loop(str(cfg.asgi["loop"] or "auto"))
         asyncio.set_event_loop(self.loop)
-        self.task_registry = faster_task_registry()
+        self.tasks_kind = install_native_tasks()
         # uvicorn logs through "uvicorn.*"; give those the shim's handler so errors reach stderr.
         for handler in log.handlers:
             logging.getLogger("uvicorn").addHandler(handler)
@@ -833,7 +833,7 @@ class UvicornASGIEngine:
         return "asgi, %s, loop %s, I/O %s%s, tasks %s" % (
             self.protocol_class.__name__, self.loop_name,
             "molt" if self.hub is not None else "loop", ", cycle %s" % cycle if cycle else "",
-            self.task_registry)
+            self.tasks_kind)
 
     def run(self, loop: LoopHooks) -> None:
         self.loop.run_until_complete(self._serve(loop))
@@ -1181,7 +1181,7 @@ def new_loop(choice: str) -> Tuple[asyncio.AbstractEventLoop, str]:
     return asyncio.new_event_loop(), "asyncio"
 
 
-def faster_task_registry() -> str:
+def install_native_tasks() -> str:
     """"native" when the extension starts and registers the engine's tasks (native_tasks()):
     the request cycle starts each with its TaskStarter (asgi_cycle.task_starter()), and
     asyncio's registry of tasks (the WeakSet asyncio.all_tasks() reads, which every task adds
