@@ -40,7 +40,7 @@ import time
 import urllib.parse
 from collections import deque
 from types import CoroutineType
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
@@ -436,6 +436,15 @@ def with_cycle(protocol: type, ctl: Any) -> type:
     unquote = urllib.parse.unquote
     suspend_hook = native_suspend_hook()
     rules = cycle_rules(ctl)
+    # The worker's values each request reads, as this function's variables (bind() sets them,
+    # beside the class attributes uvicorn's own methods read): CPython 3.11 does not specialise
+    # a read of a class attribute through an instance, and each such read takes the generic
+    # lookup (about 160 instructions; docs/architecture.md, "Reads that stay generic").
+    app: Any = None
+    tasks: Any = None
+    server_state: Any = None
+    limit_concurrency: Any = None
+    start_task: Any = None  # loop.create_task, or the extension's TaskStarter
 
     class MoltHttpToolsProtocol(protocol):  # type: ignore[misc, valid-type]
         scope = None  # a plain attribute here: on_message_begin adds the TLS extension itself
@@ -462,11 +471,15 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         cycle: Any = None
         running: Any = None  # the cycle whose app runs (self.cycle, or one before it: pipelined)
         cycle_kind = CYCLE_KIND  # the ready line names it
-        start_task: Any = None  # loop.create_task, or the extension's TaskStarter (bind())
 
         def __init__(self) -> None:
             # uvicorn's HttpToolsProtocol.__init__ (0.17 to current) is what bind() put on the
-            # class, and this: per connection, only what differs between connections.
+            # class, and this: per connection, only what differs between connections. The
+            # state each request reads is the instance's own from the start, not a class
+            # default (see `app` above).
+            self._rejected = False
+            self._deferred_error = None
+            self._tls_extension = None
             self.pipeline = deque()
             self.parser = self.new_parser()
             unmade[self] = ctl.now
@@ -484,9 +497,12 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 self.molt_drain(self._born)
 
         @classmethod
-        def bind(cls, config: Any, server_state: Any, loop: Any) -> None:
-            super().bind(config, server_state, loop)
-            cls.start_task = staticmethod(task_starter(loop))  # not a method of ours
+        def bind(cls, config: Any, state: Any, loop: Any) -> None:
+            nonlocal app, tasks, server_state, limit_concurrency, start_task
+            super().bind(config, state, loop)
+            app, tasks, server_state = cls.app, cls.tasks, cls.server_state
+            limit_concurrency = cls.limit_concurrency
+            start_task = task_starter(loop)
 
         def new_parser(self) -> Any:
             return httptools.HttpRequestParser(self)
@@ -588,21 +604,21 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         def begin_cycle(self, scope: Dict[str, Any], http_version: str, asked_close: bool,
                         expect_100: bool) -> None:
             """A complete request head: its cycle starts now, or after the one before it."""
-            limit = self.limit_concurrency
-            if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
-                app = service_unavailable
+            if limit_concurrency is not None and (len(self.connections) >= limit_concurrency
+                                                  or len(tasks) >= limit_concurrency):
+                answer = service_unavailable
                 app_log.warning("Exceeded concurrency limit.")
             else:
-                app = self.app
+                answer = app
             previous = self.cycle
             cycle = self.cycle = Cycle(rules, self, scope,
                                        http_version != "1.0" and not asked_close, asked_close,
                                        expect_100)
             if previous is None or previous.response_complete:
-                self.start_cycle(cycle, app)
+                self.start_cycle(cycle, answer)
             else:  # pipelined: it starts when the response before it is complete
                 self.flow.pause_reading()
-                self.pipeline.appendleft((cycle, app))
+                self.pipeline.appendleft((cycle, answer))
 
         def on_body(self, body: bytes) -> None:
             self._body_size += len(body)
@@ -630,17 +646,18 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             cycle.wake()
 
         # -- the app ------------------------------------------------------------------------------
-        def start_cycle(self, cycle: Cycle, app: Any) -> None:
-            task = self.start_task(self.run_asgi(cycle, app))
+        def start_cycle(self, cycle: Cycle, answer: Any) -> None:
+            task = start_task(self.run_asgi(cycle, answer))
             cycle.task = task
-            self.tasks.add(task)
+            tasks.add(task)
             self.running = cycle
 
-        async def run_asgi(self, cycle: Cycle, app: Any) -> None:
+        async def run_asgi(self, cycle: Cycle, answer: Any) -> None:
             """uvicorn's run_asgi: what the app's return or exception means for the
-            connection, with the same log lines."""
+            connection, with the same log lines. `answer`: the app, or the 503 over
+            limit_concurrency."""
             try:
-                call = app(cycle.scope, cycle.receive, cycle.send)
+                call = answer(cycle.scope, cycle.receive, cycle.send)
                 if suspend_hook is not None and call.__class__ is CoroutineType:
                     call = cycle.hook = suspend_hook(call, cycle.flush_head)
                 result = await call
@@ -673,20 +690,20 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             finally:
                 cycle.on_response = None
                 cycle.hook = None  # it holds cycle.flush_head
-                self.tasks.discard(cycle.task)
+                tasks.discard(cycle.task)
                 cycle.task = None
                 if self.running is cycle:
                     self.running = None
 
         def on_response_complete(self) -> None:
-            self.server_state.total_requests += 1
+            server_state.total_requests += 1
             if self.transport.is_closing():
                 return
             self._idle_since = time.monotonic()
             self.flow.resume_reading()
             if self.pipeline:
-                cycle, app = self.pipeline.pop()
-                self.start_cycle(cycle, app)
+                cycle, answer = self.pipeline.pop()
+                self.start_cycle(cycle, answer)
             elif self._deferred_error is not None:
                 self.send_error_response(self._deferred_error)
 
@@ -769,8 +786,9 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         back into Python for every part of a head and the scope is built here."""
 
         guards_framing = True  # MoltHTTPProtocol makes no FramingGuard: the parser has one
-        _upgrading = False  # the last head was an upgrade: its body and end are not a request
-        _body_open = False  # the newest request's head is in, its body is still coming
+        # The per-connection state (set in connection_made):
+        # _upgrading: the last head was an upgrade: its body and end are not a request
+        # _body_open: the newest request's head is in, its body is still coming
 
         def new_parser(self) -> Any:
             return None  # made in connection_made(): the scope's per-connection fields are known
@@ -783,6 +801,8 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             cls.asgi = {"version": config.asgi_version, "spec_version": "2.3"}
 
         def connection_made(self, transport: Any) -> None:
+            self._upgrading = False
+            self._body_open = False
             super().connection_made(transport)
             if self.transport is None or self.transport.is_closing():
                 return
@@ -796,7 +816,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 return
             for event in parser.feed(data):
                 if event.__class__ is tuple:
-                    self.on_head(*event)
+                    self.on_head(event)
                 elif self._upgrading:
                     continue
                 elif event is None:
@@ -814,8 +834,8 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 # the new protocol's to read, or never comes.
                 self.handle_upgrade()
 
-        def on_head(self, scope: Dict[str, Any], asked_close: bool, expect_100: bool,
-                    upgrade: bool, complete: bool) -> None:
+        def on_head(self, head: Tuple[Dict[str, Any], bool, bool, bool, bool]) -> None:
+            scope, asked_close, expect_100, upgrade, complete = head
             ctl.complete_scope(scope, self._tls_extension)
             self.scope = scope
             self.headers = scope["headers"]
