@@ -442,6 +442,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
     # lookup (about 160 instructions; docs/architecture.md, "Reads that stay generic").
     app: Any = None
     tasks: Any = None
+    connections: Any = None
     server_state: Any = None
     limit_concurrency: Any = None
     start_task: Any = None  # loop.create_task, or the extension's TaskStarter
@@ -480,6 +481,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             self._rejected = False
             self._deferred_error = None
             self._tls_extension = None
+            self.cycle = None
             self.pipeline = deque()
             self.parser = self.new_parser()
             unmade[self] = ctl.now
@@ -488,7 +490,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             # uvicorn's connection_made, less its cost per connection: an asyncio.Event (its
             # FlowControl), a socket object per address, a third lookup for the scheme.
             self.transport = self.adopt_transport(transport)
-            self.connections.add(self)
+            connections.add(self)
             self.flow = Flow(self.transport)
             self.server = address(transport.get_extra_info("sockname"))
             self.client = address(transport.get_extra_info("peername"))
@@ -498,9 +500,10 @@ def with_cycle(protocol: type, ctl: Any) -> type:
 
         @classmethod
         def bind(cls, config: Any, state: Any, loop: Any) -> None:
-            nonlocal app, tasks, server_state, limit_concurrency, start_task
+            nonlocal app, tasks, connections, server_state, limit_concurrency, start_task
             super().bind(config, state, loop)
             app, tasks, server_state = cls.app, cls.tasks, cls.server_state
+            connections = cls.connections
             limit_concurrency = cls.limit_concurrency
             start_task = task_starter(loop)
 
@@ -604,7 +607,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         def begin_cycle(self, scope: Dict[str, Any], http_version: str, asked_close: bool,
                         expect_100: bool) -> None:
             """A complete request head: its cycle starts now, or after the one before it."""
-            if limit_concurrency is not None and (len(self.connections) >= limit_concurrency
+            if limit_concurrency is not None and (len(connections) >= limit_concurrency
                                                   or len(tasks) >= limit_concurrency):
                 answer = service_unavailable
                 app_log.warning("Exceeded concurrency limit.")
@@ -739,7 +742,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             cycle.wake()
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
-            self.connections.discard(self)
+            connections.discard(self)
             # The newest request's cycle, and the one whose app runs when that one is queued
             # behind it (pipelined): both apps hear http.disconnect.
             for cycle in (self.cycle, self.running):
