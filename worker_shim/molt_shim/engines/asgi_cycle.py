@@ -440,6 +440,8 @@ def with_cycle(protocol: type, ctl: Any) -> type:
     # beside the class attributes uvicorn's own methods read): CPython 3.11 does not specialise
     # a read of a class attribute through an instance, and each such read takes the generic
     # lookup (about 160 instructions; docs/architecture.md, "Reads that stay generic").
+    # bind() runs once per engine, on the class this function returns (the native parser's
+    # subclass when there is one): both classes read these.
     app: Any = None
     tasks: Any = None
     connections: Any = None
@@ -456,7 +458,6 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         _expect_100 = False
         _asked_close = False
         _idle_since = 0.0  # when the last response ended (the keep-alive timeout runs from it)
-        _deferred_error: Any = None  # a status, answered once the responses before it are out
         # What uvicorn's __init__ looks up per connection (two getLogger() calls, each taking
         # logging's lock, and a walk of the handler hierarchy), once.
         logger = app_log
@@ -469,7 +470,6 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         client: Any = None
         scheme: Any = None
         headers: Any = None
-        cycle: Any = None
         running: Any = None  # the cycle whose app runs (self.cycle, or one before it: pipelined)
         cycle_kind = CYCLE_KIND  # the ready line names it
 
@@ -479,9 +479,9 @@ def with_cycle(protocol: type, ctl: Any) -> type:
             # state each request reads is the instance's own from the start, not a class
             # default (see `app` above).
             self._rejected = False
-            self._deferred_error = None
+            self._deferred_error = None  # a status, answered once the responses before it are out
             self._tls_extension = None
-            self.cycle = None
+            self.cycle = None  # the newest request's
             self.pipeline = deque()
             self.parser = self.new_parser()
             unmade[self] = ctl.now
@@ -499,7 +499,7 @@ def with_cycle(protocol: type, ctl: Any) -> type:
                 self.molt_drain(self._born)
 
         @classmethod
-        def bind(cls, config: Any, state: Any, loop: Any) -> None:
+        def bind(cls, config: Any, state: Any, loop: Any, /) -> None:
             nonlocal app, tasks, connections, server_state, limit_concurrency, start_task
             super().bind(config, state, loop)
             app, tasks, server_state = cls.app, cls.tasks, cls.server_state
