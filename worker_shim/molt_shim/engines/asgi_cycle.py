@@ -502,9 +502,8 @@ def with_cycle(protocol: type, ctl: Any) -> type:
         def bind(cls, config: Any, state: Any, loop: Any, /) -> None:
             nonlocal app, tasks, connections, server_state, limit_concurrency, start_task
             super().bind(config, state, loop)
-            app, tasks, server_state = cls.app, cls.tasks, cls.server_state
-            connections = cls.connections
-            limit_concurrency = cls.limit_concurrency
+            app, tasks, connections = cls.app, cls.tasks, cls.connections
+            server_state, limit_concurrency = cls.server_state, cls.limit_concurrency
             start_task = task_starter(loop)
 
         def new_parser(self) -> Any:
