@@ -134,7 +134,7 @@ def test_the_package_has_the_debian_layout(deb, package_files):
     control = run("dpkg-deb", "-f", str(deb), "Depends").stdout
     assert "python3 (>= 3.8)" in control
     # From dpkg-shlibdeps on the binary, not written by hand.
-    for library in ("libuv1", "libyaml-cpp", "libsystemd0", "libstdc++6"):
+    for library in ("libuv1", "libyaml-cpp", "libsystemd0", "libstdc++6", "liburing2"):
         assert library in control, control
     assert run("dpkg-deb", "-I", str(deb), "conffiles").stdout.split() == ["/etc/molt/molt.yaml"]
     assert not any("__pycache__" in str(p) for p in package_files)  # compiled at install

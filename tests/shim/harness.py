@@ -45,6 +45,24 @@ def _native_dir() -> str:
 # engine="native" imports it from there.
 NATIVE_DIR = _native_dir()
 HAVE_NATIVE = os.path.exists(os.path.join(NATIVE_DIR, "_molt_native.abi3.so"))
+
+
+def io_uring_available() -> bool:
+    """Whether this kernel lets this process set up an io_uring (io_uring_setup(2), one
+    entry): not where it is built without it, or a seccomp filter refuses it. The ASGI hub
+    then sends each held write with its own send()."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+    fd = libc.syscall(425, 1, params)  # __NR_io_uring_setup on every Linux architecture
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
+# How the ASGI hub sends what a loop iteration's writes held (the worker's ready: line).
+HUB_SENDS = "io_uring" if io_uring_available() else "send"
 if not HAVE_NATIVE and os.environ.get("MOLT_BIN"):
     raise AssertionError("MOLT_BIN is set but %s has no _molt_native.abi3.so" % NATIVE_DIR)
 # An ASan+UBSan build of the extension needs the sanitizer runtime loaded first.

@@ -9,8 +9,8 @@ import websockets
 
 import time
 
-from harness import (APPS_DIR, HAVE_NATIVE, Client, LoadPool, early_answer_to_expect_continue,
-                     get, raw_exchange, read_to_eof, wait_until)
+from harness import (APPS_DIR, HAVE_NATIVE, HUB_SENDS, Client, LoadPool,
+                     early_answer_to_expect_continue, get, raw_exchange, read_to_eof, wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -134,16 +134,22 @@ def test_asgi_slowloris_gets_408_and_silent_idle_is_closed(listeners, spawn):
 @pytest.mark.skipif(not HAVE_NATIVE, reason="the native extension is not built")
 @pytest.mark.parametrize("parser, io, python_parts, protocol", [
     (None, None, None,
-     "MoltNativeHttpProtocol, loop uvloop, I/O molt, cycle native, tasks native"),
+     "MoltNativeHttpProtocol, loop uvloop, I/O molt, sends %s, cycle native, tasks native"
+     % HUB_SENDS),
+    (None, "send", None,
+     "MoltNativeHttpProtocol, loop uvloop, I/O molt, sends send, cycle native, tasks native"),
     (None, "loop", None,
      "MoltNativeHttpProtocol, loop uvloop, I/O loop, cycle native, tasks native"),
     ("httptools", None, None,
-     "MoltHttpToolsProtocol, loop uvloop, I/O molt, cycle native, tasks native"),
+     "MoltHttpToolsProtocol, loop uvloop, I/O molt, sends %s, cycle native, tasks native"
+     % HUB_SENDS),
     ("httptools", None, "python",
-     "MoltHttpToolsProtocol, loop uvloop, I/O molt, cycle python, tasks python")])
+     "MoltHttpToolsProtocol, loop uvloop, I/O molt, sends %s, cycle python, tasks python"
+     % HUB_SENDS)])
 def test_asgi_parsers(listeners, spawn, parser, io, python_parts, protocol):
     """With the extension the ASGI engine parses with the native parser, does its own TCP I/O
-    (the IoHub), answers with the extension's cycle and starts and registers its tasks with the
+    (the IoHub, which sends what a loop iteration's writes held in one io_uring submit, or with
+    MOLT_SHIM_IO_URING=0 one send() each), answers with the extension's cycle and starts and registers its tasks with the
     extension's TaskStarter and TaskRegistry; with MOLT_SHIM_PARSER=httptools it parses with
     httptools, with MOLT_SHIM_IO=loop it takes the loop's transports, and with
     MOLT_SHIM_CYCLE=python and MOLT_SHIM_TASKS=python it answers with the Python cycle and
@@ -151,7 +157,8 @@ def test_asgi_parsers(listeners, spawn, parser, io, python_parts, protocol):
     their answers in order (a malformed one its 400 after them), a WebSocket its upgrade, and a
     request target that is not ASCII a 400."""
     env = dict({"MOLT_SHIM_PARSER": parser} if parser else {},
-               **({"MOLT_SHIM_IO": io} if io else {}),
+               **({"MOLT_SHIM_IO": io} if io == "loop" else {}),
+               **({"MOLT_SHIM_IO_URING": "0"} if io == "send" else {}),
                **({"MOLT_SHIM_CYCLE": python_parts, "MOLT_SHIM_TASKS": python_parts}
                   if python_parts else {}))
     w = spawn_asgi(spawn, env=env or None).wait_ready()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import HAVE_NATIVE, NATIVE_DIR, NATIVE_PRELOAD
+from harness import HAVE_NATIVE, HUB_SENDS, NATIVE_DIR, NATIVE_PRELOAD
 
 pytestmark = [pytest.mark.timeout(30),
               pytest.mark.skipif(not HAVE_NATIVE or bool(NATIVE_PRELOAD),
@@ -60,9 +60,11 @@ class Recorder(asyncio.Protocol):
             self.lost.set_result(exc)
 
 
-def serve(protocol_factory, client, timeout=10.0, new_loop=asyncio.new_event_loop):
+def serve(protocol_factory, client, timeout=10.0, new_loop=asyncio.new_event_loop,
+          io_uring=True, hubs=None):
     """Runs a loop with an IoHub on a fresh listener; `client(port)` runs in a thread; returns
-    once it has and every protocol made has lost its connection."""
+    once it has and every protocol made has lost its connection. io_uring: whether the hub may
+    send its held writes in one io_uring submit; the hub is appended to `hubs`."""
     loop = new_loop()
     made = []
     failures = []
@@ -75,7 +77,10 @@ def serve(protocol_factory, client, timeout=10.0, new_loop=asyncio.new_event_loo
     def report(message, exc, protocol, transport):
         failures.append((message, exc))
 
-    hub = extension().io_hub(loop, report, lambda fd, exc: failures.append(exc))
+    hub = extension().io_hub(loop, report, lambda fd, exc: failures.append(exc), -1, 0,
+                             io_uring)
+    if hubs is not None:
+        hubs.append(hub)
 
     def factory():
         protocol = protocol_factory()
@@ -511,3 +516,89 @@ def test_a_small_write_is_held_to_the_end_of_the_loop_iteration_and_keeps_every_
     else:
         assert seen == [4]
         assert (got, end) == (b"held", "eof")
+
+
+@pytest.mark.parametrize("io_uring", [True, False], ids=["io_uring", "send"])
+def test_the_held_writes_of_many_connections_leave_together_and_keep_every_rule(io_uring):
+    """What one loop iteration's writes held, to 70 connections at once (more than one submit
+    of the ring's 64), goes out in one batch (hub.sends(): one io_uring submit, or one send()
+    each where io_uring cannot be had or is not asked for), and each result is the
+    connection's own: a client that reads gets its bytes; a client that reads slowly gets
+    the part its socket took, then the rest on EPOLLOUT, every byte in order; a client that
+    reset its connection ends it with ConnectionResetError or BrokenPipeError, and no other
+    connection hears of it."""
+    count = 70
+    slow_payload = bytes(range(256)) * 32768  # 8 MiB: more than the kernel buffers
+    transports = {}
+    after_batch = []
+    loop_hubs = []
+
+    def note(protocol, data):
+        protocol.transport.pause_reading()  # the reset must reach the write, not a read
+        transports[data] = protocol
+        if len(transports) == count + 2:
+            asyncio.get_event_loop().call_later(0.3, write_to_all)
+
+    def write_to_all():
+        for key, protocol in transports.items():
+            t = protocol.transport
+            if key == b"slow":
+                t.set_write_buffer_limits(high=len(slow_payload) * 2)  # held all the same
+                t.write(slow_payload)
+            else:
+                t.write(b"answer to " + key)
+            assert t.get_write_buffer_size() > 0  # held until the batch
+        asyncio.get_event_loop().call_soon(after_sent)  # after hub.send_held()
+
+    def after_sent():
+        for key, protocol in transports.items():
+            after_batch.append((key, protocol.transport.get_write_buffer_size()))
+            if key != b"slow":
+                protocol.transport.close()
+        transports[b"slow"].transport.close()  # once the rest is out
+
+    def client(port):
+        socks = []
+        for i in range(count):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"c%d" % i)
+            socks.append(s)
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        slow.connect(("127.0.0.1", port))
+        slow.sendall(b"slow")
+        reset = socket.create_connection(("127.0.0.1", port))
+        reset.sendall(b"reset")
+        time.sleep(0.1)
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()  # an RST
+        answers = []
+        for s in socks:
+            s.settimeout(10)
+            got = b""
+            while chunk := s.recv(100):
+                got += chunk
+            answers.append(got)
+            s.close()
+        got = bytearray()
+        slow.settimeout(10)
+        while chunk := slow.recv(65536):
+            got += chunk
+        slow.close()
+        return answers, bytes(got)
+
+    made, (answers, slow_got) = serve(lambda: Recorder(on_data=note), client,
+                                      io_uring=io_uring, hubs=loop_hubs)
+    assert loop_hubs[0].sends() == (HUB_SENDS if io_uring else "send")
+    assert answers == [b"answer to c%d" % i for i in range(count)]
+    assert slow_got == slow_payload
+    left = dict(after_batch)
+    assert all(left[b"c%d" % i] == 0 for i in range(count)), after_batch
+    assert 0 < left[b"slow"] < len(slow_payload), after_batch  # the rest waited for EPOLLOUT
+    assert left[b"reset"] == 0, after_batch
+    ends = {}
+    for protocol in made:
+        key = next(k for k, p in transports.items() if p is protocol)
+        ends[key] = [c for c in protocol.calls if c[0] == "lost"]
+    assert isinstance(ends[b"reset"][0][1], (ConnectionResetError, BrokenPipeError)), ends
+    assert all(ends[k] == [("lost", None)] for k in ends if k != b"reset"), ends

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "accept_balance.hpp"
+#include "send_batch.hpp"
 #include "wsgi_call.hpp"
 
 namespace molt::native {
@@ -92,8 +93,9 @@ struct Hub {
     size_t connections = 0;  // open transports
     // The generation's accept board (accept_balance.hpp); inactive without one.
     std::unique_ptr<AcceptBoard> board;
-    bool looking_again = false;  // a look at the listeners standing aside is scheduled
-    std::vector<PyRef> held;     // transports whose writes wait for hub.send_held()
+    bool looking_again = false;        // a look at the listeners standing aside is scheduled
+    std::vector<PyRef> held;           // transports whose writes wait for hub.send_held()
+    std::unique_ptr<SendBatch> sends;  // how send_held() sends them: one system call for all
 
     ~Hub() {
         if (epfd >= 0) close(epfd);
@@ -354,23 +356,28 @@ void after_pending_written(Connection& c, PyObject* transport, bool out_register
     }
 }
 
+// What one send of `pending` did: `result` is the bytes it took, or -errno. True: send the
+// rest (if any); false: the connection waits for EPOLLOUT now, or failed, or closed.
+bool took(Connection& c, PyObject* transport, ssize_t result, bool out_registered) {
+    if (result < 0) {
+        if (result == -EINTR) return true;
+        if (result != -EAGAIN) {
+            fail(c, static_cast<int>(-result));
+        } else if (!out_registered) {  // the rest waits for EPOLLOUT now
+            want_writable(c);
+            pause_protocol_if_full(c, transport);
+        }
+        return false;
+    }
+    c.pending.consume(static_cast<size_t>(result));
+    resume_protocol_if_drained(c, transport);  // at the low-water mark, as asyncio does
+    return !c.closed;
+}
+
 void write_pending(Connection& c, PyObject* transport, bool out_registered = true) {
     while (!c.pending.empty()) {
         ssize_t n = send(c.fd, c.pending.data(), c.pending.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0) {
-            const int err = errno;
-            if (err == EINTR) continue;
-            if (err != EAGAIN) {
-                fail(c, err);
-            } else if (!out_registered) {  // the rest waits for EPOLLOUT now
-                want_writable(c);
-                pause_protocol_if_full(c, transport);
-            }
-            return;
-        }
-        c.pending.consume(static_cast<size_t>(n));
-        resume_protocol_if_drained(c, transport);  // at the low-water mark, as asyncio does
-        if (c.closed) return;
+        if (!took(c, transport, n < 0 ? -errno : n, out_registered)) return;
     }
     after_pending_written(c, transport, out_registered);
 }
@@ -955,16 +962,30 @@ void look_again(PyObject* hub_object, bool timed) {
     if (aside) look_again_later(hub_object);
 }
 
-// hub.send_held(): what the connections' writes held since the loop's last turn, sent.
+// hub.send_held(): what the connections' writes held since the loop's last turn, sent, in
+// one system call (send_batch.hpp). The batch runs before any result is looked at: a protocol
+// called back for one connection's result (resume_writing, a failure) may write to, or close,
+// another, whose queued bytes the kernel has taken by then.
 PyObject* hub_send_held(PyObject* self, PyObject*) {
     Hub& hub = hub_of(self);
     std::vector<PyRef> held;
     held.swap(hub.held);  // a write from a protocol called back below holds anew
-    for (const PyRef& transport : held) {
+    std::vector<PyRef> sending;
+    for (PyRef& transport : held) {
         Connection& c = conn_of(transport.get());
         if (!c.held) continue;
         c.held = false;
-        if (!c.closed && !c.pending.empty()) write_pending(c, transport.get(), false);
+        if (c.closed || c.pending.empty()) continue;
+        hub.sends->add(c.fd, c.pending.data(), c.pending.size());
+        sending.push_back(std::move(transport));
+    }
+    if (sending.empty()) Py_RETURN_NONE;
+    const std::vector<ssize_t> results = hub.sends->run();
+    for (size_t i = 0; i < sending.size(); ++i) {
+        PyObject* transport = sending[i].get();
+        Connection& c = conn_of(transport);
+        if (c.closed) continue;  // aborted by a protocol called back for an earlier one
+        if (took(c, transport, results[i], false)) write_pending(c, transport, false);
     }
     Py_RETURN_NONE;
 }
@@ -1186,6 +1207,11 @@ PyObject* hub_resume_listener(PyObject* self, PyObject* arg) {
     Py_RETURN_NONE;
 }
 
+// How send_held() sends: "io_uring" (one system call for the batch) or "send" (one each).
+PyObject* hub_sends(PyObject* self, PyObject*) {
+    return PyUnicode_FromString(hub_of(self).sends->uses_ring() ? "io_uring" : "send");
+}
+
 PyObject* hub_connections(PyObject* self, PyObject*) {
     return PyLong_FromSize_t(hub_of(self).connections);
 }
@@ -1223,6 +1249,9 @@ PyMethodDef hub_methods[] = {
     {"resume_listener", hub_resume_listener, METH_O,
      "resume_listener(fd): accept again after accept_failed paused it."},
     {"connections", hub_connections, METH_NOARGS, "How many accepted connections are open."},
+    {"sends", hub_sends, METH_NOARGS,
+     "How send_held() sends: 'io_uring' (one system call for the batch) or 'send' (one "
+     "each)."},
     {"alive", hub_alive, METH_NOARGS,
      "Stamps this worker alive on the accept board; the engine's tick calls it (every 0.1 s): "
      "a sibling not stamped for 0.5 s is not counted."},
@@ -1256,7 +1285,9 @@ PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* arg
     PyObject* accept_failed = nullptr;
     int board_fd = -1;
     unsigned int generation = 0;
-    if (!PyArg_ParseTuple(args, "OOO|iI", &loop, &report, &accept_failed, &board_fd, &generation)) {
+    int use_ring = 1;
+    if (!PyArg_ParseTuple(args, "OOO|iIp", &loop, &report, &accept_failed, &board_fd, &generation,
+                          &use_ring)) {
         return nullptr;
     }
     auto* obj = alloc_object<IoHubObject>(hub_type);
@@ -1282,6 +1313,7 @@ PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* arg
     if (hub.epfd < 0) return PyErr_SetFromErrno(PyExc_OSError);
     // One "thread": the loop is never counted busy, a loop that stops is by its stale stamp.
     hub.board = std::make_unique<AcceptBoard>(board_fd, generation, 1);
+    hub.sends = std::make_unique<SendBatch>(use_ring != 0);
     return owner.release();
 }
 

@@ -10,7 +10,7 @@
 // set_protocol) and hands it to the listener's protocol factory, reads what arrives and calls
 // the protocol's data_received; a small write to a connection with nothing waiting is held
 // until the loop has run what was ready (hub.send_held(), as uvloop's transports queue theirs,
-// so that a batch's responses leave together), a larger one goes straight to the socket, and
+// so that a batch's responses leave together, in one io_uring submit), a larger one goes straight to the socket, and
 // only what the socket will not take waits for EPOLLOUT. connection_lost comes in the next loop
 // iteration, as asyncio's own transports call it. The protocol is molt's own
 // (engines/asgi_cycle.py, and uvicorn's WebSocket protocols after an upgrade): every HTTP rule
@@ -39,14 +39,16 @@ namespace molt::native {
 extern PyType_Spec io_hub_spec;
 extern PyType_Spec io_transport_spec;
 
-// io_hub(loop, report, accept_failed[, board_fd, generation]) -> IoHub, on `loop` (its
+// io_hub(loop, report, accept_failed[, board_fd, generation, io_uring]) -> IoHub, on `loop` (its
 // call_soon, call_later, add_reader and remove_reader). `report(message, exception, protocol,
 // transport)` is called when a protocol method raised (the loop's exception handler, as
 // asyncio's transports do); `accept_failed(listener_fd, OSError)` when accept() ran out of
 // descriptors or memory (the listener is then paused; resume_listener() takes it back).
 // board_fd (MOLT_ACCEPT_BOARD_FD, or -1) and the worker's generation: the accept board
 // (accept_balance.hpp), on which a worker holding more than its share of the generation's
-// connections stands aside after an accept; the engine calls alive() every 0.1 s.
+// connections stands aside after an accept; the engine calls alive() every 0.1 s. io_uring
+// (default true): send_held() sends its batch in one system call where the kernel allows
+// (send_batch.hpp); false: one send() each.
 PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* args);
 
 }  // namespace molt::native

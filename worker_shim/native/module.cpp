@@ -664,8 +664,8 @@ PyMethodDef module_methods[] = {
      "asgi_parser((max_request_line, max_header_size, max_headers, max_body_size), base, asgi, "
      "unquote) -> AsgiParser"},
     {"io_hub", make_io_hub, METH_VARARGS,
-     "io_hub(loop, report, accept_failed[, board_fd, generation]) -> IoHub: the ASGI engine's "
-     "TCP I/O"},
+     "io_hub(loop, report, accept_failed[, board_fd, generation, io_uring]) -> IoHub: the ASGI "
+     "engine's TCP I/O"},
     {"suspend_hook", make_suspend_hook, METH_VARARGS,
      "suspend_hook(coroutine, on_suspend) -> an awaitable running the coroutine that calls "
      "on_suspend() each time it suspends"},

@@ -830,10 +830,10 @@ class UvicornASGIEngine:
 
     def describe(self) -> str:
         cycle = getattr(self.protocol_class, "cycle_kind", None)  # h11's protocol has none
+        io = "molt, sends %s" % self.hub.sends() if self.hub is not None else "loop"
         return "asgi, %s, loop %s, I/O %s%s, tasks %s" % (
-            self.protocol_class.__name__, self.loop_name,
-            "molt" if self.hub is not None else "loop", ", cycle %s" % cycle if cycle else "",
-            self.tasks_kind)
+            self.protocol_class.__name__, self.loop_name, io,
+            ", cycle %s" % cycle if cycle else "", self.tasks_kind)
 
     def run(self, loop: LoopHooks) -> None:
         self.loop.run_until_complete(self._serve(loop))
@@ -1208,7 +1208,9 @@ def new_io_hub(loop: asyncio.AbstractEventLoop, accept_failed: Any, board_fd: in
                generation: int = 0) -> Any:
     """The extension's IoHub for this loop, or None: without the extension, or when
     MOLT_SHIM_IO=loop asks for the loop's own transports (tests run both paths). board_fd
-    (the generation's accept board, or -1) and generation: where it balances its accepts."""
+    (the generation's accept board, or -1) and generation: where it balances its accepts.
+    MOLT_SHIM_IO_URING=0: the hub sends each held write with its own send(), not the batch
+    in one io_uring submit (the path taken anyway where the kernel refuses io_uring)."""
     if os.environ.get("MOLT_SHIM_IO") == "loop":
         return None
     from .native import load_extension
@@ -1222,7 +1224,8 @@ def new_io_hub(loop: asyncio.AbstractEventLoop, accept_failed: Any, board_fd: in
         loop.call_exception_handler({"message": message, "exception": exc,
                                      "protocol": protocol, "transport": transport})
 
-    return module.io_hub(loop, report, accept_failed, board_fd, generation)
+    use_ring = os.environ.get("MOLT_SHIM_IO_URING", "1") != "0"
+    return module.io_hub(loop, report, accept_failed, board_fd, generation, use_ring)
 
 
 def fixed_sockname(lsock: socket.socket) -> Any:
