@@ -149,9 +149,10 @@ def test_asgi_slowloris_gets_408_and_silent_idle_is_closed(listeners, spawn):
 def test_asgi_parsers(listeners, spawn, parser, io, python_parts, protocol):
     """With the extension the ASGI engine parses with the native parser, does its own TCP I/O
     (the IoHub, which sends what a loop iteration's writes held in one io_uring submit, or with
-    MOLT_SHIM_IO_URING=0 one send() each), answers with the extension's cycle and starts and registers its tasks with the
-    extension's TaskStarter and TaskRegistry; with MOLT_SHIM_PARSER=httptools it parses with
-    httptools, with MOLT_SHIM_IO=loop it takes the loop's transports, and with
+    MOLT_SHIM_IO_URING=0 one send() each), answers with the extension's cycle and starts and
+    registers its tasks with the extension's TaskStarter and TaskRegistry; with
+    MOLT_SHIM_PARSER=httptools it parses with httptools, with MOLT_SHIM_IO=loop it takes the
+    loop's transports, and with
     MOLT_SHIM_CYCLE=python and MOLT_SHIM_TASKS=python it answers with the Python cycle and
     leaves asyncio's tasks as they are: each gives the app the same scope, pipelined requests
     their answers in order (a malformed one its 400 after them), a WebSocket its upgrade, and a

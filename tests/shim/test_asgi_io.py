@@ -8,6 +8,9 @@ import importlib.util
 import os
 import socket
 import struct
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -70,7 +73,7 @@ def serve(protocol_factory, client, timeout=10.0, new_loop=asyncio.new_event_loo
     failures = []
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
+    listener.listen(128)
     listener.setblocking(False)
     port = listener.getsockname()[1]
 
@@ -518,6 +521,19 @@ def test_a_small_write_is_held_to_the_end_of_the_loop_iteration_and_keeps_every_
         assert (got, end) == (b"held", "eof")
 
 
+class Resumed(Recorder):
+    """A Recorder that runs `on_resume(protocol)` when resume_writing() comes."""
+
+    def __init__(self, on_data=None):
+        super().__init__(on_data)
+        self.on_resume = None
+
+    def resume_writing(self):
+        super().resume_writing()
+        if self.on_resume is not None:
+            self.on_resume(self)
+
+
 @pytest.mark.parametrize("io_uring", [True, False], ids=["io_uring", "send"])
 def test_the_held_writes_of_many_connections_leave_together_and_keep_every_rule(io_uring):
     """What one loop iteration's writes held, to 70 connections at once (more than one submit
@@ -526,21 +542,33 @@ def test_the_held_writes_of_many_connections_leave_together_and_keep_every_rule(
     connection's own: a client that reads gets its bytes; a client that reads slowly gets
     the part its socket took, then the rest on EPOLLOUT, every byte in order; a client that
     reset its connection ends it with ConnectionResetError or BrokenPipeError, and no other
-    connection hears of it."""
+    connection hears of it. A protocol called back for one connection's result (c0's
+    resume_writing) that aborts, writes to or closes connections later in the same batch
+    (c1, c2, c3) leaves each with its own bytes, in order."""
     count = 70
     slow_payload = bytes(range(256)) * 32768  # 8 MiB: more than the kernel buffers
     transports = {}
     after_batch = []
     loop_hubs = []
+    reset_sent = threading.Event()
 
     def note(protocol, data):
         protocol.transport.pause_reading()  # the reset must reach the write, not a read
         transports[data] = protocol
         if len(transports) == count + 2:
-            asyncio.get_event_loop().call_later(0.3, write_to_all)
+            write_when_reset()
+
+    def write_when_reset():
+        loop = asyncio.get_event_loop()
+        loop.call_later(0.01, write_to_all if reset_sent.is_set() else write_when_reset)
+
+    def act_on_the_others(protocol):
+        transports[b"c1"].transport.abort()
+        transports[b"c2"].transport.write(b" and more")
+        transports[b"c3"].transport.close()
 
     def write_to_all():
-        for key, protocol in transports.items():
+        for key, protocol in transports.items():  # in the order the connections came
             t = protocol.transport
             if key == b"slow":
                 t.set_write_buffer_limits(high=len(slow_payload) * 2)  # held all the same
@@ -548,6 +576,9 @@ def test_the_held_writes_of_many_connections_leave_together_and_keep_every_rule(
             else:
                 t.write(b"answer to " + key)
             assert t.get_write_buffer_size() > 0  # held until the batch
+        c0 = transports[b"c0"]
+        c0.transport.set_write_buffer_limits(high=4)  # paused now; resumed by its result
+        c0.on_resume = act_on_the_others
         asyncio.get_event_loop().call_soon(after_sent)  # after hub.send_held()
 
     def after_sent():
@@ -571,7 +602,8 @@ def test_the_held_writes_of_many_connections_leave_together_and_keep_every_rule(
         reset.sendall(b"reset")
         time.sleep(0.1)
         reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        reset.close()  # an RST
+        reset.close()  # an RST, through by the time close() returns (loopback)
+        reset_sent.set()
         answers = []
         for s in socks:
             s.settimeout(10)
@@ -587,18 +619,52 @@ def test_the_held_writes_of_many_connections_leave_together_and_keep_every_rule(
         slow.close()
         return answers, bytes(got)
 
-    made, (answers, slow_got) = serve(lambda: Recorder(on_data=note), client,
+    made, (answers, slow_got) = serve(lambda: Resumed(on_data=note), client,
                                       io_uring=io_uring, hubs=loop_hubs)
     assert loop_hubs[0].sends() == (HUB_SENDS if io_uring else "send")
-    assert answers == [b"answer to c%d" % i for i in range(count)]
+    want = [b"answer to c%d" % i for i in range(count)]
+    want[2] += b" and more"
+    assert answers == want
     assert slow_got == slow_payload
     left = dict(after_batch)
     assert all(left[b"c%d" % i] == 0 for i in range(count)), after_batch
     assert 0 < left[b"slow"] < len(slow_payload), after_batch  # the rest waited for EPOLLOUT
     assert left[b"reset"] == 0, after_batch
-    ends = {}
-    for protocol in made:
-        key = next(k for k, p in transports.items() if p is protocol)
-        ends[key] = [c for c in protocol.calls if c[0] == "lost"]
+    ends = {key: [c for c in protocol.calls if c[0] == "lost"]
+            for key, protocol in transports.items()}
     assert isinstance(ends[b"reset"][0][1], (ConnectionResetError, BrokenPipeError)), ends
     assert all(ends[k] == [("lost", None)] for k in ends if k != b"reset"), ends
+    calls = transports[b"c0"].calls
+    assert ("pause", 12) in calls and ("resume", 0) in calls, calls
+
+
+REFUSING_IO_URING = """
+import errno, sys
+import seccomp
+rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+rules.add_rule(seccomp.ERRNO(errno.EPERM), "io_uring_setup")
+rules.load()  # this process and every child: the workers too
+from harness import io_uring_available
+assert not io_uring_available()
+import pytest
+sys.exit(pytest.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(importlib.util.find_spec("seccomp") is None,
+                    reason="python3-seccomp is not installed")
+def test_where_io_uring_is_refused_the_hub_sends_one_by_one_with_the_same_results():
+    """Under a seccomp filter that refuses io_uring_setup (as recent Docker's default profile
+    does), the hub cannot make its ring and sends each held write with its own send(): the
+    batch test above passes there and says `send`, and a worker behind it says `sends send`
+    on its ready line and serves every case of test_asgi_parsers."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", REFUSING_IO_URING, "-q", "-p", "no:cacheprovider",
+         os.path.join(here, "test_asgi_io.py") +
+         "::test_the_held_writes_of_many_connections_leave_together_and_keep_every_rule",
+         os.path.join(here, "test_asgi.py") + "::test_asgi_parsers"],
+        cwd=here, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1].startswith("7 passed"), result.stdout[-3000:]

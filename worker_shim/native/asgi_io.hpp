@@ -10,8 +10,9 @@
 // set_protocol) and hands it to the listener's protocol factory, reads what arrives and calls
 // the protocol's data_received; a small write to a connection with nothing waiting is held
 // until the loop has run what was ready (hub.send_held(), as uvloop's transports queue theirs,
-// so that a batch's responses leave together, in one io_uring submit), a larger one goes straight to the socket, and
-// only what the socket will not take waits for EPOLLOUT. connection_lost comes in the next loop
+// so that a batch's responses leave together, in one io_uring submit: send_batch.hpp), a
+// larger one goes straight to the socket, and only what the socket will not take waits for
+// EPOLLOUT. connection_lost comes in the next loop
 // iteration, as asyncio's own transports call it. The protocol is molt's own
 // (engines/asgi_cycle.py, and uvicorn's WebSocket protocols after an upgrade): every HTTP rule
 // stays in one place.

@@ -5,18 +5,20 @@
 // system call is dear (about 1.1 us for an empty one, page-table isolation in a virtual
 // machine). A SendBatch queues them as io_uring send requests and submits them in one
 // io_uring_enter(). Each request carries MSG_DONTWAIT, so the kernel performs it during that
-// submit or answers -EAGAIN (it never parks one to finish later): when run() returns, every
-// result is in and no buffer is still in the kernel's hands. The caller's buffers need to
-// live only until run() returns.
+// submit or answers -EAGAIN (it never parks one to finish later; were one ever to stay,
+// run() cancels it and waits): when run() returns, every result is in and no buffer is
+// still in the kernel's hands. The caller's buffers need to live only until run() returns.
 //
-// Where io_uring cannot be had (a kernel without it, a seccomp filter that refuses it, as
-// Docker's default profile does, or MOLT_SHIM_IO_URING=0), run() makes one send() per
-// request, with the same results.
+// Where io_uring cannot be had (a kernel without it or without its send, before 5.6; a
+// seccomp filter that refuses it, as recent Docker's default profile does;
+// MOLT_SHIM_IO_URING=0), run() makes one send() per request, with the same results; and so it
+// does from the first request the ring refuses on.
 #pragma once
 
 #include <sys/types.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -51,10 +53,13 @@ class SendBatch {
     struct Ring;
     void run_with_send(size_t from, size_t count);
     void run_in_ring(size_t from, size_t count);
+    size_t reap(uint32_t batch);
+    void finish_in_the_kernel(uint32_t batch, size_t from, size_t taken, size_t done);
 
     std::unique_ptr<Ring> ring_;
     std::vector<Send> queued_;
     std::vector<ssize_t> results_;
+    bool unusable_ = false;  // the ring refused a request: given up after this part
 };
 
 }  // namespace molt::native
