@@ -9,7 +9,7 @@ import websockets
 
 import time
 
-from harness import (APPS_DIR, HAVE_NATIVE, HUB_SENDS, Client, LoadPool,
+from harness import (APPS_DIR, HAVE_NATIVE, HUB_READS, HUB_SENDS, Client, LoadPool,
                      early_answer_to_expect_continue, get, raw_exchange, read_to_eof, wait_until)
 
 pytestmark = pytest.mark.timeout(60)
@@ -134,22 +134,24 @@ def test_asgi_slowloris_gets_408_and_silent_idle_is_closed(listeners, spawn):
 @pytest.mark.skipif(not HAVE_NATIVE, reason="the native extension is not built")
 @pytest.mark.parametrize("parser, io, python_parts, protocol", [
     (None, None, None,
-     "MoltNativeHttpProtocol, loop uvloop, I/O molt, sends %s, cycle native, tasks native"
-     % HUB_SENDS),
+     "MoltNativeHttpProtocol, loop uvloop, I/O molt, sends %s, reads %s, cycle native, "
+     "tasks native" % (HUB_SENDS, HUB_READS)),
     (None, "send", None,
-     "MoltNativeHttpProtocol, loop uvloop, I/O molt, sends send, cycle native, tasks native"),
+     "MoltNativeHttpProtocol, loop uvloop, I/O molt, sends send, reads loop, cycle native, "
+     "tasks native"),
     (None, "loop", None,
      "MoltNativeHttpProtocol, loop uvloop, I/O loop, cycle native, tasks native"),
     ("httptools", None, None,
-     "MoltHttpToolsProtocol, loop uvloop, I/O molt, sends %s, cycle native, tasks native"
-     % HUB_SENDS),
+     "MoltHttpToolsProtocol, loop uvloop, I/O molt, sends %s, reads %s, cycle native, "
+     "tasks native" % (HUB_SENDS, HUB_READS)),
     ("httptools", None, "python",
-     "MoltHttpToolsProtocol, loop uvloop, I/O molt, sends %s, cycle python, tasks python"
-     % HUB_SENDS)])
+     "MoltHttpToolsProtocol, loop uvloop, I/O molt, sends %s, reads %s, cycle python, "
+     "tasks python" % (HUB_SENDS, HUB_READS))])
 def test_asgi_parsers(listeners, spawn, parser, io, python_parts, protocol):
     """With the extension the ASGI engine parses with the native parser, does its own TCP I/O
-    (the IoHub, which sends what a loop iteration's writes held in one io_uring submit, or with
-    MOLT_SHIM_IO_URING=0 one send() each), answers with the extension's cycle and starts and
+    (the IoHub, which sends what a loop iteration's writes held in one io_uring submit and
+    reads a kept-alive connection with a multishot recv, or with MOLT_SHIM_IO_URING=0 one
+    send() each and the loop's epoll), answers with the extension's cycle and starts and
     registers its tasks with the extension's TaskStarter and TaskRegistry; with
     MOLT_SHIM_PARSER=httptools it parses with httptools, with MOLT_SHIM_IO=loop it takes the
     loop's transports, and with

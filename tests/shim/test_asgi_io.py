@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from harness import HAVE_NATIVE, HUB_SENDS, NATIVE_DIR, NATIVE_PRELOAD
+from harness import HAVE_NATIVE, HUB_READS, HUB_SENDS, NATIVE_DIR, NATIVE_PRELOAD
 
 pytestmark = [pytest.mark.timeout(30),
               pytest.mark.skipif(not HAVE_NATIVE or bool(NATIVE_PRELOAD),
@@ -93,11 +93,15 @@ def serve(protocol_factory, client, timeout=10.0, new_loop=asyncio.new_event_loo
     async def main():
         hub.listen(listener.fileno(), factory, listener.getsockname(), False)
         loop.add_reader(hub.fileno(), hub.poll)
+        if hub.reads_fileno() >= 0:
+            loop.add_reader(hub.reads_fileno(), hub.reap)
         done = loop.run_in_executor(None, client, port)
         await asyncio.wait_for(done, timeout)
         for protocol in made:
             await asyncio.wait_for(protocol.lost, timeout)
         loop.remove_reader(hub.fileno())
+        if hub.reads_fileno() >= 0:
+            loop.remove_reader(hub.reads_fileno())
         return done.result()
 
     try:
@@ -190,10 +194,13 @@ def test_the_types_are_made_by_the_hub_only():
         hub_type()
 
 
-def test_a_kept_alive_connection_moves_to_the_loop_and_keeps_every_rule():
-    """After a few reads a connection is watched by the loop's own epoll (the hub keeps only
-    its EPOLLOUT): reads, pause and resume, a large write and the peer's FIN must work there as
-    on the hub, and the FIN is heard once."""
+@pytest.mark.parametrize("io_uring", [True, False], ids=["ring", "loop"])
+def test_a_kept_alive_connection_moves_to_the_loop_and_keeps_every_rule(io_uring):
+    """After a few reads a connection is read by the hub's RecvRing (a multishot recv, where
+    the kernel allows) or watched by the loop's own epoll (the hub keeps only its EPOLLOUT):
+    reads, pause and resume (bytes that come while paused are handed over after the resume),
+    a large write and the peer's FIN must work there as on the hub, and the FIN is heard
+    once."""
     loop_fds = []  # how many descriptors the loop watches at each request
     payload = bytes(range(256)) * 4096  # 1 MiB: over the high-water mark, waits for EPOLLOUT
 
@@ -232,10 +239,16 @@ def test_a_kept_alive_connection_moves_to_the_loop_and_keeps_every_rule():
             s.shutdown(socket.SHUT_WR)
             return s.recv(10)  # the server closes after the FIN: b""
 
-    made, tail = serve(lambda: Recorder(on_data=answer), client)
+    hubs = []
+    made, tail = serve(lambda: Recorder(on_data=answer), client, io_uring=io_uring, hubs=hubs)
     assert tail == b""
-    # Its own waker and the hub's; then this connection's too, from the move on.
-    assert loop_fds[-1] == loop_fds[0] + 1, loop_fds
+    if hubs[0].reads() == "io_uring":
+        assert io_uring and HUB_SENDS == "io_uring"
+        # Its own waker, the hub's and the ring's: the connection is never the loop's.
+        assert loop_fds[-1] == loop_fds[0], loop_fds
+    else:
+        # Its own waker and the hub's; then this connection's too, from the move on.
+        assert loop_fds[-1] == loop_fds[0] + 1, loop_fds
     calls = made[0].calls
     assert calls.count("eof") == 1 and calls[-1] == ("lost", None), calls
 
@@ -668,3 +681,39 @@ def test_where_io_uring_is_refused_the_hub_sends_one_by_one_with_the_same_result
         cwd=here, capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.splitlines()[-1].startswith("7 passed"), result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("how", ["close", "abort", "paused, then close"])
+def test_a_connection_the_ring_reads_closes_at_once(how):
+    """A multishot recv holds a reference to its socket: a connection the RecvRing reads must
+    have it cancelled when it closes, or the socket, and the FIN with it, would wait for the
+    client's next bytes. The client hears the end at once, without sending anything more."""
+    hubs = []
+
+    def answer(protocol, data):
+        t = protocol.transport
+        if data != b"end":
+            t.write(b"re:" + data)
+            return
+        if how == "abort":
+            t.abort()
+            return
+        if how.startswith("paused"):
+            t.pause_reading()  # cancels the multishot; the close must not wait on it either
+        t.write(b"bye")
+        t.close()
+
+    def client(port):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(5)
+            ping_pong(s, 6)  # read by the ring from the fourth on
+            s.sendall(b"end")
+            got = b""
+            while chunk := s.recv(100):
+                got += chunk
+            return got
+
+    made, got = serve(lambda: Recorder(on_data=answer), client, hubs=hubs)
+    assert got == (b"" if how == "abort" else b"bye")
+    assert made[0].calls[-1] == ("lost", None), made[0].calls
+    assert hubs[0].reads() == HUB_READS

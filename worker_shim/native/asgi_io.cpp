@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "accept_balance.hpp"
+#include "recv_ring.hpp"
 #include "send_batch.hpp"
 #include "wsgi_call.hpp"
 
@@ -96,6 +97,7 @@ struct Hub {
     bool looking_again = false;        // a look at the listeners standing aside is scheduled
     std::vector<PyRef> held;           // transports whose writes wait for hub.send_held()
     std::unique_ptr<SendBatch> sends;  // how send_held() sends them: one system call for all
+    std::unique_ptr<RecvRing> reads;   // kept-alive connections' reads; null: the loop's reader
 
     ~Hub() {
         if (epfd >= 0) close(epfd);
@@ -149,6 +151,11 @@ struct Connection {
     size_t low = kDefaultHighWater / 4;
     bool registered = false;    // in the hub's epoll set
     bool on_loop = false;       // read when the loop's epoll says so (kReadsBeforeTheLoopWatches)
+    bool on_ring = false;       // read by the hub's RecvRing instead (kReadsBeforeTheLoopWatches)
+    bool ring_armed = false;    // on_ring, and its multishot recv has not ended
+    std::string stash;          // on_ring: bytes that came while reading was paused
+    bool stash_eof = false;     // ... and the peer's FIN after them
+    int stash_error = 0;        // ... or an error after them
     bool loop_reading = false;  // on_loop and the loop's reader is on (not paused, no EOF yet)
     bool at_eof = false;        // the peer's FIN was read: nothing more will come
     uint32_t reads = 0;         // wake-ups that read, while the hub watched it
@@ -268,6 +275,12 @@ void finish(Connection& c, PyObject* exc) {
     c.closing = true;
     Hub& hub = hub_of(c);
     stop_loop_reader(c);  // before the descriptor goes: its number may be reused at once
+    if (c.ring_armed) {   // or the ring's reference would keep the socket (and its FIN)
+        hub.reads->cancel(event_data(c));
+        hub.reads->submit();
+        c.ring_armed = false;
+    }
+    c.stash.clear();
     hub.generations[c.fd]++;
     close(c.fd);  // leaves the hub's epoll set with it
     c.pending.release();
@@ -321,7 +334,7 @@ void resume_protocol_if_drained(Connection& c, PyObject* transport) {
 void watch(Connection& c, int op) {
     epoll_event ev{};
     ev.events = EPOLLET;
-    if (!c.on_loop) ev.events |= EPOLLIN | EPOLLRDHUP;
+    if (!c.on_loop && !c.on_ring) ev.events |= EPOLLIN | EPOLLRDHUP;
     if (!c.pending.empty() && !c.held) ev.events |= EPOLLOUT;  // held: send_held() sends them
     ev.data.u64 = event_data(c);
     epoll_ctl(hub_of(c).epfd, op, c.fd, &ev);
@@ -382,6 +395,35 @@ void write_pending(Connection& c, PyObject* transport, bool out_registered = tru
     after_pending_written(c, transport, out_registered);
 }
 
+// The peer's FIN: eof_received(), and the connection closes unless the protocol keeps it open.
+void the_peer_ended(Connection& c, PyObject* transport) {
+    Hub& hub = hub_of(c);
+    c.at_eof = true;
+    stop_loop_reader(c);  // level-triggered, it would report the end again and again
+    PyRef keep_open = PyRef::steal(
+        PyObject_CallMethodObjArgs(c.protocol.get(), hub.names.eof_received.get(), nullptr));
+    if (!keep_open) report_error(c, transport, "protocol.eof_received() failed");
+    if (c.closing) return;
+    if (!keep_open || PyObject_IsTrue(keep_open.get()) != 1) {
+        PyErr_Clear();
+        c.closing = true;
+        if (c.pending.empty()) finish(c, nullptr);
+    }
+}
+
+// data_received(bytes); false: the protocol raised, and the connection is finished.
+bool deliver(Connection& c, PyObject* transport, const char* bytes, size_t size) {
+    PyRef data = PyRef::steal(PyBytes_FromStringAndSize(bytes, static_cast<Py_ssize_t>(size)));
+    PyRef r = data
+                  ? PyRef::steal(PyObject_CallMethodObjArgs(
+                        c.protocol.get(), hub_of(c).names.data_received.get(), data.get(), nullptr))
+                  : PyRef();
+    if (r) return true;
+    PyRef exc = report_error(c, transport, "protocol.data_received() failed");
+    finish(c, exc.get());
+    return false;
+}
+
 // Reads and hands over what arrived. A short read emptied the socket: bytes arriving later are
 // a new edge in the hub's epoll (edge-triggered), or a new report from the loop's
 // (level-triggered), so it stops there unless the peer's FIN came with the hub's edge
@@ -400,34 +442,96 @@ void read_ready(Connection& c, PyObject* transport, bool to_the_end) {
         }
         if (n == 0) {
             c.maybe_readable = false;
-            c.at_eof = true;
-            stop_loop_reader(c);  // level-triggered, it would report the end again and again
-            PyRef keep_open = PyRef::steal(PyObject_CallMethodObjArgs(
-                c.protocol.get(), hub.names.eof_received.get(), nullptr));
-            if (!keep_open) report_error(c, transport, "protocol.eof_received() failed");
-            if (c.closing) return;
-            if (!keep_open || PyObject_IsTrue(keep_open.get()) != 1) {
-                PyErr_Clear();
-                c.closing = true;
-                if (c.pending.empty()) finish(c, nullptr);
-            }
+            the_peer_ended(c, transport);
             return;
         }
-        PyRef data = PyRef::steal(PyBytes_FromStringAndSize(hub.read_buffer.data(), n));
-        PyRef r = data ? PyRef::steal(PyObject_CallMethodObjArgs(
-                             c.protocol.get(), hub.names.data_received.get(), data.get(), nullptr))
-                       : PyRef();
-        if (!r) {
-            PyRef exc = report_error(c, transport, "protocol.data_received() failed");
-            finish(c, exc.get());
-            return;
-        }
+        if (!deliver(c, transport, hub.read_buffer.data(), static_cast<size_t>(n))) return;
         if (static_cast<size_t>(n) < hub.read_buffer.size() && !to_the_end) {
             c.maybe_readable = false;
             return;
         }
     }
     c.maybe_readable = !c.closing;  // paused with bytes perhaps waiting: resume reads them
+}
+
+// -- Reads through the RecvRing (a kept-alive connection, where the kernel allows) -------------
+
+bool has_stash(const Connection& c) {
+    return !c.stash.empty() || c.stash_eof || c.stash_error != 0;
+}
+
+// Arms the connection's multishot recv unless it is armed, or nothing more is to be read now;
+// it reaches the kernel at the ring's next submit.
+void read_on_the_ring(Connection& c) {
+    if (c.ring_armed || c.reading_paused || c.closing || c.at_eof || has_stash(c)) return;
+    Hub& hub = hub_of(c);
+    hub.reads->arm(c.fd, event_data(c));
+    hub.reads->submit();
+    c.ring_armed = true;
+}
+
+// What came while reading was paused, in order: the bytes, then the FIN or the error; then
+// the ring reads on. Stops where the protocol pauses again or closes.
+void deliver_the_stash(Connection& c, PyObject* transport) {
+    if (c.reading_paused || c.closing) return;
+    if (!c.stash.empty()) {
+        std::string bytes;
+        bytes.swap(c.stash);
+        if (!deliver(c, transport, bytes.data(), bytes.size())) return;
+        if (c.reading_paused || c.closing) return;
+    }
+    if (c.stash_error != 0) {
+        const int err = c.stash_error;
+        c.stash_error = 0;
+        fail(c, err);
+        return;
+    }
+    if (c.stash_eof) {
+        c.stash_eof = false;
+        the_peer_ended(c, transport);
+        return;
+    }
+    read_on_the_ring(c);
+}
+
+// One completion of a connection's multishot recv.
+void ring_completion(Hub& hub, const RecvRing::Completion& done) {
+    const int fd = static_cast<int>(done.tag & 0xffffffffu);
+    const uint32_t generation = static_cast<uint32_t>(done.tag >> 32);
+    if (fd < 0 || static_cast<size_t>(fd) >= hub.open.size() || !hub.open[fd]) return;
+    PyRef transport = PyRef::borrow(hub.open[fd].get());
+    Connection& c = conn_of(transport.get());
+    if ((c.generation & kGenerationMask) != generation || c.closed) return;
+    if (!done.more) c.ring_armed = false;
+    if (done.result == -ECANCELED || done.result == -ENOBUFS) {  // a pause; out of buffers
+        read_on_the_ring(c);  // if reading resumed meanwhile, or the buffers are back
+        return;
+    }
+    if (c.closing) return;  // nothing more is handed over after close(), as read_ready()
+    const bool keep = c.reading_paused || has_stash(c);
+    if (done.result > 0) {
+        const size_t size = static_cast<size_t>(done.result);
+        if (keep) {
+            c.stash.append(done.data, size);
+        } else if (!deliver(c, transport.get(), done.data, size)) {
+            return;
+        }
+        if (!done.more) read_on_the_ring(c);
+        return;
+    }
+    if (keep) {
+        if (done.result == 0) {
+            c.stash_eof = true;
+        } else {
+            c.stash_error = -done.result;
+        }
+        return;
+    }
+    if (done.result == 0) {
+        the_peer_ended(c, transport.get());
+    } else {
+        fail(c, -done.result);
+    }
 }
 
 // -- IoTransport --------------------------------------------------------------------------------
@@ -625,6 +729,10 @@ PyObject* transport_pause_reading(PyObject* self, PyObject*) {
     Connection& c = conn_of(self);
     c.reading_paused = true;
     stop_loop_reader(c);
+    if (c.ring_armed && !c.closing) {  // what comes before the cancel is kept for the resume
+        hub_of(c).reads->cancel(event_data(c));
+        hub_of(c).reads->submit();
+    }
     Py_RETURN_NONE;
 }
 
@@ -635,6 +743,18 @@ PyObject* transport_resume_reading(PyObject* self, PyObject*) {
     Connection& c = conn_of(self);
     if (!c.reading_paused) Py_RETURN_NONE;
     c.reading_paused = false;
+    if (c.on_ring) {
+        if (has_stash(c)) {  // delivered first, in the next loop iteration; then read on
+            Hub& hub = hub_of(c);
+            PyRef read_now = PyRef::steal(PyObject_GetAttr(self, hub.names.read_now.get()));
+            if (!read_now) return nullptr;
+            PyRef r = call_in_hub_context(hub, hub.call_soon.get(), read_now.get());
+            if (!r) return nullptr;
+        } else {
+            read_on_the_ring(c);
+        }
+        Py_RETURN_NONE;
+    }
     if (c.on_loop) {
         if (!c.closing && !c.at_eof && !c.loop_reading && !start_loop_reader(c, self)) {
             report_error(c, self, "loop.add_reader() failed: the hub reads the connection again");
@@ -654,6 +774,11 @@ PyObject* transport_resume_reading(PyObject* self, PyObject*) {
 
 PyObject* transport_read_now(PyObject* self, PyObject*) {
     Connection& c = conn_of(self);
+    if (c.on_ring) {
+        PyRef keep = PyRef::borrow(self);
+        deliver_the_stash(c, self);
+        Py_RETURN_NONE;
+    }
     if (c.maybe_readable && !c.closing) {
         PyRef keep = PyRef::borrow(self);
         read_ready(c, self, true);
@@ -1068,6 +1193,12 @@ void accept_connections(PyObject* hub_object, size_t index) {
 // A kept-alive connection's reads move to the loop's own epoll. If the loop will not take it,
 // the hub keeps it (reported as a protocol's failure is), and tries again as many reads later.
 void move_to_the_loop(Connection& c, PyObject* transport) {
+    if (hub_of(c).reads) {  // read by the ring: no read() at all from now on
+        c.on_ring = true;
+        read_on_the_ring(c);
+        watch(c, EPOLL_CTL_MOD);  // the hub's epoll: only EPOLLOUT, while bytes wait
+        return;
+    }
     if (!start_loop_reader(c, transport)) {
         report_error(c, transport, "loop.add_reader() failed: the hub keeps the connection");
         c.reads = 0;
@@ -1089,6 +1220,7 @@ void serve_event(Hub& hub, const epoll_event& event) {
         write_pending(c, transport.get());
     }
     if (c.closing || c.at_eof) return;
+    if (c.on_ring) return;  // its bytes, its FIN and its errors come by the ring
     if (c.on_loop) {
         // Read from the loop's reader; the hub waits for its EPOLLOUT, and gets EPOLLHUP and
         // EPOLLERR, which epoll always reports. uvloop's reader stops, silently, at an error on
@@ -1207,6 +1339,26 @@ PyObject* hub_resume_listener(PyObject* self, PyObject* arg) {
     Py_RETURN_NONE;
 }
 
+// hub.reap(): what the RecvRing read, handed to the protocols; the loop calls it when
+// reads_fileno() is readable.
+PyObject* hub_reap(PyObject* self, PyObject*) {
+    Hub& hub = hub_of(self);
+    if (hub.reads) {
+        hub.reads->reap([&hub](const RecvRing::Completion& done) { ring_completion(hub, done); });
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject* hub_reads_fileno(PyObject* self, PyObject*) {
+    Hub& hub = hub_of(self);
+    return PyLong_FromLong(hub.reads ? hub.reads->fd() : -1);
+}
+
+// How a kept-alive connection is read: "io_uring" (the RecvRing) or "loop" (its epoll).
+PyObject* hub_reads(PyObject* self, PyObject*) {
+    return PyUnicode_FromString(hub_of(self).reads ? "io_uring" : "loop");
+}
+
 // How send_held() sends: "io_uring" (one system call for the batch) or "send" (one each).
 PyObject* hub_sends(PyObject* self, PyObject*) {
     return PyUnicode_FromString(hub_of(self).sends->uses_ring() ? "io_uring" : "send");
@@ -1249,6 +1401,13 @@ PyMethodDef hub_methods[] = {
     {"resume_listener", hub_resume_listener, METH_O,
      "resume_listener(fd): accept again after accept_failed paused it."},
     {"connections", hub_connections, METH_NOARGS, "How many accepted connections are open."},
+    {"reap", hub_reap, METH_NOARGS,
+     "Hands what the ring read to the protocols; the loop calls it when reads_fileno() is "
+     "readable."},
+    {"reads_fileno", hub_reads_fileno, METH_NOARGS,
+     "The RecvRing's descriptor, for the loop to watch; -1 without one."},
+    {"reads", hub_reads, METH_NOARGS,
+     "How a kept-alive connection is read: 'io_uring' (the ring) or 'loop' (its epoll)."},
     {"sends", hub_sends, METH_NOARGS,
      "How send_held() sends: 'io_uring' (one system call for the batch) or 'send' (one "
      "each)."},
@@ -1314,6 +1473,7 @@ PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* arg
     // One "thread": the loop is never counted busy, a loop that stops is by its stale stamp.
     hub.board = std::make_unique<AcceptBoard>(board_fd, generation, 1);
     hub.sends = std::make_unique<SendBatch>(use_ring != 0);
+    if (use_ring != 0) hub.reads = RecvRing::open();
     return owner.release();
 }
 

@@ -22,9 +22,13 @@
 // request reaches the protocol in the wake-up that accepted it, and a connection is added to
 // the epoll set only after that read (not at all if it was closed meanwhile).
 //
-// A connection read a few times is kept alive: its reads move to the loop's own epoll
-// (`loop.add_reader(fd, transport._readable)`), so that a wake-up for it costs the loop's
-// epoll_wait alone, not that and the hub's nested one. The hub keeps watching its EPOLLOUT.
+// A connection read a few times is kept alive: its reads move to the hub's RecvRing (a
+// multishot recv through io_uring, whose descriptor the loop watches: `loop.add_reader(
+// hub.reads_fileno(), hub.reap)`; recv_ring.hpp), so that its requests cost no read() at all
+// and one wake-up serves every connection that got bytes; where the kernel has no multishot
+// recv, to the loop's own epoll (`loop.add_reader(fd, transport._readable)`), so that a
+// wake-up for it costs the loop's epoll_wait alone, not that and the hub's nested one. The
+// hub keeps watching its EPOLLOUT.
 // docs/architecture.md, "ASGI: molt's own I/O", has the measurements.
 //
 // With the generation's accept board, a worker that holds more than its share of the

@@ -830,7 +830,8 @@ class UvicornASGIEngine:
 
     def describe(self) -> str:
         cycle = getattr(self.protocol_class, "cycle_kind", None)  # h11's protocol has none
-        io = "molt, sends %s" % self.hub.sends() if self.hub is not None else "loop"
+        io = ("molt, sends %s, reads %s" % (self.hub.sends(), self.hub.reads())
+              if self.hub is not None else "loop")
         return "asgi, %s, loop %s, I/O %s%s, tasks %s" % (
             self.protocol_class.__name__, self.loop_name, io,
             ", cycle %s" % cycle if cycle else "", self.tasks_kind)
@@ -984,6 +985,8 @@ class UvicornASGIEngine:
             loop.add_reader(fd, self._readable, hooks, fd)
         if self.hub is not None:
             loop.add_reader(self.hub.fileno(), self.hub.poll)
+            if self.hub.reads_fileno() >= 0:  # kept-alive connections, read by io_uring
+                loop.add_reader(self.hub.reads_fileno(), self.hub.reap)
         try:
             while True:
                 now = time.monotonic()
@@ -1002,6 +1005,8 @@ class UvicornASGIEngine:
                 loop.remove_reader(fd)
             if self.hub is not None:
                 loop.remove_reader(self.hub.fileno())
+                if self.hub.reads_fileno() >= 0:
+                    loop.remove_reader(self.hub.reads_fileno())
 
     def _readable(self, hooks: LoopHooks, fd: int) -> None:
         if not hooks.on_readable(fd):
