@@ -717,3 +717,40 @@ def test_a_connection_the_ring_reads_closes_at_once(how):
     assert got == (b"" if how == "abort" else b"bye")
     assert made[0].calls[-1] == ("lost", None), made[0].calls
     assert hubs[0].reads() == HUB_READS
+
+
+def test_a_large_upload_the_ring_reads_arrives_whole_and_in_order():
+    """A connection the RecvRing reads gets 8 MiB at once: more than the ring's shared buffers
+    (128 x 8 KiB), so the kernel runs out of them mid-way (-ENOBUFS ends the multishot, armed
+    again once they are back) and consecutive completions are joined; every byte arrives, in
+    order, and the connection goes on serving."""
+    upload = os.urandom(1 << 20) * 8
+    hubs = []
+
+    def answer(protocol, data):
+        if not hasattr(protocol, "got"):
+            protocol.got = bytearray()
+            protocol.chunks = 0
+        if protocol.chunks < 0 or len(data) < 8 and not protocol.got:
+            protocol.transport.write(b"re:" + data)  # the ping-pong before and after
+            return
+        protocol.got += data
+        protocol.chunks += 1
+        if len(protocol.got) == len(upload):
+            ok = bytes(protocol.got) == upload
+            protocol.transport.write(b"whole" if ok else b"wrong")
+            protocol.chunks = -1
+
+    def client(port):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(10)
+            ping_pong(s, 6)  # read by the ring from the fourth on
+            s.sendall(upload)
+            verdict = s.recv(5)
+            ping_pong(s, 2)
+            return verdict
+
+    made, verdict = serve(lambda: Recorder(on_data=answer), client, hubs=hubs)
+    assert verdict == b"whole"
+    assert hubs[0].reads() == HUB_READS
+    assert made[0].calls[-1] == ("lost", None), made[0].calls

@@ -277,7 +277,6 @@ void finish(Connection& c, PyObject* exc) {
     stop_loop_reader(c);  // before the descriptor goes: its number may be reused at once
     if (c.ring_armed) {   // or the ring's reference would keep the socket (and its FIN)
         hub.reads->cancel(event_data(c));
-        hub.reads->submit();
         c.ring_armed = false;
     }
     c.stash.clear();
@@ -460,12 +459,17 @@ bool has_stash(const Connection& c) {
     return !c.stash.empty() || c.stash_eof || c.stash_error != 0;
 }
 
-// Arms the connection's multishot recv unless it is armed, or nothing more is to be read now;
-// it reaches the kernel at the ring's next submit.
+// Arms the connection's multishot recv unless it is armed, or nothing more is to be read now.
+// If the ring has no room (the kernel out of memory), the hub's epoll reads it again, and
+// moves it to the ring again after as many reads.
 void read_on_the_ring(Connection& c) {
     if (c.ring_armed || c.reading_paused || c.closing || c.at_eof || has_stash(c)) return;
     Hub& hub = hub_of(c);
-    hub.reads->arm(c.fd, event_data(c));
+    if (!hub.reads->arm(c.fd, event_data(c))) {
+        c.on_ring = false;
+        back_to_the_hub(c);
+        return;
+    }
     hub.reads->submit();
     c.ring_armed = true;
 }
@@ -731,7 +735,6 @@ PyObject* transport_pause_reading(PyObject* self, PyObject*) {
     stop_loop_reader(c);
     if (c.ring_armed && !c.closing) {  // what comes before the cancel is kept for the resume
         hub_of(c).reads->cancel(event_data(c));
-        hub_of(c).reads->submit();
     }
     Py_RETURN_NONE;
 }

@@ -14,7 +14,6 @@ namespace {
 constexpr unsigned kEntries = 256;      // submission queue; completions twice as many
 constexpr unsigned kBuffers = 128;      // shared by every connection of the worker
 constexpr unsigned kBufferSize = 8192;  // a larger arrival takes several, in order
-constexpr unsigned kBatch = 64;         // completions taken at a time
 constexpr uint16_t kGroup = 1;
 constexpr uint64_t kCancelTag = ~0ull;  // a cancel's own completion
 
@@ -117,9 +116,7 @@ std::unique_ptr<RecvRing> RecvRing::open() {
     return std::unique_ptr<RecvRing>(new RecvRing(std::move(r)));
 }
 
-RecvRing::RecvRing(std::unique_ptr<Ring> ring) : ring_(std::move(ring)) {
-    batch_.reserve(kBatch);
-}
+RecvRing::RecvRing(std::unique_ptr<Ring> ring) : ring_(std::move(ring)) {}
 
 RecvRing::~RecvRing() = default;
 
@@ -127,16 +124,27 @@ int RecvRing::fd() const {
     return ring_->ring.ring_fd;
 }
 
-void RecvRing::arm(int fd, uint64_t tag) {
+bool RecvRing::arm(int fd, uint64_t tag) {
     io_uring_sqe* sqe = next_sqe(ring_->ring);
-    if (sqe != nullptr) prep_multishot(sqe, fd, tag);
+    if (sqe == nullptr) return false;
+    prep_multishot(sqe, fd, tag);
+    return true;
 }
 
 void RecvRing::cancel(uint64_t tag) {
     io_uring_sqe* sqe = next_sqe(ring_->ring);
-    if (sqe == nullptr) return;
-    io_uring_prep_cancel64(sqe, tag, 0);
-    io_uring_sqe_set_data64(sqe, kCancelTag);
+    if (sqe != nullptr) {
+        io_uring_prep_cancel64(sqe, tag, 0);
+        io_uring_sqe_set_data64(sqe, kCancelTag);
+        submit();  // the cancel runs in it: the multishot lets go of the socket
+        return;
+    }
+    io_uring_sync_cancel_reg reg{};  // no room in the queue: the kernel cancels it in the call
+    reg.addr = tag;
+    reg.timeout.tv_sec = -1;
+    reg.timeout.tv_nsec = -1;
+    while (io_uring_register_sync_cancel(&ring_->ring, &reg) == -EINTR) {
+    }
 }
 
 void RecvRing::submit() {
@@ -145,22 +153,28 @@ void RecvRing::submit() {
     }
 }
 
-bool RecvRing::take_batch() {
-    batch_.clear();
-    io_uring_cqe* cqes[kBatch];
-    const unsigned n = io_uring_peek_batch_cqe(&ring_->ring, cqes, kBatch);
-    for (unsigned i = 0; i < n; ++i) {
-        const io_uring_cqe* cqe = cqes[i];
+std::vector<RecvRing::Taken> RecvRing::take_all() {
+    if (IO_URING_READ_ONCE(*ring_->ring.sq.kflags) & IORING_SQ_CQ_OVERFLOW) {
+        io_uring_get_events(&ring_->ring);  // completions the queue had no room for
+    }
+    std::vector<Taken> taken;
+    taken.reserve(io_uring_cq_ready(&ring_->ring));
+    unsigned head;
+    unsigned seen = 0;
+    io_uring_cqe* cqe;
+    io_uring_for_each_cqe(&ring_->ring, head, cqe) {
+        ++seen;
         Taken t{io_uring_cqe_get_data64(cqe), cqe->res, (cqe->flags & IORING_CQE_F_MORE) != 0,
                 nullptr, -1};
         if (cqe->flags & IORING_CQE_F_BUFFER) {
             t.buffer = static_cast<int>(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
             t.data = ring_->memory + size_t(t.buffer) * kBufferSize;
         }
-        if (t.tag != kCancelTag) batch_.push_back(t);
+        if (t.tag == kCancelTag) continue;  // a cancel's own: never with a buffer
+        taken.push_back(t);
     }
-    io_uring_cq_advance(&ring_->ring, n);
-    return n > 0;
+    io_uring_cq_advance(&ring_->ring, seen);
+    return taken;
 }
 
 void RecvRing::give_back(const Taken& t) {

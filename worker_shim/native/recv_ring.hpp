@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace molt::native {
@@ -39,20 +40,43 @@ class RecvRing {
     RecvRing& operator=(const RecvRing&) = delete;
 
     int fd() const;
-    // Queued; they reach the kernel at submit() (or at the next reap()).
-    void arm(int fd, uint64_t tag);
+    // Queued; it reaches the kernel at submit() (or at the next reap()). False: the ring has
+    // no room and could not make some (the kernel out of memory): nothing was armed.
+    bool arm(int fd, uint64_t tag);
+    // Cancels the multishot with this tag, now: when it returns, the ring holds no
+    // reference to the socket any more (through the queue, or synchronously where it is
+    // full).
     void cancel(uint64_t tag);
     void submit();
 
-    // Each completion waiting, in order, to `on_completion(const Completion&)`; its buffer goes
-    // back to the ring when the call returns. What the callbacks queued is submitted after.
+    // The completions waiting when it is called (not those that come meanwhile: the loop
+    // calls again, the descriptor being readable), in order, to `on_completion(const
+    // Completion&)`. Consecutive bytes of one connection go as one completion. Each buffer
+    // goes back to the ring when its call returns; what the calls queued is submitted after.
+    // A callback may call reap() again (a loop run from inside one): each call has its own
+    // completions.
     template <class F>
     void reap(F&& on_completion) {
-        while (take_batch()) {
-            for (const Taken& t : batch_) {
-                on_completion(Completion{t.tag, t.result, t.more, t.data});
-                give_back(t);
+        std::vector<Taken> taken = take_all();
+        std::string joined;
+        for (size_t i = 0; i < taken.size();) {
+            size_t end = i + 1;
+            const Taken& first = taken[i];
+            Completion c{first.tag, first.result, first.more, first.data};
+            if (first.result > 0) {  // the bytes that follow it for the same connection too
+                while (end < taken.size() && taken[end].tag == first.tag && taken[end].result > 0) {
+                    ++end;
+                }
+                if (end > i + 1) {
+                    joined.clear();
+                    for (size_t j = i; j < end; ++j) joined.append(taken[j].data, taken[j].result);
+                    c = Completion{first.tag, static_cast<int>(joined.size()), taken[end - 1].more,
+                                   joined.data()};
+                }
             }
+            on_completion(c);
+            for (size_t j = i; j < end; ++j) give_back(taken[j]);
+            i = end;
         }
         submit();
     }
@@ -67,11 +91,10 @@ class RecvRing {
         int buffer;  // -1: none
     };
     explicit RecvRing(std::unique_ptr<Ring> ring);
-    bool take_batch();
+    std::vector<Taken> take_all();
     void give_back(const Taken& t);
 
     std::unique_ptr<Ring> ring_;
-    std::vector<Taken> batch_;
 };
 
 }  // namespace molt::native
