@@ -70,6 +70,7 @@ def kernel_at_least(major: int, minor: int) -> bool:
 # connection (the worker's ready: line): a multishot recv needs Linux 6.0.
 HUB_SENDS = "io_uring" if io_uring_available() else "send"
 HUB_READS = "io_uring" if HUB_SENDS == "io_uring" and kernel_at_least(6, 0) else "loop"
+
 if not HAVE_NATIVE and os.environ.get("MOLT_BIN"):
     raise AssertionError("MOLT_BIN is set but %s has no _molt_native.abi3.so" % NATIVE_DIR)
 # An ASan+UBSan build of the extension needs the sanitizer runtime loaded first.
