@@ -1041,6 +1041,12 @@ namespace {
 using Apply = void (*)(Context&, const Node&, Config&);
 using ShowDefault = std::string (*)(const Config&);
 
+std::string accepting_workers_text(int n) {
+    if (n == kAcceptingAuto) return "`auto`";
+    if (n == kAcceptingAll) return "`all`";
+    return fmt::format("`{}`", n);
+}
+
 struct KeySpec {
     std::string_view path;  // dotted; "listen[].x" are keys of a listen mapping entry
     std::string_view type;  // "section" for mappings of further keys
@@ -1255,6 +1261,30 @@ const std::vector<KeySpec>& key_table() {
         {"threads", "integer >= 1", [](const Config& c) { return std::to_string(c.threads); },
          "Request threads per WSGI worker.",
          [](Context& ctx, const Node& n, Config& c) { ctx.set_integer(n, c.threads, 1); }},
+        {"accepting_workers", "auto, all or integer >= 1",
+         [](const Config& c) { return accepting_workers_text(c.accepting_workers); },
+         "How many of a generation's workers take new connections while they can. The others "
+         "are a reserve: each stays out of the accept queue while that many workers ahead of "
+         "it can accept, and takes connections as soon as one of them cannot (hung in the app "
+         "for 0.5 s, every thread busy, stopped, gone). `auto`: one per CPU molt may run on "
+         "(its affinity, capped by a cgroup CPU quota), so that a machine with fewer cores "
+         "than workers does not share them between more busy processes than it can run at "
+         "once (measured, 4 workers on 2 cores: 12 to 30 % less CPU per request). `all`: "
+         "every worker takes them, spread by connection count.",
+         [](Context& ctx, const Node& n, Config& c) {
+             auto text = ctx.scalar(n, "auto, all or an integer >= 1");
+             if (!text) return;
+             if (*text == "auto") {
+                 c.accepting_workers = kAcceptingAuto;
+             } else if (*text == "all") {
+                 c.accepting_workers = kAcceptingAll;
+             } else if (long long number = 0; YAML::convert<long long>::decode(n, number)) {
+                 ctx.set_integer(n, c.accepting_workers, 1, kMaxWorkers);
+             } else {
+                 ctx.error(
+                     n, fmt::format("expected auto, all or an integer >= 1, got {}", describe(n)));
+             }
+         }},
         {"timeouts", "section", nullptr, "Time limits.", nullptr},
         {"timeouts.boot", "duration > 0",
          [](const Config& c) { return format_duration(c.timeouts.boot); },
@@ -2105,6 +2135,7 @@ json full_json(const Config& c) {
         {"listen", listen},
         {"workers", c.workers},
         {"threads", c.threads},
+        {"accepting_workers", c.accepting_workers},
         {"timeouts",
          {{"boot_ms", ms(t.boot)},
           {"graceful_ms", ms(t.graceful)},
@@ -2171,6 +2202,7 @@ std::string worker_config_json(const Config& config, const std::string& release_
         {"listeners", listener_options_json(config)},
         {"chdir", release_dir},
         {"threads", config.threads},
+        {"accepting_workers", config.accepting_workers},
         {"generation", generation},
         {"worker", worker},
         {"version", version},

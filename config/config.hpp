@@ -154,6 +154,10 @@ struct Proxy {
     std::vector<std::string> headers = {"x-forwarded-for", "x-forwarded-proto"};
 };
 
+// `accepting_workers:` auto and all, as the worker is given them (N >= 1 is itself).
+inline constexpr int kAcceptingAuto = -1;
+inline constexpr int kAcceptingAll = 0;
+
 struct Config {
     std::string source;  // the file it came from, or "<command line>"
 
@@ -176,6 +180,9 @@ struct Config {
     std::vector<ListenAddress> listen;
     int workers = 1;  // 1 to kMaxWorkers
     int threads = 1;
+    // How many of a generation's workers take new connections while they can (the accept
+    // board's hot workers): kAcceptingAuto (one per CPU molt may use), kAcceptingAll, or N.
+    int accepting_workers = kAcceptingAuto;
     Timeouts timeouts;
     Health health;
     Rollover rollover;

@@ -1,7 +1,9 @@
 """A generation's workers keep their share of the connections (the native engine's accept
 board, worker_shim/native/accept_balance.hpp, and the ASGI engine's own I/O), behind the real
 master: a worker that was paused while connections arrived takes the new ones until the other
-holds at most about twice as many, and a paused worker holds up nobody's connections."""
+holds at most about twice as many, and a paused worker holds up nobody's connections. With
+fewer `accepting_workers` than workers, the rest are a reserve that takes connections only
+while a hot worker cannot."""
 from __future__ import annotations
 
 import glob
@@ -71,8 +73,10 @@ ENGINES = {
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_a_paused_worker_holds_up_nobody_and_then_takes_its_share(molt, engine):
     # Stopped workers stay silent: a long heartbeat keeps the master from replacing them.
+    # Both workers hot whatever the machine's CPUs: this is the rule between hot workers.
     m = molt({**ENGINES[engine], "chdir": str(APPS), "python": "/usr/bin/python3",
-              "workers": 2, "listen": ["tcp://127.0.0.1:0"], "timeouts": {"heartbeat": "120s"}})
+              "workers": 2, "accepting_workers": "all", "listen": ["tcp://127.0.0.1:0"],
+              "timeouts": {"heartbeat": "120s"}})
     a, b = m.worker_pids()
     if ENGINES[engine].get("preload"):
         status = m.status()
@@ -107,6 +111,48 @@ def test_a_paused_worker_holds_up_nobody_and_then_takes_its_share(molt, engine):
         sock.close()
     wait_until(lambda: all(e["connections"] == 0 for e in board_entries(a).values()), 15,
                "the connections closed on the board")
+
+
+@pytest.mark.parametrize("engine", ["native", "asgi"])
+def test_a_reserve_worker_takes_connections_only_while_the_hot_one_cannot(molt, engine):
+    # accepting_workers: 1 of 2 workers: one is hot, the other a reserve (as `auto` makes the
+    # workers beyond the machine's CPUs).
+    m = molt({**ENGINES[engine], "chdir": str(APPS), "python": "/usr/bin/python3",
+              "workers": 2, "accepting_workers": 1, "listen": ["tcp://127.0.0.1:0"],
+              "timeouts": {"heartbeat": "120s"}})
+    a, b = m.worker_pids()
+    wait_until(lambda: set(board_entries(a)) >= {a, b}, 10, "both workers on the board")
+    held = []
+
+    def serve(n: int) -> Counter:
+        served = Counter()
+        for _ in range(n):
+            sock, pid = ask(m.port)
+            held.append(sock)
+            served[pid] += 1
+        return served
+
+    # The reserve is in the accept queue until its first accept, after which it steps aside:
+    # it takes one connection, and perhaps one that the hot worker left queued for 50 ms on a
+    # busy machine (the stranded-queue rule). With `all`, each takes about half.
+    first = serve(12)
+    ((hot, count),) = first.most_common(1)
+    assert count >= 10, first
+    reserve = b if hot == a else a
+    os.kill(hot, signal.SIGSTOP)
+    try:
+        wait_until(lambda: all_threads_stopped(hot), 10, "the stopped worker")
+        # Stopped, it stops stamping the board: after 0.5 s the reserve is hot and serves.
+        assert serve(12) == Counter({reserve: 12})
+    finally:
+        os.kill(hot, signal.SIGCONT)
+    wait_until(lambda: monotonic_ms() - board_entries(hot)[hot]["stamp_ms"] < 200, 10,
+               "the hot worker alive again on the board")
+    # Back: the reserve steps aside again after its next accept, whatever it holds.
+    again = serve(12)
+    assert again[hot] >= 10, again
+    for sock in held:
+        sock.close()
 
 
 def test_the_board_is_not_inherited_by_an_apps_children(molt):

@@ -40,6 +40,7 @@ DEFAULTS: Dict[str, Any] = {
     "chdir": "",
     "static": [],  # [{"prefix": "/static/", "dir": "..."}]: served by the engine (static.py)
     "threads": 8,
+    "accepting_workers": -1,  # the accept board's hot workers: -1 one per CPU, 0 all, or N
     "generation": 0,
     "worker": 0,
     "version": "",
@@ -159,6 +160,10 @@ class WorkerConfig:
     @property
     def threads(self) -> int:
         return max(1, int(self.raw["threads"]))
+
+    @property
+    def accepting_workers(self) -> int:
+        return int(self.raw["accepting_workers"])
 
     @property
     def generation(self) -> int:

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -11,6 +12,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <ctime>
 
 namespace molt::native {
@@ -59,8 +63,40 @@ bool should_step_aside(int mine, std::optional<int> least_accepting) {
     return least_accepting.has_value() && mine > 2 * *least_accepting + 2;
 }
 
-AcceptBoard::AcceptBoard(int board_fd, std::uint32_t generation, int threads)
-    : generation_(generation) {
+bool should_step_aside(int mine, int cpus, const SiblingsView& siblings) {
+    if (cpus > 0 && siblings.ahead >= cpus) return true;  // a reserve
+    return should_step_aside(mine, siblings.least_hot);
+}
+
+namespace {
+
+// cgroup v2's cpu.max: "max 100000" (no quota) or "QUOTA PERIOD"; 0 when there is none.
+int cgroup_cpu_quota() {
+    FILE* f = std::fopen("/sys/fs/cgroup/cpu.max", "r");
+    if (f == nullptr) return 0;
+    char quota[32] = {};
+    long long period = 0;
+    const int got = std::fscanf(f, "%31s %lld", quota, &period);
+    std::fclose(f);
+    if (got != 2 || period <= 0 || std::strcmp(quota, "max") == 0) return 0;
+    const long long q = std::atoll(quota);
+    return q > 0 ? static_cast<int>((q + period - 1) / period) : 0;
+}
+
+}  // namespace
+
+int usable_cpus() {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 0;
+    if (cpus <= 0) cpus = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+    const int quota = cgroup_cpu_quota();
+    if (quota > 0 && quota < cpus) cpus = quota;
+    return std::max(1, cpus);
+}
+
+AcceptBoard::AcceptBoard(int board_fd, std::uint32_t generation, int threads, int cpus)
+    : generation_(generation), cpus_(cpus < 0 ? usable_cpus() : cpus) {
     if (board_fd < 0) return;
     struct stat st {};
     if (fstat(board_fd, &st) != 0 || st.st_size < static_cast<off_t>(sizeof(Entry)) ||
@@ -139,13 +175,18 @@ void AcceptBoard::leave() {
     mine_->in_queue.store(0);
 }
 
-std::optional<int> AcceptBoard::scan_siblings(int mine) {
-    std::optional<int> least;
-    if (mine_ == nullptr) return least;
+SiblingsView AcceptBoard::scan_siblings(int mine) {
+    SiblingsView view;
+    if (mine_ == nullptr) return view;
     const std::int64_t now = now_ms();
+    int free_seen = 0;  // free, alive workers of the generation so far, this one included
     for (std::size_t i = 0; i < capacity_; ++i) {
         Entry& e = entries_[i];
-        if (&e == mine_ || e.pid.load(std::memory_order_relaxed) == 0 ||
+        if (&e == mine_) {
+            ++free_seen;
+            continue;
+        }
+        if (e.pid.load(std::memory_order_relaxed) == 0 ||
             e.generation.load(std::memory_order_relaxed) != generation_) {
             continue;
         }
@@ -153,8 +194,12 @@ std::optional<int> AcceptBoard::scan_siblings(int mine) {
             e.busy.load(std::memory_order_relaxed) < e.threads.load(std::memory_order_relaxed) &&
             now - e.stamp_ms.load(std::memory_order_relaxed) <= kAliveMs;
         if (!free_and_alive) continue;
+        if (&e < mine_) ++view.ahead;
+        const bool hot = cpus_ <= 0 || free_seen < cpus_;
+        ++free_seen;
+        if (!hot) continue;  // a reserve: neither counted nor called back
         const int n = e.connections.load(std::memory_order_relaxed);
-        if (!least || n < *least) least = n;
+        if (!view.least_hot || n < *view.least_hot) view.least_hot = n;
         if (e.in_queue.load(std::memory_order_relaxed) == 0 && native::should_step_aside(mine, n) &&
             e.call.exchange(1) == 0) {
             // It stands aside holding so few that this worker steps aside for it: call it
@@ -163,13 +208,15 @@ std::optional<int> AcceptBoard::scan_siblings(int mine) {
             syscall(SYS_futex, &e.call, FUTEX_WAKE, 1, nullptr, nullptr, 0);
         }
     }
-    return least;
+    return view;
 }
 
 bool AcceptBoard::should_step_aside() {
     if (mine_ == nullptr) return false;
     const int mine = mine_->connections.load(std::memory_order_relaxed);
-    return native::should_step_aside(mine, scan_siblings(mine));
+    const SiblingsView siblings = scan_siblings(mine);
+    reserve_ = cpus_ > 0 && siblings.ahead >= cpus_;
+    return native::should_step_aside(mine, cpus_, siblings);
 }
 
 void AcceptBoard::wait_for_call(int timeout_ms) {

@@ -1019,14 +1019,16 @@ void come_back(Hub& hub, size_t index) {
     if (!l.paused && !watch_listener(hub, index)) pause_listener(hub, index, errno);
 }
 
-// While a listener stands aside, hub._look_again() runs every kAsideRecheckMs. If the loop
+// While a listener stands aside, hub._look_again() runs every kAsideRecheckMs (a reserve's,
+// every kReserveRecheckMs: accept_balance.hpp). If the loop
 // will not schedule it (closed, in a worker's last moments), every listener comes back now:
 // a worker must not stand aside with nobody to call it back.
 void look_again_later(PyObject* hub_object) {
     Hub& hub = hub_of(hub_object);
     if (hub.looking_again) return;
     PyRef method = PyRef::steal(PyObject_GetAttr(hub_object, hub.names.look_again.get()));
-    PyRef delay = PyRef::steal(PyFloat_FromDouble(kAsideRecheckMs / 1000.0));
+    const int ms = hub.board->reserve() ? kReserveRecheckMs : kAsideRecheckMs;
+    PyRef delay = PyRef::steal(PyFloat_FromDouble(ms / 1000.0));
     PyRef r = method && delay
                   ? call_in_hub_context(hub, hub.call_later.get(), delay.get(), method.get())
                   : PyRef();
@@ -1448,8 +1450,9 @@ PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* arg
     int board_fd = -1;
     unsigned int generation = 0;
     int use_ring = 1;
-    if (!PyArg_ParseTuple(args, "OOO|iIp", &loop, &report, &accept_failed, &board_fd, &generation,
-                          &use_ring)) {
+    int accepting = -1;  // the board's hot workers (accept_balance.hpp): -1 one per CPU, 0 all
+    if (!PyArg_ParseTuple(args, "OOO|iIpi", &loop, &report, &accept_failed, &board_fd, &generation,
+                          &use_ring, &accepting)) {
         return nullptr;
     }
     auto* obj = alloc_object<IoHubObject>(hub_type);
@@ -1474,7 +1477,7 @@ PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* arg
     hub.epfd = epoll_create1(EPOLL_CLOEXEC);
     if (hub.epfd < 0) return PyErr_SetFromErrno(PyExc_OSError);
     // One "thread": the loop is never counted busy, a loop that stops is by its stale stamp.
-    hub.board = std::make_unique<AcceptBoard>(board_fd, generation, 1);
+    hub.board = std::make_unique<AcceptBoard>(board_fd, generation, 1, accepting);
     hub.sends = std::make_unique<SendBatch>(use_ring != 0);
     if (use_ring != 0) hub.reads = RecvRing::open();
     return owner.release();

@@ -44,7 +44,8 @@ namespace molt::native {
 extern PyType_Spec io_hub_spec;
 extern PyType_Spec io_transport_spec;
 
-// io_hub(loop, report, accept_failed[, board_fd, generation, io_uring]) -> IoHub, on `loop` (its
+// io_hub(loop, report, accept_failed[, board_fd, generation, io_uring, accepting_workers]) ->
+// IoHub, on `loop` (its
 // call_soon, call_later, add_reader and remove_reader). `report(message, exception, protocol,
 // transport)` is called when a protocol method raised (the loop's exception handler, as
 // asyncio's transports do); `accept_failed(listener_fd, OSError)` when accept() ran out of
@@ -53,7 +54,8 @@ extern PyType_Spec io_transport_spec;
 // (accept_balance.hpp), on which a worker holding more than its share of the generation's
 // connections stands aside after an accept; the engine calls alive() every 0.1 s. io_uring
 // (default true): send_held() sends its batch in one system call where the kernel allows
-// (send_batch.hpp); false: one send() each.
+// (send_batch.hpp); false: one send() each. accepting_workers: the board's hot workers (-1, the
+// default: one per CPU; 0: every worker; `accepting_workers:` in the config).
 PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* args);
 
 }  // namespace molt::native

@@ -118,8 +118,8 @@ Server::Server(EngineConfig config, PyRef app, std::vector<ListenerSlot> listene
     ev.data.fd = stop_fd_;
     epoll_ctl(ep_, EPOLL_CTL_ADD, stop_fd_, &ev);
     poll_token_ = std::make_unique<PollToken>(stop_fd_, kPromoteAfter);
-    board_ =
-        std::make_unique<AcceptBoard>(config_.accept_board_fd, config_.generation, config_.threads);
+    board_ = std::make_unique<AcceptBoard>(config_.accept_board_fd, config_.generation,
+                                           config_.threads, config_.accepting_workers);
 }
 
 Server::~Server() {

@@ -481,14 +481,19 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
     };
     c->request_metrics = flag("request_metrics");
     // Optional: the generation's accept board (absent: every worker accepts as it comes).
-    double board_fd = -1, generation = 0;
+    double board_fd = -1, generation = 0, accepting = -1;
     if (PyDict_GetItemString(cfg, "accept_board_fd") != nullptr &&
         (!config_number(cfg, "accept_board_fd", &board_fd) ||
          !config_number(cfg, "generation", &generation))) {
         return false;
     }
+    if (PyDict_GetItemString(cfg, "accepting_workers") != nullptr &&
+        !config_number(cfg, "accepting_workers", &accepting)) {
+        return false;
+    }
     c->accept_board_fd = static_cast<int>(board_fd);
     c->generation = static_cast<std::uint32_t>(generation);
+    c->accepting_workers = static_cast<int>(accepting);
     c->access_request_headers = flag("access_request_headers");
     c->access_response_headers = flag("access_response_headers");
     return config_text(cfg, "version_header", &c->version_header) &&
@@ -664,8 +669,8 @@ PyMethodDef module_methods[] = {
      "asgi_parser((max_request_line, max_header_size, max_headers, max_body_size), base, asgi, "
      "unquote) -> AsgiParser"},
     {"io_hub", make_io_hub, METH_VARARGS,
-     "io_hub(loop, report, accept_failed[, board_fd, generation, io_uring]) -> IoHub: the ASGI "
-     "engine's TCP I/O"},
+     "io_hub(loop, report, accept_failed[, board_fd, generation, io_uring, accepting_workers]) "
+     "-> IoHub: the ASGI engine's TCP I/O"},
     {"suspend_hook", make_suspend_hook, METH_VARARGS,
      "suspend_hook(coroutine, on_suspend) -> an awaitable running the coroutine that calls "
      "on_suspend() each time it suspends"},

@@ -107,6 +107,13 @@ TEST_CASE("counts have lower bounds") {
           "/srv/app/molt.yaml:2:10: workers: must be at most 1024, got 99999999999");
     CHECK(only_error("app: a:b\nworkers: 1025\n") ==
           "/srv/app/molt.yaml:2:10: workers: must be at most 1024, got 1025");
+    CHECK(only_error("app: a:b\naccepting_workers: 0\n") ==
+          "/srv/app/molt.yaml:2:20: accepting_workers: must be at least 1, got 0");
+    CHECK(only_error("app: a:b\naccepting_workers: most\n") ==
+          "/srv/app/molt.yaml:2:20: accepting_workers: expected auto, all or an integer >= 1, "
+          "got \"most\"");
+    CHECK(only_error("app: a:b\naccepting_workers: 2000\n") ==
+          "/srv/app/molt.yaml:2:20: accepting_workers: must be at most 1024, got 2000");
     CHECK(only_error("app: a:b\nhttp: {max_headers: 0}\n") ==
           "/srv/app/molt.yaml:2:21: http.max_headers: must be at least 1, got 0");
     CHECK(valid("app: a:b\nrollover: {batch: 0}\n").rollover.batch == 0);

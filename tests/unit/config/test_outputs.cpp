@@ -46,6 +46,7 @@ recycle: {max_requests: 10, max_requests_jitter: 2}
         {"listeners", {{"tcp://127.0.0.1:8000", {{"proxy_protocol", false}, {"tls", nullptr}}}}},
         {"chdir", "/srv/proj/releases/42"},
         {"threads", 8},
+        {"accepting_workers", -1},
         {"generation", 7},
         {"worker", 2},
         {"version", "v42"},

@@ -41,7 +41,8 @@ TEST_CASE("a worker steps aside only for a sibling holding fewer by more than th
 
 TEST_CASE("siblings of one generation on a shared board") {
     const int fd = make_board(8);
-    AcceptBoard a(fd, 1, 2), b(fd, 1, 2), other_generation(fd, 2, 2);
+    // cpus 0: every free sibling is hot (the reserves have a test case of their own).
+    AcceptBoard a(fd, 1, 2, 0), b(fd, 1, 2, 0), other_generation(fd, 2, 2, 0);
     REQUIRE(a.active());
     REQUIRE(b.active());
     for (AcceptBoard* w : {&a, &b, &other_generation}) {
@@ -68,7 +69,7 @@ TEST_CASE("siblings of one generation on a shared board") {
         CHECK(a.should_step_aside());
     }
     SUBCASE("a booting sibling (not listening yet) is not one") {
-        AcceptBoard booting(fd, 1, 2);
+        AcceptBoard booting(fd, 1, 2, 0);
         hold(b, 5);
         CHECK_FALSE(a.should_step_aside());
         booting.publish();
@@ -135,6 +136,68 @@ TEST_CASE("siblings of one generation on a shared board") {
         CHECK(waited < std::chrono::seconds(5));
     }
     close(fd);
+}
+
+TEST_CASE("a reserve steps aside while the hot workers ahead of it can accept") {
+    using molt::native::SiblingsView;
+    CHECK(should_step_aside(0, 2, SiblingsView{2, 5}));  // two ahead, two CPUs: a reserve
+    CHECK(should_step_aside(0, 2, SiblingsView{3, 5}));
+    CHECK_FALSE(should_step_aside(0, 2, SiblingsView{1, 5}));   // hot
+    CHECK(should_step_aside(11, 2, SiblingsView{1, 4}));        // hot, over its share
+    CHECK_FALSE(should_step_aside(11, 0, SiblingsView{7, 5}));  // no reserves: the slack only
+    CHECK_FALSE(should_step_aside(0, 1, SiblingsView{0, std::nullopt}));
+}
+
+TEST_CASE("on a board, the first free workers of a generation are hot, one per CPU") {
+    const int fd = make_board(8);
+    AcceptBoard first(fd, 1, 2, 2), second(fd, 1, 2, 2), third(fd, 1, 2, 2), fourth(fd, 1, 2, 2);
+    for (AcceptBoard* w : {&first, &second, &third, &fourth}) {
+        w->publish();
+        w->set_in_queue(true);
+    }
+    hold(first, 30);
+    hold(second, 30);
+    CHECK_FALSE(first.should_step_aside());  // the other hot one holds as many
+    CHECK_FALSE(second.should_step_aside());
+    CHECK(third.should_step_aside());  // two hot workers ahead of it that can accept
+    CHECK(third.reserve());
+    CHECK(fourth.should_step_aside());
+    CHECK_FALSE(first.reserve());
+
+    SUBCASE("the hot workers balance among themselves only") {
+        hold(second, 10);
+        CHECK(first.should_step_aside());  // 30 > 2 * 10 + 2; the reserves' 0 does not count
+        hold(second, 14);
+        CHECK_FALSE(first.should_step_aside());
+    }
+    SUBCASE("a hot worker that cannot accept makes the next one hot") {
+        second.thread_busy();
+        second.thread_busy();  // every thread busy
+        CHECK_FALSE(third.should_step_aside());
+        CHECK_FALSE(third.reserve());
+        CHECK(fourth.should_step_aside());
+        CHECK(first.should_step_aside());  // 30 against the new hot one's 0
+        second.thread_free();
+        CHECK(third.should_step_aside());
+    }
+    SUBCASE("a draining hot worker leaves its place to the next") {
+        first.leave();
+        CHECK_FALSE(third.should_step_aside());
+        CHECK(fourth.should_step_aside());
+    }
+    SUBCASE("a reserve standing aside is not called back") {
+        third.set_in_queue(false);
+        fourth.set_in_queue(false);
+        hold(first, 40);
+        CHECK_FALSE(first.should_step_aside());
+        CHECK_FALSE(third.take_call());
+        CHECK_FALSE(fourth.take_call());
+    }
+    close(fd);
+}
+
+TEST_CASE("this process may run on at least one CPU") {
+    CHECK(molt::native::usable_cpus() >= 1);
 }
 
 TEST_CASE("without a usable board a worker accepts as it comes") {

@@ -802,7 +802,7 @@ class UvicornASGIEngine:
         self.servers: List[Any] = []  # uvloop: its servers on dups of the listeners
         # It keeps the generation's connections spread over its workers (the accept board).
         self.hub = new_io_hub(self.loop, self._accept_failed, cfg.accept_board_fd,
-                              cfg.generation)
+                              cfg.generation, cfg.accepting_workers)
         # WebSockets a draining worker has sent (or begun) their 1012 close.
         self.restarted_websockets: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.update_date()
@@ -1210,10 +1210,12 @@ TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 def new_io_hub(loop: asyncio.AbstractEventLoop, accept_failed: Any, board_fd: int = -1,
-               generation: int = 0) -> Any:
+               generation: int = 0, accepting_workers: int = -1) -> Any:
     """The extension's IoHub for this loop, or None: without the extension, or when
     MOLT_SHIM_IO=loop asks for the loop's own transports (tests run both paths). board_fd
-    (the generation's accept board, or -1) and generation: where it balances its accepts.
+    (the generation's accept board, or -1) and generation: where it balances its accepts;
+    accepting_workers: how many of the generation's workers are hot (-1: one per CPU, 0:
+    all; `accepting_workers:` in the config).
     MOLT_SHIM_IO_URING=0: the hub sends each held write with its own send(), not the batch
     in one io_uring submit (the path taken anyway where the kernel refuses io_uring)."""
     if os.environ.get("MOLT_SHIM_IO") == "loop":
@@ -1230,7 +1232,8 @@ def new_io_hub(loop: asyncio.AbstractEventLoop, accept_failed: Any, board_fd: in
                                      "protocol": protocol, "transport": transport})
 
     use_ring = os.environ.get("MOLT_SHIM_IO_URING", "1") != "0"
-    return module.io_hub(loop, report, accept_failed, board_fd, generation, use_ring)
+    return module.io_hub(loop, report, accept_failed, board_fd, generation, use_ring,
+                         accepting_workers)
 
 
 def fixed_sockname(lsock: socket.socket) -> Any:
