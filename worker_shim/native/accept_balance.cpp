@@ -12,10 +12,11 @@
 #include <algorithm>
 #include <cerrno>
 #include <csignal>
-#include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <ctime>
+#include <fstream>
+#include <sstream>
+#include <string>
 
 namespace molt::native {
 
@@ -70,27 +71,67 @@ bool should_step_aside(int mine, int cpus, const SiblingsView& siblings) {
 
 namespace {
 
-// cgroup v2's cpu.max: "max 100000" (no quota) or "QUOTA PERIOD"; 0 when there is none.
-int cgroup_cpu_quota() {
-    FILE* f = std::fopen("/sys/fs/cgroup/cpu.max", "r");
-    if (f == nullptr) return 0;
-    char quota[32] = {};
-    long long period = 0;
-    const int got = std::fscanf(f, "%31s %lld", quota, &period);
-    std::fclose(f);
-    if (got != 2 || period <= 0 || std::strcmp(quota, "max") == 0) return 0;
-    const long long q = std::atoll(quota);
-    return q > 0 ? static_cast<int>((q + period - 1) / period) : 0;
+std::string read_text(const std::string& path) {
+    std::ifstream f(path);
+    std::stringstream text;
+    if (f) text << f.rdbuf();
+    return text.str();
+}
+
+// The CPUs one cgroup directory's quota allows, rounded up; 0: none there. v2: cpu.max
+// ("max 100000" or "QUOTA PERIOD"); v1: cpu.cfs_quota_us (-1: none) over cpu.cfs_period_us.
+int quota_in(const std::string& dir, bool v2) {
+    long long quota = 0, period = 0;
+    if (v2) {
+        std::istringstream in(read_text(dir + "/cpu.max"));
+        std::string q;
+        if (!(in >> q >> period) || q == "max") return 0;
+        quota = std::atoll(q.c_str());
+    } else {
+        quota = std::atoll(read_text(dir + "/cpu.cfs_quota_us").c_str());
+        period = std::atoll(read_text(dir + "/cpu.cfs_period_us").c_str());
+    }
+    if (quota <= 0 || period <= 0) return 0;
+    return static_cast<int>((quota + period - 1) / period);
 }
 
 }  // namespace
+
+int cgroup_cpu_limit(const std::string& proc_cgroup, const std::string& root) {
+    int limit = 0;
+    std::istringstream lines(proc_cgroup);
+    std::string line;
+    while (std::getline(lines, line)) {
+        // "HIERARCHY:CONTROLLERS:PATH": v2 is "0::PATH"; v1's cpu controller "N:cpu,cpuacct:PATH".
+        const auto first = line.find(':');
+        const auto second = first == std::string::npos ? first : line.find(':', first + 1);
+        if (second == std::string::npos) continue;
+        const std::string controllers = line.substr(first + 1, second - first - 1);
+        const bool v2 = line.compare(0, first, "0") == 0 && controllers.empty();
+        bool v1 = false;
+        std::istringstream names(controllers);
+        for (std::string name; std::getline(names, name, ',');) v1 = v1 || name == "cpu";
+        if (!v2 && !v1) continue;
+        // The limits of every ancestor apply too: the smallest along the path to the root.
+        std::string path = line.substr(second + 1);
+        const std::string base = v2 ? root : root + "/cpu";
+        while (true) {
+            const int here = quota_in(base + (path == "/" ? "" : path), v2);
+            if (here > 0 && (limit == 0 || here < limit)) limit = here;
+            if (path.empty() || path == "/") break;
+            const auto slash = path.rfind('/');
+            path = slash == 0 || slash == std::string::npos ? "/" : path.substr(0, slash);
+        }
+    }
+    return limit;
+}
 
 int usable_cpus() {
     cpu_set_t set;
     CPU_ZERO(&set);
     int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 0;
     if (cpus <= 0) cpus = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
-    const int quota = cgroup_cpu_quota();
+    const int quota = cgroup_cpu_limit(read_text("/proc/self/cgroup"), "/sys/fs/cgroup");
     if (quota > 0 && quota < cpus) cpus = quota;
     return std::max(1, cpus);
 }

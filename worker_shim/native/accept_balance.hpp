@@ -16,14 +16,16 @@
 // and steps back in when that is no longer so: a worker that takes connections while siblings
 // with fewer stand aside calls them back (a futex on their entry, which their watcher thread
 // waits on), and a worker aside looks again every few ms, and takes connections that wait in
-// the queue with nobody taking them. The rule is `should_step_aside`, pure; the rest is
-// bookkeeping.
+// the queue with nobody taking them. Only the first workers in board order, one per CPU, take
+// part (hot); the others are a reserve, aside while those can accept (SiblingsView). The rule
+// is `should_step_aside`, pure; the rest is bookkeeping.
 #pragma once
 
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace molt::native {
 
@@ -54,9 +56,15 @@ struct SiblingsView {
 // other hot workers. cpus <= 0: no reserve (every free sibling is hot).
 bool should_step_aside(int mine, int cpus, const SiblingsView& siblings);
 
-// How many CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota
-// (cpu.max, rounded up) where there is one. At least 1.
+// How many CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota
+// (cgroup_cpu_limit) where there is one. At least 1.
 int usable_cpus();
+
+// The CPUs a cgroup CPU quota allows this process, rounded up: the smallest quota on its
+// cgroup's path to the root, v2 (cpu.max) or v1 (the cpu controller's cpu.cfs_quota_us over
+// cpu.cfs_period_us); 0 when there is none. proc_cgroup: /proc/self/cgroup's text; root:
+// where the hierarchies are mounted (/sys/fs/cgroup).
+int cgroup_cpu_limit(const std::string& proc_cgroup, const std::string& root);
 
 class AcceptBoard;
 

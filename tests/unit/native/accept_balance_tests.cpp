@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "worker_shim/native/accept_balance.hpp"
@@ -198,6 +200,35 @@ TEST_CASE("on a board, the first free workers of a generation are hot, one per C
 
 TEST_CASE("this process may run on at least one CPU") {
     CHECK(molt::native::usable_cpus() >= 1);
+}
+
+TEST_CASE("a cgroup CPU quota, v2 or v1, the smallest on the path to the root") {
+    using molt::native::cgroup_cpu_limit;
+    char tmpl[] = "/tmp/molt-cgroup-XXXXXX";
+    REQUIRE(mkdtemp(tmpl) != nullptr);
+    const std::string root = tmpl;
+    auto write = [&](const std::string& rel, const std::string& text) {
+        std::filesystem::create_directories(std::filesystem::path(root + rel).parent_path());
+        std::ofstream(root + rel) << text;
+    };
+    write("/cpu.max", "max 100000\n");
+    write("/system.slice/cpu.max", "max 100000\n");
+    write("/system.slice/molt.service/cpu.max", "150000 100000\n");  // 1.5 CPUs: 2
+    CHECK(cgroup_cpu_limit("0::/system.slice/molt.service\n", root) == 2);
+    write("/system.slice/cpu.max", "100000 100000\n");  // the slice's 1 CPU applies too
+    CHECK(cgroup_cpu_limit("0::/system.slice/molt.service\n", root) == 1);
+    CHECK(cgroup_cpu_limit("0::/\n", root) == 0);  // no quota at the root
+    CHECK(cgroup_cpu_limit("0::/elsewhere\n", root) == 0);
+    // v1: the cpu controller's hierarchy, -1 for no quota.
+    write("/cpu/docker/abc/cpu.cfs_quota_us", "300000\n");
+    write("/cpu/docker/abc/cpu.cfs_period_us", "100000\n");
+    write("/cpu/docker/cpu.cfs_quota_us", "-1\n");
+    write("/cpu/docker/cpu.cfs_period_us", "100000\n");
+    CHECK(cgroup_cpu_limit("4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n", root) == 3);
+    CHECK(cgroup_cpu_limit("3:cpuacct:/docker/abc\n", root) == 0);  // not the cpu controller
+    CHECK(cgroup_cpu_limit("", root) == 0);
+    CHECK(cgroup_cpu_limit("garbage\n", root) == 0);
+    std::filesystem::remove_all(root);
 }
 
 TEST_CASE("without a usable board a worker accepts as it comes") {
