@@ -1265,11 +1265,13 @@ const std::vector<KeySpec>& key_table() {
          [](const Config& c) { return accepting_workers_text(c.accepting_workers); },
          "How many of a generation's workers take new connections while they can. The others "
          "are a reserve: each stays out of the accept queue while that many workers ahead of "
-         "it can accept, and takes connections as soon as one of them cannot (hung in the app "
-         "for 0.5 s, every thread busy, stopped, gone). `auto`: one per CPU molt may run on "
-         "(its affinity, capped by a cgroup CPU quota), so that a machine with fewer cores "
-         "than workers does not share them between more busy processes than it can run at "
-         "once (measured, 4 workers on 2 cores: 12 to 30 % less CPU per request). `all`: "
+         "it can accept, and steps in when one of them cannot (its stamp 0.5 s old: hung in "
+         "the app, stopped, gone; every thread busy; draining), within 0.1 s. `auto`: for "
+         "ASGI, one per CPU molt may run on (its affinity, capped by a cgroup CPU quota), so "
+         "that a machine with fewer cores than workers does not share them between more busy "
+         "event loops than it can run at once (measured, 4 workers on 2 cores: a quarter less "
+         "CPU per keep-alive request); for WSGI, every worker (a threaded worker's "
+         "concurrency is its threads, and its kept-alive connections wait for them). `all`: "
          "every worker takes them, spread by connection count.",
          [](Context& ctx, const Node& n, Config& c) {
              auto text = ctx.scalar(n, "auto, all or an integer >= 1");

@@ -1,9 +1,10 @@
 """root_path (SCRIPT_NAME for WSGI too) and the asgi: section, uvicorn's meaning."""
 import json
+import sys
 
 import pytest
 
-from harness import Client, get, wait_until
+from harness import SHIM_DIR, Client, get, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,3 +99,25 @@ def test_the_shared_listener_keeps_the_masters_backlog(listeners, spawn, loop):
     spawn("asgi_scope_app:app", interface="asgi", overrides={"asgi": {"loop": loop}}).wait_ready()
     assert scope_of(listeners.port)["loop"].startswith(loop)
     assert listen_backlog(listeners.tcp) == before
+
+
+def test_accepting_workers_auto_is_counted_once_per_interface():
+    """`accepting_workers: auto` (-1 from the master) becomes a number before the app's import:
+    the CPUs for the ASGI engine, 0 (every worker) for WSGI's threaded workers; a master that
+    sends no key meant every worker."""
+    sys.path.insert(0, SHIM_DIR)
+    from molt_shim import config
+
+    def load(extra):
+        return config.load({"MOLT_WORKER_CONFIG": json.dumps({"app": "a:b", **extra})})
+
+    asgi = load({"interface": "asgi", "accepting_workers": -1})
+    asgi.resolve_accepting_workers(lambda: 3)
+    assert asgi.accepting_workers == 3
+    wsgi = load({"interface": "wsgi", "accepting_workers": -1})
+    wsgi.resolve_accepting_workers(lambda: 3)
+    assert wsgi.accepting_workers == 0
+    fixed = load({"interface": "asgi", "accepting_workers": 2})
+    fixed.resolve_accepting_workers(lambda: 3)
+    assert fixed.accepting_workers == 2
+    assert load({"interface": "asgi"}).accepting_workers == 0

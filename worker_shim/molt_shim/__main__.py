@@ -143,6 +143,7 @@ def boot() -> Optional[int]:
                     WorkerExit.IMPORT_FAILED,
                     "bad %s: %s" % (Env.WORKER_CONFIG, one_line(exc)))
     setup_logging(cfg.log_level)
+    cfg.resolve_accepting_workers(usable_cpus)
     channel = Channel(cfg.channel_fd)
     scrub_environment()
     title = "molt: worker gen=%d slot=%d" % (cfg.generation, cfg.worker)
@@ -176,6 +177,17 @@ def boot() -> Optional[int]:
         traceback.print_exc(file=sys.stderr)
         return fail(channel, WorkerExit.IMPORT_FAILED, "%s (importing %s)" % (one_line(exc), cfg.app))
     return serve(app, cfg, channel, listeners, factory, title)
+
+
+def usable_cpus() -> int:
+    """What `accepting_workers: auto` counts for the ASGI engine: the extension's usable_cpus()
+    (the affinity capped by a cgroup CPU quota), or the affinity alone without it."""
+    from .engines.native import load_extension
+
+    module = load_extension()[0]
+    if module is not None and hasattr(module, "usable_cpus"):
+        return int(module.usable_cpus())
+    return len(os.sched_getaffinity(0))
 
 
 def import_app(cfg: config.WorkerConfig) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping
 
 from .contract import Env
 from .forwarded import DEFAULT_HEADERS
@@ -40,7 +40,9 @@ DEFAULTS: Dict[str, Any] = {
     "chdir": "",
     "static": [],  # [{"prefix": "/static/", "dir": "..."}]: served by the engine (static.py)
     "threads": 8,
-    "accepting_workers": -1,  # the accept board's hot workers: -1 one per CPU, 0 all, or N
+    # The accept board's hot workers: 0 all (what a master without the key meant), N, or -1
+    # (auto), which resolve_accepting_workers() turns into a number before the app's import.
+    "accepting_workers": 0,
     "generation": 0,
     "worker": 0,
     "version": "",
@@ -164,6 +166,17 @@ class WorkerConfig:
     @property
     def accepting_workers(self) -> int:
         return int(self.raw["accepting_workers"])
+
+    def resolve_accepting_workers(self, usable_cpus: Callable[[], int]) -> None:
+        """`accepting_workers: auto` (-1) made a number, once, before the app is imported (an
+        import may pin its thread to one CPU: OpenMP, MKL) and before the zygote forks (every
+        worker then counts the same): on the ASGI engine one per CPU (usable_cpus(), the
+        extension's: the affinity capped by a cgroup quota); on the WSGI engines 0, every
+        worker (a threaded worker's concurrency is its threads, and its kept-alive connections
+        wait for them: concentrating them would halve what a blocking app serves)."""
+        if self.accepting_workers != -1:
+            return
+        self.raw["accepting_workers"] = usable_cpus() if self.interface == "asgi" else 0
 
     @property
     def generation(self) -> int:

@@ -86,13 +86,13 @@ int quota_in(const std::string& dir, bool v2) {
         std::istringstream in(read_text(dir + "/cpu.max"));
         std::string q;
         if (!(in >> q >> period) || q == "max") return 0;
-        quota = std::atoll(q.c_str());
+        quota = std::strtoll(q.c_str(), nullptr, 10);
     } else {
-        quota = std::atoll(read_text(dir + "/cpu.cfs_quota_us").c_str());
-        period = std::atoll(read_text(dir + "/cpu.cfs_period_us").c_str());
+        quota = std::strtoll(read_text(dir + "/cpu.cfs_quota_us").c_str(), nullptr, 10);
+        period = std::strtoll(read_text(dir + "/cpu.cfs_period_us").c_str(), nullptr, 10);
     }
-    if (quota <= 0 || period <= 0) return 0;
-    return static_cast<int>((quota + period - 1) / period);
+    if (quota <= 0 || period <= 0 || quota > (1LL << 50)) return 0;  // none, or nonsense
+    return static_cast<int>(std::min<long long>((quota + period - 1) / period, 1 << 20));
 }
 
 }  // namespace
@@ -220,24 +220,24 @@ SiblingsView AcceptBoard::scan_siblings(int mine) {
     SiblingsView view;
     if (mine_ == nullptr) return view;
     const std::int64_t now = now_ms();
-    int free_seen = 0;  // free, alive workers of the generation so far, this one included
+    int alive_seen = 0;  // alive workers of the generation so far, this one included
     for (std::size_t i = 0; i < capacity_; ++i) {
         Entry& e = entries_[i];
         if (&e == mine_) {
-            ++free_seen;
+            ++alive_seen;
             continue;
         }
         if (e.pid.load(std::memory_order_relaxed) == 0 ||
-            e.generation.load(std::memory_order_relaxed) != generation_) {
+            e.generation.load(std::memory_order_relaxed) != generation_ ||
+            now - e.stamp_ms.load(std::memory_order_relaxed) > kAliveMs) {
             continue;
         }
-        const bool free_and_alive =
-            e.busy.load(std::memory_order_relaxed) < e.threads.load(std::memory_order_relaxed) &&
-            now - e.stamp_ms.load(std::memory_order_relaxed) <= kAliveMs;
-        if (!free_and_alive) continue;
+        const bool hot = cpus_ <= 0 || alive_seen < cpus_;
+        ++alive_seen;
+        const bool can_accept =
+            e.busy.load(std::memory_order_relaxed) < e.threads.load(std::memory_order_relaxed);
+        if (!can_accept) continue;
         if (&e < mine_) ++view.ahead;
-        const bool hot = cpus_ <= 0 || free_seen < cpus_;
-        ++free_seen;
         if (!hot) continue;  // a reserve: neither counted nor called back
         const int n = e.connections.load(std::memory_order_relaxed);
         if (!view.least_hot || n < *view.least_hot) view.least_hot = n;

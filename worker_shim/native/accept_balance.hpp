@@ -38,18 +38,21 @@ namespace molt::native {
 // 3, 3, 3]).
 bool should_step_aside(int mine, std::optional<int> least_accepting);
 
-// How the board sees this worker's siblings of its generation that can accept now (a thread
-// free, alive), in board order, this worker counted where its own entry lies. The first `cpus`
-// of them are the hot workers: the machine can run that many at once, and keep-alive
-// connections are spread over those only. A worker after them is a reserve: it stays out of
-// the accept queue while they can accept, and is hot again as soon as one of them cannot (it
-// stopped stamping: hung in an app, stopped, killed; or every thread is busy). Measured, 4
+// How the board sees this worker's siblings of its generation. The first `cpus` alive workers
+// in board order (stamped within kAliveMs, not draining; this worker counted where its own
+// entry lies) are the hot ones: the machine can run that many at once, and connections are
+// spread over those only. A worker with `cpus` workers ahead of it that can accept now (alive,
+// a thread free) is a reserve: it stays out of the accept queue, and steps in as soon as one
+// of them cannot (it stopped stamping: hung in an app, stopped, killed; or, native engine,
+// every thread is busy). A hot worker compares itself with the hot ones that can accept now,
+// never with a reserve: one busy for a moment does not make its siblings step aside for the
+// reserve behind it. Measured, 4
 // ASGI workers on 2 cores, wrk -c64 keep-alive: [43, 21] used 12.0-13.3 us of CPU per request
 // where [21, 21, 13, 9] used 15.8-17.9, interleaved, every pair (fewer processes runnable at
 // once: fewer context switches, more requests per wake-up).
 struct SiblingsView {
-    int ahead = 0;                 // free, alive siblings before this worker in board order
-    std::optional<int> least_hot;  // the fewest connections among the other hot ones
+    int ahead = 0;                 // siblings before this worker that can accept now
+    std::optional<int> least_hot;  // the fewest connections among the other hot ones that can
 };
 
 // The whole rule: a reserve steps aside; a hot worker by should_step_aside() against the
@@ -83,6 +86,9 @@ constexpr int kAsideStrandedChecks = 5;
 // engine's watcher thread keeps kAsideRecheckMs: a hot sibling whose threads are all busy
 // makes a reserve hot at once, and its look costs no Python.
 constexpr int kReserveRecheckMs = 100;
+// A reserve looking every kReserveRecheckMs takes a queue found non-empty at this many looks in
+// a row (100 ms: a hot worker in its epoll would have taken it by then), not kAsideStrandedChecks.
+constexpr int kReserveStrandedChecks = 2;
 
 // One listener's standing aside, for both engines. A connection can wait in the queue with
 // nobody woken for it (the siblings woken for it may have stepped aside since, or be busy):
@@ -94,10 +100,11 @@ struct AsideListener {
     bool taking_stranded = false;  // queued connections nobody took: in until the queue empties
 
     // A look while aside: whether to come back now. still_aside: the board's answer now;
-    // queued: a connection waits in the listener's queue.
-    bool come_back(bool still_aside, bool queued) {
+    // queued: a connection waits in the listener's queue; stranded_after: how many looks in a
+    // row must find one (kReserveStrandedChecks for a reserve's slower looks).
+    bool come_back(bool still_aside, bool queued, int stranded_after = kAsideStrandedChecks) {
         waited = queued ? waited + 1 : 0;
-        taking_stranded = waited >= kAsideStrandedChecks;
+        taking_stranded = waited >= stranded_after;
         if (still_aside && !taking_stranded) return false;
         waited = 0;
         return true;

@@ -1082,7 +1082,9 @@ void look_again(PyObject* hub_object, bool timed) {
         Listener& l = hub.listeners[i];
         if (l.fd < 0 || !l.balance.aside) continue;
         const auto queued = [&] { return connection_queued(l.fd); };
-        const bool back = timed ? l.balance.come_back(still, queued()) : !still;
+        const int stranded_after =
+            hub.board->reserve() ? kReserveStrandedChecks : kAsideStrandedChecks;
+        const bool back = timed ? l.balance.come_back(still, queued(), stranded_after) : !still;
         if (back && !l.balance.step_aside(*hub.board, queued)) {
             come_back(hub, i);  // may run accept_failed(), which may listen(): `l` may move
         }
@@ -1425,7 +1427,8 @@ PyMethodDef hub_methods[] = {
      "Sends what every connection's writes held; scheduled by the first held write of a loop "
      "iteration, and called by the engine before it closes the loop."},
     {"_look_again", hub_look_again, METH_NOARGS,
-     "Scheduled every 10 ms while a listener stands aside: whether it comes back."},
+     "Scheduled every 10 ms while a listener stands aside (a reserve's every 100 ms): whether "
+     "it comes back."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyType_Slot hub_slots[] = {
@@ -1450,7 +1453,7 @@ PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* arg
     int board_fd = -1;
     unsigned int generation = 0;
     int use_ring = 1;
-    int accepting = -1;  // the board's hot workers (accept_balance.hpp): -1 one per CPU, 0 all
+    int accepting = 0;  // the board's hot workers (accept_balance.hpp): 0 all, -1 one per CPU
     if (!PyArg_ParseTuple(args, "OOO|iIpi", &loop, &report, &accept_failed, &board_fd, &generation,
                           &use_ring, &accepting)) {
         return nullptr;

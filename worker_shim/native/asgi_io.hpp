@@ -54,8 +54,8 @@ extern PyType_Spec io_transport_spec;
 // (accept_balance.hpp), on which a worker holding more than its share of the generation's
 // connections stands aside after an accept; the engine calls alive() every 0.1 s. io_uring
 // (default true): send_held() sends its batch in one system call where the kernel allows
-// (send_batch.hpp); false: one send() each. accepting_workers: the board's hot workers (-1, the
-// default: one per CPU; 0: every worker; `accepting_workers:` in the config).
+// (send_batch.hpp); false: one send() each. accepting_workers: the board's hot workers (0, the
+// default: every worker; -1: one per CPU; N; `accepting_workers:` in the config).
 PyObject* new_io_hub(PyObject* hub_type, PyObject* transport_type, PyObject* args);
 
 }  // namespace molt::native

@@ -64,7 +64,7 @@ struct EngineConfig {
     // The generation's accept board (accept_balance.hpp): the shared memory's fd, or -1.
     int accept_board_fd = -1;
     std::uint32_t generation = 0;
-    int accepting_workers = -1;  // the board's hot workers: -1 one per CPU, 0 all, or N
+    int accepting_workers = 0;  // the board's hot workers: 0 all, N, or -1 one per CPU
 };
 
 // One access-log line of a request answered without Python (a static file): queued by the

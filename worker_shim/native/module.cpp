@@ -6,6 +6,7 @@
 #include <exception>
 #include <string>
 
+#include "accept_balance.hpp"
 #include "asgi_cycle.hpp"
 #include "asgi_io.hpp"
 #include "asgi_parser.hpp"
@@ -481,7 +482,7 @@ bool read_config(PyObject* cfg, EngineConfig* c) {
     };
     c->request_metrics = flag("request_metrics");
     // Optional: the generation's accept board (absent: every worker accepts as it comes).
-    double board_fd = -1, generation = 0, accepting = -1;
+    double board_fd = -1, generation = 0, accepting = 0;  // absent: every worker is hot
     if (PyDict_GetItemString(cfg, "accept_board_fd") != nullptr &&
         (!config_number(cfg, "accept_board_fd", &board_fd) ||
          !config_number(cfg, "generation", &generation))) {
@@ -635,6 +636,10 @@ PyObject* make_io_hub(PyObject* module, PyObject* args) {
     return new_io_hub(st->io_hub_type, st->io_transport_type, args);
 }
 
+PyObject* usable_cpus_py(PyObject*, PyObject*) {
+    return PyLong_FromLong(usable_cpus());
+}
+
 PyObject* make_suspend_hook(PyObject* module, PyObject* args) {
     ModuleState* st = state_of(module);
     return new_suspend_hook(st->suspend_hook_type, st->send_name, args);
@@ -668,6 +673,9 @@ PyMethodDef module_methods[] = {
     {"asgi_parser", make_asgi_parser, METH_VARARGS,
      "asgi_parser((max_request_line, max_header_size, max_headers, max_body_size), base, asgi, "
      "unquote) -> AsgiParser"},
+    {"usable_cpus", usable_cpus_py, METH_NOARGS,
+     "usable_cpus() -> int: the CPUs this thread may run on (its affinity), capped by a cgroup "
+     "CPU quota; what `accepting_workers: auto` means for the ASGI engine"},
     {"io_hub", make_io_hub, METH_VARARGS,
      "io_hub(loop, report, accept_failed[, board_fd, generation, io_uring, accepting_workers]) "
      "-> IoHub: the ASGI engine's TCP I/O"},

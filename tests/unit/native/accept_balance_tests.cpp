@@ -175,10 +175,12 @@ TEST_CASE("on a board, the first free workers of a generation are hot, one per C
     SUBCASE("a hot worker that cannot accept makes the next one hot") {
         second.thread_busy();
         second.thread_busy();  // every thread busy
-        CHECK_FALSE(third.should_step_aside());
+        CHECK_FALSE(third.should_step_aside());  // it steps in
         CHECK_FALSE(third.reserve());
         CHECK(fourth.should_step_aside());
-        CHECK(first.should_step_aside());  // 30 against the new hot one's 0
+        // The busy one is still hot, and the reserve stepping in is not: the first does not
+        // step aside for its 0 connections (no thrash while a thread is busy for a moment).
+        CHECK_FALSE(first.should_step_aside());
         second.thread_free();
         CHECK(third.should_step_aside());
     }
@@ -196,6 +198,14 @@ TEST_CASE("on a board, the first free workers of a generation are hot, one per C
         CHECK_FALSE(fourth.take_call());
     }
     close(fd);
+}
+
+TEST_CASE("a reserve takes a stranded queue after fewer, slower looks") {
+    AsideListener l;
+    l.aside = true;
+    CHECK_FALSE(l.come_back(true, true, molt::native::kReserveStrandedChecks));
+    CHECK(l.come_back(true, true, molt::native::kReserveStrandedChecks));
+    CHECK(l.taking_stranded);
 }
 
 TEST_CASE("this process may run on at least one CPU") {

@@ -102,7 +102,7 @@ class NativeEngine:
                 "threads": cfg.threads,
                 "accept_board_fd": cfg.accept_board_fd,
                 "generation": cfg.generation,
-                "accepting_workers": cfg.accepting_workers,
+                "accepting_workers": max(0, cfg.accepting_workers),  # auto unresolved: all
                 "version_header": version_header,
                 "script_name": script_name,
                 "static": [(m.prefix, os.fsdecode(m.root)) for m in mounts],
