@@ -174,7 +174,7 @@ TEST_CASE("on a board, the first free workers of a generation are hot, one per C
     }
     SUBCASE("a hot worker that cannot accept makes the next one hot") {
         second.thread_busy();
-        second.thread_busy();  // every thread busy
+        second.thread_busy();                    // every thread busy
         CHECK_FALSE(third.should_step_aside());  // it steps in
         CHECK_FALSE(third.reserve());
         CHECK(fourth.should_step_aside());
