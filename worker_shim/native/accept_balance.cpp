@@ -65,8 +65,7 @@ bool should_step_aside(int mine, std::optional<int> least_accepting) {
 }
 
 bool should_step_aside(int mine, int cpus, const SiblingsView& siblings) {
-    if (cpus > 0 && siblings.ahead >= cpus) return true;  // a reserve
-    return should_step_aside(mine, siblings.least_hot);
+    return is_reserve(cpus, siblings) || should_step_aside(mine, siblings.least_hot);
 }
 
 namespace {
@@ -256,7 +255,7 @@ bool AcceptBoard::should_step_aside() {
     if (mine_ == nullptr) return false;
     const int mine = mine_->connections.load(std::memory_order_relaxed);
     const SiblingsView siblings = scan_siblings(mine);
-    reserve_ = cpus_ > 0 && siblings.ahead >= cpus_;
+    reserve_ = is_reserve(cpus_, siblings);
     return native::should_step_aside(mine, cpus_, siblings);
 }
 

@@ -55,6 +55,11 @@ struct SiblingsView {
     std::optional<int> least_hot;  // the fewest connections among the other hot ones that can
 };
 
+// Whether a worker that sees `siblings` is a reserve: `cpus` workers ahead of it can accept.
+inline bool is_reserve(int cpus, const SiblingsView& siblings) {
+    return cpus > 0 && siblings.ahead >= cpus;
+}
+
 // The whole rule: a reserve steps aside; a hot worker by should_step_aside() against the
 // other hot workers. cpus <= 0: no reserve (every free sibling is hot).
 bool should_step_aside(int mine, int cpus, const SiblingsView& siblings);
